@@ -1,0 +1,221 @@
+"""Plain-PyTorch Native Sparse Attention: the readable definition and the oracle for every kernel.
+
+Shapes follow flash-attention: ``[b, t, h, d]``; packed batches are ``[1, total, h, d]`` with ``cu_seqlens``.
+Query head ``h`` reads KV head ``h // G`` with ``G = hq // hkv`` (GQA, as Megatron and flash-attention group heads).
+Everything is computed in at least fp32 and returned in the input dtype. Dense masks keep it simple and obviously
+right; it is O(t^2) in memory, so use it for tests and small models, the Triton backend for real lengths.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+from .config import NSAConfig
+from .varlen import sequence_bounds
+
+
+class BranchOutput(NamedTuple):
+    o: torch.Tensor
+    """``[b, t, hq, dv]`` attention output of the branch."""
+    lse: torch.Tensor
+    """``[b, t, hq]`` natural-log sum of exp of the scaled scores (-inf where a query sees no key)."""
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                     return_probs: bool = False):
+    """Softmax attention of ``q [b,t,hq,dk]`` over ``k [b,s,hkv,dk]``, ``v [b,s,hkv,dv]`` where ``mask``
+    (bool, broadcastable to ``[b, hkv, t, s]``) allows it. Rows with no allowed key give 0 output and lse -inf.
+
+    Returns ``(o, lse)`` and, if asked, the probabilities ``[b, hq, t, s]`` (zero where masked).
+    """
+    b, t, hq, dk = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    cd = _compute_dtype(q)
+    qg = q.to(cd).reshape(b, t, hkv, g, dk)
+    s = torch.einsum("bthgd,bshd->bhgts", qg, k.to(cd)) * scale
+    m = mask.unsqueeze(2)  # [b, hkv, 1, t, s]
+    # A finite fill keeps rows with no visible key NaN-free in forward and backward; they are zeroed below.
+    s = s.masked_fill(~m, torch.finfo(cd).min)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1)) * m
+    any_key = m.any(dim=-1)
+    lse = torch.where(any_key, lse, torch.full_like(lse, float("-inf")))
+    o = torch.einsum("bhgts,bshd->bthgd", p, v.to(cd)).reshape(b, t, hq, v.shape[-1])
+    lse = lse.reshape(b, hq, t).transpose(1, 2)
+    out = BranchOutput(o.to(q.dtype), lse)
+    if return_probs:
+        return out, p.reshape(b, hq, t, -1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- compressed branch
+def compressed_visibility(seqlen: int, num_cmp: int, config: NSAConfig, device=None) -> torch.Tensor:
+    """``[t, tc]`` bool: query ``t`` sees compressed block ``i`` iff the block ends at or before it,
+    ``i*d + l - 1 <= t``."""
+    t = torch.arange(seqlen, device=device)[:, None]
+    block_end = torch.arange(num_cmp, device=device)[None, :] * config.compress_stride + config.compress_block - 1
+    return block_end <= t
+
+
+def compressed_attention(q, k_cmp, v_cmp, config: NSAConfig, scale: float, return_probs: bool = False):
+    """Attention of every query over the compressed tokens it may see.
+
+    q ``[b, t, hq, dk]``; k_cmp / v_cmp ``[b, tc, hkv, dk|dv]`` (already compressed by phi).
+    Returns ``BranchOutput`` and, if asked, the probabilities ``[b, hq, t, tc]`` that selection scores come from.
+    """
+    vis = compressed_visibility(q.shape[1], k_cmp.shape[1], config, q.device)
+    return masked_attention(q, k_cmp, v_cmp, vis[None, None], scale, return_probs)
+
+
+# ----------------------------------------------------------------------------------------------- selection
+def block_overlap_weights(num_cmp: int, num_sel: int, config: NSAConfig, device=None) -> torch.Tensor:
+    """``[tc, ns]`` weight of compressed block ``i`` in the score of selection block ``j`` (the paper's eq. 9).
+
+    Our reading of eq. 9: cut the sequence into stride slots of ``d`` tokens. Compressed block ``i`` covers slots
+    ``i .. i + l/d - 1``; selection block ``j`` covers slots ``j*l'/d .. (j+1)*l'/d - 1``. The weight is the number
+    of slots they share, i.e. ``p_slc[j] = sum_{m=0}^{l'/d-1} sum_{n=0}^{l/d-1} p_cmp[j*l'/d + m - n]``.
+    With l=32, d=16, l'=64: ``p_slc[j] = p[4j-1] + 2p[4j] + 2p[4j+1] + 2p[4j+2] + p[4j+3]``.
+    """
+    a = config.stride_slots_per_compress_block
+    s = config.stride_slots_per_select_block
+    i = torch.arange(num_cmp, device=device)[:, None]
+    j = torch.arange(num_sel, device=device)[None, :]
+    overlap = torch.minimum(i + a, (j + 1) * s) - torch.maximum(i, j * s)
+    return overlap.clamp_min(0).to(torch.float32)
+
+
+def selection_scores(probs: torch.Tensor, num_kv_heads: int, seqlen: int, config: NSAConfig) -> torch.Tensor:
+    """Importance of each selection block for each query, shared by the query heads of a GQA group (eq. 10).
+
+    probs ``[b, hq, t, tc]`` compressed-attention probabilities -> ``[b, hkv, t, ns]``.
+    """
+    b, hq, t, tc = probs.shape
+    grouped = probs.reshape(b, num_kv_heads, hq // num_kv_heads, t, tc).sum(dim=2)
+    w = block_overlap_weights(tc, config.num_select_blocks(seqlen), config, probs.device).to(probs.dtype)
+    return grouped @ w
+
+
+def forced_and_valid_blocks(seqlen: int, config: NSAConfig, device=None):
+    """``([t, ns] forced, [t, ns] valid)``: valid blocks start at or before the query; forced are the first
+    ``select_initial`` blocks and the ``select_local`` most recent valid ones."""
+    t = torch.arange(seqlen, device=device)[:, None]
+    j = torch.arange(config.num_select_blocks(seqlen), device=device)[None, :]
+    own = t // config.select_block
+    valid = j <= own
+    forced = valid & ((j < config.select_initial) | (j > own - config.select_local))
+    return forced, valid
+
+
+def select_topn(scores: torch.Tensor, config: NSAConfig) -> torch.Tensor:
+    """Top-n selection blocks per query and KV head, forced blocks always in, future blocks never.
+
+    scores ``[b, hkv, t, ns]`` -> indices ``[b, t, hkv, n]`` (int32), ascending, -1 after the last selected block
+    where fewer than n blocks exist. Ties go to the lower block index.
+    """
+    b, hkv, t, ns = scores.shape
+    n = config.select_topn
+    forced, valid = forced_and_valid_blocks(t, config, scores.device)
+    s = scores.float().masked_fill(forced, float("inf")).masked_fill(~valid, float("-inf"))
+    if ns < n:  # fewer blocks than n: pad so that topk can take n, padding never valid
+        s = torch.nn.functional.pad(s, (0, n - ns), value=float("-inf"))
+    order = torch.sort(s, dim=-1, descending=True, stable=True)
+    idx = order.indices[..., :n]
+    idx = torch.where(order.values[..., :n] == float("-inf"), torch.full_like(idx, -1), idx)
+    # ascending with the -1 padding last
+    big = torch.iinfo(torch.int64).max
+    idx = torch.sort(torch.where(idx < 0, torch.full_like(idx, big), idx), dim=-1).values
+    idx = torch.where(idx == big, torch.full_like(idx, -1), idx)
+    return idx.permute(0, 2, 1, 3).to(torch.int32).contiguous()
+
+
+def selected_token_mask(indices: torch.Tensor, seqlen: int, config: NSAConfig) -> torch.Tensor:
+    """``[b, hkv, t, t]`` bool: query sees key ``s`` iff ``s``'s block is among its selected ones and ``s <= t``."""
+    b, t, hkv, n = indices.shape
+    ns = config.num_select_blocks(seqlen)
+    idx = indices.permute(0, 2, 1, 3).long()
+    block_mask = torch.zeros(b, hkv, t, ns + 1, dtype=torch.bool, device=indices.device)
+    block_mask.scatter_(-1, torch.where(idx < 0, ns, idx), True)  # -1 padding lands in a dropped column
+    tok = block_mask[..., :ns].repeat_interleave(config.select_block, dim=-1)[..., :seqlen]
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=indices.device).tril()
+    return tok & causal
+
+
+def selected_attention(q, k, v, indices, config: NSAConfig, scale: float) -> BranchOutput:
+    """Attention of each query over the raw tokens of its selected blocks (causal inside its own block).
+
+    q ``[b, t, hq, dk]``; k / v ``[b, t, hkv, dk|dv]``; indices ``[b, t, hkv, n]`` from :func:`select_topn`.
+    """
+    return masked_attention(q, k, v, selected_token_mask(indices, q.shape[1], config), scale)
+
+
+# -------------------------------------------------------------------------------------------------- window
+def window_mask(seqlen: int, window: int, device=None) -> torch.Tensor:
+    """``[t, t]`` bool: query ``t`` sees keys ``t - window + 1 .. t``."""
+    t = torch.arange(seqlen, device=device)[:, None]
+    s = torch.arange(seqlen, device=device)[None, :]
+    return (s <= t) & (s > t - window)
+
+
+def window_attention(q, k, v, config: NSAConfig, scale: float) -> BranchOutput:
+    """Causal sliding-window attention. q ``[b, t, hq, dk]``, k / v ``[b, t, hkv, dk|dv]``."""
+    return masked_attention(q, k, v, window_mask(q.shape[1], config.window, q.device)[None, None], scale)
+
+
+# ---------------------------------------------------------------------------------------------------- gates
+def gate_combine(o_cmp, o_slc, o_swa, gate):
+    """``o = g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa``; gate ``[b, t, hq, 3]`` (already activated)."""
+    g = gate.to(_compute_dtype(o_cmp))
+    o = g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_swa
+    return o.to(o_cmp.dtype)
+
+
+def activate_gates(gate_logits: torch.Tensor, config: NSAConfig) -> torch.Tensor:
+    """Per-head gate logits ``[..., 3]`` -> branch weights, as ``config.gate_activation`` says."""
+    if config.gate_activation == "sigmoid":
+        return torch.sigmoid(gate_logits)
+    return torch.softmax(gate_logits, dim=-1)
+
+
+# ------------------------------------------------------------------------------------------------ whole NSA
+class NSAOutput(NamedTuple):
+    o: torch.Tensor
+    """``[b, t, hq, dv]`` gated sum of the three branches."""
+    block_indices: torch.Tensor
+    """``[b, t, hkv, n]`` selected blocks (sequence-local indices, -1 = none)."""
+
+
+def _nsa_one(q, k_cmp_c, v_cmp_c, k_slc, v_slc, k_swa, v_swa, gate, config, scale) -> NSAOutput:
+    t = q.shape[1]
+    cmp, probs = compressed_attention(q, k_cmp_c, v_cmp_c, config, scale, return_probs=True)
+    with torch.no_grad():  # selection is discrete: no gradient flows through the scores
+        scores = selection_scores(probs.detach(), k_slc.shape[2], t, config)
+        indices = select_topn(scores, config)
+    slc = selected_attention(q, k_slc, v_slc, indices, config, scale)
+    swa = window_attention(q, k_swa, v_swa, config, scale)
+    return NSAOutput(gate_combine(cmp.o, slc.o, swa.o, gate), indices)
+
+
+def nsa_reference(q, k_cmp_c, v_cmp_c, k_slc, v_slc, k_swa, v_swa, gate, config: NSAConfig,
+                  scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                  cmp_cu_seqlens: Optional[torch.Tensor] = None) -> NSAOutput:
+    """NSA over already-compressed ``k_cmp_c``/``v_cmp_c`` ``[b, tc, hkv, d]``; see ``nsa_attention`` for the rest.
+
+    Packed batches run each sequence on its own, which is what packing means.
+    """
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if cu_seqlens is None:
+        return _nsa_one(q, k_cmp_c, v_cmp_c, k_slc, v_slc, k_swa, v_swa, gate, config, scale)
+    outs, idxs = [], []
+    for (s, e), (cs, ce) in zip(sequence_bounds(cu_seqlens), sequence_bounds(cmp_cu_seqlens)):
+        r = _nsa_one(q[:, s:e], k_cmp_c[:, cs:ce], v_cmp_c[:, cs:ce], k_slc[:, s:e], v_slc[:, s:e],
+                     k_swa[:, s:e], v_swa[:, s:e], gate[:, s:e], config, scale)
+        outs.append(r.o)
+        idxs.append(r.block_indices)
+    return NSAOutput(torch.cat(outs, 1), torch.cat(idxs, 1))

@@ -1,0 +1,41 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from nsa_parallel.kernels import Compression, NSAConfig  # noqa: E402
+
+
+def make_inputs(b, t, hq, hkv, dk, dv, cfg, dtype=torch.float32, seed=0, requires_grad=False, device="cpu"):
+    """Random NSA inputs: (q, [k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa], gate, compress_k, compress_v)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype).to(device).requires_grad_(
+            requires_grad)
+
+    q = rnd(b, t, hq, dk)
+    kvs = [rnd(b, t, hkv, d) for d in (dk, dv, dk, dv, dk, dv)]
+    gate = torch.rand(b, t, hq, 3, generator=gen, dtype=torch.float64).to(dtype).to(device).requires_grad_(
+        requires_grad)
+    torch.manual_seed(seed)
+    ck = Compression(hkv, dk, cfg.compress_block, cfg.compress_stride, dtype=dtype, device=device)
+    cv = Compression(hkv, dv, cfg.compress_block, cfg.compress_stride, dtype=dtype, device=device)
+    return q, kvs, gate, ck, cv
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# Small blocks so that short test sequences still have many compressed and selection blocks.
+SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16, select_topn=4, window=24)
+
+
+@pytest.fixture
+def small_cfg():
+    return SMALL
