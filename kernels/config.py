@@ -1,7 +1,7 @@
 """NSA hyperparameters (paper defaults) and their validation."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 GATE_ACTIVATIONS = ("sigmoid", "softmax")
 
@@ -18,22 +18,30 @@ class NSAConfig:
     selection block ``j`` covers ``[j*select_block, (j+1)*select_block)``.
     """
 
-    compress_block: int = 32
-    """l: tokens per compressed block."""
-    compress_stride: int = 16
-    """d: distance between the starts of consecutive compressed blocks."""
-    select_block: int = 64
-    """l': tokens per selection block."""
-    select_topn: int = 16
-    """n: selection blocks attended per query (including the forced ones)."""
-    select_initial: int = 1
-    """selection blocks at the start of the sequence that every query always selects."""
-    select_local: int = 2
-    """most recent selection blocks (the query's own and the ones before it) always selected."""
-    window: int = 512
-    """w: sliding-window size; query t sees keys t-w+1 .. t."""
-    gate_activation: str = "sigmoid"
-    """how per-head gate logits become branch weights: 'sigmoid' (paper) or 'softmax' over the 3 branches."""
+    compress_block: int = field(
+        default=32,
+        metadata={"help": 'l: tokens per compressed block.'})
+    compress_stride: int = field(
+        default=16,
+        metadata={"help": 'd: distance between the starts of consecutive compressed blocks.'})
+    select_block: int = field(
+        default=64,
+        metadata={"help": "l': tokens per selection block."})
+    select_topn: int = field(
+        default=16,
+        metadata={"help": 'n: selection blocks attended per query (including the forced ones).'})
+    select_initial: int = field(
+        default=1,
+        metadata={"help": 'selection blocks at the start of the sequence that every query always selects.'})
+    select_local: int = field(
+        default=2,
+        metadata={"help": "most recent selection blocks (the query's own and the ones before it) always selected."})
+    window: int = field(
+        default=512,
+        metadata={"help": 'w: sliding-window size; query t sees keys t-w+1 .. t.'})
+    gate_activation: str = field(
+        default="sigmoid",
+        metadata={"help": "how per-head gate logits become branch weights: 'sigmoid' (paper) or 'softmax' over the 3 branches."})
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -2,8 +2,9 @@
 
 Shapes follow flash-attention: ``[b, t, h, d]``; packed batches are ``[1, total, h, d]`` with ``cu_seqlens``.
 Query head ``h`` reads KV head ``h // G`` with ``G = hq // hkv`` (GQA, as Megatron and flash-attention group heads).
-Everything is computed in at least fp32 and returned in the input dtype. Dense masks keep it simple and obviously
-right; it is O(t^2) in memory, so use it for tests and small models, the Triton backend for real lengths.
+Everything is computed in at least fp32 and returned in the input dtype. The window and selected branches gather
+each query's keys (O(t * keys per query) memory); the compressed branch is dense over the t/d compressed tokens.
+Use it for tests and small models, the Triton backend for real lengths.
 """
 from __future__ import annotations
 
@@ -27,29 +28,32 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def _softmax_attend(s: torch.Tensor, mask: torch.Tensor):
+    """Masked softmax of scores ``s [..., K]``: returns ``(p, lse)``; rows with no allowed key give p = 0 and
+    lse = -inf, NaN-free in forward and backward."""
+    # A finite fill (not -inf) keeps empty rows NaN-free; they are zeroed by the mask.
+    s = s.masked_fill(~mask, torch.finfo(s.dtype).min)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1)) * mask
+    lse = torch.where(mask.any(dim=-1), lse, torch.full_like(lse, float("-inf")))
+    return p, lse
+
+
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
                      return_probs: bool = False):
-    """Softmax attention of ``q [b,t,hq,dk]`` over ``k [b,s,hkv,dk]``, ``v [b,s,hkv,dv]`` where ``mask``
+    """Softmax attention of ``q [b,t,hq,dk]`` over all of ``k [b,s,hkv,dk]``, ``v [b,s,hkv,dv]`` where ``mask``
     (bool, broadcastable to ``[b, hkv, t, s]``) allows it. Rows with no allowed key give 0 output and lse -inf.
 
     Returns ``(o, lse)`` and, if asked, the probabilities ``[b, hq, t, s]`` (zero where masked).
     """
     b, t, hq, dk = q.shape
     hkv = k.shape[2]
-    g = hq // hkv
     cd = _compute_dtype(q)
-    qg = q.to(cd).reshape(b, t, hkv, g, dk)
+    qg = q.to(cd).reshape(b, t, hkv, hq // hkv, dk)
     s = torch.einsum("bthgd,bshd->bhgts", qg, k.to(cd)) * scale
-    m = mask.unsqueeze(2)  # [b, hkv, 1, t, s]
-    # A finite fill keeps rows with no visible key NaN-free in forward and backward; they are zeroed below.
-    s = s.masked_fill(~m, torch.finfo(cd).min)
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse.unsqueeze(-1)) * m
-    any_key = m.any(dim=-1)
-    lse = torch.where(any_key, lse, torch.full_like(lse, float("-inf")))
+    p, lse = _softmax_attend(s, mask.unsqueeze(2))
     o = torch.einsum("bhgts,bshd->bthgd", p, v.to(cd)).reshape(b, t, hq, v.shape[-1])
-    lse = lse.reshape(b, hq, t).transpose(1, 2)
-    out = BranchOutput(o.to(q.dtype), lse)
+    out = BranchOutput(o.to(q.dtype), lse.reshape(b, hq, t).transpose(1, 2))
     if return_probs:
         return out, p.reshape(b, hq, t, -1)
     return out
@@ -135,37 +139,64 @@ def select_topn(scores: torch.Tensor, config: NSAConfig) -> torch.Tensor:
     return idx.permute(0, 2, 1, 3).to(torch.int32).contiguous()
 
 
-def selected_token_mask(indices: torch.Tensor, seqlen: int, config: NSAConfig) -> torch.Tensor:
-    """``[b, hkv, t, t]`` bool: query sees key ``s`` iff ``s``'s block is among its selected ones and ``s <= t``."""
-    b, t, hkv, n = indices.shape
-    ns = config.num_select_blocks(seqlen)
-    idx = indices.permute(0, 2, 1, 3).long()
-    block_mask = torch.zeros(b, hkv, t, ns + 1, dtype=torch.bool, device=indices.device)
-    block_mask.scatter_(-1, torch.where(idx < 0, ns, idx), True)  # -1 padding lands in a dropped column
-    tok = block_mask[..., :ns].repeat_interleave(config.select_block, dim=-1)[..., :seqlen]
-    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=indices.device).tril()
-    return tok & causal
-
-
 def selected_attention(q, k, v, indices, config: NSAConfig, scale: float) -> BranchOutput:
     """Attention of each query over the raw tokens of its selected blocks (causal inside its own block).
 
     q ``[b, t, hq, dk]``; k / v ``[b, t, hkv, dk|dv]``; indices ``[b, t, hkv, n]`` from :func:`select_topn`.
+    Whole blocks are gathered (one index per block, not per token), so memory is O(t * n * l').
     """
-    return masked_attention(q, k, v, selected_token_mask(indices, q.shape[1], config), scale)
+    b, t, hq, dk = q.shape
+    hkv, n, bs = k.shape[2], indices.shape[-1], config.select_block
+    ns = config.num_select_blocks(t)
+    cd = _compute_dtype(q)
+
+    def blocks(x):  # [b, t, hkv, d] -> [b, hkv, ns, l', d]
+        x = torch.nn.functional.pad(x.to(cd), (0, 0, 0, 0, 0, ns * bs - t))
+        return x.view(b, ns, bs, hkv, -1).permute(0, 3, 1, 2, 4)
+
+    blk = indices.permute(0, 2, 1, 3).long()  # [b, hkv, t, n]
+    bi = torch.arange(b, device=q.device)[:, None, None, None]
+    hi = torch.arange(hkv, device=q.device)[None, :, None, None]
+    kg = blocks(k)[bi, hi, blk.clamp_min(0)].flatten(3, 4)  # [b, hkv, t, n*l', dk]
+    vg = blocks(v)[bi, hi, blk.clamp_min(0)].flatten(3, 4)
+    key_pos = (blk[..., None] * bs + torch.arange(bs, device=q.device)).flatten(-2)
+    tq = torch.arange(t, device=q.device)[:, None]
+    valid = (blk[..., None] >= 0).expand(-1, -1, -1, -1, bs).flatten(-2) & (key_pos <= tq)
+    qg = q.to(cd).reshape(b, t, hkv, hq // hkv, dk)
+    s = torch.einsum("bthgd,bhtkd->bhgtk", qg, kg) * scale
+    p, lse = _softmax_attend(s, valid.unsqueeze(2))
+    o = torch.einsum("bhgtk,bhtkd->bthgd", p, vg).reshape(b, t, hq, v.shape[-1])
+    return BranchOutput(o.to(q.dtype), lse.reshape(b, hq, t).transpose(1, 2))
 
 
 # -------------------------------------------------------------------------------------------------- window
-def window_mask(seqlen: int, window: int, device=None) -> torch.Tensor:
-    """``[t, t]`` bool: query ``t`` sees keys ``t - window + 1 .. t``."""
-    t = torch.arange(seqlen, device=device)[:, None]
-    s = torch.arange(seqlen, device=device)[None, :]
-    return (s <= t) & (s > t - window)
-
-
 def window_attention(q, k, v, config: NSAConfig, scale: float) -> BranchOutput:
-    """Causal sliding-window attention. q ``[b, t, hq, dk]``, k / v ``[b, t, hkv, dk|dv]``."""
-    return masked_attention(q, k, v, window_mask(q.shape[1], config.window, q.device)[None, None], scale)
+    """Causal sliding-window attention. q ``[b, t, hq, dk]``, k / v ``[b, t, hkv, dk|dv]``.
+
+    Queries go in chunks of ``w``; chunk ``c`` reads keys ``[c*w - w, c*w + w)`` (a strided view of the
+    front-padded keys, no gather), masked to ``t - w < s <= t``.
+    """
+    b, t, hq, dk = q.shape
+    hkv, dv = k.shape[2], v.shape[3]
+    w = min(config.window, t)
+    nc = -(-t // w)
+    cd = _compute_dtype(q)
+    pad = nc * w - t
+
+    def chunked_keys(x):  # [b, t, hkv, d] -> [b, nc, hkv, 2w, d]
+        x = torch.nn.functional.pad(x.to(cd), (0, 0, 0, 0, w, pad))
+        return x.unfold(1, 2 * w, w).transpose(-1, -2)
+
+    kc, vc = chunked_keys(k), chunked_keys(v)
+    qc = torch.nn.functional.pad(q.to(cd), (0, 0, 0, 0, 0, pad)).view(b, nc, w, hkv, hq // hkv, dk)
+    tq = torch.arange(nc * w, device=q.device).view(nc, w, 1)
+    ts = (torch.arange(nc, device=q.device) * w - w).view(nc, 1, 1) + torch.arange(2 * w, device=q.device)
+    mask = (ts <= tq) & (ts > tq - config.window) & (ts >= 0)  # [nc, w, 2w]
+    s = torch.einsum("bcqhgd,bchkd->bchgqk", qc, kc) * scale
+    p, lse = _softmax_attend(s, mask[None, :, None, None])
+    o = torch.einsum("bchgqk,bchkd->bcqhgd", p, vc).reshape(b, nc * w, hq, dv)[:, :t]
+    lse = lse.permute(0, 1, 4, 2, 3).reshape(b, nc * w, hq)[:, :t]
+    return BranchOutput(o.to(q.dtype), lse)
 
 
 # ---------------------------------------------------------------------------------------------------- gates
