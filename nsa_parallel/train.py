@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'dense' swaps NSA for causal SDPA, for like-for-like comparisons.")
     g = p.add_argument_group("data")
     g.add_argument("--seq-length", type=int, default=1024)
-    g.add_argument("--recall-pairs", type=int, default=48, help="key-value pairs listed at the start.")
+    g.add_argument("--recall-pairs", type=int, default=16, help="key-value pairs listed at the start.")
+    g.add_argument("--recall-keys", type=int, default=64, help="distinct key tokens.")
+    g.add_argument("--recall-values", type=int, default=16, help="distinct value tokens (chance loss = ln of it).")
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=4)
     g.add_argument("--train-iters", type=int, default=300)
@@ -73,7 +75,11 @@ def train(argv: Optional[List[str]] = None) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backend = args.nsa_backend or ("triton" if device.type == "cuda" else "reference")
     torch.manual_seed(args.seed)
-    task = RecallTask(seq_length=args.seq_length, num_pairs=args.recall_pairs)
+    try:
+        task = RecallTask(seq_length=args.seq_length, num_pairs=args.recall_pairs, num_keys=args.recall_keys,
+                          num_values=args.recall_values)
+    except ValueError as e:
+        raise SystemExit(f"bad --recall-* / --seq-length argument: {e}")
     model = TinyNSALM(task.vocab_size, args.num_layers, args.hidden_size, args.num_attention_heads,
                       args.num_query_groups, config=nsa_cfg, backend=backend, attention=args.attention).to(device)
     n_params = sum(p.numel() for p in model.parameters())

@@ -1,0 +1,257 @@
+"""Position-masked flash attention in Triton, shared by the compressed and the sliding-window branches.
+
+Key ``j`` has position ``j * KSTRIDE + KOFF``; query ``t`` sees it iff ``t - WINDOW < pos <= t``.
+Compressed branch: ``KSTRIDE = d``, ``KOFF = l - 1`` (a block is visible once it has ended), no window.
+Window branch: ``KSTRIDE = 1``, ``KOFF = 0``, ``WINDOW = w``.
+
+Group-centric tiles: a program owns ``BLOCK_T`` query positions of one KV head and all ``G`` query heads of that
+group (rows = positions x heads), so each K/V tile is loaded once for the whole group and the matrix tiles stay
+full even for G = 1 or G = 64. Inputs ``[b, t, h, d]`` (or packed ``[1, total, h, d]`` + cu_seqlens), fp32 softmax.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+NO_WINDOW = 1 << 30  # "no window"; keeps t - WINDOW inside int32
+
+
+@triton.jit
+def _seq_bounds(seq, CU, CU_K, T_FIXED, TK_FIXED, VARLEN: tl.constexpr):
+    if VARLEN:
+        bos = tl.load(CU + seq).to(tl.int64)
+        T = (tl.load(CU + seq + 1) - bos).to(tl.int32)
+        kbos = tl.load(CU_K + seq).to(tl.int64)
+        TK = (tl.load(CU_K + seq + 1) - kbos).to(tl.int32)
+        return bos, T, kbos, TK
+    else:
+        return seq.to(tl.int64) * T_FIXED, T_FIXED, seq.to(tl.int64) * TK_FIXED, TK_FIXED
+
+
+@triton.jit
+def _rows(t0, kvh, BLOCK_T: tl.constexpr, G: tl.constexpr, GP: tl.constexpr):
+    r = tl.arange(0, BLOCK_T * GP)
+    tq = t0 + r // GP
+    hg = r % GP
+    return tq, kvh * G + hg, hg < G
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, CU, CU_K, T_FIXED, TK_FIXED, scale,
+                HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                KSTRIDE: tl.constexpr, KOFF: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr):
+    pid_t = tl.program_id(0)
+    seq = tl.program_id(1) // HKV
+    kvh = tl.program_id(1) % HKV
+    bos, T, kbos, TK = _seq_bounds(seq, CU, CU_K, T_FIXED, TK_FIXED, VARLEN)
+    t0 = pid_t * BLOCK_T
+    if t0 >= T:
+        return
+    tq, hq, hvalid = _rows(t0, kvh, BLOCK_T, G, GP)
+    rvalid = hvalid & (tq < T)
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    row_off = (bos + tq.to(tl.int64)) * HQ + hq
+    q = tl.load(Q + row_off[:, None] * DK + dk[None, :], mask=rvalid[:, None] & (dk[None, :] < DK), other=0.0)
+    qk_scale = scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_T * GP], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_T * GP], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_T * GP, BDV], dtype=tl.float32)
+    t_hi = tl.minimum(t0 + BLOCK_T, T) - 1
+    j_hi = tl.minimum(TK, (t_hi - KOFF) // KSTRIDE + 1)
+    j_lo = tl.maximum(0, (t0 - WINDOW + 1 - KOFF + KSTRIDE - 1) // KSTRIDE)
+    j_lo = (j_lo // BLOCK_N) * BLOCK_N
+    for j0 in range(j_lo, j_hi, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        jvalid = j < j_hi
+        kv_off = (kbos + j.to(tl.int64)) * HKV + kvh
+        k = tl.load(K + kv_off[:, None] * DK + dk[None, :], mask=jvalid[:, None] & (dk[None, :] < DK), other=0.0)
+        v = tl.load(V + kv_off[:, None] * DV + dv[None, :], mask=jvalid[:, None] & (dv[None, :] < DV), other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        kp = j * KSTRIDE + KOFF
+        vis = (kp[None, :] <= tq[:, None]) & (kp[None, :] > tq[:, None] - WINDOW) & jvalid[None, :]
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    nonempty = l_i > 0
+    o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    tl.store(O + row_off[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty),
+             mask=rvalid[:, None] & (dv[None, :] < DV))
+    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(LSE + row_off, lse, mask=rvalid)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K, T_FIXED, TK_FIXED, scale,
+                   HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                   DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                   KSTRIDE: tl.constexpr, KOFF: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr):
+    pid_t = tl.program_id(0)
+    seq = tl.program_id(1) // HKV
+    kvh = tl.program_id(1) % HKV
+    bos, T, kbos, TK = _seq_bounds(seq, CU, CU_K, T_FIXED, TK_FIXED, VARLEN)
+    t0 = pid_t * BLOCK_T
+    if t0 >= T:
+        return
+    tq, hq, hvalid = _rows(t0, kvh, BLOCK_T, G, GP)
+    rvalid = hvalid & (tq < T)
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    row_off = (bos + tq.to(tl.int64)) * HQ + hq
+    q = tl.load(Q + row_off[:, None] * DK + dk[None, :], mask=rvalid[:, None] & (dk[None, :] < DK), other=0.0)
+    do = tl.load(DO + row_off[:, None] * DV + dv[None, :], mask=rvalid[:, None] & (dv[None, :] < DV), other=0.0)
+    lse = tl.load(LSE + row_off, mask=rvalid, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # empty rows: p = 0
+    delta = tl.load(DELTA + row_off, mask=rvalid, other=0.0)
+    qk_scale = scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_T * GP, BDK], dtype=tl.float32)
+    t_hi = tl.minimum(t0 + BLOCK_T, T) - 1
+    j_hi = tl.minimum(TK, (t_hi - KOFF) // KSTRIDE + 1)
+    j_lo = tl.maximum(0, (t0 - WINDOW + 1 - KOFF + KSTRIDE - 1) // KSTRIDE)
+    j_lo = (j_lo // BLOCK_N) * BLOCK_N
+    for j0 in range(j_lo, j_hi, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        jvalid = j < j_hi
+        kv_off = (kbos + j.to(tl.int64)) * HKV + kvh
+        k = tl.load(K + kv_off[:, None] * DK + dk[None, :], mask=jvalid[:, None] & (dk[None, :] < DK), other=0.0)
+        v = tl.load(V + kv_off[:, None] * DV + dv[None, :], mask=jvalid[:, None] & (dv[None, :] < DV), other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        kp = j * KSTRIDE + KOFF
+        vis = (kp[None, :] <= tq[:, None]) & (kp[None, :] > tq[:, None] - WINDOW) & jvalid[None, :]
+        p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + row_off[:, None] * DK + dk[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=rvalid[:, None] & (dk[None, :] < DK))
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, CU, CU_K, T_FIXED, TK_FIXED, scale,
+                     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                     DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                     KSTRIDE: tl.constexpr, KOFF: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr):
+    pid_n = tl.program_id(0)
+    seq = tl.program_id(1) // HKV
+    kvh = tl.program_id(1) % HKV
+    bos, T, kbos, TK = _seq_bounds(seq, CU, CU_K, T_FIXED, TK_FIXED, VARLEN)
+    j0 = pid_n * BLOCK_N
+    if j0 >= TK:
+        return
+    j = j0 + tl.arange(0, BLOCK_N)
+    jvalid = j < TK
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    kv_off = (kbos + j.to(tl.int64)) * HKV + kvh
+    k = tl.load(K + kv_off[:, None] * DK + dk[None, :], mask=jvalid[:, None] & (dk[None, :] < DK), other=0.0)
+    v = tl.load(V + kv_off[:, None] * DV + dv[None, :], mask=jvalid[:, None] & (dv[None, :] < DV), other=0.0)
+    kp = j * KSTRIDE + KOFF
+    qk_scale = scale * 1.4426950408889634
+    dk_acc = tl.zeros([BLOCK_N, BDK], dtype=tl.float32)
+    dv_acc = tl.zeros([BLOCK_N, BDV], dtype=tl.float32)
+    t_lo = (j0 * KSTRIDE + KOFF) // BLOCK_T * BLOCK_T
+    t_end = tl.minimum(T, (tl.minimum(j0 + BLOCK_N, TK) - 1) * KSTRIDE + KOFF + WINDOW)
+    for t0 in range(t_lo, t_end, BLOCK_T):
+        tq, hq, hvalid = _rows(t0, kvh, BLOCK_T, G, GP)
+        rvalid = hvalid & (tq < T)
+        row_off = (bos + tq.to(tl.int64)) * HQ + hq
+        q = tl.load(Q + row_off[:, None] * DK + dk[None, :], mask=rvalid[:, None] & (dk[None, :] < DK), other=0.0)
+        do = tl.load(DO + row_off[:, None] * DV + dv[None, :], mask=rvalid[:, None] & (dv[None, :] < DV),
+                     other=0.0)
+        lse = tl.load(LSE + row_off, mask=rvalid, other=float("inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+        delta = tl.load(DELTA + row_off, mask=rvalid, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        vis = (kp[None, :] <= tq[:, None]) & (kp[None, :] > tq[:, None] - WINDOW) & jvalid[None, :] & rvalid[:, None]
+        p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+        dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dk_acc += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    tl.store(DK_ + kv_off[:, None] * DK + dk[None, :], (dk_acc * scale).to(DK_.dtype.element_ty),
+             mask=jvalid[:, None] & (dk[None, :] < DK))
+    tl.store(DV_ + kv_off[:, None] * DV + dv[None, :], dv_acc.to(DV_.dtype.element_ty),
+             mask=jvalid[:, None] & (dv[None, :] < DV))
+
+
+def _tiles(g: int, block_m: int = 64):
+    gp = triton.next_power_of_2(g)
+    block_t = max(1, block_m // gp)
+    return gp, block_t
+
+
+class _Launch:
+    """Shapes, grid and compile-time constants shared by the three kernels of one call."""
+
+    def __init__(self, q, k, v, kstride, koff, window, cu_seqlens, cu_seqlens_k, block_m=64, block_n=64):
+        b, t, hq, dk = q.shape
+        _, tk, hkv, dv = v.shape
+        self.g = hq // hkv
+        gp, block_t = _tiles(self.g, block_m)
+        self.varlen = cu_seqlens is not None
+        nseq = cu_seqlens.numel() - 1 if self.varlen else b
+        if self.varlen:
+            max_t = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+            max_tk = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if tk else 0
+        else:
+            max_t, max_tk = t, tk
+        dummy = cu_seqlens if self.varlen else q.new_zeros(1, dtype=torch.int32)
+        self.cu, self.cu_k = dummy, (cu_seqlens_k if self.varlen else dummy)
+        self.t_fixed, self.tk_fixed = t, tk
+        self.grid_q = (triton.cdiv(max_t, block_t), nseq * hkv)
+        self.grid_k = (triton.cdiv(max(max_tk, 1), block_n), nseq * hkv)
+        self.const = dict(HQ=hq, HKV=hkv, G=self.g, GP=gp, DK=dk, DV=dv, BDK=max(16, triton.next_power_of_2(dk)),
+                          BDV=max(16, triton.next_power_of_2(dv)), BLOCK_T=block_t, BLOCK_N=block_n,
+                          KSTRIDE=kstride, KOFF=koff, WINDOW=window, VARLEN=self.varlen)
+
+    def args(self):
+        return (self.cu, self.cu_k, self.t_fixed, self.tk_fixed)
+
+
+class PositionMaskedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, kstride, koff, window, cu_seqlens, cu_seqlens_k):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        b, t, hq, _ = q.shape
+        o = torch.empty(b, t, hq, v.shape[-1], device=q.device, dtype=q.dtype)
+        lse = torch.empty(b, t, hq, device=q.device, dtype=torch.float32)
+        L = _Launch(q, k, v, kstride, koff, window, cu_seqlens, cu_seqlens_k)
+        _fwd_kernel[L.grid_q](q, k, v, o, lse, *L.args(), scale, **L.const)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.launch, ctx.scale = L, scale
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        L, scale = ctx.launch, ctx.scale
+        do = do.contiguous()
+        delta = (o.float() * do.float()).sum(-1)
+        dq = torch.empty_like(q)
+        dk = torch.empty_like(k)
+        dv = torch.empty_like(v)
+        _bwd_dq_kernel[L.grid_q](q, k, v, do, lse, delta, dq, *L.args(), scale, **L.const)
+        if k.shape[1]:
+            _bwd_dkdv_kernel[L.grid_k](q, k, v, do, lse, delta, dk, dv, *L.args(), scale, **L.const)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def position_masked_attention(q, k, v, scale: float, kstride: int, koff: int, window: int = NO_WINDOW,
+                              cu_seqlens: Optional[torch.Tensor] = None,
+                              cu_seqlens_k: Optional[torch.Tensor] = None):
+    """``(o [b, t, hq, dv], lse [b, t, hq] fp32)``; the gradient flows into q, k, v (not through lse)."""
+    return PositionMaskedAttention.apply(q, k, v, scale, kstride, koff, window, cu_seqlens, cu_seqlens_k)
