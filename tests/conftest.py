@@ -1,8 +1,13 @@
 import os
 import sys
 
-import pytest
 import torch
+
+# Triton kernels run through the interpreter where there is no GPU; it must be set before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -39,3 +44,7 @@ SMALL = NSAConfig(compress_block=8, compress_stride=4, select_block=16, select_t
 @pytest.fixture
 def small_cfg():
     return SMALL
+
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"

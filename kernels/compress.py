@@ -1,0 +1,89 @@
+"""Compressed branch in Triton: attention over the compressed tokens, and the selection scores it yields.
+
+The attention itself is :func:`flash.position_masked_attention` with key positions ``i*d + l - 1``. The scores
+kernel recomputes each probability from the saved log-sum-exp, sums the GQA group's heads (eq. 10) and maps
+compressed blocks onto selection blocks by slot overlap (eq. 9, see docs/algorithm.md) in registers, so no
+``[t, t/d]`` tensor is ever stored: only the ``[b, t, hkv, t/l']`` block scores that top-n reads.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import NSAConfig
+from .flash import NO_WINDOW, _rows, _seq_bounds, _tiles, position_masked_attention
+
+
+def compressed_attention(q, k_cmp, v_cmp, config: NSAConfig, scale: float, cu_seqlens=None, cmp_cu_seqlens=None):
+    """``(o [b, t, hq, dv], lse [b, t, hq])`` over compressed tokens ``k_cmp``/``v_cmp`` ``[b, tc, hkv, d]``."""
+    return position_masked_attention(q, k_cmp, v_cmp, scale, config.compress_stride, config.compress_block - 1,
+                                     NO_WINDOW, cu_seqlens, cmp_cu_seqlens)
+
+
+@triton.jit
+def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, scale,
+                   HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                   DK: tl.constexpr, BDK: tl.constexpr, BLOCK_T: tl.constexpr, BJ: tl.constexpr,
+                   S: tl.constexpr, A: tl.constexpr, KSTRIDE: tl.constexpr, KOFF: tl.constexpr,
+                   SEL_BLOCK: tl.constexpr, VARLEN: tl.constexpr):
+    pid_t = tl.program_id(0)
+    seq = tl.program_id(1) // HKV
+    kvh = tl.program_id(1) % HKV
+    bos, T, kbos, TK = _seq_bounds(seq, CU, CU_K, T_FIXED, TK_FIXED, VARLEN)
+    t0 = pid_t * BLOCK_T
+    if t0 >= T:
+        return
+    tq, hq, hvalid = _rows(t0, kvh, BLOCK_T, G, GP)
+    rvalid = hvalid & (tq < T)
+    dk = tl.arange(0, BDK)
+    row_off = (bos + tq.to(tl.int64)) * HQ + hq
+    q = tl.load(Q + row_off[:, None] * DK + dk[None, :], mask=rvalid[:, None] & (dk[None, :] < DK), other=0.0)
+    lse = tl.load(LSE + row_off, mask=rvalid, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    qk_scale = scale * 1.4426950408889634
+    t_hi = tl.minimum(t0 + BLOCK_T, T) - 1
+    n_blocks = t_hi // SEL_BLOCK + 1  # blocks that start at or before the last query of the tile
+    tpos = t0 + tl.arange(0, BLOCK_T)
+    for j0 in range(0, n_blocks, BJ):
+        u = j0 * S + tl.arange(0, BJ * S)  # stride slots of this tile of selection blocks
+        acc = tl.zeros([BLOCK_T * GP, BJ * S], dtype=tl.float32)
+        for n in tl.static_range(A):  # slot u holds compressed blocks u-A+1 .. u
+            ci = u - n
+            cvalid = (ci >= 0) & (ci < TK)
+            kc = tl.load(KC + ((kbos + ci.to(tl.int64)) * HKV + kvh)[:, None] * DK + dk[None, :],
+                         mask=cvalid[:, None] & (dk[None, :] < DK), other=0.0)
+            s = tl.dot(q, tl.trans(kc)) * qk_scale
+            vis = cvalid[None, :] & ((ci * KSTRIDE + KOFF)[None, :] <= tq[:, None]) & rvalid[:, None]
+            acc += tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+        blk = tl.sum(tl.sum(tl.reshape(acc, [BLOCK_T, GP, BJ, S]), axis=3), axis=1)  # [BLOCK_T, BJ]
+        j = j0 + tl.arange(0, BJ)
+        out = SC + ((bos + tpos.to(tl.int64)) * HKV + kvh)[:, None] * NS + j[None, :]
+        tl.store(out, blk, mask=(tpos < T)[:, None] & (j < NS)[None, :])
+
+
+def selection_scores(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seqlens=None, cmp_cu_seqlens=None):
+    """Block importance ``[b, t, hkv, ns_max]`` fp32 (entries of blocks after a query's own are undefined)."""
+    b, t, hq, dk = q.shape
+    hkv = k_cmp.shape[2]
+    g = hq // hkv
+    s = config.stride_slots_per_select_block
+    if s & (s - 1):
+        raise ValueError(f"backend='triton' needs select_block / compress_stride to be a power of two, got "
+                         f"{config.select_block} / {config.compress_stride} = {s}")
+    varlen = cu_seqlens is not None
+    max_t = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if varlen else t
+    ns = config.num_select_blocks(max_t)
+    gp, block_t = _tiles(g, 64)
+    scores = torch.empty(b, t, hkv, ns, device=q.device, dtype=torch.float32)
+    nseq = cu_seqlens.numel() - 1 if varlen else b
+    dummy = q.new_zeros(1, dtype=torch.int32)
+    _scores_kernel[(triton.cdiv(max_t, block_t), nseq * hkv)](
+        q.contiguous(), k_cmp.contiguous(), lse_cmp, scores, cu_seqlens if varlen else dummy,
+        cmp_cu_seqlens if varlen else dummy, t, k_cmp.shape[1], ns, scale,
+        HQ=hq, HKV=hkv, G=g, GP=gp, DK=dk, BDK=max(16, triton.next_power_of_2(dk)), BLOCK_T=block_t,
+        BJ=max(1, 64 // s), S=s, A=config.stride_slots_per_compress_block, KSTRIDE=config.compress_stride,
+        KOFF=config.compress_block - 1, SEL_BLOCK=config.select_block, VARLEN=varlen)
+    return scores

@@ -1,0 +1,28 @@
+"""The Triton NSA core: compressed attention -> selection scores -> top-n -> selected + window -> gates.
+
+Gating stays in PyTorch: it is one elementwise pass over the three outputs (memory-bound, a few percent of the
+whole core); the compression MLP phi too (a dense GEMM over t/d tokens, cuBLAS does it well).
+"""
+from __future__ import annotations
+
+import torch
+
+from .compress import compressed_attention, selection_scores
+from .config import NSAConfig
+from .flash import position_masked_attention
+from .reference import NSAOutput, gate_combine
+from .select import selected_attention
+from .topn import select_topn
+
+
+def nsa_triton(q, k_cmp_c, v_cmp_c, k_slc, v_slc, k_swa, v_swa, gate, config: NSAConfig, scale: float,
+               cu_seqlens=None, cmp_cu_seqlens=None) -> NSAOutput:
+    o_cmp, lse_cmp = compressed_attention(q, k_cmp_c, v_cmp_c, config, scale, cu_seqlens, cmp_cu_seqlens)
+    with torch.no_grad():
+        scores = selection_scores(q.detach(), k_cmp_c.detach(), lse_cmp.detach(), config, scale, cu_seqlens,
+                                  cmp_cu_seqlens)
+        indices = select_topn(scores, config, cu_seqlens)
+        del scores
+    o_slc, _ = selected_attention(q, k_slc, v_slc, indices, config.select_block, scale, cu_seqlens)
+    o_swa, _ = position_masked_attention(q, k_swa, v_swa, scale, 1, 0, config.window, cu_seqlens, cu_seqlens)
+    return NSAOutput(gate_combine(o_cmp, o_slc, o_swa, gate), indices)

@@ -1,0 +1,232 @@
+"""Selected-block attention in Triton: forward and dq query-major, dK/dV KV-block-major.
+
+Forward / dq: one program per (query position, KV head) loads all query heads of the GQA group together and loops
+over that query's ``n`` selected blocks of ``l'`` raw tokens (the paper's group-centric kernel).
+dK/dV: one program per (selection block, KV head) walks the queries that selected it (an inverted block -> queries
+index built with one sort), stacking ``BLOCK_Q`` positions x ``G`` heads as rows, so there are no atomics and the
+matrix tiles are full even for small G (FSA's KV-block-major idea).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .flash import _seq_bounds
+
+
+@triton.jit
+def _sel_fwd_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, scale,
+                    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GR: tl.constexpr, N: tl.constexpr,
+                    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BS: tl.constexpr,
+                    VARLEN: tl.constexpr):
+    t = tl.program_id(0)
+    seq = tl.program_id(1) // HKV
+    kvh = tl.program_id(1) % HKV
+    bos, T, _, _ = _seq_bounds(seq, CU, CU, T_FIXED, T_FIXED, VARLEN)
+    if t >= T:
+        return
+    h = tl.arange(0, GR)
+    hvalid = h < G
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    row = bos + t
+    row_off = row * HQ + kvh * G + h
+    q = tl.load(Q + row_off[:, None] * DK + dk[None, :], mask=hvalid[:, None] & (dk[None, :] < DK), other=0.0)
+    qk_scale = scale * 1.4426950408889634
+    m_i = tl.full([GR], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([GR], dtype=tl.float32)
+    acc = tl.zeros([GR, BDV], dtype=tl.float32)
+    for i in range(N):
+        blk = tl.load(IDX + (row * HKV + kvh) * N + i)
+        if blk >= 0:
+            pos = blk * BS + tl.arange(0, BS)
+            kv_off = (bos + pos.to(tl.int64)) * HKV + kvh
+            pvalid = pos <= t
+            k = tl.load(K + kv_off[:, None] * DK + dk[None, :], mask=pvalid[:, None] & (dk[None, :] < DK), other=0.0)
+            v = tl.load(V + kv_off[:, None] * DV + dv[None, :], mask=pvalid[:, None] & (dv[None, :] < DV), other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = tl.where(pvalid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+    o = acc / l_i[:, None]  # the own block is always selected, so l_i > 0
+    tl.store(O + row_off[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty), mask=hvalid[:, None] & (dv[None, :] < DV))
+    tl.store(LSE + row_off, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=hvalid)
+
+
+@triton.jit
+def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, scale,
+                       HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GR: tl.constexpr, N: tl.constexpr,
+                       DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BS: tl.constexpr,
+                       VARLEN: tl.constexpr):
+    t = tl.program_id(0)
+    seq = tl.program_id(1) // HKV
+    kvh = tl.program_id(1) % HKV
+    bos, T, _, _ = _seq_bounds(seq, CU, CU, T_FIXED, T_FIXED, VARLEN)
+    if t >= T:
+        return
+    h = tl.arange(0, GR)
+    hvalid = h < G
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    row = bos + t
+    row_off = row * HQ + kvh * G + h
+    q = tl.load(Q + row_off[:, None] * DK + dk[None, :], mask=hvalid[:, None] & (dk[None, :] < DK), other=0.0)
+    do = tl.load(DO + row_off[:, None] * DV + dv[None, :], mask=hvalid[:, None] & (dv[None, :] < DV), other=0.0)
+    lse2 = tl.load(LSE + row_off, mask=hvalid, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + row_off, mask=hvalid, other=0.0)
+    qk_scale = scale * 1.4426950408889634
+    dq = tl.zeros([GR, BDK], dtype=tl.float32)
+    for i in range(N):
+        blk = tl.load(IDX + (row * HKV + kvh) * N + i)
+        if blk >= 0:
+            pos = blk * BS + tl.arange(0, BS)
+            kv_off = (bos + pos.to(tl.int64)) * HKV + kvh
+            pvalid = pos <= t
+            k = tl.load(K + kv_off[:, None] * DK + dk[None, :], mask=pvalid[:, None] & (dk[None, :] < DK), other=0.0)
+            v = tl.load(V + kv_off[:, None] * DV + dv[None, :], mask=pvalid[:, None] & (dv[None, :] < DV), other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            p = tl.where(pvalid[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + row_off[:, None] * DK + dk[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=hvalid[:, None] & (dk[None, :] < DK))
+
+
+@triton.jit
+def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, QOFF, CU, T_FIXED, NS_MAX, scale,
+                         HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                         DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+                         BS: tl.constexpr, BLOCK_Q: tl.constexpr, VARLEN: tl.constexpr):
+    blk = tl.program_id(0)
+    seq = tl.program_id(1) // HKV
+    kvh = tl.program_id(1) % HKV
+    bos, T, _, _ = _seq_bounds(seq, CU, CU, T_FIXED, T_FIXED, VARLEN)
+    if blk * BS >= T:
+        return
+    key = (seq * HKV + kvh) * NS_MAX + blk
+    start = tl.load(QOFF + key)
+    end = tl.load(QOFF + key + 1)
+    pos = blk * BS + tl.arange(0, BS)
+    pvalid = pos < T
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    kv_off = (bos + pos.to(tl.int64)) * HKV + kvh
+    k = tl.load(K + kv_off[:, None] * DK + dk[None, :], mask=pvalid[:, None] & (dk[None, :] < DK), other=0.0)
+    v = tl.load(V + kv_off[:, None] * DV + dv[None, :], mask=pvalid[:, None] & (dv[None, :] < DV), other=0.0)
+    qk_scale = scale * 1.4426950408889634
+    dk_acc = tl.zeros([BS, BDK], dtype=tl.float32)
+    dv_acc = tl.zeros([BS, BDV], dtype=tl.float32)
+    r = tl.arange(0, BLOCK_Q * GP)
+    hg = r % GP
+    for q0 in range(start, end, BLOCK_Q):
+        qi = q0 + r // GP
+        rvalid = (qi < end) & (hg < G)
+        tq = tl.load(QLIST + qi, mask=rvalid, other=0)
+        row_off = (bos + tq.to(tl.int64)) * HQ + kvh * G + hg
+        q = tl.load(Q + row_off[:, None] * DK + dk[None, :], mask=rvalid[:, None] & (dk[None, :] < DK), other=0.0)
+        do = tl.load(DO + row_off[:, None] * DV + dv[None, :], mask=rvalid[:, None] & (dv[None, :] < DV),
+                     other=0.0)
+        lse2 = tl.load(LSE + row_off, mask=rvalid, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + row_off, mask=rvalid, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        vis = (pos[None, :] <= tq[:, None]) & rvalid[:, None]
+        p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+        dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dk_acc += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    tl.store(DK_ + kv_off[:, None] * DK + dk[None, :], (dk_acc * scale).to(DK_.dtype.element_ty),
+             mask=pvalid[:, None] & (dk[None, :] < DK))
+    tl.store(DV_ + kv_off[:, None] * DV + dv[None, :], dv_acc.to(DV_.dtype.element_ty),
+             mask=pvalid[:, None] & (dv[None, :] < DV))
+
+
+def sequence_ids(b: int, t: int, cu_seqlens: Optional[torch.Tensor], device):
+    """``(seq [b*t], local_t [b*t])`` of every token row of a fixed-length or packed batch."""
+    rows = torch.arange(b * t, device=device)
+    if cu_seqlens is None:
+        return rows // t, rows % t
+    seq = torch.searchsorted(cu_seqlens[1:].long(), rows, right=True)
+    return seq, rows - cu_seqlens.long()[seq]
+
+
+def invert_block_indices(indices: torch.Tensor, ns_max: int, cu_seqlens: Optional[torch.Tensor]):
+    """Inverted index: for each (sequence, KV head, block), the local positions of the queries that selected it.
+
+    indices ``[b, t, hkv, n]`` -> ``(qlist [entries] int32, offsets [nseq*hkv*ns_max + 1] int32)``.
+    """
+    b, t, hkv, n = indices.shape
+    seq, local_t = sequence_ids(b, t, cu_seqlens, indices.device)
+    nseq = b if cu_seqlens is None else cu_seqlens.numel() - 1
+    blk = indices.reshape(b * t, hkv, n).long()
+    key = (seq[:, None, None] * hkv + torch.arange(hkv, device=indices.device)[None, :, None]) * ns_max + blk
+    keep = blk >= 0
+    key = key[keep]
+    qpos = local_t[:, None, None].expand(-1, hkv, n)[keep]
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=nseq * hkv * ns_max)
+    offsets = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=indices.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return qpos[order].to(torch.int32).contiguous(), offsets
+
+
+class _SelLaunch:
+    def __init__(self, q, v, indices, block, cu_seqlens):
+        b, t, hq, dk = q.shape
+        hkv, dv = v.shape[2], v.shape[3]
+        self.g = hq // hkv
+        self.varlen = cu_seqlens is not None
+        self.nseq = cu_seqlens.numel() - 1 if self.varlen else b
+        self.max_t = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if self.varlen else t
+        self.cu = cu_seqlens if self.varlen else q.new_zeros(1, dtype=torch.int32)
+        self.t_fixed = t
+        self.ns_max = triton.cdiv(self.max_t, block)
+        gp = triton.next_power_of_2(self.g)
+        common = dict(HQ=hq, HKV=hkv, G=self.g, DK=dk, DV=dv, BDK=max(16, triton.next_power_of_2(dk)),
+                      BDV=max(16, triton.next_power_of_2(dv)), BS=block, VARLEN=self.varlen)
+        self.qmajor = dict(common, GR=max(16, gp), N=indices.shape[-1])
+        self.kmajor = dict(common, GP=gp, BLOCK_Q=max(1, 64 // gp))
+
+
+class SelectedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, indices, block, scale, cu_seqlens):
+        q, k, v, indices = q.contiguous(), k.contiguous(), v.contiguous(), indices.contiguous()
+        b, t, hq, _ = q.shape
+        L = _SelLaunch(q, v, indices, block, cu_seqlens)
+        o = torch.empty(b, t, hq, v.shape[-1], device=q.device, dtype=q.dtype)
+        lse = torch.empty(b, t, hq, device=q.device, dtype=torch.float32)
+        _sel_fwd_kernel[(L.max_t, L.nseq * v.shape[2])](q, k, v, indices, o, lse, L.cu, L.t_fixed, scale,
+                                                        **L.qmajor)
+        ctx.save_for_backward(q, k, v, indices, o, lse)
+        ctx.launch, ctx.scale = L, scale
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, indices, o, lse = ctx.saved_tensors
+        L, scale = ctx.launch, ctx.scale
+        do = do.contiguous()
+        delta = (o.float() * do.float()).sum(-1)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        hkv = v.shape[2]
+        _sel_bwd_dq_kernel[(L.max_t, L.nseq * hkv)](q, k, v, indices, do, lse, delta, dq, L.cu, L.t_fixed, scale,
+                                                   **L.qmajor)
+        qlist, offsets = invert_block_indices(indices, L.ns_max, L.cu if L.varlen else None)
+        _sel_bwd_dkdv_kernel[(L.ns_max, L.nseq * hkv)](q, k, v, do, lse, delta, dk, dv, qlist, offsets, L.cu,
+                                                      L.t_fixed, L.ns_max, scale, **L.kmajor)
+        return dq, dk, dv, None, None, None, None
+
+
+def selected_attention(q, k, v, indices, block: int, scale: float, cu_seqlens: Optional[torch.Tensor] = None):
+    """``(o [b, t, hq, dv], lse [b, t, hq])`` of each query over its selected blocks ``indices [b, t, hkv, n]``
+    (sequence-local block ids, -1 = none; the query's own block must be among them)."""
+    return SelectedAttention.apply(q, k, v, indices, block, scale, cu_seqlens)

@@ -1,0 +1,172 @@
+"""Every Triton kernel against the reference: forward, lse and all gradients.
+
+On CPU they run through the Triton interpreter (fp32/fp16: bf16 tl.dot is wrong there); on a GPU the tests marked
+``gpu`` run the same checks in bf16 at realistic sizes (``python -m pytest -m gpu``).
+"""
+import math
+
+import pytest
+import torch
+
+from conftest import DEVICE, HAS_CUDA, SMALL, make_inputs, rel_err
+from nsa_parallel.kernels import NSAConfig, nsa_attention
+from nsa_parallel.kernels import reference as ref
+from nsa_parallel.kernels.compress import compressed_attention, selection_scores
+from nsa_parallel.kernels.flash import position_masked_attention
+from nsa_parallel.kernels.select import selected_attention
+from nsa_parallel.kernels.topn import select_topn
+
+# relative error bounds: fp32 (interpreter: exact fp32 dots), fp16 / bf16 operands with fp32 accumulation
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def _rand(*shape, dtype, seed, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+
+
+def _grads(out, inputs, seed=123):
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
+    return torch.autograd.grad(out, inputs, do)
+
+
+def _check(got, want, dtype, what):
+    err = rel_err(got, want)
+    assert err < TOL[dtype], f"{what}: relative error {err:.2e} > {TOL[dtype]:.0e}"
+
+
+SHAPES = [  # (t, hq, hkv, dk, dv)
+    (70, 4, 2, 16, 8),    # G=2, dk != dv, length not a multiple of any block
+    (45, 3, 1, 8, 8),     # G=3: not a power of two
+    (33, 16, 1, 16, 16),  # G=16
+    (40, 4, 4, 32, 16),   # G=1
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("t,hq,hkv,dk,dv", SHAPES)
+def test_window_and_compressed_attention(t, hq, hkv, dk, dv, dtype):
+    cfg = SMALL
+    q = _rand(2, t, hq, dk, dtype=dtype, seed=1)
+    k, v = _rand(2, t, hkv, dk, dtype=dtype, seed=2), _rand(2, t, hkv, dv, dtype=dtype, seed=3)
+    o, lse = position_masked_attention(q, k, v, 0.3, 1, 0, cfg.window)
+    r = ref.window_attention(q, k, v, cfg, 0.3)
+    _check(o, r.o, dtype, "window o")
+    _check(lse, r.lse, dtype, "window lse")
+    for name, a, b in zip("qkv", _grads(o, (q, k, v)), _grads(r.o, (q, k, v))):
+        _check(a, b, dtype, f"window d{name}")
+
+    tc = cfg.num_compressed(t)
+    kc, vc = _rand(2, tc, hkv, dk, dtype=dtype, seed=4), _rand(2, tc, hkv, dv, dtype=dtype, seed=5)
+    o, lse = compressed_attention(q, kc, vc, cfg, 0.3)
+    r = ref.compressed_attention(q, kc, vc, cfg, 0.3)
+    seen = torch.isfinite(r.lse)
+    assert torch.all(lse[~seen] == -math.inf) and torch.all(o[~seen.unsqueeze(-1).expand_as(o)] == 0)
+    _check(o, r.o, dtype, "compressed o")
+    _check(lse[seen], r.lse[seen], dtype, "compressed lse")
+    for name, a, b in zip(["q", "kc", "vc"], _grads(o, (q, kc, vc)), _grads(r.o, (q, kc, vc))):
+        _check(a, b, dtype, f"compressed d{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("t,hq,hkv,dk,dv", SHAPES[:3])
+def test_selected_attention(t, hq, hkv, dk, dv, dtype):
+    cfg = SMALL
+    scores = torch.rand(2, hkv, t, cfg.num_select_blocks(t), generator=torch.Generator().manual_seed(t))
+    idx = ref.select_topn(scores, cfg).to(DEVICE)
+    q = _rand(2, t, hq, dk, dtype=dtype, seed=6)
+    k, v = _rand(2, t, hkv, dk, dtype=dtype, seed=7), _rand(2, t, hkv, dv, dtype=dtype, seed=8)
+    o, lse = selected_attention(q, k, v, idx, cfg.select_block, 0.25)
+    r = ref.selected_attention(q, k, v, idx, cfg, 0.25)
+    _check(o, r.o, dtype, "selected o")
+    _check(lse, r.lse, dtype, "selected lse")
+    for name, a, b in zip("qkv", _grads(o, (q, k, v)), _grads(r.o, (q, k, v))):
+        _check(a, b, dtype, f"selected d{name}")
+
+
+@pytest.mark.parametrize("cfg", [SMALL, NSAConfig(compress_block=16, compress_stride=8, select_block=16,
+                                                  select_topn=3, window=16)])
+def test_selection_scores_and_topn(cfg):
+    t, hq, hkv, dk = 75, 8, 2, 16
+    q = _rand(1, t, hq, dk, dtype=torch.float32, seed=9).detach()
+    kc = _rand(1, cfg.num_compressed(t), hkv, dk, dtype=torch.float32, seed=10).detach()
+    vc = torch.zeros_like(kc)
+    _, lse = compressed_attention(q, kc, vc, cfg, 0.3)
+    got = selection_scores(q, kc, lse, cfg, 0.3)                      # [b, t, hkv, ns]
+    _, probs = ref.compressed_attention(q, kc, vc, cfg, 0.3, return_probs=True)
+    want = ref.selection_scores(probs, hkv, t, cfg).permute(0, 2, 1, 3)
+    _, valid = ref.forced_and_valid_blocks(t, cfg, q.device)
+    valid = valid[None, :, None, :].expand_as(want)
+    _check(got[valid], want[valid], torch.float32, "block scores")
+    assert torch.equal(select_topn(got, cfg), ref.select_topn(want.permute(0, 2, 1, 3), cfg))
+
+
+def _nsa_both(b, t, hq, hkv, dk, dv, cfg, dtype, cu=None, seed=0):
+    q, kvs, gate, ck, cv = make_inputs(b, t, hq, hkv, dk, dv, cfg, dtype=dtype, seed=seed, requires_grad=True,
+                                       device=DEVICE)
+    kw = dict(compress_k=ck, compress_v=cv, config=cfg, cu_seqlens=cu, return_block_indices=True)
+    o, idx = nsa_attention(q, *kvs, gate, backend="triton", **kw)
+    r, ridx = nsa_attention(q, *kvs, gate, backend="reference", **kw)
+    inputs = [q, *kvs, gate, *ck.parameters(), *cv.parameters()]
+    names = ["q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_swa", "v_swa", "gate"] + \
+        [f"phi_k.{n}" for n, _ in ck.named_parameters()] + [f"phi_v.{n}" for n, _ in cv.named_parameters()]
+    return o, idx, r, ridx, inputs, names
+
+
+def _check_nsa(o, idx, r, ridx, inputs, names, dtype):
+    assert torch.equal(idx, ridx)
+    _check(o, r, dtype, "nsa o")
+    ga, gb = _grads(o, inputs), _grads(r, inputs)
+    scale = max(x.abs().max().item() for x in gb)
+    for name, a, b in zip(names, ga, gb):
+        if name == "phi_k.b2":  # shifts every compressed score of a query equally: softmax cancels it, grad ~ 0
+            assert (a - b).abs().max().item() < TOL[dtype] * scale, name
+        else:
+            _check(a, b, dtype, f"d{name}")
+
+
+@pytest.mark.parametrize("t,hq,hkv,dk,dv", [(70, 4, 2, 16, 8), (45, 3, 1, 8, 8)])
+def test_nsa_triton_matches_reference(t, hq, hkv, dk, dv):
+    _check_nsa(*_nsa_both(1, t, hq, hkv, dk, dv, SMALL, torch.float32), torch.float32)
+
+
+def test_nsa_triton_packed_sequences():
+    lens = [37, 16, 5, 40]
+    cu = torch.tensor([0, 37, 53, 58, 98], dtype=torch.int32, device=DEVICE)
+    _check_nsa(*_nsa_both(1, sum(lens), 4, 2, 16, 16, SMALL, torch.float32, cu=cu, seed=2), torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("t,hq,hkv,dk,dv", [(4096, 64, 4, 128, 128), (2048, 16, 2, 192, 128), (3000, 8, 8, 64, 64)])
+def test_gpu_nsa_bf16_paper_config(t, hq, hkv, dk, dv):
+    cfg = NSAConfig()
+    q, kvs, gate, ck, cv = make_inputs(1, t, hq, hkv, dk, dv, cfg, dtype=torch.float32, seed=7, device=DEVICE)
+    # block choice is discrete: pick it from fp32 so that bf16 rounding cannot flip near-ties, then compare
+    with torch.no_grad():
+        _, idx32 = nsa_attention(q, *kvs, gate, compress_k=ck, compress_v=cv, config=cfg, backend="triton",
+                                 return_block_indices=True)
+        _, ridx32 = nsa_attention(q, *kvs, gate, compress_k=ck, compress_v=cv, config=cfg, backend="reference",
+                                  return_block_indices=True)
+    agree = (idx32 == ridx32).float().mean().item()
+    assert agree > 0.999, f"fp32 block selection agrees on {agree:.4%} of entries"
+    bf = [x.detach().bfloat16().requires_grad_(True) for x in (q, *kvs)]
+    scale = 1 / math.sqrt(dk)
+    o, _ = selected_attention(bf[0], bf[3], bf[4], ridx32, cfg.select_block,
+                              scale)
+    r = ref.selected_attention(bf[0], bf[3], bf[4], ridx32, cfg, scale)
+    _check(o, r.o, torch.bfloat16, "selected o")
+    for name, a, b in zip("qkv", _grads(o, (bf[0], bf[3], bf[4])), _grads(r.o, (bf[0], bf[3], bf[4]))):
+        _check(a, b, torch.bfloat16, f"selected d{name}")
+    o, _ = position_masked_attention(bf[0], bf[5], bf[6], scale, 1, 0, cfg.window)
+    r = ref.window_attention(bf[0], bf[5], bf[6], cfg, scale)
+    _check(o, r.o, torch.bfloat16, "window o")
+    for name, a, b in zip("qkv", _grads(o, (bf[0], bf[5], bf[6])), _grads(r.o, (bf[0], bf[5], bf[6]))):
+        _check(a, b, torch.bfloat16, f"window d{name}")
+    kc = ck(kvs[0]).detach().bfloat16().requires_grad_(True)
+    vc = cv(kvs[1]).detach().bfloat16().requires_grad_(True)
+    o, _ = compressed_attention(bf[0], kc, vc, cfg, scale)
+    r = ref.compressed_attention(bf[0], kc, vc, cfg, scale)
+    _check(o, r.o, torch.bfloat16, "compressed o")
+    for name, a, b in zip(["q", "kc", "vc"], _grads(o, (bf[0], kc, vc)), _grads(r.o, (bf[0], kc, vc))):
+        _check(a, b, torch.bfloat16, f"compressed d{name}")
