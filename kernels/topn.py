@@ -10,7 +10,7 @@ from .select import sequence_ids
 
 
 def select_topn(scores: torch.Tensor, config: NSAConfig, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """scores ``[b, t, hkv, ns]`` -> block indices ``[b, t, hkv, n]`` int32, ascending, -1 padded, matching
+    """scores ``[b, t, hkv, ns]`` -> block indices ``[b, t, hkv, n]`` int32, ascending, -1 padded, as
     :func:`reference.select_topn` (which takes ``[b, hkv, t, ns]``)."""
     b, t, hkv, ns = scores.shape
     n = config.select_topn
@@ -22,8 +22,9 @@ def select_topn(scores: torch.Tensor, config: NSAConfig, cu_seqlens: Optional[to
     s = torch.where(forced, float("inf"), torch.where(valid, scores, float("-inf")))
     if ns < n:
         s = torch.nn.functional.pad(s, (0, n - ns), value=float("-inf"))
-    # sort (not topk) so that ties break exactly as the reference's stable sort does
-    order = torch.sort(s, dim=-1, descending=True, stable=True)
-    idx = torch.where(order.values[..., :n] == float("-inf"), ns + n, order.indices[..., :n])
+    # topk, not a full sort: n << ns at long T. Forced blocks (+inf) are all taken whatever their order; only exactly
+    # equal finite scores may break differently from the reference's lower-index rule.
+    top = torch.topk(s, n, dim=-1)
+    idx = torch.where(top.values == float("-inf"), ns + n, top.indices)
     idx = torch.sort(idx, dim=-1).values
     return torch.where(idx >= ns + n, -1, idx).to(torch.int32)

@@ -1,0 +1,215 @@
+"""Benchmark the NSA core on one GPU against dense and sparse peers.
+
+    python -m nsa_parallel.bench --seqlens 8192 16384 32768 65536 --out bench.json
+
+Times forward and forward+backward (median of ``triton.testing.do_bench``) of the whole NSA core (phi compression,
+compressed attention, selection scores, top-n, selected and window attention, gates) and of each stage, for B=1,
+64 query heads / 4 KV heads, d=128 (and dk=192/dv=128), paper hyperparameters, beside torch SDPA (flash and cuDNN
+backends) and fla-core's ``parallel_nsa`` where they run. Reports achieved TFLOP/s against a measured bf16 matmul
+ceiling and peak memory; prints a table and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import sys
+
+import torch
+
+
+def nsa_flops(t: int, hq: int, dk: int, dv: int, cfg) -> float:
+    """Forward attention FLOPs of the NSA core: 2*(dk+dv) per (query head, visible key), keys summed over queries."""
+    tt = torch.arange(t, dtype=torch.float64)
+    ncmp = torch.where(tt < cfg.compress_block - 1, 0.0,
+                       torch.div(tt - cfg.compress_block + 1, cfg.compress_stride, rounding_mode="floor") + 1)
+    nslc = torch.clamp(tt + 1, max=cfg.select_topn * cfg.select_block)
+    nwin = torch.clamp(tt + 1, max=cfg.window)
+    return 2.0 * hq * (dk + dv) * float((ncmp + nslc + nwin).sum())
+
+
+def dense_flops(t: int, hq: int, dk: int, dv: int) -> float:
+    return 2.0 * hq * (dk + dv) * t * (t + 1) / 2
+
+
+def bench(fn, bwd_of=None):
+    """Median ms of ``fn()`` and, if ``bwd_of`` is given, of ``fn()`` plus its backward with that output grad."""
+    import triton
+    fwd = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    if bwd_of is None:
+        return fwd, None
+    grad = bwd_of(fn())
+
+    def fwd_bwd():
+        fn().backward(grad)
+
+    return fwd, triton.testing.do_bench(fwd_bwd, warmup=25, rep=100, return_mode="median")
+
+
+def peak_mem(fn) -> float:
+    """GiB allocated above the inputs during one forward+backward."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    out.backward(torch.ones_like(out))
+    del out
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+
+
+def matmul_ceiling() -> float:
+    import triton
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=25, rep=200, return_mode="median")
+    return 2 * 8192 ** 3 / ms / 1e9
+
+
+def _bench_nsa(row, t, hq, hkv, dk, dv, cfg, dev):
+    from nsa_parallel.kernels import Compression, nsa_attention
+    from nsa_parallel.kernels.compress import compressed_attention, selection_scores
+    from nsa_parallel.kernels.flash import position_masked_attention
+    from nsa_parallel.kernels.select import selected_attention
+    from nsa_parallel.kernels.topn import select_topn
+
+    dt = torch.bfloat16
+    mk = lambda *s: torch.randn(*s, device=dev, dtype=dt).requires_grad_(True)  # noqa: E731
+    q = mk(1, t, hq, dk)
+    kvs = [mk(1, t, hkv, d) for d in (dk, dv, dk, dv, dk, dv)]
+    gate = torch.rand(1, t, hq, 3, device=dev, dtype=dt).requires_grad_(True)
+    ck = Compression(hkv, dk, cfg.compress_block, cfg.compress_stride, device=dev, dtype=dt)
+    cv = Compression(hkv, dv, cfg.compress_block, cfg.compress_stride, device=dev, dtype=dt)
+    scale = 1 / math.sqrt(dk)
+    core = lambda: nsa_attention(q, *kvs, gate, compress_k=ck, compress_v=cv, config=cfg,  # noqa: E731
+                                 backend="triton")
+    rnd = torch.randn_like
+    row["nsa_fwd_ms"], row["nsa_fwdbwd_ms"] = bench(core, rnd)
+    row["nsa_peak_gib"] = peak_mem(core)
+    fl = nsa_flops(t, hq, dk, dv, cfg)
+    row["nsa_fwd_tflops"] = fl / row["nsa_fwd_ms"] / 1e9
+    row["nsa_fwdbwd_tflops"] = 3.5 * fl / row["nsa_fwdbwd_ms"] / 1e9  # bwd = 2.5x fwd FLOPs (recompute incl.)
+    with torch.no_grad():
+        kc, vc = ck(kvs[0]), cv(kvs[1])
+    kc.requires_grad_(True)
+    vc.requires_grad_(True)
+    row["phi_fwd_ms"], _ = bench(lambda: (ck(kvs[0]), cv(kvs[1])))
+    row["cmp_fwd_ms"], row["cmp_fwdbwd_ms"] = bench(lambda: compressed_attention(q, kc, vc, cfg, scale)[0], rnd)
+    qd, kcd = q.detach(), kc.detach()
+    _, lse = compressed_attention(qd, kcd, vc.detach(), cfg, scale)
+    row["scores_ms"], _ = bench(lambda: selection_scores(qd, kcd, lse, cfg, scale))
+    sc = selection_scores(qd, kcd, lse, cfg, scale)
+    row["topn_ms"], _ = bench(lambda: select_topn(sc, cfg))
+    idx = select_topn(sc, cfg)
+    del sc
+    row["slc_fwd_ms"], row["slc_fwdbwd_ms"] = bench(
+        lambda: selected_attention(q, kvs[2], kvs[3], idx, cfg.select_block, scale)[0], rnd)
+    row["swa_fwd_ms"], row["swa_fwdbwd_ms"] = bench(
+        lambda: position_masked_attention(q, kvs[4], kvs[5], scale, 1, 0, cfg.window)[0], rnd)
+
+
+def _bench_dense(row, t, hq, d, dev):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    mk = lambda: torch.randn(1, hq, t, d, device=dev, dtype=torch.bfloat16).requires_grad_(True)  # noqa: E731
+    q, k, v = mk(), mk(), mk()
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        def sdpa(backend=backend):
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        try:
+            row[f"sdpa_{name}_fwd_ms"], row[f"sdpa_{name}_fwdbwd_ms"] = bench(sdpa, torch.randn_like)
+            row[f"sdpa_{name}_fwd_tflops"] = dense_flops(t, hq, d, d) / row[f"sdpa_{name}_fwd_ms"] / 1e9
+        except Exception as e:  # a backend that does not run here is reported, not fatal
+            row[f"sdpa_{name}_error"] = f"{type(e).__name__}: {e}"[:200]
+
+
+def _bench_fla(row, t, hq, hkv, d, dev):
+    """fla-core's parallel_nsa on its own supported config (mean-pool compression, no window)."""
+    from fla.ops.nsa import parallel_nsa
+    dt = torch.bfloat16
+    mk = lambda *s: torch.randn(*s, device=dev, dtype=dt).requires_grad_(True)  # noqa: E731
+    q, k, v = mk(1, t, hq, d), mk(1, t, hkv, d), mk(1, t, hkv, d)
+    g_cmp, g_slc = (torch.rand(1, t, hq, device=dev, dtype=dt).requires_grad_(True) for _ in "ab")
+    fla = lambda: parallel_nsa(q, k, v, g_cmp, g_slc, None, block_counts=16, block_size=64,  # noqa: E731
+                               window_size=0, scale=1 / math.sqrt(d))
+    row["fla_fwd_ms"], row["fla_fwdbwd_ms"] = bench(fla, torch.randn_like)
+
+
+def run(args) -> dict:
+    from nsa_parallel.kernels import NSAConfig
+    dev = torch.device("cuda")
+    cfg = NSAConfig()
+    ceiling = matmul_ceiling()
+    rows = []
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 matmul {ceiling:.0f} TFLOP/s", flush=True)
+    for dk, dv in args.head_dims:
+        for t in args.seqlens:
+            row = dict(T=t, hq=args.heads, hkv=args.kv_heads, dk=dk, dv=dv)
+            stages = [("nsa", lambda: _bench_nsa(row, t, args.heads, args.kv_heads, dk, dv, cfg, dev))]
+            if dk == dv and t <= args.dense_max_t:
+                stages.append(("sdpa", lambda: _bench_dense(row, t, args.heads, dk, dev)))
+            if dk == dv and args.fla:
+                stages.append(("fla", lambda: _bench_fla(row, t, args.heads, args.kv_heads, dk, dev)))
+            for name, stage in stages:
+                try:
+                    stage()
+                except Exception as e:  # OOM or a peer that does not run: recorded in the row
+                    row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
+                torch.cuda.empty_cache()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+                command="python -m nsa_parallel.bench " + " ".join(sys.argv[1:]), torch=torch.__version__,
+                python=platform.python_version(), matmul_tflops=ceiling, config=cfg.__dict__, rows=rows)
+
+
+def table(res: dict) -> str:
+    cols = [("T", "T"), ("dk/dv", None), ("NSA fwd", "nsa_fwd_ms"), ("NSA fwd+bwd", "nsa_fwdbwd_ms"),
+            ("TFLOP/s fwd", "nsa_fwd_tflops"), ("peak GiB", "nsa_peak_gib"), ("phi", "phi_fwd_ms"),
+            ("cmp f / fb", ("cmp_fwd_ms", "cmp_fwdbwd_ms")), ("scores", "scores_ms"), ("top-n", "topn_ms"),
+            ("slc f / fb", ("slc_fwd_ms", "slc_fwdbwd_ms")), ("swa f / fb", ("swa_fwd_ms", "swa_fwdbwd_ms")),
+            ("cuDNN f / fb", ("sdpa_cudnn_fwd_ms", "sdpa_cudnn_fwdbwd_ms")),
+            ("flash f / fb", ("sdpa_flash_fwd_ms", "sdpa_flash_fwdbwd_ms")), ("fla f / fb", ("fla_fwd_ms", "fla_fwdbwd_ms"))]
+
+    def fmt(v):
+        return "-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
+
+    lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in res["rows"]:
+        cells = []
+        for _, key in cols:
+            if key is None:
+                cells.append(f"{r['dk']}/{r['dv']}")
+            elif isinstance(key, tuple):
+                cells.append(" / ".join(fmt(r.get(k)) for k in key))
+            else:
+                cells.append(fmt(r.get(key)))
+        lines.append("| " + " | ".join(cells) + " |")
+    errors = [f"- T={r['T']} {k}: {v}" for r in res["rows"] for k, v in r.items() if k.endswith("error")]
+    return "\n".join(lines + errors)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m nsa_parallel.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seqlens", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
+    p.add_argument("--heads", type=int, default=64)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dims", type=lambda s: tuple(int(x) for x in s.split("/")), nargs="+",
+                   default=[(128, 128)], help="dk/dv pairs, e.g. 128/128 192/128")
+    p.add_argument("--dense-max-t", type=int, default=65536, help="longest T to time dense SDPA at")
+    p.add_argument("--no-fla", dest="fla", action="store_false", help="skip fla-core's parallel_nsa")
+    p.add_argument("--out", default="bench.json")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("python -m nsa_parallel.bench needs a CUDA GPU")
+    res = run(args)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(table(res))
+
+
+if __name__ == "__main__":
+    main()
