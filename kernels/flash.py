@@ -144,7 +144,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, CU, CU_K, T_FIXED, TK_FI
                      HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                      DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                     KSTRIDE: tl.constexpr, KOFF: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr):
+                     KSTRIDE: tl.constexpr, KOFF: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
+                     Q_SPLIT: tl.constexpr):
     pid_n = tl.program_id(0)
     seq = tl.program_id(1) // HKV
     kvh = tl.program_id(1) % HKV
@@ -165,9 +166,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, CU, CU_K, T_FIXED, TK_FI
     dv_acc = tl.zeros([BLOCK_N, BDV], dtype=tl.float32)
     t_lo = (j0 * KSTRIDE + KOFF) // BLOCK_T * BLOCK_T
     t_end = tl.minimum(T, (tl.minimum(j0 + BLOCK_N, TK) - 1) * KSTRIDE + KOFF + WINDOW)
+    if Q_SPLIT > 0:
+        # Keys near the start are seen by every later query: split that range over programs (axis 2) so the
+        # grid fills the GPU; the partial dK/dV tiles meet in fp32 by one atomic add each.
+        c0 = tl.program_id(2) * Q_SPLIT
+        t_lo = tl.maximum(t_lo, c0)
+        t_end = tl.minimum(t_end, c0 + Q_SPLIT)
+        if t_lo >= t_end:
+            return
     for t0 in range(t_lo, t_end, BLOCK_T):
         tq, hq, hvalid = _rows(t0, kvh, BLOCK_T, G, GP)
-        rvalid = hvalid & (tq < T)
+        rvalid = hvalid & (tq < t_end)
         row_off = (bos + tq.to(tl.int64)) * HQ + hq
         q = tl.load(Q + row_off[:, None] * DK + dk[None, :], mask=rvalid[:, None] & (dk[None, :] < DK), other=0.0)
         do = tl.load(DO + row_off[:, None] * DV + dv[None, :], mask=rvalid[:, None] & (dv[None, :] < DV),
@@ -182,10 +191,22 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, CU, CU_K, T_FIXED, TK_FI
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dk_acc += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    tl.store(DK_ + kv_off[:, None] * DK + dk[None, :], (dk_acc * scale).to(DK_.dtype.element_ty),
-             mask=jvalid[:, None] & (dk[None, :] < DK))
-    tl.store(DV_ + kv_off[:, None] * DV + dv[None, :], dv_acc.to(DV_.dtype.element_ty),
-             mask=jvalid[:, None] & (dv[None, :] < DV))
+    dk_mask = jvalid[:, None] & (dk[None, :] < DK)
+    dv_mask = jvalid[:, None] & (dv[None, :] < DV)
+    if Q_SPLIT > 0:
+        tl.atomic_add(DK_ + kv_off[:, None] * DK + dk[None, :], dk_acc * scale, mask=dk_mask)
+        tl.atomic_add(DV_ + kv_off[:, None] * DV + dv[None, :], dv_acc, mask=dv_mask)
+    else:
+        tl.store(DK_ + kv_off[:, None] * DK + dk[None, :], (dk_acc * scale).to(DK_.dtype.element_ty), mask=dk_mask)
+        tl.store(DV_ + kv_off[:, None] * DV + dv[None, :], dv_acc.to(DV_.dtype.element_ty), mask=dv_mask)
+
+
+def choose_q_split(max_t: int, key_programs: int, window: int) -> int:
+    """Query positions per dK/dV program (0 = all): split when few key tiles each see very many queries
+    (the compressed branch), so that the grid fills the GPU."""
+    if window < max_t or key_programs >= 1024 or max_t <= 2048:
+        return 0
+    return max(2048, triton.next_power_of_2(triton.cdiv(max_t * key_programs, 4096)))
 
 
 def _tiles(g: int, block_m: int = 64):
@@ -200,6 +221,10 @@ class _Launch:
     def __init__(self, q, k, v, kstride, koff, window, cu_seqlens, cu_seqlens_k, block_m=64, block_n=64):
         b, t, hq, dk = q.shape
         _, tk, hkv, dv = v.shape
+        if max(dk, dv) > 128:  # 256-wide tiles: halve the key tile and pipeline less to fit shared memory
+            block_n, self.stages = 32, 1
+        else:
+            self.stages = 2 if q.is_cuda else 1
         self.g = hq // hkv
         gp, block_t = _tiles(self.g, block_m)
         self.varlen = cu_seqlens is not None
@@ -213,7 +238,9 @@ class _Launch:
         self.cu, self.cu_k = dummy, (cu_seqlens_k if self.varlen else dummy)
         self.t_fixed, self.tk_fixed = t, tk
         self.grid_q = (triton.cdiv(max_t, block_t), nseq * hkv)
-        self.grid_k = (triton.cdiv(max(max_tk, 1), block_n), nseq * hkv)
+        self.q_split = choose_q_split(max_t, triton.cdiv(max(max_tk, 1), block_n) * nseq * hkv, window)
+        n_chunks = triton.cdiv(max_t, self.q_split) if self.q_split else 1
+        self.grid_k = (triton.cdiv(max(max_tk, 1), block_n), nseq * hkv, n_chunks)
         self.const = dict(HQ=hq, HKV=hkv, G=self.g, GP=gp, DK=dk, DV=dv, BDK=max(16, triton.next_power_of_2(dk)),
                           BDV=max(16, triton.next_power_of_2(dv)), BLOCK_T=block_t, BLOCK_N=block_n,
                           KSTRIDE=kstride, KOFF=koff, WINDOW=window, VARLEN=self.varlen)
@@ -230,7 +257,7 @@ class PositionMaskedAttention(torch.autograd.Function):
         o = torch.empty(b, t, hq, v.shape[-1], device=q.device, dtype=q.dtype)
         lse = torch.empty(b, t, hq, device=q.device, dtype=torch.float32)
         L = _Launch(q, k, v, kstride, koff, window, cu_seqlens, cu_seqlens_k)
-        _fwd_kernel[L.grid_q](q, k, v, o, lse, *L.args(), scale, **L.const)
+        _fwd_kernel[L.grid_q](q, k, v, o, lse, *L.args(), scale, **L.const, num_stages=L.stages)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.launch, ctx.scale = L, scale
         return o, lse
@@ -242,12 +269,14 @@ class PositionMaskedAttention(torch.autograd.Function):
         do = do.contiguous()
         delta = (o.float() * do.float()).sum(-1)
         dq = torch.empty_like(q)
-        dk = torch.empty_like(k)
-        dv = torch.empty_like(v)
-        _bwd_dq_kernel[L.grid_q](q, k, v, do, lse, delta, dq, *L.args(), scale, **L.const)
+        split = L.q_split > 0
+        dk = torch.zeros_like(k, dtype=torch.float32) if split else torch.empty_like(k)
+        dv = torch.zeros_like(v, dtype=torch.float32) if split else torch.empty_like(v)
+        _bwd_dq_kernel[L.grid_q](q, k, v, do, lse, delta, dq, *L.args(), scale, **L.const, num_stages=L.stages)
         if k.shape[1]:
-            _bwd_dkdv_kernel[L.grid_k](q, k, v, do, lse, delta, dk, dv, *L.args(), scale, **L.const)
-        return dq, dk, dv, None, None, None, None, None, None
+            _bwd_dkdv_kernel[L.grid_k](q, k, v, do, lse, delta, dk, dv, *L.args(), scale, **L.const,
+                                       Q_SPLIT=L.q_split, num_stages=L.stages)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
 def position_masked_attention(q, k, v, scale: float, kstride: int, koff: int, window: int = NO_WINDOW,

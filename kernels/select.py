@@ -101,19 +101,21 @@ def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, scale,
 
 
 @triton.jit
-def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, QOFF, CU, T_FIXED, NS_MAX, scale,
+def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITEM_START, ITEM_END, CU, T_FIXED,
+                         NS_MAX, scale,
                          HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                          DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                          BS: tl.constexpr, BLOCK_Q: tl.constexpr, VARLEN: tl.constexpr):
-    blk = tl.program_id(0)
-    seq = tl.program_id(1) // HKV
-    kvh = tl.program_id(1) % HKV
-    bos, T, _, _ = _seq_bounds(seq, CU, CU, T_FIXED, T_FIXED, VARLEN)
-    if blk * BS >= T:
+    item = tl.program_id(0)
+    start = tl.load(ITEM_START + item)
+    end = tl.load(ITEM_END + item)
+    if start >= end:
         return
-    key = (seq * HKV + kvh) * NS_MAX + blk
-    start = tl.load(QOFF + key)
-    end = tl.load(QOFF + key + 1)
+    key = tl.load(ITEM_KEY + item)
+    blk = key % NS_MAX
+    kvh = (key // NS_MAX) % HKV
+    seq = key // (NS_MAX * HKV)
+    bos, T, _, _ = _seq_bounds(seq, CU, CU, T_FIXED, T_FIXED, VARLEN)
     pos = blk * BS + tl.arange(0, BS)
     pvalid = pos < T
     dk = tl.arange(0, BDK)
@@ -143,10 +145,9 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, QOFF, CU, T_F
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dk_acc += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    tl.store(DK_ + kv_off[:, None] * DK + dk[None, :], (dk_acc * scale).to(DK_.dtype.element_ty),
-             mask=pvalid[:, None] & (dk[None, :] < DK))
-    tl.store(DV_ + kv_off[:, None] * DV + dv[None, :], dv_acc.to(DV_.dtype.element_ty),
-             mask=pvalid[:, None] & (dv[None, :] < DV))
+    # several work items may share a block (block 0 is every query's): partial tiles meet in fp32
+    tl.atomic_add(DK_ + kv_off[:, None] * DK + dk[None, :], dk_acc * scale, mask=pvalid[:, None] & (dk[None, :] < DK))
+    tl.atomic_add(DV_ + kv_off[:, None] * DV + dv[None, :], dv_acc, mask=pvalid[:, None] & (dv[None, :] < DV))
 
 
 def sequence_ids(b: int, t: int, cu_seqlens: Optional[torch.Tensor], device):
@@ -176,6 +177,29 @@ def invert_block_indices(indices: torch.Tensor, ns_max: int, cu_seqlens: Optiona
     offsets = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=indices.device)
     offsets[1:] = torch.cumsum(counts, 0)
     return qpos[order].to(torch.int32).contiguous(), offsets
+
+
+def work_items(offsets: torch.Tensor, max_entries: int, chunk: int):
+    """Split every block's query list into items of at most ``chunk`` queries, without a host sync.
+
+    Returns ``(key, start, end)`` int32 of a fixed upper-bound length; surplus items are empty (start == end).
+    """
+    counts = (offsets[1:] - offsets[:-1]).long()
+    n_chunks = (counts + chunk - 1) // chunk
+    cum = torch.cumsum(n_chunks, 0)
+    n_items = max_entries // chunk + counts.numel() + 1
+    i = torch.arange(n_items, device=offsets.device)
+    key = torch.searchsorted(cum, i, right=True)
+    real = key < counts.numel()
+    key = key.clamp_max(counts.numel() - 1)
+    first = cum[key] - n_chunks[key]
+    start = offsets[:-1].long()[key] + (i - first) * chunk
+    end = torch.minimum(start + chunk, offsets[1:].long()[key])
+    start = torch.where(real, start, end)
+    return key.to(torch.int32), start.to(torch.int32), end.to(torch.int32)
+
+
+SEL_BWD_CHUNK = 256  # query positions per dK/dV work item
 
 
 class _SelLaunch:
@@ -216,14 +240,17 @@ class SelectedAttention(torch.autograd.Function):
         L, scale = ctx.launch, ctx.scale
         do = do.contiguous()
         delta = (o.float() * do.float()).sum(-1)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dq = torch.empty_like(q)
+        dk = torch.zeros_like(k, dtype=torch.float32)
+        dv = torch.zeros_like(v, dtype=torch.float32)
         hkv = v.shape[2]
         _sel_bwd_dq_kernel[(L.max_t, L.nseq * hkv)](q, k, v, indices, do, lse, delta, dq, L.cu, L.t_fixed, scale,
                                                    **L.qmajor)
         qlist, offsets = invert_block_indices(indices, L.ns_max, L.cu if L.varlen else None)
-        _sel_bwd_dkdv_kernel[(L.ns_max, L.nseq * hkv)](q, k, v, do, lse, delta, dk, dv, qlist, offsets, L.cu,
-                                                      L.t_fixed, L.ns_max, scale, **L.kmajor)
-        return dq, dk, dv, None, None, None, None
+        items = work_items(offsets, indices.numel(), SEL_BWD_CHUNK)
+        _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu,
+                                                  L.t_fixed, L.ns_max, scale, **L.kmajor)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def selected_attention(q, k, v, indices, block: int, scale: float, cu_seqlens: Optional[torch.Tensor] = None):

@@ -4,27 +4,52 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import triton
+import triton.language as tl
 
 from .config import NSAConfig
 from .select import sequence_ids
 
 
-def select_topn(scores: torch.Tensor, config: NSAConfig, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """scores ``[b, t, hkv, ns]`` -> block indices ``[b, t, hkv, n]`` int32, ascending, -1 padded, as
-    :func:`reference.select_topn` (which takes ``[b, hkv, t, ns]``)."""
+@triton.jit
+def _topn_kernel(SC, LOCAL_T, IDX, ROWS, NS, HKV: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+                 NSP: tl.constexpr, BR: tl.constexpr, SEL_BLOCK: tl.constexpr, INITIAL: tl.constexpr,
+                 LOCAL: tl.constexpr):
+    r = tl.program_id(0) * BR + tl.arange(0, BR)  # rows = (token, KV head)
+    rv = r < ROWS
+    j = tl.arange(0, NSP)
+    t = tl.load(LOCAL_T + r // HKV, mask=rv, other=0)
+    own = t // SEL_BLOCK
+    valid = (j[None, :] <= own[:, None]) & (j[None, :] < NS) & rv[:, None]
+    forced = valid & ((j[None, :] < INITIAL) | (j[None, :] > own[:, None] - LOCAL))
+    s = tl.load(SC + r.to(tl.int64)[:, None] * NS + j[None, :], mask=valid, other=float("-inf"))
+    s = tl.where(forced, float("inf"), tl.where(valid, s, float("-inf")))
+    col = tl.arange(0, NP)
+    out = tl.full([BR, NP], 1 << 30, dtype=tl.int32)
+    for i in tl.static_range(N):
+        best = tl.max(s, 1)
+        arg = tl.argmax(s, 1, tie_break_left=True)  # lower block index wins ties, as in the reference
+        pick = tl.where(best == float("-inf"), 1 << 30, arg)
+        out = tl.where(col[None, :] == i, pick[:, None], out)
+        s = tl.where(j[None, :] == arg[:, None], float("-inf"), s)
+    out = tl.sort(out, 1)
+    out = tl.where(out == (1 << 30), -1, out)
+    tl.store(IDX + r.to(tl.int64)[:, None] * N + col[None, :], out, mask=rv[:, None] & (col[None, :] < N))
+
+
+def select_topn(scores: torch.Tensor, config: NSAConfig,
+                       cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """scores ``[b, t, hkv, ns]`` -> block indices ``[b, t, hkv, n]`` int32, ascending, -1 padded, exactly as
+    :func:`reference.select_topn` (which takes ``[b, hkv, t, ns]``): n rounds of max/argmax per row in registers."""
     b, t, hkv, ns = scores.shape
     n = config.select_topn
     _, local_t = sequence_ids(b, t, cu_seqlens, scores.device)
-    own = (local_t // config.select_block).view(b, t, 1, 1)
-    j = torch.arange(ns, device=scores.device).view(1, 1, 1, ns)
-    valid = j <= own
-    forced = valid & ((j < config.select_initial) | (j > own - config.select_local))
-    s = torch.where(forced, float("inf"), torch.where(valid, scores, float("-inf")))
-    if ns < n:
-        s = torch.nn.functional.pad(s, (0, n - ns), value=float("-inf"))
-    # topk, not a full sort: n << ns at long T. Forced blocks (+inf) are all taken whatever their order; only exactly
-    # equal finite scores may break differently from the reference's lower-index rule.
-    top = torch.topk(s, n, dim=-1)
-    idx = torch.where(top.values == float("-inf"), ns + n, top.indices)
-    idx = torch.sort(idx, dim=-1).values
-    return torch.where(idx >= ns + n, -1, idx).to(torch.int32)
+    rows = b * t * hkv
+    nsp = triton.next_power_of_2(ns)
+    br = max(1, min(64, 4096 // nsp))
+    idx = torch.empty(b, t, hkv, n, device=scores.device, dtype=torch.int32)
+    _topn_kernel[(triton.cdiv(rows, br),)](
+        scores.contiguous(), local_t.to(torch.int32).contiguous(), idx, rows, ns, HKV=hkv, N=n,
+        NP=triton.next_power_of_2(n), NSP=nsp, BR=br, SEL_BLOCK=config.select_block,
+        INITIAL=config.select_initial, LOCAL=config.select_local)
+    return idx
