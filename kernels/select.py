@@ -1,7 +1,8 @@
 """Selected-block attention in Triton: forward and dq query-major, dK/dV KV-block-major.
 
-Forward / dq: one program per (query position, KV head) loads all query heads of the GQA group together and loops
-over that query's ``n`` selected blocks of ``l'`` raw tokens (the paper's group-centric kernel).
+Forward / dq: one program per (tile of neighbouring query positions, KV head) loads all query heads of the GQA
+group together (the paper's group-centric loading) and walks the union of the positions' selected blocks, so a
+block that several neighbours chose is loaded once and the matrix tiles have 64 rows even for small G.
 dK/dV: one program per (selection block, KV head) walks the queries that selected it (an inverted block -> queries
 index built with one sort), stacking ``BLOCK_Q`` positions x ``G`` heads as rows, so there are no atomics and the
 matrix tiles are full even for small G (FSA's KV-block-major idea).
@@ -14,90 +15,117 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import _seq_bounds
+from .flash import _rows, _seq_bounds
+
+
+BIG = 1 << 30
+
+
+@triton.jit
+def _next_block(IDX, idx_row, ptr, rvalid, N: tl.constexpr):
+    """Each row's current block in its (ascending, -1 padded) list; exhausted rows give BIG."""
+    cur = tl.load(IDX + idx_row * N + ptr, mask=rvalid & (ptr < N), other=-1)
+    return tl.where(cur < 0, 1 << 30, cur)
 
 
 @triton.jit
 def _sel_fwd_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, scale,
-                    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GR: tl.constexpr, N: tl.constexpr,
+                    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr,
                     DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BS: tl.constexpr,
-                    VARLEN: tl.constexpr):
-    t = tl.program_id(0)
+                    BLOCK_T: tl.constexpr, VARLEN: tl.constexpr):
+    # Rows are BLOCK_T neighbouring positions x the G heads of one KV head. The program walks the union of the
+    # rows' sorted block lists (a k-way merge): neighbours share most blocks, so each K/V block is loaded once per
+    # tile and the matrix products have BLOCK_T*GP rows instead of G.
+    pid_t = tl.program_id(0)
     seq = tl.program_id(1) // HKV
     kvh = tl.program_id(1) % HKV
     bos, T, _, _ = _seq_bounds(seq, CU, CU, T_FIXED, T_FIXED, VARLEN)
-    if t >= T:
+    t0 = pid_t * BLOCK_T
+    if t0 >= T:
         return
-    h = tl.arange(0, GR)
-    hvalid = h < G
+    tq, hq, hvalid = _rows(t0, kvh, BLOCK_T, G, GP)
+    rvalid = hvalid & (tq < T)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
-    row = bos + t
-    row_off = row * HQ + kvh * G + h
-    q = tl.load(Q + row_off[:, None] * DK + dk[None, :], mask=hvalid[:, None] & (dk[None, :] < DK), other=0.0)
+    row = bos + tq.to(tl.int64)
+    row_off = row * HQ + hq
+    idx_row = row * HKV + kvh
+    q = tl.load(Q + row_off[:, None] * DK + dk[None, :], mask=rvalid[:, None] & (dk[None, :] < DK), other=0.0)
     qk_scale = scale * 1.4426950408889634
-    m_i = tl.full([GR], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([GR], dtype=tl.float32)
-    acc = tl.zeros([GR, BDV], dtype=tl.float32)
-    for i in range(N):
-        blk = tl.load(IDX + (row * HKV + kvh) * N + i)
-        if blk >= 0:
-            pos = blk * BS + tl.arange(0, BS)
-            kv_off = (bos + pos.to(tl.int64)) * HKV + kvh
-            pvalid = pos <= t
-            k = tl.load(K + kv_off[:, None] * DK + dk[None, :], mask=pvalid[:, None] & (dk[None, :] < DK), other=0.0)
-            v = tl.load(V + kv_off[:, None] * DV + dv[None, :], mask=pvalid[:, None] & (dv[None, :] < DV), other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            s = tl.where(pvalid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
-    o = acc / l_i[:, None]  # the own block is always selected, so l_i > 0
-    tl.store(O + row_off[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty), mask=hvalid[:, None] & (dv[None, :] < DV))
-    tl.store(LSE + row_off, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=hvalid)
+    m_i = tl.full([BLOCK_T * GP], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_T * GP], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_T * GP, BDV], dtype=tl.float32)
+    ptr = tl.zeros([BLOCK_T * GP], dtype=tl.int32)
+    cur = _next_block(IDX, idx_row, ptr, rvalid, N)
+    blk = tl.min(cur, 0)
+    while blk < (1 << 30):
+        hit = cur == blk
+        pos = blk * BS + tl.arange(0, BS)
+        kv_off = (bos + pos.to(tl.int64)) * HKV + kvh
+        pvalid = pos < T
+        k = tl.load(K + kv_off[:, None] * DK + dk[None, :], mask=pvalid[:, None] & (dk[None, :] < DK), other=0.0)
+        v = tl.load(V + kv_off[:, None] * DV + dv[None, :], mask=pvalid[:, None] & (dv[None, :] < DV), other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where(hit[:, None] & (pos[None, :] <= tq[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+        ptr += hit.to(tl.int32)
+        cur = _next_block(IDX, idx_row, ptr, rvalid, N)
+        blk = tl.min(cur, 0)
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # the own block is always selected: l_i > 0 on real rows
+    tl.store(O + row_off[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty), mask=rvalid[:, None] & (dv[None, :] < DV))
+    tl.store(LSE + row_off, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, mask=rvalid)
 
 
 @triton.jit
 def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, scale,
-                       HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GR: tl.constexpr, N: tl.constexpr,
+                       HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr,
                        DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BS: tl.constexpr,
-                       VARLEN: tl.constexpr):
-    t = tl.program_id(0)
+                       BLOCK_T: tl.constexpr, VARLEN: tl.constexpr):
+    pid_t = tl.program_id(0)
     seq = tl.program_id(1) // HKV
     kvh = tl.program_id(1) % HKV
     bos, T, _, _ = _seq_bounds(seq, CU, CU, T_FIXED, T_FIXED, VARLEN)
-    if t >= T:
+    t0 = pid_t * BLOCK_T
+    if t0 >= T:
         return
-    h = tl.arange(0, GR)
-    hvalid = h < G
+    tq, hq, hvalid = _rows(t0, kvh, BLOCK_T, G, GP)
+    rvalid = hvalid & (tq < T)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
-    row = bos + t
-    row_off = row * HQ + kvh * G + h
-    q = tl.load(Q + row_off[:, None] * DK + dk[None, :], mask=hvalid[:, None] & (dk[None, :] < DK), other=0.0)
-    do = tl.load(DO + row_off[:, None] * DV + dv[None, :], mask=hvalid[:, None] & (dv[None, :] < DV), other=0.0)
-    lse2 = tl.load(LSE + row_off, mask=hvalid, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + row_off, mask=hvalid, other=0.0)
+    row = bos + tq.to(tl.int64)
+    row_off = row * HQ + hq
+    idx_row = row * HKV + kvh
+    q = tl.load(Q + row_off[:, None] * DK + dk[None, :], mask=rvalid[:, None] & (dk[None, :] < DK), other=0.0)
+    do = tl.load(DO + row_off[:, None] * DV + dv[None, :], mask=rvalid[:, None] & (dv[None, :] < DV), other=0.0)
+    lse2 = tl.load(LSE + row_off, mask=rvalid, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + row_off, mask=rvalid, other=0.0)
     qk_scale = scale * 1.4426950408889634
-    dq = tl.zeros([GR, BDK], dtype=tl.float32)
-    for i in range(N):
-        blk = tl.load(IDX + (row * HKV + kvh) * N + i)
-        if blk >= 0:
-            pos = blk * BS + tl.arange(0, BS)
-            kv_off = (bos + pos.to(tl.int64)) * HKV + kvh
-            pvalid = pos <= t
-            k = tl.load(K + kv_off[:, None] * DK + dk[None, :], mask=pvalid[:, None] & (dk[None, :] < DK), other=0.0)
-            v = tl.load(V + kv_off[:, None] * DV + dv[None, :], mask=pvalid[:, None] & (dv[None, :] < DV), other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            p = tl.where(pvalid[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)
+    dq = tl.zeros([BLOCK_T * GP, BDK], dtype=tl.float32)
+    ptr = tl.zeros([BLOCK_T * GP], dtype=tl.int32)
+    cur = _next_block(IDX, idx_row, ptr, rvalid, N)
+    blk = tl.min(cur, 0)
+    while blk < (1 << 30):
+        hit = cur == blk
+        pos = blk * BS + tl.arange(0, BS)
+        kv_off = (bos + pos.to(tl.int64)) * HKV + kvh
+        pvalid = pos < T
+        k = tl.load(K + kv_off[:, None] * DK + dk[None, :], mask=pvalid[:, None] & (dk[None, :] < DK), other=0.0)
+        v = tl.load(V + kv_off[:, None] * DV + dv[None, :], mask=pvalid[:, None] & (dv[None, :] < DV), other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.where(hit[:, None] & (pos[None, :] <= tq[:, None]), tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+        ptr += hit.to(tl.int32)
+        cur = _next_block(IDX, idx_row, ptr, rvalid, N)
+        blk = tl.min(cur, 0)
     tl.store(DQ + row_off[:, None] * DK + dk[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=hvalid[:, None] & (dk[None, :] < DK))
+             mask=rvalid[:, None] & (dk[None, :] < DK))
 
 
 @triton.jit
@@ -214,10 +242,15 @@ class _SelLaunch:
         self.t_fixed = t
         self.ns_max = triton.cdiv(self.max_t, block)
         gp = triton.next_power_of_2(self.g)
-        common = dict(HQ=hq, HKV=hkv, G=self.g, DK=dk, DV=dv, BDK=max(16, triton.next_power_of_2(dk)),
+        common = dict(HQ=hq, HKV=hkv, G=self.g, GP=gp, DK=dk, DV=dv, BDK=max(16, triton.next_power_of_2(dk)),
                       BDV=max(16, triton.next_power_of_2(dv)), BS=block, VARLEN=self.varlen)
-        self.qmajor = dict(common, GR=max(16, gp), N=indices.shape[-1])
-        self.kmajor = dict(common, GP=gp, BLOCK_Q=max(1, 64 // gp))
+        # 64 rows; at most 16 positions, so that the union of their blocks stays close to n
+        self.block_t = max(1, min(16, 64 // gp)) if gp < 64 else 1
+        self.qmajor = dict(common, N=indices.shape[-1], BLOCK_T=self.block_t)
+        self.kmajor = dict(common, BLOCK_Q=max(1, 64 // gp))
+        self.grid_q = (triton.cdiv(self.max_t, self.block_t), self.nseq * hkv)
+        wide = max(common["BDK"], common["BDV"]) > 128 or q.dtype == torch.float32
+        self.stages = 1 if wide or not q.is_cuda else 2  # wide tiles: stay inside shared memory
 
 
 class SelectedAttention(torch.autograd.Function):
@@ -228,8 +261,8 @@ class SelectedAttention(torch.autograd.Function):
         L = _SelLaunch(q, v, indices, block, cu_seqlens)
         o = torch.empty(b, t, hq, v.shape[-1], device=q.device, dtype=q.dtype)
         lse = torch.empty(b, t, hq, device=q.device, dtype=torch.float32)
-        _sel_fwd_kernel[(L.max_t, L.nseq * v.shape[2])](q, k, v, indices, o, lse, L.cu, L.t_fixed, scale,
-                                                        **L.qmajor)
+        _sel_fwd_kernel[L.grid_q](q, k, v, indices, o, lse, L.cu, L.t_fixed, scale, **L.qmajor,
+                                  num_stages=L.stages)
         ctx.save_for_backward(q, k, v, indices, o, lse)
         ctx.launch, ctx.scale = L, scale
         return o, lse
@@ -244,12 +277,13 @@ class SelectedAttention(torch.autograd.Function):
         dk = torch.zeros_like(k, dtype=torch.float32)
         dv = torch.zeros_like(v, dtype=torch.float32)
         hkv = v.shape[2]
-        _sel_bwd_dq_kernel[(L.max_t, L.nseq * hkv)](q, k, v, indices, do, lse, delta, dq, L.cu, L.t_fixed, scale,
-                                                   **L.qmajor)
+        _sel_bwd_dq_kernel[L.grid_q](q, k, v, indices, do, lse, delta, dq, L.cu, L.t_fixed, scale, **L.qmajor,
+                                  num_stages=L.stages)
         qlist, offsets = invert_block_indices(indices, L.ns_max, L.cu if L.varlen else None)
         items = work_items(offsets, indices.numel(), SEL_BWD_CHUNK)
         _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu,
-                                                  L.t_fixed, L.ns_max, scale, **L.kmajor)
+                                                  L.t_fixed, L.ns_max, scale, **L.kmajor,
+                                                  num_stages=L.stages)
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
