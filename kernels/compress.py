@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .config import NSAConfig
-from .flash import NO_WINDOW, _rows, _seq_bounds, _tiles, position_masked_attention
+from .flash import NO_WINDOW, _rows, _seq_bounds, _tiles, position_masked_attention, tuned
 
 
 def compressed_attention(q, k_cmp, v_cmp, config: NSAConfig, scale: float, cu_seqlens=None, cmp_cu_seqlens=None):
@@ -23,12 +23,13 @@ def compressed_attention(q, k_cmp, v_cmp, config: NSAConfig, scale: float, cu_se
                                      NO_WINDOW, cu_seqlens, cmp_cu_seqlens)
 
 
+@tuned(["HQ", "HKV", "DK", "S", "A"])
 @triton.jit
 def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, scale,
                    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-                   DK: tl.constexpr, BDK: tl.constexpr, BLOCK_T: tl.constexpr, BC: tl.constexpr,
-                   BJV: tl.constexpr, BJP: tl.constexpr, S: tl.constexpr, A: tl.constexpr,
-                   KSTRIDE: tl.constexpr, KOFF: tl.constexpr, SEL_BLOCK: tl.constexpr, VARLEN: tl.constexpr):
+                   DK: tl.constexpr, BDK: tl.constexpr, BLOCK_T: tl.constexpr, BJ: tl.constexpr,
+                   S: tl.constexpr, A: tl.constexpr, KSTRIDE: tl.constexpr, KOFF: tl.constexpr,
+                   SEL_BLOCK: tl.constexpr, VARLEN: tl.constexpr):
     pid_t = tl.program_id(0)
     seq = tl.program_id(1) // HKV
     kvh = tl.program_id(1) % HKV
@@ -47,26 +48,21 @@ def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, scale,
     t_hi = tl.minimum(t0 + BLOCK_T, T) - 1
     n_blocks = t_hi // SEL_BLOCK + 1  # blocks that start at or before the last query of the tile
     tpos = t0 + tl.arange(0, BLOCK_T)
-    c = tl.arange(0, BC)
-    jj = tl.arange(0, BJP)
-    for j0 in range(0, n_blocks, BJV):
-        # BC compressed blocks starting A-1 before the tile's first slot cover BJV selection blocks whole
-        ci = j0 * S - (A - 1) + c
-        cvalid = (ci >= 0) & (ci < TK)
-        kc = tl.load(KC + ((kbos + ci.to(tl.int64)) * HKV + kvh)[:, None] * DK + dk[None, :],
-                     mask=cvalid[:, None] & (dk[None, :] < DK), other=0.0)
-        s = tl.dot(q, tl.trans(kc)) * qk_scale
-        vis = cvalid[None, :] & ((ci * KSTRIDE + KOFF)[None, :] <= tq[:, None]) & rvalid[:, None]
-        p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-        # eq. 9 as a matrix: w[i, j] = stride slots shared by compressed block i and selection block j
-        j = j0 + jj
-        lo = tl.maximum(ci[:, None], j[None, :] * S)
-        hi = tl.minimum(ci[:, None] + A, (j[None, :] + 1) * S)
-        w = tl.where((jj[None, :] < BJV) & (hi > lo), hi - lo, 0).to(tl.float32)
-        blk = tl.dot(p, w, input_precision="ieee")  # [rows, BJP]; exact fp32 so rankings match the reference
-        blk = tl.sum(tl.reshape(blk, [BLOCK_T, GP, BJP]), axis=1)  # eq. 10: sum the group's heads
+    for j0 in range(0, n_blocks, BJ):
+        u = j0 * S + tl.arange(0, BJ * S)  # stride slots of this tile of selection blocks
+        acc = tl.zeros([BLOCK_T * GP, BJ * S], dtype=tl.float32)
+        for n in tl.static_range(A):  # slot u holds compressed blocks u-A+1 .. u
+            ci = u - n
+            cvalid = (ci >= 0) & (ci < TK)
+            kc = tl.load(KC + ((kbos + ci.to(tl.int64)) * HKV + kvh)[:, None] * DK + dk[None, :],
+                         mask=cvalid[:, None] & (dk[None, :] < DK), other=0.0)
+            s = tl.dot(q, tl.trans(kc)) * qk_scale
+            vis = cvalid[None, :] & ((ci * KSTRIDE + KOFF)[None, :] <= tq[:, None]) & rvalid[:, None]
+            acc += tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+        blk = tl.sum(tl.sum(tl.reshape(acc, [BLOCK_T, GP, BJ, S]), axis=3), axis=1)  # [BLOCK_T, BJ]
+        j = j0 + tl.arange(0, BJ)
         out = SC + ((bos + tpos.to(tl.int64)) * HKV + kvh)[:, None] * NS + j[None, :]
-        tl.store(out, blk, mask=(tpos < T)[:, None] & (jj < BJV)[None, :] & (j < NS)[None, :])
+        tl.store(out, blk, mask=(tpos < T)[:, None] & (j < NS)[None, :])
 
 
 def selection_scores(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seqlens=None, cmp_cu_seqlens=None):
@@ -75,10 +71,9 @@ def selection_scores(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seql
     hkv = k_cmp.shape[2]
     g = hq // hkv
     s = config.stride_slots_per_select_block
-    a = config.stride_slots_per_compress_block
-    bc = max(64, triton.next_power_of_2(s + a - 1))  # compressed blocks per tile
-    bjv = (bc - (a - 1)) // s                          # selection blocks each tile covers whole
-    bdk = max(16, triton.next_power_of_2(dk))
+    if s & (s - 1):
+        raise ValueError(f"backend='triton' needs select_block / compress_stride to be a power of two, got "
+                         f"{config.select_block} / {config.compress_stride} = {s}")
     varlen = cu_seqlens is not None
     max_t = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if varlen else t
     ns = config.num_select_blocks(max_t)
@@ -89,8 +84,7 @@ def selection_scores(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seql
     _scores_kernel[(triton.cdiv(max_t, block_t), nseq * hkv)](
         q.contiguous(), k_cmp.contiguous(), lse_cmp, scores, cu_seqlens if varlen else dummy,
         cmp_cu_seqlens if varlen else dummy, t, k_cmp.shape[1], ns, scale,
-        HQ=hq, HKV=hkv, G=g, GP=gp, DK=dk, BDK=bdk, BLOCK_T=block_t, BC=bc, BJV=bjv,
-        BJP=max(16, triton.next_power_of_2(bjv)), S=s, A=a, KSTRIDE=config.compress_stride,
-        KOFF=config.compress_block - 1, SEL_BLOCK=config.select_block, VARLEN=varlen,
-        num_stages=1 if bdk > 128 or q.dtype == torch.float32 else 2)
+        HQ=hq, HKV=hkv, G=g, GP=gp, DK=dk, BDK=max(16, triton.next_power_of_2(dk)), BLOCK_T=block_t,
+        BJ=max(1, 64 // s), S=s, A=config.stride_slots_per_compress_block, KSTRIDE=config.compress_stride,
+        KOFF=config.compress_block - 1, SEL_BLOCK=config.select_block, VARLEN=varlen)
     return scores
