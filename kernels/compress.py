@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .config import NSAConfig
-from .flash import NO_WINDOW, _rows, _seq_bounds, _tiles, position_masked_attention, tuned
+from .flash import NO_WINDOW, _rows, _seq_bounds, _tiles, position_masked_attention
 
 
 def compressed_attention(q, k_cmp, v_cmp, config: NSAConfig, scale: float, cu_seqlens=None, cmp_cu_seqlens=None):
@@ -23,7 +23,6 @@ def compressed_attention(q, k_cmp, v_cmp, config: NSAConfig, scale: float, cu_se
                                      NO_WINDOW, cu_seqlens, cmp_cu_seqlens)
 
 
-@tuned(["HQ", "HKV", "DK", "S", "A"])
 @triton.jit
 def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, scale,
                    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
@@ -86,5 +85,6 @@ def selection_scores(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seql
         cmp_cu_seqlens if varlen else dummy, t, k_cmp.shape[1], ns, scale,
         HQ=hq, HKV=hkv, G=g, GP=gp, DK=dk, BDK=max(16, triton.next_power_of_2(dk)), BLOCK_T=block_t,
         BJ=max(1, 64 // s), S=s, A=config.stride_slots_per_compress_block, KSTRIDE=config.compress_stride,
-        KOFF=config.compress_block - 1, SEL_BLOCK=config.select_block, VARLEN=varlen)
+        KOFF=config.compress_block - 1, SEL_BLOCK=config.select_block, VARLEN=varlen,
+        num_stages=1 if dk > 128 or q.dtype == torch.float32 else 3)  # wide tiles: stay inside shared memory
     return scores

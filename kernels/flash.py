@@ -17,25 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-import os
-
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 NO_WINDOW = 1 << 30  # "no window"; keeps t - WINDOW inside int32
-
-
-def tuned(key, reset_to_zero=None):
-    """Autotune warps and pipeline depth on GPUs (block shapes are fixed by the algorithm's tiling); a single
-    config in the CPU interpreter, where tuning would only cost time. Kernels that accumulate with atomics name
-    their outputs in ``reset_to_zero`` so that trial runs do not add up."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        configs = [triton.Config({}, num_warps=4, num_stages=1)]
-    else:
-        configs = [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (1, 2, 3)]
-    return triton.autotune(configs=configs, key=key, reset_to_zero=reset_to_zero)
-
-
-_KEY = ["HQ", "HKV", "DK", "DV", "KSTRIDE", "WINDOW"]
 
 
 @triton.jit
@@ -58,7 +42,6 @@ def _rows(t0, kvh, BLOCK_T: tl.constexpr, G: tl.constexpr, GP: tl.constexpr):
     return tq, kvh * G + hg, hg < G
 
 
-@tuned(_KEY)
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, CU, CU_K, T_FIXED, TK_FIXED, scale,
                 HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
@@ -110,7 +93,6 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, CU_K, T_FIXED, TK_FIXED, scale,
     tl.store(LSE + row_off, lse, mask=rvalid)
 
 
-@tuned(_KEY)
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K, T_FIXED, TK_FIXED, scale,
                    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
@@ -157,7 +139,6 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K, T_FIXED, TK_FIXED, sca
              mask=rvalid[:, None] & (dk[None, :] < DK))
 
 
-@tuned(_KEY + ["Q_SPLIT"], reset_to_zero=["DK_", "DV_"])
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, CU, CU_K, T_FIXED, TK_FIXED, scale,
                      HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
@@ -240,8 +221,10 @@ class _Launch:
     def __init__(self, q, k, v, kstride, koff, window, cu_seqlens, cu_seqlens_k, block_m=64, block_n=64):
         b, t, hq, dk = q.shape
         _, tk, hkv, dv = v.shape
-        if max(dk, dv) > 128:  # 256-wide tiles: halve the key tile to fit shared memory
-            block_n = 32
+        if max(dk, dv) > 128:  # 256-wide tiles: halve the key tile and pipeline less to fit shared memory
+            block_n, self.stages = 32, 1
+        else:
+            self.stages = 2 if q.is_cuda else 1
         self.g = hq // hkv
         gp, block_t = _tiles(self.g, block_m)
         self.varlen = cu_seqlens is not None
@@ -274,7 +257,7 @@ class PositionMaskedAttention(torch.autograd.Function):
         o = torch.empty(b, t, hq, v.shape[-1], device=q.device, dtype=q.dtype)
         lse = torch.empty(b, t, hq, device=q.device, dtype=torch.float32)
         L = _Launch(q, k, v, kstride, koff, window, cu_seqlens, cu_seqlens_k)
-        _fwd_kernel[L.grid_q](q, k, v, o, lse, *L.args(), scale, **L.const)
+        _fwd_kernel[L.grid_q](q, k, v, o, lse, *L.args(), scale, **L.const, num_stages=L.stages)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.launch, ctx.scale = L, scale
         return o, lse
@@ -289,10 +272,10 @@ class PositionMaskedAttention(torch.autograd.Function):
         split = L.q_split > 0
         dk = torch.zeros_like(k, dtype=torch.float32) if split else torch.empty_like(k)
         dv = torch.zeros_like(v, dtype=torch.float32) if split else torch.empty_like(v)
-        _bwd_dq_kernel[L.grid_q](q, k, v, do, lse, delta, dq, *L.args(), scale, **L.const)
+        _bwd_dq_kernel[L.grid_q](q, k, v, do, lse, delta, dq, *L.args(), scale, **L.const, num_stages=L.stages)
         if k.shape[1]:
             _bwd_dkdv_kernel[L.grid_k](q, k, v, do, lse, delta, dk, dv, *L.args(), scale, **L.const,
-                                       Q_SPLIT=L.q_split)
+                                       Q_SPLIT=L.q_split, num_stages=L.stages)
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import _rows, _seq_bounds, tuned
+from .flash import _rows, _seq_bounds
 
 
 BIG = 1 << 30
@@ -28,7 +28,6 @@ def _next_block(IDX, idx_row, ptr, rvalid, N: tl.constexpr):
     return tl.where(cur < 0, 1 << 30, cur)
 
 
-@tuned(["HQ", "HKV", "DK", "DV", "N"])
 @triton.jit
 def _sel_fwd_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, scale,
                     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr,
@@ -82,7 +81,6 @@ def _sel_fwd_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, scale,
     tl.store(LSE + row_off, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, mask=rvalid)
 
 
-@tuned(["HQ", "HKV", "DK", "DV", "N"])
 @triton.jit
 def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, scale,
                        HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr,
@@ -130,7 +128,6 @@ def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, scale,
              mask=rvalid[:, None] & (dk[None, :] < DK))
 
 
-@tuned(["HQ", "HKV", "DK", "DV"], reset_to_zero=["DK_", "DV_"])
 @triton.jit
 def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITEM_START, ITEM_END, CU, T_FIXED,
                          NS_MAX, scale,
@@ -252,6 +249,8 @@ class _SelLaunch:
         self.qmajor = dict(common, N=indices.shape[-1], BLOCK_T=self.block_t)
         self.kmajor = dict(common, BLOCK_Q=max(1, 64 // gp))
         self.grid_q = (triton.cdiv(self.max_t, self.block_t), self.nseq * hkv)
+        wide = max(common["BDK"], common["BDV"]) > 128 or q.dtype == torch.float32
+        self.stages = 1 if wide or not q.is_cuda else 2  # wide tiles: stay inside shared memory
 
 
 class SelectedAttention(torch.autograd.Function):
@@ -262,7 +261,8 @@ class SelectedAttention(torch.autograd.Function):
         L = _SelLaunch(q, v, indices, block, cu_seqlens)
         o = torch.empty(b, t, hq, v.shape[-1], device=q.device, dtype=q.dtype)
         lse = torch.empty(b, t, hq, device=q.device, dtype=torch.float32)
-        _sel_fwd_kernel[L.grid_q](q, k, v, indices, o, lse, L.cu, L.t_fixed, scale, **L.qmajor)
+        _sel_fwd_kernel[L.grid_q](q, k, v, indices, o, lse, L.cu, L.t_fixed, scale, **L.qmajor,
+                                  num_stages=L.stages)
         ctx.save_for_backward(q, k, v, indices, o, lse)
         ctx.launch, ctx.scale = L, scale
         return o, lse
@@ -277,11 +277,13 @@ class SelectedAttention(torch.autograd.Function):
         dk = torch.zeros_like(k, dtype=torch.float32)
         dv = torch.zeros_like(v, dtype=torch.float32)
         hkv = v.shape[2]
-        _sel_bwd_dq_kernel[L.grid_q](q, k, v, indices, do, lse, delta, dq, L.cu, L.t_fixed, scale, **L.qmajor)
+        _sel_bwd_dq_kernel[L.grid_q](q, k, v, indices, do, lse, delta, dq, L.cu, L.t_fixed, scale, **L.qmajor,
+                                  num_stages=L.stages)
         qlist, offsets = invert_block_indices(indices, L.ns_max, L.cu if L.varlen else None)
         items = work_items(offsets, indices.numel(), SEL_BWD_CHUNK)
         _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu,
-                                                  L.t_fixed, L.ns_max, scale, **L.kmajor)
+                                                  L.t_fixed, L.ns_max, scale, **L.kmajor,
+                                                  num_stages=L.stages)
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
