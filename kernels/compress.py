@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .config import NSAConfig
-from .flash import NO_WINDOW, _rows, _seq_bounds, _tiles, position_masked_attention
+from .flash import NO_WINDOW, _load_tile, _q_tile, _seq_bounds, _tiles, position_masked_attention
 
 
 def compressed_attention(q, k_cmp, v_cmp, config: NSAConfig, scale: float, cu_seqlens=None, cmp_cu_seqlens=None):
@@ -29,18 +29,12 @@ def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, scale,
                    DK: tl.constexpr, BDK: tl.constexpr, BLOCK_T: tl.constexpr, BJ: tl.constexpr,
                    S: tl.constexpr, A: tl.constexpr, KSTRIDE: tl.constexpr, KOFF: tl.constexpr,
                    SEL_BLOCK: tl.constexpr, VARLEN: tl.constexpr):
-    pid_t = tl.program_id(0)
-    seq = tl.program_id(1) // HKV
-    kvh = tl.program_id(1) % HKV
-    bos, T, kbos, TK = _seq_bounds(seq, CU, CU_K, T_FIXED, TK_FIXED, VARLEN)
-    t0 = pid_t * BLOCK_T
+    bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
-    tq, hq, hvalid = _rows(t0, kvh, BLOCK_T, G, GP)
-    rvalid = hvalid & (tq < T)
     dk = tl.arange(0, BDK)
     row_off = (bos + tq.to(tl.int64)) * HQ + hq
-    q = tl.load(Q + row_off[:, None] * DK + dk[None, :], mask=rvalid[:, None] & (dk[None, :] < DK), other=0.0)
+    q = _load_tile(Q, row_off, rvalid, DK, BDK)
     lse = tl.load(LSE + row_off, mask=rvalid, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
     qk_scale = scale * 1.4426950408889634

@@ -41,7 +41,8 @@ class NSAConfig:
         metadata={"help": 'w: sliding-window size; query t sees keys t-w+1 .. t.'})
     gate_activation: str = field(
         default="sigmoid",
-        metadata={"help": "how per-head gate logits become branch weights: 'sigmoid' (paper) or 'softmax' over the 3 branches."})
+        metadata={"help": "how per-head gate logits become branch weights: 'sigmoid' (paper) or 'softmax' "
+                          "over the 3 branches."})
 
     def __post_init__(self) -> None:
         for f in fields(self):

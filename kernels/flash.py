@@ -43,38 +43,58 @@ def _rows(t0, kvh, BLOCK_T: tl.constexpr, G: tl.constexpr, GP: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(PTR, row_off, rvalid, D: tl.constexpr, BD: tl.constexpr):
+    """Rows ``row_off`` of a ``[..., D]`` tensor, zero-padded to ``BD`` columns and for rows not in ``rvalid``."""
+    d = tl.arange(0, BD)
+    return tl.load(PTR + row_off[:, None] * D + d[None, :], mask=rvalid[:, None] & (d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV: tl.constexpr, BLOCK_T: tl.constexpr, G: tl.constexpr,
+            GP: tl.constexpr, VARLEN: tl.constexpr):
+    """The program's sequence bounds and its query rows (BLOCK_T positions x the G heads of one KV head)."""
+    seq = tl.program_id(1) // HKV
+    kvh = tl.program_id(1) % HKV
+    bos, T, kbos, TK = _seq_bounds(seq, CU, CU_K, T_FIXED, TK_FIXED, VARLEN)
+    t0 = tl.program_id(0) * BLOCK_T
+    tq, hq, hvalid = _rows(t0, kvh, BLOCK_T, G, GP)
+    return bos, T, kbos, TK, kvh, t0, tq, hq, hvalid & (tq < T)
+
+
+@triton.jit
+def _key_range(t0, T, TK, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, KSTRIDE: tl.constexpr, KOFF: tl.constexpr,
+               WINDOW: tl.constexpr):
+    """Keys that some query of ``[t0, t0 + BLOCK_T)`` may see: ``[j_lo, j_hi)``, j_lo aligned to BLOCK_N."""
+    t_hi = tl.minimum(t0 + BLOCK_T, T) - 1
+    j_hi = tl.minimum(TK, (t_hi - KOFF) // KSTRIDE + 1)
+    j_lo = tl.maximum(0, (t0 - WINDOW + 1 - KOFF + KSTRIDE - 1) // KSTRIDE)
+    return (j_lo // BLOCK_N) * BLOCK_N, j_hi
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, CU, CU_K, T_FIXED, TK_FIXED, scale,
                 HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                 DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                 KSTRIDE: tl.constexpr, KOFF: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr):
-    pid_t = tl.program_id(0)
-    seq = tl.program_id(1) // HKV
-    kvh = tl.program_id(1) % HKV
-    bos, T, kbos, TK = _seq_bounds(seq, CU, CU_K, T_FIXED, TK_FIXED, VARLEN)
-    t0 = pid_t * BLOCK_T
+    bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
-    tq, hq, hvalid = _rows(t0, kvh, BLOCK_T, G, GP)
-    rvalid = hvalid & (tq < T)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
     row_off = (bos + tq.to(tl.int64)) * HQ + hq
-    q = tl.load(Q + row_off[:, None] * DK + dk[None, :], mask=rvalid[:, None] & (dk[None, :] < DK), other=0.0)
+    q = _load_tile(Q, row_off, rvalid, DK, BDK)
     qk_scale = scale * 1.4426950408889634
     m_i = tl.full([BLOCK_T * GP], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_T * GP], dtype=tl.float32)
     acc = tl.zeros([BLOCK_T * GP, BDV], dtype=tl.float32)
-    t_hi = tl.minimum(t0 + BLOCK_T, T) - 1
-    j_hi = tl.minimum(TK, (t_hi - KOFF) // KSTRIDE + 1)
-    j_lo = tl.maximum(0, (t0 - WINDOW + 1 - KOFF + KSTRIDE - 1) // KSTRIDE)
-    j_lo = (j_lo // BLOCK_N) * BLOCK_N
+    j_lo, j_hi = _key_range(t0, T, TK, BLOCK_T, BLOCK_N, KSTRIDE, KOFF, WINDOW)
     for j0 in range(j_lo, j_hi, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         jvalid = j < j_hi
         kv_off = (kbos + j.to(tl.int64)) * HKV + kvh
-        k = tl.load(K + kv_off[:, None] * DK + dk[None, :], mask=jvalid[:, None] & (dk[None, :] < DK), other=0.0)
-        v = tl.load(V + kv_off[:, None] * DV + dv[None, :], mask=jvalid[:, None] & (dv[None, :] < DV), other=0.0)
+        k = _load_tile(K, kv_off, jvalid, DK, BDK)
+        v = _load_tile(V, kv_off, jvalid, DV, BDV)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         kp = j * KSTRIDE + KOFF
         vis = (kp[None, :] <= tq[:, None]) & (kp[None, :] > tq[:, None] - WINDOW) & jvalid[None, :]
@@ -99,35 +119,26 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K, T_FIXED, TK_FIXED, sca
                    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                    KSTRIDE: tl.constexpr, KOFF: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr):
-    pid_t = tl.program_id(0)
-    seq = tl.program_id(1) // HKV
-    kvh = tl.program_id(1) % HKV
-    bos, T, kbos, TK = _seq_bounds(seq, CU, CU_K, T_FIXED, TK_FIXED, VARLEN)
-    t0 = pid_t * BLOCK_T
+    bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
-    tq, hq, hvalid = _rows(t0, kvh, BLOCK_T, G, GP)
-    rvalid = hvalid & (tq < T)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
     row_off = (bos + tq.to(tl.int64)) * HQ + hq
-    q = tl.load(Q + row_off[:, None] * DK + dk[None, :], mask=rvalid[:, None] & (dk[None, :] < DK), other=0.0)
-    do = tl.load(DO + row_off[:, None] * DV + dv[None, :], mask=rvalid[:, None] & (dv[None, :] < DV), other=0.0)
+    q = _load_tile(Q, row_off, rvalid, DK, BDK)
+    do = _load_tile(DO, row_off, rvalid, DV, BDV)
     lse = tl.load(LSE + row_off, mask=rvalid, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # empty rows: p = 0
     delta = tl.load(DELTA + row_off, mask=rvalid, other=0.0)
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_T * GP, BDK], dtype=tl.float32)
-    t_hi = tl.minimum(t0 + BLOCK_T, T) - 1
-    j_hi = tl.minimum(TK, (t_hi - KOFF) // KSTRIDE + 1)
-    j_lo = tl.maximum(0, (t0 - WINDOW + 1 - KOFF + KSTRIDE - 1) // KSTRIDE)
-    j_lo = (j_lo // BLOCK_N) * BLOCK_N
+    j_lo, j_hi = _key_range(t0, T, TK, BLOCK_T, BLOCK_N, KSTRIDE, KOFF, WINDOW)
     for j0 in range(j_lo, j_hi, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         jvalid = j < j_hi
         kv_off = (kbos + j.to(tl.int64)) * HKV + kvh
-        k = tl.load(K + kv_off[:, None] * DK + dk[None, :], mask=jvalid[:, None] & (dk[None, :] < DK), other=0.0)
-        v = tl.load(V + kv_off[:, None] * DV + dv[None, :], mask=jvalid[:, None] & (dv[None, :] < DV), other=0.0)
+        k = _load_tile(K, kv_off, jvalid, DK, BDK)
+        v = _load_tile(V, kv_off, jvalid, DV, BDV)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         kp = j * KSTRIDE + KOFF
         vis = (kp[None, :] <= tq[:, None]) & (kp[None, :] > tq[:, None] - WINDOW) & jvalid[None, :]
@@ -158,8 +169,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, CU, CU_K, T_FIXED, TK_FI
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
     kv_off = (kbos + j.to(tl.int64)) * HKV + kvh
-    k = tl.load(K + kv_off[:, None] * DK + dk[None, :], mask=jvalid[:, None] & (dk[None, :] < DK), other=0.0)
-    v = tl.load(V + kv_off[:, None] * DV + dv[None, :], mask=jvalid[:, None] & (dv[None, :] < DV), other=0.0)
+    k = _load_tile(K, kv_off, jvalid, DK, BDK)
+    v = _load_tile(V, kv_off, jvalid, DV, BDV)
     kp = j * KSTRIDE + KOFF
     qk_scale = scale * 1.4426950408889634
     dk_acc = tl.zeros([BLOCK_N, BDK], dtype=tl.float32)
@@ -178,9 +189,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, CU, CU_K, T_FIXED, TK_FI
         tq, hq, hvalid = _rows(t0, kvh, BLOCK_T, G, GP)
         rvalid = hvalid & (tq < t_end)
         row_off = (bos + tq.to(tl.int64)) * HQ + hq
-        q = tl.load(Q + row_off[:, None] * DK + dk[None, :], mask=rvalid[:, None] & (dk[None, :] < DK), other=0.0)
-        do = tl.load(DO + row_off[:, None] * DV + dv[None, :], mask=rvalid[:, None] & (dv[None, :] < DV),
-                     other=0.0)
+        q = _load_tile(Q, row_off, rvalid, DK, BDK)
+        do = _load_tile(DO, row_off, rvalid, DV, BDV)
         lse = tl.load(LSE + row_off, mask=rvalid, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
         delta = tl.load(DELTA + row_off, mask=rvalid, other=0.0)

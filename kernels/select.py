@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import _rows, _seq_bounds
+from .flash import _load_tile, _q_tile, _rows, _seq_bounds
 
 
 BIG = 1 << 30
@@ -36,21 +36,15 @@ def _sel_fwd_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, scale,
     # Rows are BLOCK_T neighbouring positions x the G heads of one KV head. The program walks the union of the
     # rows' sorted block lists (a k-way merge): neighbours share most blocks, so each K/V block is loaded once per
     # tile and the matrix products have BLOCK_T*GP rows instead of G.
-    pid_t = tl.program_id(0)
-    seq = tl.program_id(1) // HKV
-    kvh = tl.program_id(1) % HKV
-    bos, T, _, _ = _seq_bounds(seq, CU, CU, T_FIXED, T_FIXED, VARLEN)
-    t0 = pid_t * BLOCK_T
+    bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, T_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
-    tq, hq, hvalid = _rows(t0, kvh, BLOCK_T, G, GP)
-    rvalid = hvalid & (tq < T)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
     row = bos + tq.to(tl.int64)
     row_off = row * HQ + hq
     idx_row = row * HKV + kvh
-    q = tl.load(Q + row_off[:, None] * DK + dk[None, :], mask=rvalid[:, None] & (dk[None, :] < DK), other=0.0)
+    q = _load_tile(Q, row_off, rvalid, DK, BDK)
     qk_scale = scale * 1.4426950408889634
     m_i = tl.full([BLOCK_T * GP], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_T * GP], dtype=tl.float32)
@@ -63,8 +57,8 @@ def _sel_fwd_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, scale,
         pos = blk * BS + tl.arange(0, BS)
         kv_off = (bos + pos.to(tl.int64)) * HKV + kvh
         pvalid = pos < T
-        k = tl.load(K + kv_off[:, None] * DK + dk[None, :], mask=pvalid[:, None] & (dk[None, :] < DK), other=0.0)
-        v = tl.load(V + kv_off[:, None] * DV + dv[None, :], mask=pvalid[:, None] & (dv[None, :] < DV), other=0.0)
+        k = _load_tile(K, kv_off, pvalid, DK, BDK)
+        v = _load_tile(V, kv_off, pvalid, DV, BDV)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(hit[:, None] & (pos[None, :] <= tq[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -77,7 +71,8 @@ def _sel_fwd_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, scale,
         cur = _next_block(IDX, idx_row, ptr, rvalid, N)
         blk = tl.min(cur, 0)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # the own block is always selected: l_i > 0 on real rows
-    tl.store(O + row_off[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty), mask=rvalid[:, None] & (dv[None, :] < DV))
+    tl.store(O + row_off[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty),
+             mask=rvalid[:, None] & (dv[None, :] < DV))
     tl.store(LSE + row_off, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, mask=rvalid)
 
 
@@ -86,22 +81,16 @@ def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, scale,
                        HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr,
                        DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BS: tl.constexpr,
                        BLOCK_T: tl.constexpr, VARLEN: tl.constexpr):
-    pid_t = tl.program_id(0)
-    seq = tl.program_id(1) // HKV
-    kvh = tl.program_id(1) % HKV
-    bos, T, _, _ = _seq_bounds(seq, CU, CU, T_FIXED, T_FIXED, VARLEN)
-    t0 = pid_t * BLOCK_T
+    bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, T_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
-    tq, hq, hvalid = _rows(t0, kvh, BLOCK_T, G, GP)
-    rvalid = hvalid & (tq < T)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
     row = bos + tq.to(tl.int64)
     row_off = row * HQ + hq
     idx_row = row * HKV + kvh
-    q = tl.load(Q + row_off[:, None] * DK + dk[None, :], mask=rvalid[:, None] & (dk[None, :] < DK), other=0.0)
-    do = tl.load(DO + row_off[:, None] * DV + dv[None, :], mask=rvalid[:, None] & (dv[None, :] < DV), other=0.0)
+    q = _load_tile(Q, row_off, rvalid, DK, BDK)
+    do = _load_tile(DO, row_off, rvalid, DV, BDV)
     lse2 = tl.load(LSE + row_off, mask=rvalid, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + row_off, mask=rvalid, other=0.0)
     qk_scale = scale * 1.4426950408889634
@@ -114,8 +103,8 @@ def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, scale,
         pos = blk * BS + tl.arange(0, BS)
         kv_off = (bos + pos.to(tl.int64)) * HKV + kvh
         pvalid = pos < T
-        k = tl.load(K + kv_off[:, None] * DK + dk[None, :], mask=pvalid[:, None] & (dk[None, :] < DK), other=0.0)
-        v = tl.load(V + kv_off[:, None] * DV + dv[None, :], mask=pvalid[:, None] & (dv[None, :] < DV), other=0.0)
+        k = _load_tile(K, kv_off, pvalid, DK, BDK)
+        v = _load_tile(V, kv_off, pvalid, DV, BDV)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.where(hit[:, None] & (pos[None, :] <= tq[:, None]), tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
@@ -149,8 +138,8 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
     kv_off = (bos + pos.to(tl.int64)) * HKV + kvh
-    k = tl.load(K + kv_off[:, None] * DK + dk[None, :], mask=pvalid[:, None] & (dk[None, :] < DK), other=0.0)
-    v = tl.load(V + kv_off[:, None] * DV + dv[None, :], mask=pvalid[:, None] & (dv[None, :] < DV), other=0.0)
+    k = _load_tile(K, kv_off, pvalid, DK, BDK)
+    v = _load_tile(V, kv_off, pvalid, DV, BDV)
     qk_scale = scale * 1.4426950408889634
     dk_acc = tl.zeros([BS, BDK], dtype=tl.float32)
     dv_acc = tl.zeros([BS, BDV], dtype=tl.float32)
@@ -161,9 +150,8 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
         rvalid = (qi < end) & (hg < G)
         tq = tl.load(QLIST + qi, mask=rvalid, other=0)
         row_off = (bos + tq.to(tl.int64)) * HQ + kvh * G + hg
-        q = tl.load(Q + row_off[:, None] * DK + dk[None, :], mask=rvalid[:, None] & (dk[None, :] < DK), other=0.0)
-        do = tl.load(DO + row_off[:, None] * DV + dv[None, :], mask=rvalid[:, None] & (dv[None, :] < DV),
-                     other=0.0)
+        q = _load_tile(Q, row_off, rvalid, DK, BDK)
+        do = _load_tile(DO, row_off, rvalid, DV, BDV)
         lse2 = tl.load(LSE + row_off, mask=rvalid, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + row_off, mask=rvalid, other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale

@@ -171,7 +171,8 @@ def table(res: dict) -> str:
             ("cmp f / fb", ("cmp_fwd_ms", "cmp_fwdbwd_ms")), ("scores", "scores_ms"), ("top-n", "topn_ms"),
             ("slc f / fb", ("slc_fwd_ms", "slc_fwdbwd_ms")), ("swa f / fb", ("swa_fwd_ms", "swa_fwdbwd_ms")),
             ("cuDNN f / fb", ("sdpa_cudnn_fwd_ms", "sdpa_cudnn_fwdbwd_ms")),
-            ("flash f / fb", ("sdpa_flash_fwd_ms", "sdpa_flash_fwdbwd_ms")), ("fla f / fb", ("fla_fwd_ms", "fla_fwdbwd_ms"))]
+            ("flash f / fb", ("sdpa_flash_fwd_ms", "sdpa_flash_fwdbwd_ms")),
+            ("fla f / fb", ("fla_fwd_ms", "fla_fwdbwd_ms"))]
 
     def fmt(v):
         return "-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
