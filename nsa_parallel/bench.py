@@ -5,7 +5,8 @@
 Times forward and forward+backward (median of ``triton.testing.do_bench``) of the whole NSA core (phi compression,
 compressed attention, selection scores, top-n, selected and window attention, gates) and of each stage, for B=1,
 64 query heads / 4 KV heads, d=128 (and dk=192/dv=128), paper hyperparameters, beside torch SDPA (flash and cuDNN
-backends) and fla-core's ``parallel_nsa`` where they run. Reports achieved TFLOP/s against a measured bf16 matmul
+backends), FlexAttention's sliding window (the window branch's peer) and fla-core's ``parallel_nsa`` where they
+run. Reports achieved TFLOP/s against a measured bf16 matmul
 ceiling and peak memory; prints a table and writes JSON.
 """
 from __future__ import annotations
@@ -125,6 +126,22 @@ def _bench_dense(row, t, hq, d, dev):
             row[f"sdpa_{name}_error"] = f"{type(e).__name__}: {e}"[:200]
 
 
+_FLEX = {}
+
+
+def _bench_flex(row, t, hq, hkv, d, window, dev):
+    """FlexAttention (torch.compile'd) with a causal sliding-window mask: the peer of our window branch."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention)
+    mask = create_block_mask(lambda b, h, qi, ki: (qi >= ki) & (qi - ki < window), None, None, t, t, device=dev)
+    dt = torch.bfloat16
+    q = torch.randn(1, hq, t, d, device=dev, dtype=dt).requires_grad_(True)
+    k, v = (torch.randn(1, hkv, t, d, device=dev, dtype=dt).requires_grad_(True) for _ in "kv")
+    fn = lambda: _FLEX["fn"](q, k, v, block_mask=mask, enable_gqa=True)  # noqa: E731
+    row["flex_swa_fwd_ms"], row["flex_swa_fwdbwd_ms"] = bench(fn, torch.randn_like)
+
+
 def _bench_fla(row, t, hq, hkv, d, dev):
     """fla-core's parallel_nsa on its own supported config (mean-pool compression, no window)."""
     from fla.ops.nsa import parallel_nsa
@@ -150,6 +167,8 @@ def run(args) -> dict:
             stages = [("nsa", lambda: _bench_nsa(row, t, args.heads, args.kv_heads, dk, dv, cfg, dev))]
             if dk == dv and t <= args.dense_max_t:
                 stages.append(("sdpa", lambda: _bench_dense(row, t, args.heads, dk, dev)))
+            if dk == dv and args.flex:
+                stages.append(("flex", lambda: _bench_flex(row, t, args.heads, args.kv_heads, dk, cfg.window, dev)))
             if dk == dv and args.fla:
                 stages.append(("fla", lambda: _bench_fla(row, t, args.heads, args.kv_heads, dk, dev)))
             for name, stage in stages:
@@ -170,6 +189,7 @@ def table(res: dict) -> str:
             ("TFLOP/s fwd", "nsa_fwd_tflops"), ("peak GiB", "nsa_peak_gib"), ("phi", "phi_fwd_ms"),
             ("cmp f / fb", ("cmp_fwd_ms", "cmp_fwdbwd_ms")), ("scores", "scores_ms"), ("top-n", "topn_ms"),
             ("slc f / fb", ("slc_fwd_ms", "slc_fwdbwd_ms")), ("swa f / fb", ("swa_fwd_ms", "swa_fwdbwd_ms")),
+            ("Flex swa f / fb", ("flex_swa_fwd_ms", "flex_swa_fwdbwd_ms")),
             ("cuDNN f / fb", ("sdpa_cudnn_fwd_ms", "sdpa_cudnn_fwdbwd_ms")),
             ("flash f / fb", ("sdpa_flash_fwd_ms", "sdpa_flash_fwdbwd_ms")),
             ("fla f / fb", ("fla_fwd_ms", "fla_fwdbwd_ms"))]
@@ -202,6 +222,7 @@ def main(argv=None) -> None:
                    default=[(128, 128)], help="dk/dv pairs, e.g. 128/128 192/128")
     p.add_argument("--dense-max-t", type=int, default=65536, help="longest T to time dense SDPA at")
     p.add_argument("--no-fla", dest="fla", action="store_false", help="skip fla-core's parallel_nsa")
+    p.add_argument("--no-flex", dest="flex", action="store_false", help="skip FlexAttention's sliding window")
     p.add_argument("--out", default="bench.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
