@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .config import NSAConfig
+from .interface import check_triton_config
 from .flash import NO_WINDOW, _load_tile, _q_tile, _seq_bounds, _tiles, position_masked_attention
 
 
@@ -63,10 +64,8 @@ def selection_scores(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seql
     b, t, hq, dk = q.shape
     hkv = k_cmp.shape[2]
     g = hq // hkv
+    check_triton_config(config)
     s = config.stride_slots_per_select_block
-    if s & (s - 1):
-        raise ValueError(f"backend='triton' needs select_block / compress_stride to be a power of two, got "
-                         f"{config.select_block} / {config.compress_stride} = {s}")
     varlen = cu_seqlens is not None
     max_t = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if varlen else t
     ns = config.num_select_blocks(max_t)

@@ -13,6 +13,17 @@ BACKENDS = ("reference", "triton")
 MAX_HEAD_DIM = 256
 
 
+def check_triton_config(config: NSAConfig) -> None:
+    """The Triton kernels tile a selection block as one matrix operand and map stride slots to blocks with a
+    reshape: both need powers of two (stride slots per block then are one too, as the stride divides the block).
+    Raise a ValueError naming the field otherwise."""
+    def pow2(x):
+        return x > 0 and x & (x - 1) == 0
+    if not pow2(config.select_block) or config.select_block < 16:
+        raise ValueError(f"backend='triton' needs NSAConfig.select_block to be a power of two >= 16 "
+                         f"(16, 32, 64, 128, ...), got {config.select_block}; backend='reference' takes any value")
+
+
 def _check_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gate, cu_seqlens, backend):
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; allowed: {', '.join(BACKENDS)}")
@@ -76,6 +87,8 @@ def nsa_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_s
     """
     config = config if config is not None else NSAConfig()
     _check_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gate, cu_seqlens, backend)
+    if backend == "triton":
+        check_triton_config(config)
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     kc = compress_k(k_cmp, cu_seqlens)
     vc = compress_v(v_cmp, cu_seqlens)

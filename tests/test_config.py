@@ -68,3 +68,17 @@ def test_cu_seqlens_needs_packed_batch():
     with pytest.raises(ValueError, match="packed as \\[1, total, h, d\\]"):
         nsa_attention(q, *kvs, gate, compress_k=ck, compress_v=cv, config=SMALL,
                       cu_seqlens=torch.tensor([0, 20], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("cfg,msg", [
+    (NSAConfig(compress_block=16, compress_stride=8, select_block=48, select_topn=4, window=8),
+     "NSAConfig.select_block to be a power of two >= 16 .* got 48"),
+    (NSAConfig(compress_block=8, compress_stride=8, select_block=8, select_topn=4, window=8),
+     "NSAConfig.select_block to be a power of two >= 16 .* got 8"),
+    (NSAConfig(compress_block=24, compress_stride=12, select_block=36, select_topn=4, window=8),
+     "power of two >= 16 .* got 36"),
+])
+def test_triton_backend_names_unsupported_block_sizes(cfg, msg):
+    q, kvs, gate, ck, cv = make_inputs(1, 20, 4, 2, 8, 8, cfg)
+    with pytest.raises(ValueError, match=msg):
+        nsa_attention(q, *kvs, gate, compress_k=ck, compress_v=cv, config=cfg, backend="triton")
