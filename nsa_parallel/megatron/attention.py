@@ -1,0 +1,131 @@
+"""NSA self-attention for Megatron-Core (tensors ``[s, b, h]`` at the module boundary, as Megatron's).
+
+One column-parallel projection yields, group by group, the G query heads of a KV group, the keys and values of the
+three branches (compressed, selected, window) and the G x 3 gate logits (Megatron's ``attention_output_gate`` is
+the precedent for riding extra per-head channels along). Laying the output out per group means Megatron's even split
+of the output dimension over tensor-parallel ranks hands each rank whole GQA groups, so selection scores never need
+a cross-rank reduction. The compression MLP phi has its own weights per KV head and lives with its heads' rank.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+from ..kernels import Compression, NSAConfig, nsa_attention
+from ..kernels.reference import activate_gates
+
+NUM_BRANCHES = 3
+
+
+def _tp_size(pg_collection) -> int:
+    if pg_collection is not None and getattr(pg_collection, "tp", None) is not None:
+        return torch.distributed.get_world_size(pg_collection.tp)
+    from megatron.core import parallel_state
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+class NSACoreAttention(MegatronModule):
+    """Runs the NSA core (:func:`nsa_attention`) on Megatron's ``[s, b, h, d]`` tensors of this TP partition.
+
+    Holds phi (the compression MLP) for the partition's KV heads. Accepts Megatron's core-attention constructor
+    arguments so that ``SelfAttention`` can build it from a spec.
+    """
+
+    def __init__(self, config, layer_number: int, attn_mask_type=AttnMaskType.causal, attention_type: str = "self",
+                 cp_comm_type=None, softmax_scale: Optional[float] = None, pg_collection=None,
+                 nsa_config: Optional[NSAConfig] = None, backend: Optional[str] = None, **kwargs):
+        super().__init__(config=config)
+        if attn_mask_type != AttnMaskType.causal:
+            raise ValueError(f"NSA is causal: attn_mask_type must be AttnMaskType.causal, got {attn_mask_type}")
+        tp = _tp_size(pg_collection)
+        self.nsa_config = nsa_config or NSAConfig()
+        self.backend = backend
+        self.num_kv_heads = config.num_query_groups // tp
+        self.head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(self.head_dim)
+        c, dt = self.nsa_config, config.params_dtype
+        self.compress_k = Compression(self.num_kv_heads, self.head_dim, c.compress_block, c.compress_stride, dtype=dt)
+        self.compress_v = Compression(self.num_kv_heads, self.head_dim, c.compress_block, c.compress_stride, dtype=dt)
+
+    def forward(self, query, keys, values, gate, packed_seq_params=None):
+        """query ``[s, b, hq, d]``; keys / values: (cmp, slc, swa) each ``[s, b, hkv, d]``; gate ``[s, b, hq, 3]``
+        activated. Returns ``[s, b, hq * d]``."""
+        s, b = query.shape[:2]
+        cu = None
+        if packed_seq_params is not None:
+            if b != 1:
+                raise ValueError(f"packed sequences need micro-batch size 1 ([t, 1, h] inputs), got b={b}")
+            cu = packed_seq_params.cu_seqlens_q
+        bthd = lambda x: x.transpose(0, 1)  # noqa: E731  [s, b, h, d] -> [b, s, h, d] (a view)
+        kv = [bthd(x) for pair in zip(keys, values) for x in pair]
+        backend = self.backend or ("triton" if query.is_cuda else "reference")
+        o = nsa_attention(bthd(query), *kv, bthd(gate), compress_k=self.compress_k, compress_v=self.compress_v,
+                          config=self.nsa_config, scale=self.softmax_scale, cu_seqlens=cu, backend=backend)
+        return o.transpose(0, 1).reshape(s, b, -1)
+
+
+class NSASelfAttention(SelfAttention):
+    """Megatron ``SelfAttention`` whose fused projection feeds NSA's three branches and gates.
+
+    Spec params: ``nsa_config`` (:class:`NSAConfig`) and ``backend`` reach the core attention through its spec.
+    Supported: tensor parallelism with ``num_query_groups`` divisible by the TP size (each rank owns whole GQA
+    groups), sequence parallelism (handled by the linear layers), pipeline parallelism. Not yet: context
+    parallelism (a named error) and KV-cache inference.
+    """
+
+    def __init__(self, config, submodules, layer_number: int, attn_mask_type=AttnMaskType.causal, **kwargs):
+        if getattr(config, "context_parallel_size", 1) > 1:
+            raise ValueError(f"NSASelfAttention: context_parallel_size={config.context_parallel_size} is not "
+                             "supported yet (allowed: 1); NSA context parallelism is its own piece of work")
+        super().__init__(config, submodules, layer_number, attn_mask_type=attn_mask_type, **kwargs)
+        tp = self.world_size
+        if config.num_query_groups % tp:
+            raise ValueError(f"NSA needs whole GQA groups per tensor-parallel rank: num_query_groups="
+                             f"{config.num_query_groups} must be a multiple of tensor_model_parallel_size={tp}")
+        self.group_size = config.num_attention_heads // config.num_query_groups
+        d = config.kv_channels
+        self.group_split = [self.group_size * d] + [d] * (2 * NUM_BRANCHES) + [self.group_size * NUM_BRANCHES]
+        width = config.num_query_groups * sum(self.group_split)
+        # Replace the stock q/k/v projection by one of NSA's width, built the same way (column-parallel).
+        self.linear_qkv = submodules.linear_qkv(
+            config.hidden_size, width, config=config, init_method=config.init_method, gather_output=False,
+            bias=config.add_bias_linear or config.add_qkv_bias, skip_bias_add=False, is_expert=False,
+            tp_comm_buffer_name="qkv", tp_group=self.pg_collection.tp)
+
+    def split_projection(self, mixed: torch.Tensor):
+        """``[s, b, groups_p * W]`` -> q ``[s, b, hq_p, d]``, keys/values (cmp, slc, swa) ``[s, b, hkv_p, d]``,
+        gate logits ``[s, b, hq_p, 3]``."""
+        s, b = mixed.shape[:2]
+        g, d = self.num_query_groups_per_partition, self.config.kv_channels
+        parts = mixed.view(s, b, g, -1).split(self.group_split, dim=-1)
+        q = parts[0].reshape(s, b, g * self.group_size, d)
+        keys = tuple(parts[1 + 2 * i] for i in range(NUM_BRANCHES))
+        values = tuple(parts[2 + 2 * i] for i in range(NUM_BRANCHES))
+        gate = parts[-1].reshape(s, b, g * self.group_size, NUM_BRANCHES)
+        return q, keys, values, gate
+
+    def forward(self, hidden_states, attention_mask=None, key_value_states=None, inference_context=None,
+                rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
+                attention_bias=None, packed_seq_params=None, sequence_len_offset=None, *, inference_params=None,
+                **kwargs):
+        """hidden_states ``[s, b, h]`` -> ``(output [s, b, h], bias)``, as Megatron's attention modules return."""
+        if inference_context is not None or inference_params is not None:
+            raise NotImplementedError("NSASelfAttention: KV-cache inference is not implemented yet")
+        mixed, _ = self.linear_qkv(hidden_states)
+        q, keys, values, gate_logits = self.split_projection(mixed)
+        if rotary_pos_emb is not None:
+            q_emb, k_emb = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
+            cu_q = cu_k = None
+            if packed_seq_params is not None:
+                cu_q, cu_k = packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv
+            q = apply_rotary_pos_emb(q, q_emb, config=self.config, cu_seqlens=cu_q)
+            keys = tuple(apply_rotary_pos_emb(k, k_emb, config=self.config, cu_seqlens=cu_k) for k in keys)
+        gate = activate_gates(gate_logits, self.core_attention.nsa_config)
+        core = self.core_attention(q, keys, values, gate, packed_seq_params=packed_seq_params)
+        return self.linear_proj(core)
