@@ -39,16 +39,11 @@ def _config(**kw):
     return TransformerConfig(**base)
 
 
-def test_layer_matches_per_group_reference(model_parallel):
-    cfg = _config()
-    spec = get_gpt_layer_nsa_spec(nsa_config=SMALL, backend="reference")
-    torch.manual_seed(0)
-    attn = build_module(spec.submodules.self_attention, config=cfg, layer_number=1)
-    s, b, h, d, groups, g = 70, 2, 64, 16, 2, 2
-    hidden = torch.randn(s, b, h, requires_grad=True)
-    out, _ = attn(hidden, None)
-    # independent reading of the documented layout: per group [G q heads | k,v cmp | k,v slc | k,v swa | G*3 gates]
-    mixed = hidden @ attn.linear_qkv.weight.t()
+def manual_forward(hidden, w_qkv, w_proj, compress_k, compress_v, groups, g, d):
+    """Independent reading of the documented layout: per group [G q heads | k,v cmp | k,v slc | k,v swa | G*3
+    gate logits], then the reference NSA and the output projection (full, unsharded weights)."""
+    s, b, _ = hidden.shape
+    mixed = hidden @ w_qkv.t()
     width = g * d + 6 * d + 3 * g
     q, ks, gl = [], [[] for _ in range(6)], []
     for grp in range(groups):
@@ -58,10 +53,22 @@ def test_layer_matches_per_group_reference(model_parallel):
             ks[i].append(w[..., g * d + i * d:g * d + (i + 1) * d].reshape(s, b, 1, d))
         gl.append(w[..., g * d + 6 * d:].reshape(s, b, g, 3))
     to_bt = lambda xs: torch.cat(xs, 2).transpose(0, 1)  # noqa: E731
+    o = nsa_attention(to_bt(q), *[to_bt(x) for x in ks], torch.sigmoid(to_bt(gl)), compress_k=compress_k,
+                      compress_v=compress_v, config=SMALL, scale=1 / math.sqrt(d))
+    return o.transpose(0, 1).reshape(s, b, -1) @ w_proj.t()
+
+
+def test_layer_matches_per_group_reference(model_parallel):
+    cfg = _config()
+    spec = get_gpt_layer_nsa_spec(nsa_config=SMALL, backend="reference")
+    torch.manual_seed(0)
+    attn = build_module(spec.submodules.self_attention, config=cfg, layer_number=1)
+    s, b, h = 70, 2, 64
+    hidden = torch.randn(s, b, h, requires_grad=True)
+    out, _ = attn(hidden, None)
     core = attn.core_attention
-    o = nsa_attention(to_bt(q), *[to_bt(x) for x in ks], torch.sigmoid(to_bt(gl)), compress_k=core.compress_k,
-                      compress_v=core.compress_v, config=SMALL, scale=1 / math.sqrt(d))
-    want = o.transpose(0, 1).reshape(s, b, -1) @ attn.linear_proj.weight.t()
+    want = manual_forward(hidden, attn.linear_qkv.weight, attn.linear_proj.weight, core.compress_k,
+                          core.compress_v, groups=2, g=2, d=16)
     assert rel_err(out, want) < 1e-5
     g1 = torch.autograd.grad(out.square().sum(), hidden)[0]
     g2 = torch.autograd.grad(want.square().sum(), hidden)[0]
@@ -93,3 +100,47 @@ def test_context_parallel_is_a_named_error(model_parallel):
     cfg = _config(context_parallel_size=2)
     with pytest.raises(ValueError, match="context_parallel_size=2 is not supported yet"):
         build_module(get_gpt_layer_nsa_spec().submodules.self_attention, config=cfg, layer_number=1)
+
+
+def _tp2_worker(rank, port, result):
+    import torch.distributed as dist
+    from nsa_parallel.kernels import Compression
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
+    try:
+        cfg = _config(num_attention_heads=8, num_query_groups=4, hidden_size=64)  # d = 8, G = 2, 2 groups/rank
+        attn = build_module(get_gpt_layer_nsa_spec(nsa_config=SMALL, backend="reference").submodules.self_attention,
+                            config=cfg, layer_number=1)
+        gen = torch.Generator().manual_seed(0)  # the same full weights and input on both ranks
+        d, g, groups = 8, 2, 4
+        width = g * d + 6 * d + 3 * g
+        w_qkv = torch.randn(groups * width, 64, generator=gen) * 0.1
+        w_proj = torch.randn(64, 8 * d, generator=gen) * 0.1
+        torch.manual_seed(3)
+        phi_k, phi_v = Compression(groups, d, 8, 4), Compression(groups, d, 8, 4)
+        hidden = torch.randn(40, 2, 64, generator=gen)
+        with torch.no_grad():  # this rank's shard: whole groups, their heads' projection columns, their phi
+            attn.linear_qkv.weight.copy_(w_qkv[rank * 2 * width:(rank + 1) * 2 * width])
+            attn.linear_proj.weight.copy_(w_proj[:, rank * 4 * d:(rank + 1) * 4 * d])
+            for mine, full in ((attn.core_attention.compress_k, phi_k), (attn.core_attention.compress_v, phi_v)):
+                for name, p in mine.named_parameters():
+                    p.copy_(getattr(full, name)[rank * 2:(rank + 1) * 2])
+        out, _ = attn(hidden, None)
+        with torch.no_grad():
+            want = manual_forward(hidden, w_qkv, w_proj, phi_k, phi_v, groups=groups, g=g, d=d)
+        result[rank] = rel_err(out.detach(), want)
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def test_tensor_parallel_2_equals_full_layer():
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = mp.Manager().dict()
+    mp.spawn(_tp2_worker, args=(port, result), nprocs=2, join=True)
+    assert result[0] < 1e-5 and result[1] < 1e-5, dict(result)
