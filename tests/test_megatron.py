@@ -144,3 +144,30 @@ def test_tensor_parallel_2_equals_full_layer():
     result = mp.Manager().dict()
     mp.spawn(_tp2_worker, args=(port, result), nprocs=2, join=True)
     assert result[0] < 1e-5 and result[1] < 1e-5, dict(result)
+
+
+def test_gpt_model_with_rope_on_cpu(model_parallel):
+    """Megatron's default RoPE through the CPU shim; RoPE reaches the attention (outputs depend on position)."""
+    from megatron.core.models.gpt import GPTModel
+    from nsa_parallel.megatron.cpu_shims import enable_cpu_shims
+    assert enable_cpu_shims() == (["RotaryEmbedding.get_emb"] if not torch.cuda.is_available() else [])
+    torch.manual_seed(0)
+    model = GPTModel(config=_config(), transformer_layer_spec=get_gpt_layer_nsa_spec(nsa_config=SMALL),
+                     vocab_size=64, max_sequence_length=96, position_embedding_type="rope")
+    tokens = torch.randint(0, 64, (2, 95), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(95)[None].expand(2, -1)
+    loss = model(tokens, pos, None, labels=tokens).float().mean()
+    loss.backward()
+    assert math.isfinite(loss.item())
+    emb = model.rotary_pos_emb(95)
+    with torch.no_grad():
+        from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+        x = torch.randn(95, 1, 1, 16)
+        y = apply_rotary_pos_emb(x, emb, config=model.config)
+        # rotate-half RoPE by hand at position 5
+        half = 8
+        inv = 1.0 / (10000 ** (torch.arange(0, half, dtype=torch.float32) / half))
+        ang = 5 * inv
+        x1, x2 = x[5, 0, 0, :half], x[5, 0, 0, half:]
+        want = torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()])
+        assert rel_err(y[5, 0, 0], want) < 1e-5
