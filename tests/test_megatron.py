@@ -102,14 +102,17 @@ def test_context_parallel_is_a_named_error(model_parallel):
         build_module(get_gpt_layer_nsa_spec().submodules.self_attention, config=cfg, layer_number=1)
 
 
-def _tp2_worker(rank, port, result):
+def _tp2_worker(rank, port, result, sequence_parallel=False):
     import torch.distributed as dist
     from nsa_parallel.kernels import Compression
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
+    from nsa_parallel.megatron import enable_cpu_shims
+    enable_cpu_shims()
     try:
-        cfg = _config(num_attention_heads=8, num_query_groups=4, hidden_size=64)  # d = 8, G = 2, 2 groups/rank
+        cfg = _config(num_attention_heads=8, num_query_groups=4, hidden_size=64,  # d = 8, G = 2, 2 groups/rank
+                      tensor_model_parallel_size=2, sequence_parallel=sequence_parallel)
         attn = build_module(get_gpt_layer_nsa_spec(nsa_config=SMALL, backend="reference").submodules.self_attention,
                             config=cfg, layer_number=1)
         gen = torch.Generator().manual_seed(0)  # the same full weights and input on both ranks
@@ -126,23 +129,28 @@ def _tp2_worker(rank, port, result):
             for mine, full in ((attn.core_attention.compress_k, phi_k), (attn.core_attention.compress_v, phi_v)):
                 for name, p in mine.named_parameters():
                     p.copy_(getattr(full, name)[rank * 2:(rank + 1) * 2])
-        out, _ = attn(hidden, None)
+        # with sequence parallelism each rank holds (and returns) its half of the sequence
+        local = hidden.chunk(2, dim=0)[rank] if sequence_parallel else hidden
+        out, _ = attn(local, None)
         with torch.no_grad():
             want = manual_forward(hidden, w_qkv, w_proj, phi_k, phi_v, groups=groups, g=g, d=d)
+        if sequence_parallel:
+            want = want.chunk(2, dim=0)[rank]
         result[rank] = rel_err(out.detach(), want)
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
 
 
-def test_tensor_parallel_2_equals_full_layer():
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_tensor_parallel_2_equals_full_layer(sequence_parallel):
     import socket
     import torch.multiprocessing as mp
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     result = mp.Manager().dict()
-    mp.spawn(_tp2_worker, args=(port, result), nprocs=2, join=True)
+    mp.spawn(_tp2_worker, args=(port, result, sequence_parallel), nprocs=2, join=True)
     assert result[0] < 1e-5 and result[1] < 1e-5, dict(result)
 
 
@@ -150,7 +158,8 @@ def test_gpt_model_with_rope_on_cpu(model_parallel):
     """Megatron's default RoPE through the CPU shim; RoPE reaches the attention (outputs depend on position)."""
     from megatron.core.models.gpt import GPTModel
     from nsa_parallel.megatron.cpu_shims import enable_cpu_shims
-    assert enable_cpu_shims() == (["RotaryEmbedding.get_emb"] if not torch.cuda.is_available() else [])
+    expected = ["RotaryEmbedding.get_emb", "torch.cuda.current_device"]
+    assert enable_cpu_shims() == (expected if not torch.cuda.is_available() else [])
     torch.manual_seed(0)
     model = GPTModel(config=_config(), transformer_layer_spec=get_gpt_layer_nsa_spec(nsa_config=SMALL),
                      vocab_size=64, max_sequence_length=96, position_embedding_type="rope")

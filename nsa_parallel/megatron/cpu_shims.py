@@ -33,10 +33,18 @@ def _rope_get_emb_on_cpu():
     RotaryEmbedding.get_emb = get_emb
 
 
+def _current_device_is_cpu():
+    """Sequence parallelism's gather/scatter outputs and Megatron's global memory buffer are allocated on
+    ``torch.cuda.current_device()``; without CUDA that call can only raise, so answer with the CPU instead."""
+    torch.cuda.current_device = lambda: torch.device("cpu")
+
+
 def enable_cpu_shims() -> List[str]:
     if torch.cuda.is_available():
         return []
     if not _INSTALLED:
         _rope_get_emb_on_cpu()
         _INSTALLED.append("RotaryEmbedding.get_emb")
+        _current_device_is_cpu()
+        _INSTALLED.append("torch.cuda.current_device")
     return list(_INSTALLED)
