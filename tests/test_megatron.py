@@ -180,3 +180,17 @@ def test_gpt_model_with_rope_on_cpu(model_parallel):
         x1, x2 = x[5, 0, 0, :half], x[5, 0, 0, half:]
         want = torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()])
         assert rel_err(y[5, 0, 0], want) < 1e-5
+
+
+def test_packed_sequences_equal_separate_sequences(model_parallel):
+    from megatron.core.packed_seq_params import PackedSeqParams
+    attn = build_module(get_gpt_layer_nsa_spec(nsa_config=SMALL, backend="reference").submodules.self_attention,
+                        config=_config(), layer_number=1)
+    lens = [37, 16, 45]
+    cu = torch.tensor([0, 37, 53, 98], dtype=torch.int32)
+    hidden = torch.randn(sum(lens), 1, 64, generator=torch.Generator().manual_seed(2))
+    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=45, max_seqlen_kv=45)
+    with torch.no_grad():
+        out, _ = attn(hidden, None, packed_seq_params=packed)
+        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            assert rel_err(out[s:e], attn(hidden[s:e], None)[0]) < 1e-5
