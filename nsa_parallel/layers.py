@@ -12,6 +12,7 @@ from torch import nn
 
 from .kernels import Compression, NSAConfig, nsa_attention
 from .kernels.reference import activate_gates
+from .metrics import nsa_stats
 
 NUM_BRANCHES = 3
 
@@ -50,6 +51,8 @@ class NSASelfAttention(nn.Module):
         self.config = config or NSAConfig()
         self.hq, self.hkv, self.dk, self.dv = num_heads, num_kv_heads, head_dim, value_head_dim or head_dim
         self.backend, self.attention, self.rotary_base = backend, attention, rotary_base
+        self.collect_stats = False   # when True, forward keeps NSA's health numbers of its batch in self.stats
+        self.stats = {}
         kv_branches = NUM_BRANCHES if attention == "nsa" else 1
         self.split = [self.hq * self.dk] + [self.hkv * self.dk, self.hkv * self.dv] * kv_branches
         if attention == "nsa":
@@ -77,8 +80,11 @@ class NSASelfAttention(nn.Module):
             o = self._dense(q, *kv)
         else:
             gate = activate_gates(parts[-1].view(b, t, self.hq, NUM_BRANCHES), self.config)
-            o = nsa_attention(q, *kv, gate, compress_k=self.compress_k, compress_v=self.compress_v,
-                              config=self.config, cu_seqlens=cu_seqlens, backend=self.backend)
+            o, idx = nsa_attention(q, *kv, gate, compress_k=self.compress_k, compress_v=self.compress_v,
+                                   config=self.config, cu_seqlens=cu_seqlens, backend=self.backend,
+                                   return_block_indices=True)
+            if self.collect_stats and cu_seqlens is None:
+                self.stats = nsa_stats(gate, idx, self.config)
         return self.proj(o.reshape(b, t, self.hq * self.dv))
 
     def _dense(self, q, k, v):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import sys
 from typing import Dict, Optional
 
+import torch
+
 
 class MetricsLogger:
     def __init__(self, tensorboard_dir: Optional[str] = None, stream=None) -> None:
@@ -32,3 +34,28 @@ def _fmt(v: float) -> str:
     if isinstance(v, int) or (abs(v) >= 100 and float(v).is_integer()):
         return f"{int(v)}"
     return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+
+
+@torch.no_grad()
+def nsa_stats(gate: torch.Tensor, block_indices: torch.Tensor, config) -> Dict[str, float]:
+    """NSA's own health numbers for one layer and batch.
+
+    gate ``[b, t, hq, 3]`` (activated), block_indices ``[b, t, hkv, n]`` (-1 = none), positions restarting at 0:
+    - ``gate_cmp`` / ``gate_slc`` / ``gate_swa``: mean branch weight;
+    - ``select_reach``: mean distance in tokens from a query back to the start of the blocks it selected beyond
+      the forced ones (0 if there are none), ``select_reach_max`` the largest;
+    - ``select_forced_share``: share of the selected blocks that are forced (first + local) ones.
+    """
+    out = {f"gate_{name}": gate[..., i].float().mean().item() for i, name in enumerate(("cmp", "slc", "swa"))}
+    b, t, hkv, n = block_indices.shape
+    pos = torch.arange(t, device=block_indices.device).view(1, t, 1, 1)
+    own = pos // config.select_block
+    idx = block_indices.long()
+    valid = idx >= 0
+    forced = valid & ((idx < config.select_initial) | (idx > own - config.select_local))
+    free = valid & ~forced
+    reach = (pos - idx * config.select_block).float()
+    out["select_reach"] = (reach[free].mean().item() if free.any() else 0.0)
+    out["select_reach_max"] = (reach[free].max().item() if free.any() else 0.0)
+    out["select_forced_share"] = forced.sum().item() / max(1, valid.sum().item())
+    return out

@@ -97,6 +97,9 @@ def train(argv: Optional[List[str]] = None) -> dict:
     for it in range(args.train_iters):
         tokens, mask = task.batch(args.micro_batch_size, gen)
         tokens, mask = tokens.to(device), mask.to(device)
+        log_now = (it + 1) % args.log_interval == 0 or it + 1 == args.train_iters
+        for layer in model.layers:
+            layer.attn.collect_stats = log_now and args.attention == "nsa"
         lr = lr_at(it, args)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -109,14 +112,17 @@ def train(argv: Optional[List[str]] = None) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         opt.step()
         tokens_since += tokens[:, :-1].numel()
-        if (it + 1) % args.log_interval == 0 or it + 1 == args.train_iters:
+        if log_now:
             acc = (logits.argmax(-1) == tokens[:, 1:])[mask].float().mean().item()
             now = time.perf_counter()
             scalars = {"loss": loss.item(), "recall_acc": acc, "lr": lr, "grad_norm": grad_norm.item(),
                        "tokens_per_s": tokens_since / (now - t_last)}
             if device.type == "cuda":
                 scalars["mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-            logger.log(it + 1, scalars)
+            line = list(scalars)
+            for i, layer in enumerate(model.layers):  # NSA's own numbers: TensorBoard only, per layer
+                scalars.update({f"nsa/layer{i}/{k}": v for k, v in layer.attn.stats.items()})
+            logger.log(it + 1, scalars, line_keys=line)
             history.append({"iteration": it + 1, **scalars})
             t_last, tokens_since = now, 0
     logger.close()

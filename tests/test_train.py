@@ -22,9 +22,13 @@ def test_training_lowers_the_loss_and_logs_tensorboard(tmp_path):
     assert sum(losses[-3:]) / 3 < losses[0] - 0.1, losses
     ea = EventAccumulator(str(tmp_path))
     ea.Reload()
-    for tag in ("loss", "recall_acc", "lr", "grad_norm", "tokens_per_s"):
+    nsa_tags = [f"nsa/layer{i}/{k}" for i in range(2) for k in ("gate_cmp", "gate_slc", "gate_swa", "select_reach",
+                                                                "select_reach_max", "select_forced_share")]
+    for tag in ["loss", "recall_acc", "lr", "grad_norm", "tokens_per_s"] + nsa_tags:
         values = [e.value for e in ea.Scalars(tag)]
         assert len(values) == 12 and all(math.isfinite(v) for v in values), tag
+    share = [e.value for e in ea.Scalars("nsa/layer0/select_forced_share")]
+    assert all(0 < v <= 1 for v in share)
 
 
 def test_dense_attention_switch_trains_same_shapes():
@@ -52,3 +56,17 @@ def test_nsa_args_cover_every_config_field():
     with pytest.raises(SystemExit):
         add_nsa_args(argparse.ArgumentParser()).parse_args(["--nsa-gate-activation", "tanh"])
     assert "--nsa-select-topn" in build_parser().format_help()
+
+
+def test_nsa_stats_hand_worked():
+    from nsa_parallel.kernels import NSAConfig
+    from nsa_parallel.metrics import nsa_stats
+    cfg = NSAConfig(compress_block=8, compress_stride=4, select_block=16, select_topn=4, window=8)
+    idx = torch.full((1, 100, 1, 4), -1, dtype=torch.int32)
+    idx[0, 99, 0] = torch.tensor([0, 2, 5, 6])   # query 99 (own block 6): 0, 5, 6 forced, 2 chosen
+    idx[0, 0, 0, 0] = 0                           # query 0: only its own block
+    gate = torch.stack([torch.full((1, 100, 2), v) for v in (0.1, 0.2, 0.3)], dim=-1)
+    st = nsa_stats(gate, idx, cfg)
+    assert st["select_reach"] == st["select_reach_max"] == 99 - 2 * 16
+    assert st["select_forced_share"] == 4 / 5
+    assert [round(st[k], 6) for k in ("gate_cmp", "gate_slc", "gate_swa")] == [0.1, 0.2, 0.3]
