@@ -72,6 +72,24 @@ def _key_range(t0, T, TK, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, KSTRIDE:
 
 
 @triton.jit
+def _softmax_step(s, v, m_i, l_i, acc):
+    """One online-softmax update with scores ``s`` (log2 units, -inf where masked) and values ``v``."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+
+@triton.jit
+def _finish(acc, m_i, l_i):
+    """``(o, lse)`` from the running state; rows that saw no key get o = 0 and lse = -inf."""
+    nonempty = l_i > 0
+    safe_l = tl.where(nonempty, l_i, 1.0)
+    lse = tl.where(nonempty, (m_i + tl.log2(safe_l)) * 0.6931471805599453, float("-inf"))
+    return acc / safe_l[:, None], lse
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, CU, CU_K, T_FIXED, TK_FIXED, scale,
                 HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                 DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
@@ -98,18 +116,10 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, CU_K, T_FIXED, TK_FIXED, scale,
         s = tl.dot(q, tl.trans(k)) * qk_scale
         kp = j * KSTRIDE + KOFF
         vis = (kp[None, :] <= tq[:, None]) & (kp[None, :] > tq[:, None] - WINDOW) & jvalid[None, :]
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    nonempty = l_i > 0
-    o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+        m_i, l_i, acc = _softmax_step(tl.where(vis, s, float("-inf")), v, m_i, l_i, acc)
+    o, lse = _finish(acc, m_i, l_i)
     tl.store(O + row_off[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty),
              mask=rvalid[:, None] & (dv[None, :] < DV))
-    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     tl.store(LSE + row_off, lse, mask=rvalid)
 
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import _load_tile, _q_tile, _rows, _seq_bounds
+from .flash import _finish, _load_tile, _q_tile, _seq_bounds, _softmax_step
 
 
 BIG = 1 << 30
@@ -61,19 +61,14 @@ def _sel_fwd_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, scale,
         v = _load_tile(V, kv_off, pvalid, DV, BDV)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(hit[:, None] & (pos[None, :] <= tq[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc)
         ptr += hit.to(tl.int32)
         cur = _next_block(IDX, idx_row, ptr, rvalid, N)
         blk = tl.min(cur, 0)
-    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # the own block is always selected: l_i > 0 on real rows
+    o, lse = _finish(acc, m_i, l_i)  # the own block is always selected: every real row saw a key
     tl.store(O + row_off[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty),
              mask=rvalid[:, None] & (dv[None, :] < DV))
-    tl.store(LSE + row_off, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, mask=rvalid)
+    tl.store(LSE + row_off, lse, mask=rvalid)
 
 
 @triton.jit
