@@ -7,15 +7,13 @@ compressed blocks onto selection blocks by slot overlap (eq. 9, see docs/algorit
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 
 from .config import NSAConfig
 from .interface import check_triton_config
-from .flash import NO_WINDOW, _load_tile, _q_tile, _seq_bounds, _tiles, position_masked_attention
+from .flash import NO_WINDOW, _load_tile, _q_tile, _tiles, position_masked_attention
 
 
 def compressed_attention(q, k_cmp, v_cmp, config: NSAConfig, scale: float, cu_seqlens=None, cmp_cu_seqlens=None):

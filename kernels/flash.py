@@ -10,15 +10,12 @@ full even for G = 1 or G = 64. Inputs ``[b, t, h, d]`` (or packed ``[1, total, h
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 NO_WINDOW = 1 << 30  # "no window"; keeps t - WINDOW inside int32
 
 
@@ -98,7 +95,6 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, CU_K, T_FIXED, TK_FIXED, scale,
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
-    dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
     row_off = (bos + tq.to(tl.int64)) * HQ + hq
     q = _load_tile(Q, row_off, rvalid, DK, BDK)
@@ -133,7 +129,6 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K, T_FIXED, TK_FIXED, sca
     if t0 >= T:
         return
     dk = tl.arange(0, BDK)
-    dv = tl.arange(0, BDV)
     row_off = (bos + tq.to(tl.int64)) * HQ + hq
     q = _load_tile(Q, row_off, rvalid, DK, BDK)
     do = _load_tile(DO, row_off, rvalid, DV, BDV)

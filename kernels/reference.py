@@ -146,7 +146,7 @@ def selected_attention(q, k, v, indices, config: NSAConfig, scale: float) -> Bra
     Whole blocks are gathered (one index per block, not per token), so memory is O(t * n * l').
     """
     b, t, hq, dk = q.shape
-    hkv, n, bs = k.shape[2], indices.shape[-1], config.select_block
+    hkv, bs = k.shape[2], config.select_block
     ns = config.num_select_blocks(t)
     cd = _compute_dtype(q)
 

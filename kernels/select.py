@@ -18,12 +18,9 @@ import triton.language as tl
 from .flash import _finish, _load_tile, _q_tile, _seq_bounds, _softmax_step
 
 
-BIG = 1 << 30
-
-
 @triton.jit
 def _next_block(IDX, idx_row, ptr, rvalid, N: tl.constexpr):
-    """Each row's current block in its (ascending, -1 padded) list; exhausted rows give BIG."""
+    """Each row's current block in its (ascending, -1 padded) list; exhausted rows give 1 << 30."""
     cur = tl.load(IDX + idx_row * N + ptr, mask=rvalid & (ptr < N), other=-1)
     return tl.where(cur < 0, 1 << 30, cur)
 
@@ -39,7 +36,6 @@ def _sel_fwd_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, scale,
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, T_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
-    dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
     row = bos + tq.to(tl.int64)
     row_off = row * HQ + hq
@@ -80,7 +76,6 @@ def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, scale,
     if t0 >= T:
         return
     dk = tl.arange(0, BDK)
-    dv = tl.arange(0, BDV)
     row = bos + tq.to(tl.int64)
     row_off = row * HQ + hq
     idx_row = row * HKV + kvh
@@ -259,7 +254,6 @@ class SelectedAttention(torch.autograd.Function):
         dq = torch.empty_like(q)
         dk = torch.zeros_like(k, dtype=torch.float32)
         dv = torch.zeros_like(v, dtype=torch.float32)
-        hkv = v.shape[2]
         _sel_bwd_dq_kernel[L.grid_q](q, k, v, indices, do, lse, delta, dq, L.cu, L.t_fixed, scale, **L.qmajor,
                                   num_stages=L.stages)
         qlist, offsets = invert_block_indices(indices, L.ns_max, L.cu if L.varlen else None)
