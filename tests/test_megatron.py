@@ -137,6 +137,13 @@ def _tp2_worker(rank, port, result, sequence_parallel=False):
         if sequence_parallel:
             want = want.chunk(2, dim=0)[rank]
         result[rank] = rel_err(out.detach(), want)
+        try:  # fewer KV groups than TP ranks would split a group: a named error
+            build_module(get_gpt_layer_nsa_spec(nsa_config=SMALL).submodules.self_attention,
+                         config=_config(num_attention_heads=8, num_query_groups=1, tensor_model_parallel_size=2),
+                         layer_number=1)
+            result[f"err{rank}"] = "no error"
+        except ValueError as e:
+            result[f"err{rank}"] = str(e)
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
@@ -152,6 +159,8 @@ def test_tensor_parallel_2_equals_full_layer(sequence_parallel):
     result = mp.Manager().dict()
     mp.spawn(_tp2_worker, args=(port, result, sequence_parallel), nprocs=2, join=True)
     assert result[0] < 1e-5 and result[1] < 1e-5, dict(result)
+    for rank in (0, 1):
+        assert "num_query_groups=1 must be a multiple of tensor_model_parallel_size=2" in result[f"err{rank}"]
 
 
 def test_gpt_model_with_rope_on_cpu(model_parallel):
