@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .config import NSAConfig
 from .interface import check_triton_config
-from .flash import NO_WINDOW, _load_tile, _q_tile, _tiles, position_masked_attention
+from .flash import NO_WINDOW, _load_lse2, _load_tile, _q_tile, _tiles, position_masked_attention
 
 
 def compressed_attention(q, k_cmp, v_cmp, config: NSAConfig, scale: float, cu_seqlens=None, cmp_cu_seqlens=None):
@@ -34,8 +34,7 @@ def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, scale,
     dk = tl.arange(0, BDK)
     row_off = (bos + tq.to(tl.int64)) * HQ + hq
     q = _load_tile(Q, row_off, rvalid, DK, BDK)
-    lse = tl.load(LSE + row_off, mask=rvalid, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    lse2 = _load_lse2(LSE, row_off, rvalid)
     qk_scale = scale * 1.4426950408889634
     t_hi = tl.minimum(t0 + BLOCK_T, T) - 1
     n_blocks = t_hi // SEL_BLOCK + 1  # blocks that start at or before the last query of the tile

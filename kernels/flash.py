@@ -69,6 +69,14 @@ def _key_range(t0, T, TK, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, KSTRIDE:
 
 
 @triton.jit
+def _load_lse2(LSE, row_off, rvalid):
+    """Saved log-sum-exp in log2 units for recomputing probabilities; rows that saw no key (lse = -inf) and
+    padding rows become +inf, so every probability recomputed from them is exactly 0."""
+    lse = tl.load(LSE + row_off, mask=rvalid, other=float("inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+
+
+@triton.jit
 def _softmax_step(s, v, m_i, l_i, acc):
     """One online-softmax update with scores ``s`` (log2 units, -inf where masked) and values ``v``."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -132,8 +140,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K, T_FIXED, TK_FIXED, sca
     row_off = (bos + tq.to(tl.int64)) * HQ + hq
     q = _load_tile(Q, row_off, rvalid, DK, BDK)
     do = _load_tile(DO, row_off, rvalid, DV, BDV)
-    lse = tl.load(LSE + row_off, mask=rvalid, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # empty rows: p = 0
+    lse2 = _load_lse2(LSE, row_off, rvalid)
     delta = tl.load(DELTA + row_off, mask=rvalid, other=0.0)
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_T * GP, BDK], dtype=tl.float32)
@@ -196,8 +203,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, CU, CU_K, T_FIXED, TK_FI
         row_off = (bos + tq.to(tl.int64)) * HQ + hq
         q = _load_tile(Q, row_off, rvalid, DK, BDK)
         do = _load_tile(DO, row_off, rvalid, DV, BDV)
-        lse = tl.load(LSE + row_off, mask=rvalid, other=float("inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+        lse2 = _load_lse2(LSE, row_off, rvalid)
         delta = tl.load(DELTA + row_off, mask=rvalid, other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         vis = (kp[None, :] <= tq[:, None]) & (kp[None, :] > tq[:, None] - WINDOW) & jvalid[None, :] & rvalid[:, None]
