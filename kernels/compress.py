@@ -12,14 +12,24 @@ import triton
 import triton.language as tl
 
 from .config import NSAConfig
+from .flash import (
+    NO_WINDOW,
+    _load_lse2,
+    _load_tile,
+    _q_tile,
+    _tiles,
+    position_masked_attention,
+)
 from .interface import check_triton_config
-from .flash import NO_WINDOW, _load_lse2, _load_tile, _q_tile, _tiles, position_masked_attention
+from .varlen import max_seqlen
 
 
-def compressed_attention(q, k_cmp, v_cmp, config: NSAConfig, scale: float, cu_seqlens=None, cmp_cu_seqlens=None):
+def compressed_attention(q, k_cmp, v_cmp, config: NSAConfig, scale: float, cu_seqlens=None, cmp_cu_seqlens=None,
+                         max_t=None):
     """``(o [b, t, hq, dv], lse [b, t, hq])`` over compressed tokens ``k_cmp``/``v_cmp`` ``[b, tc, hkv, d]``."""
     return position_masked_attention(q, k_cmp, v_cmp, scale, config.compress_stride, config.compress_block - 1,
-                                     NO_WINDOW, cu_seqlens, cmp_cu_seqlens)
+                                     NO_WINDOW, cu_seqlens, cmp_cu_seqlens,
+                                     None if max_t is None else (max_t, config.num_compressed(max_t)))
 
 
 @triton.jit
@@ -56,7 +66,8 @@ def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, scale,
         tl.store(out, blk, mask=(tpos < T)[:, None] & (j < NS)[None, :])
 
 
-def selection_scores(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seqlens=None, cmp_cu_seqlens=None):
+def selection_scores(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seqlens=None, cmp_cu_seqlens=None,
+                     max_t=None):
     """Block importance ``[b, t, hkv, ns_max]`` fp32 (entries of blocks after a query's own are undefined)."""
     b, t, hq, dk = q.shape
     hkv = k_cmp.shape[2]
@@ -64,7 +75,10 @@ def selection_scores(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seql
     check_triton_config(config)
     s = config.stride_slots_per_select_block
     varlen = cu_seqlens is not None
-    max_t = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if varlen else t
+    if not varlen:
+        max_t = t
+    elif max_t is None:
+        max_t = max_seqlen(cu_seqlens)
     ns = config.num_select_blocks(max_t)
     gp, block_t = _tiles(g, 64)
     scores = torch.empty(b, t, hkv, ns, device=q.device, dtype=torch.float32)

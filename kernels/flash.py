@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .varlen import max_seqlen
+
 NO_WINDOW = 1 << 30  # "no window"; keeps t - WINDOW inside int32
 
 
@@ -239,7 +241,8 @@ def _tiles(g: int, block_m: int = 64):
 class _Launch:
     """Shapes, grid and compile-time constants shared by the three kernels of one call."""
 
-    def __init__(self, q, k, v, kstride, koff, window, cu_seqlens, cu_seqlens_k, block_m=64, block_n=64):
+    def __init__(self, q, k, v, kstride, koff, window, cu_seqlens, cu_seqlens_k, max_seqlens=None, block_m=64,
+                 block_n=64):
         b, t, hq, dk = q.shape
         _, tk, hkv, dv = v.shape
         if max(dk, dv) > 128:  # 256-wide tiles: halve the key tile and pipeline less to fit shared memory
@@ -250,11 +253,12 @@ class _Launch:
         gp, block_t = _tiles(self.g, block_m)
         self.varlen = cu_seqlens is not None
         nseq = cu_seqlens.numel() - 1 if self.varlen else b
-        if self.varlen:
-            max_t = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-            max_tk = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if tk else 0
-        else:
+        if not self.varlen:
             max_t, max_tk = t, tk
+        elif max_seqlens is not None:
+            max_t, max_tk = max_seqlens
+        else:
+            max_t, max_tk = max_seqlen(cu_seqlens), (max_seqlen(cu_seqlens_k) if tk else 0)
         dummy = cu_seqlens if self.varlen else q.new_zeros(1, dtype=torch.int32)
         self.cu, self.cu_k = dummy, (cu_seqlens_k if self.varlen else dummy)
         self.t_fixed, self.tk_fixed = t, tk
@@ -272,12 +276,12 @@ class _Launch:
 
 class PositionMaskedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, kstride, koff, window, cu_seqlens, cu_seqlens_k):
+    def forward(ctx, q, k, v, scale, kstride, koff, window, cu_seqlens, cu_seqlens_k, max_seqlens):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         b, t, hq, _ = q.shape
         o = torch.empty(b, t, hq, v.shape[-1], device=q.device, dtype=q.dtype)
         lse = torch.empty(b, t, hq, device=q.device, dtype=torch.float32)
-        L = _Launch(q, k, v, kstride, koff, window, cu_seqlens, cu_seqlens_k)
+        L = _Launch(q, k, v, kstride, koff, window, cu_seqlens, cu_seqlens_k, max_seqlens)
         _fwd_kernel[L.grid_q](q, k, v, o, lse, *L.args(), scale, **L.const, num_stages=L.stages)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.launch, ctx.scale = L, scale
@@ -297,11 +301,15 @@ class PositionMaskedAttention(torch.autograd.Function):
         if k.shape[1]:
             _bwd_dkdv_kernel[L.grid_k](q, k, v, do, lse, delta, dk, dv, *L.args(), scale, **L.const,
                                        Q_SPLIT=L.q_split, num_stages=L.stages)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
 
 
 def position_masked_attention(q, k, v, scale: float, kstride: int, koff: int, window: int = NO_WINDOW,
                               cu_seqlens: Optional[torch.Tensor] = None,
-                              cu_seqlens_k: Optional[torch.Tensor] = None):
-    """``(o [b, t, hq, dv], lse [b, t, hq] fp32)``; the gradient flows into q, k, v (not through lse)."""
-    return PositionMaskedAttention.apply(q, k, v, scale, kstride, koff, window, cu_seqlens, cu_seqlens_k)
+                              cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlens=None):
+    """``(o [b, t, hq, dv], lse [b, t, hq] fp32)``; the gradient flows into q, k, v (not through lse).
+
+    ``max_seqlens = (longest query sequence, longest key sequence)`` of a packed batch, if the caller knows them
+    (saves a device-to-host sync each)."""
+    return PositionMaskedAttention.apply(q, k, v, scale, kstride, koff, window, cu_seqlens, cu_seqlens_k,
+                                         max_seqlens)

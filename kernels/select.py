@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .flash import _finish, _load_tile, _q_tile, _seq_bounds, _softmax_step
+from .varlen import max_seqlen
 
 
 @triton.jit
@@ -209,13 +210,17 @@ SEL_BWD_CHUNK = 256  # query positions per dK/dV work item
 
 
 class _SelLaunch:
-    def __init__(self, q, v, indices, block, cu_seqlens):
+    def __init__(self, q, v, indices, block, cu_seqlens, max_t=None):
         b, t, hq, dk = q.shape
         hkv, dv = v.shape[2], v.shape[3]
         self.g = hq // hkv
         self.varlen = cu_seqlens is not None
         self.nseq = cu_seqlens.numel() - 1 if self.varlen else b
-        self.max_t = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if self.varlen else t
+        if not self.varlen:
+            max_t = t
+        elif max_t is None:
+            max_t = max_seqlen(cu_seqlens)
+        self.max_t = max_t
         self.cu = cu_seqlens if self.varlen else q.new_zeros(1, dtype=torch.int32)
         self.t_fixed = t
         self.ns_max = triton.cdiv(self.max_t, block)
@@ -233,10 +238,10 @@ class _SelLaunch:
 
 class SelectedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, indices, block, scale, cu_seqlens):
+    def forward(ctx, q, k, v, indices, block, scale, cu_seqlens, max_t):
         q, k, v, indices = q.contiguous(), k.contiguous(), v.contiguous(), indices.contiguous()
         b, t, hq, _ = q.shape
-        L = _SelLaunch(q, v, indices, block, cu_seqlens)
+        L = _SelLaunch(q, v, indices, block, cu_seqlens, max_t)
         o = torch.empty(b, t, hq, v.shape[-1], device=q.device, dtype=q.dtype)
         lse = torch.empty(b, t, hq, device=q.device, dtype=torch.float32)
         _sel_fwd_kernel[L.grid_q](q, k, v, indices, o, lse, L.cu, L.t_fixed, scale, **L.qmajor,
@@ -261,10 +266,11 @@ class SelectedAttention(torch.autograd.Function):
         _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu,
                                                   L.t_fixed, L.ns_max, scale, **L.kmajor,
                                                   num_stages=L.stages)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
-def selected_attention(q, k, v, indices, block: int, scale: float, cu_seqlens: Optional[torch.Tensor] = None):
+def selected_attention(q, k, v, indices, block: int, scale: float, cu_seqlens: Optional[torch.Tensor] = None,
+                       max_t: Optional[int] = None):
     """``(o [b, t, hq, dv], lse [b, t, hq])`` of each query over its selected blocks ``indices [b, t, hkv, n]``
     (sequence-local block ids, -1 = none; the query's own block must be among them)."""
-    return SelectedAttention.apply(q, k, v, indices, block, scale, cu_seqlens)
+    return SelectedAttention.apply(q, k, v, indices, block, scale, cu_seqlens, max_t)

@@ -12,6 +12,11 @@ def sequence_bounds(cu_seqlens: torch.Tensor) -> List[Tuple[int, int]]:
     return list(zip(cu[:-1], cu[1:]))
 
 
+def max_seqlen(cu_seqlens: torch.Tensor) -> int:
+    """Length of the longest sequence of a packed batch (one device-to-host sync: compute it once per call)."""
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+
 def compressed_cu_seqlens(cu_seqlens: torch.Tensor, block: int, stride: int) -> torch.Tensor:
     """cu_seqlens of the compressed tokens of each sequence (whole blocks only)."""
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()

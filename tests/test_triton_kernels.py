@@ -225,3 +225,20 @@ def test_work_items_cover_every_query_once():
     real = start < end
     assert list(zip(key[real].tolist(), start[real].tolist(), end[real].tolist())) == \
         [(0, 0, 3), (0, 3, 5), (2, 5, 8), (2, 8, 11), (2, 11, 12), (3, 12, 13)]
+
+
+def test_packed_kernels_called_directly_equal_per_sequence():
+    """Kernels called on a packed batch without the longest length work it out themselves."""
+    cu = torch.tensor([0, 37, 53, 98], dtype=torch.int32, device=DEVICE)
+    q = _rand(1, 98, 4, 16, dtype=torch.float32, seed=11).detach()
+    k, v = _rand(1, 98, 2, 16, dtype=torch.float32, seed=12).detach(), _rand(1, 98, 2, 8, dtype=torch.float32,
+                                                                            seed=13).detach()
+    o, _ = position_masked_attention(q, k, v, 0.3, 1, 0, SMALL.window, cu, cu)
+    idx = torch.cat([ref.select_topn(torch.rand(1, 2, e - s, SMALL.num_select_blocks(e - s)), SMALL)
+                     for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())], dim=1).to(DEVICE)
+    o_sel, _ = selected_attention(q, k, v, idx, SMALL.select_block, 0.3, cu)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        _check(o[:, s:e], position_masked_attention(q[:, s:e], k[:, s:e], v[:, s:e], 0.3, 1, 0, SMALL.window)[0],
+               torch.float32, "packed window")
+        _check(o_sel[:, s:e], selected_attention(q[:, s:e], k[:, s:e], v[:, s:e], idx[:, s:e], SMALL.select_block,
+                                                 0.3)[0], torch.float32, "packed selected")
