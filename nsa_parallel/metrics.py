@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import sys
+import time
 from typing import Dict, Optional
 
 import torch
 
 
 class MetricsLogger:
-    def __init__(self, tensorboard_dir: Optional[str] = None, stream=None) -> None:
+    def __init__(self, tensorboard_dir: Optional[str] = None, stream=None, quiet: bool = False) -> None:
         self.stream = stream or sys.stdout
+        self.quiet = quiet  # ranks other than the logging one stay silent
         self.writer = None
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
@@ -20,6 +22,8 @@ class MetricsLogger:
         if self.writer is not None:
             for k, v in scalars.items():
                 self.writer.add_scalar(k, v, step)
+        if self.quiet:
+            return
         keys = line_keys or scalars.keys()
         fields = " | ".join(f"{k} {_fmt(scalars[k])}" for k in keys if k in scalars)
         print(f"iteration {step:6d} | {fields}", file=self.stream, flush=True)
@@ -59,3 +63,60 @@ def nsa_stats(gate: torch.Tensor, block_indices: torch.Tensor, config) -> Dict[s
     out["select_reach_max"] = (reach[free].max().item() if free.any() else 0.0)
     out["select_forced_share"] = forced.sum().item() / max(1, valid.sum().item())
     return out
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":  # kernels run asynchronously: a wall clock means nothing without a sync
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class _Enter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, timer, *xs):
+        ctx.timer = timer
+        timer._t0 = _now(xs[0].device)
+        return tuple(x.view_as(x) for x in xs)
+
+    @staticmethod
+    def backward(ctx, *grads):  # runs once every input's gradient exists: the region's backward has ended
+        ref = next((g for g in grads if g is not None), None)
+        if ref is not None:
+            ctx.timer.backward_s += _now(ref.device) - ctx.timer._tb
+        return (None, *grads)
+
+
+class _Leave(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, timer, x):
+        ctx.timer = timer
+        timer.forward_s += _now(x.device) - timer._t0
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # the region's backward starts now
+        ctx.timer._tb = _now(grad.device)
+        return None, grad
+
+
+class RegionTimer:
+    """Wall time of a differentiable region, forward and backward, for the steps that ask for it.
+
+    ``xs = timer.enter(*xs)`` before the region and ``y = timer.leave(y)`` after it; identity functions whose
+    backward marks when the region's backward starts and ends. On CUDA each mark synchronises the device, so use it
+    on logging steps only. ``pop()`` returns the seconds accumulated since the last pop.
+    """
+
+    def __init__(self) -> None:
+        self.forward_s = self.backward_s = 0.0
+        self._t0 = self._tb = 0.0
+
+    def enter(self, *xs: torch.Tensor):
+        return _Enter.apply(self, *xs)
+
+    def leave(self, y: torch.Tensor) -> torch.Tensor:
+        return _Leave.apply(self, y)
+
+    def pop(self) -> float:
+        total, self.forward_s, self.backward_s = self.forward_s + self.backward_s, 0.0, 0.0
+        return total

@@ -1,22 +1,30 @@
-"""Train a small NSA causal LM on the built-in long-context recall task (CPU by default).
+"""Train a GPT whose attention is NSA, on megatron.core (CPU with gloo by default, GPUs with NCCL).
 
-    python -m nsa_parallel.train --train-iters 200
+    python -m nsa_parallel.train --train-iters 200                     # one process, CPU, built-in recall task
+    torchrun --nproc-per-node 2 -m nsa_parallel.train --tensor-model-parallel-size 2 ...
 
-Arguments use Megatron's names where Megatron has one. Until the megatron.core trainer lands this trains the
-plain-PyTorch model in :mod:`nsa_parallel.layers`; it is the smoke test a new user runs first.
+Arguments carry Megatron-LM's names. The model is megatron.core's ``GPTModel`` built from
+:func:`nsa_parallel.megatron.get_gpt_layer_nsa_spec` (``--attention dense``: the same GPT with causal SDPA), wrapped
+in Megatron's ``DistributedDataParallel``; micro-batches run through Megatron's forward-backward schedule (pipeline
+parallel when ``--pipeline-model-parallel-size > 1``), gradients are finalised with ``finalize_model_grads`` and
+stepped by torch's AdamW under Megatron's LR scheduler. Checkpoints go through ``dist_checkpointing``.
+
+Data: the built-in recall task (default; loss on the recalled values only), ``--mock-data`` (Megatron's mock GPT
+dataset) or ``--data-path`` (Megatron indexed datasets, token ids below ``--vocab-size``).
 """
 from __future__ import annotations
 
 import argparse
 import math
+import resource
 import time
-from typing import List, Optional
+from functools import partial
+from typing import Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 
 from .arguments import add_nsa_args, nsa_config_from_args
-from .data import RecallTask
-from .layers import TinyNSALM
 from .metrics import MetricsLogger
 
 
@@ -26,25 +34,59 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--num-layers", type=int, default=2)
     g.add_argument("--hidden-size", type=int, default=64)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default: 4 x hidden size")
     g.add_argument("--num-attention-heads", type=int, default=4)
     g.add_argument("--num-query-groups", type=int, default=2, help="KV heads (GQA groups).")
+    g.add_argument("--kv-channels", type=int, default=None, help="head dim; default hidden / heads")
+    g.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"), default="RMSNorm")
+    g.add_argument("--swiglu", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--position-embedding-type", choices=("rope", "learned_absolute"), default="rope")
+    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--attention", choices=("nsa", "dense"), default="nsa",
-                   help="'dense' swaps NSA for causal SDPA, for like-for-like comparisons.")
+                   help="'dense': the same GPT with causal SDPA (flash/cuDNN on GPUs), for comparisons.")
+    g.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local",
+                   help="layer flavour of the NSA spec; transformer_engine needs transformer-engine.")
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
     g = p.add_argument_group("data")
     g.add_argument("--seq-length", type=int, default=512)
-    g.add_argument("--recall-pairs", type=int, default=16, help="key-value pairs listed at the start.")
-    g.add_argument("--recall-keys", type=int, default=64, help="distinct key tokens.")
-    g.add_argument("--recall-values", type=int, default=16, help="distinct value tokens (chance loss = ln of it).")
+    g.add_argument("--data-path", nargs="+", default=None,
+                   help="Megatron indexed dataset prefixes, optionally weighted: '0.3 a 0.7 b'.")
+    g.add_argument("--split", default="100,0,0", help="train,valid,test weights of --data-path (train is used).")
+    g.add_argument("--mock-data", action="store_true", help="Megatron's mock GPT dataset.")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="vocabulary of --data-path / --mock-data token ids (required with them).")
+    g.add_argument("--recall-pairs", type=int, default=16, help="recall task: key-value pairs listed first.")
+    g.add_argument("--recall-keys", type=int, default=64, help="recall task: distinct key tokens.")
+    g.add_argument("--recall-values", type=int, default=16,
+                   help="recall task: distinct value tokens (chance loss = ln of it).")
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=8)
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="default: micro batch x data-parallel size (no gradient accumulation).")
     g.add_argument("--train-iters", type=int, default=300)
     g.add_argument("--lr", type=float, default=3e-3)
     g.add_argument("--min-lr", type=float, default=3e-4)
+    g.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"), default="cosine")
     g.add_argument("--lr-warmup-iters", type=int, default=20)
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
     g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 parameters and optimizer state).")
+    g.add_argument("--recompute-activations", action="store_true", help="recompute whole layers in backward.")
     g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None, help="directory for dist_checkpointing checkpoints")
+    g.add_argument("--save-interval", type=int, default=None, help="default: only at the end")
+    g.add_argument("--load", default=None, help="resume from the latest checkpoint in this directory")
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--tensorboard-dir", default=None)
@@ -52,85 +94,323 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def lr_at(it: int, args) -> float:
-    """Linear warmup then cosine decay to --min-lr (Megatron's 'cosine' decay style)."""
-    if it < args.lr_warmup_iters:
-        return args.lr * (it + 1) / args.lr_warmup_iters
-    frac = (it - args.lr_warmup_iters) / max(1, args.train_iters - args.lr_warmup_iters)
-    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, frac)))
+def _fail(msg: str):
+    raise SystemExit(f"nsa_parallel.train: {msg}")
 
 
-def train(argv: Optional[List[str]] = None) -> dict:
-    args = build_parser().parse_args(argv)
-    for name in ("num_layers", "hidden_size", "seq_length", "micro_batch_size", "train_iters", "log_interval"):
+def validate_args(args) -> None:
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "seq_length",
+                 "micro_batch_size", "train_iters", "log_interval", "tensor_model_parallel_size",
+                 "pipeline_model_parallel_size", "context_parallel_size"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+            _fail(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     if args.hidden_size % args.num_attention_heads:
-        raise SystemExit(f"--hidden-size={args.hidden_size} must be a multiple of "
-                         f"--num-attention-heads={args.num_attention_heads}")
+        _fail(f"--hidden-size={args.hidden_size} must be a multiple of --num-attention-heads="
+              f"{args.num_attention_heads}")
+    if args.num_attention_heads % args.num_query_groups:
+        _fail(f"--num-attention-heads={args.num_attention_heads} must be a multiple of --num-query-groups="
+              f"{args.num_query_groups}")
+    if args.context_parallel_size > 1:
+        _fail(f"--context-parallel-size={args.context_parallel_size} is not supported yet (allowed: 1)")
+    if args.num_layers % args.pipeline_model_parallel_size:
+        _fail(f"--num-layers={args.num_layers} must be a multiple of --pipeline-model-parallel-size="
+              f"{args.pipeline_model_parallel_size}")
+    if args.data_path and args.mock_data:
+        _fail("--data-path and --mock-data exclude each other; give one (or neither for the recall task)")
+    if (args.data_path or args.mock_data) and not args.vocab_size:
+        _fail("--vocab-size is required with --data-path / --mock-data")
+    decay = args.lr_decay_iters or args.train_iters
+    if not 0 <= args.lr_warmup_iters < decay:
+        _fail(f"--lr-warmup-iters={args.lr_warmup_iters} must be >= 0 and < --lr-decay-iters (default "
+              f"--train-iters) = {decay}")
+    if args.save_interval is not None and args.save_interval < 1:
+        _fail(f"--save-interval={args.save_interval} must be >= 1")
+    if args.save_interval and not args.save:
+        _fail("--save-interval needs --save DIR")
+
+
+def build_model(args, nsa_cfg, vocab_size: int, device: torch.device):
+    """GPTModel (this pipeline stage) from the NSA or dense spec, in Megatron's DDP wrapper."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from .megatron import get_gpt_layer_nsa_spec
+    from .megatron.dense import get_gpt_layer_dense_spec
+    from .megatron.norm import with_sequence_parallel_norms
+
+    kw = dict(
+        num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
+        kv_channels=args.kv_channels, normalization=args.normalization, gated_linear_unit=args.swiglu,
+        activation_func=torch.nn.functional.silu if args.swiglu else torch.nn.functional.gelu,
+        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        context_parallel_size=args.context_parallel_size, sequence_parallel=args.sequence_parallel,
+        params_dtype=torch.float32, pipeline_dtype=torch.float32,
+        # every rank draws the full weights from the same CPU RNG stream: a model starts identical for any TP size
+        use_cpu_initialization=True, perform_initialization=True,
+        enable_autocast=args.bf16, autocast_dtype=torch.bfloat16 if args.bf16 else None,
+        recompute_granularity="full" if args.recompute_activations else None,
+        recompute_method="uniform" if args.recompute_activations else None,
+        recompute_num_layers=1 if args.recompute_activations else None,
+        transformer_impl=args.transformer_impl)
+    if args.pipeline_model_parallel_size > 1:
+        kw["batch_p2p_comm"] = device.type == "cuda"  # gloo has no batched isend/irecv
+    config = TransformerConfig(**{k: v for k, v in kw.items() if v is not None})
+    if args.attention == "nsa":
+        spec = get_gpt_layer_nsa_spec(config, nsa_config=nsa_cfg, backend=args.nsa_backend,
+                                      transformer_impl=args.transformer_impl)
+    else:
+        spec = get_gpt_layer_dense_spec(config)
+    if args.sequence_parallel and args.transformer_impl == "local":
+        # Megatron's torch norms refuse sequence parallelism (apex's and TE's do not): use ours, which can
+        spec = with_sequence_parallel_norms(spec, args.num_layers // args.pipeline_model_parallel_size)
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab_size,
+                     max_sequence_length=args.seq_length, pre_process=ps.is_pipeline_first_stage(),
+                     post_process=ps.is_pipeline_last_stage(),
+                     share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+                     position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base)
+    model.to(device)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=False)
+    model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    config.no_sync_func = model.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    return model, config
+
+
+def build_optimizer(args, model, device: torch.device):
+    """torch AdamW (fused on CUDA) with Megatron's rule: no weight decay on biases and norms; Megatron's
+    OptimizerParamScheduler drives lr and weight decay."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "wd_mult": 1.0, "lr_mult": 1.0},
+              {"params": no_decay, "wd_mult": 0.0, "lr_mult": 1.0}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, weight_decay=args.weight_decay,
+                            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
+                            fused=device.type == "cuda")
+    sched = OptimizerParamScheduler(
+        opt, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
+        lr_decay_steps=args.lr_decay_iters or args.train_iters, lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters,
+        wd_incr_style="constant")
+    return opt, sched
+
+
+def clip_grads(model, max_norm: float) -> float:
+    """Move DDP's reduced ``main_grad`` into ``.grad`` and clip by the global norm over model-parallel ranks
+    (tensor-parallel duplicates and pipeline-shared embeddings counted once)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
+    params = [p for p in model.parameters() if p.requires_grad]
+    sq = torch.zeros((), dtype=torch.float32, device=params[0].device)
+    for p in params:
+        p.grad = p.main_grad.to(p.dtype)
+        if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p):
+            sq += p.grad.float().square().sum()
+    dist.all_reduce(sq, group=ps.get_model_parallel_group())
+    norm = sq.sqrt().item()
+    if max_norm > 0 and norm > max_norm:
+        for p in params:
+            p.grad.mul_(max_norm / (norm + 1e-6))
+    return norm
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Mean token loss over the loss mask; reports it averaged over data-parallel ranks."""
+    from megatron.core import parallel_state as ps
+    mask = loss_mask.view(-1).float()
+    loss = (output_tensor.view(-1).float() * mask).sum() / mask.sum().clamp(min=1.0)
+    reported = loss.detach().clone()
+    dist.all_reduce(reported, group=ps.get_data_parallel_group())
+    return loss, {"lm loss": reported / ps.get_data_parallel_world_size()}
+
+
+def forward_step(data_iterator, model):
+    """One micro-batch through this pipeline stage (Megatron's ``forward_step_func`` contract)."""
+    batch = next(data_iterator)
+    out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return out, partial(_loss_func, batch["loss_mask"])
+
+
+def model_flops_per_token(args, nsa_cfg, vocab_size: int) -> float:
+    """Training FLOPs per token (3 x forward: 2 multiply-adds per weight, attention by keys actually visited)."""
+    h, L, t = args.hidden_size, args.num_layers, args.seq_length
+    d = args.kv_channels or h // args.num_attention_heads
+    hq, hkv = args.num_attention_heads, args.num_query_groups
+    ffn = args.ffn_hidden_size or 4 * h
+    if args.attention == "nsa":
+        qkv = h * (hq * d + 6 * hkv * d + 3 * hq)
+        c = nsa_cfg
+        keys = ((t / 2) / c.compress_stride + min(c.select_topn * c.select_block, t / 2) + min(c.window, t / 2))
+    else:
+        qkv = h * (hq * d + 2 * hkv * d)
+        keys = t / 2  # causal
+    mlp = h * ffn * (3 if args.swiglu else 2)
+    weights = L * (qkv + hq * d * h + mlp) + h * vocab_size
+    attn = L * hq * d * 2 * keys  # QK^T and PV
+    return 3 * 2 * (weights + attn)
+
+
+def _memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
+
+
+def train(argv: Optional[List[str]] = None) -> Dict:
+    args = build_parser().parse_args(argv)
+    validate_args(args)
     try:
         nsa_cfg = nsa_config_from_args(args)
     except ValueError as e:
-        raise SystemExit(f"bad --nsa-* argument: {e}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    backend = args.nsa_backend or ("triton" if device.type == "cuda" else "reference")
-    torch.manual_seed(args.seed)
+        _fail(f"bad --nsa-* argument: {e}")
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .data import RecallTask, megatron_gpt_dataset, micro_batches
+    from .distributed import init_distributed
+    from .megatron import enable_cpu_shims
+    from .megatron.cpu_shims import seed_cpu_rng_tracker
+
+    env = init_distributed(args.device)
+    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    if env.world_size % (tp * pp * cp):
+        _fail(f"world size {env.world_size} must be a multiple of tensor x pipeline x context parallel sizes = "
+              f"{tp * pp * cp}")
+    if args.num_query_groups % tp:
+        _fail(f"--num-query-groups={args.num_query_groups} must be a multiple of --tensor-model-parallel-size={tp}")
+    if args.sequence_parallel and args.seq_length % tp:
+        _fail(f"--seq-length={args.seq_length} must be a multiple of --tensor-model-parallel-size={tp} with "
+              "--sequence-parallel")
+    dp = env.world_size // (tp * pp * cp)
+    gbs = args.global_batch_size or args.micro_batch_size * dp
+    if gbs % (args.micro_batch_size * dp):
+        _fail(f"--global-batch-size={gbs} must be a multiple of micro batch x data-parallel size = "
+              f"{args.micro_batch_size * dp}")
+    num_micro = gbs // (args.micro_batch_size * dp)
+    enable_cpu_shims()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 context_parallel_size=cp)
     try:
-        task = RecallTask(seq_length=args.seq_length, num_pairs=args.recall_pairs, num_keys=args.recall_keys,
-                          num_values=args.recall_values)
-    except ValueError as e:
-        raise SystemExit(f"bad --recall-* / --seq-length argument: {e}")
-    model = TinyNSALM(task.vocab_size, args.num_layers, args.hidden_size, args.num_attention_heads,
-                      args.num_query_groups, config=nsa_cfg, backend=backend, attention=args.attention).to(device)
+        torch.manual_seed(args.seed)
+        if env.device.type == "cuda":
+            model_parallel_cuda_manual_seed(args.seed)
+        else:
+            seed_cpu_rng_tracker(args.seed, ps.get_tensor_model_parallel_rank())
+        if args.data_path or args.mock_data:
+            dataset = megatron_gpt_dataset(data_path=args.data_path, mock=args.mock_data,
+                                           seq_length=args.seq_length, vocab_size=args.vocab_size,
+                                           num_samples=args.train_iters * gbs, seed=args.seed, split=args.split)
+            vocab_size, data_name = args.vocab_size, ("mock" if args.mock_data else " ".join(args.data_path))
+        else:
+            try:
+                dataset = RecallTask(seq_length=args.seq_length, num_pairs=args.recall_pairs,
+                                     num_keys=args.recall_keys, num_values=args.recall_values, seed=args.seed)
+            except ValueError as e:
+                _fail(f"bad --recall-* / --seq-length argument: {e}")
+            vocab_size = dataset.vocab_size
+            data_name = (f"recall task ({args.recall_pairs} pairs; loss on recalled values, chance "
+                         f"ln({args.recall_values}) = {math.log(args.recall_values):.2f})")
+        model, config = build_model(args, nsa_cfg, vocab_size, env.device)
+        opt, sched = build_optimizer(args, model, env.device)
+        start = load_checkpoint(args.load, model, opt, sched) if args.load else 0
+        return _loop(args, env, model, config, opt, sched, dataset, start, dp, num_micro, nsa_cfg, vocab_size,
+                     data_name, get_forward_backward_func(), save_checkpoint)
+    finally:
+        ps.destroy_model_parallel()
+
+
+def _core_attentions(model) -> list:
+    return [layer.self_attention.core_attention for layer in model.module.decoder.layers]
+
+
+def _loop(args, env, model, config, opt, sched, dataset, start, dp, num_micro, nsa_cfg, vocab_size, data_name,
+          forward_backward, save_checkpoint) -> Dict:
+    from megatron.core import parallel_state as ps
+
+    from .data import micro_batches
+    is_logger = env.rank == env.world_size - 1  # the last pipeline stage holds the loss
+    logger = MetricsLogger(args.tensorboard_dir if is_logger else None, quiet=not is_logger)
     n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
-    gen = torch.Generator().manual_seed(args.seed)
-    print(f"> model: {args.num_layers} layers, hidden {args.hidden_size}, heads {args.num_attention_heads}/"
-          f"{args.num_query_groups}, {n_params / 1e6:.2f}M params, attention={args.attention} backend={backend} "
-          f"device={device}", flush=True)
-    print(f"> {nsa_cfg}", flush=True)
-    print(f"> task: recall over {args.seq_length} tokens, {args.recall_pairs} pairs; loss on recalled values "
-          f"(chance = ln({task.num_values}) = {math.log(task.num_values):.2f})", flush=True)
-    logger = MetricsLogger(args.tensorboard_dir)
-    history = []
-    t_last, tokens_since = time.perf_counter(), 0
-    for it in range(args.train_iters):
-        tokens, mask = task.batch(args.micro_batch_size, gen)
-        tokens, mask = tokens.to(device), mask.to(device)
+    if is_logger:
+        print(f"> GPT: {args.num_layers} layers, hidden {args.hidden_size}, heads {args.num_attention_heads}/"
+              f"{args.num_query_groups}, {n_params / 1e6:.2f}M params on this rank, attention={args.attention}, "
+              f"device={env.device}, world {env.world_size} = TP {args.tensor_model_parallel_size} x PP "
+              f"{args.pipeline_model_parallel_size} x DP {dp}", flush=True)
+        if args.attention == "nsa":
+            print(f"> {nsa_cfg}", flush=True)
+        print(f"> data: {data_name}; global batch {num_micro * dp * args.micro_batch_size} x {args.seq_length} "
+              f"tokens", flush=True)
+        if start:
+            print(f"> resumed from {args.load} at iteration {start}", flush=True)
+    first_or_last = ps.is_pipeline_first_stage() or ps.is_pipeline_last_stage()
+    data = micro_batches(dataset, micro_batch_size=args.micro_batch_size, num_micro_batches=num_micro,
+                         data_parallel_rank=ps.get_data_parallel_rank(), data_parallel_size=dp,
+                         start_iteration=start, device=env.device) if first_or_last else None
+    cores = _core_attentions(model)
+    flops_per_token = model_flops_per_token(args, nsa_cfg, vocab_size)
+    tokens_per_iter = num_micro * dp * args.micro_batch_size * args.seq_length
+    history, t_last, iters_since = [], time.perf_counter(), 0
+    for it in range(start, args.train_iters):
         log_now = (it + 1) % args.log_interval == 0 or it + 1 == args.train_iters
-        for layer in model.layers:
-            layer.attn.collect_stats = log_now and args.attention == "nsa"
-        lr = lr_at(it, args)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        logits = model(tokens[:, :-1])
-        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(),
-                                               reduction="none").view_as(mask)
-        loss = ce[mask].mean()
+        for core in cores:
+            core.collect_stats = log_now
+        t_step = time.perf_counter()
+        model.zero_grad_buffer()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        reports = forward_backward(forward_step_func=forward_step, data_iterator=data, model=[model],
+                                   num_microbatches=num_micro, seq_length=args.seq_length,
+                                   micro_batch_size=args.micro_batch_size, forward_only=False)
+        grad_norm = clip_grads(model, args.clip_grad)
         opt.step()
-        tokens_since += tokens[:, :-1].numel()
+        sched.step(increment=1)
+        iters_since += 1
         if log_now:
-            acc = (logits.argmax(-1) == tokens[:, 1:])[mask].float().mean().item()
             now = time.perf_counter()
-            scalars = {"loss": loss.item(), "recall_acc": acc, "lr": lr, "grad_norm": grad_norm.item(),
-                       "tokens_per_s": tokens_since / (now - t_last)}
-            if device.type == "cuda":
-                scalars["mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+            step_s = now - t_step
+            dt = (now - t_last) / iters_since
+            scalars = {"loss": float("nan")}
+            if ps.is_pipeline_last_stage():
+                scalars["loss"] = sum(r["lm loss"].item() for r in reports) / len(reports)
+            scalars.update({"lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm,
+                            "tokens_per_s": tokens_per_iter / dt,
+                            "tflops_per_gpu": flops_per_token * tokens_per_iter / dt / env.world_size / 1e12,
+                            "mem_gib": _memory_gib(env.device)})
             line = list(scalars)
-            for i, layer in enumerate(model.layers):  # NSA's own numbers: TensorBoard only, per layer
-                scalars.update({f"nsa/layer{i}/{k}": v for k, v in layer.attn.stats.items()})
+            attn_s = sum(core.timer.pop() for core in cores)
+            scalars["attention_time_share"] = attn_s / step_s
+            for i, core in enumerate(cores):
+                layer = ps.get_pipeline_model_parallel_rank() * len(cores) + i
+                scalars.update({f"nsa/layer{layer}/{k}": v for k, v in getattr(core, "stats", {}).items()})
             logger.log(it + 1, scalars, line_keys=line)
             history.append({"iteration": it + 1, **scalars})
-            t_last, tokens_since = now, 0
+            t_last, iters_since = time.perf_counter(), 0
+        if args.save and args.save_interval and (it + 1) % args.save_interval == 0 and it + 1 < args.train_iters:
+            save_checkpoint(args.save, it + 1, model, opt, sched)
+            t_last = time.perf_counter()  # throughput counts training, not checkpoint writes
+    for core in cores:
+        core.collect_stats = False
+    if args.save and args.train_iters > start:
+        save_checkpoint(args.save, args.train_iters, model, opt, sched)
     logger.close()
-    return {"history": history, "params": n_params}
+    return {"history": history, "params": n_params, "rank": env.rank}
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     train(argv)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

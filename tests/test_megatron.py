@@ -167,7 +167,8 @@ def test_gpt_model_with_rope_on_cpu(model_parallel):
     """Megatron's default RoPE through the CPU shim; RoPE reaches the attention (outputs depend on position)."""
     from megatron.core.models.gpt import GPTModel
     from nsa_parallel.megatron.cpu_shims import enable_cpu_shims
-    expected = ["RotaryEmbedding.get_emb", "torch.cuda.current_device"]
+    expected = ["RotaryEmbedding.get_emb", "torch.cuda.current_device", "schedules.torch.zeros", "torch.Tensor.cuda",
+                "torch.cuda.synchronize", "tensor_parallel.random (CPU RNG tracker)"]
     assert enable_cpu_shims() == (expected if not torch.cuda.is_available() else [])
     torch.manual_seed(0)
     model = GPTModel(config=_config(), transformer_layer_spec=get_gpt_layer_nsa_spec(nsa_config=SMALL),
@@ -203,3 +204,45 @@ def test_packed_sequences_equal_separate_sequences(model_parallel):
         out, _ = attn(hidden, None, packed_seq_params=packed)
         for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
             assert rel_err(out[s:e], attn(hidden[s:e], None)[0]) < 1e-5
+
+
+def test_transformer_engine_flavour_is_a_named_error_without_it(model_parallel):
+    from nsa_parallel.megatron.spec import transformer_engine_available
+    if transformer_engine_available():
+        spec = get_gpt_layer_nsa_spec(transformer_impl="transformer_engine")
+        assert spec.submodules.self_attention.submodules.linear_qkv.__name__ == "TELayerNormColumnParallelLinear"
+    else:
+        with pytest.raises(ValueError, match="transformer_impl='transformer_engine' needs transformer-engine"):
+            get_gpt_layer_nsa_spec(transformer_impl="transformer_engine")
+    with pytest.raises(ValueError, match="transformer_impl='fast'; allowed: 'local', 'transformer_engine'"):
+        get_gpt_layer_nsa_spec(transformer_impl="fast")
+
+
+def test_nsa_config_file_for_stock_pretrain_gpt(tmp_path, monkeypatch):
+    """``--spec nsa_parallel.megatron get_gpt_layer_nsa_spec`` passes only the model config: NSA settings come
+    from the JSON file named by $NSA_CONFIG."""
+    import json
+    cfg_file = tmp_path / "nsa.json"
+    cfg_file.write_text(json.dumps({"window": 128, "select_topn": 8, "backend": "reference"}))
+    monkeypatch.setenv("NSA_CONFIG", str(cfg_file))
+    core = get_gpt_layer_nsa_spec(_config(transformer_impl="local")).submodules.self_attention.submodules.core_attention
+    assert core.params["nsa_config"].window == 128 and core.params["nsa_config"].select_topn == 8
+    assert core.params["backend"] == "reference"
+    cfg_file.write_text(json.dumps({"windw": 128}))
+    with pytest.raises(ValueError, match=r"unknown keys \['windw'\]"):
+        get_gpt_layer_nsa_spec(_config(transformer_impl="local"))
+    cfg_file.write_text(json.dumps({"backend": "cuda"}))
+    with pytest.raises(ValueError, match="backend='cuda'; allowed: reference, triton"):
+        get_gpt_layer_nsa_spec(_config(transformer_impl="local"))
+
+
+def test_phi_is_marked_tensor_parallel(model_parallel):
+    """phi holds different KV heads on each TP rank: Megatron must count it once per rank in the grad norm and
+    checkpoint it as one global tensor sharded along heads."""
+    attn = build_module(get_gpt_layer_nsa_spec(nsa_config=SMALL).submodules.self_attention, config=_config(),
+                        layer_number=1)
+    for p in attn.core_attention.parameters():
+        assert p.tensor_model_parallel and p.partition_dim == 0
+    sd = attn.core_attention.sharded_state_dict(prefix="core.")
+    w1 = sd["core.compress_k.w1"]
+    assert w1.global_shape == (2, 8 * 16, 16) and w1.axis_fragmentations[0] == 1

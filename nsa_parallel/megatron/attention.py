@@ -15,19 +15,35 @@ import torch
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 
 from ..kernels import Compression, NSAConfig, nsa_attention
 from ..kernels.reference import activate_gates
+from ..metrics import RegionTimer, nsa_stats
 
 NUM_BRANCHES = 3
 
 
-def _tp_size(pg_collection) -> int:
+def _tp_group(pg_collection):
     if pg_collection is not None and getattr(pg_collection, "tp", None) is not None:
-        return torch.distributed.get_world_size(pg_collection.tp)
+        return pg_collection.tp
     from megatron.core import parallel_state
-    return parallel_state.get_tensor_model_parallel_world_size()
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def _partition_of(full: Compression, first: int, count: int, dtype) -> Compression:
+    """phi for KV heads ``first .. first+count-1`` of ``full``: every rank draws the whole model's phi from the same
+    RNG stream and keeps its heads, so a model initialises identically for every TP size."""
+    part = Compression(count, full.head_dim, full.block, full.stride, full.hidden, device="meta")  # draws nothing
+    for name, p in full.named_parameters():
+        param = torch.nn.Parameter(p.detach()[first:first + count].to(dtype).clone())
+        # sharded along heads like a column-parallel weight: counted once per rank in the grad norm, and
+        # checkpointed as one global [num_query_groups, ...] tensor (so TP sizes can change on resume)
+        set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=1)
+        setattr(part, name, param)
+    return part
 
 
 class NSACoreAttention(MegatronModule):
@@ -43,15 +59,31 @@ class NSACoreAttention(MegatronModule):
         super().__init__(config=config)
         if attn_mask_type != AttnMaskType.causal:
             raise ValueError(f"NSA is causal: attn_mask_type must be AttnMaskType.causal, got {attn_mask_type}")
-        tp = _tp_size(pg_collection)
+        self.tp_group = _tp_group(pg_collection)
+        rank, tp = torch.distributed.get_rank(self.tp_group), torch.distributed.get_world_size(self.tp_group)
         self.nsa_config = nsa_config or NSAConfig()
         self.backend = backend
         self.num_kv_heads = config.num_query_groups // tp
         self.head_dim = config.kv_channels
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(self.head_dim)
-        c, dt = self.nsa_config, config.params_dtype
-        self.compress_k = Compression(self.num_kv_heads, self.head_dim, c.compress_block, c.compress_stride, dtype=dt)
-        self.compress_v = Compression(self.num_kv_heads, self.head_dim, c.compress_block, c.compress_stride, dtype=dt)
+        c, first = self.nsa_config, rank * self.num_kv_heads
+        for name in ("compress_k", "compress_v"):
+            full = Compression(config.num_query_groups, self.head_dim, c.compress_block, c.compress_stride)
+            setattr(self, name, _partition_of(full, first, self.num_kv_heads, config.params_dtype))
+        self.collect_stats = False  # set by the trainer on logging steps
+        self.stats: dict = {}
+        self.timer = RegionTimer()
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """phi's parameters as TP-sharded tensors along their leading (KV head) axis."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        out = {}
+        for name in ("compress_k", "compress_v"):
+            sd = getattr(self, name).state_dict(prefix="", keep_vars=True)
+            out.update(make_sharded_tensors_for_checkpoint(
+                sd, f"{prefix}{name}.", {k: 0 for k in sd}, sharded_offsets, tp_group=self.tp_group,
+                dp_cp_group=metadata["dp_cp_group"]))
+        return out
 
     def forward(self, query, keys, values, gate, packed_seq_params=None):
         """query ``[s, b, hq, d]``; keys / values: (cmp, slc, swa) each ``[s, b, hkv, d]``; gate ``[s, b, hq, 3]``
@@ -65,8 +97,16 @@ class NSACoreAttention(MegatronModule):
         bthd = lambda x: x.transpose(0, 1)  # noqa: E731  [s, b, h, d] -> [b, s, h, d] (a view)
         kv = [bthd(x) for pair in zip(keys, values) for x in pair]
         backend = self.backend or ("triton" if query.is_cuda else "reference")
-        o = nsa_attention(bthd(query), *kv, bthd(gate), compress_k=self.compress_k, compress_v=self.compress_v,
-                          config=self.nsa_config, scale=self.softmax_scale, cu_seqlens=cu, backend=backend)
+        q, gate = bthd(query), bthd(gate)
+        if self.collect_stats:
+            q, gate, *kv = self.timer.enter(q, gate, *kv)
+        o, idx = nsa_attention(q, *kv, gate, compress_k=self.compress_k, compress_v=self.compress_v,
+                               config=self.nsa_config, scale=self.softmax_scale, cu_seqlens=cu, backend=backend,
+                               return_block_indices=True)
+        if self.collect_stats:
+            o = self.timer.leave(o)
+            if cu is None:  # positions restart per packed sequence; the statistics assume one sequence per row
+                self.stats = nsa_stats(gate, idx, self.nsa_config)
         return o.transpose(0, 1).reshape(s, b, -1)
 
 

@@ -6,6 +6,8 @@ the model; it is idempotent and returns the names of the shims it installed.
 """
 from __future__ import annotations
 
+import contextlib
+import types
 from typing import List
 
 import torch
@@ -39,6 +41,85 @@ def _current_device_is_cpu():
     torch.cuda.current_device = lambda: torch.device("cpu")
 
 
+def _cuda_synchronize_is_a_no_op():
+    """dist_checkpointing's writers call ``torch.cuda.synchronize()`` before copying tensors out; with no device
+    there is nothing to wait for."""
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+
+
+def _tensor_cuda_stays_on_cpu():
+    """With pipeline parallelism and tied embeddings, ``LanguageModule.setup_embeddings_and_output_layer`` moves
+    the shared weight with ``weight.data.cuda()`` before all-reducing it; without CUDA keep it where it is."""
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+
+class _TorchWithCudaZerosOnCPU(types.ModuleType):
+    """``torch`` as seen by one megatron module, except that ``torch.zeros(..., device="cuda")`` lands on the CPU."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, **kwargs):
+        if kwargs.get("device") == "cuda":
+            kwargs["device"] = "cpu"
+        return torch.zeros(*args, **kwargs)
+
+
+def _schedules_token_counter_on_cpu():
+    """Megatron's forward-backward schedules count tokens in ``torch.zeros([], device="cuda")``; give the
+    schedules module a ``torch`` whose ``zeros`` puts that counter on the CPU (nothing else changes)."""
+    from megatron.core.pipeline_parallel import schedules
+    schedules.torch = _TorchWithCudaZerosOnCPU()
+
+
+def _rng_tracker_on_cpu():
+    """Megatron forks a named RNG stream for tensor-parallel regions (``get_cuda_rng_tracker().fork()``, e.g. in
+    the embedding's dropout) and saves CUDA RNG states for activation recomputation. Keep the named streams as CPU
+    generator states instead; :func:`seed_cpu_rng_tracker` adds them as ``model_parallel_cuda_manual_seed`` would."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    class CPURNGStatesTracker(mrandom.CudaRNGStatesTracker):
+        def add(self, name, seed):
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            orig = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(orig)
+
+    mrandom._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # recomputation saves and restores "CUDA" states next to the CPU one: there are none
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    mrandom._set_cuda_rng_state = lambda *args, **kwargs: None
+
+
+def seed_cpu_rng_tracker(seed: int, tp_rank: int) -> None:
+    """The CPU counterpart of ``model_parallel_cuda_manual_seed``: same stream names, same seed offsets."""
+    from megatron.core.tensor_parallel import random as mrandom
+    tracker = mrandom.get_cuda_rng_tracker()
+    tracker.reset()
+    tracker.add(mrandom._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024)
+
+
 def enable_cpu_shims() -> List[str]:
     if torch.cuda.is_available():
         return []
@@ -47,4 +128,12 @@ def enable_cpu_shims() -> List[str]:
         _INSTALLED.append("RotaryEmbedding.get_emb")
         _current_device_is_cpu()
         _INSTALLED.append("torch.cuda.current_device")
+        _schedules_token_counter_on_cpu()
+        _INSTALLED.append("schedules.torch.zeros")
+        _tensor_cuda_stays_on_cpu()
+        _INSTALLED.append("torch.Tensor.cuda")
+        _cuda_synchronize_is_a_no_op()
+        _INSTALLED.append("torch.cuda.synchronize")
+        _rng_tracker_on_cpu()
+        _INSTALLED.append("tensor_parallel.random (CPU RNG tracker)")
     return list(_INSTALLED)
