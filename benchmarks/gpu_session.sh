@@ -4,16 +4,7 @@
 # Wheels of missing packages (fla-core) may sit in .whl/; the package is laid out the way pip installs it.
 set -uo pipefail
 out=${1:?usage: gpu_session.sh OUTDIR [bench args]}; shift
-mkdir -p "$out" /tmp/pkg/nsa_parallel
-export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-fi
-cp -r nsa_parallel/. /tmp/pkg/nsa_parallel/ && cp -r kernels /tmp/pkg/nsa_parallel/kernels \
-  && cp -r context_parallel /tmp/pkg/nsa_parallel/context_parallel
-export PYTHONPATH=/tmp/pkg:/tmp/site
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/device.txt"
+source benchmarks/gpu_env.sh
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   python3 -P -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log"
 fi

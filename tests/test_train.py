@@ -13,7 +13,10 @@ from nsa_parallel.arguments import add_nsa_args, nsa_config_from_args  # noqa: E
 from nsa_parallel.distributed import free_port  # noqa: E402
 from nsa_parallel.train import build_parser, train  # noqa: E402
 
-TINY = ["--seq-length", "128", "--micro-batch-size", "4", "--hidden-size", "32", "--num-attention-heads", "4",
+HAS_CUDA = torch.cuda.is_available()
+# exact on CPU; on GPUs the Triton dK/dV atomics sum in a varying order
+RTOL = 2e-3 if HAS_CUDA else 1e-5
+TINY = ["--seq-length", "128", "--micro-batch-size", "4", "--hidden-size", "64", "--num-attention-heads", "4",
         "--num-query-groups", "2", "--recall-pairs", "8", "--recall-keys", "16", "--recall-values", "8",
         "--nsa-window", "16", "--nsa-select-block", "16", "--nsa-select-topn", "4", "--nsa-compress-block", "8",
         "--nsa-compress-stride", "4", "--lr-warmup-iters", "1"]
@@ -56,7 +59,7 @@ def test_save_and_resume_gives_the_same_next_losses(tmp_path):
     resumed = _losses(train(RESUMABLE + ["--train-iters", "4", "--load", str(tmp_path)]))
     assert len(resumed) == 2
     for a, b in zip(resumed, full[2:]):
-        assert abs(a - b) < 1e-5 * abs(b), (resumed, full)
+        assert abs(a - b) < RTOL * abs(b), (resumed, full)
 
 
 def _rank_main(rank, world, port, argv, result):
@@ -96,6 +99,7 @@ def tp1_checkpoint(tmp_path_factory):
     ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
     ["--pipeline-model-parallel-size", "2"],
 ], ids=["tp2", "tp2-sp", "pp2"])
+@pytest.mark.skipif(HAS_CUDA and torch.cuda.device_count() < 2, reason="2 ranks on CUDA need 2 GPUs (NCCL)")
 def test_two_ranks_equal_one_rank(flags, tp1_checkpoint):
     """From the same start (a model initialised identically for any TP size; for PP, the TP=1 checkpoint loaded
     into two stages), 2 processes give the losses of 1: the NSA module, phi's sharding, SP norms, the grad norm and
@@ -108,7 +112,7 @@ def test_two_ranks_equal_one_rank(flags, tp1_checkpoint):
     assert isinstance(got, list), got
     assert len(got) == len(want)
     for a, b in zip(got, want):
-        assert abs(a - b) < 1e-4 * abs(b), (got, want)
+        assert abs(a - b) < max(RTOL, 1e-4) * abs(b), (got, want)
 
 
 def test_dense_attention_switch_trains():
@@ -196,3 +200,15 @@ def test_region_timer_times_forward_and_backward_without_changing_gradients():
     assert timer.forward_s > 0 and timer.backward_s > 0
     assert torch.allclose(a.grad, b * (a * b).exp()) and torch.allclose(b.grad, a * (a * b).exp())
     assert timer.pop() > 0 and timer.pop() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["nsa", "dense"])
+def test_trainer_on_gpu_bf16(attention):
+    """The trainer on one GPU: bf16 autocast, Triton NSA kernels (or SDPA), head dim 64, 4k tokens."""
+    res = train(["--seq-length", "4096", "--micro-batch-size", "1", "--hidden-size", "256", "--num-attention-heads",
+                 "4", "--num-query-groups", "2", "--recall-pairs", "64", "--recall-keys", "256", "--recall-values", "16",
+                 "--train-iters", "30", "--log-interval", "10", "--lr", "3e-3", "--lr-warmup-iters", "5", "--bf16",
+                 "--attention", attention])
+    losses = _losses(res)
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses

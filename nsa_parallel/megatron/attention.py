@@ -97,7 +97,14 @@ class NSACoreAttention(MegatronModule):
         bthd = lambda x: x.transpose(0, 1)  # noqa: E731  [s, b, h, d] -> [b, s, h, d] (a view)
         kv = [bthd(x) for pair in zip(keys, values) for x in pair]
         backend = self.backend or ("triton" if query.is_cuda else "reference")
-        q, gate = bthd(query), bthd(gate)
+        # Under autocast (--bf16) some upstream ops leave fp32 (e.g. softmax gates): run the core in q's dtype,
+        # autocast off, so the kernels see one dtype and phi computes in it.
+        kv = [x.to(query.dtype) for x in kv]
+        q, gate = bthd(query), bthd(gate).to(query.dtype)
+        with torch.autocast(device_type=query.device.type, enabled=False):
+            return self._core(q, kv, gate, cu, backend, s, b)
+
+    def _core(self, q, kv, gate, cu, backend, s, b):
         if self.collect_stats:
             q, gate, *kv = self.timer.enter(q, gate, *kv)
         o, idx = nsa_attention(q, *kv, gate, compress_k=self.compress_k, compress_v=self.compress_v,
