@@ -14,6 +14,9 @@ import torch
 import torch.distributed as dist
 
 
+BACKENDS = ("gloo", "nccl", "cpu:gloo,cuda:nccl")
+
+
 @dataclass(frozen=True)
 class DistributedEnv:
     rank: int
@@ -44,16 +47,17 @@ def init_distributed(device: Optional[str] = None, backend: Optional[str] = None
 
     Args:
         device: ``"cuda"`` or ``"cpu"``; default cuda when available.
-        backend: default nccl on cuda, gloo on cpu.
+        backend: default ``cpu:gloo,cuda:nccl`` on cuda, gloo on cpu.
     """
     dev_type = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev_type not in ("cuda", "cpu"):
         raise ValueError(f"device={device!r}; allowed: 'cuda', 'cpu'")
     if dev_type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but torch sees no CUDA device; allowed here: 'cpu'")
-    backend = backend or ("nccl" if dev_type == "cuda" else "gloo")
-    if backend not in ("nccl", "gloo"):
-        raise ValueError(f"backend={backend!r}; allowed: 'nccl', 'gloo'")
+    # On GPUs CUDA tensors go through NCCL and CPU ones (checkpoint metadata, object collectives) through gloo.
+    backend = backend or ("cpu:gloo,cuda:nccl" if dev_type == "cuda" else "gloo")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; allowed: {', '.join(BACKENDS)}")
     rank, world = _int_env("RANK", 0), _int_env("WORLD_SIZE", 1)
     local_rank = _int_env("LOCAL_RANK", 0)
     if not 0 <= rank < world:
@@ -70,6 +74,9 @@ def init_distributed(device: Optional[str] = None, backend: Optional[str] = None
                                  "MASTER_ADDR and MASTER_PORT)")
             os.environ["MASTER_ADDR"] = "127.0.0.1"
             os.environ["MASTER_PORT"] = str(free_port())
-        kw = {"device_id": dev} if backend == "nccl" else {}
+        kw = {"device_id": dev} if "nccl" in backend else {}
         dist.init_process_group(backend, rank=rank, world_size=world, **kw)
-    return DistributedEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
+    elif dev_type == "cuda" and "nccl" not in str(dist.get_backend()):
+        raise ValueError(f"torch.distributed is already initialised with backend {dist.get_backend()!r}, which "
+                         "cannot reduce CUDA tensors; initialise it with 'nccl' or 'cpu:gloo,cuda:nccl'")
+    return DistributedEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev, str(dist.get_backend()))

@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--swiglu", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--position-embedding-type", choices=("rope", "learned_absolute"), default="rope")
     g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--init-method-std", type=float, default=0.02, help="std of the normal weight init (Megatron's)")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--attention", choices=("nsa", "dense"), default="nsa",
                    help="'dense': the same GPT with causal SDPA (flash/cuDNN on GPUs), for comparisons.")
@@ -146,7 +147,7 @@ def build_model(args, nsa_cfg, vocab_size: int, device: torch.device):
         num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
         kv_channels=args.kv_channels, normalization=args.normalization, gated_linear_unit=args.swiglu,
         activation_func=torch.nn.functional.silu if args.swiglu else torch.nn.functional.gelu,
-        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, init_method_std=args.init_method_std,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         context_parallel_size=args.context_parallel_size, sequence_parallel=args.sequence_parallel,
@@ -278,7 +279,7 @@ def train(argv: Optional[List[str]] = None) -> Dict:
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from .checkpoint import load_checkpoint, save_checkpoint
-    from .data import RecallTask, megatron_gpt_dataset, micro_batches
+    from .data import RecallTask, megatron_gpt_dataset
     from .distributed import init_distributed
     from .megatron import enable_cpu_shims
     from .megatron.cpu_shims import seed_cpu_rng_tracker
@@ -299,36 +300,46 @@ def train(argv: Optional[List[str]] = None) -> Dict:
         _fail(f"--global-batch-size={gbs} must be a multiple of micro batch x data-parallel size = "
               f"{args.micro_batch_size * dp}")
     num_micro = gbs // (args.micro_batch_size * dp)
-    enable_cpu_shims()
+    if env.device.type == "cpu":
+        enable_cpu_shims(force=True)
+    _model_parallel(tp, pp, cp)
+    torch.manual_seed(args.seed)
+    if env.device.type == "cuda":
+        model_parallel_cuda_manual_seed(args.seed)
+    else:
+        seed_cpu_rng_tracker(args.seed, ps.get_tensor_model_parallel_rank())
+    if args.data_path or args.mock_data:
+        dataset = megatron_gpt_dataset(data_path=args.data_path, mock=args.mock_data,
+                                       seq_length=args.seq_length, vocab_size=args.vocab_size,
+                                       num_samples=args.train_iters * gbs, seed=args.seed, split=args.split)
+        vocab_size, data_name = args.vocab_size, ("mock" if args.mock_data else " ".join(args.data_path))
+    else:
+        try:
+            dataset = RecallTask(seq_length=args.seq_length, num_pairs=args.recall_pairs,
+                                 num_keys=args.recall_keys, num_values=args.recall_values, seed=args.seed)
+        except ValueError as e:
+            _fail(f"bad --recall-* / --seq-length argument: {e}")
+        vocab_size = dataset.vocab_size
+        data_name = (f"recall task ({args.recall_pairs} pairs; loss on recalled values, chance "
+                     f"ln({args.recall_values}) = {math.log(args.recall_values):.2f})")
+    model, config = build_model(args, nsa_cfg, vocab_size, env.device)
+    opt, sched = build_optimizer(args, model, env.device)
+    start = load_checkpoint(args.load, model, opt, sched) if args.load else 0
+    return _loop(args, env, model, config, opt, sched, dataset, start, dp, num_micro, nsa_cfg, vocab_size,
+                 data_name, get_forward_backward_func(), save_checkpoint)
+
+
+def _model_parallel(tp: int, pp: int, cp: int) -> None:
+    """Megatron's process groups for these sizes; kept for the next ``train()`` in the same process (tests,
+    notebooks) when the sizes match, because NCCL communicators of destroyed groups are never freed."""
+    from megatron.core import parallel_state as ps
+    if ps.model_parallel_is_initialized():
+        if (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                ps.get_context_parallel_world_size()) == (tp, pp, cp):
+            return
+        ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                  context_parallel_size=cp)
-    try:
-        torch.manual_seed(args.seed)
-        if env.device.type == "cuda":
-            model_parallel_cuda_manual_seed(args.seed)
-        else:
-            seed_cpu_rng_tracker(args.seed, ps.get_tensor_model_parallel_rank())
-        if args.data_path or args.mock_data:
-            dataset = megatron_gpt_dataset(data_path=args.data_path, mock=args.mock_data,
-                                           seq_length=args.seq_length, vocab_size=args.vocab_size,
-                                           num_samples=args.train_iters * gbs, seed=args.seed, split=args.split)
-            vocab_size, data_name = args.vocab_size, ("mock" if args.mock_data else " ".join(args.data_path))
-        else:
-            try:
-                dataset = RecallTask(seq_length=args.seq_length, num_pairs=args.recall_pairs,
-                                     num_keys=args.recall_keys, num_values=args.recall_values, seed=args.seed)
-            except ValueError as e:
-                _fail(f"bad --recall-* / --seq-length argument: {e}")
-            vocab_size = dataset.vocab_size
-            data_name = (f"recall task ({args.recall_pairs} pairs; loss on recalled values, chance "
-                         f"ln({args.recall_values}) = {math.log(args.recall_values):.2f})")
-        model, config = build_model(args, nsa_cfg, vocab_size, env.device)
-        opt, sched = build_optimizer(args, model, env.device)
-        start = load_checkpoint(args.load, model, opt, sched) if args.load else 0
-        return _loop(args, env, model, config, opt, sched, dataset, start, dp, num_micro, nsa_cfg, vocab_size,
-                     data_name, get_forward_backward_func(), save_checkpoint)
-    finally:
-        ps.destroy_model_parallel()
 
 
 def _core_attentions(model) -> list:
@@ -409,6 +420,8 @@ def _loop(args, env, model, config, opt, sched, dataset, start, dp, num_micro, n
 
 def main(argv: Optional[List[str]] = None) -> None:
     train(argv)
+    from megatron.core import parallel_state as ps
+    ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
 

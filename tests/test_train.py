@@ -207,7 +207,8 @@ def test_region_timer_times_forward_and_backward_without_changing_gradients():
 def test_trainer_on_gpu_bf16(attention):
     """The trainer on one GPU: bf16 autocast, Triton NSA kernels (or SDPA), head dim 64, 4k tokens."""
     res = train(["--seq-length", "4096", "--micro-batch-size", "1", "--hidden-size", "256", "--num-attention-heads",
-                 "4", "--num-query-groups", "2", "--recall-pairs", "64", "--recall-keys", "256", "--recall-values", "16",
+                 "4", "--num-query-groups", "2", "--recall-pairs", "64", "--recall-keys", "256",
+                 "--recall-values", "16",
                  "--train-iters", "30", "--log-interval", "10", "--lr", "3e-3", "--lr-warmup-iters", "5", "--bf16",
                  "--attention", attention])
     losses = _losses(res)

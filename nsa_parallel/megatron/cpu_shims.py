@@ -1,8 +1,9 @@
 """Let megatron.core run NSA models on CPU-only machines (tests, the CPU main job).
 
 megatron.core assumes CUDA in a few places that matter on CPU; each shim below replaces one of them and is
-installed only when CUDA is absent, so on GPUs nothing changes. Call :func:`enable_cpu_shims` once before building
-the model; it is idempotent and returns the names of the shims it installed.
+installed only when CUDA is absent (or when a process asks to run on the CPU), so GPU runs see no change. Call
+:func:`enable_cpu_shims` once before building the model; it is idempotent and returns the names of the shims it
+installed.
 """
 from __future__ import annotations
 
@@ -120,8 +121,10 @@ def seed_cpu_rng_tracker(seed: int, tp_rank: int) -> None:
     tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024)
 
 
-def enable_cpu_shims() -> List[str]:
-    if torch.cuda.is_available():
+def enable_cpu_shims(force: bool = False) -> List[str]:
+    """Install the shims when torch sees no CUDA device, or with ``force=True`` for a process that runs megatron
+    on the CPU on a GPU host (``--device cpu``, CPU tests there): CUDA is then out of reach for that process."""
+    if torch.cuda.is_available() and not force:
         return []
     if not _INSTALLED:
         _rope_get_emb_on_cpu()

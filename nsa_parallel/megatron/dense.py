@@ -10,7 +10,6 @@ import copy
 import math
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.enums import AttnMaskType
