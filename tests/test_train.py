@@ -98,12 +98,13 @@ def tp1_checkpoint(tmp_path_factory):
     ["--tensor-model-parallel-size", "2"],
     ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
     ["--pipeline-model-parallel-size", "2"],
-], ids=["tp2", "tp2-sp", "pp2"])
+    ["--micro-batch-size", "2"],  # data parallel: each rank takes half of the same global batch of 4
+], ids=["tp2", "tp2-sp", "pp2", "dp2"])
 @pytest.mark.skipif(HAS_CUDA and torch.cuda.device_count() < 2, reason="2 ranks on CUDA need 2 GPUs (NCCL)")
 def test_two_ranks_equal_one_rank(flags, tp1_checkpoint):
     """From the same start (a model initialised identically for any TP size; for PP, the TP=1 checkpoint loaded
-    into two stages), 2 processes give the losses of 1: the NSA module, phi's sharding, SP norms, the grad norm and
-    the checkpoint's resharding all line up."""
+    into two stages), 2 processes give the losses of 1: the NSA module, phi's sharding, SP norms, the grad norm,
+    DDP's gradient averaging and the checkpoint's resharding all line up."""
     full, ckpt = tp1_checkpoint
     if "--pipeline-model-parallel-size" in flags:
         got, want = run_ranks(2, RESUMABLE + ["--train-iters", "4", "--load", str(ckpt)] + flags), full[2:]
