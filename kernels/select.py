@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import _finish, _load_tile, _q_tile, _seq_bounds, _softmax_step
+from .flash import _finish, _load_lse2, _load_tile, _q_tile, _seq_bounds, _softmax_step
 from .varlen import max_seqlen
 
 
@@ -82,7 +82,7 @@ def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, scale,
     idx_row = row * HKV + kvh
     q = _load_tile(Q, row_off, rvalid, DK, BDK)
     do = _load_tile(DO, row_off, rvalid, DV, BDV)
-    lse2 = tl.load(LSE + row_off, mask=rvalid, other=0.0) * 1.4426950408889634
+    lse2 = _load_lse2(LSE, row_off, rvalid)
     delta = tl.load(DELTA + row_off, mask=rvalid, other=0.0)
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_T * GP, BDK], dtype=tl.float32)
@@ -143,7 +143,7 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
         row_off = (bos + tq.to(tl.int64)) * HQ + kvh * G + hg
         q = _load_tile(Q, row_off, rvalid, DK, BDK)
         do = _load_tile(DO, row_off, rvalid, DV, BDV)
-        lse2 = tl.load(LSE + row_off, mask=rvalid, other=0.0) * 1.4426950408889634
+        lse2 = _load_lse2(LSE, row_off, rvalid)
         delta = tl.load(DELTA + row_off, mask=rvalid, other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         vis = (pos[None, :] <= tq[:, None]) & rvalid[:, None]
