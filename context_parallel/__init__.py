@@ -1,11 +1,13 @@
-"""Context parallelism for NSA: a sequence split over CP ranks.
+"""Context parallelism for NSA: one sequence split over the ranks of a CP group.
 
-Built so far: the sequence layouts (:mod:`.layout`) and the log-sum-exp merge of partial results (:mod:`.merge`).
-The ring / all-gather exchange of compressed tokens and selected blocks is still to come (see docs/status.md).
+:func:`nsa_attention_cp` is the entry; :mod:`.layout` owns the split (Megatron's load-balanced one by default),
+:mod:`.comm` the differentiable exchanges (halos, all-gathers), :mod:`.merge` the log-sum-exp merge.
 """
+from .attention import SELECTION_EXCHANGES, check_cp_config, nsa_attention_cp
+from .comm import CPShard
 from .layout import (LAYOUTS, check_sequence_length, chunk_ranges, join_from_ranks, local_positions,
                      split_for_rank)
 from .merge import merge_partial
 
-__all__ = ["LAYOUTS", "check_sequence_length", "chunk_ranges", "join_from_ranks", "local_positions",
-           "merge_partial", "split_for_rank"]
+__all__ = ["CPShard", "LAYOUTS", "SELECTION_EXCHANGES", "check_cp_config", "check_sequence_length", "chunk_ranges",
+           "join_from_ranks", "local_positions", "merge_partial", "nsa_attention_cp", "split_for_rank"]

@@ -25,15 +25,16 @@ from .varlen import max_seqlen
 
 
 def compressed_attention(q, k_cmp, v_cmp, config: NSAConfig, scale: float, cu_seqlens=None, cmp_cu_seqlens=None,
-                         max_t=None):
-    """``(o [b, t, hq, dv], lse [b, t, hq])`` over compressed tokens ``k_cmp``/``v_cmp`` ``[b, tc, hkv, d]``."""
+                         max_t=None, q_offset: int = 0):
+    """``(o [b, t, hq, dv], lse [b, t, hq])`` over compressed tokens ``k_cmp``/``v_cmp`` ``[b, tc, hkv, d]``
+    (compressed from position 0; query ``i`` sits at position ``i + q_offset``)."""
     return position_masked_attention(q, k_cmp, v_cmp, scale, config.compress_stride, config.compress_block - 1,
                                      NO_WINDOW, cu_seqlens, cmp_cu_seqlens,
-                                     None if max_t is None else (max_t, config.num_compressed(max_t)))
+                                     None if max_t is None else (max_t, config.num_compressed(max_t)), q_offset)
 
 
 @triton.jit
-def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, scale,
+def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, QOFF, scale,
                    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                    DK: tl.constexpr, BDK: tl.constexpr, BLOCK_T: tl.constexpr, BJ: tl.constexpr,
                    S: tl.constexpr, A: tl.constexpr, KSTRIDE: tl.constexpr, KOFF: tl.constexpr,
@@ -46,7 +47,7 @@ def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, scale,
     q = _load_tile(Q, row_off, rvalid, DK, BDK)
     lse2 = _load_lse2(LSE, row_off, rvalid)
     qk_scale = scale * 1.4426950408889634
-    t_hi = tl.minimum(t0 + BLOCK_T, T) - 1
+    t_hi = tl.minimum(t0 + BLOCK_T, T) - 1 + QOFF
     n_blocks = t_hi // SEL_BLOCK + 1  # blocks that start at or before the last query of the tile
     tpos = t0 + tl.arange(0, BLOCK_T)
     for j0 in range(0, n_blocks, BJ):
@@ -58,7 +59,7 @@ def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, scale,
             kc = tl.load(KC + ((kbos + ci.to(tl.int64)) * HKV + kvh)[:, None] * DK + dk[None, :],
                          mask=cvalid[:, None] & (dk[None, :] < DK), other=0.0)
             s = tl.dot(q, tl.trans(kc)) * qk_scale
-            vis = cvalid[None, :] & ((ci * KSTRIDE + KOFF)[None, :] <= tq[:, None]) & rvalid[:, None]
+            vis = cvalid[None, :] & ((ci * KSTRIDE + KOFF)[None, :] <= tq[:, None] + QOFF) & rvalid[:, None]
             acc += tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
         blk = tl.sum(tl.sum(tl.reshape(acc, [BLOCK_T, GP, BJ, S]), axis=3), axis=1)  # [BLOCK_T, BJ]
         j = j0 + tl.arange(0, BJ)
@@ -67,8 +68,11 @@ def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, scale,
 
 
 def selection_scores(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seqlens=None, cmp_cu_seqlens=None,
-                     max_t=None):
-    """Block importance ``[b, t, hkv, ns_max]`` fp32 (entries of blocks after a query's own are undefined)."""
+                     max_t=None, q_offset: int = 0):
+    """Block importance ``[b, t, hkv, ns_max]`` fp32 (entries of blocks after a query's own are undefined).
+
+    With ``q_offset`` (fixed-length only) query ``i`` sits at position ``i + q_offset`` and the block ids are
+    global: ``ns_max`` counts the blocks up to the last query."""
     b, t, hq, dk = q.shape
     hkv = k_cmp.shape[2]
     g = hq // hkv
@@ -79,14 +83,14 @@ def selection_scores(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seql
         max_t = t
     elif max_t is None:
         max_t = max_seqlen(cu_seqlens)
-    ns = config.num_select_blocks(max_t)
+    ns = config.num_select_blocks(max_t + q_offset)
     gp, block_t = _tiles(g, 64)
     scores = torch.empty(b, t, hkv, ns, device=q.device, dtype=torch.float32)
     nseq = cu_seqlens.numel() - 1 if varlen else b
     dummy = q.new_zeros(1, dtype=torch.int32)
     _scores_kernel[(triton.cdiv(max_t, block_t), nseq * hkv)](
         q.contiguous(), k_cmp.contiguous(), lse_cmp, scores, cu_seqlens if varlen else dummy,
-        cmp_cu_seqlens if varlen else dummy, t, k_cmp.shape[1], ns, scale,
+        cmp_cu_seqlens if varlen else dummy, t, k_cmp.shape[1], ns, q_offset, scale,
         HQ=hq, HKV=hkv, G=g, GP=gp, DK=dk, BDK=max(16, triton.next_power_of_2(dk)), BLOCK_T=block_t,
         BJ=max(1, 64 // s), S=s, A=config.stride_slots_per_compress_block, KSTRIDE=config.compress_stride,
         KOFF=config.compress_block - 1, SEL_BLOCK=config.select_block, VARLEN=varlen,

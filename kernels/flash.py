@@ -3,6 +3,9 @@
 Key ``j`` has position ``j * KSTRIDE + KOFF``; query ``t`` sees it iff ``t - WINDOW < pos <= t``.
 Compressed branch: ``KSTRIDE = d``, ``KOFF = l - 1`` (a block is visible once it has ended), no window.
 Window branch: ``KSTRIDE = 1``, ``KOFF = 0``, ``WINDOW = w``.
+Queries that start later than the keys (a context-parallel chunk at global offset ``o`` against keys from
+position 0, or a window chunk behind a halo of ``o`` keys) shift the key positions into the queries' frame:
+``KOFF - o``, a runtime integer (negative then), so one compiled kernel serves every offset.
 
 Group-centric tiles: a program owns ``BLOCK_T`` query positions of one KV head and all ``G`` query heads of that
 group (rows = positions x heads), so each K/V tile is loaded once for the whole group and the matrix tiles stay
@@ -61,7 +64,7 @@ def _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV: tl.constexpr, BLOCK_T: tl.constexp
 
 
 @triton.jit
-def _key_range(t0, T, TK, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, KSTRIDE: tl.constexpr, KOFF: tl.constexpr,
+def _key_range(t0, T, TK, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, KSTRIDE: tl.constexpr, KOFF,
                WINDOW: tl.constexpr):
     """Keys that some query of ``[t0, t0 + BLOCK_T)`` may see: ``[j_lo, j_hi)``, j_lo aligned to BLOCK_N."""
     t_hi = tl.minimum(t0 + BLOCK_T, T) - 1
@@ -101,7 +104,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, CU_K, T_FIXED, TK_FIXED, scale,
                 HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                 DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                KSTRIDE: tl.constexpr, KOFF: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr):
+                KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, VARLEN: tl.constexpr):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
@@ -134,7 +137,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K, T_FIXED, TK_FIXED, sca
                    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                   KSTRIDE: tl.constexpr, KOFF: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr):
+                   KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, VARLEN: tl.constexpr):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
@@ -169,7 +172,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, CU, CU_K, T_FIXED, TK_FI
                      HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                      DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                     KSTRIDE: tl.constexpr, KOFF: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
+                     KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
                      Q_SPLIT: tl.constexpr):
     pid_n = tl.program_id(0)
     seq = tl.program_id(1) // HKV
@@ -189,7 +192,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, CU, CU_K, T_FIXED, TK_FI
     qk_scale = scale * 1.4426950408889634
     dk_acc = tl.zeros([BLOCK_N, BDK], dtype=tl.float32)
     dv_acc = tl.zeros([BLOCK_N, BDV], dtype=tl.float32)
-    t_lo = (j0 * KSTRIDE + KOFF) // BLOCK_T * BLOCK_T
+    t_lo = tl.maximum(j0 * KSTRIDE + KOFF, 0) // BLOCK_T * BLOCK_T
     t_end = tl.minimum(T, (tl.minimum(j0 + BLOCK_N, TK) - 1) * KSTRIDE + KOFF + WINDOW)
     if Q_SPLIT > 0:
         # Keys near the start are seen by every later query: split that range over programs (axis 2) so the
@@ -276,12 +279,12 @@ class _Launch:
 
 class PositionMaskedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, kstride, koff, window, cu_seqlens, cu_seqlens_k, max_seqlens):
+    def forward(ctx, q, k, v, scale, kstride, koff, window, cu_seqlens, cu_seqlens_k, max_seqlens, q_offset):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         b, t, hq, _ = q.shape
         o = torch.empty(b, t, hq, v.shape[-1], device=q.device, dtype=q.dtype)
         lse = torch.empty(b, t, hq, device=q.device, dtype=torch.float32)
-        L = _Launch(q, k, v, kstride, koff, window, cu_seqlens, cu_seqlens_k, max_seqlens)
+        L = _Launch(q, k, v, kstride, koff - q_offset, window, cu_seqlens, cu_seqlens_k, max_seqlens)
         _fwd_kernel[L.grid_q](q, k, v, o, lse, *L.args(), scale, **L.const, num_stages=L.stages)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.launch, ctx.scale = L, scale
@@ -301,15 +304,15 @@ class PositionMaskedAttention(torch.autograd.Function):
         if k.shape[1]:
             _bwd_dkdv_kernel[L.grid_k](q, k, v, do, lse, delta, dk, dv, *L.args(), scale, **L.const,
                                        Q_SPLIT=L.q_split, num_stages=L.stages)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None
 
 
 def position_masked_attention(q, k, v, scale: float, kstride: int, koff: int, window: int = NO_WINDOW,
                               cu_seqlens: Optional[torch.Tensor] = None,
-                              cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlens=None):
+                              cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlens=None, q_offset: int = 0):
     """``(o [b, t, hq, dv], lse [b, t, hq] fp32)``; the gradient flows into q, k, v (not through lse).
 
     ``max_seqlens = (longest query sequence, longest key sequence)`` of a packed batch, if the caller knows them
-    (saves a device-to-host sync each)."""
+    (saves a device-to-host sync each). ``q_offset``: query ``i`` sits at key-frame position ``i + q_offset``."""
     return PositionMaskedAttention.apply(q, k, v, scale, kstride, koff, window, cu_seqlens, cu_seqlens_k,
-                                         max_seqlens)
+                                         max_seqlens, q_offset)

@@ -60,21 +60,23 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 
 # ---------------------------------------------------------------------------------------------- compressed branch
-def compressed_visibility(seqlen: int, num_cmp: int, config: NSAConfig, device=None) -> torch.Tensor:
-    """``[t, tc]`` bool: query ``t`` sees compressed block ``i`` iff the block ends at or before it,
-    ``i*d + l - 1 <= t``."""
-    t = torch.arange(seqlen, device=device)[:, None]
+def compressed_visibility(seqlen: int, num_cmp: int, config: NSAConfig, device=None, q_offset: int = 0):
+    """``[t, tc]`` bool: query ``t`` (at position ``t + q_offset``) sees compressed block ``i`` iff the block ends
+    at or before it, ``i*d + l - 1 <= t + q_offset``."""
+    t = torch.arange(seqlen, device=device)[:, None] + q_offset
     block_end = torch.arange(num_cmp, device=device)[None, :] * config.compress_stride + config.compress_block - 1
     return block_end <= t
 
 
-def compressed_attention(q, k_cmp, v_cmp, config: NSAConfig, scale: float, return_probs: bool = False):
+def compressed_attention(q, k_cmp, v_cmp, config: NSAConfig, scale: float, return_probs: bool = False,
+                         q_offset: int = 0):
     """Attention of every query over the compressed tokens it may see.
 
-    q ``[b, t, hq, dk]``; k_cmp / v_cmp ``[b, tc, hkv, dk|dv]`` (already compressed by phi).
-    Returns ``BranchOutput`` and, if asked, the probabilities ``[b, hq, t, tc]`` that selection scores come from.
+    q ``[b, t, hq, dk]`` at positions ``q_offset ..``; k_cmp / v_cmp ``[b, tc, hkv, dk|dv]`` (compressed by phi
+    from position 0). Returns ``BranchOutput`` and, if asked, the probabilities ``[b, hq, t, tc]`` that selection
+    scores come from.
     """
-    vis = compressed_visibility(q.shape[1], k_cmp.shape[1], config, q.device)
+    vis = compressed_visibility(q.shape[1], k_cmp.shape[1], config, q.device, q_offset)
     return masked_attention(q, k_cmp, v_cmp, vis[None, None], scale, return_probs)
 
 
@@ -106,26 +108,26 @@ def selection_scores(probs: torch.Tensor, num_kv_heads: int, seqlen: int, config
     return grouped @ w
 
 
-def forced_and_valid_blocks(seqlen: int, config: NSAConfig, device=None):
-    """``([t, ns] forced, [t, ns] valid)``: valid blocks start at or before the query; forced are the first
-    ``select_initial`` blocks and the ``select_local`` most recent valid ones."""
-    t = torch.arange(seqlen, device=device)[:, None]
-    j = torch.arange(config.num_select_blocks(seqlen), device=device)[None, :]
+def forced_and_valid_blocks(seqlen: int, config: NSAConfig, device=None, q_offset: int = 0):
+    """``([t, ns] forced, [t, ns] valid)``: valid blocks start at or before the query (at ``t + q_offset``);
+    forced are the first ``select_initial`` blocks and the ``select_local`` most recent valid ones."""
+    t = torch.arange(seqlen, device=device)[:, None] + q_offset
+    j = torch.arange(config.num_select_blocks(seqlen + q_offset), device=device)[None, :]
     own = t // config.select_block
     valid = j <= own
     forced = valid & ((j < config.select_initial) | (j > own - config.select_local))
     return forced, valid
 
 
-def select_topn(scores: torch.Tensor, config: NSAConfig) -> torch.Tensor:
+def select_topn(scores: torch.Tensor, config: NSAConfig, q_offset: int = 0) -> torch.Tensor:
     """Top-n selection blocks per query and KV head, forced blocks always in, future blocks never.
 
     scores ``[b, hkv, t, ns]`` -> indices ``[b, t, hkv, n]`` (int32), ascending, -1 after the last selected block
-    where fewer than n blocks exist. Ties go to the lower block index.
+    where fewer than n blocks exist. Ties go to the lower block index. Queries sit at ``q_offset ..``.
     """
     b, hkv, t, ns = scores.shape
     n = config.select_topn
-    forced, valid = forced_and_valid_blocks(t, config, scores.device)
+    forced, valid = forced_and_valid_blocks(t, config, scores.device, q_offset)
     s = scores.float().masked_fill(forced, float("inf")).masked_fill(~valid, float("-inf"))
     if ns < n:  # fewer blocks than n: pad so that topk can take n, padding never valid
         s = torch.nn.functional.pad(s, (0, n - ns), value=float("-inf"))
@@ -139,29 +141,35 @@ def select_topn(scores: torch.Tensor, config: NSAConfig) -> torch.Tensor:
     return idx.permute(0, 2, 1, 3).to(torch.int32).contiguous()
 
 
-def selected_attention(q, k, v, indices, config: NSAConfig, scale: float) -> BranchOutput:
+def selected_attention(q, k, v, indices, config: NSAConfig, scale: float, q_offset: int = 0,
+                       k_base: int = 0) -> BranchOutput:
     """Attention of each query over the raw tokens of its selected blocks (causal inside its own block).
 
-    q ``[b, t, hq, dk]``; k / v ``[b, t, hkv, dk|dv]``; indices ``[b, t, hkv, n]`` from :func:`select_topn`.
+    q ``[b, t, hq, dk]``; k / v ``[b, tk, hkv, dk|dv]``; indices ``[b, t, hkv, n]`` from :func:`select_topn`.
     Whole blocks are gathered (one index per block, not per token), so memory is O(t * n * l').
+    Context parallelism: queries sit at ``q_offset ..``, the keys hold positions ``[k_base, k_base + tk)``
+    (``k_base`` a multiple of the block); selected blocks outside the keys are skipped (o = 0, lse = -inf for a
+    query that has none inside).
     """
     b, t, hq, dk = q.shape
-    hkv, bs = k.shape[2], config.select_block
-    ns = config.num_select_blocks(t)
+    tk, hkv, bs = k.shape[1], k.shape[2], config.select_block
+    ns = config.num_select_blocks(tk)
     cd = _compute_dtype(q)
 
-    def blocks(x):  # [b, t, hkv, d] -> [b, hkv, ns, l', d]
-        x = torch.nn.functional.pad(x.to(cd), (0, 0, 0, 0, 0, ns * bs - t))
+    def blocks(x):  # [b, tk, hkv, d] -> [b, hkv, ns, l', d]
+        x = torch.nn.functional.pad(x.to(cd), (0, 0, 0, 0, 0, ns * bs - tk))
         return x.view(b, ns, bs, hkv, -1).permute(0, 3, 1, 2, 4)
 
     blk = indices.permute(0, 2, 1, 3).long()  # [b, hkv, t, n]
+    local = blk - k_base // bs
+    inside = (blk >= 0) & (local >= 0) & (local < ns)
     bi = torch.arange(b, device=q.device)[:, None, None, None]
     hi = torch.arange(hkv, device=q.device)[None, :, None, None]
-    kg = blocks(k)[bi, hi, blk.clamp_min(0)].flatten(3, 4)  # [b, hkv, t, n*l', dk]
-    vg = blocks(v)[bi, hi, blk.clamp_min(0)].flatten(3, 4)
+    kg = blocks(k)[bi, hi, local.clamp(0, ns - 1)].flatten(3, 4)  # [b, hkv, t, n*l', dk]
+    vg = blocks(v)[bi, hi, local.clamp(0, ns - 1)].flatten(3, 4)
     key_pos = (blk[..., None] * bs + torch.arange(bs, device=q.device)).flatten(-2)
-    tq = torch.arange(t, device=q.device)[:, None]
-    valid = (blk[..., None] >= 0).expand(-1, -1, -1, -1, bs).flatten(-2) & (key_pos <= tq)
+    tq = torch.arange(t, device=q.device)[:, None] + q_offset
+    valid = inside[..., None].expand(-1, -1, -1, -1, bs).flatten(-2) & (key_pos <= tq) & (key_pos < k_base + tk)
     qg = q.to(cd).reshape(b, t, hkv, hq // hkv, dk)
     s = torch.einsum("bthgd,bhtkd->bhgtk", qg, kg) * scale
     p, lse = _softmax_attend(s, valid.unsqueeze(2))
@@ -170,12 +178,17 @@ def selected_attention(q, k, v, indices, config: NSAConfig, scale: float) -> Bra
 
 
 # -------------------------------------------------------------------------------------------------- window
-def window_attention(q, k, v, config: NSAConfig, scale: float) -> BranchOutput:
-    """Causal sliding-window attention. q ``[b, t, hq, dk]``, k / v ``[b, t, hkv, dk|dv]``.
+def window_attention(q, k, v, config: NSAConfig, scale: float, q_offset: int = 0) -> BranchOutput:
+    """Causal sliding-window attention. q ``[b, t, hq, dk]``, k / v ``[b, tk, hkv, dk|dv]``.
 
     Queries go in chunks of ``w``; chunk ``c`` reads keys ``[c*w - w, c*w + w)`` (a strided view of the
-    front-padded keys, no gather), masked to ``t - w < s <= t``.
+    front-padded keys, no gather), masked to ``t - w < s <= t``. With ``q_offset`` (a context-parallel chunk behind
+    a halo of ``q_offset`` keys) query ``i`` sits at key ``i + q_offset``: a dense masked product, for tests.
     """
+    if q_offset:
+        tq = torch.arange(q.shape[1], device=q.device)[:, None] + q_offset
+        ts = torch.arange(k.shape[1], device=q.device)[None, :]
+        return masked_attention(q, k, v, ((ts <= tq) & (ts > tq - config.window))[None, None], scale)
     b, t, hq, dk = q.shape
     hkv, dv = k.shape[2], v.shape[3]
     w = min(config.window, t)

@@ -20,21 +20,39 @@ from .varlen import max_seqlen
 
 
 @triton.jit
-def _next_block(IDX, idx_row, ptr, rvalid, N: tl.constexpr):
-    """Each row's current block in its (ascending, -1 padded) list; exhausted rows give 1 << 30."""
-    cur = tl.load(IDX + idx_row * N + ptr, mask=rvalid & (ptr < N), other=-1)
-    return tl.where(cur < 0, 1 << 30, cur)
+def _first_ptr(IDX, idx_row, rvalid, LO, N: tl.constexpr, NP: tl.constexpr):
+    """Where each row's walk starts: the number of its (ascending) blocks below ``LO``."""
+    c = tl.arange(0, NP)
+    e = tl.load(IDX + idx_row[:, None] * N + c[None, :], mask=rvalid[:, None] & (c[None, :] < N), other=-1)
+    return tl.sum(((e >= 0) & (e < LO)).to(tl.int32), 1)
 
 
 @triton.jit
-def _sel_fwd_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, scale,
+def _next_block(IDX, idx_row, ptr, rvalid, HI, N: tl.constexpr):
+    """Each row's current block in its (ascending, -1 padded) list; exhausted rows, and blocks at or past ``HI``
+    (not in this key buffer), give 1 << 30."""
+    cur = tl.load(IDX + idx_row * N + ptr, mask=rvalid & (ptr < N), other=-1)
+    return tl.where((cur < 0) | (cur >= HI), 1 << 30, cur)
+
+
+@triton.jit
+def _walk_start(IDX, idx_row, rvalid, LO, HI, ROWS: tl.constexpr, N: tl.constexpr, NP: tl.constexpr):
+    ptr = tl.zeros([ROWS], dtype=tl.int32)
+    if LO > 0:  # a key buffer that starts later (a context-parallel ring step): skip the earlier blocks
+        ptr = _first_ptr(IDX, idx_row, rvalid, LO, N, NP)
+    return ptr, _next_block(IDX, idx_row, ptr, rvalid, HI, N)
+
+
+@triton.jit
+def _sel_fwd_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, TK_FIXED, QOFF, KBASE, LO, HI, scale,
                     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr,
+                    NP: tl.constexpr,
                     DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BS: tl.constexpr,
                     BLOCK_T: tl.constexpr, VARLEN: tl.constexpr):
     # Rows are BLOCK_T neighbouring positions x the G heads of one KV head. The program walks the union of the
     # rows' sorted block lists (a k-way merge): neighbours share most blocks, so each K/V block is loaded once per
     # tile and the matrix products have BLOCK_T*GP rows instead of G.
-    bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, T_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
+    bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
     dv = tl.arange(0, BDV)
@@ -46,34 +64,34 @@ def _sel_fwd_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, scale,
     m_i = tl.full([BLOCK_T * GP], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_T * GP], dtype=tl.float32)
     acc = tl.zeros([BLOCK_T * GP, BDV], dtype=tl.float32)
-    ptr = tl.zeros([BLOCK_T * GP], dtype=tl.int32)
-    cur = _next_block(IDX, idx_row, ptr, rvalid, N)
+    ptr, cur = _walk_start(IDX, idx_row, rvalid, LO, HI, BLOCK_T * GP, N, NP)
     blk = tl.min(cur, 0)
     while blk < (1 << 30):
         hit = cur == blk
-        pos = blk * BS + tl.arange(0, BS)
-        kv_off = (bos + pos.to(tl.int64)) * HKV + kvh
-        pvalid = pos < T
+        pos = blk * BS + tl.arange(0, BS)  # positions in the queries' frame; the key buffer starts at KBASE
+        kv_off = (kbos + (pos - KBASE).to(tl.int64)) * HKV + kvh
+        pvalid = (pos >= KBASE) & (pos - KBASE < TK)
         k = _load_tile(K, kv_off, pvalid, DK, BDK)
         v = _load_tile(V, kv_off, pvalid, DV, BDV)
         s = tl.dot(q, tl.trans(k)) * qk_scale
-        s = tl.where(hit[:, None] & (pos[None, :] <= tq[:, None]), s, float("-inf"))
+        s = tl.where(hit[:, None] & (pos[None, :] <= tq[:, None] + QOFF), s, float("-inf"))
         m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc)
         ptr += hit.to(tl.int32)
-        cur = _next_block(IDX, idx_row, ptr, rvalid, N)
+        cur = _next_block(IDX, idx_row, ptr, rvalid, HI, N)
         blk = tl.min(cur, 0)
-    o, lse = _finish(acc, m_i, l_i)  # the own block is always selected: every real row saw a key
+    o, lse = _finish(acc, m_i, l_i)  # rows with no block in this key buffer: o = 0, lse = -inf
     tl.store(O + row_off[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty),
              mask=rvalid[:, None] & (dv[None, :] < DV))
     tl.store(LSE + row_off, lse, mask=rvalid)
 
 
 @triton.jit
-def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, scale,
+def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED, QOFF, KBASE, LO, HI, scale,
                        HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr,
+                       NP: tl.constexpr,
                        DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BS: tl.constexpr,
                        BLOCK_T: tl.constexpr, VARLEN: tl.constexpr):
-    bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, T_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
+    bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
     dk = tl.arange(0, BDK)
@@ -86,23 +104,22 @@ def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, scale,
     delta = tl.load(DELTA + row_off, mask=rvalid, other=0.0)
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_T * GP, BDK], dtype=tl.float32)
-    ptr = tl.zeros([BLOCK_T * GP], dtype=tl.int32)
-    cur = _next_block(IDX, idx_row, ptr, rvalid, N)
+    ptr, cur = _walk_start(IDX, idx_row, rvalid, LO, HI, BLOCK_T * GP, N, NP)
     blk = tl.min(cur, 0)
     while blk < (1 << 30):
         hit = cur == blk
         pos = blk * BS + tl.arange(0, BS)
-        kv_off = (bos + pos.to(tl.int64)) * HKV + kvh
-        pvalid = pos < T
+        kv_off = (kbos + (pos - KBASE).to(tl.int64)) * HKV + kvh
+        pvalid = (pos >= KBASE) & (pos - KBASE < TK)
         k = _load_tile(K, kv_off, pvalid, DK, BDK)
         v = _load_tile(V, kv_off, pvalid, DV, BDV)
         s = tl.dot(q, tl.trans(k)) * qk_scale
-        p = tl.where(hit[:, None] & (pos[None, :] <= tq[:, None]), tl.exp2(s - lse2[:, None]), 0.0)
+        p = tl.where(hit[:, None] & (pos[None, :] <= tq[:, None] + QOFF), tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
         ptr += hit.to(tl.int32)
-        cur = _next_block(IDX, idx_row, ptr, rvalid, N)
+        cur = _next_block(IDX, idx_row, ptr, rvalid, HI, N)
         blk = tl.min(cur, 0)
     tl.store(DQ + row_off[:, None] * DK + dk[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=rvalid[:, None] & (dk[None, :] < DK))
@@ -110,7 +127,7 @@ def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, scale,
 
 @triton.jit
 def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITEM_START, ITEM_END, CU, T_FIXED,
-                         NS_MAX, scale,
+                         TK_FIXED, QOFF, KBASE, NS_MAX, scale,
                          HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                          DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                          BS: tl.constexpr, BLOCK_Q: tl.constexpr, VARLEN: tl.constexpr):
@@ -123,12 +140,12 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
     blk = key % NS_MAX
     kvh = (key // NS_MAX) % HKV
     seq = key // (NS_MAX * HKV)
-    bos, T, _, _ = _seq_bounds(seq, CU, CU, T_FIXED, T_FIXED, VARLEN)
+    bos, T, kbos, TK = _seq_bounds(seq, CU, CU, T_FIXED, TK_FIXED, VARLEN)
     pos = blk * BS + tl.arange(0, BS)
-    pvalid = pos < T
+    pvalid = (pos >= KBASE) & (pos - KBASE < TK)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
-    kv_off = (bos + pos.to(tl.int64)) * HKV + kvh
+    kv_off = (kbos + (pos - KBASE).to(tl.int64)) * HKV + kvh
     k = _load_tile(K, kv_off, pvalid, DK, BDK)
     v = _load_tile(V, kv_off, pvalid, DV, BDV)
     qk_scale = scale * 1.4426950408889634
@@ -146,7 +163,7 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
         lse2 = _load_lse2(LSE, row_off, rvalid)
         delta = tl.load(DELTA + row_off, mask=rvalid, other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale
-        vis = (pos[None, :] <= tq[:, None]) & rvalid[:, None]
+        vis = (pos[None, :] <= tq[:, None] + QOFF) & rvalid[:, None]
         p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
         dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do)
         dp = tl.dot(do, tl.trans(v))
@@ -166,17 +183,21 @@ def sequence_ids(b: int, t: int, cu_seqlens: Optional[torch.Tensor], device):
     return seq, rows - cu_seqlens.long()[seq]
 
 
-def invert_block_indices(indices: torch.Tensor, ns_max: int, cu_seqlens: Optional[torch.Tensor]):
+def invert_block_indices(indices: torch.Tensor, ns_max: int, cu_seqlens: Optional[torch.Tensor], lo: int = 0,
+                         hi: Optional[int] = None):
     """Inverted index: for each (sequence, KV head, block), the local positions of the queries that selected it.
 
-    indices ``[b, t, hkv, n]`` -> ``(qlist [entries] int32, offsets [nseq*hkv*ns_max + 1] int32)``.
+    indices ``[b, t, hkv, n]`` -> ``(qlist [entries] int32, offsets [nseq*hkv*ns_max + 1] int32)``; only blocks in
+    ``[lo, hi)`` (those in the key buffer at hand) are listed.
     """
     b, t, hkv, n = indices.shape
     seq, local_t = sequence_ids(b, t, cu_seqlens, indices.device)
     nseq = b if cu_seqlens is None else cu_seqlens.numel() - 1
     blk = indices.reshape(b * t, hkv, n).long()
     key = (seq[:, None, None] * hkv + torch.arange(hkv, device=indices.device)[None, :, None]) * ns_max + blk
-    keep = blk >= 0
+    keep = blk >= lo
+    if hi is not None:
+        keep &= blk < hi
     key = key[keep]
     qpos = local_t[:, None, None].expand(-1, hkv, n)[keep]
     order = torch.argsort(key, stable=True)
@@ -210,11 +231,17 @@ SEL_BWD_CHUNK = 256  # query positions per dK/dV work item
 
 
 class _SelLaunch:
-    def __init__(self, q, v, indices, block, cu_seqlens, max_t=None):
+    """Grid and constants of one selected-attention call. ``q_offset``: query ``i`` sits at position
+    ``i + q_offset``; ``k_base``: the key buffer holds positions ``[k_base, k_base + tk)`` (both 0 without context
+    parallelism); blocks outside the buffer are skipped."""
+
+    def __init__(self, q, k, indices, block, cu_seqlens, max_t=None, q_offset=0, k_base=0):
         b, t, hq, dk = q.shape
-        hkv, dv = v.shape[2], v.shape[3]
+        tk, hkv = k.shape[1], k.shape[2]
         self.g = hq // hkv
         self.varlen = cu_seqlens is not None
+        if self.varlen and (q_offset or k_base):
+            raise ValueError("selected_attention: q_offset / k_base are for fixed-length batches only")
         self.nseq = cu_seqlens.numel() - 1 if self.varlen else b
         if not self.varlen:
             max_t = t
@@ -222,30 +249,59 @@ class _SelLaunch:
             max_t = max_seqlen(cu_seqlens)
         self.max_t = max_t
         self.cu = cu_seqlens if self.varlen else q.new_zeros(1, dtype=torch.int32)
-        self.t_fixed = t
-        self.ns_max = triton.cdiv(self.max_t, block)
+        self.sizes = (t, tk, q_offset, k_base)
+        self.lo, self.hi = k_base // block, triton.cdiv(k_base + tk, block)
+        self.ns_max = triton.cdiv(self.max_t + q_offset, block)
+        self.dk, self.block, self.hkv, self.hq, self.n = dk, block, hkv, hq, indices.shape[-1]
+        self.dtype, self.is_cuda = q.dtype, q.is_cuda
+
+    def consts(self, dv):
         gp = triton.next_power_of_2(self.g)
-        common = dict(HQ=hq, HKV=hkv, G=self.g, GP=gp, DK=dk, DV=dv, BDK=max(16, triton.next_power_of_2(dk)),
-                      BDV=max(16, triton.next_power_of_2(dv)), BS=block, VARLEN=self.varlen)
+        common = dict(HQ=self.hq, HKV=self.hkv, G=self.g, GP=gp, DK=self.dk, DV=dv,
+                      BDK=max(16, triton.next_power_of_2(self.dk)), BDV=max(16, triton.next_power_of_2(dv)),
+                      BS=self.block, VARLEN=self.varlen)
         # 64 rows; at most 16 positions, so that the union of their blocks stays close to n
-        self.block_t = max(1, min(16, 64 // gp)) if gp < 64 else 1
-        self.qmajor = dict(common, N=indices.shape[-1], BLOCK_T=self.block_t)
-        self.kmajor = dict(common, BLOCK_Q=max(1, 64 // gp))
-        self.grid_q = (triton.cdiv(self.max_t, self.block_t), self.nseq * hkv)
-        wide = max(common["BDK"], common["BDV"]) > 128 or q.dtype == torch.float32
-        self.stages = 1 if wide or not q.is_cuda else 2  # wide tiles: stay inside shared memory
+        block_t = max(1, min(16, 64 // gp)) if gp < 64 else 1
+        qmajor = dict(common, N=self.n, NP=triton.next_power_of_2(self.n), BLOCK_T=block_t)
+        kmajor = dict(common, BLOCK_Q=max(1, 64 // gp))
+        grid_q = (triton.cdiv(self.max_t, block_t), self.nseq * self.hkv)
+        wide = max(common["BDK"], common["BDV"]) > 128 or self.dtype == torch.float32
+        stages = 1 if wide or not self.is_cuda else 2  # wide tiles: stay inside shared memory
+        return qmajor, kmajor, grid_q, stages
+
+
+def selected_forward(q, k, v, indices, L: _SelLaunch, scale: float):
+    """``(o, lse)`` of the queries over the selected blocks inside this key buffer (no autograd)."""
+    b, t, hq, _ = q.shape
+    qmajor, _, grid_q, stages = L.consts(v.shape[-1])
+    o = torch.empty(b, t, hq, v.shape[-1], device=q.device, dtype=q.dtype)
+    lse = torch.empty(b, t, hq, device=q.device, dtype=torch.float32)
+    _sel_fwd_kernel[grid_q](q, k, v, indices, o, lse, L.cu, *L.sizes, L.lo, L.hi, scale, **qmajor, num_stages=stages)
+    return o, lse
+
+
+def selected_backward(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: float, dq_dtype=None):
+    """``(dq, dk fp32, dv fp32)`` of this key buffer's share, given the final ``lse`` and
+    ``delta = rowsum(o * do)`` (so ring steps can each add their part)."""
+    qmajor, kmajor, grid_q, stages = L.consts(v.shape[-1])
+    dq = torch.empty_like(q, dtype=dq_dtype or q.dtype)
+    dk = torch.zeros_like(k, dtype=torch.float32)
+    dv = torch.zeros_like(v, dtype=torch.float32)
+    _sel_bwd_dq_kernel[grid_q](q, k, v, indices, do, lse, delta, dq, L.cu, *L.sizes, L.lo, L.hi, scale, **qmajor,
+                               num_stages=stages)
+    qlist, offsets = invert_block_indices(indices, L.ns_max, L.cu if L.varlen else None, L.lo, L.hi)
+    items = work_items(offsets, indices.numel(), SEL_BWD_CHUNK)
+    _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu, *L.sizes,
+                                              L.ns_max, scale, **kmajor, num_stages=stages)
+    return dq, dk, dv
 
 
 class SelectedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, indices, block, scale, cu_seqlens, max_t):
+    def forward(ctx, q, k, v, indices, block, scale, cu_seqlens, max_t, q_offset, k_base):
         q, k, v, indices = q.contiguous(), k.contiguous(), v.contiguous(), indices.contiguous()
-        b, t, hq, _ = q.shape
-        L = _SelLaunch(q, v, indices, block, cu_seqlens, max_t)
-        o = torch.empty(b, t, hq, v.shape[-1], device=q.device, dtype=q.dtype)
-        lse = torch.empty(b, t, hq, device=q.device, dtype=torch.float32)
-        _sel_fwd_kernel[L.grid_q](q, k, v, indices, o, lse, L.cu, L.t_fixed, scale, **L.qmajor,
-                                  num_stages=L.stages)
+        L = _SelLaunch(q, k, indices, block, cu_seqlens, max_t, q_offset, k_base)
+        o, lse = selected_forward(q, k, v, indices, L, scale)
         ctx.save_for_backward(q, k, v, indices, o, lse)
         ctx.launch, ctx.scale = L, scale
         return o, lse
@@ -253,24 +309,15 @@ class SelectedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, indices, o, lse = ctx.saved_tensors
-        L, scale = ctx.launch, ctx.scale
         do = do.contiguous()
         delta = (o.float() * do.float()).sum(-1)
-        dq = torch.empty_like(q)
-        dk = torch.zeros_like(k, dtype=torch.float32)
-        dv = torch.zeros_like(v, dtype=torch.float32)
-        _sel_bwd_dq_kernel[L.grid_q](q, k, v, indices, do, lse, delta, dq, L.cu, L.t_fixed, scale, **L.qmajor,
-                                  num_stages=L.stages)
-        qlist, offsets = invert_block_indices(indices, L.ns_max, L.cu if L.varlen else None)
-        items = work_items(offsets, indices.numel(), SEL_BWD_CHUNK)
-        _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu,
-                                                  L.t_fixed, L.ns_max, scale, **L.kmajor,
-                                                  num_stages=L.stages)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        dq, dk, dv = selected_backward(q, k, v, indices, do, lse, delta, ctx.launch, ctx.scale)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
 
 
 def selected_attention(q, k, v, indices, block: int, scale: float, cu_seqlens: Optional[torch.Tensor] = None,
-                       max_t: Optional[int] = None):
+                       max_t: Optional[int] = None, q_offset: int = 0, k_base: int = 0):
     """``(o [b, t, hq, dv], lse [b, t, hq])`` of each query over its selected blocks ``indices [b, t, hkv, n]``
-    (sequence-local block ids, -1 = none; the query's own block must be among them)."""
-    return SelectedAttention.apply(q, k, v, indices, block, scale, cu_seqlens, max_t)
+    (block ids in the queries' frame, -1 = none). ``q_offset`` / ``k_base``: see :class:`_SelLaunch`; a query
+    whose blocks all lie outside the key buffer gets o = 0 and lse = -inf."""
+    return SelectedAttention.apply(q, k, v, indices, block, scale, cu_seqlens, max_t, q_offset, k_base)

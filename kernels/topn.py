@@ -37,10 +37,11 @@ def _topn_kernel(SC, LOCAL_T, IDX, ROWS, NS, HKV: tl.constexpr, N: tl.constexpr,
     tl.store(IDX + r.to(tl.int64)[:, None] * N + col[None, :], out, mask=rv[:, None] & (col[None, :] < N))
 
 
-def select_topn(scores: torch.Tensor, config: NSAConfig,
-                       cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+def select_topn(scores: torch.Tensor, config: NSAConfig, cu_seqlens: Optional[torch.Tensor] = None,
+                q_offset: int = 0) -> torch.Tensor:
     """scores ``[b, t, hkv, ns]`` -> block indices ``[b, t, hkv, n]`` int32, ascending, -1 padded, exactly as
-    :func:`reference.select_topn` (which takes ``[b, hkv, t, ns]``): n rounds of max/argmax per row in registers."""
+    :func:`reference.select_topn` (which takes ``[b, hkv, t, ns]``): n rounds of max/argmax per row in registers.
+    Query ``i`` sits at position ``i + q_offset`` (a context-parallel chunk); the block ids are global."""
     b, t, hkv, ns = scores.shape
     n = config.select_topn
     _, local_t = sequence_ids(b, t, cu_seqlens, scores.device)
@@ -49,7 +50,7 @@ def select_topn(scores: torch.Tensor, config: NSAConfig,
     br = max(1, min(64, 4096 // nsp))
     idx = torch.empty(b, t, hkv, n, device=scores.device, dtype=torch.int32)
     _topn_kernel[(triton.cdiv(rows, br),)](
-        scores.contiguous(), local_t.to(torch.int32).contiguous(), idx, rows, ns, HKV=hkv, N=n,
+        scores.contiguous(), (local_t + q_offset).to(torch.int32).contiguous(), idx, rows, ns, HKV=hkv, N=n,
         NP=triton.next_power_of_2(n), NSP=nsp, BR=br, SEL_BLOCK=config.select_block,
         INITIAL=config.select_initial, LOCAL=config.select_local)
     return idx

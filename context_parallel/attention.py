@@ -1,0 +1,111 @@
+"""NSA over a sequence split across context-parallel ranks.
+
+Per layer and rank (``P`` ranks, ``C`` chunks of ``c`` tokens; ``load_balanced``: 2 chunks per rank):
+
+1. Selection K/V start moving at entry (all-gather, async), hidden behind everything up to the selected branch.
+2. Halos: each chunk receives the last ``l - d`` compressed-branch tokens and ``w - 1`` window tokens of the chunk
+   before it (point to point, from whichever rank holds it); gradients go back the same way.
+3. Compression: each rank compresses the blocks that *end* in its chunks (``c / d`` per chunk; the first chunk's
+   ``l/d - 1`` fewer), so no block is computed twice; the compressed tokens (``T/d`` in all) are all-gathered.
+4. Per local chunk, at its global offset: compressed attention + scores + top-n (global block ids), the window
+   over halo + chunk, the selected branch over the gathered selection K/V, the gate.
+
+The backward of each exchange returns gradients to the owners (reduce-scatter for the gathers).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+from ..kernels.config import NSAConfig
+from ..kernels.interface import _check_inputs, check_triton_config, nsa_attention
+from . import branches
+from .comm import CPShard, all_gather_sequence, exchange_halos, gather_start, gather_wait
+from .layout import check_sequence_length
+
+SELECTION_EXCHANGES = ("allgather",)
+
+
+def check_cp_config(seq_len: int, cp_size: int, layout: str, config: NSAConfig) -> int:
+    """Chunk length of a valid split, or a ValueError naming what to change."""
+    chunk = check_sequence_length(seq_len, cp_size, layout, config)
+    halo = max(config.window - 1, config.compress_block - config.compress_stride)
+    if chunk < halo:
+        raise ValueError(
+            f"context parallelism: each of the chunks of {chunk} tokens (sequence {seq_len} over "
+            f"context_parallel_size={cp_size}, layout {layout!r}) must be at least the halo it sends its "
+            f"neighbour, max(window - 1, compress_block - compress_stride) = {halo} tokens; use a longer sequence "
+            f"or fewer CP ranks")
+    return chunk
+
+
+def nsa_attention_cp(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_slc: torch.Tensor,
+                     v_slc: torch.Tensor, k_swa: torch.Tensor, v_swa: torch.Tensor, gate: torch.Tensor, *,
+                     compress_k: Callable, compress_v: Callable, cp_group, config: Optional[NSAConfig] = None,
+                     scale: Optional[float] = None, layout: str = "load_balanced", backend: str = "reference",
+                     selection_exchange: str = "allgather") -> torch.Tensor:
+    """:func:`nsa_parallel.kernels.nsa_attention` for this rank's part of a sequence split over ``cp_group``.
+
+    ``cp_group=None`` (or a group of one) is plain single-GPU NSA. Every tensor is this rank's tokens ``[b, t_local, h, d]`` as :func:`split_for_rank` lays them out (``layout``),
+    ``t_local = T / P``; returns this rank's ``[b, t_local, hq, dv]``. Equal to slicing the single-GPU output of
+    the whole sequence. Packed (``cu_seqlens``) batches are not supported with CP.
+    """
+    config = config if config is not None else NSAConfig()
+    _check_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gate, None, backend)
+    if backend == "triton":
+        check_triton_config(config)
+    if selection_exchange not in SELECTION_EXCHANGES:
+        raise ValueError(f"selection_exchange={selection_exchange!r}; allowed: {', '.join(SELECTION_EXCHANGES)}")
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    cp_size = 1 if cp_group is None else torch.distributed.get_world_size(cp_group)
+    if cp_size == 1:
+        return nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gate, compress_k=compress_k,
+                             compress_v=compress_v, config=config, scale=scale, backend=backend)
+    t_local, dk = q.shape[1], q.shape[-1]
+    shard = CPShard.create(cp_group, t_local * cp_size, layout)
+    c = check_cp_config(shard.seq_len, cp_size, layout, config)
+    l, d = config.compress_block, config.compress_stride
+
+    kv_slc = gather_start(torch.cat([k_slc, v_slc], dim=-1), shard)  # hidden behind steps 2-4
+
+    halos = exchange_halos(shard, (l - d, l - d, config.window - 1, config.window - 1), k_cmp, v_cmp, k_swa, v_swa)
+    cmp_parts = []
+    for i, g in enumerate(shard.chunks):
+        sl = slice(i * c, (i + 1) * c)
+        kc = compress_k(torch.cat([halos[i][0], k_cmp[:, sl]], dim=1))
+        vc = compress_v(torch.cat([halos[i][1], v_cmp[:, sl]], dim=1))
+        kvc = torch.cat([kc, vc], dim=-1)
+        if g == 0:  # the sequence's first chunk has l/d - 1 fewer blocks: pad to c/d, stripped after the gather
+            kvc = torch.nn.functional.pad(kvc, (0, 0, 0, 0, c // d - kvc.shape[1], 0))
+        cmp_parts.append(kvc)
+    kvc = all_gather_sequence(torch.cat(cmp_parts, dim=1), shard, c // d)[:, l // d - 1:]
+    k_cmp_g, v_cmp_g = kvc[..., :dk], kvc[..., dk:]
+
+    combine = _gate_combine(backend)
+    per_chunk = []
+    for i, g in enumerate(shard.chunks):
+        sl = slice(i * c, (i + 1) * c)
+        q_i = q[:, sl]
+        o_cmp, idx = branches.compressed_and_select(q_i, k_cmp_g, v_cmp_g, config, scale, g * c, backend)
+        kw = torch.cat([halos[i][2], k_swa[:, sl]], dim=1)
+        vw = torch.cat([halos[i][3], v_swa[:, sl]], dim=1)
+        o_swa = branches.window(q_i, kw, vw, config, scale, halos[i][2].shape[1], backend)
+        per_chunk.append((q_i, o_cmp, idx, o_swa))
+
+    kv_g = gather_wait(*kv_slc, shard, c)
+    k_g, v_g = kv_g[..., :dk], kv_g[..., dk:]
+    outs = []
+    for (i, g), (q_i, o_cmp, idx, o_swa) in zip(enumerate(shard.chunks), per_chunk):
+        o_slc, _ = branches.selected(q_i, k_g, v_g, idx, config, scale, g * c, 0, backend)
+        outs.append(combine(o_cmp, o_slc, o_swa, gate[:, i * c:(i + 1) * c]))
+    return torch.cat(outs, dim=1)
+
+
+def _gate_combine(backend: str):
+    if backend == "reference":
+        from ..kernels.reference import gate_combine
+    else:
+        from ..kernels.gate import gate_combine
+    return gate_combine
