@@ -48,9 +48,9 @@ def nsa_attention_cp(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, 
                      selection_exchange: str = "allgather") -> torch.Tensor:
     """:func:`nsa_parallel.kernels.nsa_attention` for this rank's part of a sequence split over ``cp_group``.
 
-    ``cp_group=None`` (or a group of one) is plain single-GPU NSA. Every tensor is this rank's tokens ``[b, t_local, h, d]`` as :func:`split_for_rank` lays them out (``layout``),
-    ``t_local = T / P``; returns this rank's ``[b, t_local, hq, dv]``. Equal to slicing the single-GPU output of
-    the whole sequence. Packed (``cu_seqlens``) batches are not supported with CP.
+    ``cp_group=None`` (or a group of one) is plain single-GPU NSA. Every tensor is this rank's tokens
+    ``[b, t_local, h, d]`` as :func:`split_for_rank` lays them out (``layout``), ``t_local = T / P``; returns
+    this rank's ``[b, t_local, hq, dv]``, equal to slicing the single-GPU output of the whole sequence. Packed (``cu_seqlens``) batches are not supported with CP.
     """
     config = config if config is not None else NSAConfig()
     _check_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gate, None, backend)
@@ -66,11 +66,11 @@ def nsa_attention_cp(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, 
     t_local, dk = q.shape[1], q.shape[-1]
     shard = CPShard.create(cp_group, t_local * cp_size, layout)
     c = check_cp_config(shard.seq_len, cp_size, layout, config)
-    l, d = config.compress_block, config.compress_stride
+    cb, d = config.compress_block, config.compress_stride
 
     kv_slc = gather_start(torch.cat([k_slc, v_slc], dim=-1), shard)  # hidden behind steps 2-4
 
-    halos = exchange_halos(shard, (l - d, l - d, config.window - 1, config.window - 1), k_cmp, v_cmp, k_swa, v_swa)
+    halos = exchange_halos(shard, (cb - d, cb - d, config.window - 1, config.window - 1), k_cmp, v_cmp, k_swa, v_swa)
     cmp_parts = []
     for i, g in enumerate(shard.chunks):
         sl = slice(i * c, (i + 1) * c)
@@ -80,7 +80,7 @@ def nsa_attention_cp(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, 
         if g == 0:  # the sequence's first chunk has l/d - 1 fewer blocks: pad to c/d, stripped after the gather
             kvc = torch.nn.functional.pad(kvc, (0, 0, 0, 0, c // d - kvc.shape[1], 0))
         cmp_parts.append(kvc)
-    kvc = all_gather_sequence(torch.cat(cmp_parts, dim=1), shard, c // d)[:, l // d - 1:]
+    kvc = all_gather_sequence(torch.cat(cmp_parts, dim=1), shard, c // d)[:, cb // d - 1:]
     k_cmp_g, v_cmp_g = kvc[..., :dk], kvc[..., dk:]
 
     combine = _gate_combine(backend)
