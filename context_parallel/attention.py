@@ -50,7 +50,8 @@ def nsa_attention_cp(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, 
 
     ``cp_group=None`` (or a group of one) is plain single-GPU NSA. Every tensor is this rank's tokens
     ``[b, t_local, h, d]`` as :func:`split_for_rank` lays them out (``layout``), ``t_local = T / P``; returns
-    this rank's ``[b, t_local, hq, dv]``, equal to slicing the single-GPU output of the whole sequence. Packed (``cu_seqlens``) batches are not supported with CP.
+    this rank's ``[b, t_local, hq, dv]``, equal to slicing the single-GPU output of the whole sequence.
+    Packed (``cu_seqlens``) batches are not supported with CP.
     """
     config = config if config is not None else NSAConfig()
     _check_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gate, None, backend)
