@@ -111,8 +111,9 @@ def validate_args(args) -> None:
     if args.num_attention_heads % args.num_query_groups:
         _fail(f"--num-attention-heads={args.num_attention_heads} must be a multiple of --num-query-groups="
               f"{args.num_query_groups}")
-    if args.context_parallel_size > 1:
-        _fail(f"--context-parallel-size={args.context_parallel_size} is not supported yet (allowed: 1)")
+    if args.context_parallel_size > 1 and args.attention != "nsa":
+        _fail(f"--context-parallel-size={args.context_parallel_size} needs --attention nsa (the dense SDPA baseline "
+              "runs without context parallelism)")
     if args.num_layers % args.pipeline_model_parallel_size:
         _fail(f"--num-layers={args.num_layers} must be a multiple of --pipeline-model-parallel-size="
               f"{args.pipeline_model_parallel_size}")
@@ -226,18 +227,41 @@ def clip_grads(model, max_norm: float) -> float:
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Mean token loss over the loss mask; reports it averaged over data-parallel ranks."""
+    """Mean token loss over the loss mask of the whole sequence; reports it averaged over data-parallel ranks.
+
+    With context parallelism each rank holds part of the sequence (and of the loss mask): it divides its sum by
+    the sequence's count, times the CP size because DDP averages gradients over the data x context ranks."""
     from megatron.core import parallel_state as ps
     mask = loss_mask.view(-1).float()
-    loss = (output_tensor.view(-1).float() * mask).sum() / mask.sum().clamp(min=1.0)
-    reported = loss.detach().clone()
+    local = (output_tensor.view(-1).float() * mask).sum()
+    count = mask.sum()
+    cp = ps.get_context_parallel_world_size()
+    if cp > 1:
+        sums = torch.stack([local.detach(), count])
+        dist.all_reduce(sums, group=ps.get_context_parallel_group())
+        seq_sum, count = sums[0], sums[1]
+    else:
+        seq_sum = local.detach()
+    loss = local * cp / count.clamp(min=1.0)
+    reported = seq_sum / count.clamp(min=1.0)
     dist.all_reduce(reported, group=ps.get_data_parallel_group())
     return loss, {"lm loss": reported / ps.get_data_parallel_world_size()}
 
 
+def _cp_shard(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """This context-parallel rank's tokens of the micro-batch (Megatron's load-balanced split)."""
+    from megatron.core import parallel_state as ps
+
+    from .context_parallel import split_for_rank
+    cp = ps.get_context_parallel_world_size()
+    if cp == 1:
+        return batch
+    return {k: split_for_rank(v, cp, ps.get_context_parallel_rank()) for k, v in batch.items()}
+
+
 def forward_step(data_iterator, model):
     """One micro-batch through this pipeline stage (Megatron's ``forward_step_func`` contract)."""
-    batch = next(data_iterator)
+    batch = _cp_shard(next(data_iterator))
     out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return out, partial(_loss_func, batch["loss_mask"])
 
@@ -274,6 +298,12 @@ def train(argv: Optional[List[str]] = None) -> Dict:
         nsa_cfg = nsa_config_from_args(args)
     except ValueError as e:
         _fail(f"bad --nsa-* argument: {e}")
+    if args.context_parallel_size > 1:
+        from .context_parallel import check_cp_config
+        try:
+            check_cp_config(args.seq_length, args.context_parallel_size, "load_balanced", nsa_cfg)
+        except ValueError as e:
+            _fail(f"--seq-length / --context-parallel-size: {e}")
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -358,7 +388,7 @@ def _loop(args, env, model, config, opt, sched, dataset, start, dp, num_micro, n
         print(f"> GPT: {args.num_layers} layers, hidden {args.hidden_size}, heads {args.num_attention_heads}/"
               f"{args.num_query_groups}, {n_params / 1e6:.2f}M params on this rank, attention={args.attention}, "
               f"device={env.device}, world {env.world_size} = TP {args.tensor_model_parallel_size} x PP "
-              f"{args.pipeline_model_parallel_size} x DP {dp}", flush=True)
+              f"{args.pipeline_model_parallel_size} x CP {args.context_parallel_size} x DP {dp}", flush=True)
         if args.attention == "nsa":
             print(f"> {nsa_cfg}", flush=True)
         print(f"> data: {data_name}; global batch {num_micro * dp * args.micro_batch_size} x {args.seq_length} "

@@ -99,7 +99,8 @@ def tp1_checkpoint(tmp_path_factory):
     ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
     ["--pipeline-model-parallel-size", "2"],
     ["--micro-batch-size", "2"],  # data parallel: each rank takes half of the same global batch of 4
-], ids=["tp2", "tp2-sp", "pp2", "dp2"])
+    ["--context-parallel-size", "2"],  # each rank holds 2 of the 4 chunks of every sequence
+], ids=["tp2", "tp2-sp", "pp2", "dp2", "cp2"])
 @pytest.mark.skipif(HAS_CUDA and torch.cuda.device_count() < 2, reason="2 ranks on CUDA need 2 GPUs (NCCL)")
 def test_two_ranks_equal_one_rank(flags, tp1_checkpoint):
     """From the same start (a model initialised identically for any TP size; for PP, the TP=1 checkpoint loaded
@@ -151,7 +152,10 @@ def test_megatron_datasets(tmp_path):
     (["--train-iters", "5", "--lr-warmup-iters", "5"], "--lr-warmup-iters=5 must be >= 0 and < --lr-decay-iters"),
     (["--mock-data"], "--vocab-size is required with --data-path / --mock-data"),
     (["--mock-data", "--data-path", "x", "--vocab-size", "8"], "--data-path and --mock-data exclude each other"),
-    (["--context-parallel-size", "2"], "--context-parallel-size=2 is not supported yet"),
+    (["--context-parallel-size", "2", "--attention", "dense"], "--context-parallel-size=2 needs --attention nsa"),
+    (["--context-parallel-size", "2", "--seq-length", "96"], "must be a multiple of 4 chunks x select_block 16"),
+    (["--context-parallel-size", "2", "--seq-length", "64", "--nsa-window", "32"],
+     "chunks of 16 tokens .* must be at least the halo it sends its neighbour"),
     (["--tensor-model-parallel-size", "2"], "world size 1 must be a multiple of tensor x pipeline x context"),
     (["--global-batch-size", "6"], "--global-batch-size=6 must be a multiple of micro batch x data-parallel"),
     (["--save-interval", "2"], "--save-interval needs --save DIR"),

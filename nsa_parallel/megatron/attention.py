@@ -19,6 +19,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 
+from ..context_parallel import nsa_attention_cp
 from ..kernels import Compression, NSAConfig, nsa_attention
 from ..kernels.reference import activate_gates
 from ..metrics import RegionTimer, nsa_stats
@@ -31,6 +32,16 @@ def _tp_group(pg_collection):
         return pg_collection.tp
     from megatron.core import parallel_state
     return parallel_state.get_tensor_model_parallel_group()
+
+
+def _cp_group(config, pg_collection):
+    """The context-parallel group, or None without CP."""
+    if getattr(config, "context_parallel_size", 1) == 1:
+        return None
+    if pg_collection is not None and getattr(pg_collection, "cp", None) is not None:
+        return pg_collection.cp
+    from megatron.core import parallel_state
+    return parallel_state.get_context_parallel_group()
 
 
 def _partition_of(full: Compression, first: int, count: int, dtype) -> Compression:
@@ -60,6 +71,7 @@ class NSACoreAttention(MegatronModule):
         if attn_mask_type != AttnMaskType.causal:
             raise ValueError(f"NSA is causal: attn_mask_type must be AttnMaskType.causal, got {attn_mask_type}")
         self.tp_group = _tp_group(pg_collection)
+        self.cp_group = _cp_group(config, pg_collection)
         rank, tp = torch.distributed.get_rank(self.tp_group), torch.distributed.get_world_size(self.tp_group)
         self.nsa_config = nsa_config or NSAConfig()
         self.backend = backend
@@ -91,6 +103,9 @@ class NSACoreAttention(MegatronModule):
         s, b = query.shape[:2]
         cu = None
         if packed_seq_params is not None:
+            if self.cp_group is not None:
+                raise ValueError("NSA: packed sequences (packed_seq_params) with context_parallel_size > 1 are not "
+                                 "supported; use fixed-length sequences with CP")
             if b != 1:
                 raise ValueError(f"packed sequences need micro-batch size 1 ([t, 1, h] inputs), got b={b}")
             cu = packed_seq_params.cu_seqlens_q
@@ -107,12 +122,19 @@ class NSACoreAttention(MegatronModule):
     def _core(self, q, kv, gate, cu, backend, s, b):
         if self.collect_stats:
             q, gate, *kv = self.timer.enter(q, gate, *kv)
-        o, idx = nsa_attention(q, *kv, gate, compress_k=self.compress_k, compress_v=self.compress_v,
-                               config=self.nsa_config, scale=self.softmax_scale, cu_seqlens=cu, backend=backend,
-                               return_block_indices=True)
+        if self.cp_group is not None:  # Megatron's load-balanced split, which its RoPE slicing also assumes
+            o = nsa_attention_cp(q, *kv, gate, compress_k=self.compress_k, compress_v=self.compress_v,
+                                 cp_group=self.cp_group, config=self.nsa_config, scale=self.softmax_scale,
+                                 layout="load_balanced", backend=backend)
+            idx = None
+        else:
+            o, idx = nsa_attention(q, *kv, gate, compress_k=self.compress_k, compress_v=self.compress_v,
+                                   config=self.nsa_config, scale=self.softmax_scale, cu_seqlens=cu, backend=backend,
+                                   return_block_indices=True)
         if self.collect_stats:
             o = self.timer.leave(o)
-            if cu is None:  # positions restart per packed sequence; the statistics assume one sequence per row
+            # the statistics assume one sequence per row from position 0: not for packed batches or CP shards
+            if cu is None and idx is not None:
                 self.stats = nsa_stats(gate, idx, self.nsa_config)
         return o.transpose(0, 1).reshape(s, b, -1)
 
@@ -122,14 +144,11 @@ class NSASelfAttention(SelfAttention):
 
     Spec params: ``nsa_config`` (:class:`NSAConfig`) and ``backend`` reach the core attention through its spec.
     Supported: tensor parallelism with ``num_query_groups`` divisible by the TP size (each rank owns whole GQA
-    groups), sequence parallelism (handled by the linear layers), pipeline parallelism. Not yet: context
-    parallelism (a named error) and KV-cache inference.
+    groups), sequence parallelism (handled by the linear layers), pipeline parallelism, context parallelism
+    (Megatron's load-balanced split; :func:`nsa_attention_cp`). Not yet: KV-cache inference.
     """
 
     def __init__(self, config, submodules, layer_number: int, attn_mask_type=AttnMaskType.causal, **kwargs):
-        if getattr(config, "context_parallel_size", 1) > 1:
-            raise ValueError(f"NSASelfAttention: context_parallel_size={config.context_parallel_size} is not "
-                             "supported yet (allowed: 1); NSA context parallelism is its own piece of work")
         super().__init__(config, submodules, layer_number, attn_mask_type=attn_mask_type, **kwargs)
         tp = self.world_size
         if config.num_query_groups % tp:

@@ -36,6 +36,22 @@ def _rope_get_emb_on_cpu():
     RotaryEmbedding.get_emb = get_emb
 
 
+def _rope_cp_slice_on_cpu():
+    """Megatron slices the RoPE table for this CP rank with an index tensor built in pinned memory and moved to
+    CUDA; on a CPU-only machine take the same load-balanced slice (chunks r and 2P-1-r) with our layout helper."""
+    from megatron.core.models.common.embeddings import rotary_pos_embedding
+
+    from ..context_parallel.layout import split_for_rank
+    original = rotary_pos_embedding.get_pos_emb_on_this_cp_rank
+
+    def get_pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
+        if pos_emb.device.type != "cpu":
+            return original(pos_emb, seq_dim, cp_group)
+        return split_for_rank(pos_emb, cp_group.size(), cp_group.rank(), "load_balanced", dim=seq_dim)
+
+    rotary_pos_embedding.get_pos_emb_on_this_cp_rank = get_pos_emb_on_this_cp_rank
+
+
 def _current_device_is_cpu():
     """Sequence parallelism's gather/scatter outputs and Megatron's global memory buffer are allocated on
     ``torch.cuda.current_device()``; without CUDA that call can only raise, so answer with the CPU instead."""
@@ -129,6 +145,8 @@ def enable_cpu_shims(force: bool = False) -> List[str]:
     if not _INSTALLED:
         _rope_get_emb_on_cpu()
         _INSTALLED.append("RotaryEmbedding.get_emb")
+        _rope_cp_slice_on_cpu()
+        _INSTALLED.append("rotary_pos_embedding.get_pos_emb_on_this_cp_rank")
         _current_device_is_cpu()
         _INSTALLED.append("torch.cuda.current_device")
         _schedules_token_counter_on_cpu()
