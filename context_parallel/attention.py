@@ -2,7 +2,8 @@
 
 Per layer and rank (``P`` ranks, ``C`` chunks of ``c`` tokens; ``load_balanced``: 2 chunks per rank):
 
-1. Selection K/V start moving at entry (all-gather, async), hidden behind everything up to the selected branch.
+1. Selection K/V start moving at entry (``allgather``: one async all-gather, hidden behind everything up to the
+   selected branch), or go around the ring during the selected branch (``ring``: :mod:`.ring`, less memory).
 2. Halos: each chunk receives the last ``l - d`` compressed-branch tokens and ``w - 1`` window tokens of the chunk
    before it (point to point, from whichever rank holds it); gradients go back the same way.
 3. Compression: each rank compresses the blocks that *end* in its chunks (``c / d`` per chunk; the first chunk's
@@ -24,8 +25,9 @@ from ..kernels.interface import _check_inputs, check_triton_config, nsa_attentio
 from . import branches
 from .comm import CPShard, all_gather_sequence, exchange_halos, gather_start, gather_wait
 from .layout import check_sequence_length
+from .ring import ring_selected_attention
 
-SELECTION_EXCHANGES = ("allgather",)
+SELECTION_EXCHANGES = ("allgather", "ring")
 
 
 def check_cp_config(seq_len: int, cp_size: int, layout: str, config: NSAConfig) -> int:
@@ -59,6 +61,9 @@ def nsa_attention_cp(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, 
         check_triton_config(config)
     if selection_exchange not in SELECTION_EXCHANGES:
         raise ValueError(f"selection_exchange={selection_exchange!r}; allowed: {', '.join(SELECTION_EXCHANGES)}")
+    if selection_exchange == "ring" and backend != "triton":
+        raise ValueError(f"selection_exchange='ring' runs the Triton kernels (backend='triton'), got "
+                         f"backend={backend!r}; use selection_exchange='allgather' with the reference")
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     cp_size = 1 if cp_group is None else torch.distributed.get_world_size(cp_group)
     if cp_size == 1:
@@ -69,7 +74,8 @@ def nsa_attention_cp(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, 
     c = check_cp_config(shard.seq_len, cp_size, layout, config)
     cb, d = config.compress_block, config.compress_stride
 
-    kv_slc = gather_start(torch.cat([k_slc, v_slc], dim=-1), shard)  # hidden behind steps 2-4
+    if selection_exchange == "allgather":
+        kv_slc = gather_start(torch.cat([k_slc, v_slc], dim=-1), shard)  # hidden behind steps 2-4
 
     halos = exchange_halos(shard, (cb - d, cb - d, config.window - 1, config.window - 1), k_cmp, v_cmp, k_swa, v_swa)
     cmp_parts = []
@@ -95,12 +101,17 @@ def nsa_attention_cp(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, 
         o_swa = branches.window(q_i, kw, vw, config, scale, halos[i][2].shape[1], backend)
         per_chunk.append((q_i, o_cmp, idx, o_swa))
 
-    kv_g = gather_wait(*kv_slc, shard, c)
-    k_g, v_g = kv_g[..., :dk], kv_g[..., dk:]
-    outs = []
-    for (i, g), (q_i, o_cmp, idx, o_swa) in zip(enumerate(shard.chunks), per_chunk):
-        o_slc, _ = branches.selected(q_i, k_g, v_g, idx, config, scale, g * c, 0, backend)
-        outs.append(combine(o_cmp, o_slc, o_swa, gate[:, i * c:(i + 1) * c]))
+    if selection_exchange == "ring":
+        o_slc = ring_selected_attention(q, k_slc, v_slc, [p[2] for p in per_chunk], shard, config.select_block,
+                                        scale)
+        o_slc = [o_slc[:, i * c:(i + 1) * c] for i in range(len(per_chunk))]
+    else:
+        kv_g = gather_wait(*kv_slc, shard, c)
+        k_g, v_g = kv_g[..., :dk], kv_g[..., dk:]
+        o_slc = [branches.selected(q_i, k_g, v_g, idx, config, scale, g * c, 0, backend)[0]
+                 for g, (q_i, _, idx, _) in zip(shard.chunks, per_chunk)]
+    outs = [combine(o_cmp, o_s, o_swa, gate[:, i * c:(i + 1) * c])
+            for i, ((_, o_cmp, _, o_swa), o_s) in enumerate(zip(per_chunk, o_slc))]
     return torch.cat(outs, dim=1)
 
 

@@ -80,6 +80,8 @@ CP_CASES = [
     ("gqa4-lb", 3, 2, 8, 2, 16, 8, "load_balanced", "reference", "allgather"),
     ("mha-contig", 2, 1, 2, 2, 16, 16, "contiguous", "reference", "allgather"),
     ("triton-lb", 2, 1, 4, 2, 16, 16, "load_balanced", "triton", "allgather"),
+    ("triton-ring-lb", 2, 1, 4, 2, 16, 16, "load_balanced", "triton", "ring"),
+    ("triton-ring-contig", 2, 1, 8, 2, 16, 8, "contiguous", "triton", "ring"),
 ]
 
 
@@ -143,7 +145,7 @@ def run_cp(world, cases):
 def test_cp_equals_single_rank(world):
     """Output, every input gradient and phi's gradients on each of P ranks equal the single-rank NSA of the full
     sequence, sliced (fp32; the Triton case runs in the interpreter on CPU)."""
-    cases = CP_CASES if world == 2 else [c for c in CP_CASES if c[8] == "reference"]
+    cases = CP_CASES if world == 2 else [c for c in CP_CASES if c[8] == "reference" or c[0] == "triton-ring-lb"]
     result = run_cp(world, cases)
     for case in cases:
         bound = 1e-5 if case[8] == "reference" else 1e-4
@@ -151,3 +153,19 @@ def test_cp_equals_single_rank(world):
             errs = result[(case[0], rank)]
             bad = {k: v for k, v in errs.items() if not v < bound}
             assert not bad, (case[0], rank, bad)
+
+
+def test_cp_bad_options_are_named():
+    from nsa_parallel.context_parallel import check_cp_config, nsa_attention_cp
+    q, kvs, gate, ck, cv = make_inputs(1, 64, 4, 2, 16, 16, CP_CFG)
+    with pytest.raises(ValueError, match="selection_exchange='ring' runs the Triton kernels"):
+        nsa_attention_cp(q, *kvs, gate, compress_k=ck, compress_v=cv, cp_group=None, config=CP_CFG,
+                         selection_exchange="ring")
+    with pytest.raises(ValueError, match="selection_exchange='p2p'; allowed: allgather, ring"):
+        nsa_attention_cp(q, *kvs, gate, compress_k=ck, compress_v=cv, cp_group=None, config=CP_CFG,
+                         selection_exchange="p2p")
+    assert check_cp_config(64, 2, "load_balanced", CP_CFG) == 16
+    with pytest.raises(ValueError, match="chunks of 16 tokens .* must be at least the halo .* = 23 tokens"):
+        check_cp_config(64, 2, "load_balanced", SMALL)   # SMALL's window 24
+    with pytest.raises(ValueError, match="must be a multiple of 4 chunks x select_block 16 = 64"):
+        check_cp_config(80, 2, "load_balanced", CP_CFG)
