@@ -146,6 +146,8 @@ def test_cp_equals_single_rank(world):
     """Output, every input gradient and phi's gradients on each of P ranks equal the single-rank NSA of the full
     sequence, sliced (fp32; the Triton case runs in the interpreter on CPU)."""
     cases = CP_CASES if world == 2 else [c for c in CP_CASES if c[8] == "reference" or c[0] == "triton-ring-lb"]
+    if torch.cuda.is_available():  # these gloo processes hold CPU tensors: Triton runs there only interpreted
+        cases = [c for c in cases if c[8] == "reference"]
     result = run_cp(world, cases)
     for case in cases:
         bound = 1e-5 if case[8] == "reference" else 1e-4

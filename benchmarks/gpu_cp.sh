@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Context-parallel session on the GPUs of one host: CP equality (bf16) + timings vs one GPU and dense ring.
+# Usage (repo root, on a multi-GPU machine): bash benchmarks/gpu_cp.sh OUTDIR [bench_cp args...]
+set -uo pipefail
+out=${1:?usage: gpu_cp.sh OUTDIR [bench_cp args]}; shift
+source benchmarks/gpu_env.sh
+ngpu=$(nvidia-smi -L | wc -l)
+python3 -P -m torch.distributed.run --standalone --nproc_per_node "$ngpu" -m nsa_parallel.bench_cp \
+  --out "$out/cp_bench.json" "$@" 2>&1 | tee "$out/cp_bench.log"
