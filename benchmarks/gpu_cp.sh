@@ -4,6 +4,9 @@
 set -uo pipefail
 out=${1:?usage: gpu_cp.sh OUTDIR [bench_cp args]}; shift
 source benchmarks/gpu_env.sh
+out=$(cd "$out" && pwd)
 ngpu=$(nvidia-smi -L | wc -l)
-python3 -P -m torch.distributed.run --standalone --nproc_per_node "$ngpu" -m nsa_parallel.bench_cp \
+# torchrun starts its workers without -P: run from elsewhere so that the checkout's nsa_parallel/ (which lacks the
+# kernels/ and context_parallel/ subpackages until installed) does not shadow the laid-out package
+cd /tmp && python3 -m torch.distributed.run --standalone --nproc_per_node "$ngpu" -m nsa_parallel.bench_cp \
   --out "$out/cp_bench.json" "$@" 2>&1 | tee "$out/cp_bench.log"
