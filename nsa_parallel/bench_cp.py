@@ -78,6 +78,12 @@ def run(args) -> dict:
     rows = []
     for t in args.seqlens:
         row = dict(T=t, P=world, hq=hq, hkv=hkv, d=d)
+        if args.dense_ring_only:
+            _dense(row, t, hq, d, world, args.iters, single=False)
+            rows.append(row)
+            if rank == 0:
+                print(json.dumps(row), flush=True)
+            continue
         tensors, ck, cv = _inputs(t, hq, hkv, d, cfg)
         grad = torch.randn(1, t, hq, d, device="cuda", dtype=torch.bfloat16,
                            generator=torch.Generator(device="cuda").manual_seed(1))
@@ -146,7 +152,7 @@ def run(args) -> dict:
                 torch=torch.__version__, config=cfg.__dict__, rows=rows)
 
 
-def _dense(row, t, hq, d, world, iters):
+def _dense(row, t, hq, d, world, iters, single=True):
     """Causal SDPA on one GPU and as torch's ring (``context_parallel``); K/V carry all 64 heads there (the ring
     has no GQA), which is the dense model's cost."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -155,22 +161,29 @@ def _dense(row, t, hq, d, world, iters):
     q, k, v = mk(), mk(), mk()
     g = torch.randn_like(q)
     for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        if not single:
+            break
         try:
             with sdpa_kernel(backend):
                 row[f"dense_{name}_fwd_ms"] = _timed(lambda: fa(q, k, v, is_causal=True), iters)
                 row[f"dense_{name}_fwdbwd_ms"] = _timed(lambda: fa(q, k, v, is_causal=True).backward(g), iters)
         except Exception as e:  # noqa: BLE001
             row[f"dense_{name}_error"] = f"{type(e).__name__}: {e}"[:300]
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor.experimental import context_parallel
-        mesh = init_device_mesh("cuda", (world,))
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION), context_parallel(mesh, buffers=[q, k, v, g],
-                                                                       buffer_seq_dims=[2, 2, 2, 2]):
-            row["dense_ring_fwd_ms"] = _timed(lambda: fa(q, k, v, is_causal=True), iters)
-            row["dense_ring_fwdbwd_ms"] = _timed(lambda: fa(q, k, v, is_causal=True).backward(g), iters)
-    except Exception as e:  # noqa: BLE001
-        row["dense_ring_error"] = f"{type(e).__name__}: {e}"[:300]
+    q, k, v, g = (x.detach() for x in (q, k, v, g))  # context_parallel shards its buffers in place
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import context_parallel
+    mesh = init_device_mesh("cuda", (world,))
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        qr, kr, vr, gr = (x.clone() for x in (q, k, v, g))
+        try:
+            with sdpa_kernel(backend), context_parallel(mesh, buffers=[qr, kr, vr, gr], buffer_seq_dims=[2] * 4):
+                leaves = lambda: [x.detach().requires_grad_() for x in (qr, kr, vr)]  # noqa: E731
+                row[f"dense_ring_{name}_fwd_ms"] = _timed(lambda: fa(*leaves(), is_causal=True), iters)
+                row[f"dense_ring_{name}_fwdbwd_ms"] = _timed(lambda: fa(*leaves(), is_causal=True).backward(gr),
+                                                             iters)
+        except Exception as e:  # noqa: BLE001
+            row[f"dense_ring_{name}_error"] = f"{type(e).__name__}: {e}"[:300]
+        torch.cuda.empty_cache()
 
 
 def main(argv=None) -> None:
@@ -182,6 +195,7 @@ def main(argv=None) -> None:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--check-max-t", type=int, default=131072, help="longest T whose CP result is checked")
     p.add_argument("--dense-max-t", type=int, default=262144, help="longest T to time dense attention at")
+    p.add_argument("--dense-ring-only", action="store_true", help="time only torch's dense ring attention")
     p.add_argument("--out", default="cp_bench.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
