@@ -28,12 +28,18 @@ def _shift(shard: CPShard, tensors: List[torch.Tensor]):
     return recv, dist.batch_isend_irecv(ops)
 
 
-def _pairs(shard: CPShard, src: int):
-    """(local query chunk i, its global id, visiting chunk j, its global id) with causal work to do."""
+def _steps(shard: CPShard, src: int, q, cur, indices, block: int):
+    """The kernel calls of one ring step: ``(rows, keys, q_i, k_j, v_j, launch)`` for every local query chunk and
+    visiting chunk (of rank ``src``) with causal work to do."""
+    c = shard.chunk
     for i, g in enumerate(shard.chunks):
         for j, h in enumerate(shard.chunks_of(src)):
-            if h <= g:  # a visiting chunk after the query chunk holds no key any of its queries may see
-                yield i, g, j, h
+            if h > g:  # a visiting chunk after the query chunk holds no key any of its queries may see
+                continue
+            rows, keys = slice(i * c, (i + 1) * c), slice(j * c, (j + 1) * c)
+            q_i, k_j, v_j = (x.contiguous() for x in (q[:, rows], cur[0][:, keys], cur[1][:, keys]))
+            yield rows, keys, i, q_i, k_j, v_j, _SelLaunch(q_i, k_j, indices[i], block, None, q_offset=g * c,
+                                                           k_base=h * c)
 
 
 class RingSelected(torch.autograd.Function):
@@ -42,7 +48,6 @@ class RingSelected(torch.autograd.Function):
         """q ``[b, t_local, hq, dk]``, k / v ``[b, t_local, hkv, d]`` (this rank's chunks), indices per local
         chunk (global block ids). Returns this rank's ``o [b, t_local, hq, dv]``."""
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        c = shard.chunk
         b, t, hq, _ = q.shape
         o = q.new_zeros(b, t, hq, v.shape[-1], dtype=torch.float32)
         lse = q.new_full((b, t, hq), float("-inf"), dtype=torch.float32)
@@ -50,11 +55,8 @@ class RingSelected(torch.autograd.Function):
         for s in range(shard.cp_size):
             src = (shard.rank - s) % shard.cp_size
             nxt, reqs = _shift(shard, cur) if s + 1 < shard.cp_size else (None, [])
-            for i, g, j, h in _pairs(shard, src):
-                rows, keys = slice(i * c, (i + 1) * c), slice(j * c, (j + 1) * c)
-                kj, vj = cur[0][:, keys].contiguous(), cur[1][:, keys].contiguous()
-                L = _SelLaunch(q[:, rows], kj, indices[i], block, None, q_offset=g * c, k_base=h * c)
-                o_p, lse_p = selected_forward(q[:, rows].contiguous(), kj, vj, indices[i], L, scale)
+            for rows, _, i, q_i, k_j, v_j, L in _steps(shard, src, q, cur, indices, block):
+                o_p, lse_p = selected_forward(q_i, k_j, v_j, indices[i], L, scale)
                 o[:, rows], lse[:, rows] = merge_partial(o[:, rows], lse[:, rows], o_p, lse_p)
             for req in reqs:
                 req.wait()
@@ -67,7 +69,7 @@ class RingSelected(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, *indices = ctx.saved_tensors
-        shard, block, scale, c = ctx.shard, ctx.block, ctx.scale, ctx.shard.chunk
+        shard, block, scale = ctx.shard, ctx.block, ctx.scale
         do = do.contiguous()
         delta = (o.float() * do.float()).sum(-1)
         dq = torch.zeros_like(q, dtype=torch.float32)
@@ -76,13 +78,10 @@ class RingSelected(torch.autograd.Function):
         for s in range(shard.cp_size):
             src = (shard.rank - s) % shard.cp_size
             nxt, reqs = _shift(shard, cur) if s + 1 < shard.cp_size else (None, [])
-            for i, g, j, h in _pairs(shard, src):
-                rows, keys = slice(i * c, (i + 1) * c), slice(j * c, (j + 1) * c)
-                kj, vj = cur[0][:, keys].contiguous(), cur[1][:, keys].contiguous()
-                L = _SelLaunch(q[:, rows], kj, indices[i], block, None, q_offset=g * c, k_base=h * c)
-                dq_p, dk_p, dv_p = selected_backward(q[:, rows].contiguous(), kj, vj, indices[i],
-                                                     do[:, rows].contiguous(), lse[:, rows].contiguous(),
-                                                     delta[:, rows].contiguous(), L, scale, dq_dtype=torch.float32)
+            for rows, keys, i, q_i, k_j, v_j, L in _steps(shard, src, q, cur, indices, block):
+                dq_p, dk_p, dv_p = selected_backward(q_i, k_j, v_j, indices[i], do[:, rows].contiguous(),
+                                                     lse[:, rows].contiguous(), delta[:, rows].contiguous(), L,
+                                                     scale, dq_dtype=torch.float32)
                 dq[:, rows] += dq_p
                 acc[0][:, keys] += dk_p
                 acc[1][:, keys] += dv_p
