@@ -88,7 +88,8 @@ def nsa_attention_cp(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, 
             kvc = torch.nn.functional.pad(kvc, (0, 0, 0, 0, c // d - kvc.shape[1], 0))
         cmp_parts.append(kvc)
     kvc = all_gather_sequence(torch.cat(cmp_parts, dim=1), shard, c // d)[:, cb // d - 1:]
-    k_cmp_g, v_cmp_g = kvc[..., :dk], kvc[..., dk:]
+    # contiguous once here, not in every chunk's kernel call
+    k_cmp_g, v_cmp_g = kvc[..., :dk].contiguous(), kvc[..., dk:].contiguous()
 
     combine = _gate_combine(backend)
     per_chunk = []
@@ -107,7 +108,7 @@ def nsa_attention_cp(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, 
         o_slc = [o_slc[:, i * c:(i + 1) * c] for i in range(len(per_chunk))]
     else:
         kv_g = gather_wait(*kv_slc, shard, c)
-        k_g, v_g = kv_g[..., :dk], kv_g[..., dk:]
+        k_g, v_g = kv_g[..., :dk].contiguous(), kv_g[..., dk:].contiguous()
         o_slc = [branches.selected(q_i, k_g, v_g, idx, config, scale, g * c, 0, backend)[0]
                  for g, (q_i, _, idx, _) in zip(shard.chunks, per_chunk)]
     outs = [combine(o_cmp, o_s, o_swa, gate[:, i * c:(i + 1) * c])

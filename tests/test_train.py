@@ -117,6 +117,17 @@ def test_two_ranks_equal_one_rank(flags, tp1_checkpoint):
         assert abs(a - b) < max(RTOL, 1e-4) * abs(b), (got, want)
 
 
+@pytest.mark.skipif(HAS_CUDA and torch.cuda.device_count() < 4, reason="4 ranks on CUDA need 4 GPUs (NCCL)")
+def test_tensor_and_context_parallel_together_equal_one_rank(tp1_checkpoint):
+    """TP=2 x CP=2 (4 processes): each rank holds half the heads of half the sequence; the losses are TP=1's."""
+    full, _ = tp1_checkpoint
+    got = run_ranks(4, RESUMABLE + ["--train-iters", "4", "--tensor-model-parallel-size", "2",
+                                    "--context-parallel-size", "2"])
+    assert isinstance(got, list), got
+    for a, b in zip(got, full):
+        assert abs(a - b) < max(RTOL, 1e-4) * abs(b), (got, full)
+
+
 def test_dense_attention_switch_trains():
     res = train(TINY + ["--train-iters", "5", "--attention", "dense", "--lr", "1e-2"])
     assert all(math.isfinite(x) for x in _losses(res))
