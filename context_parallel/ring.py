@@ -38,7 +38,7 @@ def _steps(shard: CPShard, src: int, q, cur, indices, block: int):
                 continue
             rows, keys = slice(i * c, (i + 1) * c), slice(j * c, (j + 1) * c)
             q_i, k_j, v_j = (x.contiguous() for x in (q[:, rows], cur[0][:, keys], cur[1][:, keys]))
-            yield rows, keys, i, q_i, k_j, v_j, _SelLaunch(q_i, k_j, indices[i], block, None, q_offset=g * c,
+            yield rows, keys, i, q_i, k_j, v_j, _SelLaunch(q_i, k_j, v_j, indices[i], block, None, q_offset=g * c,
                                                            k_base=h * c)
 
 

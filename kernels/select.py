@@ -235,64 +235,57 @@ class _SelLaunch:
     ``i + q_offset``; ``k_base``: the key buffer holds positions ``[k_base, k_base + tk)`` (both 0 without context
     parallelism); blocks outside the buffer are skipped."""
 
-    def __init__(self, q, k, indices, block, cu_seqlens, max_t=None, q_offset=0, k_base=0):
+    def __init__(self, q, k, v, indices, block, cu_seqlens, max_t=None, q_offset=0, k_base=0):
         b, t, hq, dk = q.shape
-        tk, hkv = k.shape[1], k.shape[2]
-        self.g = hq // hkv
+        tk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
+        g = hq // hkv
         self.varlen = cu_seqlens is not None
         if self.varlen and (q_offset or k_base):
             raise ValueError("selected_attention: q_offset / k_base are for fixed-length batches only")
-        self.nseq = cu_seqlens.numel() - 1 if self.varlen else b
+        nseq = cu_seqlens.numel() - 1 if self.varlen else b
         if not self.varlen:
             max_t = t
         elif max_t is None:
             max_t = max_seqlen(cu_seqlens)
-        self.max_t = max_t
         self.cu = cu_seqlens if self.varlen else q.new_zeros(1, dtype=torch.int32)
         self.sizes = (t, tk, q_offset, k_base)
         self.lo, self.hi = k_base // block, triton.cdiv(k_base + tk, block)
-        self.ns_max = triton.cdiv(self.max_t + q_offset, block)
-        self.dk, self.block, self.hkv, self.hq, self.n = dk, block, hkv, hq, indices.shape[-1]
-        self.dtype, self.is_cuda = q.dtype, q.is_cuda
-
-    def consts(self, dv):
-        gp = triton.next_power_of_2(self.g)
-        common = dict(HQ=self.hq, HKV=self.hkv, G=self.g, GP=gp, DK=self.dk, DV=dv,
-                      BDK=max(16, triton.next_power_of_2(self.dk)), BDV=max(16, triton.next_power_of_2(dv)),
-                      BS=self.block, VARLEN=self.varlen)
+        self.ns_max = triton.cdiv(max_t + q_offset, block)
+        gp = triton.next_power_of_2(g)
+        common = dict(HQ=hq, HKV=hkv, G=g, GP=gp, DK=dk, DV=dv, BDK=max(16, triton.next_power_of_2(dk)),
+                      BDV=max(16, triton.next_power_of_2(dv)), BS=block, VARLEN=self.varlen)
         # 64 rows; at most 16 positions, so that the union of their blocks stays close to n
         block_t = max(1, min(16, 64 // gp)) if gp < 64 else 1
-        qmajor = dict(common, N=self.n, NP=triton.next_power_of_2(self.n), BLOCK_T=block_t)
-        kmajor = dict(common, BLOCK_Q=max(1, 64 // gp))
-        grid_q = (triton.cdiv(self.max_t, block_t), self.nseq * self.hkv)
-        wide = max(common["BDK"], common["BDV"]) > 128 or self.dtype == torch.float32
-        stages = 1 if wide or not self.is_cuda else 2  # wide tiles: stay inside shared memory
-        return qmajor, kmajor, grid_q, stages
+        n = indices.shape[-1]
+        self.qmajor = dict(common, N=n, NP=triton.next_power_of_2(n), BLOCK_T=block_t)
+        self.kmajor = dict(common, BLOCK_Q=max(1, 64 // gp))
+        self.grid_q = (triton.cdiv(max_t, block_t), nseq * hkv)
+        wide = max(common["BDK"], common["BDV"]) > 128 or q.dtype == torch.float32
+        self.stages = 1 if wide or not q.is_cuda else 2  # wide tiles: stay inside shared memory
 
 
 def selected_forward(q, k, v, indices, L: _SelLaunch, scale: float):
     """``(o, lse)`` of the queries over the selected blocks inside this key buffer (no autograd)."""
     b, t, hq, _ = q.shape
-    qmajor, _, grid_q, stages = L.consts(v.shape[-1])
     o = torch.empty(b, t, hq, v.shape[-1], device=q.device, dtype=q.dtype)
     lse = torch.empty(b, t, hq, device=q.device, dtype=torch.float32)
-    _sel_fwd_kernel[grid_q](q, k, v, indices, o, lse, L.cu, *L.sizes, L.lo, L.hi, scale, **qmajor, num_stages=stages)
+    _sel_fwd_kernel[L.grid_q](q, k, v, indices, o, lse, L.cu, *L.sizes, L.lo, L.hi, scale, **L.qmajor,
+                              num_stages=L.stages)
     return o, lse
 
 
 def selected_backward(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: float, dq_dtype=None):
     """``(dq, dk fp32, dv fp32)`` of this key buffer's share, given the final ``lse`` and
     ``delta = rowsum(o * do)`` (so ring steps can each add their part)."""
-    qmajor, kmajor, grid_q, stages = L.consts(v.shape[-1])
     dq = torch.empty_like(q, dtype=dq_dtype or q.dtype)
     dk = torch.zeros_like(k, dtype=torch.float32)
     dv = torch.zeros_like(v, dtype=torch.float32)
-    _sel_bwd_dq_kernel[grid_q](q, k, v, indices, do, lse, delta, dq, L.cu, *L.sizes, L.lo, L.hi, scale, **qmajor,
-                               num_stages=stages)
+    _sel_bwd_dq_kernel[L.grid_q](q, k, v, indices, do, lse, delta, dq, L.cu, *L.sizes, L.lo, L.hi, scale,
+                                 **L.qmajor, num_stages=L.stages)
     qlist, offsets = invert_block_indices(indices, L.ns_max, L.cu if L.varlen else None, L.lo, L.hi)
     items = work_items(offsets, indices.numel(), SEL_BWD_CHUNK)
     _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu, *L.sizes,
-                                              L.ns_max, scale, **kmajor, num_stages=stages)
+                                              L.ns_max, scale, **L.kmajor, num_stages=L.stages)
     return dq, dk, dv
 
 
@@ -300,7 +293,7 @@ class SelectedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, indices, block, scale, cu_seqlens, max_t, q_offset, k_base):
         q, k, v, indices = q.contiguous(), k.contiguous(), v.contiguous(), indices.contiguous()
-        L = _SelLaunch(q, k, indices, block, cu_seqlens, max_t, q_offset, k_base)
+        L = _SelLaunch(q, k, v, indices, block, cu_seqlens, max_t, q_offset, k_base)
         o, lse = selected_forward(q, k, v, indices, L, scale)
         ctx.save_for_backward(q, k, v, indices, o, lse)
         ctx.launch, ctx.scale = L, scale

@@ -160,9 +160,8 @@ def _dense(row, t, hq, d, world, iters, single=True):
     mk = lambda: torch.randn(1, hq, t, d, device="cuda", dtype=torch.bfloat16).requires_grad_()  # noqa: E731
     q, k, v = mk(), mk(), mk()
     g = torch.randn_like(q)
-    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
-        if not single:
-            break
+    backends = (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION))
+    for name, backend in backends if single else ():
         try:
             with sdpa_kernel(backend):
                 row[f"dense_{name}_fwd_ms"] = _timed(lambda: fa(q, k, v, is_causal=True), iters)
@@ -173,7 +172,7 @@ def _dense(row, t, hq, d, world, iters, single=True):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.experimental import context_parallel
     mesh = init_device_mesh("cuda", (world,))
-    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+    for name, backend in backends:
         qr, kr, vr, gr = (x.clone() for x in (q, k, v, g))
         try:
             with sdpa_kernel(backend), context_parallel(mesh, buffers=[qr, kr, vr, gr], buffer_seq_dims=[2] * 4):
