@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from .arguments import add_nsa_args, nsa_config_from_args
 from .metrics import MetricsLogger
+from .rendezvous import LAUNCHERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--context-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
+    g.add_argument("--launcher", choices=LAUNCHERS, default="auto",
+                   help="where ranks and rank 0's address come from: torchrun's variables, srun's (SLURM_*), "
+                        "mpirun's through mpi4py, or one process; auto picks the one present.")
     g = p.add_argument_group("data")
     g.add_argument("--seq-length", type=int, default=512)
     g.add_argument("--data-path", nargs="+", default=None,
@@ -314,7 +318,10 @@ def train(argv: Optional[List[str]] = None) -> Dict:
     from .megatron import enable_cpu_shims
     from .megatron.cpu_shims import seed_cpu_rng_tracker
 
-    env = init_distributed(args.device)
+    try:
+        env = init_distributed(args.device, launcher=args.launcher)
+    except ValueError as e:
+        _fail(str(e))
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
     if env.world_size % (tp * pp * cp):
         _fail(f"world size {env.world_size} must be a multiple of tensor x pipeline x context parallel sizes = "
