@@ -122,6 +122,11 @@ def exchange_halos(shard: CPShard, lengths: Sequence[int], *xs: torch.Tensor) ->
     return [list(flat[i * m:(i + 1) * m]) for i in range(len(shard.chunks))]
 
 
+# torch 2.13 renamed the tensor collectives (the old names warn); the device's 2.11 has only the old ones
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class GatherHandle:
     """An all-gather in flight: :func:`gather_start` returns it, :func:`gather_wait` finishes it."""
     work = None
@@ -146,7 +151,7 @@ class _GatherStart(torch.autograd.Function):
     def forward(ctx, x, shard: CPShard, handle: GatherHandle):
         x = x.contiguous()
         buf = x.new_empty(shard.cp_size * x.shape[0], *x.shape[1:])  # rank-major, as every backend takes it
-        handle.work = dist.all_gather_into_tensor(buf, x, group=shard.group, async_op=True)
+        handle.work = _all_gather(buf, x, group=shard.group, async_op=True)
         ctx.shard = shard
         return buf
 
@@ -154,7 +159,7 @@ class _GatherStart(torch.autograd.Function):
     def backward(ctx, gbuf):
         # every rank's copy of a token got gradient from its own queries: the owner takes the sum
         out = gbuf.new_empty(gbuf.shape[0] // ctx.shard.cp_size, *gbuf.shape[1:])
-        dist.reduce_scatter_tensor(out, gbuf.contiguous(), group=ctx.shard.group)
+        _reduce_scatter(out, gbuf.contiguous(), group=ctx.shard.group)
         return out, None, None
 
 
