@@ -9,9 +9,10 @@ Each point times forward and forward+backward of one attention layer's core on o
 
 - ``nsa``: :func:`nsa_attention` on one device, :func:`nsa_attention_cp` (load-balanced split, selection K/V
   all-gathered) over P ranks;
-- ``dense``: causal SDPA with GQA (flash/cuDNN on GPUs) on one device; over P ranks, all-gather context
-  parallelism (K/V gathered, each local chunk attends to the keys before its end; the gather's backward
-  reduce-scatters), the dense peer of NSA's CP.
+- ``dense``: causal SDPA with GQA (torch picks flash on GPUs) on one device; over P ranks, all-gather context
+  parallelism as Llama 3 trained it (K/V gathered, each local chunk attends to the keys before its end with a
+  lower-right causal mask, which SDPA runs in its memory-efficient kernel; the gather's backward reduce-scatters).
+  torch's ring over flash/cuDNN is timed by :mod:`nsa_parallel.bench_cp`.
 
 For each CP size the tool spawns P processes on this host (one GPU each, NCCL; gloo on CPU). Points that do not
 fit (out of memory, a length CP cannot split) are recorded with the reason and the sweep goes on. Writes
@@ -128,15 +129,18 @@ def _dense_fn(tensors, args, group):
     local = [split_for_rank(x, world, rank) for x in (q, k, v)]
     ranges = chunk_ranges(t, world, rank)
 
+    groups = q.shape[2] // k.shape[2]
+
     def run():
         ql, kl, vl = (x.detach().requires_grad_() for x in local)
-        kg, vg = (all_gather_sequence(x, shard, per_chunk) for x in (kl, vl))
+        # heads expanded after the gather (the wire carries the GQA heads only): SDPA's lower-right causal mask
+        # runs in the memory-efficient kernel, which takes no enable_gqa
+        kg, vg = (all_gather_sequence(x, shard, per_chunk).repeat_interleave(groups, dim=2) for x in (kl, vl))
         outs = []
         for i, (c0, c1) in enumerate(ranges):
             qc = ql[:, i * per_chunk:(i + 1) * per_chunk]
             outs.append(F.scaled_dot_product_attention(
-                bhtd(qc), bhtd(kg[:, :c1]), bhtd(vg[:, :c1]), attn_mask=causal_lower_right(c1 - c0, c1),
-                enable_gqa=True))
+                bhtd(qc), bhtd(kg[:, :c1]), bhtd(vg[:, :c1]), attn_mask=causal_lower_right(c1 - c0, c1)))
         return torch.cat(outs, dim=2)
     return run
 
