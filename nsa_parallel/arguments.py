@@ -31,3 +31,27 @@ def add_nsa_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def nsa_config_from_args(args: argparse.Namespace) -> NSAConfig:
     """Build (and so validate) the NSAConfig that the parsed ``--nsa-*`` args describe."""
     return NSAConfig(**{f.name: getattr(args, "nsa_" + f.name) for f in fields(NSAConfig)})
+
+
+# constraints beyond ">= 1" that NSAConfig checks, and what the Triton backend adds, for the docs table
+_CONSTRAINTS = {
+    "compress_block": "multiple of `compress_stride`",
+    "compress_stride": ">= 1; divides `compress_block` and `select_block`",
+    "select_block": "multiple of `compress_stride`; power of two >= 16 with `--nsa-backend triton`",
+    "select_topn": ">= `select_initial + select_local`",
+    "select_initial": ">= 0",
+    "select_local": ">= 1 (the query's own block)",
+    "window": ">= 1; with context parallelism a chunk (seq / 2CP) must hold >= `window - 1` tokens",
+    "gate_activation": "`sigmoid` or `softmax`",
+}
+
+
+def markdown_table() -> str:
+    """The ``--nsa-*`` flags as the Markdown table in docs/arguments.md (a test keeps the two equal)."""
+    lines = ["| flag | NSAConfig field | default | meaning | allowed |", "|---|---|---|---|---|"]
+    for f in fields(NSAConfig):
+        lines.append(f"| `{_flag(f.name)}` | `{f.name}` | {f.default} | {f.metadata['help'].replace('|', '/')} "
+                     f"| {_CONSTRAINTS[f.name]} |")
+    lines.append(f"| `--nsa-backend` | - | triton on CUDA, reference on CPU | which kernels run | "
+                 f"{', '.join(f'`{b}`' for b in BACKENDS)} |")
+    return "\n".join(lines)
