@@ -1,0 +1,304 @@
+"""Triton kernels for one NSA decoding step (one new query per sequence), GQA group-centric, split-K.
+
+Every program serves one (sequence, KV head) pair and all ``G = hq / hkv`` query heads of its group, so each
+loaded key block is used by the whole group (rows of the ``[G, d]`` query tile, padded to 16 for ``tl.dot``).
+Long caches are split: the compressed branch over ``splits`` ranges of compressed tokens, the selected branch one
+program per selected block, the window one program per ``l'`` positions. Partial (o, max, sum) are merged by the
+last kernel, which also applies the gates:
+
+1. ``_cmp_partial``: compressed attention over a range -> partial o, m, l (log2 domain).
+2. ``_cmp_scores``: the global log-sum-exp from the partials, the probabilities again, summed over the group's
+   heads and spread over selection blocks by their stride-slot overlap (eq. 9) -> fp32 scores (atomics).
+3. ``_topn``: forced first/local blocks, top-n of the rest, ties to the lower index, ascending (as the reference).
+4. ``_sparse_partial``: one selected block or one window tile -> partial o, m, l.
+5. ``_combine``: merge the partials of each branch, gate, write ``[B, hq, dv]``.
+
+Sequence lengths are read on the device (``cache.lens``): no host sync, so a step can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N = 64  # compressed tokens per tile
+
+
+def _p2(x: int) -> int:
+    return triton.next_power_of_2(max(int(x), 1))
+
+
+@triton.jit
+def _load_q(q_ptr, b, h, sqb, sqh, G: tl.constexpr, DK: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr):
+    g = tl.arange(0, BG)
+    d = tl.arange(0, BD)
+    ptr = q_ptr + b * sqb + (h * G + g)[:, None] * sqh + d[None, :]
+    return tl.load(ptr, mask=(g[:, None] < G) & (d[None, :] < DK), other=0.0)
+
+
+@triton.jit
+def _num_cmp(t, CL: tl.constexpr, CS: tl.constexpr):
+    # compressed blocks that end at or before position t: i*CS + CL - 1 <= t
+    return tl.where(t >= CL - 1, (t - CL + 1) // CS + 1, 0)
+
+
+@triton.jit
+def _cmp_partial(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, sm_scale, sqb, sqh, skb, skt, skh, svb, svt, svh,
+                 HKV: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, CL: tl.constexpr,
+                 CS: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr,
+                 BDV: tl.constexpr, BN: tl.constexpr):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    t = tl.load(lens_ptr + b) - 1
+    nc = _num_cmp(t, CL, CS)
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, nc)
+    q = _load_q(q_ptr, b, h, sqb, sqh, G, DK, BG, BD)
+    g = tl.arange(0, BG)
+    d = tl.arange(0, BD)
+    dv = tl.arange(0, BDV)
+    m_i = tl.full([BG], float("-inf"), tl.float32)
+    l_i = tl.zeros([BG], tl.float32)
+    acc = tl.zeros([BG, BDV], tl.float32)
+    for i0 in range(start, end, BN):
+        i = i0 + tl.arange(0, BN)
+        ok = i < end
+        k = tl.load(k_ptr + b * skb + i[:, None].to(tl.int64) * skt + h * skh + d[None, :],
+                    mask=ok[:, None] & (d[None, :] < DK), other=0.0)
+        v = tl.load(v_ptr + b * svb + i[:, None].to(tl.int64) * svt + h * svh + dv[None, :],
+                    mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
+        s = tl.dot(q, tl.trans(k)) * (sm_scale * 1.4426950408889634)
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    row = (bh * SPLITS + split) * G + g
+    tl.store(m_ptr + row, m_i, mask=g < G)
+    tl.store(l_ptr + row, l_i, mask=g < G)
+    tl.store(o_ptr + row[:, None] * DV + dv[None, :], acc, mask=(g[:, None] < G) & (dv[None, :] < DV))
+
+
+@triton.jit
+def _cmp_scores(q_ptr, k_ptr, lens_ptr, m_ptr, l_ptr, sc_ptr, sm_scale, sqb, sqh, skb, skt, skh, NSMAX,
+                HKV: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, CL: tl.constexpr, CS: tl.constexpr,
+                SB: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, BSPL: tl.constexpr, BG: tl.constexpr,
+                BD: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    n_tok = tl.load(lens_ptr + b)
+    t = n_tok - 1
+    nc = _num_cmp(t, CL, CS)
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, nc)
+    if start < end:
+        g = tl.arange(0, BG)
+        sp = tl.arange(0, BSPL)
+        pm = (sp[:, None] < SPLITS) & (g[None, :] < G)
+        part = (bh * SPLITS + sp[:, None]) * G + g[None, :]
+        m_s = tl.load(m_ptr + part, mask=pm, other=float("-inf"))
+        l_s = tl.load(l_ptr + part, mask=pm, other=0.0)
+        m_all = tl.max(m_s, 0)
+        m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+        lse = m_safe + tl.log2(tl.sum(l_s * tl.exp2(m_s - m_safe[None, :]), 0))
+        q = _load_q(q_ptr, b, h, sqb, sqh, G, DK, BG, BD)
+        d = tl.arange(0, BD)
+        A: tl.constexpr = CL // CS  # stride slots per compressed block
+        S: tl.constexpr = SB // CS  # stride slots per selection block
+        ns = (n_tok + SB - 1) // SB
+        for i0 in range(start, end, BN):
+            i = i0 + tl.arange(0, BN)
+            ok = i < end
+            k = tl.load(k_ptr + b * skb + i[:, None].to(tl.int64) * skt + h * skh + d[None, :],
+                        mask=ok[:, None] & (d[None, :] < DK), other=0.0)
+            s = tl.dot(q, tl.trans(k)) * (sm_scale * 1.4426950408889634)
+            p = tl.exp2(s - lse[:, None])
+            p = tl.where((g[:, None] < G) & ok[None, :], p, 0.0)
+            ps = tl.sum(p, 0)  # [BN], the group's heads summed (eq. 10)
+            j = i0 // S + tl.arange(0, BJ)
+            lo = tl.maximum(i[:, None], j[None, :] * S)
+            hi = tl.minimum(i[:, None] + A, (j[None, :] + 1) * S)
+            w = tl.maximum(hi - lo, 0).to(tl.float32)
+            contrib = tl.sum(ps[:, None] * w, 0)
+            tl.atomic_add(sc_ptr + bh * NSMAX + j, contrib, mask=(j < ns) & (contrib != 0.0))
+
+
+@triton.jit
+def _topn(sc_ptr, lens_ptr, idx_ptr, NSMAX, HKV: tl.constexpr, SB: tl.constexpr, TOPN: tl.constexpr,
+          INIT: tl.constexpr, LOCAL: tl.constexpr, BNS: tl.constexpr, BTOP: tl.constexpr):
+    bh = tl.program_id(0)
+    b = bh // HKV
+    t = tl.load(lens_ptr + b) - 1
+    own = t // SB
+    j = tl.arange(0, BNS)
+    s = tl.load(sc_ptr + bh * NSMAX + j, mask=j < NSMAX, other=0.0)
+    valid = j <= own
+    forced = valid & ((j < INIT) | (j > own - LOCAL))
+    s = tl.where(forced, float("inf"), s)
+    s = tl.where(valid, s, float("-inf"))
+    sel = j < 0
+    for _ in range(TOPN):
+        arg = tl.argmax(s, 0, tie_break_left=True)  # the lower block index wins ties, as in the reference
+        hit = (j == arg) & (s > float("-inf"))  # nothing left to take once the best is -inf
+        sel = sel | hit
+        s = tl.where(j == arg, float("-inf"), s)
+    rank = tl.cumsum(sel.to(tl.int32), 0) - 1
+    r = tl.arange(0, BTOP)
+    match = sel[None, :] & (rank[None, :] == r[:, None])
+    out = tl.sum(tl.where(match, j[None, :], 0), 1)
+    cnt = tl.sum(sel.to(tl.int32), 0)
+    out = tl.where(r < cnt, out, -1)
+    tl.store(idx_ptr + bh * TOPN + r, out, mask=r < TOPN)
+
+
+@triton.jit
+def _sparse_partial(q_ptr, ks_ptr, vs_ptr, kw_ptr, vw_ptr, lens_ptr, idx_ptr, o_ptr, m_ptr, l_ptr, sm_scale,
+                    sqb, sqh, ksb, kst, ksh, vsb, vst, vsh, kwb, kwt, kwh, vwb, vwt, vwh,
+                    HKV: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, SB: tl.constexpr,
+                    TOPN: tl.constexpr, W: tl.constexpr, NPART: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr,
+                    BDV: tl.constexpr):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    t = tl.load(lens_ptr + b) - 1
+    u = tl.arange(0, SB)
+    d = tl.arange(0, BD)
+    dv = tl.arange(0, BDV)
+    if split < TOPN:  # one selected block (-1: none)
+        blk = tl.load(idx_ptr + bh * TOPN + split)
+        pos = blk * SB + u
+        ok = (pos >= 0) & (pos <= t)  # blk = -1 gives negative positions
+        row = pos.to(tl.int64)
+        kp = ks_ptr + b * ksb + row[:, None] * kst + h * ksh + d[None, :]
+        vp = vs_ptr + b * vsb + row[:, None] * vst + h * vsh + dv[None, :]
+    else:  # one tile of the window t-W+1 .. t, read from its ring (position p at p % W)
+        pos = tl.maximum(t - W + 1, 0) + (split - TOPN) * SB + u
+        ok = pos <= t
+        row = (pos % W).to(tl.int64)
+        kp = kw_ptr + b * kwb + row[:, None] * kwt + h * kwh + d[None, :]
+        vp = vw_ptr + b * vwb + row[:, None] * vwt + h * vwh + dv[None, :]
+    k = tl.load(kp, mask=ok[:, None] & (d[None, :] < DK), other=0.0)
+    v = tl.load(vp, mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
+    q = _load_q(q_ptr, b, h, sqb, sqh, G, DK, BG, BD)
+    s = tl.dot(q, tl.trans(k)) * (sm_scale * 1.4426950408889634)
+    s = tl.where(ok[None, :], s, float("-inf"))
+    m = tl.max(s, 1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    p = tl.exp2(s - m_safe[:, None])
+    g = tl.arange(0, BG)
+    rowp = (bh * NPART + split) * G + g
+    tl.store(m_ptr + rowp, m, mask=g < G)
+    tl.store(l_ptr + rowp, tl.sum(p, 1), mask=g < G)
+    tl.store(o_ptr + rowp[:, None] * DV + dv[None, :], tl.dot(p.to(v.dtype), v),
+             mask=(g[:, None] < G) & (dv[None, :] < DV))
+
+
+@triton.jit
+def _merge(o_ptr, m_ptr, l_ptr, bh, first, count, NPART: tl.constexpr, G: tl.constexpr, DV: tl.constexpr,
+           BG: tl.constexpr, BDV: tl.constexpr):
+    g = tl.arange(0, BG)
+    dv = tl.arange(0, BDV)
+    m_i = tl.full([BG], float("-inf"), tl.float32)
+    l_i = tl.zeros([BG], tl.float32)
+    acc = tl.zeros([BG, BDV], tl.float32)
+    for s in range(first, first + count):
+        row = (bh * NPART + s) * G + g
+        m = tl.load(m_ptr + row, mask=g < G, other=float("-inf"))
+        m_new = tl.maximum(m_i, m)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        a_old = tl.exp2(m_i - m_safe)
+        a_new = tl.exp2(m - m_safe)
+        l_i = l_i * a_old + tl.load(l_ptr + row, mask=g < G, other=0.0) * a_new
+        o = tl.load(o_ptr + row[:, None] * DV + dv[None, :], mask=(g[:, None] < G) & (dv[None, :] < DV), other=0.0)
+        acc = acc * a_old[:, None] + o * a_new[:, None]
+        m_i = m_new
+    return acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no visible key: 0, as the reference
+
+
+@triton.jit
+def _combine(co_ptr, cm_ptr, cl_ptr, so_ptr, sm_ptr, sl_ptr, gate_ptr, out_ptr, sgb, sgh, sob, soh,
+             HKV: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, SPLITS: tl.constexpr, TOPN: tl.constexpr,
+             NPART: tl.constexpr, BG: tl.constexpr, BDV: tl.constexpr):
+    bh = tl.program_id(0)
+    b = bh // HKV
+    h = bh % HKV
+    o_cmp = _merge(co_ptr, cm_ptr, cl_ptr, bh, 0, SPLITS, SPLITS, G, DV, BG, BDV)
+    o_slc = _merge(so_ptr, sm_ptr, sl_ptr, bh, 0, TOPN, NPART, G, DV, BG, BDV)
+    o_swa = _merge(so_ptr, sm_ptr, sl_ptr, bh, TOPN, NPART - TOPN, NPART, G, DV, BG, BDV)
+    g = tl.arange(0, BG)
+    dv = tl.arange(0, BDV)
+    gp = gate_ptr + b * sgb + (h * G + g) * sgh
+    g0 = tl.load(gp, mask=g < G, other=0.0).to(tl.float32)
+    g1 = tl.load(gp + 1, mask=g < G, other=0.0).to(tl.float32)
+    g2 = tl.load(gp + 2, mask=g < G, other=0.0).to(tl.float32)
+    o = g0[:, None] * o_cmp + g1[:, None] * o_slc + g2[:, None] * o_swa
+    tl.store(out_ptr + b * sob + (h * G + g)[:, None] * soh + dv[None, :], o.to(out_ptr.dtype.element_ty),
+             mask=(g[:, None] < G) & (dv[None, :] < DV))
+
+
+def _num_splits(bsz: int, hkv: int, max_cmp: int) -> int:
+    """Enough compressed-branch programs to fill the GPU (about two per SM), no split under one tile."""
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
+        if torch.cuda.is_available() else 132
+    return max(1, min(triton.cdiv(2 * sms, bsz * hkv), triton.cdiv(max_cmp, BLOCK_N)))
+
+
+def decode_triton(q: torch.Tensor, gate: torch.Tensor, cache, scale: float):
+    """``(o [B, hq, dv], indices [B, hkv, n])`` for the token at ``cache.lens - 1`` of each sequence."""
+    cfg = cache.config
+    bsz, hq, dk = q.shape
+    hkv, dv = cache.num_kv_heads, cache.head_dim_v
+    G = hq // hkv
+    if cfg.select_block & (cfg.select_block - 1) or cfg.select_block < 16:
+        raise ValueError(f"backend='triton' decoding needs NSAConfig.select_block to be a power of two >= 16, got "
+                         f"{cfg.select_block}")
+    q = q.contiguous()
+    gate = gate.contiguous()
+    dev = q.device
+    BG, BD, BDV = max(16, _p2(G)), max(16, _p2(dk)), max(16, _p2(dv))
+    splits = _num_splits(bsz, hkv, cache.max_cmp)
+    chunk = triton.cdiv(triton.cdiv(cache.max_cmp, splits), BLOCK_N) * BLOCK_N
+    f32 = dict(device=dev, dtype=torch.float32)
+    co = torch.empty(bsz, hkv, splits, G, dv, **f32)
+    cm = torch.empty(bsz, hkv, splits, G, **f32)
+    cl = torch.empty_like(cm)
+    kc, vc = cache.k_cmp, cache.v_cmp
+    _cmp_partial[(bsz * hkv, splits)](
+        q, kc, vc, cache.lens, co, cm, cl, scale, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
+        vc.stride(0), vc.stride(1), vc.stride(2), HKV=hkv, G=G, DK=dk, DV=dv, CL=cfg.compress_block,
+        CS=cfg.compress_stride, CHUNK=chunk, SPLITS=splits, BG=BG, BD=BD, BDV=BDV, BN=BLOCK_N)
+    nsmax = triton.cdiv(cache.max_len, cfg.select_block)
+    scores = torch.zeros(bsz, hkv, nsmax, **f32)
+    s_slots = cfg.select_block // cfg.compress_stride
+    bj = _p2(BLOCK_N // s_slots + cfg.compress_block // cfg.compress_stride + 2)  # blocks one tile touches
+    _cmp_scores[(bsz * hkv, splits)](
+        q, kc, cache.lens, cm, cl, scores, scale, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
+        nsmax, HKV=hkv, G=G, DK=dk, CL=cfg.compress_block, CS=cfg.compress_stride, SB=cfg.select_block, CHUNK=chunk,
+        SPLITS=splits, BSPL=_p2(splits), BG=BG, BD=BD, BN=BLOCK_N, BJ=bj)
+    n = cfg.select_topn
+    idx = torch.empty(bsz, hkv, n, device=dev, dtype=torch.int32)
+    _topn[(bsz * hkv,)](scores, cache.lens, idx, nsmax, HKV=hkv, SB=cfg.select_block, TOPN=n,
+                        INIT=cfg.select_initial, LOCAL=cfg.select_local, BNS=_p2(nsmax), BTOP=_p2(n))
+    npart = n + triton.cdiv(cfg.window, cfg.select_block)
+    so = torch.empty(bsz, hkv, npart, G, dv, **f32)
+    sm = torch.empty(bsz, hkv, npart, G, **f32)
+    sl = torch.empty_like(sm)
+    ks, vs, kw, vw = cache.k_slc, cache.v_slc, cache.k_swa, cache.v_swa
+    _sparse_partial[(bsz * hkv, npart)](
+        q, ks, vs, kw, vw, cache.lens, idx, so, sm, sl, scale, q.stride(0), q.stride(1),
+        ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
+        kw.stride(0), kw.stride(1), kw.stride(2), vw.stride(0), vw.stride(1), vw.stride(2),
+        HKV=hkv, G=G, DK=dk, DV=dv, SB=cfg.select_block, TOPN=n, W=cfg.window, NPART=npart, BG=BG, BD=BD, BDV=BDV)
+    out = torch.empty(bsz, hq, dv, device=dev, dtype=q.dtype)
+    _combine[(bsz * hkv,)](co, cm, cl, so, sm, sl, gate, out, gate.stride(0), gate.stride(1), out.stride(0),
+                           out.stride(1), HKV=hkv, G=G, DV=dv, SPLITS=splits, TOPN=n, NPART=npart, BG=BG, BDV=BDV)
+    return out, idx
+

@@ -1,0 +1,140 @@
+"""Benchmark one NSA decoding step against dense decoding (SDPA over the whole KV cache), on one GPU.
+
+    python -m nsa_parallel.bench_decode --contexts 8192 16384 32768 65536 131072 --batches 1 8 64 --out decode.json
+
+For each context length T and batch B (every sequence holding T tokens; 64 query / 4 KV heads, d=128, bf16, paper
+hyperparameters): checks the Triton step against the reference decode on a few sequences, then times (median of
+CUDA-graph replays, so Python's launch cost is out for both) the NSA attention step (``nsa_decode``: compressed +
+scores + top-n + selected + window + gates), the cache update for a new token (``NSAKVCache.append``, with the
+compression of a finished block) and dense decoding (``F.scaled_dot_product_attention`` of one query over T cached
+keys with GQA). Reports the bytes each must read (NSA: the compressed cache, n selected blocks and the window of
+K and V per KV head; dense: the whole cache), the achieved bandwidth against a measured device-to-device copy, and
+the speedup.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+
+import torch
+
+
+def _graph_ms(fn, iters: int = 50) -> float:
+    """Median ms of ``fn`` replayed from a CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth_gbs(gib: float = 4.0) -> float:
+    """Device-to-device copy rate (read + write bytes per second), the achievable HBM bandwidth."""
+    n = int(gib * 2**30) // 2
+    a = torch.empty(n, dtype=torch.bfloat16, device="cuda")
+    b = torch.empty_like(a)
+    ms = _graph_ms(lambda: b.copy_(a), iters=20)
+    return 2 * a.numel() * 2 / (ms / 1e3) / 1e9
+
+
+def nsa_bytes(t: int, hkv: int, d: int, cfg, elem: int = 2) -> int:
+    """K and V bytes one sequence's decode step must read."""
+    tokens = cfg.num_compressed(t) + min(cfg.select_topn * cfg.select_block, t) + min(cfg.window, t)
+    return tokens * hkv * 2 * d * elem
+
+
+def run(args) -> dict:
+    import torch.nn.functional as F
+
+    from nsa_parallel.kernels import Compression, NSAConfig
+    from nsa_parallel.kernels.cache import NSAKVCache
+    from nsa_parallel.kernels.decode import nsa_decode
+    cfg = NSAConfig()
+    hq, hkv, d = args.heads, args.kv_heads, 128
+    bw = copy_bandwidth_gbs()
+    print(f"device-to-device copy: {bw:.0f} GB/s", flush=True)
+    rows = []
+    for t in args.contexts:
+        for bsz in args.batches:
+            row = dict(T=t, B=bsz)
+            try:
+                torch.manual_seed(0)
+                ck, cv = (Compression(hkv, d, cfg.compress_block, cfg.compress_stride, device="cuda",
+                                      dtype=torch.bfloat16) for _ in range(2))
+                cache = NSAKVCache(bsz, t + 1, hkv, d, cfg, ck, cv, device="cuda", dtype=torch.bfloat16)
+                for x in (cache.k_slc, cache.v_slc, cache.k_swa, cache.v_swa, cache.k_cmp, cache.v_cmp, cache.k_raw,
+                          cache.v_raw):
+                    x.normal_()
+                cache.lens.fill_(t)
+                q = torch.randn(bsz, hq, d, device="cuda", dtype=torch.bfloat16)
+                gate = torch.rand(bsz, hq, 3, device="cuda", dtype=torch.bfloat16)
+                if bsz <= 8:  # the kernel against the reference on this very cache
+                    o_t, i_t = nsa_decode(q, gate, cache, backend="triton", return_indices=True)
+                    o_r, i_r = nsa_decode(q, gate, cache, backend="reference", return_indices=True)
+                    row["check_max_rel_err"] = ((o_t.float() - o_r.float()).abs().max()
+                                                / o_r.float().abs().max()).item()
+                    row["check_same_blocks"] = float((i_t == i_r).float().mean().item())
+                row["nsa_ms"] = _graph_ms(lambda: nsa_decode(q, gate, cache, backend="triton"))
+                new = [torch.randn(bsz, 1, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(6)]
+
+                def append():
+                    cache.append(*new)
+                    cache.lens.sub_(1)  # replays keep writing the same slot
+                row["append_ms"] = _graph_ms(append)
+                row["nsa_bytes"] = bsz * nsa_bytes(t, hkv, d, cfg)
+                row["nsa_gbs"] = row["nsa_bytes"] / (row["nsa_ms"] / 1e3) / 1e9
+                row["nsa_bw_frac"] = row["nsa_gbs"] / bw
+                cache = None
+                torch.cuda.empty_cache()
+                k = torch.randn(bsz, hkv, t, d, device="cuda", dtype=torch.bfloat16)
+                v = torch.randn_like(k)
+                qd = q.view(bsz, hq, 1, d)
+                row["dense_ms"] = _graph_ms(lambda: F.scaled_dot_product_attention(qd, k, v, enable_gqa=True))
+                row["dense_bytes"] = 2 * k.numel() * 2
+                row["dense_gbs"] = row["dense_bytes"] / (row["dense_ms"] / 1e3) / 1e9
+                row["speedup"] = row["dense_ms"] / row["nsa_ms"]
+                row["speedup_with_append"] = row["dense_ms"] / (row["nsa_ms"] + row["append_ms"])
+                k = v = None
+            except torch.OutOfMemoryError as e:
+                row["error"] = f"OOM: {e}".splitlines()[0][:200]
+            torch.cuda.empty_cache()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+                command="python -m nsa_parallel.bench_decode " + " ".join(sys.argv[1:]), torch=torch.__version__,
+                copy_gbs=bw, config=cfg.__dict__, heads=hq, kv_heads=hkv, head_dim=d, rows=rows)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m nsa_parallel.bench_decode", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--heads", type=int, default=64)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--out", default="decode_bench.json")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("nsa_parallel.bench_decode needs a CUDA GPU")
+    res = run(args)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
