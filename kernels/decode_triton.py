@@ -7,11 +7,12 @@ program per selected block, the window one program per ``l'`` positions. Partial
 last kernel, which also applies the gates:
 
 1. ``_cmp_partial``: compressed attention over a range -> partial o, m, l (log2 domain).
-2. ``_cmp_scores``: the global log-sum-exp from the partials, the probabilities again, summed over the group's
-   heads and spread over selection blocks by their stride-slot overlap (eq. 9) -> fp32 scores (atomics).
+2. ``_cmp_scores``: the global log-sum-exp from the partials, the probabilities from the logits pass 1 kept
+   (cheaper than re-reading K), summed over the group's heads and spread over selection blocks by their
+   stride-slot overlap (eq. 9) -> fp32 scores (atomics).
 3. ``_topn``: forced first/local blocks, top-n of the rest, ties to the lower index, ascending (as the reference).
 4. ``_sparse_partial``: one selected block or one window tile -> partial o, m, l.
-5. ``_combine``: merge the partials of each branch, gate, write ``[B, hq, dv]``.
+5. ``_combine``: one program per query head merges the partials of each branch, gates, writes ``[B, hq, dv]``.
 
 Sequence lengths are read on the device (``cache.lens``): no host sync, so a step can be captured in a CUDA graph.
 """
@@ -43,13 +44,14 @@ def _num_cmp(t, CL: tl.constexpr, CS: tl.constexpr):
 
 
 @triton.jit
-def _cmp_partial(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, sm_scale, sqb, sqh, skb, skt, skh, svb, svt, svh,
+def _cmp_partial(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, s_ptr, sm_scale, sqb, sqh, skb, skt, skh, svb,
+                 svt, svh, MAXC,
                  HKV: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, CL: tl.constexpr,
                  CS: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr,
                  BDV: tl.constexpr, BN: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
-    b = bh // HKV
+    b = (bh // HKV).to(tl.int64)  # b * stride passes 2^31 for long caches at large batch
     h = bh % HKV
     t = tl.load(lens_ptr + b) - 1
     nc = _num_cmp(t, CL, CS)
@@ -71,6 +73,9 @@ def _cmp_partial(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, sm_scale, s
                     mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
         s = tl.dot(q, tl.trans(k)) * (sm_scale * 1.4426950408889634)
         s = tl.where(ok[None, :], s, float("-inf"))
+        # the scores pass needs these logits again: keeping them costs G*4 bytes per token, re-reading K 2*dk
+        tl.store(s_ptr + (bh * G + g[:, None]).to(tl.int64) * MAXC + i[None, :], s,
+                 mask=(g[:, None] < G) & ok[None, :])
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -85,14 +90,12 @@ def _cmp_partial(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, sm_scale, s
 
 
 @triton.jit
-def _cmp_scores(q_ptr, k_ptr, lens_ptr, m_ptr, l_ptr, sc_ptr, sm_scale, sqb, sqh, skb, skt, skh, NSMAX,
-                HKV: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, CL: tl.constexpr, CS: tl.constexpr,
-                SB: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, BSPL: tl.constexpr, BG: tl.constexpr,
-                BD: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr):
+def _cmp_scores(s_ptr, lens_ptr, m_ptr, l_ptr, sc_ptr, NSMAX, MAXC, HKV: tl.constexpr, G: tl.constexpr,
+                CL: tl.constexpr, CS: tl.constexpr, SB: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr,
+                BSPL: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // HKV
-    h = bh % HKV
     n_tok = tl.load(lens_ptr + b)
     t = n_tok - 1
     nc = _num_cmp(t, CL, CS)
@@ -108,19 +111,15 @@ def _cmp_scores(q_ptr, k_ptr, lens_ptr, m_ptr, l_ptr, sc_ptr, sm_scale, sqb, sqh
         m_all = tl.max(m_s, 0)
         m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
         lse = m_safe + tl.log2(tl.sum(l_s * tl.exp2(m_s - m_safe[None, :]), 0))
-        q = _load_q(q_ptr, b, h, sqb, sqh, G, DK, BG, BD)
-        d = tl.arange(0, BD)
         A: tl.constexpr = CL // CS  # stride slots per compressed block
         S: tl.constexpr = SB // CS  # stride slots per selection block
         ns = (n_tok + SB - 1) // SB
         for i0 in range(start, end, BN):
             i = i0 + tl.arange(0, BN)
-            ok = i < end
-            k = tl.load(k_ptr + b * skb + i[:, None].to(tl.int64) * skt + h * skh + d[None, :],
-                        mask=ok[:, None] & (d[None, :] < DK), other=0.0)
-            s = tl.dot(q, tl.trans(k)) * (sm_scale * 1.4426950408889634)
-            p = tl.exp2(s - lse[:, None])
-            p = tl.where((g[:, None] < G) & ok[None, :], p, 0.0)
+            ok = (g[:, None] < G) & (i[None, :] < end)
+            s = tl.load(s_ptr + (bh * G + g[:, None]).to(tl.int64) * MAXC + i[None, :], mask=ok,
+                        other=float("-inf"))
+            p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
             ps = tl.sum(p, 0)  # [BN], the group's heads summed (eq. 10)
             j = i0 // S + tl.arange(0, BJ)
             lo = tl.maximum(i[:, None], j[None, :] * S)
@@ -141,10 +140,9 @@ def _topn(sc_ptr, lens_ptr, idx_ptr, NSMAX, HKV: tl.constexpr, SB: tl.constexpr,
     s = tl.load(sc_ptr + bh * NSMAX + j, mask=j < NSMAX, other=0.0)
     valid = j <= own
     forced = valid & ((j < INIT) | (j > own - LOCAL))
-    s = tl.where(forced, float("inf"), s)
-    s = tl.where(valid, s, float("-inf"))
-    sel = j < 0
-    for _ in range(TOPN):
+    s = tl.where(valid & ~forced, s, float("-inf"))
+    sel = forced
+    for _ in range(TOPN - INIT - LOCAL):  # forced blocks are at most INIT + LOCAL, taken above
         arg = tl.argmax(s, 0, tie_break_left=True)  # the lower block index wins ties, as in the reference
         hit = (j == arg) & (s > float("-inf"))  # nothing left to take once the best is -inf
         sel = sel | hit
@@ -166,7 +164,7 @@ def _sparse_partial(q_ptr, ks_ptr, vs_ptr, kw_ptr, vw_ptr, lens_ptr, idx_ptr, o_
                     BDV: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
-    b = bh // HKV
+    b = (bh // HKV).to(tl.int64)  # b * stride passes 2^31 for long caches at large batch
     h = bh % HKV
     t = tl.load(lens_ptr + b) - 1
     u = tl.arange(0, SB)
@@ -202,46 +200,42 @@ def _sparse_partial(q_ptr, ks_ptr, vs_ptr, kw_ptr, vw_ptr, lens_ptr, idx_ptr, o_
 
 
 @triton.jit
-def _merge(o_ptr, m_ptr, l_ptr, bh, first, count, NPART: tl.constexpr, G: tl.constexpr, DV: tl.constexpr,
-           BG: tl.constexpr, BDV: tl.constexpr):
-    g = tl.arange(0, BG)
+def _merge(o_ptr, m_ptr, l_ptr, bh, g, first, count, NPART: tl.constexpr, G: tl.constexpr, DV: tl.constexpr,
+           BP: tl.constexpr, BDV: tl.constexpr):
+    """Merge ``count`` partials (from ``first``) of query head ``g`` of pair ``bh``: ``[BDV]``, 0 if none saw a key."""
+    sp = tl.arange(0, BP)
     dv = tl.arange(0, BDV)
-    m_i = tl.full([BG], float("-inf"), tl.float32)
-    l_i = tl.zeros([BG], tl.float32)
-    acc = tl.zeros([BG, BDV], tl.float32)
-    for s in range(first, first + count):
-        row = (bh * NPART + s) * G + g
-        m = tl.load(m_ptr + row, mask=g < G, other=float("-inf"))
-        m_new = tl.maximum(m_i, m)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        a_old = tl.exp2(m_i - m_safe)
-        a_new = tl.exp2(m - m_safe)
-        l_i = l_i * a_old + tl.load(l_ptr + row, mask=g < G, other=0.0) * a_new
-        o = tl.load(o_ptr + row[:, None] * DV + dv[None, :], mask=(g[:, None] < G) & (dv[None, :] < DV), other=0.0)
-        acc = acc * a_old[:, None] + o * a_new[:, None]
-        m_i = m_new
-    return acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no visible key: 0, as the reference
+    ok = sp < count
+    row = (bh * NPART + first + sp) * G + g
+    m = tl.load(m_ptr + row, mask=ok, other=float("-inf"))
+    m_all = tl.max(m, 0)
+    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+    w = tl.exp2(m - m_safe)
+    w = tl.where(ok, w, 0.0)
+    l_all = tl.sum(tl.load(l_ptr + row, mask=ok, other=0.0) * w, 0)
+    o = tl.load(o_ptr + row[:, None].to(tl.int64) * DV + dv[None, :], mask=ok[:, None] & (dv[None, :] < DV),
+                other=0.0)
+    acc = tl.sum(o * w[:, None], 0)
+    return acc / tl.where(l_all == 0.0, 1.0, l_all)
 
 
 @triton.jit
 def _combine(co_ptr, cm_ptr, cl_ptr, so_ptr, sm_ptr, sl_ptr, gate_ptr, out_ptr, sgb, sgh, sob, soh,
              HKV: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, SPLITS: tl.constexpr, TOPN: tl.constexpr,
-             NPART: tl.constexpr, BG: tl.constexpr, BDV: tl.constexpr):
-    bh = tl.program_id(0)
-    b = bh // HKV
-    h = bh % HKV
-    o_cmp = _merge(co_ptr, cm_ptr, cl_ptr, bh, 0, SPLITS, SPLITS, G, DV, BG, BDV)
-    o_slc = _merge(so_ptr, sm_ptr, sl_ptr, bh, 0, TOPN, NPART, G, DV, BG, BDV)
-    o_swa = _merge(so_ptr, sm_ptr, sl_ptr, bh, TOPN, NPART - TOPN, NPART, G, DV, BG, BDV)
-    g = tl.arange(0, BG)
+             NPART: tl.constexpr, BSPL: tl.constexpr, BTOP: tl.constexpr, BWIN: tl.constexpr, BDV: tl.constexpr):
+    head = tl.program_id(0)  # one query head: b * hq + h * G + g
+    b = head // (HKV * G)
+    h = (head // G) % HKV
+    g = head % G
+    bh = b * HKV + h
+    o_cmp = _merge(co_ptr, cm_ptr, cl_ptr, bh, g, 0, SPLITS, SPLITS, G, DV, BSPL, BDV)
+    o_slc = _merge(so_ptr, sm_ptr, sl_ptr, bh, g, 0, TOPN, NPART, G, DV, BTOP, BDV)
+    o_swa = _merge(so_ptr, sm_ptr, sl_ptr, bh, g, TOPN, NPART - TOPN, NPART, G, DV, BWIN, BDV)
+    gp = gate_ptr + b.to(tl.int64) * sgb + (h * G + g) * sgh
+    o = tl.load(gp).to(tl.float32) * o_cmp + tl.load(gp + 1).to(tl.float32) * o_slc \
+        + tl.load(gp + 2).to(tl.float32) * o_swa
     dv = tl.arange(0, BDV)
-    gp = gate_ptr + b * sgb + (h * G + g) * sgh
-    g0 = tl.load(gp, mask=g < G, other=0.0).to(tl.float32)
-    g1 = tl.load(gp + 1, mask=g < G, other=0.0).to(tl.float32)
-    g2 = tl.load(gp + 2, mask=g < G, other=0.0).to(tl.float32)
-    o = g0[:, None] * o_cmp + g1[:, None] * o_slc + g2[:, None] * o_swa
-    tl.store(out_ptr + b * sob + (h * G + g)[:, None] * soh + dv[None, :], o.to(out_ptr.dtype.element_ty),
-             mask=(g[:, None] < G) & (dv[None, :] < DV))
+    tl.store(out_ptr + b.to(tl.int64) * sob + (h * G + g) * soh + dv, o.to(out_ptr.dtype.element_ty), mask=dv < DV)
 
 
 def _num_splits(bsz: int, hkv: int, max_cmp: int) -> int:
@@ -271,22 +265,24 @@ def decode_triton(q: torch.Tensor, gate: torch.Tensor, cache, scale: float):
     cm = torch.empty(bsz, hkv, splits, G, **f32)
     cl = torch.empty_like(cm)
     kc, vc = cache.k_cmp, cache.v_cmp
+    logits = torch.empty(bsz * hkv, G, cache.max_cmp, **f32)
     _cmp_partial[(bsz * hkv, splits)](
-        q, kc, vc, cache.lens, co, cm, cl, scale, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
-        vc.stride(0), vc.stride(1), vc.stride(2), HKV=hkv, G=G, DK=dk, DV=dv, CL=cfg.compress_block,
-        CS=cfg.compress_stride, CHUNK=chunk, SPLITS=splits, BG=BG, BD=BD, BDV=BDV, BN=BLOCK_N)
+        q, kc, vc, cache.lens, co, cm, cl, logits, scale, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1),
+        kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2), cache.max_cmp, HKV=hkv, G=G, DK=dk, DV=dv,
+        CL=cfg.compress_block, CS=cfg.compress_stride, CHUNK=chunk, SPLITS=splits, BG=BG, BD=BD, BDV=BDV, BN=BLOCK_N)
     nsmax = triton.cdiv(cache.max_len, cfg.select_block)
     scores = torch.zeros(bsz, hkv, nsmax, **f32)
     s_slots = cfg.select_block // cfg.compress_stride
     bj = _p2(BLOCK_N // s_slots + cfg.compress_block // cfg.compress_stride + 2)  # blocks one tile touches
     _cmp_scores[(bsz * hkv, splits)](
-        q, kc, cache.lens, cm, cl, scores, scale, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
-        nsmax, HKV=hkv, G=G, DK=dk, CL=cfg.compress_block, CS=cfg.compress_stride, SB=cfg.select_block, CHUNK=chunk,
-        SPLITS=splits, BSPL=_p2(splits), BG=BG, BD=BD, BN=BLOCK_N, BJ=bj)
+        logits, cache.lens, cm, cl, scores, nsmax, cache.max_cmp, HKV=hkv, G=G, CL=cfg.compress_block,
+        CS=cfg.compress_stride, SB=cfg.select_block, CHUNK=chunk, SPLITS=splits, BSPL=_p2(splits), BG=BG, BN=BLOCK_N,
+        BJ=bj)
     n = cfg.select_topn
     idx = torch.empty(bsz, hkv, n, device=dev, dtype=torch.int32)
     _topn[(bsz * hkv,)](scores, cache.lens, idx, nsmax, HKV=hkv, SB=cfg.select_block, TOPN=n,
-                        INIT=cfg.select_initial, LOCAL=cfg.select_local, BNS=_p2(nsmax), BTOP=_p2(n))
+                        INIT=cfg.select_initial, LOCAL=cfg.select_local, BNS=_p2(nsmax), BTOP=_p2(n),
+                        num_warps=2 if nsmax <= 2048 else 4)  # short reductions: fewer warps, fewer barriers
     npart = n + triton.cdiv(cfg.window, cfg.select_block)
     so = torch.empty(bsz, hkv, npart, G, dv, **f32)
     sm = torch.empty(bsz, hkv, npart, G, **f32)
@@ -298,7 +294,8 @@ def decode_triton(q: torch.Tensor, gate: torch.Tensor, cache, scale: float):
         kw.stride(0), kw.stride(1), kw.stride(2), vw.stride(0), vw.stride(1), vw.stride(2),
         HKV=hkv, G=G, DK=dk, DV=dv, SB=cfg.select_block, TOPN=n, W=cfg.window, NPART=npart, BG=BG, BD=BD, BDV=BDV)
     out = torch.empty(bsz, hq, dv, device=dev, dtype=q.dtype)
-    _combine[(bsz * hkv,)](co, cm, cl, so, sm, sl, gate, out, gate.stride(0), gate.stride(1), out.stride(0),
-                           out.stride(1), HKV=hkv, G=G, DV=dv, SPLITS=splits, TOPN=n, NPART=npart, BG=BG, BDV=BDV)
+    _combine[(bsz * hq,)](co, cm, cl, so, sm, sl, gate, out, gate.stride(0), gate.stride(1), out.stride(0),
+                          out.stride(1), HKV=hkv, G=G, DV=dv, SPLITS=splits, TOPN=n, NPART=npart, BSPL=_p2(splits),
+                          BTOP=_p2(n), BWIN=_p2(npart - n), BDV=BDV)
     return out, idx
 
