@@ -68,7 +68,7 @@ def read_bandwidth_gbs(gib: float = 4.0) -> float:
     """Rate of a full-tensor sum (bytes read per second): what a read-bound kernel can hope for."""
     x = torch.ones(int(gib * 2**30) // 2, dtype=torch.bfloat16, device="cuda")
     out = torch.empty((), dtype=torch.float32, device="cuda")
-    ms = _graph_ms(lambda: torch.sum(x, dtype=torch.float32, out=out), iters=20)
+    ms = _graph_ms(lambda: torch.sum(x, dim=0, dtype=torch.float32, out=out), iters=20)
     return x.numel() * 2 / (ms / 1e3) / 1e9
 
 
