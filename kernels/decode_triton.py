@@ -10,7 +10,8 @@ last kernel, which also applies the gates:
 2. ``_cmp_scores``: the global log-sum-exp from the partials, the probabilities from the logits pass 1 kept
    (cheaper than re-reading K), summed over the group's heads and spread over selection blocks by their
    stride-slot overlap (eq. 9) -> fp32 scores (atomics).
-3. ``_topn``: forced first/local blocks, top-n of the rest, ties to the lower index, ascending (as the reference).
+3. ``_topn``: forced first/local blocks, then the free blocks above the threshold one sort finds, ties to the
+   lower index, ascending (as the reference).
 4. ``_sparse_partial``: one selected block or one window tile -> partial o, m, l.
 5. ``_combine``: one program per query head merges the partials of each branch, gates, writes ``[B, hq, dv]``.
 
@@ -23,6 +24,7 @@ import triton
 import triton.language as tl
 
 BLOCK_N = 64  # compressed tokens per tile
+PROGRAMS_PER_SM = 2  # compressed-branch programs per SM the split aims for (bench_decode --sweep-splits)
 
 
 def _p2(x: int) -> int:
@@ -91,16 +93,16 @@ def _cmp_partial(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, s_ptr, sm_s
 
 @triton.jit
 def _cmp_scores(s_ptr, lens_ptr, m_ptr, l_ptr, sc_ptr, NSMAX, MAXC, HKV: tl.constexpr, G: tl.constexpr,
-                CL: tl.constexpr, CS: tl.constexpr, SB: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr,
-                BSPL: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr):
+                CL: tl.constexpr, CS: tl.constexpr, SB: tl.constexpr, SPLITS: tl.constexpr, BSPL: tl.constexpr,
+                BG: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr):
     bh = tl.program_id(0)
-    split = tl.program_id(1)
+    tile = tl.program_id(1)  # one tile per program: a loop over tiles would be a chain of dependent latencies
     b = bh // HKV
     n_tok = tl.load(lens_ptr + b)
     t = n_tok - 1
     nc = _num_cmp(t, CL, CS)
-    start = split * CHUNK
-    end = tl.minimum(start + CHUNK, nc)
+    start = tile * BN
+    end = tl.minimum(start + BN, nc)
     if start < end:
         g = tl.arange(0, BG)
         sp = tl.arange(0, BSPL)
@@ -114,19 +116,17 @@ def _cmp_scores(s_ptr, lens_ptr, m_ptr, l_ptr, sc_ptr, NSMAX, MAXC, HKV: tl.cons
         A: tl.constexpr = CL // CS  # stride slots per compressed block
         S: tl.constexpr = SB // CS  # stride slots per selection block
         ns = (n_tok + SB - 1) // SB
-        for i0 in range(start, end, BN):
-            i = i0 + tl.arange(0, BN)
-            ok = (g[:, None] < G) & (i[None, :] < end)
-            s = tl.load(s_ptr + (bh * G + g[:, None]).to(tl.int64) * MAXC + i[None, :], mask=ok,
-                        other=float("-inf"))
-            p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-            ps = tl.sum(p, 0)  # [BN], the group's heads summed (eq. 10)
-            j = i0 // S + tl.arange(0, BJ)
-            lo = tl.maximum(i[:, None], j[None, :] * S)
-            hi = tl.minimum(i[:, None] + A, (j[None, :] + 1) * S)
-            w = tl.maximum(hi - lo, 0).to(tl.float32)
-            contrib = tl.sum(ps[:, None] * w, 0)
-            tl.atomic_add(sc_ptr + bh * NSMAX + j, contrib, mask=(j < ns) & (contrib != 0.0))
+        i = start + tl.arange(0, BN)
+        ok = (g[:, None] < G) & (i[None, :] < end)
+        s = tl.load(s_ptr + (bh * G + g[:, None]).to(tl.int64) * MAXC + i[None, :], mask=ok, other=float("-inf"))
+        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+        ps = tl.sum(p, 0)  # [BN], the group's heads summed (eq. 10)
+        j = start // S + tl.arange(0, BJ)
+        lo = tl.maximum(i[:, None], j[None, :] * S)
+        hi = tl.minimum(i[:, None] + A, (j[None, :] + 1) * S)
+        w = tl.maximum(hi - lo, 0).to(tl.float32)
+        contrib = tl.sum(ps[:, None] * w, 0)
+        tl.atomic_add(sc_ptr + bh * NSMAX + j, contrib, mask=(j < ns) & (contrib != 0.0))
 
 
 @triton.jit
@@ -141,12 +141,16 @@ def _topn(sc_ptr, lens_ptr, idx_ptr, NSMAX, HKV: tl.constexpr, SB: tl.constexpr,
     valid = j <= own
     forced = valid & ((j < INIT) | (j > own - LOCAL))
     s = tl.where(valid & ~forced, s, float("-inf"))
-    sel = forced
-    for _ in range(TOPN - INIT - LOCAL):  # forced blocks are at most INIT + LOCAL, taken above
-        arg = tl.argmax(s, 0, tie_break_left=True)  # the lower block index wins ties, as in the reference
-        hit = (j == arg) & (s > float("-inf"))  # nothing left to take once the best is -inf
-        sel = sel | hit
-        s = tl.where(j == arg, float("-inf"), s)
+    nfree = TOPN - tl.sum(forced.to(tl.int32), 0)
+    srt = tl.sort(s, 0, descending=True)
+    # the nfree-th largest (-inf: fewer free blocks than picks, take them all), as a tensor: the interpreter
+    # cannot combine scalar and tensor booleans
+    thr = tl.zeros_like(s) + tl.max(tl.where(j == nfree - 1, srt, float("-inf")), 0)
+    above = s > thr
+    tie = (s == thr) & (s > float("-inf"))
+    # ties at the threshold go to the lower block indices, as the reference's stable sort does
+    take_tie = tie & (tl.cumsum(tie.to(tl.int32), 0) <= nfree - tl.sum(above.to(tl.int32), 0))
+    sel = forced | above | take_tie | ((thr == float("-inf")) & (s > float("-inf")))
     rank = tl.cumsum(sel.to(tl.int32), 0) - 1
     r = tl.arange(0, BTOP)
     match = sel[None, :] & (rank[None, :] == r[:, None])
@@ -239,10 +243,10 @@ def _combine(co_ptr, cm_ptr, cl_ptr, so_ptr, sm_ptr, sl_ptr, gate_ptr, out_ptr, 
 
 
 def _num_splits(bsz: int, hkv: int, max_cmp: int) -> int:
-    """Enough compressed-branch programs to fill the GPU (about two per SM), no split under one tile."""
+    """Enough compressed-branch programs to fill the GPU, no split under one tile."""
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
         if torch.cuda.is_available() else 132
-    return max(1, min(triton.cdiv(2 * sms, bsz * hkv), triton.cdiv(max_cmp, BLOCK_N)))
+    return max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, bsz * hkv), triton.cdiv(max_cmp, BLOCK_N)))
 
 
 def decode_triton(q: torch.Tensor, gate: torch.Tensor, cache, scale: float):
@@ -274,15 +278,13 @@ def decode_triton(q: torch.Tensor, gate: torch.Tensor, cache, scale: float):
     scores = torch.zeros(bsz, hkv, nsmax, **f32)
     s_slots = cfg.select_block // cfg.compress_stride
     bj = _p2(BLOCK_N // s_slots + cfg.compress_block // cfg.compress_stride + 2)  # blocks one tile touches
-    _cmp_scores[(bsz * hkv, splits)](
+    _cmp_scores[(bsz * hkv, triton.cdiv(cache.max_cmp, BLOCK_N))](
         logits, cache.lens, cm, cl, scores, nsmax, cache.max_cmp, HKV=hkv, G=G, CL=cfg.compress_block,
-        CS=cfg.compress_stride, SB=cfg.select_block, CHUNK=chunk, SPLITS=splits, BSPL=_p2(splits), BG=BG, BN=BLOCK_N,
-        BJ=bj)
+        CS=cfg.compress_stride, SB=cfg.select_block, SPLITS=splits, BSPL=_p2(splits), BG=BG, BN=BLOCK_N, BJ=bj)
     n = cfg.select_topn
     idx = torch.empty(bsz, hkv, n, device=dev, dtype=torch.int32)
     _topn[(bsz * hkv,)](scores, cache.lens, idx, nsmax, HKV=hkv, SB=cfg.select_block, TOPN=n,
-                        INIT=cfg.select_initial, LOCAL=cfg.select_local, BNS=_p2(nsmax), BTOP=_p2(n),
-                        num_warps=2 if nsmax <= 2048 else 4)  # short reductions: fewer warps, fewer barriers
+                        INIT=cfg.select_initial, LOCAL=cfg.select_local, BNS=_p2(nsmax), BTOP=_p2(n))
     npart = n + triton.cdiv(cfg.window, cfg.select_block)
     so = torch.empty(bsz, hkv, npart, G, dv, **f32)
     sm = torch.empty(bsz, hkv, npart, G, **f32)

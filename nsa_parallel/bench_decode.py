@@ -113,6 +113,13 @@ def run(args) -> dict:
                 row["nsa_ms"] = _graph_ms(lambda: nsa_decode(q, gate, cache, backend="triton"))
                 if [t, bsz] == args.profile:
                     row["nsa_kernels_us"] = _kernel_times(lambda: nsa_decode(q, gate, cache, backend="triton"))
+                    from nsa_parallel.kernels import decode_triton
+                    default = decode_triton.PROGRAMS_PER_SM
+                    for pps in args.sweep_splits:  # how finely the compressed branch is split
+                        decode_triton.PROGRAMS_PER_SM = pps
+                        row[f"nsa_ms_programs_per_sm_{pps}"] = _graph_ms(
+                            lambda: nsa_decode(q, gate, cache, backend="triton"))
+                    decode_triton.PROGRAMS_PER_SM = default
                 new = [torch.randn(bsz, 1, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(6)]
 
                 def append():
@@ -152,6 +159,8 @@ def main(argv=None) -> None:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--profile", type=int, nargs=2, default=[65536, 8], metavar=("T", "B"),
                    help="point whose per-kernel device times are recorded")
+    p.add_argument("--sweep-splits", type=int, nargs="*", default=[1, 2, 4, 8],
+                   help="programs per SM for the compressed-branch split, timed at the --profile point")
     p.add_argument("--out", default="decode_bench.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

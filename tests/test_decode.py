@@ -110,3 +110,21 @@ def test_decode_triton_in_interpreter():
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_decode_triton_gpu():
     _triton_vs_reference("cuda", torch.bfloat16, 2e-2)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter; the GPU covers it through test_decode_triton_gpu")
+def test_decode_topn_ties_go_to_lower_blocks():
+    """The decode top-n (one sort + threshold) picks what the reference's stable sort picks, ties included."""
+    from nsa_parallel.kernels import reference as ref
+    from nsa_parallel.kernels.decode_triton import _p2, _topn
+    lens = torch.tensor([200, 130, 64, 1], dtype=torch.int32)
+    nsmax = 13  # ceil(200 / 16)
+    base = torch.tensor([3., 1, 1, 2, 1, 1, 2, 1, 1, 1, 2, 1, 1])  # many ties at 1 and at 2
+    scores = torch.stack([base, base.flip(0), torch.zeros(nsmax), base])[:, None].contiguous()  # [B, hkv=1, ns]
+    idx = torch.empty(4, 1, CFG.select_topn, dtype=torch.int32)
+    _topn[(4,)](scores, lens, idx, nsmax, HKV=1, SB=CFG.select_block, TOPN=CFG.select_topn,
+                INIT=CFG.select_initial, LOCAL=CFG.select_local, BNS=_p2(nsmax), BTOP=_p2(CFG.select_topn))
+    for b, n in enumerate(lens.tolist()):
+        ns = CFG.num_select_blocks(n)
+        want = ref.select_topn(scores[b:b + 1, :, None, :ns], CFG, q_offset=n - 1)[0, 0, 0]
+        assert idx[b, 0].tolist() == want.tolist(), (b, idx[b, 0].tolist(), want.tolist())
