@@ -120,6 +120,11 @@ def run(args) -> dict:
                         row[f"nsa_ms_programs_per_sm_{pps}"] = _graph_ms(
                             lambda: nsa_decode(q, gate, cache, backend="triton"))
                     decode_triton.PROGRAMS_PER_SM = default
+                    default = decode_triton.TOPN_WARPS
+                    for w in args.sweep_topn_warps:
+                        decode_triton.TOPN_WARPS = w
+                        row[f"nsa_ms_topn_warps_{w}"] = _graph_ms(lambda: nsa_decode(q, gate, cache, backend="triton"))
+                    decode_triton.TOPN_WARPS = default
                 new = [torch.randn(bsz, 1, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(6)]
 
                 def append():
@@ -161,6 +166,8 @@ def main(argv=None) -> None:
                    help="point whose per-kernel device times are recorded")
     p.add_argument("--sweep-splits", type=int, nargs="*", default=[1, 2, 4, 8],
                    help="programs per SM for the compressed-branch split, timed at the --profile point")
+    p.add_argument("--sweep-topn-warps", type=int, nargs="*", default=[1, 4, 8, 16],
+                   help="warps of the top-n kernel, timed at the --profile point")
     p.add_argument("--out", default="decode_bench.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
