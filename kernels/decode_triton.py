@@ -12,7 +12,7 @@ last kernel, which also applies the gates:
    stride-slot overlap (eq. 9) -> fp32 scores (atomics).
 3. ``_topn``: forced first/local blocks, then one argmax per free pick, ties to the lower index, ascending (as
    the reference).
-4. ``_sparse_partial``: one selected block or one window tile -> partial o, m, l.
+4. ``_sparse_partial``: ``SPARSE_TILES_PER_PROGRAM`` selected blocks or window tiles -> partial o, m, l.
 5. ``_combine``: one program per query head merges the partials of each branch, gates, writes ``[B, hq, dv]``.
 
 Sequence lengths are read on the device (``cache.lens``): no host sync, so a step can be captured in a CUDA graph.
@@ -24,6 +24,9 @@ import triton
 import triton.language as tl
 
 BLOCK_N = 64  # compressed tokens per tile
+# launch knobs, swept by python -m nsa_parallel.bench_decode (defaults: the best measured on an H100)
+CMP_BN, CMP_WARPS, CMP_STAGES = 64, 4, 3  # compressed-branch tile, warps, pipeline stages
+SPARSE_TILES_PER_PROGRAM = 1  # selected blocks / window tiles one program merges before writing a partial
 TOPN_WARPS = 4  # warps of the top-n program (bench_decode --sweep-topn-warps)
 PROGRAMS_PER_SM = 2  # compressed-branch programs per SM the split aims for (bench_decode --sweep-splits)
 
@@ -162,8 +165,9 @@ def _topn(sc_ptr, lens_ptr, idx_ptr, NSMAX, HKV: tl.constexpr, SB: tl.constexpr,
 def _sparse_partial(q_ptr, ks_ptr, vs_ptr, kw_ptr, vw_ptr, lens_ptr, idx_ptr, o_ptr, m_ptr, l_ptr, sm_scale,
                     sqb, sqh, ksb, kst, ksh, vsb, vst, vsh, kwb, kwt, kwh, vwb, vwt, vwh,
                     HKV: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, SB: tl.constexpr,
-                    TOPN: tl.constexpr, W: tl.constexpr, NPART: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr,
-                    BDV: tl.constexpr):
+                    TOPN: tl.constexpr, W: tl.constexpr, NWT: tl.constexpr, PER: tl.constexpr, NSLC: tl.constexpr,
+                    NPART: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
+    """``PER`` selected blocks (programs ``< NSLC``) or ``PER`` window tiles of ``SB`` positions -> one partial."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (bh // HKV).to(tl.int64)  # b * stride passes 2^31 for long caches at large batch
@@ -172,33 +176,42 @@ def _sparse_partial(q_ptr, ks_ptr, vs_ptr, kw_ptr, vw_ptr, lens_ptr, idx_ptr, o_
     u = tl.arange(0, SB)
     d = tl.arange(0, BD)
     dv = tl.arange(0, BDV)
-    if split < TOPN:  # one selected block (-1: none)
-        blk = tl.load(idx_ptr + bh * TOPN + split)
-        pos = blk * SB + u
-        ok = (pos >= 0) & (pos <= t)  # blk = -1 gives negative positions
-        row = pos.to(tl.int64)
-        kp = ks_ptr + b * ksb + row[:, None] * kst + h * ksh + d[None, :]
-        vp = vs_ptr + b * vsb + row[:, None] * vst + h * vsh + dv[None, :]
-    else:  # one tile of the window t-W+1 .. t, read from its ring (position p at p % W)
-        pos = tl.maximum(t - W + 1, 0) + (split - TOPN) * SB + u
-        ok = pos <= t
-        row = (pos % W).to(tl.int64)
-        kp = kw_ptr + b * kwb + row[:, None] * kwt + h * kwh + d[None, :]
-        vp = vw_ptr + b * vwb + row[:, None] * vwt + h * vwh + dv[None, :]
-    k = tl.load(kp, mask=ok[:, None] & (d[None, :] < DK), other=0.0)
-    v = tl.load(vp, mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
     q = _load_q(q_ptr, b, h, sqb, sqh, G, DK, BG, BD)
-    s = tl.dot(q, tl.trans(k)) * (sm_scale * 1.4426950408889634)
-    s = tl.where(ok[None, :], s, float("-inf"))
-    m = tl.max(s, 1)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    p = tl.exp2(s - m_safe[:, None])
+    m_i = tl.full([BG], float("-inf"), tl.float32)
+    l_i = tl.zeros([BG], tl.float32)
+    acc = tl.zeros([BG, BDV], tl.float32)
+    for r in range(PER):
+        if split < NSLC:  # selected block number split * PER + r (index -1, or past n: none)
+            k_id = split * PER + r
+            blk = tl.load(idx_ptr + bh * TOPN + k_id, mask=k_id < TOPN, other=-1)
+            pos = blk * SB + u
+            ok = (pos >= 0) & (pos <= t)  # blk = -1 gives negative positions
+            row = pos.to(tl.int64)
+            kp = ks_ptr + b * ksb + row[:, None] * kst + h * ksh + d[None, :]
+            vp = vs_ptr + b * vsb + row[:, None] * vst + h * vsh + dv[None, :]
+        else:  # window tile number (split - NSLC) * PER + r of t-W+1 .. t, read from its ring (p at p % W)
+            tile = (split - NSLC) * PER + r
+            pos = tl.maximum(t - W + 1, 0) + tile * SB + u
+            ok = (pos <= t) & (tile * SB + u < NWT * SB)  # tile < NWT, as a tensor for the interpreter
+            row = (pos % W).to(tl.int64)
+            kp = kw_ptr + b * kwb + row[:, None] * kwt + h * kwh + d[None, :]
+            vp = vw_ptr + b * vwb + row[:, None] * vwt + h * vwh + dv[None, :]
+        k = tl.load(kp, mask=ok[:, None] & (d[None, :] < DK), other=0.0)
+        v = tl.load(vp, mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
+        s = tl.dot(q, tl.trans(k)) * (sm_scale * 1.4426950408889634)
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
     g = tl.arange(0, BG)
     rowp = (bh * NPART + split) * G + g
-    tl.store(m_ptr + rowp, m, mask=g < G)
-    tl.store(l_ptr + rowp, tl.sum(p, 1), mask=g < G)
-    tl.store(o_ptr + rowp[:, None] * DV + dv[None, :], tl.dot(p.to(v.dtype), v),
-             mask=(g[:, None] < G) & (dv[None, :] < DV))
+    tl.store(m_ptr + rowp, m_i, mask=g < G)
+    tl.store(l_ptr + rowp, l_i, mask=g < G)
+    tl.store(o_ptr + rowp[:, None] * DV + dv[None, :], acc, mask=(g[:, None] < G) & (dv[None, :] < DV))
 
 
 @triton.jit
@@ -261,7 +274,8 @@ def decode_triton(q: torch.Tensor, gate: torch.Tensor, cache, scale: float):
     dev = q.device
     BG, BD, BDV = max(16, _p2(G)), max(16, _p2(dk)), max(16, _p2(dv))
     splits = _num_splits(bsz, hkv, cache.max_cmp)
-    chunk = triton.cdiv(triton.cdiv(cache.max_cmp, splits), BLOCK_N) * BLOCK_N
+    step = max(BLOCK_N, CMP_BN)
+    chunk = triton.cdiv(triton.cdiv(cache.max_cmp, splits), step) * step
     f32 = dict(device=dev, dtype=torch.float32)
     co = torch.empty(bsz, hkv, splits, G, dv, **f32)
     cm = torch.empty(bsz, hkv, splits, G, **f32)
@@ -271,7 +285,8 @@ def decode_triton(q: torch.Tensor, gate: torch.Tensor, cache, scale: float):
     _cmp_partial[(bsz * hkv, splits)](
         q, kc, vc, cache.lens, co, cm, cl, logits, scale, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1),
         kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2), cache.max_cmp, HKV=hkv, G=G, DK=dk, DV=dv,
-        CL=cfg.compress_block, CS=cfg.compress_stride, CHUNK=chunk, SPLITS=splits, BG=BG, BD=BD, BDV=BDV, BN=BLOCK_N)
+        CL=cfg.compress_block, CS=cfg.compress_stride, CHUNK=chunk, SPLITS=splits, BG=BG, BD=BD, BDV=BDV, BN=CMP_BN,
+        num_warps=CMP_WARPS, num_stages=CMP_STAGES)
     nsmax = triton.cdiv(cache.max_len, cfg.select_block)
     scores = torch.zeros(bsz, hkv, nsmax, **f32)
     s_slots = cfg.select_block // cfg.compress_stride
@@ -284,7 +299,10 @@ def decode_triton(q: torch.Tensor, gate: torch.Tensor, cache, scale: float):
     _topn[(bsz * hkv,)](scores, cache.lens, idx, nsmax, HKV=hkv, SB=cfg.select_block, TOPN=n,
                         INIT=cfg.select_initial, LOCAL=cfg.select_local, BNS=_p2(nsmax), BTOP=_p2(n),
                         num_warps=TOPN_WARPS)
-    npart = n + triton.cdiv(cfg.window, cfg.select_block)
+    nwt = triton.cdiv(cfg.window, cfg.select_block)  # window tiles
+    per = SPARSE_TILES_PER_PROGRAM
+    nslc = triton.cdiv(n, per)
+    npart = nslc + triton.cdiv(nwt, per)
     so = torch.empty(bsz, hkv, npart, G, dv, **f32)
     sm = torch.empty(bsz, hkv, npart, G, **f32)
     sl = torch.empty_like(sm)
@@ -293,10 +311,11 @@ def decode_triton(q: torch.Tensor, gate: torch.Tensor, cache, scale: float):
         q, ks, vs, kw, vw, cache.lens, idx, so, sm, sl, scale, q.stride(0), q.stride(1),
         ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
         kw.stride(0), kw.stride(1), kw.stride(2), vw.stride(0), vw.stride(1), vw.stride(2),
-        HKV=hkv, G=G, DK=dk, DV=dv, SB=cfg.select_block, TOPN=n, W=cfg.window, NPART=npart, BG=BG, BD=BD, BDV=BDV)
+        HKV=hkv, G=G, DK=dk, DV=dv, SB=cfg.select_block, TOPN=n, W=cfg.window, NWT=nwt, PER=per, NSLC=nslc,
+        NPART=npart, BG=BG, BD=BD, BDV=BDV)
     out = torch.empty(bsz, hq, dv, device=dev, dtype=q.dtype)
     _combine[(bsz * hq,)](co, cm, cl, so, sm, sl, gate, out, gate.stride(0), gate.stride(1), out.stride(0),
-                          out.stride(1), HKV=hkv, G=G, DV=dv, SPLITS=splits, TOPN=n, NPART=npart, BSPL=_p2(splits),
-                          BTOP=_p2(n), BWIN=_p2(npart - n), BDV=BDV)
+                          out.stride(1), HKV=hkv, G=G, DV=dv, SPLITS=splits, TOPN=nslc, NPART=npart, BSPL=_p2(splits),
+                          BTOP=_p2(nslc), BWIN=_p2(npart - nslc), BDV=BDV)
     return out, idx
 

@@ -21,6 +21,11 @@ import sys
 import torch
 
 
+# decode_triton's launch knobs and the values the --profile point is timed at
+KNOBS = {"PROGRAMS_PER_SM": (1, 2, 4), "CMP_BN": (64, 128), "CMP_WARPS": (4, 8), "CMP_STAGES": (2, 3, 4),
+         "SPARSE_TILES_PER_PROGRAM": (1, 2, 4), "TOPN_WARPS": (4, 8, 16)}
+
+
 def _graph_ms(fn, iters: int = 50) -> float:
     """Median ms of ``fn`` replayed from a CUDA graph."""
     s = torch.cuda.Stream()
@@ -114,17 +119,14 @@ def run(args) -> dict:
                 if [t, bsz] == args.profile:
                     row["nsa_kernels_us"] = _kernel_times(lambda: nsa_decode(q, gate, cache, backend="triton"))
                     from nsa_parallel.kernels import decode_triton
-                    default = decode_triton.PROGRAMS_PER_SM
-                    for pps in args.sweep_splits:  # how finely the compressed branch is split
-                        decode_triton.PROGRAMS_PER_SM = pps
-                        row[f"nsa_ms_programs_per_sm_{pps}"] = _graph_ms(
-                            lambda: nsa_decode(q, gate, cache, backend="triton"))
-                    decode_triton.PROGRAMS_PER_SM = default
-                    default = decode_triton.TOPN_WARPS
-                    for w in args.sweep_topn_warps:
-                        decode_triton.TOPN_WARPS = w
-                        row[f"nsa_ms_topn_warps_{w}"] = _graph_ms(lambda: nsa_decode(q, gate, cache, backend="triton"))
-                    decode_triton.TOPN_WARPS = default
+                    # one knob at a time, the others at their defaults
+                    for knob, values in ({} if args.no_sweep else KNOBS).items():
+                        default = getattr(decode_triton, knob)
+                        for value in values:
+                            setattr(decode_triton, knob, value)
+                            row[f"nsa_ms_{knob}_{value}"] = _graph_ms(
+                                lambda: nsa_decode(q, gate, cache, backend="triton"))
+                        setattr(decode_triton, knob, default)
                 new = [torch.randn(bsz, 1, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(6)]
 
                 def append():
@@ -164,10 +166,7 @@ def main(argv=None) -> None:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--profile", type=int, nargs=2, default=[65536, 8], metavar=("T", "B"),
                    help="point whose per-kernel device times are recorded")
-    p.add_argument("--sweep-splits", type=int, nargs="*", default=[1, 2, 4, 8],
-                   help="programs per SM for the compressed-branch split, timed at the --profile point")
-    p.add_argument("--sweep-topn-warps", type=int, nargs="*", default=[1, 4, 8, 16],
-                   help="warps of the top-n kernel, timed at the --profile point")
+    p.add_argument("--no-sweep", action="store_true", help="skip the launch-knob sweep at the --profile point")
     p.add_argument("--out", default="decode_bench.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

@@ -101,8 +101,11 @@ def _triton_vs_reference(device, dtype, tol):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter run is for CPU hosts; GPUs run test_decode_triton_gpu")
-def test_decode_triton_in_interpreter():
+@pytest.mark.parametrize("tiles_per_program", [1, 3])  # 3: a program whose last tiles lie past n / the window
+def test_decode_triton_in_interpreter(tiles_per_program, monkeypatch):
     assert INTERPRET  # conftest sets it before triton is imported
+    from nsa_parallel.kernels import decode_triton
+    monkeypatch.setattr(decode_triton, "SPARSE_TILES_PER_PROGRAM", tiles_per_program)
     _triton_vs_reference("cpu", torch.float32, 1e-4)
 
 
