@@ -26,7 +26,7 @@ import triton.language as tl
 BLOCK_N = 64  # compressed tokens per tile
 # launch knobs, swept by python -m nsa_parallel.bench_decode (defaults: the best measured on an H100)
 CMP_BN, CMP_WARPS, CMP_STAGES = 64, 4, 3  # compressed-branch tile, warps, pipeline stages
-SPARSE_TILES_PER_PROGRAM = 1  # selected blocks / window tiles one program merges before writing a partial
+SPARSE_TILES_PER_PROGRAM = 4  # selected blocks / window tiles one program merges before writing a partial
 TOPN_WARPS = 4  # warps of the top-n program (bench_decode --sweep-topn-warps)
 PROGRAMS_PER_SM = 2  # compressed-branch programs per SM the split aims for (bench_decode --sweep-splits)
 
