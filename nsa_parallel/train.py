@@ -366,6 +366,39 @@ def train(argv: Optional[List[str]] = None) -> Dict:
                  data_name, get_forward_backward_func(), save_checkpoint)
 
 
+def load_for_inference(args):
+    """The model the trainer flags ``args`` describe, on one process, with the weights of ``args.load``."""
+    from .checkpoint import load_checkpoint
+    from .data import RecallTask
+    from .distributed import init_distributed
+    from .megatron import enable_cpu_shims
+    from .megatron.cpu_shims import seed_cpu_rng_tracker
+    validate_args(args)
+    if args.attention != "nsa":
+        _fail(f"--attention {args.attention}: generation runs through the NSA KV cache; allowed: nsa")
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+        if getattr(args, name) != 1:
+            _fail(f"--{name.replace('_', '-')}={getattr(args, name)}: generation runs on one process; allowed: 1 "
+                  "(checkpoints saved at any TP/PP size load here)")
+    try:
+        nsa_cfg = nsa_config_from_args(args)
+    except ValueError as e:
+        _fail(f"bad --nsa-* argument: {e}")
+    env = init_distributed(args.device, launcher="single")
+    if env.device.type == "cpu":
+        enable_cpu_shims(force=True)
+        seed_cpu_rng_tracker(args.seed, 0)
+    _model_parallel(1, 1, 1)
+    torch.manual_seed(args.seed)
+    vocab_size = args.vocab_size if (args.data_path or args.mock_data) else RecallTask(
+        seq_length=args.seq_length, num_pairs=args.recall_pairs, num_keys=args.recall_keys,
+        num_values=args.recall_values, seed=args.seed).vocab_size
+    model, _ = build_model(args, nsa_cfg, vocab_size, env.device)
+    opt, sched = build_optimizer(args, model, env.device)
+    load_checkpoint(args.load, model, opt, sched)
+    return model
+
+
 def _model_parallel(tp: int, pp: int, cp: int) -> None:
     """Megatron's process groups for these sizes; kept for the next ``train()`` in the same process (tests,
     notebooks) when the sizes match, because NCCL communicators of destroyed groups are never freed."""

@@ -21,6 +21,8 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, mak
 
 from ..context_parallel import nsa_attention_cp
 from ..kernels import Compression, NSAConfig, nsa_attention
+from ..kernels.cache import NSAKVCache
+from ..kernels.decode import nsa_decode
 from ..kernels.reference import activate_gates
 from ..metrics import RegionTimer, nsa_stats
 
@@ -145,7 +147,8 @@ class NSASelfAttention(SelfAttention):
     Spec params: ``nsa_config`` (:class:`NSAConfig`) and ``backend`` reach the core attention through its spec.
     Supported: tensor parallelism with ``num_query_groups`` divisible by the TP size (each rank owns whole GQA
     groups), sequence parallelism (handled by the linear layers), pipeline parallelism, context parallelism
-    (Megatron's load-balanced split; :func:`nsa_attention_cp`). Not yet: KV-cache inference.
+    (Megatron's load-balanced split; :func:`nsa_attention_cp`); decoding through the NSA KV cache
+    (:func:`nsa_parallel.generate.generate`).
     """
 
     def __init__(self, config, submodules, layer_number: int, attn_mask_type=AttnMaskType.causal, **kwargs):
@@ -182,9 +185,13 @@ class NSASelfAttention(SelfAttention):
                 **kwargs):
         """hidden_states ``[s, b, h]`` -> ``(output [s, b, h], bias)``, as Megatron's attention modules return."""
         if inference_context is not None or inference_params is not None:
-            raise NotImplementedError("NSASelfAttention: KV-cache inference is not implemented yet")
+            raise NotImplementedError("NSASelfAttention: Megatron's inference contexts are not supported; decode "
+                                      "with nsa_parallel.generate.generate (the NSA KV cache)")
+        state = self.decode_state
         mixed, _ = self.linear_qkv(hidden_states)
         q, keys, values, gate_logits = self.split_projection(mixed)
+        if state is not None and state.mode == "decode":  # one new token per sequence, RoPE at its own position
+            rotary_pos_emb = state.rotary
         if rotary_pos_emb is not None:
             q_emb, k_emb = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
             cu_q = cu_k = None
@@ -193,5 +200,33 @@ class NSASelfAttention(SelfAttention):
             q = apply_rotary_pos_emb(q, q_emb, config=self.config, cu_seqlens=cu_q)
             keys = tuple(apply_rotary_pos_emb(k, k_emb, config=self.config, cu_seqlens=cu_k) for k in keys)
         gate = activate_gates(gate_logits, self.core_attention.nsa_config)
+        if state is not None and state.mode == "decode":
+            return self.linear_proj(self._decode_step(q, keys, values, gate, state))
         core = self.core_attention(q, keys, values, gate, packed_seq_params=packed_seq_params)
+        if state is not None:  # prefill: the training kernels ran; keep what the branches need for decoding
+            self._fill_cache(keys, values, state)
         return self.linear_proj(core)
+
+    decode_state = None
+    """Set by :func:`nsa_parallel.generate.generate` while it runs: prefill fills this layer's NSA KV cache, decode
+    steps attend through it."""
+
+    def _kv_bthd(self, keys, values):
+        return [x.transpose(0, 1) for pair in zip(keys, values) for x in pair]  # k_cmp, v_cmp, k_slc, ...
+
+    def _fill_cache(self, keys, values, state) -> None:
+        core = self.core_attention
+        b = keys[0].shape[1]
+        cache = NSAKVCache(b, state.max_len, core.num_kv_heads, core.head_dim, core.nsa_config, core.compress_k,
+                           core.compress_v, device=keys[0].device, dtype=keys[0].dtype)
+        cache.prefill(*self._kv_bthd(keys, values), lens=state.lens)
+        state.caches[self.layer_number] = cache
+
+    def _decode_step(self, q, keys, values, gate, state) -> torch.Tensor:
+        """q ``[1, b, hq, d]`` -> ``[1, b, hq * d]`` through this layer's cache."""
+        core = self.core_attention
+        cache = state.caches[self.layer_number]
+        cache.append(*self._kv_bthd(keys, values))
+        backend = state.backend or core.backend or ("triton" if q.is_cuda else "reference")
+        o = nsa_decode(q[0], gate[0].to(q.dtype), cache, scale=core.softmax_scale, backend=backend)
+        return o.reshape(1, o.shape[0], -1)
