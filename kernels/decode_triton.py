@@ -44,6 +44,17 @@ def _load_q(q_ptr, b, h, sqb, sqh, G: tl.constexpr, DK: tl.constexpr, BG: tl.con
 
 
 @triton.jit
+def _softmax_step(s, v, m_i, l_i, acc):
+    """One online-softmax update (scores in log2 units, -inf where masked). Unlike the training kernels' step it
+    allows rows with no visible key yet: decode tiles may be wholly masked (a block past n, an empty split)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+
+@triton.jit
 def _num_cmp(t, CL: tl.constexpr, CS: tl.constexpr):
     # compressed blocks that end at or before position t: i*CS + CL - 1 <= t
     return tl.where(t >= CL - 1, (t - CL + 1) // CS + 1, 0)
@@ -82,13 +93,7 @@ def _cmp_partial(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, s_ptr, sm_s
         # the scores pass needs these logits again: keeping them costs G*4 bytes per token, re-reading K 2*dk
         tl.store(s_ptr + (bh * G + g[:, None]).to(tl.int64) * MAXC + i[None, :], s,
                  mask=(g[:, None] < G) & ok[None, :])
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc)
     row = (bh * SPLITS + split) * G + g
     tl.store(m_ptr + row, m_i, mask=g < G)
     tl.store(l_ptr + row, l_i, mask=g < G)
@@ -200,13 +205,7 @@ def _sparse_partial(q_ptr, ks_ptr, vs_ptr, kw_ptr, vw_ptr, lens_ptr, idx_ptr, o_
         v = tl.load(vp, mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
         s = tl.dot(q, tl.trans(k)) * (sm_scale * 1.4426950408889634)
         s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc)
     g = tl.arange(0, BG)
     rowp = (bh * NPART + split) * G + g
     tl.store(m_ptr + rowp, m_i, mask=g < G)
