@@ -47,13 +47,17 @@ def nsa_attention_cp(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, 
                      v_slc: torch.Tensor, k_swa: torch.Tensor, v_swa: torch.Tensor, gate: torch.Tensor, *,
                      compress_k: Callable, compress_v: Callable, cp_group, config: Optional[NSAConfig] = None,
                      scale: Optional[float] = None, layout: str = "load_balanced", backend: str = "reference",
-                     selection_exchange: str = "allgather") -> torch.Tensor:
+                     selection_exchange: str = "allgather", cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`nsa_parallel.kernels.nsa_attention` for this rank's part of a sequence split over ``cp_group``.
 
     ``cp_group=None`` (or a group of one) is plain single-GPU NSA. Every tensor is this rank's tokens
     ``[b, t_local, h, d]`` as :func:`split_for_rank` lays them out (``layout``), ``t_local = T / P``; returns
     this rank's ``[b, t_local, hq, dv]``, equal to slicing the single-GPU output of the whole sequence.
-    Packed (``cu_seqlens``) batches are not supported with CP.
+
+    Packed batches: ``cu_seqlens`` are the whole sequences' boundaries (as Megatron's ``PackedSeqParams`` carry
+    them under CP); the ``[1, total / P, h, d]`` inputs hold, sequence after sequence, this rank's chunks of each
+    sequence split by ``layout`` on its own (what TE's ``thd_get_partitioned_indices`` hands a rank). Every
+    sequence must satisfy :func:`check_cp_config` by itself.
     """
     config = config if config is not None else NSAConfig()
     _check_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gate, None, backend)
@@ -68,7 +72,12 @@ def nsa_attention_cp(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, 
     cp_size = 1 if cp_group is None else torch.distributed.get_world_size(cp_group)
     if cp_size == 1:
         return nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gate, compress_k=compress_k,
-                             compress_v=compress_v, config=config, scale=scale, backend=backend)
+                             compress_v=compress_v, config=config, scale=scale, backend=backend,
+                             cu_seqlens=cu_seqlens)
+    if cu_seqlens is not None:
+        return _packed(q, (k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gate), cu_seqlens, cp_size,
+                       dict(compress_k=compress_k, compress_v=compress_v, cp_group=cp_group, config=config,
+                            scale=scale, layout=layout, backend=backend, selection_exchange=selection_exchange))
     t_local, dk = q.shape[1], q.shape[-1]
     shard = CPShard.create(cp_group, t_local * cp_size, layout)
     c = check_cp_config(shard.seq_len, cp_size, layout, config)
@@ -113,6 +122,25 @@ def nsa_attention_cp(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, 
                  for g, (q_i, _, idx, _) in zip(shard.chunks, per_chunk)]
     outs = [combine(o_cmp, o_s, o_swa, gate[:, i * c:(i + 1) * c])
             for i, ((_, o_cmp, _, o_swa), o_s) in enumerate(zip(per_chunk, o_slc))]
+    return torch.cat(outs, dim=1)
+
+
+def _packed(q, rest, cu_seqlens, cp_size: int, kw) -> torch.Tensor:
+    """Each packed sequence on its own (the exchanges run per sequence, in the same order on every rank)."""
+    if q.shape[0] != 1:
+        raise ValueError(f"packed sequences (cu_seqlens) need b == 1 ([1, total / P, h, d] inputs), got b={q.shape[0]}")
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    if bounds[-1] != q.shape[1] * cp_size:
+        raise ValueError(f"cu_seqlens ends at {bounds[-1]} tokens but the {cp_size} ranks hold {q.shape[1]} x "
+                         f"{cp_size} = {q.shape[1] * cp_size}: cu_seqlens must give the whole sequences' bounds")
+    outs = []
+    for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        try:
+            check_cp_config(e - s, cp_size, kw["layout"], kw["config"])
+        except ValueError as err:
+            raise ValueError(f"packed sequence {i} (tokens {s}..{e}): {err}") from None
+        sl = slice(s // cp_size, e // cp_size)
+        outs.append(nsa_attention_cp(q[:, sl], *[x[:, sl] for x in rest], **kw))
     return torch.cat(outs, dim=1)
 
 

@@ -107,7 +107,8 @@ class NSACoreAttention(MegatronModule):
         if packed_seq_params is not None:
             if self.cp_group is not None:
                 raise ValueError("NSA: packed sequences (packed_seq_params) with context_parallel_size > 1 are not "
-                                 "supported; use fixed-length sequences with CP")
+                                 "routed through the Megatron module yet (nsa_attention_cp(cu_seqlens=...) takes "
+                                 "them); use fixed-length sequences with CP here")
             if b != 1:
                 raise ValueError(f"packed sequences need micro-batch size 1 ([t, 1, h] inputs), got b={b}")
             cu = packed_seq_params.cu_seqlens_q
