@@ -14,6 +14,7 @@
 #   VOCAB_SIZE   token ids of DATA (mock / dataset)                   (32000)
 #   RUN_DIR      TensorBoard and checkpoints go under it              (runs/$SLURM_JOB_ID)
 #   EXTRA_ARGS   anything else for python -m nsa_parallel.train       ()
+#   NSA_MASTER_ADDR, NSA_MASTER_PORT  rendezvous override             (first host, 20000 + job id % 20000)
 
 set -euo pipefail
 
@@ -32,13 +33,13 @@ VOCAB_SIZE=${VOCAB_SIZE:-32000}
 RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_ID:-local}}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 
-# Rank 0 lives on the job's first host; every task derives the same port from the job id.
-if [[ -z "${MASTER_ADDR:-}" ]]; then
-    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n 1 || true)
-    MASTER_ADDR=${MASTER_ADDR:-$(hostname)}
-fi
-export MASTER_ADDR
-export MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
+# Rank 0 lives on the job's first host; every task derives the same port from the job id. sbatch copies the
+# submitting shell's environment into the job, so a MASTER_ADDR/MASTER_PORT left there (another job, a notebook's
+# process group) must not leak in: override on purpose with NSA_MASTER_ADDR / NSA_MASTER_PORT.
+MASTER_ADDR=${NSA_MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST:-}" 2>/dev/null | head -n 1 || true)}
+export MASTER_ADDR=${MASTER_ADDR:-$(hostname)}
+export MASTER_PORT=${NSA_MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
+unset RANK WORLD_SIZE LOCAL_RANK
 # The job starts in the submit directory, often a checkout: keep its nsa_parallel/ folder from shadowing the
 # installed package (Python >= 3.11; torchrun's workers inherit it)
 export PYTHONSAFEPATH=1

@@ -114,12 +114,18 @@ def test_nodelist_expansion_agrees_with_scontrol(slurm):
     ("slurm/train_torchrun.sbatch", dict(TP="2", PROCS_PER_NODE="2")),  # srun: 1 task running torchrun x 2
 ])
 def test_sbatch_scripts_train_on_a_real_slurm(slurm, single_losses, tmp_path, script, extra):
+    import socket
+    busy = socket.socket()  # a stale rendezvous in the submitting shell (sbatch copies it into the job) ...
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
     env = dict(NSA_DEVICE="cpu", DATA="recall", SEQ_LEN=str(SEQ), TRAIN_ITERS=str(ITERS), MODEL_ARGS=TINY,
-               RUN_DIR=str(tmp_path / "run"), PYTHON=sys.executable, **extra)
+               RUN_DIR=str(tmp_path / "run"), PYTHON=sys.executable, MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(busy.getsockname()[1]), RANK="5", WORLD_SIZE="9", **extra)  # ... is not used
     out = tmp_path / "job.out"
     ntasks = "2" if script.endswith("train.sbatch") else "1"
     res = slurm.sbatch(script, f"--ntasks={ntasks}", "--ntasks-per-node", ntasks, f"--output={out}",
                        cwd=str(ROOT), env=env)
+    busy.close()
     text = out.read_text() if out.exists() else ""
     assert res.returncode == 0, f"{res.stdout}{res.stderr}\n--- job output\n{text[-4000:]}\n{slurm.logs()}"
     assert re.search(r"world 2 = TP \d x PP 1 x CP \d x DP 1", text), text[-3000:]
