@@ -47,7 +47,8 @@ def nsa_attention_cp(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, 
                      v_slc: torch.Tensor, k_swa: torch.Tensor, v_swa: torch.Tensor, gate: torch.Tensor, *,
                      compress_k: Callable, compress_v: Callable, cp_group, config: Optional[NSAConfig] = None,
                      scale: Optional[float] = None, layout: str = "load_balanced", backend: str = "reference",
-                     selection_exchange: str = "allgather", cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     selection_exchange: str = "allgather", cu_seqlens: Optional[torch.Tensor] = None,
+                     return_block_indices: bool = False):
     """:func:`nsa_parallel.kernels.nsa_attention` for this rank's part of a sequence split over ``cp_group``.
 
     ``cp_group=None`` (or a group of one) is plain single-GPU NSA. Every tensor is this rank's tokens
@@ -58,6 +59,9 @@ def nsa_attention_cp(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, 
     them under CP); the ``[1, total / P, h, d]`` inputs hold, sequence after sequence, this rank's chunks of each
     sequence split by ``layout`` on its own (what TE's ``thd_get_partitioned_indices`` hands a rank). Every
     sequence must satisfy :func:`check_cp_config` by itself.
+
+    ``return_block_indices``: also this rank's ``[b, t_local, hkv, n]`` selected blocks (global block ids), not
+    for packed batches.
     """
     config = config if config is not None else NSAConfig()
     _check_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gate, None, backend)
@@ -73,8 +77,10 @@ def nsa_attention_cp(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, 
     if cp_size == 1:
         return nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gate, compress_k=compress_k,
                              compress_v=compress_v, config=config, scale=scale, backend=backend,
-                             cu_seqlens=cu_seqlens)
+                             cu_seqlens=cu_seqlens, return_block_indices=return_block_indices)
     if cu_seqlens is not None:
+        if return_block_indices:
+            raise ValueError("return_block_indices is not available for packed batches (cu_seqlens) under CP")
         return _packed(q, (k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gate), cu_seqlens, cp_size,
                        dict(compress_k=compress_k, compress_v=compress_v, cp_group=cp_group, config=config,
                             scale=scale, layout=layout, backend=backend, selection_exchange=selection_exchange))
@@ -122,6 +128,8 @@ def nsa_attention_cp(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, 
                  for g, (q_i, _, idx, _) in zip(shard.chunks, per_chunk)]
     outs = [combine(o_cmp, o_s, o_swa, gate[:, i * c:(i + 1) * c])
             for i, ((_, o_cmp, _, o_swa), o_s) in enumerate(zip(per_chunk, o_slc))]
+    if return_block_indices:
+        return torch.cat(outs, dim=1), torch.cat([p[2] for p in per_chunk], dim=1)
     return torch.cat(outs, dim=1)
 
 

@@ -41,28 +41,39 @@ def _fmt(v: float) -> str:
 
 
 @torch.no_grad()
-def nsa_stats(gate: torch.Tensor, block_indices: torch.Tensor, config) -> Dict[str, float]:
+def nsa_stats(gate: torch.Tensor, block_indices: torch.Tensor, config, positions: Optional[torch.Tensor] = None,
+              group=None) -> Dict[str, float]:
     """NSA's own health numbers for one layer and batch.
 
-    gate ``[b, t, hq, 3]`` (activated), block_indices ``[b, t, hkv, n]`` (-1 = none), positions restarting at 0:
+    gate ``[b, t, hq, 3]`` (activated), block_indices ``[b, t, hkv, n]`` (-1 = none); ``positions`` ``[t]`` the
+    tokens' positions in their sequence (default ``0 .. t-1``; a context-parallel rank passes its chunks'). With a
+    process ``group`` the numbers are those of the group's tokens together (sums and maxima reduced over it):
     - ``gate_cmp`` / ``gate_slc`` / ``gate_swa``: mean branch weight;
     - ``select_reach``: mean distance in tokens from a query back to the start of the blocks it selected beyond
       the forced ones (0 if there are none), ``select_reach_max`` the largest;
     - ``select_forced_share``: share of the selected blocks that are forced (first + local) ones.
     """
-    out = {f"gate_{name}": gate[..., i].float().mean().item() for i, name in enumerate(("cmp", "slc", "swa"))}
     b, t, hkv, n = block_indices.shape
-    pos = torch.arange(t, device=block_indices.device).view(1, t, 1, 1)
+    dev = block_indices.device
+    pos = (torch.arange(t, device=dev) if positions is None else positions.to(dev)).view(1, t, 1, 1)
     own = pos // config.select_block
     idx = block_indices.long()
     valid = idx >= 0
     forced = valid & ((idx < config.select_initial) | (idx > own - config.select_local))
     free = valid & ~forced
-    reach = (pos - idx * config.select_block).float()
-    out["select_reach"] = (reach[free].mean().item() if free.any() else 0.0)
-    out["select_reach_max"] = (reach[free].max().item() if free.any() else 0.0)
-    out["select_forced_share"] = forced.sum().item() / max(1, valid.sum().item())
-    return out
+    reach = (pos - idx * config.select_block).double()
+    g = gate.double().flatten(0, -2)  # [tokens x heads, 3]
+    sums = torch.stack([*g.sum(0), torch.tensor(g.shape[0], dtype=torch.float64, device=g.device),
+                        reach[free].sum().to(g.device), free.sum().double().to(g.device),
+                        forced.sum().double().to(g.device), valid.sum().double().to(g.device)])
+    top = (reach[free].max() if free.any() else torch.zeros((), dtype=torch.float64, device=dev)).to(g.device)
+    if group is not None:
+        torch.distributed.all_reduce(sums, group=group)
+        torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX, group=group)
+    gc, gs, gw, count, reach_sum, nfree, nforced, nvalid = sums.tolist()
+    return {"gate_cmp": gc / count, "gate_slc": gs / count, "gate_swa": gw / count,
+            "select_reach": reach_sum / nfree if nfree else 0.0, "select_reach_max": top.item(),
+            "select_forced_share": nforced / max(1.0, nvalid)}
 
 
 def _now(device: torch.device) -> float:

@@ -153,6 +153,23 @@ def _cp_varlen_case(world, rank, group, lengths):
     return errs
 
 
+def _cp_stats_case(world, rank, group):
+    """NSA's TensorBoard statistics from P ranks' shards (global positions, reduced over the group) equal those of
+    the whole sequence on one rank."""
+    from nsa_parallel.context_parallel import local_positions, nsa_attention_cp
+    from nsa_parallel.metrics import nsa_stats
+    t = 2 * world * 4 * CP_CFG.select_block
+    q, kvs, gate, ck, cv = make_inputs(2, t, 4, 2, 16, 16, CP_CFG, seed=17)
+    _, idx = nsa_attention(q, *kvs, gate, compress_k=ck, compress_v=cv, config=CP_CFG, return_block_indices=True)
+    want = nsa_stats(gate, idx, CP_CFG)
+    mine = [split_for_rank(x, world, rank) for x in (q, *kvs, gate)]
+    _, lidx = nsa_attention_cp(*mine, compress_k=ck, compress_v=cv, cp_group=group, config=CP_CFG,
+                               return_block_indices=True)
+    got = nsa_stats(mine[-1], lidx, CP_CFG, positions=local_positions(t, world, rank), group=group)
+    assert want["select_reach"] > 0 and 0 < want["select_forced_share"] < 1  # a non-trivial selection
+    return {k: abs(got[k] - want[k]) / max(abs(want[k]), 1e-12) for k in want}
+
+
 def _cp_worker(rank, world, port, cases, result):
     import warnings
     warnings.filterwarnings("ignore")
@@ -161,8 +178,12 @@ def _cp_worker(rank, world, port, cases, result):
     try:
         for case in cases:
             group = torch.distributed.group.WORLD
-            result[(case[0], rank)] = _cp_varlen_case(world, rank, group, case[1]) if case[0] == "varlen" else \
-                _cp_case(case, world, rank, group)
+            if case[0] == "varlen":
+                result[(case[0], rank)] = _cp_varlen_case(world, rank, group, case[1])
+            elif case[0] == "stats":
+                result[(case[0], rank)] = _cp_stats_case(world, rank, group)
+            else:
+                result[(case[0], rank)] = _cp_case(case, world, rank, group)
     except BaseException as e:  # noqa: BLE001 - report it to the parent
         result[("error", rank)] = repr(e)
         raise
@@ -186,10 +207,11 @@ def test_cp_equals_single_rank(world):
                                          (world == 4 and c[0] == "triton-ring-lb")]
     if torch.cuda.is_available():  # these gloo processes hold CPU tensors: Triton runs there only interpreted
         cases = [c for c in cases if c[8] == "reference"]
-    cases = cases + [(VARLEN[0], [n * max(1, world // 4) for n in VARLEN[1]])]  # 2P x select_block multiples
+    cases = cases + [(VARLEN[0], [n * max(1, world // 4) for n in VARLEN[1]]),  # 2P x select_block multiples
+                     ("stats",)]
     result = run_cp(world, cases)
     for case in cases:
-        bound = 1e-4 if case[0] != "varlen" and case[8] == "triton" else 1e-5
+        bound = 1e-4 if len(case) > 8 and case[8] == "triton" else 1e-5
         for rank in range(world):
             errs = result[(case[0], rank)]
             bad = {k: v for k, v in errs.items() if not v < bound}

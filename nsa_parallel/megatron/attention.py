@@ -19,7 +19,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 
-from ..context_parallel import nsa_attention_cp
+from ..context_parallel import local_positions, nsa_attention_cp
 from ..kernels import Compression, NSAConfig, nsa_attention
 from ..kernels.cache import NSAKVCache
 from ..kernels.decode import nsa_decode
@@ -125,20 +125,23 @@ class NSACoreAttention(MegatronModule):
     def _core(self, q, kv, gate, cu, backend, s, b):
         if self.collect_stats:
             q, gate, *kv = self.timer.enter(q, gate, *kv)
+        positions = None
         if self.cp_group is not None:  # Megatron's load-balanced split, which its RoPE slicing also assumes
-            o = nsa_attention_cp(q, *kv, gate, compress_k=self.compress_k, compress_v=self.compress_v,
-                                 cp_group=self.cp_group, config=self.nsa_config, scale=self.softmax_scale,
-                                 layout="load_balanced", backend=backend)
-            idx = None
+            o, idx = nsa_attention_cp(q, *kv, gate, compress_k=self.compress_k, compress_v=self.compress_v,
+                                      cp_group=self.cp_group, config=self.nsa_config, scale=self.softmax_scale,
+                                      layout="load_balanced", backend=backend, return_block_indices=True)
+            cp = torch.distributed.get_world_size(self.cp_group)
+            positions = local_positions(q.shape[1] * cp, cp, torch.distributed.get_rank(self.cp_group))
         else:
             o, idx = nsa_attention(q, *kv, gate, compress_k=self.compress_k, compress_v=self.compress_v,
                                    config=self.nsa_config, scale=self.softmax_scale, cu_seqlens=cu, backend=backend,
                                    return_block_indices=True)
         if self.collect_stats:
             o = self.timer.leave(o)
-            # the statistics assume one sequence per row from position 0: not for packed batches or CP shards
-            if cu is None and idx is not None:
-                self.stats = nsa_stats(gate, idx, self.nsa_config)
+            # the statistics take each row as one sequence: not for packed batches; under CP, over the whole
+            # sequences (every CP rank's tokens)
+            if cu is None:
+                self.stats = nsa_stats(gate, idx, self.nsa_config, positions=positions, group=self.cp_group)
         return o.transpose(0, 1).reshape(s, b, -1)
 
 
