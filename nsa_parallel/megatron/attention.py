@@ -155,6 +155,10 @@ class NSASelfAttention(SelfAttention):
     (:func:`nsa_parallel.generate.generate`).
     """
 
+    decode_state = None
+    """Set by :func:`nsa_parallel.generate.generate` while it runs: prefill fills this layer's NSA KV cache, decode
+    steps attend through it."""
+
     def __init__(self, config, submodules, layer_number: int, attn_mask_type=AttnMaskType.causal, **kwargs):
         super().__init__(config, submodules, layer_number, attn_mask_type=attn_mask_type, **kwargs)
         tp = self.world_size
@@ -210,10 +214,6 @@ class NSASelfAttention(SelfAttention):
         if state is not None:  # prefill: the training kernels ran; keep what the branches need for decoding
             self._fill_cache(keys, values, state)
         return self.linear_proj(core)
-
-    decode_state = None
-    """Set by :func:`nsa_parallel.generate.generate` while it runs: prefill fills this layer's NSA KV cache, decode
-    steps attend through it."""
 
     def _kv_bthd(self, keys, values):
         return [x.transpose(0, 1) for pair in zip(keys, values) for x in pair]  # k_cmp, v_cmp, k_slc, ...
