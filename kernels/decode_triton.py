@@ -318,3 +318,39 @@ def decode_triton(q: torch.Tensor, gate: torch.Tensor, cache, scale: float):
                           BTOP=_p2(nslc), BWIN=_p2(npart - nslc), BDV=BDV)
     return out, idx
 
+
+
+@triton.jit
+def _append_raw(keys_ptr, vals_ptr, lens_ptr, kslc, vslc, kswa, vswa, kraw, vraw, B, MAXLEN, W: tl.constexpr,
+                CL: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
+                BDV: tl.constexpr):
+    """The new token's raw K/V of the three branches into the cache: selected (at its position), window ring
+    (p % w), compressed-branch ring (p % l). keys/vals ``[3, B, hkv, d]`` stacked in the order cmp, slc, swa."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    p = tl.load(lens_ptr + b).to(tl.int64)
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    mk, mv = dk < DK, dv < DV
+    src_k = keys_ptr + (b * HKV + h) * DK + dk
+    src_v = vals_ptr + (b * HKV + h) * DV + dv
+    slot = (b * MAXLEN + tl.minimum(p, MAXLEN - 1)) * HKV + h  # a full sequence overwrites its last slot
+    tl.store(kslc + slot * DK + dk, tl.load(src_k + B * HKV * DK, mask=mk), mask=mk)
+    tl.store(vslc + slot * DV + dv, tl.load(src_v + B * HKV * DV, mask=mv), mask=mv)
+    slot = (b * W + p % W) * HKV + h
+    tl.store(kswa + slot * DK + dk, tl.load(src_k + 2 * B * HKV * DK, mask=mk), mask=mk)
+    tl.store(vswa + slot * DV + dv, tl.load(src_v + 2 * B * HKV * DV, mask=mv), mask=mv)
+    slot = (b * CL + p % CL) * HKV + h
+    tl.store(kraw + slot * DK + dk, tl.load(src_k, mask=mk), mask=mk)
+    tl.store(vraw + slot * DV + dv, tl.load(src_v, mask=mv), mask=mv)
+
+
+def append_raw(cache, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa) -> None:
+    """One launch for the six raw writes of :meth:`NSAKVCache.append` (inputs ``[B, 1, hkv, d]``)."""
+    keys = torch.stack([k_cmp[:, 0], k_slc[:, 0], k_swa[:, 0]]).to(cache.k_slc.dtype).contiguous()
+    vals = torch.stack([v_cmp[:, 0], v_slc[:, 0], v_swa[:, 0]]).to(cache.v_slc.dtype).contiguous()
+    cfg = cache.config
+    _append_raw[(cache.batch, cache.num_kv_heads)](
+        keys, vals, cache.lens, cache.k_slc, cache.v_slc, cache.k_swa, cache.v_swa, cache.k_raw, cache.v_raw,
+        cache.batch, cache.max_len, W=cfg.window, CL=cfg.compress_block, HKV=cache.num_kv_heads, DK=cache.head_dim,
+        DV=cache.head_dim_v, BDK=_p2(cache.head_dim), BDV=_p2(cache.head_dim_v))

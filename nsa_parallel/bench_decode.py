@@ -102,7 +102,8 @@ def run(args) -> dict:
                 torch.manual_seed(0)
                 ck, cv = (Compression(hkv, d, cfg.compress_block, cfg.compress_stride, device="cuda",
                                       dtype=torch.bfloat16) for _ in range(2))
-                cache = NSAKVCache(bsz, t + 1, hkv, d, cfg, ck, cv, device="cuda", dtype=torch.bfloat16)
+                cache = NSAKVCache(bsz, t + 1, hkv, d, cfg, ck, cv, device="cuda", dtype=torch.bfloat16,
+                                   backend="triton")
                 for x in (cache.k_slc, cache.v_slc, cache.k_swa, cache.v_swa, cache.k_cmp, cache.v_cmp, cache.k_raw,
                           cache.v_raw):
                     x.normal_()

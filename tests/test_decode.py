@@ -34,7 +34,7 @@ def _decode_all(prompts, totals, backend, dtype=torch.float32, device="cpu"):
     ck, cv = _phi(device, dtype)
     seqs = [_sequence(t, dtype, seed=b, device=device) for b, t in enumerate(totals)]
     bsz, tmax = len(totals), max(totals)
-    cache = NSAKVCache(bsz, tmax, HKV, D, CFG, ck, cv, device=device, dtype=dtype)
+    cache = NSAKVCache(bsz, tmax, HKV, D, CFG, ck, cv, device=device, dtype=dtype, backend=backend)
     pad = lambda x, t: torch.nn.functional.pad(x, (0, 0, 0, 0, 0, t - x.shape[1]))  # noqa: E731
     pmax = max(prompts)
     kvs = [torch.cat([pad(s[1][i][:, :p], pmax) for s, p in zip(seqs, prompts)]) for i in range(6)]

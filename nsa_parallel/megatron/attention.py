@@ -215,6 +215,9 @@ class NSASelfAttention(SelfAttention):
             self._fill_cache(keys, values, state)
         return self.linear_proj(core)
 
+    def _decode_backend(self, state, x) -> str:
+        return state.backend or self.core_attention.backend or ("triton" if x.is_cuda else "reference")
+
     def _kv_bthd(self, keys, values):
         return [x.transpose(0, 1) for pair in zip(keys, values) for x in pair]  # k_cmp, v_cmp, k_slc, ...
 
@@ -222,7 +225,8 @@ class NSASelfAttention(SelfAttention):
         core = self.core_attention
         b = keys[0].shape[1]
         cache = NSAKVCache(b, state.max_len, core.num_kv_heads, core.head_dim, core.nsa_config, core.compress_k,
-                           core.compress_v, device=keys[0].device, dtype=keys[0].dtype)
+                           core.compress_v, device=keys[0].device, dtype=keys[0].dtype, backend=self._decode_backend(
+                               state, keys[0]))
         cache.prefill(*self._kv_bthd(keys, values), lens=state.lens)
         state.caches[self.layer_number] = cache
 
@@ -231,6 +235,6 @@ class NSASelfAttention(SelfAttention):
         core = self.core_attention
         cache = state.caches[self.layer_number]
         cache.append(*self._kv_bthd(keys, values))
-        backend = state.backend or core.backend or ("triton" if q.is_cuda else "reference")
-        o = nsa_decode(q[0], gate[0].to(q.dtype), cache, scale=core.softmax_scale, backend=backend)
+        o = nsa_decode(q[0], gate[0].to(q.dtype), cache, scale=core.softmax_scale,
+                       backend=self._decode_backend(state, q))
         return o.reshape(1, o.shape[0], -1)
