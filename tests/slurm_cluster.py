@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from nsa_parallel.rendezvous import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo")
 
 
@@ -25,12 +27,6 @@ def missing() -> Optional[str]:
     if os.geteuid() != 0:
         return "a private slurmd must run as root to start jobs"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _which(name: str) -> str:
@@ -57,7 +53,7 @@ class OneNodeSlurm:
         subprocess.run([_which("munged"), "--force", f"--socket={self.munge_socket}", f"--key-file={key}",
                         f"--log-file={r / 'log' / 'munged.log'}", f"--pid-file={r / 'munge' / 'pid'}",
                         f"--seed-file={r / 'munge' / 'seed'}"], check=True, env=self.env)
-        ctld_port, d_port = _free_port(), _free_port()
+        ctld_port, d_port = free_port(), free_port()
         self.conf.write_text(f"""\
 ClusterName=nsatest
 SlurmctldHost={self.host}(127.0.0.1)
