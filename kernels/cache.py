@@ -34,7 +34,7 @@ class NSAKVCache:
             raise ValueError(f"NSAKVCache: batch={batch} and max_len={max_len} must be >= 1")
         if backend not in ("reference", "triton"):
             raise ValueError(f"NSAKVCache: backend={backend!r}; allowed: reference, triton")
-        self.backend = backend  # "triton": the raw writes of append() in one kernel
+        self.backend = backend  # "triton": append() in two kernels (raw writes; phi only where a block completed)
         dv = head_dim_v or head_dim
         self.config, self.compress_k, self.compress_v = config, compress_k, compress_v
         self.batch, self.max_len, self.num_kv_heads, self.head_dim, self.head_dim_v = \
@@ -92,21 +92,23 @@ class NSAKVCache:
                            ("k_slc", k_slc, self.head_dim), ("v_slc", v_slc, self.head_dim_v),
                            ("k_swa", k_swa, self.head_dim), ("v_swa", v_swa, self.head_dim_v)):
             self._check(name, x, 1, d)
+        if self.backend == "triton":
+            from .decode_triton import append_compress, append_raw
+            append_raw(self, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa)
+            append_compress(self)
+            self.lens += 1
+            return
         cfg = self.config
         b = torch.arange(self.batch, device=self.lens.device)
         pos = self.lens.long()
-        if self.backend == "triton":
-            from .decode_triton import append_raw
-            append_raw(self, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa)
-        else:
-            # a full sequence would write past max_len: clamp the index (no host sync); generate() sizes the
-            # cache so that it never happens
-            self.k_slc[b, pos.clamp(max=self.max_len - 1)] = k_slc[:, 0].to(self.k_slc.dtype)
-            self.v_slc[b, pos.clamp(max=self.max_len - 1)] = v_slc[:, 0].to(self.v_slc.dtype)
-            self.k_swa[b, pos % cfg.window] = k_swa[:, 0].to(self.k_swa.dtype)
-            self.v_swa[b, pos % cfg.window] = v_swa[:, 0].to(self.v_swa.dtype)
-            self.k_raw[b, pos % cfg.compress_block] = k_cmp[:, 0].to(self.k_raw.dtype)
-            self.v_raw[b, pos % cfg.compress_block] = v_cmp[:, 0].to(self.v_raw.dtype)
+        # a full sequence would write past max_len: clamp the index (no host sync); generate() sizes the cache so
+        # that it never happens
+        self.k_slc[b, pos.clamp(max=self.max_len - 1)] = k_slc[:, 0].to(self.k_slc.dtype)
+        self.v_slc[b, pos.clamp(max=self.max_len - 1)] = v_slc[:, 0].to(self.v_slc.dtype)
+        self.k_swa[b, pos % cfg.window] = k_swa[:, 0].to(self.k_swa.dtype)
+        self.v_swa[b, pos % cfg.window] = v_swa[:, 0].to(self.v_swa.dtype)
+        self.k_raw[b, pos % cfg.compress_block] = k_cmp[:, 0].to(self.k_raw.dtype)
+        self.v_raw[b, pos % cfg.compress_block] = v_cmp[:, 0].to(self.v_raw.dtype)
         n = pos + 1
         cl, cs = cfg.compress_block, cfg.compress_stride
         done = (n >= cl) & ((n - cl) % cs == 0)  # this token ends block (n - cl) / cs

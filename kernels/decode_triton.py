@@ -6,16 +6,22 @@ Long caches are split: the compressed branch over ``splits`` ranges of compresse
 program per selected block, the window one program per ``l'`` positions. Partial (o, max, sum) are merged by the
 last kernel, which also applies the gates:
 
-1. ``_cmp_partial``: compressed attention over a range -> partial o, m, l (log2 domain).
-2. ``_cmp_scores``: the global log-sum-exp from the partials, the probabilities from the logits pass 1 kept
-   (cheaper than re-reading K), summed over the group's heads and spread over selection blocks by their
-   stride-slot overlap (eq. 9) -> fp32 scores (atomics).
+1. ``_cmp_partial``: compressed attention over a range -> partial o, m, l (log2 domain); per tile of compressed
+   tokens it also sums each head's probabilities (relative to the running max) into the tile's selection blocks by
+   stride-slot overlap (eq. 9): 1/S of the logits' bytes.
+2. ``_cmp_scores``: the global log-sum-exp from the partials rescales those tile sums; summed over the group's
+   heads (eq. 10) -> fp32 block scores.
 3. ``_topn``: forced first/local blocks, then one argmax per free pick, ties to the lower index, ascending (as
    the reference).
 4. ``_sparse_partial``: ``SPARSE_TILES_PER_PROGRAM`` selected blocks or window tiles -> partial o, m, l.
 5. ``_combine``: one program per query head merges the partials of each branch, gates, writes ``[B, hq, dv]``.
 
 Sequence lengths are read on the device (``cache.lens``): no host sync, so a step can be captured in a CUDA graph.
+``append_raw`` / ``append_compress`` are the cache update (:meth:`NSAKVCache.append` with ``backend="triton"``).
+
+Tried on an H100 and not kept (64k x 8, see docs/decode.md): scores in the top-n or in the last compressed program
+(arrival counter), top-n by ranks in parallel programs, the combine in the last sparse program, programmatic
+dependent launch between the kernels, the window branch on a second stream: none faster.
 """
 from __future__ import annotations
 
@@ -23,12 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 64  # compressed tokens per tile
 # launch knobs, swept by python -m nsa_parallel.bench_decode (defaults: the best measured on an H100)
 CMP_BN, CMP_WARPS, CMP_STAGES = 64, 4, 3  # compressed-branch tile, warps, pipeline stages
+SCORES_BJ = 64  # selection blocks per scores program
 SPARSE_TILES_PER_PROGRAM = 4  # selected blocks / window tiles one program merges before writing a partial
-TOPN_WARPS = 4  # warps of the top-n program (bench_decode --sweep-topn-warps)
-PROGRAMS_PER_SM = 2  # compressed-branch programs per SM the split aims for (bench_decode --sweep-splits)
+TOPN_WARPS = 4  # warps of the top-n program
+APPEND_ROWS = 16  # sequences one phi program compresses together (the rows of its tl.dot, >= 16)
+PROGRAMS_PER_SM = 2  # compressed-branch programs per SM the split aims for
 
 
 def _p2(x: int) -> int:
@@ -61,11 +68,12 @@ def _num_cmp(t, CL: tl.constexpr, CS: tl.constexpr):
 
 
 @triton.jit
-def _cmp_partial(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, s_ptr, sm_scale, sqb, sqh, skb, skt, skh, svb,
-                 svt, svh, MAXC,
+def _cmp_partial(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, own_ptr, spill_ptr, mt_ptr, sm_scale, sqb, sqh,
+                 skb, skt, skh, svb, svt, svh, NSP, NT,
                  HKV: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, CL: tl.constexpr,
-                 CS: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr,
-                 BDV: tl.constexpr, BN: tl.constexpr):
+                 CS: tl.constexpr, SB: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, BG: tl.constexpr,
+                 BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr):
+    """Compressed attention over one split -> partial (o, m, l) and the per-tile block sums."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (bh // HKV).to(tl.int64)  # b * stride passes 2^31 for long caches at large batch
@@ -78,6 +86,13 @@ def _cmp_partial(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, s_ptr, sm_s
     g = tl.arange(0, BG)
     d = tl.arange(0, BD)
     dv = tl.arange(0, BDV)
+    A: tl.constexpr = CL // CS  # stride slots per compressed token
+    S: tl.constexpr = SB // CS  # stride slots (= compressed tokens) per selection block; A <= S
+    TB: tl.constexpr = BN // S  # selection blocks a tile starts
+    r = tl.arange(0, S)
+    w_own = tl.minimum(A, S - r).to(tl.float32)  # token j*S + r overlaps block j by this many slots (eq. 9) ...
+    w_spill = tl.maximum(r + A - S, 0).to(tl.float32)  # ... and block j + 1 by the rest
+    rows = (bh * G + g).to(tl.int64)
     m_i = tl.full([BG], float("-inf"), tl.float32)
     l_i = tl.zeros([BG], tl.float32)
     acc = tl.zeros([BG, BDV], tl.float32)
@@ -90,10 +105,22 @@ def _cmp_partial(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, s_ptr, sm_s
                     mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
         s = tl.dot(q, tl.trans(k)) * (sm_scale * 1.4426950408889634)
         s = tl.where(ok[None, :], s, float("-inf"))
-        # the scores pass needs these logits again: keeping them costs G*4 bytes per token, re-reading K 2*dk
-        tl.store(s_ptr + (bh * G + g[:, None]).to(tl.int64) * MAXC + i[None, :], s,
-                 mask=(g[:, None] < G) & ok[None, :])
-        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc)
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the tile holds a visible token
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+        # the selection scores need these probabilities once the global max is known: per head, summed into the
+        # tile's selection blocks relative to m_new (kept as the tile's max); 1/S of the logits' bytes
+        p3 = tl.reshape(p, [BG, TB, S])
+        tile = i0 // BN
+        j = tile * TB + tl.arange(0, TB)
+        sel = rows[:, None] * NSP + j[None, :]
+        gm = (g < G)[:, None] & (j < NSP)[None, :]
+        tl.store(own_ptr + sel, tl.sum(p3 * w_own[None, None, :], 2), mask=gm)
+        tl.store(spill_ptr + sel, tl.sum(p3 * w_spill[None, None, :], 2), mask=gm)
+        tl.store(mt_ptr + rows * NT + tile, m_new, mask=g < G)
     row = (bh * SPLITS + split) * G + g
     tl.store(m_ptr + row, m_i, mask=g < G)
     tl.store(l_ptr + row, l_i, mask=g < G)
@@ -101,46 +128,46 @@ def _cmp_partial(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, s_ptr, sm_s
 
 
 @triton.jit
-def _cmp_scores(s_ptr, lens_ptr, m_ptr, l_ptr, sc_ptr, NSMAX, MAXC, HKV: tl.constexpr, G: tl.constexpr,
-                CL: tl.constexpr, CS: tl.constexpr, SB: tl.constexpr, SPLITS: tl.constexpr, BSPL: tl.constexpr,
-                BG: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr):
+def _cmp_scores(own_ptr, spill_ptr, mt_ptr, lens_ptr, m_ptr, l_ptr, sc_ptr, NSMAX, NSP, NT, HKV: tl.constexpr,
+                G: tl.constexpr, CL: tl.constexpr, CS: tl.constexpr, SB: tl.constexpr, SPLITS: tl.constexpr,
+                BSPL: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr):
+    """Block scores (eq. 10) of ``BJ`` blocks: each head's tile sums rescaled by exp2(tile max - global lse),
+    summed over the group; block j takes its own tokens' share and the spill of block j - 1's (kept by j - 1's
+    tile). (Measured on an H100, 64k x 8: computing them in the top-n program, 30 us slower; in the last
+    compressed program of a pair via an arrival counter, 40 us slower: one program then walks every block.)"""
     bh = tl.program_id(0)
-    tile = tl.program_id(1)  # one tile per program: a loop over tiles would be a chain of dependent latencies
-    b = bh // HKV
-    n_tok = tl.load(lens_ptr + b)
-    t = n_tok - 1
-    nc = _num_cmp(t, CL, CS)
-    start = tile * BN
-    end = tl.minimum(start + BN, nc)
-    if start < end:
-        g = tl.arange(0, BG)
-        sp = tl.arange(0, BSPL)
-        pm = (sp[:, None] < SPLITS) & (g[None, :] < G)
-        part = (bh * SPLITS + sp[:, None]) * G + g[None, :]
-        m_s = tl.load(m_ptr + part, mask=pm, other=float("-inf"))
-        l_s = tl.load(l_ptr + part, mask=pm, other=0.0)
-        m_all = tl.max(m_s, 0)
-        m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
-        lse = m_safe + tl.log2(tl.sum(l_s * tl.exp2(m_s - m_safe[None, :]), 0))
-        A: tl.constexpr = CL // CS  # stride slots per compressed block
-        S: tl.constexpr = SB // CS  # stride slots per selection block
-        ns = (n_tok + SB - 1) // SB
-        i = start + tl.arange(0, BN)
-        ok = (g[:, None] < G) & (i[None, :] < end)
-        s = tl.load(s_ptr + (bh * G + g[:, None]).to(tl.int64) * MAXC + i[None, :], mask=ok, other=float("-inf"))
-        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-        ps = tl.sum(p, 0)  # [BN], the group's heads summed (eq. 10)
-        j = start // S + tl.arange(0, BJ)
-        lo = tl.maximum(i[:, None], j[None, :] * S)
-        hi = tl.minimum(i[:, None] + A, (j[None, :] + 1) * S)
-        w = tl.maximum(hi - lo, 0).to(tl.float32)
-        contrib = tl.sum(ps[:, None] * w, 0)
-        tl.atomic_add(sc_ptr + bh * NSMAX + j, contrib, mask=(j < ns) & (contrib != 0.0))
+    j = tl.program_id(1) * BJ + tl.arange(0, BJ)
+    nc = _num_cmp(tl.load(lens_ptr + bh // HKV) - 1, CL, CS)
+    g = tl.arange(0, BG)
+    sp = tl.arange(0, BSPL)
+    pm = (sp[:, None] < SPLITS) & (g[None, :] < G)
+    part = (bh * SPLITS + sp[:, None]) * G + g[None, :]
+    m_s = tl.load(m_ptr + part, mask=pm, other=float("-inf"))
+    l_s = tl.load(l_ptr + part, mask=pm, other=0.0)
+    m_all = tl.max(m_s, 0)
+    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+    lse = m_safe + tl.log2(tl.sum(l_s * tl.exp2(m_s - m_safe[None, :]), 0))
+    S: tl.constexpr = SB // CS
+    TB: tl.constexpr = BN // S
+    rows = (bh * G + g).to(tl.int64)[:, None]
+    gm = (g < G)[:, None]
+    sc = tl.zeros([BJ], tl.float32)
+    for back in tl.static_range(2):  # 0: own tokens of block j, 1: the spill of block j - 1
+        jj = j - back
+        tile = jj // TB
+        vis = gm & ((jj >= 0) & (tile * BN < nc))[None, :]  # tiles past nc were never written
+        mt = tl.load(mt_ptr + rows * NT + tile[None, :], mask=vis, other=0.0)
+        part_ptr = own_ptr if back == 0 else spill_ptr
+        x = tl.load(part_ptr + rows * NSP + jj[None, :], mask=vis, other=0.0)
+        sc += tl.sum(x * tl.where(vis, tl.exp2(mt - lse[:, None]), 0.0), 0)
+    tl.store(sc_ptr + bh * NSMAX + j, sc, mask=j < NSMAX)
 
 
 @triton.jit
 def _topn(sc_ptr, lens_ptr, idx_ptr, NSMAX, HKV: tl.constexpr, SB: tl.constexpr, TOPN: tl.constexpr,
           INIT: tl.constexpr, LOCAL: tl.constexpr, BNS: tl.constexpr, BTOP: tl.constexpr):
+    """Forced first/local blocks, then one argmax per free pick, ties to the lower index, slots ascending (as the
+    reference)."""
     bh = tl.program_id(0)
     b = bh // HKV
     t = tl.load(lens_ptr + b) - 1
@@ -151,19 +178,18 @@ def _topn(sc_ptr, lens_ptr, idx_ptr, NSMAX, HKV: tl.constexpr, SB: tl.constexpr,
     forced = valid & ((j < INIT) | (j > own - LOCAL))
     s = tl.where(valid & ~forced, s, float("-inf"))
     sel = forced
-    # one argmax per free pick (tl.sort + threshold measured 5x slower on an H100 at 1024 blocks)
+    # one argmax per free pick (measured on an H100 at 1024 blocks, 9 us; tl.sort 56 us; ranks of every block
+    # against every other in parallel programs 27 us, the compares dominate; one warp 29 us)
     for _ in range(TOPN - INIT - LOCAL):  # forced blocks are at most INIT + LOCAL, taken above
         arg = tl.argmax(s, 0, tie_break_left=True)  # the lower block index wins ties, as in the reference
         hit = (j == arg) & (s > float("-inf"))  # nothing left to take once the best is -inf
         sel = sel | hit
         s = tl.where(j == arg, float("-inf"), s)
-    rank = tl.cumsum(sel.to(tl.int32), 0) - 1
+    slot = tl.cumsum(sel.to(tl.int32), 0) - 1  # ascending, as the reference
+    tl.store(idx_ptr + bh * TOPN + slot, j, mask=sel)
     r = tl.arange(0, BTOP)
-    match = sel[None, :] & (rank[None, :] == r[:, None])
-    out = tl.sum(tl.where(match, j[None, :], 0), 1)
-    cnt = tl.sum(sel.to(tl.int32), 0)
-    out = tl.where(r < cnt, out, -1)
-    tl.store(idx_ptr + bh * TOPN + r, out, mask=r < TOPN)
+    pad = (r >= tl.sum(sel.to(tl.int32), 0)) & (r < TOPN)  # fewer visible blocks than n
+    tl.store(idx_ptr + bh * TOPN + r, tl.full([BTOP], -1, tl.int32), mask=pad)
 
 
 @triton.jit
@@ -256,56 +282,90 @@ def _num_splits(bsz: int, hkv: int, max_cmp: int) -> int:
     """Enough compressed-branch programs to fill the GPU, no split under one tile."""
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
         if torch.cuda.is_available() else 132
-    return max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, bsz * hkv), triton.cdiv(max_cmp, BLOCK_N)))
+    return max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, bsz * hkv), triton.cdiv(max_cmp, CMP_BN)))
+
+
+def _check_config(cfg) -> None:
+    if cfg.select_block & (cfg.select_block - 1) or cfg.select_block < 16:
+        raise ValueError(f"backend='triton' decoding needs NSAConfig.select_block to be a power of two >= 16, got "
+                         f"{cfg.select_block}")
+    if cfg.compress_block > cfg.select_block or cfg.select_block // cfg.compress_stride > CMP_BN:
+        raise ValueError(f"backend='triton' decoding needs NSAConfig.compress_block <= select_block <= "
+                         f"{CMP_BN} * compress_stride, got compress_block={cfg.compress_block}, select_block="
+                         f"{cfg.select_block}, compress_stride={cfg.compress_stride}")
+
+
+def compressed_step(q: torch.Tensor, cache, scale: float):
+    """Compressed branch and selection scores: ``(partials (o, m, l) per split, scores [B, hkv, ns])``."""
+    cfg = cache.config
+    bsz, hq, dk = q.shape
+    hkv, dv = cache.num_kv_heads, cache.head_dim_v
+    G = hq // hkv
+    dev = q.device
+    BG, BD, BDV = max(16, _p2(G)), max(16, _p2(dk)), max(16, _p2(dv))
+    s_slots = cfg.select_block // cfg.compress_stride
+    splits = _num_splits(bsz, hkv, cache.max_cmp)
+    chunk = triton.cdiv(triton.cdiv(cache.max_cmp, splits), CMP_BN) * CMP_BN
+    f32 = dict(device=dev, dtype=torch.float32)
+    co = torch.empty(bsz, hkv, splits, G, dv, **f32)
+    cm = torch.empty(bsz, hkv, splits, G, **f32)
+    cl = torch.empty_like(cm)
+    nt = triton.cdiv(cache.max_cmp, CMP_BN)  # tiles of compressed tokens
+    nsp = nt * (CMP_BN // s_slots)  # selection blocks the tiles start
+    own = torch.empty(bsz * hkv, G, nsp, **f32)  # per-head partial block scores, relative to the tile's max
+    spill = torch.empty_like(own)
+    mt = torch.empty(bsz * hkv, G, nt, **f32)
+    kc, vc = cache.k_cmp, cache.v_cmp
+    _cmp_partial[(bsz * hkv, splits)](
+        q, kc, vc, cache.lens, co, cm, cl, own, spill, mt, scale, q.stride(0), q.stride(1), kc.stride(0),
+        kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2), nsp, nt, HKV=hkv, G=G, DK=dk, DV=dv,
+        CL=cfg.compress_block, CS=cfg.compress_stride, SB=cfg.select_block, CHUNK=chunk, SPLITS=splits, BG=BG,
+        BD=BD, BDV=BDV, BN=CMP_BN, num_warps=CMP_WARPS, num_stages=CMP_STAGES)
+    nsmax = triton.cdiv(cache.max_len, cfg.select_block)
+    scores = torch.empty(bsz, hkv, nsmax, **f32)
+    _cmp_scores[(bsz * hkv, triton.cdiv(nsmax, SCORES_BJ))](
+        own, spill, mt, cache.lens, cm, cl, scores, nsmax, nsp, nt, HKV=hkv, G=G, CL=cfg.compress_block,
+        CS=cfg.compress_stride, SB=cfg.select_block, SPLITS=splits, BSPL=_p2(splits), BG=BG, BN=CMP_BN,
+        BJ=SCORES_BJ)
+    return (co, cm, cl), scores
+
+
+def select_blocks(cache, scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Top-n block indices into ``idx [B, hkv, n]`` (int32, ascending, -1 padded) from ``scores [B, hkv, ns]``."""
+    cfg = cache.config
+    bsz, hkv, nsmax = scores.shape
+    n = cfg.select_topn
+    _topn[(bsz * hkv,)](scores, cache.lens, idx, nsmax, HKV=hkv, SB=cfg.select_block, TOPN=n,
+                        INIT=cfg.select_initial, LOCAL=cfg.select_local, BNS=_p2(nsmax), BTOP=_p2(n),
+                        num_warps=TOPN_WARPS)
+    return idx
 
 
 def decode_triton(q: torch.Tensor, gate: torch.Tensor, cache, scale: float):
     """``(o [B, hq, dv], indices [B, hkv, n])`` for the token at ``cache.lens - 1`` of each sequence."""
     cfg = cache.config
+    _check_config(cfg)
     bsz, hq, dk = q.shape
     hkv, dv = cache.num_kv_heads, cache.head_dim_v
     G = hq // hkv
-    if cfg.select_block & (cfg.select_block - 1) or cfg.select_block < 16:
-        raise ValueError(f"backend='triton' decoding needs NSAConfig.select_block to be a power of two >= 16, got "
-                         f"{cfg.select_block}")
     q = q.contiguous()
     gate = gate.contiguous()
     dev = q.device
     BG, BD, BDV = max(16, _p2(G)), max(16, _p2(dk)), max(16, _p2(dv))
-    splits = _num_splits(bsz, hkv, cache.max_cmp)
-    step = max(BLOCK_N, CMP_BN)
-    chunk = triton.cdiv(triton.cdiv(cache.max_cmp, splits), step) * step
     f32 = dict(device=dev, dtype=torch.float32)
-    co = torch.empty(bsz, hkv, splits, G, dv, **f32)
-    cm = torch.empty(bsz, hkv, splits, G, **f32)
-    cl = torch.empty_like(cm)
-    kc, vc = cache.k_cmp, cache.v_cmp
-    logits = torch.empty(bsz * hkv, G, cache.max_cmp, **f32)
-    _cmp_partial[(bsz * hkv, splits)](
-        q, kc, vc, cache.lens, co, cm, cl, logits, scale, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1),
-        kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2), cache.max_cmp, HKV=hkv, G=G, DK=dk, DV=dv,
-        CL=cfg.compress_block, CS=cfg.compress_stride, CHUNK=chunk, SPLITS=splits, BG=BG, BD=BD, BDV=BDV, BN=CMP_BN,
-        num_warps=CMP_WARPS, num_stages=CMP_STAGES)
-    nsmax = triton.cdiv(cache.max_len, cfg.select_block)
-    scores = torch.zeros(bsz, hkv, nsmax, **f32)
-    s_slots = cfg.select_block // cfg.compress_stride
-    bj = _p2(BLOCK_N // s_slots + cfg.compress_block // cfg.compress_stride + 2)  # blocks one tile touches
-    _cmp_scores[(bsz * hkv, triton.cdiv(cache.max_cmp, BLOCK_N))](
-        logits, cache.lens, cm, cl, scores, nsmax, cache.max_cmp, HKV=hkv, G=G, CL=cfg.compress_block,
-        CS=cfg.compress_stride, SB=cfg.select_block, SPLITS=splits, BSPL=_p2(splits), BG=BG, BN=BLOCK_N, BJ=bj)
     n = cfg.select_topn
-    idx = torch.empty(bsz, hkv, n, device=dev, dtype=torch.int32)
-    _topn[(bsz * hkv,)](scores, cache.lens, idx, nsmax, HKV=hkv, SB=cfg.select_block, TOPN=n,
-                        INIT=cfg.select_initial, LOCAL=cfg.select_local, BNS=_p2(nsmax), BTOP=_p2(n),
-                        num_warps=TOPN_WARPS)
     nwt = triton.cdiv(cfg.window, cfg.select_block)  # window tiles
     per = SPARSE_TILES_PER_PROGRAM
     nslc = triton.cdiv(n, per)
     npart = nslc + triton.cdiv(nwt, per)
+    idx = torch.empty(bsz, hkv, n, device=dev, dtype=torch.int32)
     so = torch.empty(bsz, hkv, npart, G, dv, **f32)
     sm = torch.empty(bsz, hkv, npart, G, **f32)
     sl = torch.empty_like(sm)
     ks, vs, kw, vw = cache.k_slc, cache.v_slc, cache.k_swa, cache.v_swa
+    (co, cm, cl), scores = compressed_step(q, cache, scale)
+    splits = co.shape[2]
+    select_blocks(cache, scores, idx)
     _sparse_partial[(bsz * hkv, npart)](
         q, ks, vs, kw, vw, cache.lens, idx, so, sm, sl, scale, q.stride(0), q.stride(1),
         ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
@@ -317,7 +377,6 @@ def decode_triton(q: torch.Tensor, gate: torch.Tensor, cache, scale: float):
                           out.stride(1), HKV=hkv, G=G, DV=dv, SPLITS=splits, TOPN=nslc, NPART=npart, BSPL=_p2(splits),
                           BTOP=_p2(nslc), BWIN=_p2(npart - nslc), BDV=BDV)
     return out, idx
-
 
 
 @triton.jit
@@ -354,3 +413,61 @@ def append_raw(cache, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa) -> None:
         keys, vals, cache.lens, cache.k_slc, cache.v_slc, cache.k_swa, cache.v_swa, cache.k_raw, cache.v_raw,
         cache.batch, cache.max_len, W=cfg.window, CL=cfg.compress_block, HKV=cache.num_kv_heads, DK=cache.head_dim,
         DV=cache.head_dim_v, BDK=_p2(cache.head_dim), BDV=_p2(cache.head_dim_v))
+
+
+@triton.jit
+def _phi_rows(raw_ptr, out_ptr, pe_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, b, n, done, h, MAXC,
+              HKV: tl.constexpr, D: tl.constexpr, HID: tl.constexpr, CL: tl.constexpr, CS: tl.constexpr,
+              BD: tl.constexpr, BH: tl.constexpr):
+    """phi of the block each ``done`` row just completed (ring ``raw [B, l, hkv, D]``) -> ``out[b, blk, h]``."""
+    dt = out_ptr.dtype.element_ty  # phi runs in the cache's dtype, as Compression.compress_blocks does
+    d = tl.arange(0, BD)
+    o = tl.arange(0, BH)
+    dm, om = d < D, o < HID
+    hid = tl.zeros([b.shape[0], BH], tl.float32)
+    for r in range(CL):  # block row r: flatten(block + pe) @ w1 taken D inputs at a time
+        slot = (n - CL + r) % CL
+        x = tl.load(raw_ptr + ((b * CL + slot) * HKV + h)[:, None] * D + d[None, :], mask=done[:, None] & dm[None, :],
+                    other=0.0)
+        pe = tl.load(pe_ptr + (h * CL + r) * D + d, mask=dm, other=0.0).to(dt)
+        w = tl.load(w1_ptr + ((h * CL + r) * D + d[:, None]).to(tl.int64) * HID + o[None, :],
+                    mask=dm[:, None] & om[None, :], other=0.0).to(dt)
+        hid += tl.dot((x + pe[None, :]).to(dt), w)
+    hid = (hid.to(dt) + tl.load(b1_ptr + h * HID + o, mask=om, other=0.0).to(dt)[None, :]).to(tl.float32)
+    act = (hid * tl.sigmoid(hid)).to(dt)
+    w = tl.load(w2_ptr + (h * HID + o[:, None]) * D + d[None, :], mask=om[:, None] & dm[None, :], other=0.0).to(dt)
+    y = tl.dot(act, w).to(dt) + tl.load(b2_ptr + h * D + d, mask=dm, other=0.0).to(dt)[None, :]
+    blk = tl.minimum(tl.maximum(n - CL, 0) // CS, MAXC - 1).to(tl.int64)
+    tl.store(out_ptr + ((b * MAXC + blk) * HKV + h)[:, None] * D + d[None, :], y, mask=done[:, None] & dm[None, :])
+
+
+@triton.jit
+def _append_compress(lens_ptr, kraw, vraw, kcmp, vcmp, kpe, kw1, kb1, kw2, kb2, vpe, vw1, vb1, vw2, vb2, B, MAXC,
+                     HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HIDK: tl.constexpr, HIDV: tl.constexpr,
+                     CL: tl.constexpr, CS: tl.constexpr, BB: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+                     BHK: tl.constexpr, BHV: tl.constexpr):
+    """Compressed tokens of the blocks the new tokens complete (every ``d`` tokens once ``l`` are there), only for
+    those sequences: a step where none completes reads no weights."""
+    h = tl.program_id(0)
+    b = tl.program_id(1) * BB + tl.arange(0, BB)
+    n = tl.load(lens_ptr + b, mask=b < B, other=0) + 1  # tokens once this one is in (lens not yet advanced)
+    done = (b < B) & (n >= CL) & ((n - CL) % CS == 0)
+    b = b.to(tl.int64)
+    if tl.max(done.to(tl.int32), 0) > 0:
+        if tl.program_id(2) == 0:
+            _phi_rows(kraw, kcmp, kpe, kw1, kb1, kw2, kb2, b, n, done, h, MAXC, HKV, DK, HIDK, CL, CS, BDK, BHK)
+        else:
+            _phi_rows(vraw, vcmp, vpe, vw1, vb1, vw2, vb2, b, n, done, h, MAXC, HKV, DV, HIDV, CL, CS, BDV, BHV)
+
+
+def append_compress(cache) -> None:
+    """After :func:`append_raw`: phi of every block the new tokens complete, written to the compressed cache."""
+    cfg = cache.config
+    ck, cv = cache.compress_k, cache.compress_v
+    ps = [t.detach().contiguous() for m in (ck, cv) for t in (m.pos_emb, m.w1, m.b1, m.w2, m.b2)]
+    bb = APPEND_ROWS
+    _append_compress[(cache.num_kv_heads, triton.cdiv(cache.batch, bb), 2)](
+        cache.lens, cache.k_raw, cache.v_raw, cache.k_cmp, cache.v_cmp, *ps, cache.batch, cache.max_cmp,
+        HKV=cache.num_kv_heads, DK=cache.head_dim, DV=cache.head_dim_v, HIDK=ck.hidden, HIDV=cv.hidden,
+        CL=cfg.compress_block, CS=cfg.compress_stride, BB=bb, BDK=max(16, _p2(cache.head_dim)),
+        BDV=max(16, _p2(cache.head_dim_v)), BHK=max(16, _p2(ck.hidden)), BHV=max(16, _p2(cv.hidden)))

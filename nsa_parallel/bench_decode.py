@@ -4,12 +4,14 @@
 
 For each context length T and batch B (every sequence holding T tokens; 64 query / 4 KV heads, d=128, bf16, paper
 hyperparameters): checks the Triton step against the reference decode on a few sequences, then times (median of
-CUDA-graph replays, so Python's launch cost is out for both) the NSA attention step (``nsa_decode``: compressed +
-scores + top-n + selected + window + gates), the cache update for a new token (``NSAKVCache.append``, with the
-compression of a finished block) and dense decoding (``F.scaled_dot_product_attention`` of one query over T cached
-keys with GQA). Reports the bytes each must read (NSA: the compressed cache, n selected blocks and the window of
-K and V per KV head; dense: the whole cache), the achieved bandwidth against a measured device-to-device copy, and
-the speedup. The bandwidth yardstick is the higher of a device-to-device copy's and a full-tensor sum's rate.
+CUDA-graph replays of ``--steps`` back-to-back steps, so Python's and the graph's launch costs are out for both, as
+in a model's decode graph) the NSA attention step (``nsa_decode``: compressed + scores + top-n + selected + window +
+gates), the cache update for a new token (``NSAKVCache.append``: without and
+with the compression of a finished block in every sequence) and dense decoding (``F.scaled_dot_product_attention``
+of one query over T cached keys with GQA). Reports the bytes each must read (NSA: the compressed cache, n selected
+blocks and the window of K and V per KV head; dense: the whole cache), the achieved bandwidth against a measured
+device-to-device copy, and the speedup. The bandwidth yardstick is the higher of a device-to-device copy's and a
+full-tensor sum's rate.
 """
 from __future__ import annotations
 
@@ -23,11 +25,13 @@ import torch
 
 # decode_triton's launch knobs and the values the --profile point is timed at
 KNOBS = {"PROGRAMS_PER_SM": (1, 2, 4), "CMP_BN": (64, 128), "CMP_WARPS": (4, 8), "CMP_STAGES": (2, 3, 4),
-         "SPARSE_TILES_PER_PROGRAM": (1, 2, 4), "TOPN_WARPS": (4, 8, 16)}
+         "SCORES_BJ": (32, 64, 128), "TOPN_WARPS": (4, 8),
+         "SPARSE_TILES_PER_PROGRAM": (1, 2, 4)}
 
 
-def _graph_ms(fn, iters: int = 50) -> float:
-    """Median ms of ``fn`` replayed from a CUDA graph."""
+def _graph_ms(fn, iters: int = 50, steps: int = 1) -> float:
+    """Median ms per call of ``fn`` from replays of a CUDA graph holding ``steps`` calls back to back (steps > 1: the
+    graph's own launch latency is spread over them, as in a model's decode graph that holds every layer)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -36,7 +40,8 @@ def _graph_ms(fn, iters: int = 50) -> float:
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        fn()
+        for _ in range(steps):
+            fn()
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -44,7 +49,7 @@ def _graph_ms(fn, iters: int = 50) -> float:
         g.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / steps)
     return sorted(times)[len(times) // 2]
 
 
@@ -116,7 +121,9 @@ def run(args) -> dict:
                     row["check_max_rel_err"] = ((o_t.float() - o_r.float()).abs().max()
                                                 / o_r.float().abs().max()).item()
                     row["check_same_blocks"] = float((i_t == i_r).float().mean().item())
-                row["nsa_ms"] = _graph_ms(lambda: nsa_decode(q, gate, cache, backend="triton"))
+                step = lambda: nsa_decode(q, gate, cache, backend="triton")  # noqa: E731
+                row["nsa_ms"] = _graph_ms(step, steps=args.steps)
+                row["nsa_ms_one_per_graph"] = _graph_ms(step)
                 if [t, bsz] == args.profile:
                     row["nsa_kernels_us"] = _kernel_times(lambda: nsa_decode(q, gate, cache, backend="triton"))
                     from nsa_parallel.kernels import decode_triton
@@ -125,15 +132,19 @@ def run(args) -> dict:
                         default = getattr(decode_triton, knob)
                         for value in values:
                             setattr(decode_triton, knob, value)
-                            row[f"nsa_ms_{knob}_{value}"] = _graph_ms(
-                                lambda: nsa_decode(q, gate, cache, backend="triton"))
+                            row[f"nsa_ms_{knob}_{value}"] = _graph_ms(step, steps=args.steps)
                         setattr(decode_triton, knob, default)
                 new = [torch.randn(bsz, 1, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(6)]
 
                 def append():
                     cache.append(*new)
                     cache.lens.sub_(1)  # replays keep writing the same slot
-                row["append_ms"] = _graph_ms(append)
+                # T + 1 tokens complete no compressed block (T is a multiple of d); T tokens complete one in every
+                # sequence, the most phi work a step can have
+                row["append_ms"] = _graph_ms(append, steps=args.steps)
+                cache.lens.fill_(t - 1)
+                row["append_block_ms"] = _graph_ms(append, steps=args.steps)
+                cache.lens.fill_(t)
                 row["nsa_bytes"] = bsz * nsa_bytes(t, hkv, d, cfg)
                 row["nsa_gbs"] = row["nsa_bytes"] / (row["nsa_ms"] / 1e3) / 1e9
                 row["nsa_bw_frac"] = row["nsa_gbs"] / bw
@@ -142,7 +153,9 @@ def run(args) -> dict:
                 k = torch.randn(bsz, hkv, t, d, device="cuda", dtype=torch.bfloat16)
                 v = torch.randn_like(k)
                 qd = q.view(bsz, hq, 1, d)
-                row["dense_ms"] = _graph_ms(lambda: F.scaled_dot_product_attention(qd, k, v, enable_gqa=True))
+                dense = lambda: F.scaled_dot_product_attention(qd, k, v, enable_gqa=True)  # noqa: E731
+                row["dense_ms"] = _graph_ms(dense, steps=args.steps)
+                row["dense_ms_one_per_graph"] = _graph_ms(dense)
                 row["dense_bytes"] = 2 * k.numel() * 2
                 row["dense_gbs"] = row["dense_bytes"] / (row["dense_ms"] / 1e3) / 1e9
                 row["speedup"] = row["dense_ms"] / row["nsa_ms"]
@@ -167,6 +180,8 @@ def main(argv=None) -> None:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--profile", type=int, nargs=2, default=[65536, 8], metavar=("T", "B"),
                    help="point whose per-kernel device times are recorded")
+    p.add_argument("--steps", type=int, default=20,
+                   help="decode steps per CUDA graph (their mean is reported; *_one_per_graph: a graph per step)")
     p.add_argument("--no-sweep", action="store_true", help="skip the launch-knob sweep at the --profile point")
     p.add_argument("--out", default="decode_bench.json")
     args = p.parse_args(argv)

@@ -109,6 +109,84 @@ def test_decode_triton_in_interpreter(tiles_per_program, monkeypatch):
     _triton_vs_reference("cpu", torch.float32, 1e-4)
 
 
+def _append_both_backends(device, dtype, rows=None, monkeypatch=None):
+    """Two caches (reference / triton append) of 20 ragged sequences, dk=16 != dv=32, phi hidden 24 (not a power
+    of two) with fp32 weights; 6 appends cross block ends at different steps. Returns both caches."""
+    if rows:
+        from nsa_parallel.kernels import decode_triton
+        monkeypatch.setattr(decode_triton, "APPEND_ROWS", rows)
+    torch.manual_seed(0)
+    ck = Compression(HKV, D, CFG.compress_block, CFG.compress_stride, hidden=24, device=device)
+    cv = Compression(HKV, 2 * D, CFG.compress_block, CFG.compress_stride, hidden=24, device=device)
+    for p in (*ck.parameters(), *cv.parameters()):
+        torch.nn.init.normal_(p, std=0.3)
+    bsz, t = 20, 64
+    g = torch.Generator().manual_seed(1)
+    lens = torch.randint(1, 40, (bsz,), generator=g)
+    kvs = [torch.randn(bsz, t, HKV, D * (1 + i % 2), generator=g).to(device, dtype) for i in range(6)]
+    caches = [NSAKVCache(bsz, t, HKV, D, CFG, ck, cv, head_dim_v=2 * D, device=device, dtype=dtype,
+                         backend=backend) for backend in ("reference", "triton")]
+    for c in caches:
+        c.prefill(*kvs, lens=lens.to(device))
+    for _ in range(6):
+        new = [torch.randn(bsz, 1, HKV, D * (1 + i % 2), generator=g).to(device, dtype) for i in range(6)]
+        for c in caches:
+            c.append(*new)
+    return caches
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter; the GPU covers it through test_cache_append_triton_gpu")
+@pytest.mark.parametrize("rows", [None, 8])  # 8: three programs per head, the last one partly past B
+def test_cache_append_triton_equals_reference(rows, monkeypatch):
+    ref_cache, tri = _append_both_backends("cpu", torch.float32, rows, monkeypatch)
+    for name in ("lens", "k_slc", "v_slc", "k_swa", "v_swa", "k_raw", "v_raw"):
+        assert torch.equal(getattr(tri, name), getattr(ref_cache, name)), name
+    for name in ("k_cmp", "v_cmp"):  # phi in the kernel: fp32 accumulation in another order
+        torch.testing.assert_close(getattr(tri, name), getattr(ref_cache, name), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_cache_append_triton_gpu():
+    ref_cache, tri = _append_both_backends("cuda", torch.bfloat16)
+    for name in ("k_slc", "v_slc", "k_swa", "v_swa", "k_raw", "v_raw"):
+        assert torch.equal(getattr(tri, name), getattr(ref_cache, name)), name
+    for name in ("k_cmp", "v_cmp"):  # bf16 roundings of the hidden layer may differ by an ulp
+        a, b = getattr(tri, name).float(), getattr(ref_cache, name).float()
+        assert ((a - b).abs().max() / b.abs().max()).item() < 2e-2, name
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter run is for CPU hosts; GPUs run test_decode_triton_gpu")
+@pytest.mark.parametrize("splits", [1, 2, 5])
+def test_decode_triton_many_tiles_and_splits(splits, monkeypatch):
+    """Block scores summed per tile of 16 compressed tokens (blocks straddling tiles and splits), ragged caches
+    of 300 / 171 / 9 tokens: the same output and blocks as the reference."""
+    from nsa_parallel.kernels import decode_triton
+    from nsa_parallel.kernels import reference as ref
+    monkeypatch.setattr(decode_triton, "CMP_BN", 16)
+    monkeypatch.setattr(decode_triton, "SCORES_BJ", 8)  # several scores programs per (sequence, head)
+    monkeypatch.setattr(decode_triton, "_num_splits", lambda *a: splits)
+    ck, cv = _phi()
+    lens = [300, 171, 9]
+    cache = NSAKVCache(3, 300, HKV, D, CFG, ck, cv, dtype=torch.float32, backend="triton")
+    kvs = [torch.randn(3, 300, HKV, D, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    cache.prefill(*kvs, lens=torch.tensor(lens))
+    g = torch.Generator().manual_seed(9)
+    q, gate = torch.randn(3, HQ, D, generator=g), torch.rand(3, HQ, 3, generator=g)
+    o_t, i_t = nsa_decode(q, gate, cache, backend="triton", return_indices=True)
+    o_r, i_r = nsa_decode(q, gate, cache, backend="reference", return_indices=True)
+    assert torch.equal(i_t, i_r.to(i_t.dtype))
+    assert ((o_t - o_r).abs().max() / o_r.abs().max()).item() < 1e-4
+    _, scores = decode_triton.compressed_step(q, cache, D ** -0.5)
+    for b, n in enumerate(lens):  # every block's score, not only the winners
+        nc = CFG.num_compressed(n)
+        _, probs = ref.compressed_attention(q[b:b + 1, None], cache.k_cmp[b:b + 1, :nc], cache.v_cmp[b:b + 1, :nc],
+                                            CFG, D ** -0.5, return_probs=True, q_offset=n - 1)
+        want = ref.selection_scores(probs, HKV, n, CFG)[0, :, 0]  # [hkv, ns]
+        ns = want.shape[-1]
+        torch.testing.assert_close(scores[b, :, :ns], want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_decode_triton_gpu():
@@ -116,18 +194,20 @@ def test_decode_triton_gpu():
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="interpreter; the GPU covers it through test_decode_triton_gpu")
-def test_decode_topn_ties_go_to_lower_blocks():
-    """The decode top-n (one sort + threshold) picks what the reference's stable sort picks, ties included."""
+@pytest.mark.parametrize("topn", [4, 8])  # 1 and 5 free picks
+def test_decode_topn_ties_go_to_lower_blocks(topn):
+    """The decode top-n (one argmax per pick) picks what the reference's stable sort picks, ties included."""
     from nsa_parallel.kernels import reference as ref
+    cfg = NSAConfig(compress_block=8, compress_stride=4, select_block=16, select_topn=topn, window=16)
     from nsa_parallel.kernels.decode_triton import _p2, _topn
     lens = torch.tensor([200, 130, 64, 1], dtype=torch.int32)
     nsmax = 13  # ceil(200 / 16)
     base = torch.tensor([3., 1, 1, 2, 1, 1, 2, 1, 1, 1, 2, 1, 1])  # many ties at 1 and at 2
     scores = torch.stack([base, base.flip(0), torch.zeros(nsmax), base])[:, None].contiguous()  # [B, hkv=1, ns]
-    idx = torch.empty(4, 1, CFG.select_topn, dtype=torch.int32)
-    _topn[(4,)](scores, lens, idx, nsmax, HKV=1, SB=CFG.select_block, TOPN=CFG.select_topn,
-                INIT=CFG.select_initial, LOCAL=CFG.select_local, BNS=_p2(nsmax), BTOP=_p2(CFG.select_topn))
+    idx = torch.empty(4, 1, cfg.select_topn, dtype=torch.int32)
+    _topn[(4,)](scores, lens, idx, nsmax, HKV=1, SB=cfg.select_block, TOPN=cfg.select_topn,
+                INIT=cfg.select_initial, LOCAL=cfg.select_local, BNS=_p2(nsmax), BTOP=_p2(cfg.select_topn))
     for b, n in enumerate(lens.tolist()):
-        ns = CFG.num_select_blocks(n)
-        want = ref.select_topn(scores[b:b + 1, :, None, :ns], CFG, q_offset=n - 1)[0, 0, 0]
+        ns = cfg.num_select_blocks(n)
+        want = ref.select_topn(scores[b:b + 1, :, None, :ns], cfg, q_offset=n - 1)[0, 0, 0]
         assert idx[b, 0].tolist() == want.tolist(), (b, idx[b, 0].tolist(), want.tolist())
