@@ -190,18 +190,104 @@ def test_gpt_model_with_rope_on_cpu(model_parallel):
         assert rel_err(y[5, 0, 0], want) < 1e-5
 
 
-def test_packed_sequences_equal_separate_sequences(model_parallel):
+def _rope(max_len: int, d: int) -> torch.Tensor:
+    """Megatron's RoPE frequencies ``[max_len, 1, 1, d]`` (rotate-half layout), built by hand."""
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    ang = torch.arange(max_len, dtype=torch.float32)[:, None] * inv
+    return torch.cat([ang, ang], dim=-1)[:, None, None, :]
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_packed_sequences_equal_separate_sequences(rope, model_parallel):
+    """THD batches (RoPE restarting at every sequence, as Megatron's THD RoPE does) equal each sequence alone."""
     from megatron.core.packed_seq_params import PackedSeqParams
     attn = build_module(get_gpt_layer_nsa_spec(nsa_config=SMALL, backend="reference").submodules.self_attention,
                         config=_config(), layer_number=1)
     lens = [37, 16, 45]
     cu = torch.tensor([0, 37, 53, 98], dtype=torch.int32)
     hidden = torch.randn(sum(lens), 1, 64, generator=torch.Generator().manual_seed(2))
+    emb = _rope(64, 16) if rope else None
     packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=45, max_seqlen_kv=45)
     with torch.no_grad():
-        out, _ = attn(hidden, None, packed_seq_params=packed)
+        out, _ = attn(hidden, None, rotary_pos_emb=emb, packed_seq_params=packed)
         for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
-            assert rel_err(out[s:e], attn(hidden[s:e], None)[0]) < 1e-5
+            alone, _ = attn(hidden[s:e], None, rotary_pos_emb=None if emb is None else emb[:e - s])
+            assert rel_err(out[s:e], alone) < 1e-5
+    bad = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu.flip(0))
+    with pytest.raises(ValueError, match="the same cu_seqlens for q and kv"):
+        attn(hidden, None, packed_seq_params=bad)
+    with pytest.raises(ValueError, match="micro-batch size 1"):
+        attn(hidden.expand(-1, 2, -1), None, packed_seq_params=packed)
+
+
+def _cp2_packed_worker(rank, port, result):
+    """CP=2 (gloo): a THD batch split the Megatron way (each sequence in 4 chunks, rank r holding r and 3 - r) with
+    RoPE, through the module, against one rank's module on the whole batch: outputs, input and weight gradients."""
+    import torch.distributed as dist
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from nsa_parallel.context_parallel import split_for_rank
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    from nsa_parallel.megatron import enable_cpu_shims
+    enable_cpu_shims(force=True)
+    try:
+        spec = get_gpt_layer_nsa_spec(nsa_config=SMALL, backend="reference").submodules.self_attention
+        parallel_state.initialize_model_parallel()  # the reference: every rank the whole batch, CP = 1
+        full = build_module(spec, config=_config(), layer_number=1)
+        with torch.no_grad():  # one model: rank 0's weights everywhere
+            for p in full.parameters():
+                dist.broadcast(p, 0)
+        bounds = [0, 128, 320]  # sequences of 128 and 192 tokens: chunks of 32 and 48
+        cu = torch.tensor(bounds, dtype=torch.int32)
+        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=192,
+                                 max_seqlen_kv=192)
+        gen = torch.Generator().manual_seed(5)
+        hidden = torch.randn(320, 1, 64, generator=gen)
+        probe = torch.randn(320, 1, 64, generator=gen)
+        emb = _rope(192, 16)
+
+        def local(x):  # this rank's THD share, sequence after sequence
+            return torch.cat([split_for_rank(x[s:e], 2, rank, "load_balanced", dim=0)
+                              for s, e in zip(bounds[:-1], bounds[1:])])
+
+        h_full = hidden.clone().requires_grad_()
+        out_full, _ = full(h_full, None, rotary_pos_emb=emb, packed_seq_params=packed)
+        (out_full * probe).sum().backward()
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(context_parallel_size=2)
+        mine = build_module(spec, config=_config(context_parallel_size=2), layer_number=1)
+        mine.load_state_dict(full.state_dict())
+        h_mine = local(hidden).requires_grad_()
+        out_mine, _ = mine(h_mine, None, rotary_pos_emb=emb, packed_seq_params=packed)
+        (out_mine * local(probe)).sum().backward()
+        result[f"out{rank}"] = rel_err(out_mine.detach(), local(out_full.detach()))
+        result[f"dx{rank}"] = rel_err(h_mine.grad, local(h_full.grad))
+        worst = 0.0
+        pairs = list(zip(full.named_parameters(), mine.parameters()))
+        scale = max(p.grad.abs().max().item() for (_, p), _ in pairs)
+        for (name, p), q in pairs:
+            g = q.grad.clone()
+            dist.all_reduce(g)  # the trainer reduces weight gradients over data x context parallel ranks
+            if name == "core_attention.compress_k.b2":
+                # a shift of every compressed key leaves the softmax unchanged: this gradient is 0 up to rounding,
+                # so it is held to the scale of the others
+                worst = max(worst, (g - p.grad).abs().max().item() / scale)
+            else:
+                worst = max(worst, rel_err(g, p.grad))
+        result[f"dw{rank}"] = worst
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def test_context_parallel_2_packed_with_rope_equals_one_rank():
+    import torch.multiprocessing as mp
+    from nsa_parallel.rendezvous import free_port
+    result = mp.Manager().dict()
+    mp.spawn(_cp2_packed_worker, args=(free_port(), result), nprocs=2, join=True)
+    for rank in (0, 1):
+        for key in ("out", "dx", "dw"):
+            assert result[f"{key}{rank}"] < 1e-5, dict(result)
 
 
 def test_transformer_engine_flavour_is_a_named_error_without_it(model_parallel):

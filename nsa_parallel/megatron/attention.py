@@ -36,6 +36,26 @@ def _tp_group(pg_collection):
     return parallel_state.get_tensor_model_parallel_group()
 
 
+def packed_cu_seqlens(packed_seq_params, batch: int):
+    """The whole sequences' bounds of a THD batch (the padded ones where Megatron pads for CP), or None."""
+    if packed_seq_params is None:
+        return None
+    if packed_seq_params.qkv_format not in (None, "thd"):
+        raise ValueError(f"NSA: packed_seq_params.qkv_format={packed_seq_params.qkv_format!r}; allowed: 'thd'")
+    if getattr(packed_seq_params, "local_cp_size", None) is not None:
+        raise ValueError("NSA: packed_seq_params.local_cp_size (dynamic / hierarchical CP) is not supported; the "
+                         "context-parallel group comes from the model's process groups")
+    if batch != 1:
+        raise ValueError(f"packed sequences need micro-batch size 1 ([t, 1, h] inputs), got b={batch}")
+    q, kv = packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv
+    q_pad = getattr(packed_seq_params, "cu_seqlens_q_padded", None)
+    kv_pad = getattr(packed_seq_params, "cu_seqlens_kv_padded", None)
+    q, kv = (q_pad if q_pad is not None else q), (kv_pad if kv_pad is not None else kv)
+    if kv is not None and not torch.equal(q, kv):
+        raise ValueError("NSA is self-attention: packed_seq_params must give the same cu_seqlens for q and kv")
+    return q
+
+
 def _cp_group(config, pg_collection):
     """The context-parallel group, or None without CP."""
     if getattr(config, "context_parallel_size", 1) == 1:
@@ -103,15 +123,7 @@ class NSACoreAttention(MegatronModule):
         """query ``[s, b, hq, d]``; keys / values: (cmp, slc, swa) each ``[s, b, hkv, d]``; gate ``[s, b, hq, 3]``
         activated. Returns ``[s, b, hq * d]``."""
         s, b = query.shape[:2]
-        cu = None
-        if packed_seq_params is not None:
-            if self.cp_group is not None:
-                raise ValueError("NSA: packed sequences (packed_seq_params) with context_parallel_size > 1 are not "
-                                 "routed through the Megatron module yet (nsa_attention_cp(cu_seqlens=...) takes "
-                                 "them); use fixed-length sequences with CP here")
-            if b != 1:
-                raise ValueError(f"packed sequences need micro-batch size 1 ([t, 1, h] inputs), got b={b}")
-            cu = packed_seq_params.cu_seqlens_q
+        cu = packed_cu_seqlens(packed_seq_params, b)
         bthd = lambda x: x.transpose(0, 1)  # noqa: E731  [s, b, h, d] -> [b, s, h, d] (a view)
         kv = [bthd(x) for pair in zip(keys, values) for x in pair]
         backend = self.backend or ("triton" if query.is_cuda else "reference")
@@ -126,7 +138,14 @@ class NSACoreAttention(MegatronModule):
         if self.collect_stats:
             q, gate, *kv = self.timer.enter(q, gate, *kv)
         positions = None
-        if self.cp_group is not None:  # Megatron's load-balanced split, which its RoPE slicing also assumes
+        if self.cp_group is not None and cu is not None:
+            # THD under CP: every sequence split on its own by the load-balanced layout (TE's
+            # thd_get_partitioned_indices, Megatron's THD RoPE); cu holds the whole sequences' bounds
+            o = nsa_attention_cp(q, *kv, gate, compress_k=self.compress_k, compress_v=self.compress_v,
+                                 cp_group=self.cp_group, config=self.nsa_config, scale=self.softmax_scale,
+                                 layout="load_balanced", backend=backend, cu_seqlens=cu)
+            idx = None
+        elif self.cp_group is not None:  # Megatron's load-balanced split, which its RoPE slicing also assumes
             o, idx = nsa_attention_cp(q, *kv, gate, compress_k=self.compress_k, compress_v=self.compress_v,
                                       cp_group=self.cp_group, config=self.nsa_config, scale=self.softmax_scale,
                                       layout="load_balanced", backend=backend, return_block_indices=True)
@@ -202,11 +221,18 @@ class NSASelfAttention(SelfAttention):
             rotary_pos_emb = state.rotary
         if rotary_pos_emb is not None:
             q_emb, k_emb = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
-            cu_q = cu_k = None
-            if packed_seq_params is not None:
-                cu_q, cu_k = packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv
-            q = apply_rotary_pos_emb(q, q_emb, config=self.config, cu_seqlens=cu_q)
-            keys = tuple(apply_rotary_pos_emb(k, k_emb, config=self.config, cu_seqlens=cu_k) for k in keys)
+            cu = packed_cu_seqlens(packed_seq_params, q.shape[1])
+            cp_group = getattr(self.pg_collection, "cp", None)
+
+            def rope(x, emb):
+                if cu is None:
+                    return apply_rotary_pos_emb(x, emb, config=self.config, cp_group=cp_group)
+                # THD: Megatron's RoPE takes [t, h, d] and, under CP, each sequence's load-balanced positions
+                return apply_rotary_pos_emb(x[:, 0], emb, config=self.config, cu_seqlens=cu,
+                                            cp_group=cp_group)[:, None]
+
+            q = rope(q, q_emb)
+            keys = tuple(rope(k, k_emb) for k in keys)
         gate = activate_gates(gate_logits, self.core_attention.nsa_config)
         if state is not None and state.mode == "decode":
             return self.linear_proj(self._decode_step(q, keys, values, gate, state))
