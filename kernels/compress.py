@@ -1,8 +1,8 @@
 """Compressed branch in Triton: attention over the compressed tokens, and the selection scores it yields.
 
 The attention itself is :func:`flash.position_masked_attention` with key positions ``i*d + l - 1``. The scores
-kernel recomputes each probability from the saved log-sum-exp, sums the GQA group's heads (eq. 10) and maps
-compressed blocks onto selection blocks by slot overlap (eq. 9, see docs/algorithm.md) in registers, so no
+kernel recomputes each probability from the saved log-sum-exp (one q.k pass), sums the GQA group's heads (eq. 10)
+and maps compressed blocks onto selection blocks by slot overlap (eq. 9, see docs/algorithm.md) in registers, so no
 ``[t, t/d]`` tensor is ever stored: only the ``[b, t, hkv, t/l']`` block scores that top-n reads.
 """
 from __future__ import annotations
@@ -23,6 +23,8 @@ from .flash import (
 from .interface import check_triton_config
 from .varlen import max_seqlen
 
+SCORES_ONE_PASS = True  # one q.k pass per tile, blocks by overlap weights (else one pass per slot a token covers)
+
 
 def compressed_attention(q, k_cmp, v_cmp, config: NSAConfig, scale: float, cu_seqlens=None, cmp_cu_seqlens=None,
                          max_t=None, q_offset: int = 0):
@@ -38,7 +40,7 @@ def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, QOFF, scale,
                    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                    DK: tl.constexpr, BDK: tl.constexpr, BLOCK_T: tl.constexpr, BJ: tl.constexpr,
                    S: tl.constexpr, A: tl.constexpr, KSTRIDE: tl.constexpr, KOFF: tl.constexpr,
-                   SEL_BLOCK: tl.constexpr, VARLEN: tl.constexpr):
+                   SEL_BLOCK: tl.constexpr, VARLEN: tl.constexpr, ONE_PASS: tl.constexpr):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
@@ -50,21 +52,45 @@ def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, QOFF, scale,
     t_hi = tl.minimum(t0 + BLOCK_T, T) - 1 + QOFF
     n_blocks = t_hi // SEL_BLOCK + 1  # blocks that start at or before the last query of the tile
     tpos = t0 + tl.arange(0, BLOCK_T)
-    for j0 in range(0, n_blocks, BJ):
-        u = j0 * S + tl.arange(0, BJ * S)  # stride slots of this tile of selection blocks
-        acc = tl.zeros([BLOCK_T * GP, BJ * S], dtype=tl.float32)
-        for n in tl.static_range(A):  # slot u holds compressed blocks u-A+1 .. u
-            ci = u - n
-            cvalid = (ci >= 0) & (ci < TK)
+    if ONE_PASS:  # A <= S: each compressed token reaches its own selection block and at most the next one
+        r = tl.arange(0, S)
+        w_own = tl.minimum(A, S - r).to(tl.float32)  # token j*S + r overlaps block j by this many slots ...
+        w_spill = tl.maximum(r + A - S, 0).to(tl.float32)  # ... and block j + 1 by the rest
+        kk = tl.arange(0, BJ)
+        carry = tl.zeros([BLOCK_T], dtype=tl.float32)  # the previous tile's last block's spill
+        for j0 in range(0, n_blocks, BJ):
+            ci = j0 * S + tl.arange(0, BJ * S)  # the compressed tokens of this tile of selection blocks
+            cvalid = ci < TK
             kc = tl.load(KC + ((kbos + ci.to(tl.int64)) * HKV + kvh)[:, None] * DK + dk[None, :],
                          mask=cvalid[:, None] & (dk[None, :] < DK), other=0.0)
             s = tl.dot(q, tl.trans(kc)) * qk_scale
             vis = cvalid[None, :] & ((ci * KSTRIDE + KOFF)[None, :] <= tq[:, None] + QOFF) & rvalid[:, None]
-            acc += tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-        blk = tl.sum(tl.sum(tl.reshape(acc, [BLOCK_T, GP, BJ, S]), axis=3), axis=1)  # [BLOCK_T, BJ]
-        j = j0 + tl.arange(0, BJ)
-        out = SC + ((bos + tpos.to(tl.int64)) * HKV + kvh)[:, None] * NS + j[None, :]
-        tl.store(out, blk, mask=(tpos < T)[:, None] & (j < NS)[None, :])
+            p = tl.sum(tl.reshape(tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0), [BLOCK_T, GP, BJ, S]), axis=1)
+            own = tl.sum(p * w_own[None, None, :], axis=2)  # [BLOCK_T, BJ]
+            spill = tl.sum(p * w_spill[None, None, :], axis=2)
+            # block k takes block k - 1's spill: a shift along the block axis, as an exact 0/1 sum
+            shifted = tl.sum(tl.where(kk[None, :, None] == kk[None, None, :] + 1, spill[:, None, :], 0.0), axis=2)
+            blk = own + shifted + tl.where(kk[None, :] == 0, carry[:, None], 0.0)
+            carry = tl.sum(tl.where(kk[None, :] == BJ - 1, spill, 0.0), axis=1)
+            j = j0 + kk
+            out = SC + ((bos + tpos.to(tl.int64)) * HKV + kvh)[:, None] * NS + j[None, :]
+            tl.store(out, blk, mask=(tpos < T)[:, None] & (j < NS)[None, :])
+    else:  # a token reaches more blocks than the next: sum slot by slot, one q.k pass per slot a token covers
+        for j0 in range(0, n_blocks, BJ):
+            u = j0 * S + tl.arange(0, BJ * S)  # stride slots of this tile of selection blocks
+            acc = tl.zeros([BLOCK_T * GP, BJ * S], dtype=tl.float32)
+            for n in tl.static_range(A):  # slot u holds compressed blocks u-A+1 .. u
+                ci = u - n
+                cvalid = (ci >= 0) & (ci < TK)
+                kc = tl.load(KC + ((kbos + ci.to(tl.int64)) * HKV + kvh)[:, None] * DK + dk[None, :],
+                             mask=cvalid[:, None] & (dk[None, :] < DK), other=0.0)
+                s = tl.dot(q, tl.trans(kc)) * qk_scale
+                vis = cvalid[None, :] & ((ci * KSTRIDE + KOFF)[None, :] <= tq[:, None] + QOFF) & rvalid[:, None]
+                acc += tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+            blk = tl.sum(tl.sum(tl.reshape(acc, [BLOCK_T, GP, BJ, S]), axis=3), axis=1)  # [BLOCK_T, BJ]
+            j = j0 + tl.arange(0, BJ)
+            out = SC + ((bos + tpos.to(tl.int64)) * HKV + kvh)[:, None] * NS + j[None, :]
+            tl.store(out, blk, mask=(tpos < T)[:, None] & (j < NS)[None, :])
 
 
 def selection_scores(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seqlens=None, cmp_cu_seqlens=None,
@@ -94,5 +120,6 @@ def selection_scores(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seql
         HQ=hq, HKV=hkv, G=g, GP=gp, DK=dk, BDK=max(16, triton.next_power_of_2(dk)), BLOCK_T=block_t,
         BJ=max(1, 64 // s), S=s, A=config.stride_slots_per_compress_block, KSTRIDE=config.compress_stride,
         KOFF=config.compress_block - 1, SEL_BLOCK=config.select_block, VARLEN=varlen,
+        ONE_PASS=SCORES_ONE_PASS and config.compress_block <= config.select_block,
         num_stages=1 if dk > 128 or q.dtype == torch.float32 else 3)  # wide tiles: stay inside shared memory
     return scores
