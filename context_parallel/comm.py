@@ -128,8 +128,15 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 
 
 class GatherHandle:
-    """An all-gather in flight: :func:`gather_start` returns it, :func:`gather_wait` finishes it."""
+    """An all-gather in flight: :func:`gather_start` returns it, :func:`gather_wait` finishes it. In the backward
+    it carries the reduce-scatter of the gathered tensor's gradient from :func:`gather_wait`'s backward (which
+    starts it) to :func:`gather_start`'s (which waits for it)."""
     work = None
+    grad_work = None
+    grad_out = None
+
+
+OVERLAP_GRAD_REDUCE_SCATTER = True  # start the gradient reduce-scatter as soon as it is complete (see _GatherWait)
 
 
 def _reorder(buf: torch.Tensor, shard: CPShard, per_chunk: int, inverse: bool = False) -> torch.Tensor:
@@ -152,12 +159,17 @@ class _GatherStart(torch.autograd.Function):
         x = x.contiguous()
         buf = x.new_empty(shard.cp_size * x.shape[0], *x.shape[1:])  # rank-major, as every backend takes it
         handle.work = _all_gather(buf, x, group=shard.group, async_op=True)
-        ctx.shard = shard
+        ctx.shard, ctx.handle = shard, handle
         return buf
 
     @staticmethod
     def backward(ctx, gbuf):
         # every rank's copy of a token got gradient from its own queries: the owner takes the sum
+        h = ctx.handle
+        if h.grad_work is not None:  # started by _GatherWait.backward; other backward work ran meanwhile
+            h.grad_work.wait()
+            out, h.grad_work, h.grad_out = h.grad_out, None, None
+            return out, None, None
         out = gbuf.new_empty(gbuf.shape[0] // ctx.shard.cp_size, *gbuf.shape[1:])
         _reduce_scatter(out, gbuf.contiguous(), group=ctx.shard.group)
         return out, None, None
@@ -167,12 +179,20 @@ class _GatherWait(torch.autograd.Function):
     @staticmethod
     def forward(ctx, buf, shard: CPShard, handle: GatherHandle, per_chunk: int):
         handle.work.wait()
-        ctx.shard, ctx.per_chunk = shard, per_chunk
+        ctx.shard, ctx.handle, ctx.per_chunk = shard, handle, per_chunk
         return _reorder(buf.view(shard.cp_size, -1, *buf.shape[1:]), shard, per_chunk)
 
     @staticmethod
     def backward(ctx, grad):
-        return _reorder(grad, ctx.shard, ctx.per_chunk, inverse=True).flatten(0, 1), None, None, None
+        gbuf = _reorder(grad, ctx.shard, ctx.per_chunk, inverse=True).flatten(0, 1).contiguous()
+        if OVERLAP_GRAD_REDUCE_SCATTER:
+            # The gradient is complete here, but autograd reaches _GatherStart.backward only after every node
+            # recorded after the gather started (at layer entry for the selection K/V: the compressed and window
+            # branches' backward, phi's): start the reduce-scatter now so that it runs behind them.
+            h = ctx.handle
+            h.grad_out = gbuf.new_empty(gbuf.shape[0] // ctx.shard.cp_size, *gbuf.shape[1:])
+            h.grad_work = _reduce_scatter(h.grad_out, gbuf, group=ctx.shard.group, async_op=True)
+        return gbuf, None, None, None
 
 
 def gather_start(x: torch.Tensor, shard: CPShard):

@@ -149,7 +149,8 @@ def run(args) -> dict:
             print(json.dumps(row), flush=True)
     return dict(device=torch.cuda.get_device_name(), gpus=world, date=datetime.date.today().isoformat(),
                 command=f"torchrun --nproc_per_node {world} -m nsa_parallel.bench_cp " + " ".join(sys.argv[1:]),
-                torch=torch.__version__, config=cfg.__dict__, rows=rows)
+                torch=torch.__version__, config=cfg.__dict__,
+                grad_reduce_scatter=args.grad_reduce_scatter, rows=rows)
 
 
 def _dense(row, t, hq, d, world, iters, single=True):
@@ -196,8 +197,13 @@ def main(argv=None) -> None:
     p.add_argument("--check-max-t", type=int, default=131072, help="longest T whose CP result is checked")
     p.add_argument("--dense-max-t", type=int, default=262144, help="longest T to time dense attention at")
     p.add_argument("--dense-ring-only", action="store_true", help="time only torch's dense ring attention")
+    p.add_argument("--grad-reduce-scatter", choices=("overlap", "sync"), default="overlap",
+                   help="all-gather mode's backward: start the reduce-scatter of the gathered K/V's gradient as soon "
+                        "as it is complete (overlap, the default) or when autograd reaches the gather (sync)")
     p.add_argument("--out", default="cp_bench.json")
     args = p.parse_args(argv)
+    from nsa_parallel.context_parallel import comm
+    comm.OVERLAP_GRAD_REDUCE_SCATTER = args.grad_reduce_scatter == "overlap"
     if not torch.cuda.is_available():
         raise SystemExit("nsa_parallel.bench_cp needs CUDA GPUs (one per rank)")
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
