@@ -27,8 +27,8 @@ def _topn_kernel(SC, LOCAL_T, IDX, ROWS, NS, HKV: tl.constexpr, N: tl.constexpr,
     col = tl.arange(0, NP)
     out = tl.full([BR, NP], 1 << 30, dtype=tl.int32)
     for i in tl.static_range(N):
-        best = tl.max(s, 1)
-        arg = tl.argmax(s, 1, tie_break_left=True)  # lower block index wins ties, as in the reference
+        # one reduction for value and index; the lower block index wins ties, as in the reference
+        best, arg = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
         pick = tl.where(best == float("-inf"), 1 << 30, arg)
         out = tl.where(col[None, :] == i, pick[:, None], out)
         s = tl.where(j[None, :] == arg[:, None], float("-inf"), s)
