@@ -23,12 +23,11 @@ def compressed_and_select(q, k_cmp, v_cmp, config: NSAConfig, scale: float, q_of
             scores = ref.selection_scores(probs.detach(), hkv, q.shape[1] + q_offset, config)
             indices = ref.select_topn(scores, config, q_offset)
         return out.o, indices
-    from ..kernels.compress import compressed_attention, selection_scores
-    from ..kernels.topn import select_topn
+    from ..kernels.compress import compressed_attention
+    from ..kernels.topn import select_blocks
     o, lse = compressed_attention(q, k_cmp, v_cmp, config, scale, q_offset=q_offset)
     with torch.no_grad():
-        scores = selection_scores(q.detach(), k_cmp.detach(), lse.detach(), config, scale, q_offset=q_offset)
-        indices = select_topn(scores, config, q_offset=q_offset)
+        indices = select_blocks(q.detach(), k_cmp.detach(), lse.detach(), config, scale, q_offset=q_offset)
     return o, indices
 
 

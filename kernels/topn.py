@@ -54,3 +54,31 @@ def select_topn(scores: torch.Tensor, config: NSAConfig, cu_seqlens: Optional[to
         NP=triton.next_power_of_2(n), NSP=nsp, BR=br, SEL_BLOCK=config.select_block,
         INITIAL=config.select_initial, LOCAL=config.select_local)
     return idx
+
+
+SCORES_BUFFER_BYTES = 512 << 20  # the most fp32 block scores select_blocks keeps at once (fixed-length batches)
+
+
+def select_blocks(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seqlens=None, cmp_cu_seqlens=None,
+                  max_t=None, q_offset: int = 0) -> torch.Tensor:
+    """Selection scores then top-n: block indices ``[b, t, hkv, n]`` (no autograd).
+
+    The ``[b, t, hkv, ns]`` fp32 scores grow as t^2 (1 GiB at 64k with 4 KV heads, 64 GiB at 512k): fixed-length
+    batches are scored ``SCORES_BUFFER_BYTES`` at a time, query chunk by query chunk (each chunk's top-n right after
+    its scores). Packed batches are scored whole."""
+    from .compress import selection_scores
+    b, t, _, _ = q.shape
+    hkv = k_cmp.shape[2]
+    ns = config.num_select_blocks(t + q_offset)
+    rows = max(64, SCORES_BUFFER_BYTES // (4 * b * hkv * max(ns, 1)) // 64 * 64)
+    if cu_seqlens is not None or rows >= t:
+        scores = selection_scores(q, k_cmp, lse_cmp, config, scale, cu_seqlens, cmp_cu_seqlens, max_t, q_offset)
+        return select_topn(scores, config, cu_seqlens, q_offset)
+    parts = []
+    for s in range(0, t, rows):
+        e = min(t, s + rows)
+        scores = selection_scores(q[:, s:e], k_cmp, lse_cmp[:, s:e].contiguous(), config, scale,
+                                  q_offset=q_offset + s)
+        parts.append(select_topn(scores, config, q_offset=q_offset + s))
+        del scores
+    return torch.cat(parts, dim=1)

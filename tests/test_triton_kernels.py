@@ -104,6 +104,21 @@ def test_selection_scores_and_topn(cfg, t):
     assert torch.equal(select_topn(got, cfg), ref.select_topn(want.permute(0, 2, 1, 3), cfg))
 
 
+@pytest.mark.parametrize("q_offset", [0, 48])  # 48: a context-parallel chunk's queries
+def test_select_blocks_in_query_chunks_equals_whole(q_offset, monkeypatch):
+    """Scoring fixed-length batches a few query rows at a time gives the whole buffer's top-n."""
+    from nsa_parallel.kernels import topn
+    b, t, hq, hkv, dk = 2, 200, 4, 2, 16
+    q = _rand(b, t, hq, dk, dtype=torch.float32, seed=3).detach()
+    kc = _rand(b, SMALL.num_compressed(t + q_offset), hkv, dk, dtype=torch.float32, seed=4).detach()
+    _, lse = compressed_attention(q, kc, torch.zeros_like(kc), SMALL, 0.3, q_offset=q_offset)
+    whole = topn.select_blocks(q, kc, lse, SMALL, 0.3, q_offset=q_offset)
+    monkeypatch.setattr(topn, "SCORES_BUFFER_BYTES", 4 * b * hkv * 64)  # 64 query rows per chunk: 4 chunks
+    assert torch.equal(topn.select_blocks(q, kc, lse, SMALL, 0.3, q_offset=q_offset), whole)
+    want = select_topn(selection_scores(q, kc, lse, SMALL, 0.3, q_offset=q_offset), SMALL, q_offset=q_offset)
+    assert torch.equal(whole, want)
+
+
 def _nsa_both(b, t, hq, hkv, dk, dv, cfg, dtype, cu=None, seed=0):
     q, kvs, gate, ck, cv = make_inputs(b, t, hq, hkv, dk, dv, cfg, dtype=dtype, seed=seed, requires_grad=True,
                                        device=DEVICE)
