@@ -36,6 +36,14 @@ def compressed_attention(q, k_cmp, v_cmp, config: NSAConfig, scale: float, cu_se
 
 
 @triton.jit
+def overlap_weights(A: tl.constexpr, S: tl.constexpr):
+    """Stride-slot overlap (eq. 9) of compressed token ``j*S + r`` (``r < S``; A slots per token, S per selection
+    block, A <= S) with selection block j and with block j + 1: ``(w_own [S], w_spill [S])`` fp32."""
+    r = tl.arange(0, S)
+    return tl.minimum(A, S - r).to(tl.float32), tl.maximum(r + A - S, 0).to(tl.float32)
+
+
+@triton.jit
 def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, QOFF, scale,
                    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                    DK: tl.constexpr, BDK: tl.constexpr, BLOCK_T: tl.constexpr, BJ: tl.constexpr,
@@ -53,9 +61,7 @@ def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, QOFF, scale,
     n_blocks = t_hi // SEL_BLOCK + 1  # blocks that start at or before the last query of the tile
     tpos = t0 + tl.arange(0, BLOCK_T)
     if ONE_PASS:  # A <= S: each compressed token reaches its own selection block and at most the next one
-        r = tl.arange(0, S)
-        w_own = tl.minimum(A, S - r).to(tl.float32)  # token j*S + r overlaps block j by this many slots ...
-        w_spill = tl.maximum(r + A - S, 0).to(tl.float32)  # ... and block j + 1 by the rest
+        w_own, w_spill = overlap_weights(A, S)
         kk = tl.arange(0, BJ)
         carry = tl.zeros([BLOCK_T], dtype=tl.float32)  # the previous tile's last block's spill
         for j0 in range(0, n_blocks, BJ):

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .compress import overlap_weights
+
 # launch knobs, swept by python -m nsa_parallel.bench_decode (defaults: the best measured on an H100)
 CMP_BN, CMP_WARPS, CMP_STAGES = 64, 4, 3  # compressed-branch tile, warps, pipeline stages
 SCORES_BJ = 64  # selection blocks per scores program
@@ -89,9 +91,7 @@ def _cmp_partial(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, own_ptr, sp
     A: tl.constexpr = CL // CS  # stride slots per compressed token
     S: tl.constexpr = SB // CS  # stride slots (= compressed tokens) per selection block; A <= S
     TB: tl.constexpr = BN // S  # selection blocks a tile starts
-    r = tl.arange(0, S)
-    w_own = tl.minimum(A, S - r).to(tl.float32)  # token j*S + r overlaps block j by this many slots (eq. 9) ...
-    w_spill = tl.maximum(r + A - S, 0).to(tl.float32)  # ... and block j + 1 by the rest
+    w_own, w_spill = overlap_weights(A, S)
     rows = (bh * G + g).to(tl.int64)
     m_i = tl.full([BG], float("-inf"), tl.float32)
     l_i = tl.zeros([BG], tl.float32)
@@ -330,17 +330,6 @@ def compressed_step(q: torch.Tensor, cache, scale: float):
     return (co, cm, cl), scores
 
 
-def select_blocks(cache, scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Top-n block indices into ``idx [B, hkv, n]`` (int32, ascending, -1 padded) from ``scores [B, hkv, ns]``."""
-    cfg = cache.config
-    bsz, hkv, nsmax = scores.shape
-    n = cfg.select_topn
-    _topn[(bsz * hkv,)](scores, cache.lens, idx, nsmax, HKV=hkv, SB=cfg.select_block, TOPN=n,
-                        INIT=cfg.select_initial, LOCAL=cfg.select_local, BNS=_p2(nsmax), BTOP=_p2(n),
-                        num_warps=TOPN_WARPS)
-    return idx
-
-
 def decode_triton(q: torch.Tensor, gate: torch.Tensor, cache, scale: float):
     """``(o [B, hq, dv], indices [B, hkv, n])`` for the token at ``cache.lens - 1`` of each sequence."""
     cfg = cache.config
@@ -358,14 +347,17 @@ def decode_triton(q: torch.Tensor, gate: torch.Tensor, cache, scale: float):
     per = SPARSE_TILES_PER_PROGRAM
     nslc = triton.cdiv(n, per)
     npart = nslc + triton.cdiv(nwt, per)
-    idx = torch.empty(bsz, hkv, n, device=dev, dtype=torch.int32)
     so = torch.empty(bsz, hkv, npart, G, dv, **f32)
     sm = torch.empty(bsz, hkv, npart, G, **f32)
     sl = torch.empty_like(sm)
     ks, vs, kw, vw = cache.k_slc, cache.v_slc, cache.k_swa, cache.v_swa
     (co, cm, cl), scores = compressed_step(q, cache, scale)
     splits = co.shape[2]
-    select_blocks(cache, scores, idx)
+    nsmax = scores.shape[2]
+    idx = torch.empty(bsz, hkv, n, device=dev, dtype=torch.int32)
+    _topn[(bsz * hkv,)](scores, cache.lens, idx, nsmax, HKV=hkv, SB=cfg.select_block, TOPN=n,
+                        INIT=cfg.select_initial, LOCAL=cfg.select_local, BNS=_p2(nsmax), BTOP=_p2(n),
+                        num_warps=TOPN_WARPS)
     _sparse_partial[(bsz * hkv, npart)](
         q, ks, vs, kw, vw, cache.lens, idx, so, sm, sl, scale, q.stride(0), q.stride(1),
         ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),

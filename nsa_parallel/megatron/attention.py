@@ -51,9 +51,15 @@ def packed_cu_seqlens(packed_seq_params, batch: int):
     q_pad = getattr(packed_seq_params, "cu_seqlens_q_padded", None)
     kv_pad = getattr(packed_seq_params, "cu_seqlens_kv_padded", None)
     q, kv = (q_pad if q_pad is not None else q), (kv_pad if kv_pad is not None else kv)
-    if kv is not None and not torch.equal(q, kv):
+    if kv is not None and kv is not q and not torch.equal(q, kv):  # the same tensor as a rule: no device sync
         raise ValueError("NSA is self-attention: packed_seq_params must give the same cu_seqlens for q and kv")
     return q
+
+
+def _kv_bthd(keys, values):
+    """Branch keys / values (cmp, slc, swa), each ``[s, b, hkv, d]`` -> ``[k_cmp, v_cmp, k_slc, v_slc, k_swa,
+    v_swa]`` as ``[b, s, hkv, d]`` views."""
+    return [x.transpose(0, 1) for pair in zip(keys, values) for x in pair]
 
 
 def _cp_group(config, pg_collection):
@@ -124,13 +130,12 @@ class NSACoreAttention(MegatronModule):
         activated. Returns ``[s, b, hq * d]``."""
         s, b = query.shape[:2]
         cu = packed_cu_seqlens(packed_seq_params, b)
-        bthd = lambda x: x.transpose(0, 1)  # noqa: E731  [s, b, h, d] -> [b, s, h, d] (a view)
-        kv = [bthd(x) for pair in zip(keys, values) for x in pair]
+        kv = _kv_bthd(keys, values)
         backend = self.backend or ("triton" if query.is_cuda else "reference")
         # Under autocast (--bf16) some upstream ops leave fp32 (e.g. softmax gates): run the core in q's dtype,
         # autocast off, so the kernels see one dtype and phi computes in it.
         kv = [x.to(query.dtype) for x in kv]
-        q, gate = bthd(query), bthd(gate).to(query.dtype)
+        q, gate = query.transpose(0, 1), gate.transpose(0, 1).to(query.dtype)
         with torch.autocast(device_type=query.device.type, enabled=False):
             return self._core(q, kv, gate, cu, backend, s, b)
 
@@ -244,23 +249,20 @@ class NSASelfAttention(SelfAttention):
     def _decode_backend(self, state, x) -> str:
         return state.backend or self.core_attention.backend or ("triton" if x.is_cuda else "reference")
 
-    def _kv_bthd(self, keys, values):
-        return [x.transpose(0, 1) for pair in zip(keys, values) for x in pair]  # k_cmp, v_cmp, k_slc, ...
-
     def _fill_cache(self, keys, values, state) -> None:
         core = self.core_attention
         b = keys[0].shape[1]
         cache = NSAKVCache(b, state.max_len, core.num_kv_heads, core.head_dim, core.nsa_config, core.compress_k,
                            core.compress_v, device=keys[0].device, dtype=keys[0].dtype, backend=self._decode_backend(
                                state, keys[0]))
-        cache.prefill(*self._kv_bthd(keys, values), lens=state.lens)
+        cache.prefill(*_kv_bthd(keys, values), lens=state.lens)
         state.caches[self.layer_number] = cache
 
     def _decode_step(self, q, keys, values, gate, state) -> torch.Tensor:
         """q ``[1, b, hq, d]`` -> ``[1, b, hq * d]`` through this layer's cache."""
         core = self.core_attention
         cache = state.caches[self.layer_number]
-        cache.append(*self._kv_bthd(keys, values))
+        cache.append(*_kv_bthd(keys, values))
         o = nsa_decode(q[0], gate[0].to(q.dtype), cache, scale=core.softmax_scale,
                        backend=self._decode_backend(state, q))
         return o.reshape(1, o.shape[0], -1)
