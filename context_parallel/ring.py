@@ -14,6 +14,7 @@ from typing import List
 import torch
 import torch.distributed as dist
 
+from ..kernels.flash import row_dot
 from ..kernels.select import _SelLaunch, selected_backward, selected_forward
 from .comm import CPShard
 from .merge import merge_partial
@@ -71,7 +72,7 @@ class RingSelected(torch.autograd.Function):
         q, k, v, o, lse, *indices = ctx.saved_tensors
         shard, block, scale = ctx.shard, ctx.block, ctx.scale
         do = do.contiguous()
-        delta = (o.float() * do.float()).sum(-1)
+        delta = row_dot(o, do)
         dq = torch.zeros_like(q, dtype=torch.float32)
         cur = [k, v]
         acc = [torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)]

@@ -100,6 +100,39 @@ def _finish(acc, m_i, l_i):
 
 
 @triton.jit
+def _full_keys(t0, T, j_lo, j_hi, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, KSTRIDE: tl.constexpr, KOFF,
+               WINDOW: tl.constexpr):
+    """``[fa, fb)``: the key tiles inside ``[j_lo, j_hi)`` that every query of ``[t0, t0 + BLOCK_T)`` sees whole,
+    so they need no mask (fb <= fa: none). Tiles before fa and from max(fa, fb) on are masked."""
+    t_last = tl.minimum(t0 + BLOCK_T, T) - 1
+    top = tl.where(t0 >= KOFF, (t0 - KOFF) // KSTRIDE + 1, 0)  # keys at or before the first query
+    num = t_last - WINDOW - KOFF
+    bot = tl.where(num >= 0, num // KSTRIDE + 1, 0)  # keys inside the last query's window
+    fa = tl.minimum(j_lo + (tl.maximum(bot - j_lo, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N, j_hi)
+    fb = j_lo + (tl.maximum(tl.minimum(top, j_hi) - j_lo, 0)) // BLOCK_N * BLOCK_N
+    return fa, fb
+
+
+@triton.jit
+def _fwd_tiles(q, K, V, kbos, kvh, tq, j_start, j_end, j_hi, m_i, l_i, acc, qk_scale,
+               HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+               BLOCK_N: tl.constexpr, KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, MASKED: tl.constexpr):
+    for j0 in range(j_start, j_end, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        jvalid = j < j_hi
+        kv_off = (kbos + j.to(tl.int64)) * HKV + kvh
+        k = _load_tile(K, kv_off, jvalid, DK, BDK)
+        v = _load_tile(V, kv_off, jvalid, DV, BDV)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if MASKED:
+            kp = j * KSTRIDE + KOFF
+            vis = (kp[None, :] <= tq[:, None]) & (kp[None, :] > tq[:, None] - WINDOW) & jvalid[None, :]
+            s = tl.where(vis, s, float("-inf"))
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, CU, CU_K, T_FIXED, TK_FIXED, scale,
                 HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                 DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
@@ -116,20 +149,40 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, CU_K, T_FIXED, TK_FIXED, scale,
     l_i = tl.zeros([BLOCK_T * GP], dtype=tl.float32)
     acc = tl.zeros([BLOCK_T * GP, BDV], dtype=tl.float32)
     j_lo, j_hi = _key_range(t0, T, TK, BLOCK_T, BLOCK_N, KSTRIDE, KOFF, WINDOW)
-    for j0 in range(j_lo, j_hi, BLOCK_N):
+    fa, fb = _full_keys(t0, T, j_lo, j_hi, BLOCK_T, BLOCK_N, KSTRIDE, KOFF, WINDOW)
+    # masked tiles at the window's far edge, unmasked ones in the middle, masked ones at the causal edge
+    m_i, l_i, acc = _fwd_tiles(q, K, V, kbos, kvh, tq, j_lo, fa, j_hi, m_i, l_i, acc, qk_scale, HKV, DK, DV, BDK,
+                               BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True)
+    m_i, l_i, acc = _fwd_tiles(q, K, V, kbos, kvh, tq, fa, fb, j_hi, m_i, l_i, acc, qk_scale, HKV, DK, DV, BDK,
+                               BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, False)
+    m_i, l_i, acc = _fwd_tiles(q, K, V, kbos, kvh, tq, tl.maximum(fa, fb), j_hi, j_hi, m_i, l_i, acc, qk_scale,
+                               HKV, DK, DV, BDK, BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True)
+    o, lse = _finish(acc, m_i, l_i)
+    tl.store(O + row_off[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty),
+             mask=rvalid[:, None] & (dv[None, :] < DV))
+    tl.store(LSE + row_off, lse, mask=rvalid)
+
+
+@triton.jit
+def _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, j_start, j_end, j_hi, qk_scale,
+              HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+              BLOCK_N: tl.constexpr, KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, MASKED: tl.constexpr):
+    for j0 in range(j_start, j_end, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         jvalid = j < j_hi
         kv_off = (kbos + j.to(tl.int64)) * HKV + kvh
         k = _load_tile(K, kv_off, jvalid, DK, BDK)
         v = _load_tile(V, kv_off, jvalid, DV, BDV)
         s = tl.dot(q, tl.trans(k)) * qk_scale
-        kp = j * KSTRIDE + KOFF
-        vis = (kp[None, :] <= tq[:, None]) & (kp[None, :] > tq[:, None] - WINDOW) & jvalid[None, :]
-        m_i, l_i, acc = _softmax_step(tl.where(vis, s, float("-inf")), v, m_i, l_i, acc)
-    o, lse = _finish(acc, m_i, l_i)
-    tl.store(O + row_off[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty),
-             mask=rvalid[:, None] & (dv[None, :] < DV))
-    tl.store(LSE + row_off, lse, mask=rvalid)
+        p = tl.exp2(s - lse2[:, None])
+        if MASKED:
+            kp = j * KSTRIDE + KOFF
+            vis = (kp[None, :] <= tq[:, None]) & (kp[None, :] > tq[:, None] - WINDOW) & jvalid[None, :]
+            p = tl.where(vis, p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    return dq
 
 
 @triton.jit
@@ -150,21 +203,41 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K, T_FIXED, TK_FIXED, sca
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_T * GP, BDK], dtype=tl.float32)
     j_lo, j_hi = _key_range(t0, T, TK, BLOCK_T, BLOCK_N, KSTRIDE, KOFF, WINDOW)
-    for j0 in range(j_lo, j_hi, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N)
-        jvalid = j < j_hi
-        kv_off = (kbos + j.to(tl.int64)) * HKV + kvh
-        k = _load_tile(K, kv_off, jvalid, DK, BDK)
-        v = _load_tile(V, kv_off, jvalid, DV, BDV)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        kp = j * KSTRIDE + KOFF
-        vis = (kp[None, :] <= tq[:, None]) & (kp[None, :] > tq[:, None] - WINDOW) & jvalid[None, :]
-        p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+    fa, fb = _full_keys(t0, T, j_lo, j_hi, BLOCK_T, BLOCK_N, KSTRIDE, KOFF, WINDOW)
+    dq = _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, j_lo, fa, j_hi, qk_scale, HKV, DK, DV, BDK, BDV,
+                   BLOCK_N, KSTRIDE, KOFF, WINDOW, True)
+    dq = _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, fa, fb, j_hi, qk_scale, HKV, DK, DV, BDK, BDV,
+                   BLOCK_N, KSTRIDE, KOFF, WINDOW, False)
+    dq = _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, tl.maximum(fa, fb), j_hi, j_hi, qk_scale, HKV, DK,
+                   DV, BDK, BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True)
     tl.store(DQ + row_off[:, None] * DK + dk[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=rvalid[:, None] & (dk[None, :] < DK))
+
+
+@triton.jit
+def _dkdv_tiles(Q, DO, LSE, DELTA, k, v, kp, jvalid, dk_acc, dv_acc, bos, kvh, t_start, t_stop, t_end, qk_scale,
+                HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                BDK: tl.constexpr, BDV: tl.constexpr, BLOCK_T: tl.constexpr, WINDOW: tl.constexpr,
+                MASKED: tl.constexpr):
+    for t0 in range(t_start, t_stop, BLOCK_T):
+        tq, hq, hvalid = _rows(t0, kvh, BLOCK_T, G, GP)
+        rvalid = hvalid & (tq < t_end)
+        row_off = (bos + tq.to(tl.int64)) * HQ + hq
+        q = _load_tile(Q, row_off, rvalid, DK, BDK)
+        do = _load_tile(DO, row_off, rvalid, DV, BDV)
+        lse2 = _load_lse2(LSE, row_off, rvalid)
+        delta = tl.load(DELTA + row_off, mask=rvalid, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.exp2(s - lse2[:, None])  # padding rows: lse2 = +inf, p = 0
+        if MASKED:
+            vis = (kp[None, :] <= tq[:, None]) & (kp[None, :] > tq[:, None] - WINDOW) & jvalid[None, :] & \
+                rvalid[:, None]
+            p = tl.where(vis, p, 0.0)
+        dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dk_acc += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    return dk_acc, dv_acc
 
 
 @triton.jit
@@ -202,21 +275,18 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, CU, CU_K, T_FIXED, TK_FI
         t_end = tl.minimum(t_end, c0 + Q_SPLIT)
         if t_lo >= t_end:
             return
-    for t0 in range(t_lo, t_end, BLOCK_T):
-        tq, hq, hvalid = _rows(t0, kvh, BLOCK_T, G, GP)
-        rvalid = hvalid & (tq < t_end)
-        row_off = (bos + tq.to(tl.int64)) * HQ + hq
-        q = _load_tile(Q, row_off, rvalid, DK, BDK)
-        do = _load_tile(DO, row_off, rvalid, DV, BDV)
-        lse2 = _load_lse2(LSE, row_off, rvalid)
-        delta = tl.load(DELTA + row_off, mask=rvalid, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        vis = (kp[None, :] <= tq[:, None]) & (kp[None, :] > tq[:, None] - WINDOW) & jvalid[None, :] & rvalid[:, None]
-        p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-        dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dk_acc += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    # query tiles that see every key of this tile (unmasked): from the first at or after the last key's position
+    # to the last that ends inside both the first key's window and t_end; none if the key tile is partial
+    kp_max = (tl.minimum(j0 + BLOCK_N, TK) - 1) * KSTRIDE + KOFF
+    ta = tl.minimum(t_lo + (tl.maximum(kp_max - t_lo, 0) + BLOCK_T - 1) // BLOCK_T * BLOCK_T, t_end)
+    tb = t_lo + tl.maximum(tl.minimum(j0 * KSTRIDE + KOFF + WINDOW, t_end) - t_lo, 0) // BLOCK_T * BLOCK_T
+    tb = tl.where(j0 + BLOCK_N <= TK, tb, ta)
+    dk_acc, dv_acc = _dkdv_tiles(Q, DO, LSE, DELTA, k, v, kp, jvalid, dk_acc, dv_acc, bos, kvh, t_lo, ta, t_end,
+                                 qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, WINDOW, True)
+    dk_acc, dv_acc = _dkdv_tiles(Q, DO, LSE, DELTA, k, v, kp, jvalid, dk_acc, dv_acc, bos, kvh, ta, tb, t_end,
+                                 qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, WINDOW, False)
+    dk_acc, dv_acc = _dkdv_tiles(Q, DO, LSE, DELTA, k, v, kp, jvalid, dk_acc, dv_acc, bos, kvh, tl.maximum(ta, tb),
+                                 t_end, t_end, qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, WINDOW, True)
     dk_mask = jvalid[:, None] & (dk[None, :] < DK)
     dv_mask = jvalid[:, None] & (dv[None, :] < DV)
     if Q_SPLIT > 0:
@@ -225,6 +295,32 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, CU, CU_K, T_FIXED, TK_FI
     else:
         tl.store(DK_ + kv_off[:, None] * DK + dk[None, :], (dk_acc * scale).to(DK_.dtype.element_ty), mask=dk_mask)
         tl.store(DV_ + kv_off[:, None] * DV + dv[None, :], dv_acc.to(DV_.dtype.element_ty), mask=dv_mask)
+
+
+@triton.jit
+def _row_dot_kernel(O, DO, DELTA, ROWS, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    d = tl.arange(0, BD)
+    mask = (r < ROWS)[:, None] & (d < D)[None, :]
+    off = r.to(tl.int64)[:, None] * D + d[None, :]
+    o = tl.load(O + off, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + r, tl.sum(o * do, 1), mask=r < ROWS)
+
+
+def row_dot(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
+    """``delta = rowsum(o * do)`` in fp32 (the softmax backward's D term), ``[..., d] -> [...]``.
+
+    One pass over the 16-bit tensors: ``(o.float() * do.float()).sum(-1)`` moves ~7x their size through fp32
+    temporaries, ~5 ms per branch at 64k on an H100."""
+    o, do = o.contiguous(), do.contiguous()
+    d = o.shape[-1]
+    rows = o.numel() // max(d, 1)
+    delta = torch.empty(o.shape[:-1], device=o.device, dtype=torch.float32)
+    bd = max(16, triton.next_power_of_2(d))
+    br = max(1, 8192 // bd)
+    _row_dot_kernel[(triton.cdiv(rows, br),)](o, do, delta, rows, D=d, BD=bd, BR=br)
+    return delta
 
 
 def choose_q_split(max_t: int, key_programs: int, window: int) -> int:
@@ -295,7 +391,7 @@ class PositionMaskedAttention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         L, scale = ctx.launch, ctx.scale
         do = do.contiguous()
-        delta = (o.float() * do.float()).sum(-1)
+        delta = row_dot(o, do)
         dq = torch.empty_like(q)
         split = L.q_split > 0
         dk = torch.zeros_like(k, dtype=torch.float32) if split else torch.empty_like(k)

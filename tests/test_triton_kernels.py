@@ -68,6 +68,32 @@ def test_window_and_compressed_attention(t, hq, hkv, dk, dv, dtype):
         _check(a, b, dtype, f"compressed d{name}")
 
 
+def _masked_attention(q, k, v, scale, kstride, koff, window):
+    """Dense softmax attention with key j at position j*kstride + koff visible to query t iff t - window < pos <= t."""
+    g = q.shape[2] // k.shape[2]
+    kk, vv = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
+    s = torch.einsum("bthd,bjhd->bhtj", q, kk) * scale
+    pos = torch.arange(k.shape[1], device=q.device) * kstride + koff
+    t = torch.arange(q.shape[1], device=q.device)[:, None]
+    s = s.masked_fill(~((pos[None, :] <= t) & (pos[None, :] > t - window)), float("-inf"))
+    return torch.einsum("bhtj,bjhd->bthd", torch.softmax(s, -1).nan_to_num(), vv)
+
+
+@pytest.mark.parametrize("kstride,koff,window", [(4, 7, 1 << 30), (1, 0, 200)])
+def test_flash_unmasked_middle_tiles(kstride, koff, window):
+    """Long enough that whole 64-key tiles lie inside every query's range (the unmasked middle loop): a compressed
+    layout (stride 4) and a window of 200."""
+    t, hq, hkv, d = 400, 4, 2, 16
+    tk = t if kstride == 1 else (t - koff - 1) // kstride + 1
+    q = _rand(1, t, hq, d, dtype=torch.float32, seed=31)
+    k, v = _rand(1, tk, hkv, d, dtype=torch.float32, seed=32), _rand(1, tk, hkv, d, dtype=torch.float32, seed=33)
+    o, _ = position_masked_attention(q, k, v, 0.3, kstride, koff, window)
+    r = _masked_attention(q, k, v, 0.3, kstride, koff, window)
+    _check(o, r, torch.float32, "o")
+    for name, a, b in zip("qkv", _grads(o, (q, k, v)), _grads(r, (q, k, v))):
+        _check(a, b, torch.float32, f"d{name}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("t,hq,hkv,dk,dv", SHAPES[:3])
 def test_selected_attention(t, hq, hkv, dk, dv, dtype):
@@ -237,6 +263,29 @@ def test_selected_dkdv_many_work_items(monkeypatch):
         _check(a, b, torch.float32, f"items d{name}")
 
 
+@pytest.mark.parametrize("hq", [4, 16])  # G=4: union walk of neighbouring positions; G=16: one position per program
+def test_selected_query_offset_and_key_buffers(hq):
+    """What context parallelism asks of the selected kernels: a query chunk at an offset (block ids global), and
+    keys held in two buffers whose partial outputs merge by log-sum-exp, both equal to one whole call."""
+    b, t, hkv, d, blk = 2, 70, 1, 16, SMALL.select_block
+    g = torch.Generator().manual_seed(hq)
+    idx = ref.select_topn(torch.rand(b, hkv, t, SMALL.num_select_blocks(t), generator=g), SMALL).to(DEVICE)
+    q = _rand(b, t, hq, d, dtype=torch.float32, seed=21).detach()
+    k, v = _rand(b, t, hkv, d, dtype=torch.float32, seed=22).detach(), _rand(b, t, hkv, d, dtype=torch.float32,
+                                                                            seed=23).detach()
+    o, lse = selected_attention(q, k, v, idx, blk, 0.3)
+    s = 2 * blk
+    o_q, lse_q = selected_attention(q[:, s:].contiguous(), k, v, idx[:, s:].contiguous(), blk, 0.3, q_offset=s)
+    _check(o_q, o[:, s:], torch.float32, "query chunk o")
+    _check(lse_q, lse[:, s:], torch.float32, "query chunk lse")
+    (o1, l1), (o2, l2) = (selected_attention(q, k[:, a:e].contiguous(), v[:, a:e].contiguous(), idx, blk, 0.3,
+                                             k_base=a) for a, e in ((0, s), (s, t)))
+    lse_m = torch.logaddexp(l1, l2)
+    o_m = o1 * torch.exp(l1 - lse_m)[..., None] + o2 * torch.exp(l2 - lse_m)[..., None]
+    _check(o_m, o, torch.float32, "two key buffers o")
+    _check(lse_m, lse, torch.float32, "two key buffers lse")
+
+
 def test_work_items_cover_every_query_once():
     from nsa_parallel.kernels.select import work_items
     key, start, end = work_items(torch.tensor([0, 5, 5, 12, 13], dtype=torch.int32), 13, 3)
@@ -245,10 +294,11 @@ def test_work_items_cover_every_query_once():
         [(0, 0, 3), (0, 3, 5), (2, 5, 8), (2, 8, 11), (2, 11, 12), (3, 12, 13)]
 
 
-def test_packed_kernels_called_directly_equal_per_sequence():
+@pytest.mark.parametrize("hq", [4, 32])  # G=2 and G=16: both selected-attention kernels
+def test_packed_kernels_called_directly_equal_per_sequence(hq):
     """Kernels called on a packed batch without the longest length work it out themselves."""
     cu = torch.tensor([0, 37, 53, 98], dtype=torch.int32, device=DEVICE)
-    q = _rand(1, 98, 4, 16, dtype=torch.float32, seed=11).detach()
+    q = _rand(1, 98, hq, 16, dtype=torch.float32, seed=11).detach()
     k, v = _rand(1, 98, 2, 16, dtype=torch.float32, seed=12).detach(), _rand(1, 98, 2, 8, dtype=torch.float32,
                                                                             seed=13).detach()
     o, _ = position_masked_attention(q, k, v, 0.3, 1, 0, SMALL.window, cu, cu)
@@ -260,3 +310,12 @@ def test_packed_kernels_called_directly_equal_per_sequence():
                torch.float32, "packed window")
         _check(o_sel[:, s:e], selected_attention(q[:, s:e], k[:, s:e], v[:, s:e], idx[:, s:e], SMALL.select_block,
                                                  0.3)[0], torch.float32, "packed selected")
+
+
+@pytest.mark.parametrize("shape,dtype", [((2, 5, 3, 24), torch.float16), ((1, 70, 4, 128), torch.float32)])
+def test_row_dot_kernel(shape, dtype):
+    from nsa_parallel.kernels.flash import row_dot
+    o, do = (_rand(*shape, dtype=dtype, seed=s).detach() for s in (41, 42))
+    want = (o.float() * do.float()).sum(-1)
+    assert row_dot(o, do).shape == want.shape
+    _check(row_dot(o, do), want, torch.float32, "delta")

@@ -1,0 +1,184 @@
+"""Tile / warp / pipeline-stage sweep of the attention kernels on one GPU (a measurement, not a test).
+
+    python -P benchmarks/tile_sweep.py --t 65536 --out tile_sweep.json [--only cmp swa sel]
+
+For the compressed and window branches (flash.py) and the selected branch (select.py) it runs each kernel with
+every candidate launch config, checks the result against the shipped config (bf16 tolerance), and times it (median
+of ``triton.testing.do_bench``). The selected branch runs both of its query-major kernels on G=16: the union walk
+of neighbouring positions (the kernel for small G) and one program per (position, KV head) looping over that
+position's own n blocks. Results stream to stdout as JSON lines and to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+import triton
+
+from nsa_parallel.kernels import Compression, NSAConfig
+from nsa_parallel.kernels import flash as F
+from nsa_parallel.kernels import select as S
+from nsa_parallel.kernels.compress import compressed_attention
+from nsa_parallel.kernels.topn import select_blocks
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def rel(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+
+
+def emit(rows, out, **row):
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    with open(out, "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                       rows=rows), f, indent=1)
+
+
+def sweep_flash(name, q, k, v, scale, kstride, koff, window, configs, rows, out):
+    o_ref, lse_ref = F.position_masked_attention(q, k, v, scale, kstride, koff, window)
+    do = torch.randn_like(o_ref)
+    delta = (o_ref.float() * do.float()).sum(-1)
+    ref_grads = None
+    for kern in ("fwd", "dq", "dkdv"):
+        for bm, bn, w, st in configs:
+            t0 = time.time()
+            try:
+                L = F._Launch(q, k, v, kstride, koff, window, None, None, None, block_m=bm, block_n=bn)
+                kw = dict(**L.const, num_stages=st, num_warps=w)
+                if kern == "fwd":
+                    o, lse = torch.empty_like(o_ref), torch.empty_like(lse_ref)
+                    fn = lambda: F._fwd_kernel[L.grid_q](q, k, v, o, lse, *L.args(), scale, **kw)  # noqa: E731
+                    fn()
+                    err = rel(o, o_ref)
+                elif kern == "dq":
+                    dq = torch.empty_like(q)
+                    fn = lambda: F._bwd_dq_kernel[L.grid_q](q, k, v, do, lse_ref, delta, dq, *L.args(),  # noqa: E731
+                                                            scale, **kw)
+                    fn()
+                    if ref_grads is None:
+                        ref_grads = {"dq": dq.clone()}
+                    err = rel(dq, ref_grads["dq"])
+                else:
+                    split = L.q_split > 0
+                    dt = torch.float32 if split else k.dtype
+                    dk_, dv_ = torch.zeros_like(k, dtype=dt), torch.zeros_like(v, dtype=dt)
+
+                    def fn():
+                        if split:
+                            dk_.zero_()
+                            dv_.zero_()
+                        F._bwd_dkdv_kernel[L.grid_k](q, k, v, do, lse_ref, delta, dk_, dv_, *L.args(), scale,
+                                                     Q_SPLIT=L.q_split, **kw)
+                    fn()
+                    if "dk" not in ref_grads:
+                        ref_grads["dk"] = dk_.float().clone()
+                    err = rel(dk_, ref_grads["dk"])
+                ms = bench(fn)
+                emit(rows, out, branch=name, kernel=kern, block_m=bm, block_n=bn, warps=w, stages=st, ms=ms,
+                     rel_err=err, secs=time.time() - t0)
+            except Exception as e:  # out of shared memory etc.: record and go on
+                emit(rows, out, branch=name, kernel=kern, block_m=bm, block_n=bn, warps=w, stages=st,
+                     error=str(e)[:200])
+
+
+def sweep_select(q, k, v, idx, scale, rows, out):
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    L0 = S._SelLaunch(q, k, v, idx, 64, None)
+    o_ref, lse_ref = S.selected_forward(q, k, v, idx, L0, scale)
+    do = torch.randn_like(o_ref)
+    delta = (o_ref.float() * do.float()).sum(-1)
+    dq_ref, dk_ref, dv_ref = S.selected_backward(q, k, v, idx, do, lse_ref, delta, L0, scale)
+    # union walk of neighbouring positions with several tile heights, and the per-position loop
+    variants = [("union", bt, w, L0.stages) for bt in (1, 4) for w in (2, 4)]
+    variants += [("loop", 1, w, st) for w in (1, 2, 4) for st in (1, 2, 3)]
+    for kind, bt, w, st in variants:
+        for kern in ("fwd", "dq"):
+            try:
+                qm = dict(L0.qmajor)
+                if kind == "union":
+                    qm["BLOCK_T"] = bt
+                else:
+                    qm.pop("BLOCK_T", None)
+                grid = (triton.cdiv(t, bt), b * hkv)
+                fk = {("union", "fwd"): S._sel_fwd_kernel, ("loop", "fwd"): S._sel_fwd_loop_kernel,
+                      ("union", "dq"): S._sel_bwd_dq_kernel, ("loop", "dq"): S._sel_dq_loop_kernel}[kind, kern]
+                if kern == "fwd":
+                    o, lse = torch.empty_like(o_ref), torch.empty_like(lse_ref)
+                    fn = lambda: fk[grid](q, k, v, idx, o, lse, L0.cu, *L0.sizes, L0.lo, L0.hi, scale,  # noqa
+                                          **qm, num_stages=st, num_warps=w)
+                    fn()
+                    err = rel(o, o_ref)
+                else:
+                    dq = torch.empty_like(q)
+                    fn = lambda: fk[grid](q, k, v, idx, do, lse_ref, delta, dq, L0.cu, *L0.sizes, L0.lo,  # noqa
+                                          L0.hi, scale, **qm, num_stages=st, num_warps=w)
+                    fn()
+                    err = rel(dq, dq_ref)
+                emit(rows, out, branch="sel", kernel=f"{kern}_{kind}", block_t=bt, warps=w, stages=st,
+                     ms=bench(fn), rel_err=err)
+            except Exception as e:
+                emit(rows, out, branch="sel", kernel=f"{kern}_{kind}", block_t=bt, warps=w, stages=st,
+                     error=str(e)[:200])
+    # KV-block-major dK/dV: rows per step, warps, stages, work-item size
+    qlist, offsets = S.invert_block_indices(idx, L0.ns_max, None, L0.lo, L0.hi)
+    for chunk in (256, 1024):
+        items = S.work_items(offsets, idx.numel(), chunk)
+        for bq, w, st in ((4, 4, 2), (8, 8, 2)):
+            try:
+                km = dict(L0.kmajor, BLOCK_Q=bq)
+                dk_ = torch.zeros_like(k, dtype=torch.float32)
+                dv_ = torch.zeros_like(v, dtype=torch.float32)
+
+                def fn():
+                    dk_.zero_()
+                    dv_.zero_()
+                    S._sel_bwd_dkdv_kernel[(items[0].numel(),)](
+                        q, k, v, do, lse_ref, delta, dk_, dv_, qlist, *items, L0.cu, *L0.sizes, L0.ns_max,
+                        scale, **km, num_stages=st, num_warps=w)
+                fn()
+                emit(rows, out, branch="sel", kernel="dkdv", chunk=chunk, block_q=bq, warps=w, stages=st,
+                     ms=bench(fn), rel_err=max(rel(dk_, dk_ref), rel(dv_, dv_ref)))
+            except Exception as e:
+                emit(rows, out, branch="sel", kernel="dkdv", chunk=chunk, block_q=bq, warps=w, stages=st,
+                     error=str(e)[:200])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--t", type=int, default=65536)
+    p.add_argument("--out", default="tile_sweep.json")
+    p.add_argument("--only", nargs="+", default=["sel", "cmp", "swa"])
+    args = p.parse_args()
+    cfg, hq, hkv, d, dev, dt, t = NSAConfig(), 64, 4, 128, "cuda", torch.bfloat16, args.t
+    torch.manual_seed(0)
+    q = torch.randn(1, t, hq, d, device=dev, dtype=dt)
+    k, v = (torch.randn(1, t, hkv, d, device=dev, dtype=dt) for _ in "kv")
+    scale = 1 / math.sqrt(d)
+    with torch.no_grad():
+        ck, cv = (Compression(hkv, d, cfg.compress_block, cfg.compress_stride, device=dev, dtype=dt) for _ in "kv")
+        kc, vc = ck(k).contiguous(), cv(v).contiguous()
+    rows = []
+    configs = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3)]
+    if "sel" in args.only:
+        with torch.no_grad():
+            _, lse = compressed_attention(q, kc, vc, cfg, scale)
+            idx = select_blocks(q, kc, lse, cfg, scale)
+        sweep_select(q, k, v, idx, scale, rows, args.out)
+    if "cmp" in args.only:
+        sweep_flash("cmp", q, kc, vc, scale, cfg.compress_stride, cfg.compress_block - 1, F.NO_WINDOW, configs,
+                    rows, args.out)
+    if "swa" in args.only:
+        sweep_flash("swa", q, k, v, scale, 1, 0, cfg.window, configs, rows, args.out)
+
+
+if __name__ == "__main__":
+    main()
