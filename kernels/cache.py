@@ -8,9 +8,6 @@ Per sequence ``b`` holding ``lens[b]`` tokens (positions ``0 .. lens[b]-1``):
   ``k_cmp [B, max_cmp, hkv, dk]``; block ``i`` (positions ``i*d .. i*d + l - 1``) is compressed by phi the step
   its last token arrives, i.e. every ``d`` tokens once ``l`` are there.
 
-The shapes above are what the attributes show; the branch buffers are stored head-major (:data:`HEAD_MAJOR`), so
-they are non-contiguous views: index them, do not ``.view()`` them.
-
 Updates never read lengths back to the host, so a decode step can be captured in a CUDA graph.
 """
 from __future__ import annotations
@@ -21,19 +18,6 @@ import torch
 
 from .compression import Compression
 from .config import NSAConfig
-
-
-# Store each branch's K/V head-major, ``[B, hkv, T, d]`` (seen as ``[B, T, hkv, d]`` through a transpose): one
-# (sequence, KV head)'s tokens are contiguous, so a decode program streams whole blocks instead of one 256-byte row
-# out of every ``hkv * d * 2`` bytes. The raw ring of the last ``l`` tokens (read only by phi) stays token-major.
-HEAD_MAJOR = True
-
-
-def _kv_buffer(batch: int, t: int, hkv: int, d: int, **kw) -> torch.Tensor:
-    """Zeros ``[batch, t, hkv, d]``, laid out as :data:`HEAD_MAJOR` says."""
-    if HEAD_MAJOR:
-        return torch.zeros(batch, hkv, t, d, **kw).transpose(1, 2)
-    return torch.zeros(batch, t, hkv, d, **kw)
 
 
 class NSAKVCache:
@@ -58,14 +42,14 @@ class NSAKVCache:
         kw = dict(device=device, dtype=dtype)
         cfg = config
         self.max_cmp = max(cfg.num_compressed(max_len), 1)
-        self.k_slc = _kv_buffer(batch, max_len, num_kv_heads, head_dim, **kw)
-        self.v_slc = _kv_buffer(batch, max_len, num_kv_heads, dv, **kw)
-        self.k_swa = _kv_buffer(batch, cfg.window, num_kv_heads, head_dim, **kw)
-        self.v_swa = _kv_buffer(batch, cfg.window, num_kv_heads, dv, **kw)
+        self.k_slc = torch.zeros(batch, max_len, num_kv_heads, head_dim, **kw)
+        self.v_slc = torch.zeros(batch, max_len, num_kv_heads, dv, **kw)
+        self.k_swa = torch.zeros(batch, cfg.window, num_kv_heads, head_dim, **kw)
+        self.v_swa = torch.zeros(batch, cfg.window, num_kv_heads, dv, **kw)
         self.k_raw = torch.zeros(batch, cfg.compress_block, num_kv_heads, head_dim, **kw)
         self.v_raw = torch.zeros(batch, cfg.compress_block, num_kv_heads, dv, **kw)
-        self.k_cmp = _kv_buffer(batch, self.max_cmp, num_kv_heads, head_dim, **kw)
-        self.v_cmp = _kv_buffer(batch, self.max_cmp, num_kv_heads, dv, **kw)
+        self.k_cmp = torch.zeros(batch, self.max_cmp, num_kv_heads, head_dim, **kw)
+        self.v_cmp = torch.zeros(batch, self.max_cmp, num_kv_heads, dv, **kw)
         self.lens = torch.zeros(batch, dtype=torch.int32, device=device)
 
     def _check(self, name: str, x: torch.Tensor, t: int, d: int) -> None:

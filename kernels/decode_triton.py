@@ -372,18 +372,11 @@ def decode_triton(q: torch.Tensor, gate: torch.Tensor, cache, scale: float):
 
 
 @triton.jit
-def _put(dst, b, pos, h, sb, st, sh, src, cols, mask):
-    """Row ``(b, pos, h)`` of a cache buffer with strides ``(sb, st, sh)`` (either layout)."""
-    tl.store(dst + b * sb + pos * st + h * sh + cols, tl.load(src, mask=mask), mask=mask)
-
-
-@triton.jit
-def _append_raw(keys_ptr, vals_ptr, lens_ptr, kslc, vslc, kswa, vswa, kraw, vraw, B, MAXLEN, sks0, sks1, sks2,
-                svs0, svs1, svs2, skw0, skw1, skw2, svw0, svw1, svw2, W: tl.constexpr, CL: tl.constexpr,
-                HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr):
+def _append_raw(keys_ptr, vals_ptr, lens_ptr, kslc, vslc, kswa, vswa, kraw, vraw, B, MAXLEN, W: tl.constexpr,
+                CL: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
+                BDV: tl.constexpr):
     """The new token's raw K/V of the three branches into the cache: selected (at its position), window ring
-    (p % w), compressed-branch ring (p % l, token-major). keys/vals ``[3, B, hkv, d]`` stacked in the order cmp,
-    slc, swa."""
+    (p % w), compressed-branch ring (p % l). keys/vals ``[3, B, hkv, d]`` stacked in the order cmp, slc, swa."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     p = tl.load(lens_ptr + b).to(tl.int64)
@@ -392,11 +385,12 @@ def _append_raw(keys_ptr, vals_ptr, lens_ptr, kslc, vslc, kswa, vswa, kraw, vraw
     mk, mv = dk < DK, dv < DV
     src_k = keys_ptr + (b * HKV + h) * DK + dk
     src_v = vals_ptr + (b * HKV + h) * DV + dv
-    p_slc = tl.minimum(p, MAXLEN - 1)  # a full sequence overwrites its last slot
-    _put(kslc, b, p_slc, h, sks0, sks1, sks2, src_k + B * HKV * DK, dk, mk)
-    _put(vslc, b, p_slc, h, svs0, svs1, svs2, src_v + B * HKV * DV, dv, mv)
-    _put(kswa, b, p % W, h, skw0, skw1, skw2, src_k + 2 * B * HKV * DK, dk, mk)
-    _put(vswa, b, p % W, h, svw0, svw1, svw2, src_v + 2 * B * HKV * DV, dv, mv)
+    slot = (b * MAXLEN + tl.minimum(p, MAXLEN - 1)) * HKV + h  # a full sequence overwrites its last slot
+    tl.store(kslc + slot * DK + dk, tl.load(src_k + B * HKV * DK, mask=mk), mask=mk)
+    tl.store(vslc + slot * DV + dv, tl.load(src_v + B * HKV * DV, mask=mv), mask=mv)
+    slot = (b * W + p % W) * HKV + h
+    tl.store(kswa + slot * DK + dk, tl.load(src_k + 2 * B * HKV * DK, mask=mk), mask=mk)
+    tl.store(vswa + slot * DV + dv, tl.load(src_v + 2 * B * HKV * DV, mask=mv), mask=mv)
     slot = (b * CL + p % CL) * HKV + h
     tl.store(kraw + slot * DK + dk, tl.load(src_k, mask=mk), mask=mk)
     tl.store(vraw + slot * DV + dv, tl.load(src_v, mask=mv), mask=mv)
@@ -407,20 +401,17 @@ def append_raw(cache, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa) -> None:
     keys = torch.stack([k_cmp[:, 0], k_slc[:, 0], k_swa[:, 0]]).to(cache.k_slc.dtype).contiguous()
     vals = torch.stack([v_cmp[:, 0], v_slc[:, 0], v_swa[:, 0]]).to(cache.v_slc.dtype).contiguous()
     cfg = cache.config
-    strides = [x.stride()[:3] for x in (cache.k_slc, cache.v_slc, cache.k_swa, cache.v_swa)]
     _append_raw[(cache.batch, cache.num_kv_heads)](
         keys, vals, cache.lens, cache.k_slc, cache.v_slc, cache.k_swa, cache.v_swa, cache.k_raw, cache.v_raw,
-        cache.batch, cache.max_len, *[x for st in strides for x in st], W=cfg.window, CL=cfg.compress_block,
-        HKV=cache.num_kv_heads, DK=cache.head_dim, DV=cache.head_dim_v, BDK=_p2(cache.head_dim),
-        BDV=_p2(cache.head_dim_v))
+        cache.batch, cache.max_len, W=cfg.window, CL=cfg.compress_block, HKV=cache.num_kv_heads, DK=cache.head_dim,
+        DV=cache.head_dim_v, BDK=_p2(cache.head_dim), BDV=_p2(cache.head_dim_v))
 
 
 @triton.jit
-def _phi_rows(raw_ptr, out_ptr, pe_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, b, n, done, h, MAXC, so0, so1, so2,
+def _phi_rows(raw_ptr, out_ptr, pe_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, b, n, done, h, MAXC,
               HKV: tl.constexpr, D: tl.constexpr, HID: tl.constexpr, CL: tl.constexpr, CS: tl.constexpr,
               BD: tl.constexpr, BH: tl.constexpr):
-    """phi of the block each ``done`` row just completed (ring ``raw [B, l, hkv, D]``) -> ``out[b, blk, h]``
-    (``out``'s strides ``so0, so1, so2``)."""
+    """phi of the block each ``done`` row just completed (ring ``raw [B, l, hkv, D]``) -> ``out[b, blk, h]``."""
     dt = out_ptr.dtype.element_ty  # phi runs in the cache's dtype, as Compression.compress_blocks does
     d = tl.arange(0, BD)
     o = tl.arange(0, BH)
@@ -439,13 +430,12 @@ def _phi_rows(raw_ptr, out_ptr, pe_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, b, n, do
     w = tl.load(w2_ptr + (h * HID + o[:, None]) * D + d[None, :], mask=om[:, None] & dm[None, :], other=0.0).to(dt)
     y = tl.dot(act, w).to(dt) + tl.load(b2_ptr + h * D + d, mask=dm, other=0.0).to(dt)[None, :]
     blk = tl.minimum(tl.maximum(n - CL, 0) // CS, MAXC - 1).to(tl.int64)
-    tl.store(out_ptr + (b * so0 + blk * so1 + h * so2)[:, None] + d[None, :], y, mask=done[:, None] & dm[None, :])
+    tl.store(out_ptr + ((b * MAXC + blk) * HKV + h)[:, None] * D + d[None, :], y, mask=done[:, None] & dm[None, :])
 
 
 @triton.jit
 def _append_compress(lens_ptr, kraw, vraw, kcmp, vcmp, kpe, kw1, kb1, kw2, kb2, vpe, vw1, vb1, vw2, vb2, B, MAXC,
-                     sk0, sk1, sk2, sv0, sv1, sv2, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                     HIDK: tl.constexpr, HIDV: tl.constexpr,
+                     HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HIDK: tl.constexpr, HIDV: tl.constexpr,
                      CL: tl.constexpr, CS: tl.constexpr, BB: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                      BHK: tl.constexpr, BHV: tl.constexpr):
     """Compressed tokens of the blocks the new tokens complete (every ``d`` tokens once ``l`` are there), only for
@@ -457,11 +447,9 @@ def _append_compress(lens_ptr, kraw, vraw, kcmp, vcmp, kpe, kw1, kb1, kw2, kb2, 
     b = b.to(tl.int64)
     if tl.max(done.to(tl.int32), 0) > 0:
         if tl.program_id(2) == 0:
-            _phi_rows(kraw, kcmp, kpe, kw1, kb1, kw2, kb2, b, n, done, h, MAXC, sk0, sk1, sk2, HKV, DK, HIDK, CL, CS,
-                      BDK, BHK)
+            _phi_rows(kraw, kcmp, kpe, kw1, kb1, kw2, kb2, b, n, done, h, MAXC, HKV, DK, HIDK, CL, CS, BDK, BHK)
         else:
-            _phi_rows(vraw, vcmp, vpe, vw1, vb1, vw2, vb2, b, n, done, h, MAXC, sv0, sv1, sv2, HKV, DV, HIDV, CL, CS,
-                      BDV, BHV)
+            _phi_rows(vraw, vcmp, vpe, vw1, vb1, vw2, vb2, b, n, done, h, MAXC, HKV, DV, HIDV, CL, CS, BDV, BHV)
 
 
 def append_compress(cache) -> None:
@@ -472,7 +460,6 @@ def append_compress(cache) -> None:
     bb = APPEND_ROWS
     _append_compress[(cache.num_kv_heads, triton.cdiv(cache.batch, bb), 2)](
         cache.lens, cache.k_raw, cache.v_raw, cache.k_cmp, cache.v_cmp, *ps, cache.batch, cache.max_cmp,
-        *cache.k_cmp.stride()[:3], *cache.v_cmp.stride()[:3], HKV=cache.num_kv_heads, DK=cache.head_dim,
-        DV=cache.head_dim_v, HIDK=ck.hidden, HIDV=cv.hidden,
+        HKV=cache.num_kv_heads, DK=cache.head_dim, DV=cache.head_dim_v, HIDK=ck.hidden, HIDV=cv.hidden,
         CL=cfg.compress_block, CS=cfg.compress_stride, BB=bb, BDK=max(16, _p2(cache.head_dim)),
         BDV=max(16, _p2(cache.head_dim_v)), BHK=max(16, _p2(ck.hidden)), BHV=max(16, _p2(cv.hidden)))

@@ -99,74 +99,73 @@ def run(args) -> dict:
     copy_bw, read_bw = copy_bandwidth_gbs(), read_bandwidth_gbs()
     bw = max(copy_bw, read_bw)  # the higher of the two is the yardstick
     print(f"device-to-device copy: {copy_bw:.0f} GB/s, sum (read): {read_bw:.0f} GB/s", flush=True)
-    from nsa_parallel.kernels import cache as cache_mod
     rows = []
-    for t, bsz, layout in ((t, b, lay) for lay in args.cache_layouts for t in args.contexts for b in args.batches):
-        cache_mod.HEAD_MAJOR = layout == "head"
-        row = dict(T=t, B=bsz, cache_layout=layout)
-        try:
-            torch.manual_seed(0)
-            ck, cv = (Compression(hkv, d, cfg.compress_block, cfg.compress_stride, device="cuda",
-                                  dtype=torch.bfloat16) for _ in range(2))
-            cache = NSAKVCache(bsz, t + 1, hkv, d, cfg, ck, cv, device="cuda", dtype=torch.bfloat16,
-                               backend="triton")
-            for x in (cache.k_slc, cache.v_slc, cache.k_swa, cache.v_swa, cache.k_cmp, cache.v_cmp, cache.k_raw,
-                      cache.v_raw):
-                x.normal_()
-            cache.lens.fill_(t)
-            q = torch.randn(bsz, hq, d, device="cuda", dtype=torch.bfloat16)
-            gate = torch.rand(bsz, hq, 3, device="cuda", dtype=torch.bfloat16)
-            if bsz <= 8:  # the kernel against the reference on this very cache
-                o_t, i_t = nsa_decode(q, gate, cache, backend="triton", return_indices=True)
-                o_r, i_r = nsa_decode(q, gate, cache, backend="reference", return_indices=True)
-                row["check_max_rel_err"] = ((o_t.float() - o_r.float()).abs().max()
-                                            / o_r.float().abs().max()).item()
-                row["check_same_blocks"] = float((i_t == i_r).float().mean().item())
-            step = lambda: nsa_decode(q, gate, cache, backend="triton")  # noqa: E731
-            row["nsa_ms"] = _graph_ms(step, steps=args.steps)
-            row["nsa_ms_one_per_graph"] = _graph_ms(step)
-            if [t, bsz] == args.profile:
-                row["nsa_kernels_us"] = _kernel_times(lambda: nsa_decode(q, gate, cache, backend="triton"))
-                from nsa_parallel.kernels import decode_triton
-                # one knob at a time, the others at their defaults
-                for knob, values in ({} if args.no_sweep else KNOBS).items():
-                    default = getattr(decode_triton, knob)
-                    for value in values:
-                        setattr(decode_triton, knob, value)
-                        row[f"nsa_ms_{knob}_{value}"] = _graph_ms(step, steps=args.steps)
-                    setattr(decode_triton, knob, default)
-            new = [torch.randn(bsz, 1, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(6)]
+    for t in args.contexts:
+        for bsz in args.batches:
+            row = dict(T=t, B=bsz)
+            try:
+                torch.manual_seed(0)
+                ck, cv = (Compression(hkv, d, cfg.compress_block, cfg.compress_stride, device="cuda",
+                                      dtype=torch.bfloat16) for _ in range(2))
+                cache = NSAKVCache(bsz, t + 1, hkv, d, cfg, ck, cv, device="cuda", dtype=torch.bfloat16,
+                                   backend="triton")
+                for x in (cache.k_slc, cache.v_slc, cache.k_swa, cache.v_swa, cache.k_cmp, cache.v_cmp, cache.k_raw,
+                          cache.v_raw):
+                    x.normal_()
+                cache.lens.fill_(t)
+                q = torch.randn(bsz, hq, d, device="cuda", dtype=torch.bfloat16)
+                gate = torch.rand(bsz, hq, 3, device="cuda", dtype=torch.bfloat16)
+                if bsz <= 8:  # the kernel against the reference on this very cache
+                    o_t, i_t = nsa_decode(q, gate, cache, backend="triton", return_indices=True)
+                    o_r, i_r = nsa_decode(q, gate, cache, backend="reference", return_indices=True)
+                    row["check_max_rel_err"] = ((o_t.float() - o_r.float()).abs().max()
+                                                / o_r.float().abs().max()).item()
+                    row["check_same_blocks"] = float((i_t == i_r).float().mean().item())
+                step = lambda: nsa_decode(q, gate, cache, backend="triton")  # noqa: E731
+                row["nsa_ms"] = _graph_ms(step, steps=args.steps)
+                row["nsa_ms_one_per_graph"] = _graph_ms(step)
+                if [t, bsz] == args.profile:
+                    row["nsa_kernels_us"] = _kernel_times(lambda: nsa_decode(q, gate, cache, backend="triton"))
+                    from nsa_parallel.kernels import decode_triton
+                    # one knob at a time, the others at their defaults
+                    for knob, values in ({} if args.no_sweep else KNOBS).items():
+                        default = getattr(decode_triton, knob)
+                        for value in values:
+                            setattr(decode_triton, knob, value)
+                            row[f"nsa_ms_{knob}_{value}"] = _graph_ms(step, steps=args.steps)
+                        setattr(decode_triton, knob, default)
+                new = [torch.randn(bsz, 1, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(6)]
 
-            def append():
-                cache.append(*new)
-                cache.lens.sub_(1)  # replays keep writing the same slot
-            # T + 1 tokens complete no compressed block (T is a multiple of d); T tokens complete one in every
-            # sequence, the most phi work a step can have
-            row["append_ms"] = _graph_ms(append, steps=args.steps)
-            cache.lens.fill_(t - 1)
-            row["append_block_ms"] = _graph_ms(append, steps=args.steps)
-            cache.lens.fill_(t)
-            row["nsa_bytes"] = bsz * nsa_bytes(t, hkv, d, cfg)
-            row["nsa_gbs"] = row["nsa_bytes"] / (row["nsa_ms"] / 1e3) / 1e9
-            row["nsa_bw_frac"] = row["nsa_gbs"] / bw
-            cache = None
+                def append():
+                    cache.append(*new)
+                    cache.lens.sub_(1)  # replays keep writing the same slot
+                # T + 1 tokens complete no compressed block (T is a multiple of d); T tokens complete one in every
+                # sequence, the most phi work a step can have
+                row["append_ms"] = _graph_ms(append, steps=args.steps)
+                cache.lens.fill_(t - 1)
+                row["append_block_ms"] = _graph_ms(append, steps=args.steps)
+                cache.lens.fill_(t)
+                row["nsa_bytes"] = bsz * nsa_bytes(t, hkv, d, cfg)
+                row["nsa_gbs"] = row["nsa_bytes"] / (row["nsa_ms"] / 1e3) / 1e9
+                row["nsa_bw_frac"] = row["nsa_gbs"] / bw
+                cache = None
+                torch.cuda.empty_cache()
+                k = torch.randn(bsz, hkv, t, d, device="cuda", dtype=torch.bfloat16)
+                v = torch.randn_like(k)
+                qd = q.view(bsz, hq, 1, d)
+                dense = lambda: F.scaled_dot_product_attention(qd, k, v, enable_gqa=True)  # noqa: E731
+                row["dense_ms"] = _graph_ms(dense, steps=args.steps)
+                row["dense_ms_one_per_graph"] = _graph_ms(dense)
+                row["dense_bytes"] = 2 * k.numel() * 2
+                row["dense_gbs"] = row["dense_bytes"] / (row["dense_ms"] / 1e3) / 1e9
+                row["speedup"] = row["dense_ms"] / row["nsa_ms"]
+                row["speedup_with_append"] = row["dense_ms"] / (row["nsa_ms"] + row["append_ms"])
+                k = v = None
+            except torch.OutOfMemoryError as e:
+                row["error"] = f"OOM: {e}".splitlines()[0][:200]
             torch.cuda.empty_cache()
-            k = torch.randn(bsz, hkv, t, d, device="cuda", dtype=torch.bfloat16)
-            v = torch.randn_like(k)
-            qd = q.view(bsz, hq, 1, d)
-            dense = lambda: F.scaled_dot_product_attention(qd, k, v, enable_gqa=True)  # noqa: E731
-            row["dense_ms"] = _graph_ms(dense, steps=args.steps)
-            row["dense_ms_one_per_graph"] = _graph_ms(dense)
-            row["dense_bytes"] = 2 * k.numel() * 2
-            row["dense_gbs"] = row["dense_bytes"] / (row["dense_ms"] / 1e3) / 1e9
-            row["speedup"] = row["dense_ms"] / row["nsa_ms"]
-            row["speedup_with_append"] = row["dense_ms"] / (row["nsa_ms"] + row["append_ms"])
-            k = v = None
-        except torch.OutOfMemoryError as e:
-            row["error"] = f"OOM: {e}".splitlines()[0][:200]
-        torch.cuda.empty_cache()
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
                 command="python -m nsa_parallel.bench_decode " + " ".join(sys.argv[1:]), torch=torch.__version__,
                 copy_gbs=copy_bw, read_gbs=read_bw, config=cfg.__dict__, heads=hq, kv_heads=hkv, head_dim=d, rows=rows)
@@ -184,8 +183,6 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=20,
                    help="decode steps per CUDA graph (their mean is reported; *_one_per_graph: a graph per step)")
     p.add_argument("--no-sweep", action="store_true", help="skip the launch-knob sweep at the --profile point")
-    p.add_argument("--cache-layouts", nargs="+", choices=["head", "token"], default=["head"],
-                   help="KV cache layouts to time: head-major [B, hkv, T, d] (the default) and/or token-major")
     p.add_argument("--out", default="decode_bench.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

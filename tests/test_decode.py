@@ -101,12 +101,11 @@ def _triton_vs_reference(device, dtype, tol):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter run is for CPU hosts; GPUs run test_decode_triton_gpu")
-@pytest.mark.parametrize("tiles_per_program,head_major", [(1, True), (3, True), (1, False)])  # 3: a program whose
-def test_decode_triton_in_interpreter(tiles_per_program, head_major, monkeypatch):  # last tiles lie past n / window
+@pytest.mark.parametrize("tiles_per_program", [1, 3])  # 3: a program whose last tiles lie past n / the window
+def test_decode_triton_in_interpreter(tiles_per_program, monkeypatch):
     assert INTERPRET  # conftest sets it before triton is imported
-    from nsa_parallel.kernels import cache, decode_triton
+    from nsa_parallel.kernels import decode_triton
     monkeypatch.setattr(decode_triton, "SPARSE_TILES_PER_PROGRAM", tiles_per_program)
-    monkeypatch.setattr(cache, "HEAD_MAJOR", head_major)  # the kernels read either cache layout by its strides
     _triton_vs_reference("cpu", torch.float32, 1e-4)
 
 
@@ -137,13 +136,9 @@ def _append_both_backends(device, dtype, rows=None, monkeypatch=None):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="interpreter; the GPU covers it through test_cache_append_triton_gpu")
-@pytest.mark.parametrize("rows,head_major", [(None, True), (8, True), (None, False)])  # 8: three programs per head,
-def test_cache_append_triton_equals_reference(rows, head_major, monkeypatch):  # the last one partly past B
-    from nsa_parallel.kernels import cache
-    monkeypatch.setattr(cache, "HEAD_MAJOR", head_major)
+@pytest.mark.parametrize("rows", [None, 8])  # 8: three programs per head, the last one partly past B
+def test_cache_append_triton_equals_reference(rows, monkeypatch):
     ref_cache, tri = _append_both_backends("cpu", torch.float32, rows, monkeypatch)
-    # head-major: each (sequence, KV head)'s tokens are contiguous rows of the buffer
-    assert (tri.k_cmp.stride(1) == tri.head_dim) == head_major
     for name in ("lens", "k_slc", "v_slc", "k_swa", "v_swa", "k_raw", "v_raw"):
         assert torch.equal(getattr(tri, name), getattr(ref_cache, name)), name
     for name in ("k_cmp", "v_cmp"):  # phi in the kernel: fp32 accumulation in another order
