@@ -17,6 +17,7 @@ import time
 
 import torch
 import triton
+import triton.language as tl
 
 from nsa_parallel.kernels import Compression, NSAConfig
 from nsa_parallel.kernels import flash as F
@@ -87,6 +88,101 @@ def sweep_flash(name, q, k, v, scale, kstride, koff, window, configs, rows, out)
             except Exception as e:  # out of shared memory etc.: record and go on
                 emit(rows, out, branch=name, kernel=kern, block_m=bm, block_n=bn, warps=w, stages=st,
                      error=str(e)[:200])
+
+
+@triton.jit
+def _sel_fwd_tma(Q, KD, VD, IDX, O, LSE, T, scale, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+                 N: tl.constexpr, D: tl.constexpr, BS: tl.constexpr):
+    """Experiment: the per-position loop with K/V blocks fetched by TMA descriptors (fixed length, G = 16)."""
+    t = tl.program_id(0)
+    seq = tl.program_id(1) // HKV
+    kvh = tl.program_id(1) % HKV
+    hg = tl.arange(0, G)
+    row = seq.to(tl.int64) * T + t
+    row_off = row * HQ + kvh * G + hg
+    d = tl.arange(0, D)
+    q = tl.load(Q + row_off[:, None] * D + d[None, :])
+    qk_scale = scale * 1.4426950408889634
+    m_i = tl.full([G], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([G], dtype=tl.float32)
+    acc = tl.zeros([G, D], dtype=tl.float32)
+    nv = tl.minimum(N, t // BS + 1)
+    for i in range(0, nv):
+        blk = tl.load(IDX + (row * HKV + kvh) * N + i)
+        k = KD.load([seq, blk * BS, kvh, 0]).reshape(BS, D)
+        v = VD.load([seq, blk * BS, kvh, 0]).reshape(BS, D)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        pos = blk * BS + tl.arange(0, BS)
+        s = tl.where((pos <= t)[None, :], s, float("-inf"))
+        m_i, l_i, acc = F._softmax_step(s, v, m_i, l_i, acc)
+    o, lse = F._finish(acc, m_i, l_i)
+    tl.store(O + row_off[:, None] * D + d[None, :], o.to(O.dtype.element_ty))
+    tl.store(LSE + row_off, lse)
+
+
+@triton.jit
+def _sel_dq_tma(Q, KD, VD, IDX, DO, LSE, DELTA, DQ, T, scale, HQ: tl.constexpr, HKV: tl.constexpr,
+                G: tl.constexpr, N: tl.constexpr, D: tl.constexpr, BS: tl.constexpr):
+    t = tl.program_id(0)
+    seq = tl.program_id(1) // HKV
+    kvh = tl.program_id(1) % HKV
+    hg = tl.arange(0, G)
+    row = seq.to(tl.int64) * T + t
+    row_off = row * HQ + kvh * G + hg
+    d = tl.arange(0, D)
+    q = tl.load(Q + row_off[:, None] * D + d[None, :])
+    do = tl.load(DO + row_off[:, None] * D + d[None, :])
+    lse2 = tl.load(LSE + row_off) * 1.4426950408889634
+    delta = tl.load(DELTA + row_off)
+    qk_scale = scale * 1.4426950408889634
+    dq = tl.zeros([G, D], dtype=tl.float32)
+    nv = tl.minimum(N, t // BS + 1)
+    for i in range(0, nv):
+        blk = tl.load(IDX + (row * HKV + kvh) * N + i)
+        k = KD.load([seq, blk * BS, kvh, 0]).reshape(BS, D)
+        v = VD.load([seq, blk * BS, kvh, 0]).reshape(BS, D)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        pos = blk * BS + tl.arange(0, BS)
+        p = tl.where((pos <= t)[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + row_off[:, None] * D + d[None, :], (dq * scale).to(DQ.dtype.element_ty))
+
+
+def sweep_select_tma(q, k, v, idx, scale, rows, out):
+    """The per-position loop with TMA loads (Hopper), fwd and dq, several warps / stages."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    L0 = S._SelLaunch(q, k, v, idx, 64, None)
+    o_ref, lse_ref = S.selected_forward(q, k, v, idx, L0, scale)
+    do = torch.randn_like(o_ref)
+    delta = F.row_dot(o_ref, do)
+    dq_ref, _, _ = S.selected_backward(q, k, v, idx, do, lse_ref, delta, L0, scale)
+    kd = TensorDescriptor.from_tensor(k, [1, 64, 1, d])
+    vd = TensorDescriptor.from_tensor(v, [1, 64, 1, d])
+    c = dict(HQ=hq, HKV=hkv, G=hq // hkv, N=idx.shape[-1], D=d, BS=64)
+    for w in (1, 2, 4):
+        for st in (2, 3, 4):
+            for kern in ("fwd", "dq"):
+                try:
+                    if kern == "fwd":
+                        o, lse = torch.empty_like(o_ref), torch.empty_like(lse_ref)
+                        fn = lambda: _sel_fwd_tma[(t, b * hkv)](q, kd, vd, idx, o, lse, t, scale, **c,  # noqa
+                                                                num_warps=w, num_stages=st)
+                        fn()
+                        err = rel(o, o_ref)
+                    else:
+                        dq = torch.empty_like(q)
+                        fn = lambda: _sel_dq_tma[(t, b * hkv)](q, kd, vd, idx, do, lse_ref, delta, dq, t,  # noqa
+                                                               scale, **c, num_warps=w, num_stages=st)
+                        fn()
+                        err = rel(dq, dq_ref)
+                    emit(rows, out, branch="sel", kernel=f"{kern}_loop_tma", warps=w, stages=st, ms=bench(fn),
+                         rel_err=err)
+                except Exception as e:
+                    emit(rows, out, branch="sel", kernel=f"{kern}_loop_tma", warps=w, stages=st, error=str(e)[:300])
 
 
 def sweep_select(q, k, v, idx, scale, rows, out):
@@ -173,6 +269,38 @@ def main() -> None:
             _, lse = compressed_attention(q, kc, vc, cfg, scale)
             idx = select_blocks(q, kc, lse, cfg, scale)
         sweep_select(q, k, v, idx, scale, rows, args.out)
+    if "sel_tma" in args.only:
+        with torch.no_grad():
+            _, lse = compressed_attention(q, kc, vc, cfg, scale)
+            idx = select_blocks(q, kc, lse, cfg, scale)
+        sweep_select_tma(q, k, v, idx, scale, rows, args.out)
+    if "scores" in args.only:
+        from nsa_parallel.kernels import compress as C
+        with torch.no_grad():
+            _, lse = compressed_attention(q, kc, vc, cfg, scale)
+            want = None
+            for unmasked in (False, True):
+                C.SCORES_UNMASKED_TILES = unmasked
+                sc = C.selection_scores(q[:, :16384], kc, lse[:, :16384].contiguous(), cfg, scale)
+                if want is None:
+                    want = sc.clone()
+                own = torch.arange(sc.shape[-1], device=dev)[None, :] <= torch.arange(16384, device=dev)[:, None] // 64
+                err = ((sc - want).abs()[0].permute(1, 0, 2)[:, own].max() / want[0].permute(1, 0, 2)[:, own].max())
+                fn = lambda: C.selection_scores(q, kc, lse, cfg, scale)  # noqa: E731
+                emit(rows, args.out, branch="scores", kernel="scores", unmasked_tiles=unmasked, ms=bench(fn),
+                     rel_err_first_16k=err.item())
+    if "select" in args.only:  # selection end to end: scores kernel with its own top-n vs stored scores + top-n
+        from nsa_parallel.kernels import compress as C
+        with torch.no_grad():
+            _, lse = compressed_attention(q, kc, vc, cfg, scale)
+            got = {}
+            for fused in (False, True):
+                C.SCORES_FUSED_TOPN = fused
+                got[fused] = select_blocks(q, kc, lse, cfg, scale)
+                fn = lambda: select_blocks(q, kc, lse, cfg, scale)  # noqa: E731
+                emit(rows, args.out, branch="select", kernel="select_blocks", fused_topn=fused, ms=bench(fn))
+            same = (got[False] == got[True]).all(-1).float().mean().item()
+            emit(rows, args.out, branch="select", kernel="check", same_block_sets=same)
     if "cmp" in args.only:
         sweep_flash("cmp", q, kc, vc, scale, cfg.compress_stride, cfg.compress_block - 1, F.NO_WINDOW, configs,
                     rows, args.out)
