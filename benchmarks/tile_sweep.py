@@ -274,33 +274,6 @@ def main() -> None:
             _, lse = compressed_attention(q, kc, vc, cfg, scale)
             idx = select_blocks(q, kc, lse, cfg, scale)
         sweep_select_tma(q, k, v, idx, scale, rows, args.out)
-    if "scores" in args.only:
-        from nsa_parallel.kernels import compress as C
-        with torch.no_grad():
-            _, lse = compressed_attention(q, kc, vc, cfg, scale)
-            want = None
-            for unmasked in (False, True):
-                C.SCORES_UNMASKED_TILES = unmasked
-                sc = C.selection_scores(q[:, :16384], kc, lse[:, :16384].contiguous(), cfg, scale)
-                if want is None:
-                    want = sc.clone()
-                own = torch.arange(sc.shape[-1], device=dev)[None, :] <= torch.arange(16384, device=dev)[:, None] // 64
-                err = ((sc - want).abs()[0].permute(1, 0, 2)[:, own].max() / want[0].permute(1, 0, 2)[:, own].max())
-                fn = lambda: C.selection_scores(q, kc, lse, cfg, scale)  # noqa: E731
-                emit(rows, args.out, branch="scores", kernel="scores", unmasked_tiles=unmasked, ms=bench(fn),
-                     rel_err_first_16k=err.item())
-    if "select" in args.only:  # selection end to end: scores kernel with its own top-n vs stored scores + top-n
-        from nsa_parallel.kernels import compress as C
-        with torch.no_grad():
-            _, lse = compressed_attention(q, kc, vc, cfg, scale)
-            got = {}
-            for fused in (False, True):
-                C.SCORES_FUSED_TOPN = fused
-                got[fused] = select_blocks(q, kc, lse, cfg, scale)
-                fn = lambda: select_blocks(q, kc, lse, cfg, scale)  # noqa: E731
-                emit(rows, args.out, branch="select", kernel="select_blocks", fused_topn=fused, ms=bench(fn))
-            same = (got[False] == got[True]).all(-1).float().mean().item()
-            emit(rows, args.out, branch="select", kernel="check", same_block_sets=same)
     if "cmp" in args.only:
         sweep_flash("cmp", q, kc, vc, scale, cfg.compress_stride, cfg.compress_block - 1, F.NO_WINDOW, configs,
                     rows, args.out)

@@ -63,14 +63,10 @@ def select_blocks(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seqlens
                   max_t=None, q_offset: int = 0) -> torch.Tensor:
     """Selection scores then top-n: block indices ``[b, t, hkv, n]`` (no autograd).
 
-    When :func:`compress.fused_topn_fits` (the paper's config does), one kernel scores and keeps each row's top-n.
-    Otherwise the ``[b, t, hkv, ns]`` fp32 scores are stored; they grow as t^2 (1 GiB at 64k with 4 KV heads, 64 GiB at 512k): fixed-length
+    The ``[b, t, hkv, ns]`` fp32 scores grow as t^2 (1 GiB at 64k with 4 KV heads, 64 GiB at 512k): fixed-length
     batches are scored ``SCORES_BUFFER_BYTES`` at a time, query chunk by query chunk (each chunk's top-n right after
     its scores). Packed batches are scored whole."""
-    from .compress import fused_topn_fits, selection_scores
-    if fused_topn_fits(config):  # the scores kernel keeps the top-n itself: no score buffer at all
-        return selection_scores(q, k_cmp, lse_cmp, config, scale, cu_seqlens, cmp_cu_seqlens, max_t, q_offset,
-                                topn=True)
+    from .compress import selection_scores
     b, t, _, _ = q.shape
     hkv = k_cmp.shape[2]
     ns = config.num_select_blocks(t + q_offset)

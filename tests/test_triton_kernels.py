@@ -11,7 +11,7 @@ import torch
 from conftest import DEVICE, HAS_CUDA, SMALL, make_inputs, rel_err
 from nsa_parallel.kernels import NSAConfig, nsa_attention
 from nsa_parallel.kernels import reference as ref
-from nsa_parallel.kernels.compress import compressed_attention, fused_topn_fits, selection_scores
+from nsa_parallel.kernels.compress import compressed_attention, selection_scores
 from nsa_parallel.kernels.flash import position_masked_attention
 from nsa_parallel.kernels.select import selected_attention
 from nsa_parallel.kernels.topn import select_topn
@@ -128,39 +128,17 @@ def test_selection_scores_and_topn(cfg, t):
     valid = valid[None, :, None, :].expand_as(want)
     _check(got[valid], want[valid], torch.float32, "block scores")
     assert torch.equal(select_topn(got, cfg), ref.select_topn(want.permute(0, 2, 1, 3), cfg))
-    if fused_topn_fits(cfg) and (t == 75 or cfg is SMALL):  # the scores kernel's own top-n: the same blocks
-        # (cfg1's 300 skipped: the interpreter's sort of 2 x 32 keys per tile is slow; SMALL covers several tiles)
-        assert torch.equal(selection_scores(q, kc, lse, cfg, 0.3, topn=True), select_topn(got, cfg))
-
-
-def test_fused_topn_ties_and_offsets():
-    """Equal keys (all compressed keys zero: every whole block scores the same) go to the lower block, as in the
-    reference; and a query chunk at an offset picks global blocks."""
-    cfg, t, hq, hkv, dk = SMALL, 300, 4, 1, 16  # 300: the running top-n merges across tiles of 16 blocks
-    q = _rand(1, t, hq, dk, dtype=torch.float32, seed=12).detach()
-    kc = torch.zeros(1, cfg.num_compressed(t), hkv, dk, device=DEVICE)
-    _, lse = compressed_attention(q, kc, kc, cfg, 0.3)
-    scores = selection_scores(q, kc, lse, cfg, 0.3)
-    fused = selection_scores(q, kc, lse, cfg, 0.3, topn=True)
-    assert torch.equal(fused, select_topn(scores, cfg))
-    assert torch.equal(fused, ref.select_topn(scores.permute(0, 2, 1, 3), cfg))
-    s = 100
-    _, lse_s = compressed_attention(q[:, s:].contiguous(), kc, kc, cfg, 0.3, q_offset=s)
-    assert torch.equal(selection_scores(q[:, s:].contiguous(), kc, lse_s, cfg, 0.3, q_offset=s, topn=True),
-                       fused[:, s:])
 
 
 @pytest.mark.parametrize("q_offset", [0, 48])  # 48: a context-parallel chunk's queries
 def test_select_blocks_in_query_chunks_equals_whole(q_offset, monkeypatch):
     """Scoring fixed-length batches a few query rows at a time gives the whole buffer's top-n."""
-    from nsa_parallel.kernels import compress, topn
+    from nsa_parallel.kernels import topn
     b, t, hq, hkv, dk = 2, 200, 4, 2, 16
     q = _rand(b, t, hq, dk, dtype=torch.float32, seed=3).detach()
     kc = _rand(b, SMALL.num_compressed(t + q_offset), hkv, dk, dtype=torch.float32, seed=4).detach()
     _, lse = compressed_attention(q, kc, torch.zeros_like(kc), SMALL, 0.3, q_offset=q_offset)
-    whole = topn.select_blocks(q, kc, lse, SMALL, 0.3, q_offset=q_offset)  # scores kernel's own top-n
-    monkeypatch.setattr(compress, "SCORES_FUSED_TOPN", False)  # the stored-scores path, chunked below
-    assert torch.equal(topn.select_blocks(q, kc, lse, SMALL, 0.3, q_offset=q_offset), whole)
+    whole = topn.select_blocks(q, kc, lse, SMALL, 0.3, q_offset=q_offset)
     monkeypatch.setattr(topn, "SCORES_BUFFER_BYTES", 4 * b * hkv * 64)  # 64 query rows per chunk: 4 chunks
     assert torch.equal(topn.select_blocks(q, kc, lse, SMALL, 0.3, q_offset=q_offset), whole)
     want = select_topn(selection_scores(q, kc, lse, SMALL, 0.3, q_offset=q_offset), SMALL, q_offset=q_offset)
