@@ -258,24 +258,27 @@ def invert_block_indices(indices: torch.Tensor, ns_max: int, cu_seqlens: Optiona
                          hi: Optional[int] = None):
     """Inverted index: for each (sequence, KV head, block), the local positions of the queries that selected it.
 
-    indices ``[b, t, hkv, n]`` -> ``(qlist [entries] int32, offsets [nseq*hkv*ns_max + 1] int32)``; only blocks in
-    ``[lo, hi)`` (those in the key buffer at hand) are listed.
+    indices ``[b, t, hkv, n]`` -> ``(qlist [b*t*hkv*n] int32, offsets [nseq*hkv*ns_max + 1] int32)``: list ``i``
+    is ``qlist[offsets[i]:offsets[i+1]]``, ascending; only blocks in ``[lo, hi)`` (those in the key buffer at
+    hand) are listed, the rest sort past the last list. No host sync (no boolean indexing, no bincount), so the
+    backward keeps the GPU queue full.
     """
     b, t, hkv, n = indices.shape
     seq, local_t = sequence_ids(b, t, cu_seqlens, indices.device)
     nseq = b if cu_seqlens is None else cu_seqlens.numel() - 1
+    total = nseq * hkv * ns_max
     blk = indices.reshape(b * t, hkv, n).long()
     key = (seq[:, None, None] * hkv + torch.arange(hkv, device=indices.device)[None, :, None]) * ns_max + blk
     keep = blk >= lo
     if hi is not None:
         keep &= blk < hi
-    key = key[keep]
-    qpos = local_t[:, None, None].expand(-1, hkv, n)[keep]
-    order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=nseq * hkv * ns_max)
-    offsets = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=indices.device)
-    offsets[1:] = torch.cumsum(counts, 0)
-    return qpos[order].to(torch.int32).contiguous(), offsets
+    key = torch.where(keep, key, total).flatten()
+    if total < 2**31 - 1:
+        key = key.to(torch.int32)  # half the radix passes
+    sorted_key, order = torch.sort(key, stable=True)
+    qlist = local_t.to(torch.int32).repeat_interleave(hkv * n)[order]
+    offsets = torch.searchsorted(sorted_key, torch.arange(total + 1, device=indices.device, dtype=key.dtype))
+    return qlist.contiguous(), offsets.to(torch.int32)
 
 
 def work_items(offsets: torch.Tensor, max_entries: int, chunk: int):

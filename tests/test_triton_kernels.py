@@ -286,6 +286,18 @@ def test_selected_query_offset_and_key_buffers(hq):
     _check(lse_m, lse, torch.float32, "two key buffers lse")
 
 
+def test_inverted_block_index():
+    """Per (sequence, KV head, block): the queries that chose it, ascending; -1 and blocks outside [lo, hi) left
+    out; packed sequences keep their own lists and local positions."""
+    from nsa_parallel.kernels.select import invert_block_indices
+    idx = torch.tensor([[0, 2, -1], [0, 1, 2], [1, 2, -1]], dtype=torch.int32).view(1, 3, 1, 3)
+    lists = lambda q, o: [q[o[i]:o[i + 1]].tolist() for i in range(len(o) - 1)]  # noqa: E731
+    assert lists(*invert_block_indices(idx, 3, None)) == [[0, 1], [1, 2], [0, 1, 2]]
+    assert lists(*invert_block_indices(idx, 3, None, lo=1, hi=2)) == [[], [1, 2], []]
+    cu = torch.tensor([0, 1, 3], dtype=torch.int32)  # sequences of 1 and 2 tokens
+    assert lists(*invert_block_indices(idx, 3, cu)) == [[0], [], [0], [0], [0, 1], [0, 1]]
+
+
 def test_work_items_cover_every_query_once():
     from nsa_parallel.kernels.select import work_items
     key, start, end = work_items(torch.tensor([0, 5, 5, 12, 13], dtype=torch.int32), 13, 3)
