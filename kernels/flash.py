@@ -114,20 +114,31 @@ def _full_keys(t0, T, j_lo, j_hi, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, 
 
 
 @triton.jit
+def _kv_tile(K, V, kbos, kvh, j0, j_hi, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
+             BDV: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys ``j0 .. j0 + BLOCK_N`` (those below ``j_hi`` valid) and their K/V tiles."""
+    j = j0 + tl.arange(0, BLOCK_N)
+    jvalid = j < j_hi
+    kv_off = (kbos + j.to(tl.int64)) * HKV + kvh
+    return j, jvalid, _load_tile(K, kv_off, jvalid, DK, BDK), _load_tile(V, kv_off, jvalid, DV, BDV)
+
+
+@triton.jit
+def _visible(j, jvalid, tq, KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr):
+    """``[rows, keys]``: key ``j`` (position ``j * KSTRIDE + KOFF``) is visible to query ``tq``."""
+    kp = j * KSTRIDE + KOFF
+    return (kp[None, :] <= tq[:, None]) & (kp[None, :] > tq[:, None] - WINDOW) & jvalid[None, :]
+
+
+@triton.jit
 def _fwd_tiles(q, K, V, kbos, kvh, tq, j_start, j_end, j_hi, m_i, l_i, acc, qk_scale,
                HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                BLOCK_N: tl.constexpr, KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, MASKED: tl.constexpr):
     for j0 in range(j_start, j_end, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N)
-        jvalid = j < j_hi
-        kv_off = (kbos + j.to(tl.int64)) * HKV + kvh
-        k = _load_tile(K, kv_off, jvalid, DK, BDK)
-        v = _load_tile(V, kv_off, jvalid, DV, BDV)
+        j, jvalid, k, v = _kv_tile(K, V, kbos, kvh, j0, j_hi, HKV, DK, DV, BDK, BDV, BLOCK_N)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if MASKED:
-            kp = j * KSTRIDE + KOFF
-            vis = (kp[None, :] <= tq[:, None]) & (kp[None, :] > tq[:, None] - WINDOW) & jvalid[None, :]
-            s = tl.where(vis, s, float("-inf"))
+            s = tl.where(_visible(j, jvalid, tq, KSTRIDE, KOFF, WINDOW), s, float("-inf"))
         m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc)
     return m_i, l_i, acc
 
@@ -168,17 +179,11 @@ def _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, j_start, j_end, j_hi,
               HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
               BLOCK_N: tl.constexpr, KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, MASKED: tl.constexpr):
     for j0 in range(j_start, j_end, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N)
-        jvalid = j < j_hi
-        kv_off = (kbos + j.to(tl.int64)) * HKV + kvh
-        k = _load_tile(K, kv_off, jvalid, DK, BDK)
-        v = _load_tile(V, kv_off, jvalid, DV, BDV)
+        j, jvalid, k, v = _kv_tile(K, V, kbos, kvh, j0, j_hi, HKV, DK, DV, BDK, BDV, BLOCK_N)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
-            kp = j * KSTRIDE + KOFF
-            vis = (kp[None, :] <= tq[:, None]) & (kp[None, :] > tq[:, None] - WINDOW) & jvalid[None, :]
-            p = tl.where(vis, p, 0.0)
+            p = tl.where(_visible(j, jvalid, tq, KSTRIDE, KOFF, WINDOW), p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)

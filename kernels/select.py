@@ -64,6 +64,24 @@ def _own_blocks(IDX, idx_row, LO, HI, N: tl.constexpr, NP: tl.constexpr):
 
 
 @triton.jit
+def _position_blocks(IDX, bos, t0, kvh, hq, LO, HI, HQ: tl.constexpr, HKV: tl.constexpr, N: tl.constexpr,
+                     NP: tl.constexpr):
+    """One position's query-row offsets, where its block list starts in IDX, and the list's range inside
+    ``[LO, HI)``."""
+    row = bos + t0.to(tl.int64)
+    i_lo, i_hi = _own_blocks(IDX, row * HKV + kvh, LO, HI, N, NP)
+    return row * HQ + hq, (row * HKV + kvh) * N, i_lo, i_hi
+
+
+@triton.jit
+def _listed_block_kv(IDX, list_start, i, K, V, kbos, KBASE, TK, kvh, HKV: tl.constexpr, DK: tl.constexpr,
+                     DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BS: tl.constexpr):
+    """Positions and K/V tiles of the ``i``-th block in a position's list."""
+    blk = tl.load(IDX + list_start + i)
+    return _block_kv(K, V, blk, kbos, KBASE, TK, kvh, HKV, DK, DV, BDK, BDV, BS)
+
+
+@triton.jit
 def _sel_fwd_loop_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, TK_FIXED, QOFF, KBASE, LO, HI, scale,
                          HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr,
                          NP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
@@ -72,17 +90,14 @@ def _sel_fwd_loop_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, TK_FIXED, QOFF, KBAS
     if t0 >= T:
         return
     dv = tl.arange(0, BDV)
-    row = bos + t0.to(tl.int64)
-    row_off = row * HQ + hq
+    row_off, list_start, i_lo, i_hi = _position_blocks(IDX, bos, t0, kvh, hq, LO, HI, HQ, HKV, N, NP)
     q = _load_tile(Q, row_off, rvalid, DK, BDK)
     qk_scale = scale * 1.4426950408889634
     m_i = tl.full([GP], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([GP], dtype=tl.float32)
     acc = tl.zeros([GP, BDV], dtype=tl.float32)
-    i_lo, i_hi = _own_blocks(IDX, row * HKV + kvh, LO, HI, N, NP)
     for i in range(i_lo, i_hi):
-        blk = tl.load(IDX + (row * HKV + kvh) * N + i)
-        pos, k, v = _block_kv(K, V, blk, kbos, KBASE, TK, kvh, HKV, DK, DV, BDK, BDV, BS)
+        pos, k, v = _listed_block_kv(IDX, list_start, i, K, V, kbos, KBASE, TK, kvh, HKV, DK, DV, BDK, BDV, BS)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where((pos <= t0 + QOFF)[None, :], s, float("-inf"))
         m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc)
@@ -101,18 +116,15 @@ def _sel_dq_loop_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED,
     if t0 >= T:
         return
     dk = tl.arange(0, BDK)
-    row = bos + t0.to(tl.int64)
-    row_off = row * HQ + hq
+    row_off, list_start, i_lo, i_hi = _position_blocks(IDX, bos, t0, kvh, hq, LO, HI, HQ, HKV, N, NP)
     q = _load_tile(Q, row_off, rvalid, DK, BDK)
     do = _load_tile(DO, row_off, rvalid, DV, BDV)
     lse2 = _load_lse2(LSE, row_off, rvalid)
     delta = tl.load(DELTA + row_off, mask=rvalid, other=0.0)
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([GP, BDK], dtype=tl.float32)
-    i_lo, i_hi = _own_blocks(IDX, row * HKV + kvh, LO, HI, N, NP)
     for i in range(i_lo, i_hi):
-        blk = tl.load(IDX + (row * HKV + kvh) * N + i)
-        pos, k, v = _block_kv(K, V, blk, kbos, KBASE, TK, kvh, HKV, DK, DV, BDK, BDV, BS)
+        pos, k, v = _listed_block_kv(IDX, list_start, i, K, V, kbos, KBASE, TK, kvh, HKV, DK, DV, BDK, BDV, BS)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.where((pos <= t0 + QOFF)[None, :], tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
