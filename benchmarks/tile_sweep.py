@@ -278,15 +278,11 @@ def main() -> None:
         from nsa_parallel.kernels import compress as C
         with torch.no_grad():
             _, lse = compressed_attention(q, kc, vc, cfg, scale)
-            defaults = C.SCORES_BLOCK_M, C.SCORES_WARPS, C.SCORES_STAGES, C.SCORES_DOT_REDUCE
-            C.SCORES_DOT_REDUCE = False
-            want = C.selection_scores(q, kc, lse, cfg, scale)  # the reshape-sum kernel: the yardstick
+            defaults = C.SCORES_BLOCK_M, C.SCORES_WARPS, C.SCORES_STAGES
+            want = C.selection_scores(q, kc, lse, cfg, scale)
             own = torch.arange(want.shape[-1], device=dev)[None, :] <= torch.arange(t, device=dev)[:, None] // 64
-            configs = [(bm, w, st, dot) for dot in (False, True)
-                       for bm, w, st in ((64, 4, 3), (64, 4, 2), (64, 8, 3), (128, 4, 3), (128, 8, 2), (128, 8, 3),
-                                         (256, 8, 2))]
-            for bm, w, st, dot in configs:
-                C.SCORES_BLOCK_M, C.SCORES_WARPS, C.SCORES_STAGES, C.SCORES_DOT_REDUCE = bm, w, st, dot
+            for bm, w, st in ((64, 4, 3), (64, 4, 2), (64, 8, 3), (128, 4, 3), (128, 8, 2), (128, 8, 3), (256, 8, 2)):
+                C.SCORES_BLOCK_M, C.SCORES_WARPS, C.SCORES_STAGES = bm, w, st
                 try:
                     got = C.selection_scores(q, kc, lse, cfg, scale)
                     err = ((got - want)[0].permute(1, 0, 2)[:, own].abs().max()
@@ -294,11 +290,11 @@ def main() -> None:
                     got = None
                     fn = lambda: C.selection_scores(q, kc, lse, cfg, scale)  # noqa: E731
                     emit(rows, args.out, branch="scores", kernel="scores", block_m=bm, warps=w, stages=st,
-                         dot_reduce=dot, ms=bench(fn), rel_err=err)
+                         ms=bench(fn), rel_err=err)
                 except Exception as e:
                     emit(rows, args.out, branch="scores", kernel="scores", block_m=bm, warps=w, stages=st,
-                         dot_reduce=dot, error=str(e)[:200])
-            C.SCORES_BLOCK_M, C.SCORES_WARPS, C.SCORES_STAGES, C.SCORES_DOT_REDUCE = defaults
+                         error=str(e)[:200])
+            C.SCORES_BLOCK_M, C.SCORES_WARPS, C.SCORES_STAGES = defaults
     if "cmp" in args.only:
         sweep_flash("cmp", q, kc, vc, scale, cfg.compress_stride, cfg.compress_block - 1, F.NO_WINDOW, configs,
                     rows, args.out)

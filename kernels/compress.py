@@ -24,7 +24,6 @@ from .interface import check_triton_config
 from .varlen import max_seqlen
 
 SCORES_ONE_PASS = True  # one q.k pass per tile, blocks by overlap weights (else one pass per slot a token covers)
-SCORES_DOT_REDUCE = True  # head sum and block map of the one-pass kernel as two small tf32x3 products (needs BJ >= 16)
 SCORES_BLOCK_M, SCORES_WARPS, SCORES_STAGES = 128, 8, 2  # rows (positions x heads) per program, warps, stages:
 # the best of 7 on an H100 at 64k (7.7 ms against 8.4 for 64 rows, 4 warps, 3 stages; benchmarks/tile_sweep.py)
 
@@ -51,8 +50,7 @@ def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, QOFF, scale,
                    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                    DK: tl.constexpr, BDK: tl.constexpr, BLOCK_T: tl.constexpr, BJ: tl.constexpr,
                    S: tl.constexpr, A: tl.constexpr, KSTRIDE: tl.constexpr, KOFF: tl.constexpr,
-                   SEL_BLOCK: tl.constexpr, VARLEN: tl.constexpr, ONE_PASS: tl.constexpr,
-                   DOT_REDUCE: tl.constexpr):
+                   SEL_BLOCK: tl.constexpr, VARLEN: tl.constexpr, ONE_PASS: tl.constexpr):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
@@ -68,21 +66,6 @@ def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, QOFF, scale,
         w_own, w_spill = overlap_weights(A, S)
         kk = tl.arange(0, BJ)
         carry = tl.zeros([BLOCK_T], dtype=tl.float32)  # the previous tile's last block's spill
-        if DOT_REDUCE:
-            # head sum and slot -> block map as two small products: E [BTP, rows] picks each position's rows,
-            # W [tokens, BJ] holds each token's own weight on its block and its spill weight on the next one
-            BTP: tl.constexpr = max(16, BLOCK_T)
-            pi = tl.arange(0, BTP)
-            E = (tl.arange(0, BLOCK_T * GP)[None, :] // GP == pi[:, None]).to(tl.float32)
-            c = tl.arange(0, BJ * S)
-            jj, rr = c // S, c % S
-            w_own_c = tl.minimum(A, S - rr).to(tl.float32)
-            w_spill_c = tl.maximum(rr + A - S, 0).to(tl.float32)
-            W = tl.where(jj[:, None] == kk[None, :], w_own_c[:, None], 0.0) + \
-                tl.where(jj[:, None] + 1 == kk[None, :], w_spill_c[:, None], 0.0)
-            w_carry = tl.where(jj == BJ - 1, w_spill_c, 0.0)
-            carry2 = tl.zeros([BTP], dtype=tl.float32)
-            tpos2 = t0 + pi
         for j0 in range(0, n_blocks, BJ):
             ci = j0 * S + tl.arange(0, BJ * S)  # the compressed tokens of this tile of selection blocks
             cvalid = ci < TK
@@ -90,25 +73,16 @@ def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, QOFF, scale,
                          mask=cvalid[:, None] & (dk[None, :] < DK), other=0.0)
             s = tl.dot(q, tl.trans(kc)) * qk_scale
             vis = cvalid[None, :] & ((ci * KSTRIDE + KOFF)[None, :] <= tq[:, None] + QOFF) & rvalid[:, None]
-            p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+            p = tl.sum(tl.reshape(tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0), [BLOCK_T, GP, BJ, S]), axis=1)
+            own = tl.sum(p * w_own[None, None, :], axis=2)  # [BLOCK_T, BJ]
+            spill = tl.sum(p * w_spill[None, None, :], axis=2)
+            # block k takes block k - 1's spill: a shift along the block axis, as an exact 0/1 sum
+            shifted = tl.sum(tl.where(kk[None, :, None] == kk[None, None, :] + 1, spill[:, None, :], 0.0), axis=2)
+            blk = own + shifted + tl.where(kk[None, :] == 0, carry[:, None], 0.0)
+            carry = tl.sum(tl.where(kk[None, :] == BJ - 1, spill, 0.0), axis=1)
             j = j0 + kk
-            if DOT_REDUCE:
-                ph = tl.dot(E, p, input_precision="tf32x3")  # [BTP, tokens]: the group's heads summed
-                blk2 = tl.dot(ph, W, input_precision="tf32x3") + tl.where(kk[None, :] == 0, carry2[:, None], 0.0)
-                carry2 = tl.sum(ph * w_carry[None, :], axis=1)
-                out = SC + ((bos + tpos2.to(tl.int64)) * HKV + kvh)[:, None] * NS + j[None, :]
-                tl.store(out, blk2, mask=((pi < BLOCK_T) & (tpos2 < T))[:, None] & (j < NS)[None, :])
-            else:
-                p = tl.sum(tl.reshape(p, [BLOCK_T, GP, BJ, S]), axis=1)
-                own = tl.sum(p * w_own[None, None, :], axis=2)  # [BLOCK_T, BJ]
-                spill = tl.sum(p * w_spill[None, None, :], axis=2)
-                # block k takes block k - 1's spill: a shift along the block axis, as an exact 0/1 sum
-                shifted = tl.sum(tl.where(kk[None, :, None] == kk[None, None, :] + 1, spill[:, None, :], 0.0),
-                                 axis=2)
-                blk = own + shifted + tl.where(kk[None, :] == 0, carry[:, None], 0.0)
-                carry = tl.sum(tl.where(kk[None, :] == BJ - 1, spill, 0.0), axis=1)
-                out = SC + ((bos + tpos.to(tl.int64)) * HKV + kvh)[:, None] * NS + j[None, :]
-                tl.store(out, blk, mask=(tpos < T)[:, None] & (j < NS)[None, :])
+            out = SC + ((bos + tpos.to(tl.int64)) * HKV + kvh)[:, None] * NS + j[None, :]
+            tl.store(out, blk, mask=(tpos < T)[:, None] & (j < NS)[None, :])
     else:  # a token reaches more blocks than the next: sum slot by slot, one q.k pass per slot a token covers
         for j0 in range(0, n_blocks, BJ):
             u = j0 * S + tl.arange(0, BJ * S)  # stride slots of this tile of selection blocks
@@ -155,7 +129,6 @@ def selection_scores(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seql
         BJ=max(1, 64 // s), S=s, A=config.stride_slots_per_compress_block, KSTRIDE=config.compress_stride,
         KOFF=config.compress_block - 1, SEL_BLOCK=config.select_block, VARLEN=varlen,
         ONE_PASS=SCORES_ONE_PASS and config.compress_block <= config.select_block,
-        DOT_REDUCE=SCORES_DOT_REDUCE and 64 // s >= 16,
         num_warps=SCORES_WARPS,
         num_stages=1 if dk > 128 or q.dtype == torch.float32 else SCORES_STAGES)  # wide tiles: stay in shared memory
     return scores
