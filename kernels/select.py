@@ -351,8 +351,12 @@ class _SelLaunch:
         self.qmajor = dict(common, N=n, NP=triton.next_power_of_2(n))
         if not self.loop:
             self.qmajor["BLOCK_T"] = block_t
-        # one position's tile is small: few warps keep more programs resident (H100 sweep, benchmarks/tile_sweep.py)
-        self.warps_fwd, self.warps_dq = (1, 2) if self.loop and not wide else (4, 4)
+        # one position's tile is small: few warps keep more programs resident (G=16 on an H100: 1 / 2 warps best,
+        # benchmarks/tile_sweep.py); G = 32 / 64 (more rows) get proportionally more so the accumulators fit
+        if self.loop and not wide:
+            self.warps_fwd, self.warps_dq = min(8, gp // 16), min(8, gp // 8)
+        else:
+            self.warps_fwd = self.warps_dq = 4
         self.kmajor = dict(common, BLOCK_Q=max(1, 64 // gp))
         self.grid_q = (triton.cdiv(max_t, block_t), nseq * hkv)
 
