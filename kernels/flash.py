@@ -116,11 +116,11 @@ def _full_keys(t0, T, j_lo, j_hi, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, 
 @triton.jit
 def _kv_tile(K, V, kbos, kvh, j0, j_hi, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
              BDV: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys ``j0 .. j0 + BLOCK_N`` (those below ``j_hi`` valid) and their K/V tiles."""
+    """Keys ``j0 .. j0 + BLOCK_N`` (those below ``j_hi`` valid), their row offsets and their K/V tiles."""
     j = j0 + tl.arange(0, BLOCK_N)
     jvalid = j < j_hi
     kv_off = (kbos + j.to(tl.int64)) * HKV + kvh
-    return j, jvalid, _load_tile(K, kv_off, jvalid, DK, BDK), _load_tile(V, kv_off, jvalid, DV, BDV)
+    return j, jvalid, kv_off, _load_tile(K, kv_off, jvalid, DK, BDK), _load_tile(V, kv_off, jvalid, DV, BDV)
 
 
 @triton.jit
@@ -135,7 +135,7 @@ def _fwd_tiles(q, K, V, kbos, kvh, tq, j_start, j_end, j_hi, m_i, l_i, acc, qk_s
                HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                BLOCK_N: tl.constexpr, KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, MASKED: tl.constexpr):
     for j0 in range(j_start, j_end, BLOCK_N):
-        j, jvalid, k, v = _kv_tile(K, V, kbos, kvh, j0, j_hi, HKV, DK, DV, BDK, BDV, BLOCK_N)
+        j, jvalid, _, k, v = _kv_tile(K, V, kbos, kvh, j0, j_hi, HKV, DK, DV, BDK, BDV, BLOCK_N)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if MASKED:
             s = tl.where(_visible(j, jvalid, tq, KSTRIDE, KOFF, WINDOW), s, float("-inf"))
@@ -179,7 +179,7 @@ def _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, j_start, j_end, j_hi,
               HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
               BLOCK_N: tl.constexpr, KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, MASKED: tl.constexpr):
     for j0 in range(j_start, j_end, BLOCK_N):
-        j, jvalid, k, v = _kv_tile(K, V, kbos, kvh, j0, j_hi, HKV, DK, DV, BDK, BDV, BLOCK_N)
+        j, jvalid, _, k, v = _kv_tile(K, V, kbos, kvh, j0, j_hi, HKV, DK, DV, BDK, BDV, BLOCK_N)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
@@ -220,10 +220,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K, T_FIXED, TK_FIXED, sca
 
 
 @triton.jit
-def _dkdv_tiles(Q, DO, LSE, DELTA, k, v, kp, jvalid, dk_acc, dv_acc, bos, kvh, t_start, t_stop, t_end, qk_scale,
+def _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, t_start, t_stop, t_end, qk_scale,
                 HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                BDK: tl.constexpr, BDV: tl.constexpr, BLOCK_T: tl.constexpr, WINDOW: tl.constexpr,
-                MASKED: tl.constexpr):
+                BDK: tl.constexpr, BDV: tl.constexpr, BLOCK_T: tl.constexpr, KSTRIDE: tl.constexpr, KOFF,
+                WINDOW: tl.constexpr, MASKED: tl.constexpr):
     for t0 in range(t_start, t_stop, BLOCK_T):
         tq, hq, hvalid = _rows(t0, kvh, BLOCK_T, G, GP)
         rvalid = hvalid & (tq < t_end)
@@ -235,9 +235,7 @@ def _dkdv_tiles(Q, DO, LSE, DELTA, k, v, kp, jvalid, dk_acc, dv_acc, bos, kvh, t
         s = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.exp2(s - lse2[:, None])  # padding rows: lse2 = +inf, p = 0
         if MASKED:
-            vis = (kp[None, :] <= tq[:, None]) & (kp[None, :] > tq[:, None] - WINDOW) & jvalid[None, :] & \
-                rvalid[:, None]
-            p = tl.where(vis, p, 0.0)
+            p = tl.where(_visible(j, jvalid, tq, KSTRIDE, KOFF, WINDOW) & rvalid[:, None], p, 0.0)
         dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
@@ -259,14 +257,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, CU, CU_K, T_FIXED, TK_FI
     j0 = pid_n * BLOCK_N
     if j0 >= TK:
         return
-    j = j0 + tl.arange(0, BLOCK_N)
-    jvalid = j < TK
+    j, jvalid, kv_off, k, v = _kv_tile(K, V, kbos, kvh, j0, TK, HKV, DK, DV, BDK, BDV, BLOCK_N)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
-    kv_off = (kbos + j.to(tl.int64)) * HKV + kvh
-    k = _load_tile(K, kv_off, jvalid, DK, BDK)
-    v = _load_tile(V, kv_off, jvalid, DV, BDV)
-    kp = j * KSTRIDE + KOFF
     qk_scale = scale * 1.4426950408889634
     dk_acc = tl.zeros([BLOCK_N, BDK], dtype=tl.float32)
     dv_acc = tl.zeros([BLOCK_N, BDV], dtype=tl.float32)
@@ -286,12 +279,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, CU, CU_K, T_FIXED, TK_FI
     ta = tl.minimum(t_lo + (tl.maximum(kp_max - t_lo, 0) + BLOCK_T - 1) // BLOCK_T * BLOCK_T, t_end)
     tb = t_lo + tl.maximum(tl.minimum(j0 * KSTRIDE + KOFF + WINDOW, t_end) - t_lo, 0) // BLOCK_T * BLOCK_T
     tb = tl.where(j0 + BLOCK_N <= TK, tb, ta)
-    dk_acc, dv_acc = _dkdv_tiles(Q, DO, LSE, DELTA, k, v, kp, jvalid, dk_acc, dv_acc, bos, kvh, t_lo, ta, t_end,
-                                 qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, WINDOW, True)
-    dk_acc, dv_acc = _dkdv_tiles(Q, DO, LSE, DELTA, k, v, kp, jvalid, dk_acc, dv_acc, bos, kvh, ta, tb, t_end,
-                                 qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, WINDOW, False)
-    dk_acc, dv_acc = _dkdv_tiles(Q, DO, LSE, DELTA, k, v, kp, jvalid, dk_acc, dv_acc, bos, kvh, tl.maximum(ta, tb),
-                                 t_end, t_end, qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, WINDOW, True)
+    dk_acc, dv_acc = _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, t_lo, ta, t_end,
+                                 qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, KSTRIDE, KOFF, WINDOW, True)
+    dk_acc, dv_acc = _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, ta, tb, t_end,
+                                 qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, KSTRIDE, KOFF, WINDOW, False)
+    dk_acc, dv_acc = _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, tl.maximum(ta, tb),
+                                 t_end, t_end, qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, KSTRIDE, KOFF, WINDOW,
+                                 True)
     dk_mask = jvalid[:, None] & (dk[None, :] < DK)
     dv_mask = jvalid[:, None] & (dv[None, :] < DV)
     if Q_SPLIT > 0:
