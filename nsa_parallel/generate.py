@@ -7,7 +7,12 @@ each new token through the NSA KV cache (:func:`nsa_parallel.kernels.decode.nsa_
 
     python -m nsa_parallel.generate --load ckpt/ <the trainer's model flags> --prompt 3 17 5 --max-new-tokens 16
 
-Prompts may differ in length (ragged). One process, no tensor/pipeline/context parallelism yet.
+    torchrun --nproc-per-node 2 -m nsa_parallel.generate --load ckpt/ --tensor-model-parallel-size 2 ...
+
+Prompts may differ in length (ragged). Tensor parallelism: each rank decodes its own heads (its slice of every
+layer's NSA KV cache), the vocab-parallel logits are gathered, and TP rank 0's token is broadcast so every rank
+feeds the same one. Pipeline and context parallelism are refused by name (a checkpoint saved with them loads at
+any TP size, PP = CP = 1).
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass
@@ -34,12 +40,64 @@ def _unwrap(model):
     return model
 
 
+def _tp_group(gpt):
+    """The model's tensor-parallel group (None on one process)."""
+    pg = getattr(gpt, "pg_collection", None)
+    group = getattr(pg, "tp", None)
+    if group is None and dist.is_initialized():
+        from megatron.core import parallel_state
+        if parallel_state.model_parallel_is_initialized():
+            group = parallel_state.get_tensor_model_parallel_group()
+    return group if group is not None and dist.get_world_size(group) > 1 else None
+
+
+def _check_parallelism(gpt, tp_group) -> None:
+    cfg = gpt.config
+    for name in ("pipeline_model_parallel_size", "context_parallel_size"):
+        if getattr(cfg, name, 1) > 1:
+            raise ValueError(f"generate: config.{name}={getattr(cfg, name)}; allowed: 1 (load the checkpoint with "
+                             "pipeline and context parallel size 1: it reshards)")
+    if tp_group is not None and cfg.sequence_parallel:
+        raise ValueError("generate: config.sequence_parallel=True splits the one new token of a decode step over "
+                         "the tensor-parallel ranks; build the model with sequence_parallel=False (same weights)")
+
+
+class _Vocab:
+    """Full-vocabulary logits on every rank, cut to the real vocabulary; one token choice for the whole TP group."""
+
+    def __init__(self, gpt, tp_group, vocab_size: Optional[int]):
+        self.group = tp_group
+        self.gather = tp_group is not None and getattr(gpt, "parallel_output", True)
+        self.vocab_size = vocab_size
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., V / tp]`` (vocab-parallel) or ``[..., V]`` -> ``[..., vocab_size]``."""
+        if self.gather:
+            parts = [torch.empty_like(x) for _ in range(dist.get_world_size(self.group))]
+            dist.all_gather(parts, x.contiguous(), group=self.group)
+            x = torch.cat(parts, dim=-1)
+        if self.vocab_size is not None:
+            if not 1 <= self.vocab_size <= x.shape[-1]:
+                raise ValueError(f"generate: vocab_size={self.vocab_size}; allowed: 1..{x.shape[-1]} (the model's "
+                                 "output rows)")
+            x = x[..., :self.vocab_size]  # Megatron pads the vocabulary; padded rows are never drawn
+        return x
+
+    def agree(self, tokens: torch.Tensor) -> torch.Tensor:
+        """TP rank 0's tokens on every rank (sampling generators may differ per rank)."""
+        if self.group is not None:
+            dist.broadcast(tokens, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return tokens
+
+
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0,
            generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """``[B, V]`` logits -> ``[B]`` tokens: argmax at temperature 0, else softmax(logits / T) over the top k."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
+    if top_k > logits.shape[-1]:
+        raise ValueError(f"top_k={top_k}; allowed: 0 (all) .. {logits.shape[-1]} (the vocabulary)")
     if top_k:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -49,9 +107,11 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0,
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int = 0, generator: Optional[torch.Generator] = None, backend: Optional[str] = None,
-             return_logits: bool = False):
+             vocab_size: Optional[int] = None, return_logits: bool = False):
     """New tokens for each prompt (``max_new_tokens`` each); with ``return_logits`` also the ``[B, V]`` logits
-    each token was drawn from, step by step."""
+    each token was drawn from, step by step. ``vocab_size``: the data's vocabulary when the model's output rows
+    are padded (tokens are drawn below it); default all rows. Under tensor parallelism every TP rank calls this
+    with the same arguments and gets the same tokens."""
     from .megatron.attention import NSASelfAttention
     gpt = _unwrap(model)
     attns = [m for m in gpt.modules() if isinstance(m, NSASelfAttention)]
@@ -62,6 +122,13 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
     if max_new_tokens < 1 or temperature < 0 or top_k < 0:
         raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 1, temperature={temperature} and "
                          f"top_k={top_k} >= 0")
+    limit = vocab_size or getattr(gpt, "vocab_size", None)
+    bad = [t for p in prompts for t in p if limit is not None and not 0 <= t < limit]
+    if bad:  # a vocab-parallel embedding would silently embed them as zeros
+        raise ValueError(f"generate: prompt token ids {bad[:8]} outside the vocabulary; allowed: 0..{limit - 1}")
+    tp_group = _tp_group(gpt)
+    _check_parallelism(gpt, tp_group)
+    vocab = _Vocab(gpt, tp_group, vocab_size)
     device = next(gpt.parameters()).device
     bsz = len(prompts)
     lens = torch.tensor([len(p) for p in prompts], device=device)
@@ -78,10 +145,10 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
         a.decode_state = state
     try:
         logits = gpt(ids, torch.arange(tmax, device=device)[None].expand(bsz, -1), None)
-        last = logits[torch.arange(bsz, device=device), lens - 1]
+        last = vocab.logits(logits[torch.arange(bsz, device=device), lens - 1])
         pos, out, seen = lens.clone(), [], []
         for step in range(max_new_tokens):
-            nxt = sample(last, temperature, top_k, generator)
+            nxt = vocab.agree(sample(last, temperature, top_k, generator))
             out.append(nxt)
             seen.append(last)
             if step + 1 == max_new_tokens:
@@ -89,7 +156,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
             state.mode, state.lens = "decode", pos
             if rope is not None:
                 state.rotary = rope[pos].permute(1, 0, 2, 3)  # [max_len, 1, 1, d] rows -> [1, B, 1, d]
-            last = gpt(nxt[:, None], pos[:, None], None)[:, 0]
+            last = vocab.logits(gpt(nxt[:, None], pos[:, None], None)[:, 0])
             pos = pos + 1
     finally:
         for a in attns:
@@ -113,15 +180,16 @@ def main(argv: Optional[List[str]] = None) -> List[List[int]]:
     args = p.parse_args(argv)
     if not args.load:
         raise SystemExit("nsa_parallel.generate: --load DIR (a trainer checkpoint) is required")
-    model = load_for_inference(args)
+    model, vocab_size = load_for_inference(args)
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     try:
         tokens = generate(model, args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          generator=gen)
+                          generator=gen, vocab_size=vocab_size)
     except ValueError as e:
         raise SystemExit(f"nsa_parallel.generate: {e}") from None
-    for prompt, new in zip(args.prompt, tokens):
-        print(" ".join(map(str, prompt)), "->", " ".join(map(str, new)), flush=True)
+    if dist.get_rank() == 0:  # every TP rank holds the same tokens
+        for prompt, new in zip(args.prompt, tokens):
+            print(" ".join(map(str, prompt)), "->", " ".join(map(str, new)), flush=True)
     return tokens
 
 

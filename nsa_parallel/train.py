@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mock-data", action="store_true", help="Megatron's mock GPT dataset.")
     g.add_argument("--vocab-size", type=int, default=None,
                    help="vocabulary of --data-path / --mock-data token ids (required with them).")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the model's vocabulary (embedding and output rows) to a multiple of this (and of the "
+                        "tensor-parallel size): each TP rank holds an equal slice, GEMMs stay aligned, and a "
+                        "checkpoint reshards to any TP size dividing it. Padded rows are never targets; generation "
+                        "never draws them.")
     g.add_argument("--recall-pairs", type=int, default=16, help="recall task: key-value pairs listed first.")
     g.add_argument("--recall-keys", type=int, default=64, help="recall task: distinct key tokens.")
     g.add_argument("--recall-values", type=int, default=16,
@@ -106,7 +111,7 @@ def _fail(msg: str):
 def validate_args(args) -> None:
     for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "seq_length",
                  "micro_batch_size", "train_iters", "log_interval", "tensor_model_parallel_size",
-                 "pipeline_model_parallel_size", "context_parallel_size"):
+                 "pipeline_model_parallel_size", "context_parallel_size", "make_vocab_size_divisible_by"):
         if getattr(args, name) < 1:
             _fail(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     if args.hidden_size % args.num_attention_heads:
@@ -135,8 +140,18 @@ def validate_args(args) -> None:
         _fail("--save-interval needs --save DIR")
 
 
+def padded_vocab_size(vocab_size: int, args) -> int:
+    """The model's vocabulary: ``vocab_size`` rounded up to a multiple of ``--make-vocab-size-divisible-by`` and of
+    the tensor-parallel size (the vocab-parallel embedding needs equal slices per TP rank). Unlike Megatron's
+    ``divisible_by x TP``, the size does not change with TP when TP divides ``divisible_by`` (the default 128), so a
+    checkpoint loads at another TP size."""
+    multiple = math.lcm(args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
+    return -(-vocab_size // multiple) * multiple
+
+
 def build_model(args, nsa_cfg, vocab_size: int, device: torch.device):
-    """GPTModel (this pipeline stage) from the NSA or dense spec, in Megatron's DDP wrapper."""
+    """GPTModel (this pipeline stage) from the NSA or dense spec, in Megatron's DDP wrapper; ``vocab_size`` is the
+    data's, padded here by :func:`padded_vocab_size`."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -175,7 +190,7 @@ def build_model(args, nsa_cfg, vocab_size: int, device: torch.device):
     if args.sequence_parallel and args.transformer_impl == "local":
         # Megatron's torch norms refuse sequence parallelism (apex's and TE's do not): use ours, which can
         spec = with_sequence_parallel_norms(spec, args.num_layers // args.pipeline_model_parallel_size)
-    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab_size,
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=padded_vocab_size(vocab_size, args),
                      max_sequence_length=args.seq_length, pre_process=ps.is_pipeline_first_stage(),
                      post_process=ps.is_pipeline_last_stage(),
                      share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
@@ -284,7 +299,7 @@ def model_flops_per_token(args, nsa_cfg, vocab_size: int) -> float:
         qkv = h * (hq * d + 2 * hkv * d)
         keys = t / 2  # causal
     mlp = h * ffn * (3 if args.swiglu else 2)
-    weights = L * (qkv + hq * d * h + mlp) + h * vocab_size
+    weights = L * (qkv + hq * d * h + mlp) + h * padded_vocab_size(vocab_size, args)
     attn = L * hq * d * 2 * keys  # QK^T and PV
     return 3 * 2 * (weights + attn)
 
@@ -367,7 +382,11 @@ def train(argv: Optional[List[str]] = None) -> Dict:
 
 
 def load_for_inference(args):
-    """The model the trainer flags ``args`` describe, on one process, with the weights of ``args.load``."""
+    """``(model, vocab_size)``: the model the trainer flags ``args`` describe, with the weights of ``args.load``
+    (saved at any TP / PP / CP size; loaded at ``--tensor-model-parallel-size``, PP = CP = 1), and the data's
+    vocabulary (the model's output rows are padded past it)."""
+    from megatron.core import parallel_state as ps
+
     from .checkpoint import load_checkpoint
     from .data import RecallTask
     from .distributed import init_distributed
@@ -376,19 +395,32 @@ def load_for_inference(args):
     validate_args(args)
     if args.attention != "nsa":
         _fail(f"--attention {args.attention}: generation runs through the NSA KV cache; allowed: nsa")
-    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+    for name in ("pipeline_model_parallel_size", "context_parallel_size"):
         if getattr(args, name) != 1:
-            _fail(f"--{name.replace('_', '-')}={getattr(args, name)}: generation runs on one process; allowed: 1 "
-                  "(checkpoints saved at any TP/PP size load here)")
+            _fail(f"--{name.replace('_', '-')}={getattr(args, name)}: generation runs without pipeline and context "
+                  "parallelism; allowed: 1 (checkpoints saved at any TP/PP/CP size load here)")
     try:
         nsa_cfg = nsa_config_from_args(args)
     except ValueError as e:
         _fail(f"bad --nsa-* argument: {e}")
-    env = init_distributed(args.device, launcher="single")
+    try:
+        env = init_distributed(args.device, launcher=args.launcher)
+    except ValueError as e:
+        _fail(str(e))
+    tp = args.tensor_model_parallel_size
+    if env.world_size != tp:
+        _fail(f"generation runs on --tensor-model-parallel-size={tp} processes; this launch has {env.world_size}")
+    if args.num_query_groups % tp:
+        _fail(f"--num-query-groups={args.num_query_groups} must be a multiple of --tensor-model-parallel-size={tp}")
+    if args.sequence_parallel and env.rank == 0:
+        print("> --sequence-parallel ignored for generation: a decode step has one token to split (the weights are "
+              "the same)", flush=True)
+    args.sequence_parallel = False
     if env.device.type == "cpu":
         enable_cpu_shims(force=True)
-        seed_cpu_rng_tracker(args.seed, 0)
-    _model_parallel(1, 1, 1)
+    _model_parallel(tp, 1, 1)
+    if env.device.type == "cpu":
+        seed_cpu_rng_tracker(args.seed, ps.get_tensor_model_parallel_rank())
     torch.manual_seed(args.seed)
     vocab_size = args.vocab_size if (args.data_path or args.mock_data) else RecallTask(
         seq_length=args.seq_length, num_pairs=args.recall_pairs, num_keys=args.recall_keys,
@@ -396,7 +428,7 @@ def load_for_inference(args):
     model, _ = build_model(args, nsa_cfg, vocab_size, env.device)
     opt, sched = build_optimizer(args, model, env.device)
     load_checkpoint(args.load, model, opt, sched)
-    return model
+    return model, vocab_size
 
 
 def _model_parallel(tp: int, pp: int, cp: int) -> None:
@@ -432,7 +464,7 @@ def _loop(args, env, model, config, opt, sched, dataset, start, dp, num_micro, n
         if args.attention == "nsa":
             print(f"> {nsa_cfg}", flush=True)
         print(f"> data: {data_name}; global batch {num_micro * dp * args.micro_batch_size} x {args.seq_length} "
-              f"tokens", flush=True)
+              f"tokens; vocab {vocab_size} (model rows {padded_vocab_size(vocab_size, args)})", flush=True)
         if start:
             print(f"> resumed from {args.load} at iteration {start}", flush=True)
     first_or_last = ps.is_pipeline_first_stage() or ps.is_pipeline_last_stage()

@@ -48,3 +48,29 @@ def small_cfg():
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def _spawned(rank, world, port, fn, args, result):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import warnings
+    warnings.filterwarnings("ignore")
+    try:
+        result[rank] = fn(*args)
+    except BaseException as e:  # noqa: BLE001 - report it to the parent
+        result[rank] = repr(e)
+        raise
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def spawn_ranks(world: int, fn, *args) -> list:
+    """``[fn(*args) on rank r for r in range(world)]``, each rank a spawned process with torchrun's variables set
+    (``fn`` must be importable: a module-level function)."""
+    import torch.multiprocessing as mp
+
+    from nsa_parallel.distributed import free_port
+    result = mp.Manager().dict()
+    mp.spawn(_spawned, args=(world, free_port(), fn, args, result), nprocs=world, join=True)
+    return [result[r] for r in range(world)]

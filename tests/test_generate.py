@@ -1,12 +1,12 @@
 """generate() on a GPT built from the NSA spec: prefill + cached decoding give the tokens and logits of running
 the whole model on the whole sequence at every step (greedy and sampling, ragged prompts); a trainer checkpoint
-loads into `python -m nsa_parallel.generate`."""
+loads into `python -m nsa_parallel.generate`; tensor-parallel generation equals one process."""
 import pytest
 import torch
 
 pytest.importorskip("megatron.core")
 
-from conftest import SMALL  # noqa: E402
+from conftest import SMALL, spawn_ranks  # noqa: E402
 from nsa_parallel.generate import generate, sample  # noqa: E402
 
 PROMPTS = [[3, 1, 4, 1, 5], list(range(2, 30)), [7] * 41]  # shorter than a block, mid-window, several blocks
@@ -101,18 +101,64 @@ def test_generation_on_gpu_bf16(gpt):
                 t.append(got[b][step])  # follow the cached run's tokens (near-ties may flip an argmax in bf16)
 
 
+# the trainer's flags of a tiny model; 17 recall keys make a vocabulary of 25 (odd: padded for TP)
+TINY = ["--seq-length", "64", "--micro-batch-size", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+        "--num-query-groups", "2", "--recall-pairs", "4", "--recall-keys", "17", "--recall-values", "8",
+        "--nsa-window", "16", "--nsa-select-block", "16", "--nsa-select-topn", "4", "--nsa-compress-block", "8",
+        "--nsa-compress-stride", "4", "--lr-warmup-iters", "1", "--init-method-std", "0.2"]
+CLI_PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]]
+
+
 def test_generate_cli_loads_a_trainer_checkpoint(tmp_path):
     from nsa_parallel.generate import main
     from nsa_parallel.train import train
-    tiny = ["--seq-length", "64", "--micro-batch-size", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-            "--num-query-groups", "2", "--recall-pairs", "4", "--recall-keys", "16", "--recall-values", "8",
-            "--nsa-window", "16", "--nsa-select-block", "16", "--nsa-select-topn", "4", "--nsa-compress-block", "8",
-            "--nsa-compress-stride", "4", "--lr-warmup-iters", "1", "--init-method-std", "0.2"]
+    tiny = TINY
     train(tiny + ["--train-iters", "3", "--save", str(tmp_path)])
     ask = tiny + ["--load", str(tmp_path), "--prompt", "1", "2", "3", "--prompt", "4", "5", "--max-new-tokens", "6"]
     first = main(ask)
     assert len(first) == 2 and all(len(t) == 6 for t in first)
     # greedy decoding of the loaded weights does not depend on the seed the model was initialised with
     assert main(ask + ["--seed", "99"]) == first
-    with pytest.raises(SystemExit, match="--tensor-model-parallel-size=2: generation runs on one process"):
+    with pytest.raises(SystemExit, match="--tensor-model-parallel-size=2 processes; this launch has 1"):
         main(ask + ["--tensor-model-parallel-size", "2"])
+    with pytest.raises(SystemExit, match="--pipeline-model-parallel-size=2: generation runs without pipeline"):
+        main(ask + ["--pipeline-model-parallel-size", "2"])
+    with pytest.raises(SystemExit, match=r"prompt token ids \[25\] outside the vocabulary; allowed: 0..24"):
+        main(tiny + ["--load", str(tmp_path), "--prompt", "1", "25"])
+
+
+def _train(argv):
+    from nsa_parallel.train import train
+    train(argv)
+
+
+def _load_and_generate(argv):
+    """On each rank: greedy tokens + logits, and top-k samples drawn with a generator seeded per rank."""
+    import torch.distributed as dist
+
+    from nsa_parallel.train import build_parser, load_for_inference
+    model, vocab = load_for_inference(build_parser().parse_args(argv))
+    greedy, logits = generate(model, CLI_PROMPTS, 6, vocab_size=vocab, return_logits=True)
+    sampled = generate(model, CLI_PROMPTS, 6, temperature=1.5, top_k=6, vocab_size=vocab,
+                       generator=torch.Generator().manual_seed(10 + dist.get_rank()))
+    return greedy, logits, sampled, vocab
+
+
+@pytest.mark.skipif(HAS_CUDA and torch.cuda.device_count() < 2, reason="2 ranks on CUDA need 2 GPUs (NCCL)")
+def test_tensor_parallel_generation_equals_one_process(tmp_path):
+    """A checkpoint saved by TP=2 + SP training (odd vocabulary, padded) generates on TP=2 (each rank its heads'
+    caches, gathered vocab-parallel logits, rank 0's samples broadcast) exactly what one process generates from
+    it; no token is drawn from the padded rows."""
+    spawn_ranks(2, _train, TINY + ["--train-iters", "3", "--save", str(tmp_path), "--tensor-model-parallel-size",
+                                   "2", "--sequence-parallel"])
+    ask = TINY + ["--load", str(tmp_path)]
+    (greedy, logits, sampled, vocab), = spawn_ranks(1, _load_and_generate, ask)
+    assert vocab == 25 and logits.shape == (2, 6, 25)
+    assert all(0 <= t < vocab for seq in greedy + sampled for t in seq)
+    assert len(set(map(tuple, sampled + greedy))) > 2  # sampling is not greedy here
+    ranks = spawn_ranks(2, _load_and_generate, ask + ["--tensor-model-parallel-size", "2", "--sequence-parallel"])
+    for r, (g2, l2, s2, _) in enumerate(ranks):
+        assert g2 == greedy, r
+        err = ((l2 - logits).abs().max() / logits.abs().max()).item()
+        assert err < 1e-5, (r, err)
+        assert s2 == sampled, r  # rank 1 seeded its generator differently: rank 0's draws were broadcast

@@ -2,7 +2,6 @@
 checkpoints, gives the same losses under TP=2 / TP=2+SP / PP=2 (gloo, 2 processes), reads Megatron datasets, and
 rejects bad flags by name."""
 import math
-import os
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torch
 pytest.importorskip("megatron.core")
 
 from nsa_parallel.arguments import add_nsa_args, nsa_config_from_args  # noqa: E402
-from nsa_parallel.distributed import free_port  # noqa: E402
+from conftest import spawn_ranks  # noqa: E402
 from nsa_parallel.train import build_parser, train  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -62,27 +61,13 @@ def test_save_and_resume_gives_the_same_next_losses(tmp_path):
         assert abs(a - b) < RTOL * abs(b), (resumed, full)
 
 
-def _rank_main(rank, world, port, argv, result):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    import warnings
-    warnings.filterwarnings("ignore")
-    try:
-        res = train(argv)
-        result[rank] = _losses(res)
-    except BaseException as e:  # noqa: BLE001 - report it to the parent
-        result[rank] = repr(e)
-        raise
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+def _train_losses(argv):
+    return _losses(train(argv))
 
 
 def run_ranks(world: int, argv):
-    import torch.multiprocessing as mp
-    result = mp.Manager().dict()
-    mp.spawn(_rank_main, args=(world, free_port(), argv, result), nprocs=world, join=True)
-    return result[world - 1]  # the last rank logs (it holds the last pipeline stage)
+    """The losses the last rank logs (it holds the last pipeline stage) when ``world`` processes train."""
+    return spawn_ranks(world, _train_losses, argv)[-1]
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +100,19 @@ def test_two_ranks_equal_one_rank(flags, tp1_checkpoint):
     assert len(got) == len(want)
     for a, b in zip(got, want):
         assert abs(a - b) < max(RTOL, 1e-4) * abs(b), (got, want)
+
+
+@pytest.mark.skipif(HAS_CUDA and torch.cuda.device_count() < 2, reason="2 ranks on CUDA need 2 GPUs (NCCL)")
+def test_a_tensor_parallel_checkpoint_resumes_on_one_rank(tmp_path, tp1_checkpoint):
+    """Saved by TP=2 + SP (each rank its heads', MLP and vocabulary shards, optimizer state alike), resumed by one
+    process: the next losses are the uninterrupted TP=1 run's (dist_checkpointing reshards on load)."""
+    full, _ = tp1_checkpoint
+    run_ranks(2, RESUMABLE + ["--train-iters", "2", "--save", str(tmp_path), "--tensor-model-parallel-size", "2",
+                              "--sequence-parallel"])
+    got = _losses(train(RESUMABLE + ["--train-iters", "4", "--load", str(tmp_path)]))
+    assert len(got) == 2
+    for a, b in zip(got, full[2:]):
+        assert abs(a - b) < max(RTOL, 1e-4) * abs(b), (got, full)
 
 
 @pytest.mark.skipif(HAS_CUDA and torch.cuda.device_count() < 4, reason="4 ranks on CUDA need 4 GPUs (NCCL)")
@@ -170,6 +168,7 @@ def test_megatron_datasets(tmp_path):
     (["--tensor-model-parallel-size", "2"], "world size 1 must be a multiple of tensor x pipeline x context"),
     (["--global-batch-size", "6"], "--global-batch-size=6 must be a multiple of micro batch x data-parallel"),
     (["--save-interval", "2"], "--save-interval needs --save DIR"),
+    (["--make-vocab-size-divisible-by", "0"], "--make-vocab-size-divisible-by=0 must be >= 1"),
 ])
 def test_bad_flags_are_named(flags, msg):
     with pytest.raises(SystemExit, match=msg.replace("(", r"\(")):
