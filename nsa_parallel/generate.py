@@ -7,12 +7,14 @@ each new token through the NSA KV cache (:func:`nsa_parallel.kernels.decode.nsa_
 
     python -m nsa_parallel.generate --load ckpt/ <the trainer's model flags> --prompt 3 17 5 --max-new-tokens 16
 
-    torchrun --nproc-per-node 2 -m nsa_parallel.generate --load ckpt/ --tensor-model-parallel-size 2 ...
+    torchrun --nproc-per-node 4 -m nsa_parallel.generate --load ckpt/ ... --tensor-model-parallel-size 2
+        --pipeline-model-parallel-size 2
 
 Prompts may differ in length (ragged). Tensor parallelism: each rank decodes its own heads (its slice of every
 layer's NSA KV cache), the vocab-parallel logits are gathered, and TP rank 0's token is broadcast so every rank
-feeds the same one. Pipeline and context parallelism are refused by name (a checkpoint saved with them loads at
-any TP size, PP = CP = 1).
+feeds the same one. Pipeline parallelism: each stage runs its layers (and fills their caches) on the hidden states
+the previous stage sends; the last stage's token is broadcast to all stages. Context parallelism is refused by
+name (a checkpoint saved with it loads at CP = 1).
 """
 from __future__ import annotations
 
@@ -40,41 +42,57 @@ def _unwrap(model):
     return model
 
 
-def _tp_group(gpt):
-    """The model's tensor-parallel group (None on one process)."""
-    pg = getattr(gpt, "pg_collection", None)
-    group = getattr(pg, "tp", None)
+def _group(gpt, name: str):
+    """The model's ``name`` ("tp" / "pp") process group, None on one rank."""
+    group = getattr(getattr(gpt, "pg_collection", None), name, None)
     if group is None and dist.is_initialized():
-        from megatron.core import parallel_state
-        if parallel_state.model_parallel_is_initialized():
-            group = parallel_state.get_tensor_model_parallel_group()
+        from megatron.core import parallel_state as ps
+        if ps.model_parallel_is_initialized():
+            group = (ps.get_tensor_model_parallel_group() if name == "tp" else
+                     ps.get_pipeline_model_parallel_group())
     return group if group is not None and dist.get_world_size(group) > 1 else None
 
 
-def _check_parallelism(gpt, tp_group) -> None:
-    cfg = gpt.config
-    for name in ("pipeline_model_parallel_size", "context_parallel_size"):
-        if getattr(cfg, name, 1) > 1:
-            raise ValueError(f"generate: config.{name}={getattr(cfg, name)}; allowed: 1 (load the checkpoint with "
-                             "pipeline and context parallel size 1: it reshards)")
-    if tp_group is not None and cfg.sequence_parallel:
-        raise ValueError("generate: config.sequence_parallel=True splits the one new token of a decode step over "
-                         "the tensor-parallel ranks; build the model with sequence_parallel=False (same weights)")
+class _Ranks:
+    """Tensor- and pipeline-parallel plumbing: a forward gives logits of the whole (real) vocabulary on the last
+    stage, and every rank leaves :meth:`choose` with the same tokens."""
 
-
-class _Vocab:
-    """Full-vocabulary logits on every rank, cut to the real vocabulary; one token choice for the whole TP group."""
-
-    def __init__(self, gpt, tp_group, vocab_size: Optional[int]):
-        self.group = tp_group
-        self.gather = tp_group is not None and getattr(gpt, "parallel_output", True)
+    def __init__(self, gpt, vocab_size: Optional[int]):
+        cfg = gpt.config
+        if getattr(cfg, "context_parallel_size", 1) > 1:
+            raise ValueError(f"generate: config.context_parallel_size={cfg.context_parallel_size}; allowed: 1 (load "
+                             "the checkpoint with context parallel size 1: it reshards)")
+        self.tp, self.pp = _group(gpt, "tp"), _group(gpt, "pp")
+        if self.tp is not None and cfg.sequence_parallel:
+            raise ValueError("generate: config.sequence_parallel=True splits the one new token of a decode step "
+                             "over the tensor-parallel ranks; build the model with sequence_parallel=False (same "
+                             "weights)")
+        self.gather = self.tp is not None and getattr(gpt, "parallel_output", True)
         self.vocab_size = vocab_size
+        self.width = vocab_size or gpt.vocab_size  # the logits' columns after the cut
+        self.stages = dist.get_process_group_ranks(self.pp) if self.pp is not None else [None]
+        self.stage = dist.get_rank(self.pp) if self.pp is not None else 0
+        self.first, self.last = self.stage == 0, self.stage == len(self.stages) - 1
+        self.hidden, self.dtype = cfg.hidden_size, next(gpt.parameters()).dtype
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, gpt, ids: torch.Tensor, pos: torch.Tensor) -> Optional[torch.Tensor]:
+        """``ids [B, s]`` through this stage: ``[B, s, vocab]`` logits on the last stage, None elsewhere (the
+        hidden states ``[s, B, h]`` went to the next stage)."""
+        if not self.first:
+            x = torch.empty(ids.shape[1], ids.shape[0], self.hidden, dtype=self.dtype, device=ids.device)
+            dist.recv(x, src=self.stages[self.stage - 1], group=self.pp)
+            gpt.set_input_tensor(x)
+        out = gpt(ids, pos, None)
+        if not self.last:
+            dist.send(out.to(self.dtype).contiguous(), dst=self.stages[self.stage + 1], group=self.pp)
+            return None
+        return self._full_vocab(out)
+
+    def _full_vocab(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., V / tp]`` (vocab-parallel) or ``[..., V]`` -> ``[..., vocab_size]``."""
         if self.gather:
-            parts = [torch.empty_like(x) for _ in range(dist.get_world_size(self.group))]
-            dist.all_gather(parts, x.contiguous(), group=self.group)
+            parts = [torch.empty_like(x) for _ in range(dist.get_world_size(self.tp))]
+            dist.all_gather(parts, x.contiguous(), group=self.tp)
             x = torch.cat(parts, dim=-1)
         if self.vocab_size is not None:
             if not 1 <= self.vocab_size <= x.shape[-1]:
@@ -83,11 +101,22 @@ class _Vocab:
             x = x[..., :self.vocab_size]  # Megatron pads the vocabulary; padded rows are never drawn
         return x
 
-    def agree(self, tokens: torch.Tensor) -> torch.Tensor:
-        """TP rank 0's tokens on every rank (sampling generators may differ per rank)."""
-        if self.group is not None:
-            dist.broadcast(tokens, src=dist.get_global_rank(self.group, 0), group=self.group)
-        return tokens
+    def choose(self, logits: Optional[torch.Tensor], bsz: int, device, draw, keep_logits: bool):
+        """``(tokens [B], logits [B, vocab] or None)`` on every rank: drawn by ``draw(logits)`` on the last stage,
+        TP rank 0's draw (sampling generators may differ per rank), broadcast to the other stages."""
+        if self.last:
+            tokens = draw(logits)
+            if self.tp is not None:
+                dist.broadcast(tokens, src=dist.get_global_rank(self.tp, 0), group=self.tp)
+        else:
+            tokens = torch.empty(bsz, dtype=torch.long, device=device)
+            logits = torch.empty(bsz, self.width, dtype=torch.float32, device=device) if keep_logits else None
+        if self.pp is not None:
+            dist.broadcast(tokens, src=self.stages[-1], group=self.pp)
+            if keep_logits:
+                logits = logits.float().contiguous()
+                dist.broadcast(logits, src=self.stages[-1], group=self.pp)
+        return tokens, logits
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0,
@@ -110,8 +139,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
              vocab_size: Optional[int] = None, return_logits: bool = False):
     """New tokens for each prompt (``max_new_tokens`` each); with ``return_logits`` also the ``[B, V]`` logits
     each token was drawn from, step by step. ``vocab_size``: the data's vocabulary when the model's output rows
-    are padded (tokens are drawn below it); default all rows. Under tensor parallelism every TP rank calls this
-    with the same arguments and gets the same tokens."""
+    are padded (tokens are drawn below it); default all rows. Under tensor / pipeline parallelism every rank
+    calls this with the same arguments and gets the same tokens (and logits)."""
     from .megatron.attention import NSASelfAttention
     gpt = _unwrap(model)
     attns = [m for m in gpt.modules() if isinstance(m, NSASelfAttention)]
@@ -126,9 +155,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
     bad = [t for p in prompts for t in p if limit is not None and not 0 <= t < limit]
     if bad:  # a vocab-parallel embedding would silently embed them as zeros
         raise ValueError(f"generate: prompt token ids {bad[:8]} outside the vocabulary; allowed: 0..{limit - 1}")
-    tp_group = _tp_group(gpt)
-    _check_parallelism(gpt, tp_group)
-    vocab = _Vocab(gpt, tp_group, vocab_size)
+    ranks = _Ranks(gpt, vocab_size)
     device = next(gpt.parameters()).device
     bsz = len(prompts)
     lens = torch.tensor([len(p) for p in prompts], device=device)
@@ -144,11 +171,12 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
     for a in attns:
         a.decode_state = state
     try:
-        logits = gpt(ids, torch.arange(tmax, device=device)[None].expand(bsz, -1), None)
-        last = vocab.logits(logits[torch.arange(bsz, device=device), lens - 1])
+        logits = ranks.forward(gpt, ids, torch.arange(tmax, device=device)[None].expand(bsz, -1))
+        last = None if logits is None else logits[torch.arange(bsz, device=device), lens - 1]
         pos, out, seen = lens.clone(), [], []
         for step in range(max_new_tokens):
-            nxt = vocab.agree(sample(last, temperature, top_k, generator))
+            nxt, last = ranks.choose(last, bsz, device, lambda x: sample(x, temperature, top_k, generator),
+                                     return_logits)
             out.append(nxt)
             seen.append(last)
             if step + 1 == max_new_tokens:
@@ -156,7 +184,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
             state.mode, state.lens = "decode", pos
             if rope is not None:
                 state.rotary = rope[pos].permute(1, 0, 2, 3)  # [max_len, 1, 1, d] rows -> [1, B, 1, d]
-            last = vocab.logits(gpt(nxt[:, None], pos[:, None], None)[:, 0])
+            logits = ranks.forward(gpt, nxt[:, None], pos[:, None])
+            last = None if logits is None else logits[:, 0]
             pos = pos + 1
     finally:
         for a in attns:

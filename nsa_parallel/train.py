@@ -310,39 +310,59 @@ def _memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
 
 
-def train(argv: Optional[List[str]] = None) -> Dict:
-    args = build_parser().parse_args(argv)
+def _start(args):
+    """``(nsa_cfg, env)``: the NSA config from the flags and this process in its process group."""
+    from .distributed import init_distributed
     validate_args(args)
     try:
         nsa_cfg = nsa_config_from_args(args)
     except ValueError as e:
         _fail(f"bad --nsa-* argument: {e}")
+    try:
+        env = init_distributed(args.device, launcher=args.launcher)
+    except ValueError as e:
+        _fail(str(e))
+    if args.num_query_groups % args.tensor_model_parallel_size:
+        _fail(f"--num-query-groups={args.num_query_groups} must be a multiple of --tensor-model-parallel-size="
+              f"{args.tensor_model_parallel_size}")
+    return nsa_cfg, env
+
+
+def _enter_model_parallel(args, env, tp: int, pp: int, cp: int) -> None:
+    """Megatron's groups for these sizes and the seeds: the same weights for any TP size (CPU init stream)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from .megatron import enable_cpu_shims
+    from .megatron.cpu_shims import seed_cpu_rng_tracker
+    if env.device.type == "cpu":
+        enable_cpu_shims(force=True)
+    _model_parallel(tp, pp, cp)
+    torch.manual_seed(args.seed)
+    if env.device.type == "cuda":
+        model_parallel_cuda_manual_seed(args.seed)
+    else:
+        seed_cpu_rng_tracker(args.seed, ps.get_tensor_model_parallel_rank())
+
+
+def train(argv: Optional[List[str]] = None) -> Dict:
+    args = build_parser().parse_args(argv)
+    nsa_cfg, env = _start(args)
     if args.context_parallel_size > 1:
         from .context_parallel import check_cp_config
         try:
             check_cp_config(args.seq_length, args.context_parallel_size, "load_balanced", nsa_cfg)
         except ValueError as e:
             _fail(f"--seq-length / --context-parallel-size: {e}")
-    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from .checkpoint import load_checkpoint, save_checkpoint
     from .data import RecallTask, megatron_gpt_dataset
-    from .distributed import init_distributed
-    from .megatron import enable_cpu_shims
-    from .megatron.cpu_shims import seed_cpu_rng_tracker
 
-    try:
-        env = init_distributed(args.device, launcher=args.launcher)
-    except ValueError as e:
-        _fail(str(e))
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
     if env.world_size % (tp * pp * cp):
         _fail(f"world size {env.world_size} must be a multiple of tensor x pipeline x context parallel sizes = "
               f"{tp * pp * cp}")
-    if args.num_query_groups % tp:
-        _fail(f"--num-query-groups={args.num_query_groups} must be a multiple of --tensor-model-parallel-size={tp}")
     if args.sequence_parallel and args.seq_length % tp:
         _fail(f"--seq-length={args.seq_length} must be a multiple of --tensor-model-parallel-size={tp} with "
               "--sequence-parallel")
@@ -352,14 +372,7 @@ def train(argv: Optional[List[str]] = None) -> Dict:
         _fail(f"--global-batch-size={gbs} must be a multiple of micro batch x data-parallel size = "
               f"{args.micro_batch_size * dp}")
     num_micro = gbs // (args.micro_batch_size * dp)
-    if env.device.type == "cpu":
-        enable_cpu_shims(force=True)
-    _model_parallel(tp, pp, cp)
-    torch.manual_seed(args.seed)
-    if env.device.type == "cuda":
-        model_parallel_cuda_manual_seed(args.seed)
-    else:
-        seed_cpu_rng_tracker(args.seed, ps.get_tensor_model_parallel_rank())
+    _enter_model_parallel(args, env, tp, pp, cp)
     if args.data_path or args.mock_data:
         dataset = megatron_gpt_dataset(data_path=args.data_path, mock=args.mock_data,
                                        seq_length=args.seq_length, vocab_size=args.vocab_size,
@@ -382,46 +395,26 @@ def train(argv: Optional[List[str]] = None) -> Dict:
 
 
 def load_for_inference(args):
-    """``(model, vocab_size)``: the model the trainer flags ``args`` describe, with the weights of ``args.load``
-    (saved at any TP / PP / CP size; loaded at ``--tensor-model-parallel-size``, PP = CP = 1), and the data's
-    vocabulary (the model's output rows are padded past it)."""
-    from megatron.core import parallel_state as ps
-
+    """``(model, vocab_size)``: this rank's part of the model the trainer flags ``args`` describe, with the weights
+    of ``args.load`` (saved at any TP / PP / CP size; loaded at ``--tensor-model-parallel-size`` x
+    ``--pipeline-model-parallel-size``, CP = 1), and the data's vocabulary (the model's rows are padded past it)."""
     from .checkpoint import load_checkpoint
     from .data import RecallTask
-    from .distributed import init_distributed
-    from .megatron import enable_cpu_shims
-    from .megatron.cpu_shims import seed_cpu_rng_tracker
-    validate_args(args)
     if args.attention != "nsa":
         _fail(f"--attention {args.attention}: generation runs through the NSA KV cache; allowed: nsa")
-    for name in ("pipeline_model_parallel_size", "context_parallel_size"):
-        if getattr(args, name) != 1:
-            _fail(f"--{name.replace('_', '-')}={getattr(args, name)}: generation runs without pipeline and context "
-                  "parallelism; allowed: 1 (checkpoints saved at any TP/PP/CP size load here)")
-    try:
-        nsa_cfg = nsa_config_from_args(args)
-    except ValueError as e:
-        _fail(f"bad --nsa-* argument: {e}")
-    try:
-        env = init_distributed(args.device, launcher=args.launcher)
-    except ValueError as e:
-        _fail(str(e))
-    tp = args.tensor_model_parallel_size
-    if env.world_size != tp:
-        _fail(f"generation runs on --tensor-model-parallel-size={tp} processes; this launch has {env.world_size}")
-    if args.num_query_groups % tp:
-        _fail(f"--num-query-groups={args.num_query_groups} must be a multiple of --tensor-model-parallel-size={tp}")
+    if args.context_parallel_size != 1:
+        _fail(f"--context-parallel-size={args.context_parallel_size}: generation runs without context parallelism; "
+              "allowed: 1 (checkpoints saved at any TP/PP/CP size load here)")
+    nsa_cfg, env = _start(args)
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if env.world_size != tp * pp:
+        _fail(f"generation runs on --tensor-model-parallel-size x --pipeline-model-parallel-size = {tp * pp} "
+              f"processes; this launch has {env.world_size}")
     if args.sequence_parallel and env.rank == 0:
         print("> --sequence-parallel ignored for generation: a decode step has one token to split (the weights are "
               "the same)", flush=True)
     args.sequence_parallel = False
-    if env.device.type == "cpu":
-        enable_cpu_shims(force=True)
-    _model_parallel(tp, 1, 1)
-    if env.device.type == "cpu":
-        seed_cpu_rng_tracker(args.seed, ps.get_tensor_model_parallel_rank())
-    torch.manual_seed(args.seed)
+    _enter_model_parallel(args, env, tp, pp, 1)
     vocab_size = args.vocab_size if (args.data_path or args.mock_data) else RecallTask(
         seq_length=args.seq_length, num_pairs=args.recall_pairs, num_keys=args.recall_keys,
         num_values=args.recall_values, seed=args.seed).vocab_size

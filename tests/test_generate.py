@@ -119,10 +119,10 @@ def test_generate_cli_loads_a_trainer_checkpoint(tmp_path):
     assert len(first) == 2 and all(len(t) == 6 for t in first)
     # greedy decoding of the loaded weights does not depend on the seed the model was initialised with
     assert main(ask + ["--seed", "99"]) == first
-    with pytest.raises(SystemExit, match="--tensor-model-parallel-size=2 processes; this launch has 1"):
+    with pytest.raises(SystemExit, match="--pipeline-model-parallel-size = 2 processes; this launch has 1"):
         main(ask + ["--tensor-model-parallel-size", "2"])
-    with pytest.raises(SystemExit, match="--pipeline-model-parallel-size=2: generation runs without pipeline"):
-        main(ask + ["--pipeline-model-parallel-size", "2"])
+    with pytest.raises(SystemExit, match="--context-parallel-size=2: generation runs without context parallelism"):
+        main(ask + ["--context-parallel-size", "2"])
     with pytest.raises(SystemExit, match=r"prompt token ids \[25\] outside the vocabulary; allowed: 0..24"):
         main(tiny + ["--load", str(tmp_path), "--prompt", "1", "25"])
 
@@ -132,33 +132,46 @@ def _train(argv):
     train(argv)
 
 
-def _load_and_generate(argv):
-    """On each rank: greedy tokens + logits, and top-k samples drawn with a generator seeded per rank."""
+def _load_and_generate(argv, drawer=0):
+    """On each rank: greedy tokens + logits, and top-k samples drawn with a generator seeded 10 on rank ``drawer``
+    (the one whose draws generate() keeps) and otherwise per rank."""
     import torch.distributed as dist
 
     from nsa_parallel.train import build_parser, load_for_inference
     model, vocab = load_for_inference(build_parser().parse_args(argv))
     greedy, logits = generate(model, CLI_PROMPTS, 6, vocab_size=vocab, return_logits=True)
     sampled = generate(model, CLI_PROMPTS, 6, temperature=1.5, top_k=6, vocab_size=vocab,
-                       generator=torch.Generator().manual_seed(10 + dist.get_rank()))
+                       generator=torch.Generator().manual_seed(10 if dist.get_rank() == drawer else
+                                                               20 + dist.get_rank()))
     return greedy, logits, sampled, vocab
 
 
+@pytest.fixture(scope="module")
+def tp2_checkpoint(tmp_path_factory):
+    """Saved by TP=2 + SP training (odd vocabulary, padded), and what one process generates from it."""
+    ckpt = tmp_path_factory.mktemp("tp2")
+    spawn_ranks(2, _train, TINY + ["--train-iters", "3", "--save", str(ckpt), "--tensor-model-parallel-size", "2",
+                                   "--sequence-parallel"])
+    ask = TINY + ["--load", str(ckpt)]
+    return ask, spawn_ranks(1, _load_and_generate, ask)[0]
+
+
+@pytest.mark.parametrize("flags,drawer", [
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel"], 0),  # TP rank 0 draws
+    (["--pipeline-model-parallel-size", "2"], 1),  # the last stage draws
+], ids=["tp2", "pp2"])
 @pytest.mark.skipif(HAS_CUDA and torch.cuda.device_count() < 2, reason="2 ranks on CUDA need 2 GPUs (NCCL)")
-def test_tensor_parallel_generation_equals_one_process(tmp_path):
-    """A checkpoint saved by TP=2 + SP training (odd vocabulary, padded) generates on TP=2 (each rank its heads'
-    caches, gathered vocab-parallel logits, rank 0's samples broadcast) exactly what one process generates from
-    it; no token is drawn from the padded rows."""
-    spawn_ranks(2, _train, TINY + ["--train-iters", "3", "--save", str(tmp_path), "--tensor-model-parallel-size",
-                                   "2", "--sequence-parallel"])
-    ask = TINY + ["--load", str(tmp_path)]
-    (greedy, logits, sampled, vocab), = spawn_ranks(1, _load_and_generate, ask)
+def test_parallel_generation_equals_one_process(flags, drawer, tp2_checkpoint):
+    """Generation from a TP=2 + SP checkpoint on TP=2 (each rank its heads' caches, gathered vocab-parallel logits,
+    rank 0's samples broadcast) or PP=2 (each stage its layers' caches, hidden states sent on, the last stage's
+    tokens broadcast) is exactly what one process generates; no token is drawn from the padded rows."""
+    ask, (greedy, logits, sampled, vocab) = tp2_checkpoint
     assert vocab == 25 and logits.shape == (2, 6, 25)
     assert all(0 <= t < vocab for seq in greedy + sampled for t in seq)
     assert len(set(map(tuple, sampled + greedy))) > 2  # sampling is not greedy here
-    ranks = spawn_ranks(2, _load_and_generate, ask + ["--tensor-model-parallel-size", "2", "--sequence-parallel"])
+    ranks = spawn_ranks(2, _load_and_generate, ask + flags, drawer)
     for r, (g2, l2, s2, _) in enumerate(ranks):
         assert g2 == greedy, r
         err = ((l2 - logits).abs().max() / logits.abs().max()).item()
         assert err < 1e-5, (r, err)
-        assert s2 == sampled, r  # rank 1 seeded its generator differently: rank 0's draws were broadcast
+        assert s2 == sampled, r  # the other rank seeded its generator differently: the drawer's tokens were sent
