@@ -82,6 +82,22 @@ def _load_lse2(LSE, row_off, rvalid):
 
 
 @triton.jit
+def _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
+              BDV: tl.constexpr):
+    """What a softmax backward needs of its query rows: q, dO, lse (log2 units, as ``_load_lse2``) and delta."""
+    return (_load_tile(Q, row_off, rvalid, DK, BDK), _load_tile(DO, row_off, rvalid, DV, BDV),
+            _load_lse2(LSE, row_off, rvalid), tl.load(DELTA + row_off, mask=rvalid, other=0.0))
+
+
+@triton.jit
+def _store_tile(PTR, row_off, rvalid, x, D: tl.constexpr, BD: tl.constexpr):
+    """Rows ``row_off`` of a ``[..., D]`` tensor from a ``[rows, BD]`` fp32 tile (cast to the tensor's dtype)."""
+    d = tl.arange(0, BD)
+    tl.store(PTR + row_off[:, None] * D + d[None, :], x.to(PTR.dtype.element_ty),
+             mask=rvalid[:, None] & (d[None, :] < D))
+
+
+@triton.jit
 def _softmax_step(s, v, m_i, l_i, acc):
     """One online-softmax update with scores ``s`` (log2 units, -inf where masked) and values ``v``."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -152,7 +168,6 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, CU_K, T_FIXED, TK_FIXED, scale,
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
-    dv = tl.arange(0, BDV)
     row_off = (bos + tq.to(tl.int64)) * HQ + hq
     q = _load_tile(Q, row_off, rvalid, DK, BDK)
     qk_scale = scale * 1.4426950408889634
@@ -169,8 +184,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, CU_K, T_FIXED, TK_FIXED, scale,
     m_i, l_i, acc = _fwd_tiles(q, K, V, kbos, kvh, tq, tl.maximum(fa, fb), j_hi, j_hi, m_i, l_i, acc, qk_scale,
                                HKV, DK, DV, BDK, BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True)
     o, lse = _finish(acc, m_i, l_i)
-    tl.store(O + row_off[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty),
-             mask=rvalid[:, None] & (dv[None, :] < DV))
+    _store_tile(O, row_off, rvalid, o, DV, BDV)
     tl.store(LSE + row_off, lse, mask=rvalid)
 
 
@@ -199,12 +213,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K, T_FIXED, TK_FIXED, sca
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
-    dk = tl.arange(0, BDK)
     row_off = (bos + tq.to(tl.int64)) * HQ + hq
-    q = _load_tile(Q, row_off, rvalid, DK, BDK)
-    do = _load_tile(DO, row_off, rvalid, DV, BDV)
-    lse2 = _load_lse2(LSE, row_off, rvalid)
-    delta = tl.load(DELTA + row_off, mask=rvalid, other=0.0)
+    q, do, lse2, delta = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV)
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_T * GP, BDK], dtype=tl.float32)
     j_lo, j_hi = _key_range(t0, T, TK, BLOCK_T, BLOCK_N, KSTRIDE, KOFF, WINDOW)
@@ -215,8 +225,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K, T_FIXED, TK_FIXED, sca
                    BLOCK_N, KSTRIDE, KOFF, WINDOW, False)
     dq = _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, tl.maximum(fa, fb), j_hi, j_hi, qk_scale, HKV, DK,
                    DV, BDK, BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True)
-    tl.store(DQ + row_off[:, None] * DK + dk[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=rvalid[:, None] & (dk[None, :] < DK))
+    _store_tile(DQ, row_off, rvalid, dq * scale, DK, BDK)
 
 
 @triton.jit
@@ -228,10 +237,7 @@ def _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, t_
         tq, hq, hvalid = _rows(t0, kvh, BLOCK_T, G, GP)
         rvalid = hvalid & (tq < t_end)
         row_off = (bos + tq.to(tl.int64)) * HQ + hq
-        q = _load_tile(Q, row_off, rvalid, DK, BDK)
-        do = _load_tile(DO, row_off, rvalid, DV, BDV)
-        lse2 = _load_lse2(LSE, row_off, rvalid)
-        delta = tl.load(DELTA + row_off, mask=rvalid, other=0.0)
+        q, do, lse2, delta = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.exp2(s - lse2[:, None])  # padding rows: lse2 = +inf, p = 0
         if MASKED:

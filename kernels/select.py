@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import _finish, _load_lse2, _load_tile, _q_tile, _seq_bounds, _softmax_step, row_dot
+from .flash import _bwd_rows, _finish, _load_tile, _q_tile, _seq_bounds, _softmax_step, _store_tile, row_dot
 from .varlen import max_seqlen
 
 
@@ -89,7 +89,6 @@ def _sel_fwd_loop_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, TK_FIXED, QOFF, KBAS
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, 1, G, GP, VARLEN)
     if t0 >= T:
         return
-    dv = tl.arange(0, BDV)
     row_off, list_start, i_lo, i_hi = _position_blocks(IDX, bos, t0, kvh, hq, LO, HI, HQ, HKV, N, NP)
     q = _load_tile(Q, row_off, rvalid, DK, BDK)
     qk_scale = scale * 1.4426950408889634
@@ -102,8 +101,7 @@ def _sel_fwd_loop_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, TK_FIXED, QOFF, KBAS
         s = tl.where((pos <= t0 + QOFF)[None, :], s, float("-inf"))
         m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc)
     o, lse = _finish(acc, m_i, l_i)  # no block in this key buffer: o = 0, lse = -inf
-    tl.store(O + row_off[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty),
-             mask=rvalid[:, None] & (dv[None, :] < DV))
+    _store_tile(O, row_off, rvalid, o, DV, BDV)
     tl.store(LSE + row_off, lse, mask=rvalid)
 
 
@@ -115,12 +113,8 @@ def _sel_dq_loop_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED,
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, 1, G, GP, VARLEN)
     if t0 >= T:
         return
-    dk = tl.arange(0, BDK)
     row_off, list_start, i_lo, i_hi = _position_blocks(IDX, bos, t0, kvh, hq, LO, HI, HQ, HKV, N, NP)
-    q = _load_tile(Q, row_off, rvalid, DK, BDK)
-    do = _load_tile(DO, row_off, rvalid, DV, BDV)
-    lse2 = _load_lse2(LSE, row_off, rvalid)
-    delta = tl.load(DELTA + row_off, mask=rvalid, other=0.0)
+    q, do, lse2, delta = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV)
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([GP, BDK], dtype=tl.float32)
     for i in range(i_lo, i_hi):
@@ -130,8 +124,7 @@ def _sel_dq_loop_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED,
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
-    tl.store(DQ + row_off[:, None] * DK + dk[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=rvalid[:, None] & (dk[None, :] < DK))
+    _store_tile(DQ, row_off, rvalid, dq * scale, DK, BDK)
 
 
 @triton.jit
@@ -146,7 +139,6 @@ def _sel_fwd_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, TK_FIXED, QOFF, KBASE, LO
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
-    dv = tl.arange(0, BDV)
     row = bos + tq.to(tl.int64)
     row_off = row * HQ + hq
     idx_row = row * HKV + kvh
@@ -167,8 +159,7 @@ def _sel_fwd_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, TK_FIXED, QOFF, KBASE, LO
         cur = _next_block(IDX, idx_row, ptr, rvalid, HI, N)
         blk = tl.min(cur, 0)
     o, lse = _finish(acc, m_i, l_i)  # rows with no block in this key buffer: o = 0, lse = -inf
-    tl.store(O + row_off[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty),
-             mask=rvalid[:, None] & (dv[None, :] < DV))
+    _store_tile(O, row_off, rvalid, o, DV, BDV)
     tl.store(LSE + row_off, lse, mask=rvalid)
 
 
@@ -181,14 +172,10 @@ def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED, 
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
-    dk = tl.arange(0, BDK)
     row = bos + tq.to(tl.int64)
     row_off = row * HQ + hq
     idx_row = row * HKV + kvh
-    q = _load_tile(Q, row_off, rvalid, DK, BDK)
-    do = _load_tile(DO, row_off, rvalid, DV, BDV)
-    lse2 = _load_lse2(LSE, row_off, rvalid)
-    delta = tl.load(DELTA + row_off, mask=rvalid, other=0.0)
+    q, do, lse2, delta = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV)
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_T * GP, BDK], dtype=tl.float32)
     ptr, cur = _walk_start(IDX, idx_row, rvalid, LO, HI, BLOCK_T * GP, N, NP)
@@ -204,8 +191,7 @@ def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED, 
         ptr += hit.to(tl.int32)
         cur = _next_block(IDX, idx_row, ptr, rvalid, HI, N)
         blk = tl.min(cur, 0)
-    tl.store(DQ + row_off[:, None] * DK + dk[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=rvalid[:, None] & (dk[None, :] < DK))
+    _store_tile(DQ, row_off, rvalid, dq * scale, DK, BDK)
 
 
 @triton.jit
@@ -241,10 +227,7 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
         rvalid = (qi < end) & (hg < G)
         tq = tl.load(QLIST + qi, mask=rvalid, other=0)
         row_off = (bos + tq.to(tl.int64)) * HQ + kvh * G + hg
-        q = _load_tile(Q, row_off, rvalid, DK, BDK)
-        do = _load_tile(DO, row_off, rvalid, DV, BDV)
-        lse2 = _load_lse2(LSE, row_off, rvalid)
-        delta = tl.load(DELTA + row_off, mask=rvalid, other=0.0)
+        q, do, lse2, delta = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         vis = (pos[None, :] <= tq[:, None] + QOFF) & rvalid[:, None]
         p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
