@@ -9,6 +9,7 @@ import triton.language as tl
 
 from .config import NSAConfig
 from .select import sequence_ids
+from .varlen import max_seqlen
 
 
 @triton.jit
@@ -56,24 +57,31 @@ def select_topn(scores: torch.Tensor, config: NSAConfig, cu_seqlens: Optional[to
     return idx
 
 
-SCORES_BUFFER_BYTES = 512 << 20  # the most fp32 block scores select_blocks keeps at once (fixed-length batches)
+SCORES_BUFFER_BYTES = 512 << 20  # the most fp32 block scores select_blocks keeps at once
 
 
 def select_blocks(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seqlens=None, cmp_cu_seqlens=None,
                   max_t=None, q_offset: int = 0) -> torch.Tensor:
     """Selection scores then top-n: block indices ``[b, t, hkv, n]`` (no autograd).
 
-    The ``[b, t, hkv, ns]`` fp32 scores grow as t^2 (1 GiB at 64k with 4 KV heads, 64 GiB at 512k): fixed-length
-    batches are scored ``SCORES_BUFFER_BYTES`` at a time, query chunk by query chunk (each chunk's top-n right after
-    its scores). Packed batches are scored whole."""
+    The ``[b, t, hkv, ns]`` fp32 scores grow as t^2 (1 GiB at 64k with 4 KV heads, 64 GiB at 512k), so at most
+    ``SCORES_BUFFER_BYTES`` of them exist at once: fixed-length batches are scored query chunk by query chunk
+    (each chunk's top-n right after its scores); packed batches whose scores would pass the budget are scored in
+    runs of neighbouring sequences that fit it, and a sequence too long for it alone in query chunks."""
     from .compress import selection_scores
     b, t, _, _ = q.shape
     hkv = k_cmp.shape[2]
+    if cu_seqlens is not None:
+        max_t = max_seqlen(cu_seqlens) if max_t is None else max_t
+        if t * hkv * config.num_select_blocks(max_t) * 4 <= SCORES_BUFFER_BYTES:
+            scores = selection_scores(q, k_cmp, lse_cmp, config, scale, cu_seqlens, cmp_cu_seqlens, max_t)
+            return select_topn(scores, config, cu_seqlens)
+        return _select_packed_runs(q, k_cmp, lse_cmp, config, scale, cu_seqlens, cmp_cu_seqlens)
     ns = config.num_select_blocks(t + q_offset)
     rows = max(64, SCORES_BUFFER_BYTES // (4 * b * hkv * max(ns, 1)) // 64 * 64)
-    if cu_seqlens is not None or rows >= t:
-        scores = selection_scores(q, k_cmp, lse_cmp, config, scale, cu_seqlens, cmp_cu_seqlens, max_t, q_offset)
-        return select_topn(scores, config, cu_seqlens, q_offset)
+    if rows >= t:
+        return select_topn(selection_scores(q, k_cmp, lse_cmp, config, scale, q_offset=q_offset), config,
+                           q_offset=q_offset)
     parts = []
     for s in range(0, t, rows):
         e = min(t, s + rows)
@@ -82,3 +90,32 @@ def select_blocks(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seqlens
         parts.append(select_topn(scores, config, q_offset=q_offset + s))
         del scores
     return torch.cat(parts, dim=1)
+
+
+def _select_packed_runs(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seqlens, cmp_cu_seqlens):
+    """:func:`select_blocks` of a packed batch (``b = 1``) whose whole scores would pass the budget: neighbouring
+    sequences grouped into runs whose scores fit it (a packed call each), a sequence that alone does not through
+    the fixed-length path's query chunks. One host sync for the bounds (the scores already cost far more)."""
+    hkv = k_cmp.shape[2]
+    cu, ccu = cu_seqlens.tolist(), cmp_cu_seqlens.tolist()
+    idx = torch.full((1, q.shape[1], hkv, config.select_topn), -1, device=q.device, dtype=torch.int32)
+
+    def fits(i: int, j: int, longest: int) -> bool:
+        return (cu[j] - cu[i]) * hkv * config.num_select_blocks(longest) * 4 <= SCORES_BUFFER_BYTES
+
+    i = 0
+    while i < len(cu) - 1:
+        j, longest = i + 1, cu[i + 1] - cu[i]
+        while j < len(cu) - 1 and fits(i, j + 1, max(longest, cu[j + 1] - cu[j])):
+            longest = max(longest, cu[j + 1] - cu[j])
+            j += 1
+        lo, hi, clo, chi = cu[i], cu[j], ccu[i], ccu[j]
+        if hi > lo:
+            part = (q[:, lo:hi], k_cmp[:, clo:chi], lse_cmp[:, lo:hi].contiguous(), config, scale)
+            if j == i + 1:
+                idx[:, lo:hi] = select_blocks(*part)
+            else:
+                rebase = [torch.tensor(c[i:j + 1], dtype=cu_seqlens.dtype, device=q.device) - c[i] for c in (cu, ccu)]
+                idx[:, lo:hi] = select_blocks(*part, *rebase, longest)
+        i = j
+    return idx

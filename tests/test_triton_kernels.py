@@ -145,6 +145,35 @@ def test_select_blocks_in_query_chunks_equals_whole(q_offset, monkeypatch):
     assert torch.equal(whole, want)
 
 
+def test_packed_select_blocks_within_the_buffer_equals_whole(monkeypatch):
+    """A packed batch whose scores pass the buffer is scored in runs of neighbouring sequences (and a sequence too
+    long alone in query chunks): the same blocks as scoring it whole, no scores tensor above the budget."""
+    from nsa_parallel.kernels import compress, topn
+    from nsa_parallel.kernels.varlen import compressed_cu_seqlens
+    lens, hq, hkv, dk = [300, 40, 0, 75, 30, 200], 4, 2, 16
+    cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+    ccu = compressed_cu_seqlens(cu, SMALL.compress_block, SMALL.compress_stride)
+    q = _rand(1, sum(lens), hq, dk, dtype=torch.float32, seed=5).detach()
+    kc = _rand(1, int(ccu[-1]), hkv, dk, dtype=torch.float32, seed=6).detach()
+    _, lse = compressed_attention(q, kc, torch.zeros_like(kc), SMALL, 0.3, cu, ccu)
+    whole = topn.select_blocks(q, kc, lse, SMALL, 0.3, cu, ccu)
+    budget = 4 * hkv * SMALL.num_select_blocks(75) * 120  # 120 rows of a 75-token sequence's width
+    sizes, real = [], compress.selection_scores
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        sizes.append((out.numel() * 4, out.shape[1]))
+        return out
+    monkeypatch.setattr(compress, "selection_scores", spy)
+    monkeypatch.setattr(topn, "SCORES_BUFFER_BYTES", budget)
+    assert torch.equal(topn.select_blocks(q, kc, lse, SMALL, 0.3, cu, ccu), whole)
+    # 300: 64-row chunks; 40 + 0 + 75 together; 30 alone (with 75 it passes); 200 in chunks
+    assert all(n <= budget or rows <= 64 for n, rows in sizes), sizes  # 64 rows: the chunks' floor
+    assert [rows for _, rows in sizes] == [64, 64, 64, 64, 44, 115, 30, 64, 64, 64, 8], sizes
+    want = select_topn(selection_scores(q, kc, lse, SMALL, 0.3, cu, ccu), SMALL, cu)
+    assert torch.equal(whole, want)
+
+
 def _nsa_both(b, t, hq, hkv, dk, dv, cfg, dtype, cu=None, seed=0):
     q, kvs, gate, ck, cv = make_inputs(b, t, hq, hkv, dk, dv, cfg, dtype=dtype, seed=seed, requires_grad=True,
                                        device=DEVICE)
