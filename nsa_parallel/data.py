@@ -44,6 +44,7 @@ class RecallTask:
         return 2 ** 62
 
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        # torch's CPU generator keeps 32 bits of the seed: sample i + 2^32 repeats sample i
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(index))
         t, p = self.seq_length + 1, self.num_pairs
         keys = torch.randperm(self.num_keys, generator=gen)[:p]
@@ -90,10 +91,25 @@ class _MegatronSamples:
         return out
 
 
+class HeldOut:
+    """Samples of an endless generated dataset (the recall task) from index ``2**31`` on, which training never
+    reaches: a validation set drawn from the same distribution. (Not further: torch's CPU generator keeps 32 bits
+    of a seed, so sample ``i + 2**32`` repeats sample ``i``.)"""
+
+    START = 1 << 31
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        return self.dataset[self.START + int(index)]
+
+
 def megatron_gpt_dataset(*, data_path: Optional[Sequence[str]], mock: bool, seq_length: int, vocab_size: int,
-                         num_samples: int, seed: int, split: str = "100,0,0"):
-    """The training split of Megatron's GPT dataset over ``data_path`` (indexed ``.bin``/``.idx`` prefixes, with
-    optional weights as in ``--data-path 0.3 a 0.7 b``), or Megatron's mock dataset."""
+                         num_samples: int, seed: int, split: str = "100,0,0", valid_samples: int = 0):
+    """``(train, valid)``: the training and validation splits of Megatron's GPT dataset over ``data_path``
+    (indexed ``.bin``/``.idx`` prefixes, with optional weights as in ``--data-path 0.3 a 0.7 b``; ``split`` gives
+    the splits' weights), or Megatron's mock dataset; ``valid`` is None when ``valid_samples`` is 0."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
     from megatron.core.datasets.utils import get_blend_from_list
@@ -103,10 +119,14 @@ def megatron_gpt_dataset(*, data_path: Optional[Sequence[str]], mock: bool, seq_
         split=split, tokenizer=VocabTokenizer(vocab_size), reset_position_ids=False, reset_attention_mask=False,
         eod_mask_loss=False, create_attention_mask=False, mmap_bin_files=True)
     cls = MockGPTDataset if mock else GPTDataset
-    train, _, _ = BlendedMegatronDatasetBuilder(cls, [num_samples, 0, 0], lambda: True, config).build()
+    train, valid, _ = BlendedMegatronDatasetBuilder(cls, [num_samples, valid_samples, 0], lambda: True,
+                                                    config).build()
     if train is None:
         raise ValueError(f"--data-path {' '.join(data_path or [])} with --split {split} leaves no training data")
-    return _MegatronSamples(train, vocab_size)
+    if valid_samples and valid is None:
+        raise ValueError(f"--eval-interval needs validation data, but --split {split} leaves none; give the "
+                         "validation split a weight, e.g. --split 98,2,0")
+    return _MegatronSamples(train, vocab_size), (_MegatronSamples(valid, vocab_size) if valid_samples else None)
 
 
 def micro_batches(dataset, *, micro_batch_size: int, num_micro_batches: int, data_parallel_rank: int,

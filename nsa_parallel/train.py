@@ -93,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 parameters and optimizer state).")
     g.add_argument("--recompute-activations", action="store_true", help="recompute whole layers in backward.")
     g.add_argument("--seed", type=int, default=1234)
+    g = p.add_argument_group("validation")
+    g.add_argument("--eval-interval", type=int, default=None,
+                   help="validation loss every N iterations and after the last (default: no validation). Data: "
+                        "the validation split of --data-path (see --split), Megatron's mock validation set, or "
+                        "held-out recall-task samples.")
+    g.add_argument("--eval-iters", type=int, default=10,
+                   help="global batches per validation; the same ones every time, so the curve compares like "
+                        "with like.")
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None, help="directory for dist_checkpointing checkpoints")
     g.add_argument("--save-interval", type=int, default=None, help="default: only at the end")
@@ -111,7 +119,8 @@ def _fail(msg: str):
 def validate_args(args) -> None:
     for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "seq_length",
                  "micro_batch_size", "train_iters", "log_interval", "tensor_model_parallel_size",
-                 "pipeline_model_parallel_size", "context_parallel_size", "make_vocab_size_divisible_by"):
+                 "pipeline_model_parallel_size", "context_parallel_size", "make_vocab_size_divisible_by",
+                 "eval_iters"):
         if getattr(args, name) < 1:
             _fail(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     if args.hidden_size % args.num_attention_heads:
@@ -134,6 +143,8 @@ def validate_args(args) -> None:
     if not 0 <= args.lr_warmup_iters < decay:
         _fail(f"--lr-warmup-iters={args.lr_warmup_iters} must be >= 0 and < --lr-decay-iters (default "
               f"--train-iters) = {decay}")
+    if args.eval_interval is not None and args.eval_interval < 1:
+        _fail(f"--eval-interval={args.eval_interval} must be >= 1")
     if args.save_interval is not None and args.save_interval < 1:
         _fail(f"--save-interval={args.save_interval} must be >= 1")
     if args.save_interval and not args.save:
@@ -357,7 +368,7 @@ def train(argv: Optional[List[str]] = None) -> Dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from .checkpoint import load_checkpoint, save_checkpoint
-    from .data import RecallTask, megatron_gpt_dataset
+    from .data import HeldOut, RecallTask, megatron_gpt_dataset
 
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
     if env.world_size % (tp * pp * cp):
@@ -374,9 +385,13 @@ def train(argv: Optional[List[str]] = None) -> Dict:
     num_micro = gbs // (args.micro_batch_size * dp)
     _enter_model_parallel(args, env, tp, pp, cp)
     if args.data_path or args.mock_data:
-        dataset = megatron_gpt_dataset(data_path=args.data_path, mock=args.mock_data,
-                                       seq_length=args.seq_length, vocab_size=args.vocab_size,
-                                       num_samples=args.train_iters * gbs, seed=args.seed, split=args.split)
+        try:
+            dataset, valid = megatron_gpt_dataset(
+                data_path=args.data_path, mock=args.mock_data, seq_length=args.seq_length,
+                vocab_size=args.vocab_size, num_samples=args.train_iters * gbs, seed=args.seed, split=args.split,
+                valid_samples=args.eval_iters * gbs if args.eval_interval else 0)
+        except ValueError as e:
+            _fail(str(e))
         vocab_size, data_name = args.vocab_size, ("mock" if args.mock_data else " ".join(args.data_path))
     else:
         try:
@@ -384,13 +399,13 @@ def train(argv: Optional[List[str]] = None) -> Dict:
                                  num_keys=args.recall_keys, num_values=args.recall_values, seed=args.seed)
         except ValueError as e:
             _fail(f"bad --recall-* / --seq-length argument: {e}")
-        vocab_size = dataset.vocab_size
+        vocab_size, valid = dataset.vocab_size, HeldOut(dataset) if args.eval_interval else None
         data_name = (f"recall task ({args.recall_pairs} pairs; loss on recalled values, chance "
                      f"ln({args.recall_values}) = {math.log(args.recall_values):.2f})")
     model, config = build_model(args, nsa_cfg, vocab_size, env.device)
     opt, sched = build_optimizer(args, model, env.device)
     start = load_checkpoint(args.load, model, opt, sched) if args.load else 0
-    return _loop(args, env, model, config, opt, sched, dataset, start, dp, num_micro, nsa_cfg, vocab_size,
+    return _loop(args, env, model, config, opt, sched, dataset, valid, start, dp, num_micro, nsa_cfg, vocab_size,
                  data_name, get_forward_backward_func(), save_checkpoint)
 
 
@@ -441,8 +456,33 @@ def _core_attentions(model) -> list:
     return [layer.self_attention.core_attention for layer in model.module.decoder.layers]
 
 
-def _loop(args, env, model, config, opt, sched, dataset, start, dp, num_micro, nsa_cfg, vocab_size, data_name,
-          forward_backward, save_checkpoint) -> Dict:
+def _evaluate(args, model, forward_backward, valid, dp: int, num_micro: int, device, cores) -> float:
+    """Mean validation loss over ``--eval-iters`` global batches (the first ones of ``valid`` every time); NaN
+    off the last pipeline stage."""
+    from megatron.core import parallel_state as ps
+
+    from .data import micro_batches
+    data = micro_batches(valid, micro_batch_size=args.micro_batch_size, num_micro_batches=num_micro,
+                         data_parallel_rank=ps.get_data_parallel_rank(), data_parallel_size=dp, start_iteration=0,
+                         device=device) if ps.is_pipeline_first_stage() or ps.is_pipeline_last_stage() else None
+    losses = []
+    model.eval()
+    try:
+        with torch.no_grad():
+            for _ in range(args.eval_iters):
+                reports = forward_backward(forward_step_func=forward_step, data_iterator=data, model=[model],
+                                           num_microbatches=num_micro, seq_length=args.seq_length,
+                                           micro_batch_size=args.micro_batch_size, forward_only=True)
+                losses += [r["lm loss"].item() for r in reports]
+    finally:
+        model.train()
+        for core in cores:
+            core.timer.pop()  # not training time
+    return sum(losses) / len(losses) if losses else float("nan")
+
+
+def _loop(args, env, model, config, opt, sched, dataset, valid, start, dp, num_micro, nsa_cfg, vocab_size,
+          data_name, forward_backward, save_checkpoint) -> Dict:
     from megatron.core import parallel_state as ps
 
     from .data import micro_batches
@@ -467,7 +507,7 @@ def _loop(args, env, model, config, opt, sched, dataset, start, dp, num_micro, n
     cores = _core_attentions(model)
     flops_per_token = model_flops_per_token(args, nsa_cfg, vocab_size)
     tokens_per_iter = num_micro * dp * args.micro_batch_size * args.seq_length
-    history, t_last, iters_since = [], time.perf_counter(), 0
+    history, validation, t_last, iters_since = [], [], time.perf_counter(), 0
     for it in range(start, args.train_iters):
         log_now = (it + 1) % args.log_interval == 0 or it + 1 == args.train_iters
         for core in cores:
@@ -502,6 +542,11 @@ def _loop(args, env, model, config, opt, sched, dataset, start, dp, num_micro, n
             logger.log(it + 1, scalars, line_keys=line)
             history.append({"iteration": it + 1, **scalars})
             t_last, iters_since = time.perf_counter(), 0
+        if valid is not None and ((it + 1) % args.eval_interval == 0 or it + 1 == args.train_iters):
+            loss = _evaluate(args, model, forward_backward, valid, dp, num_micro, env.device, cores)
+            logger.log(it + 1, {"validation/loss": loss, "validation/ppl": math.exp(min(loss, 50.0))})
+            validation.append({"iteration": it + 1, "loss": loss})
+            t_last = time.perf_counter()  # throughput counts training, not validation
         if args.save and args.save_interval and (it + 1) % args.save_interval == 0 and it + 1 < args.train_iters:
             save_checkpoint(args.save, it + 1, model, opt, sched)
             t_last = time.perf_counter()  # throughput counts training, not checkpoint writes
@@ -510,7 +555,7 @@ def _loop(args, env, model, config, opt, sched, dataset, start, dp, num_micro, n
     if args.save and args.train_iters > start:
         save_checkpoint(args.save, args.train_iters, model, opt, sched)
     logger.close()
-    return {"history": history, "params": n_params, "rank": env.rank}
+    return {"history": history, "validation": validation, "params": n_params, "rank": env.rank}
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -51,6 +51,40 @@ def test_training_lowers_the_loss_and_logs_tensorboard(tmp_path):
     assert all(0 < v < 1 for v in gates)  # sigmoid gates
 
 
+def test_validation_loss_is_the_held_out_batches_loss(tmp_path):
+    """--eval-interval 3 over 4 iterations: validation after 3 and after the last; at 4 it is the mean loss of
+    the first --eval-iters held-out global batches under the saved weights, recomputed here by hand; TensorBoard
+    has it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from nsa_parallel.data import RecallTask
+    from nsa_parallel.train import load_for_inference
+    ckpt, tb = tmp_path / "ckpt", tmp_path / "tb"
+    res = train(RESUMABLE + ["--train-iters", "4", "--eval-interval", "3", "--eval-iters", "2", "--save", str(ckpt),
+                             "--tensorboard-dir", str(tb)])
+    assert [v["iteration"] for v in res["validation"]] == [3, 4]
+    model, _ = load_for_inference(build_parser().parse_args(RESUMABLE + ["--load", str(ckpt)]))
+    task = RecallTask(seq_length=128, num_pairs=8, num_keys=16, num_values=8, seed=1234)
+    held = [task[(1 << 31) + i] for i in range(8)]  # samples training never reaches
+    assert not torch.equal(held[0]["tokens"], task[0]["tokens"])
+    model.eval()
+    want = []
+    with torch.no_grad():
+        for m in range(2):  # --eval-iters 2 global batches of one micro-batch of 4
+            batch = {k: torch.stack([held[4 * m + j][k] for j in range(4)]) for k in held[0]}
+            per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).float()
+            want.append(((per_token * batch["loss_mask"]).sum() / batch["loss_mask"].sum()).item())
+    want = sum(want) / 2
+    assert abs(res["validation"][-1]["loss"] - want) < RTOL * want, (res["validation"], want)
+    ea = EventAccumulator(str(tb))
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("validation/loss")] == [3, 4]
+    got = [e.value for e in ea.Scalars("validation/loss")]
+    assert all(abs(a - v["loss"]) < 1e-6 * a for a, v in zip(got, res["validation"])), got
+    ppl = ea.Scalars("validation/ppl")[-1].value
+    assert abs(ppl - math.exp(got[-1])) < 1e-4 * ppl
+
+
 def test_save_and_resume_gives_the_same_next_losses(tmp_path):
     full = _losses(train(RESUMABLE + ["--train-iters", "4"]))
     train(RESUMABLE + ["--train-iters", "2", "--save", str(tmp_path)])
@@ -146,8 +180,17 @@ def test_megatron_datasets(tmp_path):
                         "--vocab-size", "64"])
     losses = _losses(res)
     assert losses[-1] < losses[0] - 1.0, losses
-    res = train(TINY + ["--train-iters", "2", "--log-interval", "1", "--mock-data", "--vocab-size", "128"])
+    res = train(TINY + ["--train-iters", "2", "--log-interval", "1", "--mock-data", "--vocab-size", "128",
+                        "--eval-interval", "2", "--eval-iters", "1"])
     assert all(math.isfinite(x) for x in _losses(res))
+    assert math.isfinite(res["validation"][0]["loss"])
+    # validation from the indexed data's own split
+    res = train(TINY + ["--train-iters", "4", "--lr", "1e-2", "--data-path", prefix, "--vocab-size", "64",
+                        "--split", "80,20,0", "--eval-interval", "2", "--eval-iters", "2"])
+    val = [v["loss"] for v in res["validation"]]
+    assert len(val) == 2 and val[1] < val[0], val
+    with pytest.raises(SystemExit, match="--eval-interval needs validation data, but --split 100,0,0 leaves none"):
+        train(TINY + ["--train-iters", "2", "--data-path", prefix, "--vocab-size", "64", "--eval-interval", "1"])
     with pytest.raises(ValueError, match="holds token id 49, but --vocab-size=32"):
         train(TINY + ["--train-iters", "2", "--data-path", prefix, "--vocab-size", "32"])
 
@@ -169,6 +212,8 @@ def test_megatron_datasets(tmp_path):
     (["--global-batch-size", "6"], "--global-batch-size=6 must be a multiple of micro batch x data-parallel"),
     (["--save-interval", "2"], "--save-interval needs --save DIR"),
     (["--make-vocab-size-divisible-by", "0"], "--make-vocab-size-divisible-by=0 must be >= 1"),
+    (["--eval-interval", "0"], "--eval-interval=0 must be >= 1"),
+    (["--eval-iters", "0"], "--eval-iters=0 must be >= 1"),
 ])
 def test_bad_flags_are_named(flags, msg):
     with pytest.raises(SystemExit, match=msg.replace("(", r"\(")):
