@@ -155,6 +155,10 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
     bad = [t for p in prompts for t in p if limit is not None and not 0 <= t < limit]
     if bad:  # a vocab-parallel embedding would silently embed them as zeros
         raise ValueError(f"generate: prompt token ids {bad[:8]} outside the vocabulary; allowed: 0..{limit - 1}")
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    if getattr(gpt, "position_embedding_type", "") == "learned_absolute" and longest > gpt.max_sequence_length:
+        raise ValueError(f"generate: the longest prompt + max_new_tokens = {longest} positions; a model with learned "
+                         f"absolute positions has {gpt.max_sequence_length} (allowed: <= it)")
     ranks = _Ranks(gpt, vocab_size)
     device = next(gpt.parameters()).device
     bsz = len(prompts)

@@ -81,6 +81,16 @@ def test_bad_generation_arguments_are_named(gpt):
         generate(gpt, [[1], []], 2)
     with pytest.raises(ValueError, match="max_new_tokens=0 must be >= 1"):
         generate(gpt, [[1]], 0)
+    with pytest.raises(ValueError, match=r"prompt token ids \[50, -1\] outside the vocabulary; allowed: 0..49"):
+        generate(gpt, [[1, 50], [-1]], 2)
+    with pytest.raises(ValueError, match="top_k=51; allowed: 0 \\(all\\) .. 50"):
+        generate(gpt, [[1]], 2, temperature=1.0, top_k=51)
+    gpt.position_embedding_type = "learned_absolute"  # only the length check reads it before the forward
+    try:
+        with pytest.raises(ValueError, match="= 130 positions; a model with learned absolute positions has 128"):
+            generate(gpt, [[1] * 100], 30)
+    finally:
+        gpt.position_embedding_type = "rope"
 
 
 @pytest.mark.gpu
