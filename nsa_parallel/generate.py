@@ -68,6 +68,10 @@ class _Ranks:
                              "over the tensor-parallel ranks; build the model with sequence_parallel=False (same "
                              "weights)")
         self.gather = self.tp is not None and getattr(gpt, "parallel_output", True)
+        # checked on every rank before any forward: a rank that raised mid-way would leave the others waiting
+        if vocab_size is not None and not 1 <= vocab_size <= gpt.vocab_size:
+            raise ValueError(f"generate: vocab_size={vocab_size}; allowed: 1..{gpt.vocab_size} (the model's output "
+                             "rows)")
         self.vocab_size = vocab_size
         self.width = vocab_size or gpt.vocab_size  # the logits' columns after the cut
         self.stages = dist.get_process_group_ranks(self.pp) if self.pp is not None else [None]
@@ -95,9 +99,6 @@ class _Ranks:
             dist.all_gather(parts, x.contiguous(), group=self.tp)
             x = torch.cat(parts, dim=-1)
         if self.vocab_size is not None:
-            if not 1 <= self.vocab_size <= x.shape[-1]:
-                raise ValueError(f"generate: vocab_size={self.vocab_size}; allowed: 1..{x.shape[-1]} (the model's "
-                                 "output rows)")
             x = x[..., :self.vocab_size]  # Megatron pads the vocabulary; padded rows are never drawn
         return x
 
@@ -160,6 +161,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
         raise ValueError(f"generate: the longest prompt + max_new_tokens = {longest} positions; a model with learned "
                          f"absolute positions has {gpt.max_sequence_length} (allowed: <= it)")
     ranks = _Ranks(gpt, vocab_size)
+    if top_k > ranks.width:
+        raise ValueError(f"generate: top_k={top_k}; allowed: 0 (all) .. {ranks.width} (the vocabulary)")
     device = next(gpt.parameters()).device
     bsz = len(prompts)
     lens = torch.tensor([len(p) for p in prompts], device=device)

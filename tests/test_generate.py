@@ -85,6 +85,10 @@ def test_bad_generation_arguments_are_named(gpt):
         generate(gpt, [[1, 50], [-1]], 2)
     with pytest.raises(ValueError, match="top_k=51; allowed: 0 \\(all\\) .. 50"):
         generate(gpt, [[1]], 2, temperature=1.0, top_k=51)
+    with pytest.raises(ValueError, match="top_k=21; allowed: 0 \\(all\\) .. 20"):
+        generate(gpt, [[1]], 2, temperature=1.0, top_k=21, vocab_size=20)
+    with pytest.raises(ValueError, match="vocab_size=51; allowed: 1..50"):
+        generate(gpt, [[1]], 2, vocab_size=51)
     gpt.position_embedding_type = "learned_absolute"  # only the length check reads it before the forward
     try:
         with pytest.raises(ValueError, match="= 130 positions; a model with learned absolute positions has 128"):

@@ -136,6 +136,20 @@ def test_two_ranks_equal_one_rank(flags, tp1_checkpoint):
         assert abs(a - b) < max(RTOL, 1e-4) * abs(b), (got, want)
 
 
+def test_activation_recomputation_keeps_the_losses(tp1_checkpoint, monkeypatch):
+    """--recompute-activations (Megatron's full, uniform layer recomputation) re-runs each layer's forward, NSA's
+    included, in backward (twice the NSA core calls): the same losses as storing the activations."""
+    from nsa_parallel.megatron.attention import NSACoreAttention
+    full, _ = tp1_checkpoint
+    calls, real = [], NSACoreAttention.forward
+    monkeypatch.setattr(NSACoreAttention, "forward", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    got = _losses(train(RESUMABLE + ["--train-iters", "4", "--recompute-activations"]))
+    assert len(calls) == 4 * 2 * 2  # iterations x layers x (forward + recomputation)
+    assert len(got) == len(full)
+    for a, b in zip(got, full):
+        assert abs(a - b) < RTOL * abs(b), (got, full)
+
+
 @pytest.mark.skipif(HAS_CUDA and torch.cuda.device_count() < 2, reason="2 ranks on CUDA need 2 GPUs (NCCL)")
 def test_a_tensor_parallel_checkpoint_resumes_on_one_rank(tmp_path, tp1_checkpoint):
     """Saved by TP=2 + SP (each rank its heads', MLP and vocabulary shards, optimizer state alike), resumed by one
