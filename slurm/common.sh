@@ -14,6 +14,7 @@
 #   VOCAB_SIZE   token ids of DATA (mock / dataset)                   (32000)
 #   RUN_DIR      TensorBoard and checkpoints go under it              (runs/$SLURM_JOB_ID)
 #   EXTRA_ARGS   anything else for python -m nsa_parallel.train       ()
+#                (validation: EXTRA_ARGS="--split 99,1,0 --eval-interval 500 --eval-iters 20")
 #   NSA_MASTER_ADDR, NSA_MASTER_PORT  rendezvous override             (first host, 20000 + job id % 20000)
 
 set -euo pipefail
