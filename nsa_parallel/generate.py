@@ -137,9 +137,10 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0,
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int = 0, generator: Optional[torch.Generator] = None, backend: Optional[str] = None,
-             vocab_size: Optional[int] = None, return_logits: bool = False):
-    """New tokens for each prompt (``max_new_tokens`` each); with ``return_logits`` also the ``[B, V]`` logits
-    each token was drawn from, step by step. ``vocab_size``: the data's vocabulary when the model's output rows
+             vocab_size: Optional[int] = None, stop_token: Optional[int] = None, return_logits: bool = False):
+    """New tokens for each prompt (``max_new_tokens`` each, or up to and including ``stop_token``: decoding ends
+    once every sequence has drawn it); with ``return_logits`` also the ``[B, steps, V]`` logits each token was
+    drawn from, step by step. ``vocab_size``: the data's vocabulary when the model's output rows
     are padded (tokens are drawn below it); default all rows. Under tensor / pipeline parallelism every rank
     calls this with the same arguments and gets the same tokens (and logits)."""
     from .megatron.attention import NSASelfAttention
@@ -181,12 +182,15 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
         logits = ranks.forward(gpt, ids, torch.arange(tmax, device=device)[None].expand(bsz, -1))
         last = None if logits is None else logits[torch.arange(bsz, device=device), lens - 1]
         pos, out, seen = lens.clone(), [], []
+        stopped = torch.zeros(bsz, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
             nxt, last = ranks.choose(last, bsz, device, lambda x: sample(x, temperature, top_k, generator),
                                      return_logits)
             out.append(nxt)
             seen.append(last)
-            if step + 1 == max_new_tokens:
+            if stop_token is not None:
+                stopped |= nxt == stop_token
+            if step + 1 == max_new_tokens or (stop_token is not None and bool(stopped.all())):
                 break
             state.mode, state.lens = "decode", pos
             if rope is not None:
@@ -199,6 +203,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, te
             a.decode_state = None
         gpt.train(was_training)
     tokens = torch.stack(out, dim=1).tolist()
+    if stop_token is not None:
+        tokens = [t[:t.index(stop_token) + 1] if stop_token in t else t for t in tokens]
     return (tokens, torch.stack(seen, dim=1)) if return_logits else tokens
 
 
@@ -213,6 +219,8 @@ def main(argv: Optional[List[str]] = None) -> List[List[int]]:
     g.add_argument("--max-new-tokens", type=int, default=16)
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--top-k", type=int, default=0, help="0: the whole vocabulary")
+    g.add_argument("--stop-token", type=int, default=None,
+                   help="end a continuation at this id (kept); decoding stops once every prompt has drawn it")
     args = p.parse_args(argv)
     if not args.load:
         raise SystemExit("nsa_parallel.generate: --load DIR (a trainer checkpoint) is required")
@@ -220,7 +228,7 @@ def main(argv: Optional[List[str]] = None) -> List[List[int]]:
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     try:
         tokens = generate(model, args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          generator=gen, vocab_size=vocab_size)
+                          generator=gen, vocab_size=vocab_size, stop_token=args.stop_token)
     except ValueError as e:
         raise SystemExit(f"nsa_parallel.generate: {e}") from None
     if dist.get_rank() == 0:  # every TP rank holds the same tokens

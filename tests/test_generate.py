@@ -69,6 +69,21 @@ def test_greedy_generation_equals_full_forward(gpt, monkeypatch):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the CPU model; GPUs run test_generation_on_gpu_bf16")
+def test_stop_token_ends_each_continuation_and_the_loop(gpt, monkeypatch):
+    """A continuation ends at the stop token (kept); decoding stops once every sequence has drawn it."""
+    import nsa_parallel.megatron.attention as attention
+    full = generate(gpt, PROMPTS, NEW)
+    stop = full[1][3]  # the 4th token of the second prompt's continuation
+    cut = [t[:t.index(stop) + 1] if stop in t else t for t in full]
+    assert generate(gpt, PROMPTS, NEW, stop_token=stop) == cut
+    assert any(len(t) < NEW for t in cut) and any(len(t) == NEW for t in cut), cut  # cut and uncut ones
+    calls, real = [], attention.nsa_decode
+    monkeypatch.setattr(attention, "nsa_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = generate(gpt, PROMPTS[1:2], NEW, stop_token=stop)  # one sequence: stops at its 4th token at the latest
+    assert got == [cut[1]] and len(calls) == (len(cut[1]) - 1) * 2  # decode steps x layers
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU model; GPUs run test_generation_on_gpu_bf16")
 def test_sampling_follows_the_same_distribution_draws(gpt):
     kw = dict(temperature=0.9, top_k=8)
     got = generate(gpt, PROMPTS, NEW, generator=torch.Generator().manual_seed(3), **kw)
