@@ -198,7 +198,10 @@ def _check_nsa(o, idx, r, ridx, inputs, names, dtype):
             _check(a, b, dtype, f"d{name}")
 
 
-@pytest.mark.parametrize("t,hq,hkv,dk,dv", [(70, 4, 2, 16, 8), (45, 3, 1, 8, 8)])
+@pytest.mark.parametrize("t,hq,hkv,dk,dv", [
+    (70, 4, 2, 16, 8), (45, 3, 1, 8, 8),
+    (40, 64, 1, 16, 16),  # G=64: the per-position selected kernels with 64-row accumulators
+])
 def test_nsa_triton_matches_reference(t, hq, hkv, dk, dv):
     _check_nsa(*_nsa_both(1, t, hq, hkv, dk, dv, SMALL, torch.float32), torch.float32)
 
@@ -211,7 +214,8 @@ def test_nsa_triton_packed_sequences():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("t,hq,hkv,dk,dv", [(4096, 64, 4, 128, 128), (2048, 16, 2, 192, 128), (3000, 8, 8, 64, 64)])
+@pytest.mark.parametrize("t,hq,hkv,dk,dv", [(4096, 64, 4, 128, 128), (2048, 16, 2, 192, 128), (3000, 8, 8, 64, 64),
+                                            (2048, 64, 1, 192, 128)])  # G=64: 4/8-warp selected loop kernels
 def test_gpu_nsa_bf16_paper_config(t, hq, hkv, dk, dv):
     cfg = NSAConfig()
     q, kvs, gate, ck, cv = make_inputs(1, t, hq, hkv, dk, dv, cfg, dtype=torch.float32, seed=7, device=DEVICE)
