@@ -136,6 +136,25 @@ def test_two_ranks_equal_one_rank(flags, tp1_checkpoint):
         assert abs(a - b) < max(RTOL, 1e-4) * abs(b), (got, want)
 
 
+def _validation(argv):
+    return [v["loss"] for v in train(argv)["validation"]]
+
+
+@pytest.mark.parametrize("flags", [["--pipeline-model-parallel-size", "2"], ["--micro-batch-size", "2"]],
+                         ids=["pp2", "dp2"])
+@pytest.mark.skipif(HAS_CUDA and torch.cuda.device_count() < 2, reason="2 ranks on CUDA need 2 GPUs (NCCL)")
+def test_validation_under_two_ranks_equals_one(flags, tp1_checkpoint):
+    """Validation through the pipelined forward-only schedule (PP=2, loaded from the TP=1 checkpoint) or averaged
+    over data-parallel ranks (DP=2, half the batch each) gives one rank's validation losses."""
+    _, ckpt = tp1_checkpoint
+    argv = RESUMABLE + ["--train-iters", "4", "--load", str(ckpt), "--eval-interval", "1", "--eval-iters", "2"]
+    want = _validation(argv)
+    got = spawn_ranks(2, _validation, argv + flags)[-1]  # the last rank holds the last stage
+    assert len(got) == len(want) == 2
+    for a, b in zip(got, want):
+        assert abs(a - b) < max(RTOL, 1e-4) * abs(b), (got, want)
+
+
 def test_activation_recomputation_keeps_the_losses(tp1_checkpoint, monkeypatch):
     """--recompute-activations (Megatron's full, uniform layer recomputation) re-runs each layer's forward, NSA's
     included, in backward (twice the NSA core calls): the same losses as storing the activations."""
