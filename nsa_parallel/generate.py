@@ -213,6 +213,8 @@ def main(argv: Optional[List[str]] = None) -> List[List[int]]:
     from .train import build_parser, load_for_inference
     p = build_parser()
     p.prog = "python -m nsa_parallel.generate"
+    p.description = ("Continue prompts with a GPT the trainer saved: give --load and the trainer's model flags "
+                     "(one process, or TP x PP processes under torchrun / srun).")
     g = p.add_argument_group("generation")
     g.add_argument("--prompt", type=int, nargs="+", action="append", required=True,
                    help="token ids of one prompt; repeat the flag for a batch of prompts")
