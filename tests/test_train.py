@@ -136,6 +136,21 @@ def test_two_ranks_equal_one_rank(flags, tp1_checkpoint):
         assert abs(a - b) < max(RTOL, 1e-4) * abs(b), (got, want)
 
 
+def test_a_checkpoint_with_fewer_vocabulary_rows_loads_its_rows(tmp_path):
+    """A checkpoint of the unpadded vocabulary (--make-vocab-size-divisible-by 1: 24 rows, the shape saved before the
+    padding existed) loads into the padded model (128 rows): the stored rows are loaded, as docs/troubleshooting.md
+    says (Megatron allows the embedding's shape to differ)."""
+    from nsa_parallel.train import load_for_inference
+    train(RESUMABLE + ["--train-iters", "2", "--save", str(tmp_path), "--make-vocab-size-divisible-by", "1"])
+    old, _ = load_for_inference(build_parser().parse_args(RESUMABLE + ["--load", str(tmp_path),
+                                                                       "--make-vocab-size-divisible-by", "1"]))
+    rows = old.module.embedding.word_embeddings.weight.detach().clone()
+    new, _ = load_for_inference(build_parser().parse_args(RESUMABLE + ["--load", str(tmp_path)]))
+    padded = new.module.embedding.word_embeddings.weight.detach()
+    assert rows.shape[0] == 24 and padded.shape[0] == 128
+    assert torch.equal(padded[:24], rows)
+
+
 def _validation(argv):
     return [v["loss"] for v in train(argv)["validation"]]
 
