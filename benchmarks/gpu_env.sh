@@ -1,5 +1,8 @@
 # Sourced by the GPU session scripts: install the checkout the way pip lays it out, without network.
 # Wheels of packages the GPU machine lacks (megatron-core, fla-core) may sit in .whl/.
+# a fresh copy every call: on a machine kept warm, `cp -r kernels DEST` into an existing DEST would nest the new
+# tree inside the old one and run the previous call's kernels
+rm -rf /tmp/pkg
 mkdir -p "$out" /tmp/pkg/nsa_parallel
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then

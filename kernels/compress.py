@@ -23,6 +23,7 @@ from .flash import (
 from .interface import check_triton_config
 from .varlen import max_seqlen
 
+SCORES_WIDE_STAGES = 1  # pipeline stages of 256-wide tiles (dk above 128); 2 and 3 measured slower (H100)
 SCORES_ONE_PASS = True  # one q.k pass per tile, blocks by overlap weights (else one pass per slot a token covers)
 SCORES_BLOCK_M, SCORES_WARPS, SCORES_STAGES = 128, 8, 2  # rows (positions x heads) per program, warps, stages:
 # the best of 7 on an H100 at 64k (7.7 ms against 8.4 for 64 rows, 4 warps, 3 stages; benchmarks/tile_sweep.py)
@@ -130,5 +131,5 @@ def selection_scores(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seql
         KOFF=config.compress_block - 1, SEL_BLOCK=config.select_block, VARLEN=varlen,
         ONE_PASS=SCORES_ONE_PASS and config.compress_block <= config.select_block,
         num_warps=SCORES_WARPS,
-        num_stages=1 if dk > 128 or q.dtype == torch.float32 else SCORES_STAGES)  # wide tiles: stay in shared memory
+        num_stages=1 if q.dtype == torch.float32 else (SCORES_WIDE_STAGES if dk > 128 else SCORES_STAGES))
     return scores

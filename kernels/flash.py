@@ -328,6 +328,9 @@ def row_dot(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
     return delta
 
 
+WIDE_STAGES = 2  # pipeline stages of 256-wide tiles (head dims above 128) where shared memory allows
+
+
 def choose_q_split(max_t: int, key_programs: int, window: int) -> int:
     """Query positions per dK/dV program (0 = all): split when few key tiles each see very many queries
     (the compressed branch), so that the grid fills the GPU."""
@@ -349,10 +352,13 @@ class _Launch:
                  block_n=64):
         b, t, hq, dk = q.shape
         _, tk, hkv, dv = v.shape
-        if max(dk, dv) > 128:  # 256-wide tiles: halve the key tile and pipeline less to fit shared memory
-            block_n, self.stages = 32, 1
-        else:
-            self.stages = 2 if q.is_cuda else 1
+        self.stages = 2 if q.is_cuda else 1
+        if max(dk, dv) > 128:  # 256-wide tiles: halve the key tile to fit shared memory
+            block_n = 32
+            # 2 stages measured on an H100 at dk/dv = 192/128 (benchmarks/wide_tiles.py): the compressed branch's
+            # fwd+bwd 147 -> 102 ms at 64k. Both dims 256 wide, or fp32, stay at 1 (not measured).
+            fits = triton.next_power_of_2(dk) + triton.next_power_of_2(dv) <= 384 and q.dtype != torch.float32
+            self.stages = WIDE_STAGES if q.is_cuda and fits else 1
         self.g = hq // hkv
         gp, block_t = _tiles(self.g, block_m)
         self.varlen = cu_seqlens is not None
