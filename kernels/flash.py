@@ -331,6 +331,13 @@ def row_dot(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
 WIDE_STAGES = 2  # pipeline stages of 256-wide tiles (head dims above 128) where shared memory allows
 
 
+def wide_tile_stages(q: torch.Tensor, bdk: int, bdv: int, stages: int) -> int:
+    """Pipeline stages for 256-wide tiles (padded head dims ``bdk``, ``bdv``): ``stages`` where measured to fit
+    (bf16/fp16 on a GPU, one of the two dims at most 128: 192/128 on an H100, benchmarks/wide_tiles.py), else 1
+    (both dims 256 wide, or fp32: not measured)."""
+    return stages if q.is_cuda and q.dtype != torch.float32 and bdk + bdv <= 384 else 1
+
+
 def choose_q_split(max_t: int, key_programs: int, window: int) -> int:
     """Query positions per dK/dV program (0 = all): split when few key tiles each see very many queries
     (the compressed branch), so that the grid fills the GPU."""
@@ -355,10 +362,8 @@ class _Launch:
         self.stages = 2 if q.is_cuda else 1
         if max(dk, dv) > 128:  # 256-wide tiles: halve the key tile to fit shared memory
             block_n = 32
-            # 2 stages measured on an H100 at dk/dv = 192/128 (benchmarks/wide_tiles.py): the compressed branch's
-            # fwd+bwd 147 -> 102 ms at 64k. Both dims 256 wide, or fp32, stay at 1 (not measured).
-            fits = triton.next_power_of_2(dk) + triton.next_power_of_2(dv) <= 384 and q.dtype != torch.float32
-            self.stages = WIDE_STAGES if q.is_cuda and fits else 1
+            # 2 stages: the compressed branch's fwd+bwd 147 -> 102 ms at 64k, dk/dv = 192/128 on an H100
+            self.stages = wide_tile_stages(q, triton.next_power_of_2(dk), triton.next_power_of_2(dv), WIDE_STAGES)
         self.g = hq // hkv
         gp, block_t = _tiles(self.g, block_m)
         self.varlen = cu_seqlens is not None

@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import _bwd_rows, _finish, _load_tile, _q_tile, _seq_bounds, _softmax_step, _store_tile, row_dot
+from .flash import (_bwd_rows, _finish, _load_tile, _q_tile, _seq_bounds, _softmax_step, _store_tile, row_dot,
+                    wide_tile_stages)
 from .varlen import max_seqlen
 
 
@@ -326,8 +327,10 @@ class _SelLaunch:
                       BDV=max(16, triton.next_power_of_2(dv)), BS=block, VARLEN=self.varlen)
         n = indices.shape[-1]
         wide = max(common["BDK"], common["BDV"]) > 128
-        wide_stages = SEL_WIDE_STAGES if common["BDK"] + common["BDV"] <= 384 else 1  # both 256 wide: not measured
-        self.stages = 1 if not q.is_cuda or q.dtype == torch.float32 else (wide_stages if wide else 2)
+        if wide:
+            self.stages = wide_tile_stages(q, common["BDK"], common["BDV"], SEL_WIDE_STAGES)
+        else:
+            self.stages = 1 if not q.is_cuda or q.dtype == torch.float32 else 2
         # G >= 16 fills a matrix tile alone: one position per program, its own n blocks (measured on an H100 at
         # 64k: 16.4 / 16.9 ms forward / dq against 26.2 / 28.7 for the union walk of 4 positions). Fewer heads:
         # 64 rows of at most 16 positions, so that the union of their blocks stays close to n.

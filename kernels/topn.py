@@ -60,6 +60,11 @@ def select_topn(scores: torch.Tensor, config: NSAConfig, cu_seqlens: Optional[to
 SCORES_BUFFER_BYTES = 512 << 20  # the most fp32 block scores select_blocks keeps at once
 
 
+def _fits(rows: int, hkv: int, seqlen: int, config: NSAConfig) -> bool:
+    """Whether the fp32 scores of ``rows`` queries (``hkv`` heads, blocks up to ``seqlen``) fit the budget."""
+    return rows * hkv * config.num_select_blocks(seqlen) * 4 <= SCORES_BUFFER_BYTES
+
+
 def select_blocks(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seqlens=None, cmp_cu_seqlens=None,
                   max_t=None, q_offset: int = 0) -> torch.Tensor:
     """Selection scores then top-n: block indices ``[b, t, hkv, n]`` (no autograd).
@@ -73,10 +78,10 @@ def select_blocks(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seqlens
     hkv = k_cmp.shape[2]
     if cu_seqlens is not None:
         max_t = max_seqlen(cu_seqlens) if max_t is None else max_t
-        if t * hkv * config.num_select_blocks(max_t) * 4 <= SCORES_BUFFER_BYTES:
-            scores = selection_scores(q, k_cmp, lse_cmp, config, scale, cu_seqlens, cmp_cu_seqlens, max_t)
-            return select_topn(scores, config, cu_seqlens)
-        return _select_packed_runs(q, k_cmp, lse_cmp, config, scale, cu_seqlens, cmp_cu_seqlens)
+        if _fits(t, hkv, max_t + q_offset, config):
+            scores = selection_scores(q, k_cmp, lse_cmp, config, scale, cu_seqlens, cmp_cu_seqlens, max_t, q_offset)
+            return select_topn(scores, config, cu_seqlens, q_offset)
+        return _select_packed_runs(q, k_cmp, lse_cmp, config, scale, cu_seqlens, cmp_cu_seqlens, q_offset)
     ns = config.num_select_blocks(t + q_offset)
     rows = max(64, SCORES_BUFFER_BYTES // (4 * b * hkv * max(ns, 1)) // 64 * 64)
     if rows >= t:
@@ -92,30 +97,27 @@ def select_blocks(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seqlens
     return torch.cat(parts, dim=1)
 
 
-def _select_packed_runs(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seqlens, cmp_cu_seqlens):
+def _select_packed_runs(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seqlens, cmp_cu_seqlens,
+                        q_offset: int):
     """:func:`select_blocks` of a packed batch (``b = 1``) whose whole scores would pass the budget: neighbouring
     sequences grouped into runs whose scores fit it (a packed call each), a sequence that alone does not through
     the fixed-length path's query chunks. One host sync for the bounds (the scores already cost far more)."""
     hkv = k_cmp.shape[2]
     cu, ccu = cu_seqlens.tolist(), cmp_cu_seqlens.tolist()
     idx = torch.full((1, q.shape[1], hkv, config.select_topn), -1, device=q.device, dtype=torch.int32)
-
-    def fits(i: int, j: int, longest: int) -> bool:
-        return (cu[j] - cu[i]) * hkv * config.num_select_blocks(longest) * 4 <= SCORES_BUFFER_BYTES
-
     i = 0
     while i < len(cu) - 1:
         j, longest = i + 1, cu[i + 1] - cu[i]
-        while j < len(cu) - 1 and fits(i, j + 1, max(longest, cu[j + 1] - cu[j])):
+        while j < len(cu) - 1 and _fits(cu[j + 1] - cu[i], hkv, max(longest, cu[j + 1] - cu[j]) + q_offset, config):
             longest = max(longest, cu[j + 1] - cu[j])
             j += 1
         lo, hi, clo, chi = cu[i], cu[j], ccu[i], ccu[j]
         if hi > lo:
             part = (q[:, lo:hi], k_cmp[:, clo:chi], lse_cmp[:, lo:hi].contiguous(), config, scale)
             if j == i + 1:
-                idx[:, lo:hi] = select_blocks(*part)
+                idx[:, lo:hi] = select_blocks(*part, q_offset=q_offset)
             else:
                 rebase = [torch.tensor(c[i:j + 1], dtype=cu_seqlens.dtype, device=q.device) - c[i] for c in (cu, ccu)]
-                idx[:, lo:hi] = select_blocks(*part, *rebase, longest)
+                idx[:, lo:hi] = select_blocks(*part, *rebase, longest, q_offset)
         i = j
     return idx
