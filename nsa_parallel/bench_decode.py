@@ -24,8 +24,8 @@ import torch
 
 
 # decode_triton's launch knobs and the values the --profile point is timed at
-KNOBS = {"PROGRAMS_PER_SM": (1, 2, 4), "CMP_BN": (64, 128), "CMP_WARPS": (4, 8), "CMP_STAGES": (2, 3, 4),
-         "SCORES_BJ": (32, 64, 128), "TOPN_WARPS": (4, 8),
+KNOBS = {"CHAINED": (False, True), "PROGRAMS_PER_SM": (1, 2, 4), "CMP_BN": (64, 128), "CMP_WARPS": (4, 8),
+         "CMP_STAGES": (2, 3, 4), "SCORES_BJ": (32, 64, 128), "TOPN_WARPS": (4, 8),
          "SPARSE_TILES_PER_PROGRAM": (1, 2, 4)}
 
 
@@ -88,11 +88,27 @@ def nsa_bytes(t: int, hkv: int, d: int, cfg, elem: int = 2) -> int:
     return tokens * hkv * 2 * d * elem
 
 
+def make_case(t: int, bsz: int, hq: int, hkv: int, d: int, cfg):
+    """A bf16 Triton-backend cache of ``bsz`` sequences holding ``t`` random tokens each (room for one more), and
+    a query and gates for the next step: ``(cache, q [B, hq, d], gate [B, hq, 3])``."""
+    from nsa_parallel.kernels import Compression
+    from nsa_parallel.kernels.cache import NSAKVCache
+    torch.manual_seed(0)
+    ck, cv = (Compression(hkv, d, cfg.compress_block, cfg.compress_stride, device="cuda", dtype=torch.bfloat16)
+              for _ in range(2))
+    cache = NSAKVCache(bsz, t + 1, hkv, d, cfg, ck, cv, device="cuda", dtype=torch.bfloat16, backend="triton")
+    for x in (cache.k_slc, cache.v_slc, cache.k_swa, cache.v_swa, cache.k_cmp, cache.v_cmp, cache.k_raw, cache.v_raw):
+        x.normal_()
+    cache.lens.fill_(t)
+    q = torch.randn(bsz, hq, d, device="cuda", dtype=torch.bfloat16)
+    gate = torch.rand(bsz, hq, 3, device="cuda", dtype=torch.bfloat16)
+    return cache, q, gate
+
+
 def run(args) -> dict:
     import torch.nn.functional as F
 
-    from nsa_parallel.kernels import Compression, NSAConfig
-    from nsa_parallel.kernels.cache import NSAKVCache
+    from nsa_parallel.kernels import NSAConfig
     from nsa_parallel.kernels.decode import nsa_decode
     cfg = NSAConfig()
     hq, hkv, d = args.heads, args.kv_heads, 128
@@ -104,17 +120,7 @@ def run(args) -> dict:
         for bsz in args.batches:
             row = dict(T=t, B=bsz)
             try:
-                torch.manual_seed(0)
-                ck, cv = (Compression(hkv, d, cfg.compress_block, cfg.compress_stride, device="cuda",
-                                      dtype=torch.bfloat16) for _ in range(2))
-                cache = NSAKVCache(bsz, t + 1, hkv, d, cfg, ck, cv, device="cuda", dtype=torch.bfloat16,
-                                   backend="triton")
-                for x in (cache.k_slc, cache.v_slc, cache.k_swa, cache.v_swa, cache.k_cmp, cache.v_cmp, cache.k_raw,
-                          cache.v_raw):
-                    x.normal_()
-                cache.lens.fill_(t)
-                q = torch.randn(bsz, hq, d, device="cuda", dtype=torch.bfloat16)
-                gate = torch.rand(bsz, hq, 3, device="cuda", dtype=torch.bfloat16)
+                cache, q, gate = make_case(t, bsz, hq, hkv, d, cfg)
                 if bsz <= 8:  # the kernel against the reference on this very cache
                     o_t, i_t = nsa_decode(q, gate, cache, backend="triton", return_indices=True)
                     o_r, i_r = nsa_decode(q, gate, cache, backend="reference", return_indices=True)
@@ -125,8 +131,12 @@ def run(args) -> dict:
                 row["nsa_ms"] = _graph_ms(step, steps=args.steps)
                 row["nsa_ms_one_per_graph"] = _graph_ms(step)
                 if [t, bsz] == args.profile:
-                    row["nsa_kernels_us"] = _kernel_times(lambda: nsa_decode(q, gate, cache, backend="triton"))
                     from nsa_parallel.kernels import decode_triton
+                    row["nsa_kernels_us"] = _kernel_times(step)
+                    chained = decode_triton.CHAINED
+                    decode_triton.CHAINED = not chained  # the other path's kernels too
+                    row[f"nsa_kernels_us_chained_{not chained}"] = _kernel_times(step)
+                    decode_triton.CHAINED = chained
                     # one knob at a time, the others at their defaults
                     for knob, values in ({} if args.no_sweep else KNOBS).items():
                         default = getattr(decode_triton, knob)
