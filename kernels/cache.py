@@ -51,9 +51,6 @@ class NSAKVCache:
         self.k_cmp = torch.zeros(batch, self.max_cmp, num_kv_heads, head_dim, **kw)
         self.v_cmp = torch.zeros(batch, self.max_cmp, num_kv_heads, dv, **kw)
         self.lens = torch.zeros(batch, dtype=torch.int32, device=device)
-        # the chained Triton decode step's ticket and per-(sequence, KV head) counters; zero between steps (the
-        # step's own programs reset them), so a step needs no memset and can be captured in a CUDA graph
-        self.decode_sync = torch.zeros(1 + 5 * batch * num_kv_heads, dtype=torch.int32, device=device)
 
     def _check(self, name: str, x: torch.Tensor, t: int, d: int) -> None:
         want = (self.batch, t, self.num_kv_heads, d)

@@ -38,10 +38,9 @@ SPARSE_TILES_PER_PROGRAM = 4  # selected blocks / window tiles one program merge
 TOPN_WARPS = 4  # warps of the top-n program
 APPEND_ROWS = 16  # sequences one phi program compresses together (the rows of its tl.dot, >= 16)
 PROGRAMS_PER_SM = 2  # compressed-branch programs per SM the split aims for
-CHAINED = False  # one launch for the five phases (_chained) instead of five kernels
-CHAIN_PAIR_COMBINE = True  # chained: one combine program per (sequence, KV head) instead of per query head
-CHAIN_TICKET = True  # chained: programs take their place by a ticket instead of their id
-CHAIN_TIMES = None  # an int64 tensor [programs, 3]: the chained step writes each program's timeline there
+WINDOW_IN_TOPN = True  # window partials computed by extra programs of the top-n launch (else of the sparse one)
+SCORES_IN_TOPN = False  # with WINDOW_IN_TOPN: each top-n program computes its pair's scores (no scores launch)
+SCORES_TOPN_BJ = 512  # blocks per step of that loop
 
 
 def _p2(x: int) -> int:
@@ -74,12 +73,14 @@ def _num_cmp(t, CL: tl.constexpr, CS: tl.constexpr):
 
 
 @triton.jit
-def _cmp_program(bh, split, q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, own_ptr, spill_ptr, mt_ptr, sm_scale,
-                 sqb, sqh, skb, skt, skh, svb, svt, svh, NSP, NT,
+def _cmp_partial(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, own_ptr, spill_ptr, mt_ptr, sm_scale, sqb, sqh,
+                 skb, skt, skh, svb, svt, svh, NSP, NT,
                  HKV: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, CL: tl.constexpr,
                  CS: tl.constexpr, SB: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, BG: tl.constexpr,
                  BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr):
-    """Compressed attention over split ``split`` of pair ``bh`` -> partial (o, m, l) and the per-tile block sums."""
+    """Compressed attention over one split -> partial (o, m, l) and the per-tile block sums."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
     b = (bh // HKV).to(tl.int64)  # b * stride passes 2^31 for long caches at large batch
     h = bh % HKV
     t = tl.load(lens_ptr + b) - 1
@@ -130,71 +131,65 @@ def _cmp_program(bh, split, q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, 
 
 
 @triton.jit
-def _cmp_partial(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, own_ptr, spill_ptr, mt_ptr, sm_scale, sqb, sqh,
-                 skb, skt, skh, svb, svt, svh, NSP, NT,
-                 HKV: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, CL: tl.constexpr,
-                 CS: tl.constexpr, SB: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, BG: tl.constexpr,
-                 BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr):
-    _cmp_program(tl.program_id(0), tl.program_id(1), q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, own_ptr,
-                 spill_ptr, mt_ptr, sm_scale, sqb, sqh, skb, skt, skh, svb, svt, svh, NSP, NT, HKV, G, DK, DV, CL, CS,
-                 SB, CHUNK, SPLITS, BG, BD, BDV, BN)
-
-
-@triton.jit
-def _scores_program(bh, chunk, own_ptr, spill_ptr, mt_ptr, lens_ptr, m_ptr, l_ptr, sc_ptr, NSMAX, NSP, NT,
-                    HKV: tl.constexpr, G: tl.constexpr, CL: tl.constexpr, CS: tl.constexpr, SB: tl.constexpr,
-                    SPLITS: tl.constexpr, BSPL: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr,
-                    CM: tl.constexpr):
-    """Block scores (eq. 10) of ``BJ`` blocks: each head's tile sums rescaled by exp2(tile max - global lse),
-    summed over the group; block j takes its own tokens' share and the spill of block j - 1's (kept by j - 1's
-    tile). (Measured on an H100, 64k x 8: computing them in the top-n program, 30 us slower; in the last
-    compressed program of a pair via an arrival counter, 40 us slower: one program then walks every block.)
-    ``CM``: the cache modifier of loads of other programs' outputs (".cg" in the chained launch)."""
-    j = chunk * BJ + tl.arange(0, BJ)
-    nc = _num_cmp(tl.load(lens_ptr + bh // HKV) - 1, CL, CS)
+def _group_lse(bh, m_ptr, l_ptr, SPLITS: tl.constexpr, G: tl.constexpr, BSPL: tl.constexpr, BG: tl.constexpr):
+    """Each head's log2-sum-exp over the compressed tokens, from the splits' partial (m, l): ``[BG]``."""
     g = tl.arange(0, BG)
     sp = tl.arange(0, BSPL)
     pm = (sp[:, None] < SPLITS) & (g[None, :] < G)
     part = (bh * SPLITS + sp[:, None]) * G + g[None, :]
-    m_s = tl.load(m_ptr + part, mask=pm, other=float("-inf"), cache_modifier=CM)
-    l_s = tl.load(l_ptr + part, mask=pm, other=0.0, cache_modifier=CM)
+    m_s = tl.load(m_ptr + part, mask=pm, other=float("-inf"))
+    l_s = tl.load(l_ptr + part, mask=pm, other=0.0)
     m_all = tl.max(m_s, 0)
     m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
-    lse = m_safe + tl.log2(tl.sum(l_s * tl.exp2(m_s - m_safe[None, :]), 0))
+    return m_safe + tl.log2(tl.sum(l_s * tl.exp2(m_s - m_safe[None, :]), 0))
+
+
+@triton.jit
+def _block_scores(bh, j, lse, nc, own_ptr, spill_ptr, mt_ptr, NSP, NT, G: tl.constexpr, CS: tl.constexpr,
+                  SB: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr):
+    """Block scores (eq. 10) of blocks ``j``: each head's tile sums rescaled by exp2(tile max - lse), summed over
+    the group; block j takes its own tokens' share and the spill of block j - 1's (kept by j - 1's tile)."""
     S: tl.constexpr = SB // CS
     TB: tl.constexpr = BN // S
+    g = tl.arange(0, BG)
     rows = (bh * G + g).to(tl.int64)[:, None]
     gm = (g < G)[:, None]
-    sc = tl.zeros([BJ], tl.float32)
+    sc = tl.zeros(j.shape, tl.float32)
     for back in tl.static_range(2):  # 0: own tokens of block j, 1: the spill of block j - 1
         jj = j - back
         tile = jj // TB
         vis = gm & ((jj >= 0) & (tile * BN < nc))[None, :]  # tiles past nc were never written
-        mt = tl.load(mt_ptr + rows * NT + tile[None, :], mask=vis, other=0.0, cache_modifier=CM)
+        mt = tl.load(mt_ptr + rows * NT + tile[None, :], mask=vis, other=0.0)
         part_ptr = own_ptr if back == 0 else spill_ptr
-        x = tl.load(part_ptr + rows * NSP + jj[None, :], mask=vis, other=0.0, cache_modifier=CM)
+        x = tl.load(part_ptr + rows * NSP + jj[None, :], mask=vis, other=0.0)
         sc += tl.sum(x * tl.where(vis, tl.exp2(mt - lse[:, None]), 0.0), 0)
-    tl.store(sc_ptr + bh * NSMAX + j, sc, mask=j < NSMAX)
+    return sc
 
 
 @triton.jit
 def _cmp_scores(own_ptr, spill_ptr, mt_ptr, lens_ptr, m_ptr, l_ptr, sc_ptr, NSMAX, NSP, NT, HKV: tl.constexpr,
                 G: tl.constexpr, CL: tl.constexpr, CS: tl.constexpr, SB: tl.constexpr, SPLITS: tl.constexpr,
                 BSPL: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr):
-    _scores_program(tl.program_id(0), tl.program_id(1), own_ptr, spill_ptr, mt_ptr, lens_ptr, m_ptr, l_ptr, sc_ptr,
-                    NSMAX, NSP, NT, HKV, G, CL, CS, SB, SPLITS, BSPL, BG, BN, BJ, "")
+    """Block scores of ``BJ`` blocks of one pair. (Measured on an H100, 64k x 8: in the last compressed program of
+    a pair via an arrival counter, 40 us slower: one program then walks every block.)"""
+    bh = tl.program_id(0)
+    j = tl.program_id(1) * BJ + tl.arange(0, BJ)
+    nc = _num_cmp(tl.load(lens_ptr + bh // HKV) - 1, CL, CS)
+    lse = _group_lse(bh, m_ptr, l_ptr, SPLITS, G, BSPL, BG)
+    sc = _block_scores(bh, j, lse, nc, own_ptr, spill_ptr, mt_ptr, NSP, NT, G, CS, SB, BG, BN)
+    tl.store(sc_ptr + bh * NSMAX + j, sc, mask=j < NSMAX)
 
 
 @triton.jit
 def _topn_program(bh, sc_ptr, lens_ptr, idx_ptr, NSMAX, HKV: tl.constexpr, SB: tl.constexpr, TOPN: tl.constexpr,
-                  INIT: tl.constexpr, LOCAL: tl.constexpr, BNS: tl.constexpr, BTOP: tl.constexpr, CM: tl.constexpr):
-    """Forced first/local blocks, then one argmax per free pick, ties to the lower index, slots ascending (as the
-    reference)."""
+                  INIT: tl.constexpr, LOCAL: tl.constexpr, BNS: tl.constexpr, BTOP: tl.constexpr):
+    """Forced first/local blocks of pair ``bh``, then one argmax per free pick, ties to the lower index, slots
+    ascending (as the reference)."""
     b = bh // HKV
     t = tl.load(lens_ptr + b) - 1
     own = t // SB
     j = tl.arange(0, BNS)
-    s = tl.load(sc_ptr + bh * NSMAX + j, mask=j < NSMAX, other=0.0, cache_modifier=CM)
+    s = tl.load(sc_ptr + bh * NSMAX + j, mask=j < NSMAX, other=0.0)
     valid = j <= own
     forced = valid & ((j < INIT) | (j > own - LOCAL))
     s = tl.where(valid & ~forced, s, float("-inf"))
@@ -216,7 +211,7 @@ def _topn_program(bh, sc_ptr, lens_ptr, idx_ptr, NSMAX, HKV: tl.constexpr, SB: t
 @triton.jit
 def _topn(sc_ptr, lens_ptr, idx_ptr, NSMAX, HKV: tl.constexpr, SB: tl.constexpr, TOPN: tl.constexpr,
           INIT: tl.constexpr, LOCAL: tl.constexpr, BNS: tl.constexpr, BTOP: tl.constexpr):
-    _topn_program(tl.program_id(0), sc_ptr, lens_ptr, idx_ptr, NSMAX, HKV, SB, TOPN, INIT, LOCAL, BNS, BTOP, "")
+    _topn_program(tl.program_id(0), sc_ptr, lens_ptr, idx_ptr, NSMAX, HKV, SB, TOPN, INIT, LOCAL, BNS, BTOP)
 
 
 @triton.jit
@@ -224,8 +219,9 @@ def _sparse_program(bh, split, q_ptr, ks_ptr, vs_ptr, kw_ptr, vw_ptr, lens_ptr, 
                     sm_scale, sqb, sqh, ksb, kst, ksh, vsb, vst, vsh, kwb, kwt, kwh, vwb, vwt, vwh,
                     HKV: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, SB: tl.constexpr,
                     TOPN: tl.constexpr, W: tl.constexpr, NWT: tl.constexpr, PER: tl.constexpr, NSLC: tl.constexpr,
-                    NPART: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, CM: tl.constexpr):
-    """``PER`` selected blocks (``split < NSLC``) or ``PER`` window tiles of ``SB`` positions -> one partial."""
+                    NPART: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
+    """``PER`` selected blocks (``split < NSLC``) or ``PER`` window tiles of ``SB`` positions of pair ``bh`` -> one
+    partial."""
     b = (bh // HKV).to(tl.int64)  # b * stride passes 2^31 for long caches at large batch
     h = bh % HKV
     t = tl.load(lens_ptr + b) - 1
@@ -239,7 +235,7 @@ def _sparse_program(bh, split, q_ptr, ks_ptr, vs_ptr, kw_ptr, vw_ptr, lens_ptr, 
     for r in range(PER):
         if split < NSLC:  # selected block number split * PER + r (index -1, or past n: none)
             k_id = split * PER + r
-            blk = tl.load(idx_ptr + bh * TOPN + k_id, mask=k_id < TOPN, other=-1, cache_modifier=CM)
+            blk = tl.load(idx_ptr + bh * TOPN + k_id, mask=k_id < TOPN, other=-1)
             pos = blk * SB + u
             ok = (pos >= 0) & (pos <= t)  # blk = -1 gives negative positions
             row = pos.to(tl.int64)
@@ -270,236 +266,80 @@ def _sparse_partial(q_ptr, ks_ptr, vs_ptr, kw_ptr, vw_ptr, lens_ptr, idx_ptr, o_
                     HKV: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, SB: tl.constexpr,
                     TOPN: tl.constexpr, W: tl.constexpr, NWT: tl.constexpr, PER: tl.constexpr, NSLC: tl.constexpr,
                     NPART: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
+    """Program (pair, split): ``split < NSLC`` selected blocks, the rest (when the grid has them) window tiles."""
     _sparse_program(tl.program_id(0), tl.program_id(1), q_ptr, ks_ptr, vs_ptr, kw_ptr, vw_ptr, lens_ptr, idx_ptr,
                     o_ptr, m_ptr, l_ptr, sm_scale, sqb, sqh, ksb, kst, ksh, vsb, vst, vsh, kwb, kwt, kwh, vwb, vwt,
-                    vwh, HKV, G, DK, DV, SB, TOPN, W, NWT, PER, NSLC, NPART, BG, BD, BDV, "")
+                    vwh, HKV, G, DK, DV, SB, TOPN, W, NWT, PER, NSLC, NPART, BG, BD, BDV)
+
+
+@triton.jit
+def _topn_window(sc_ptr, idx_ptr, NSMAX, q_ptr, kw_ptr, vw_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, sm_scale, sqb, sqh,
+                 kwb, kwt, kwh, vwb, vwt, vwh, own_ptr, spill_ptr, mt_ptr, cm_ptr, cl_ptr, NSP, NT,
+                 BH: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+                 DK: tl.constexpr, DV: tl.constexpr, SB: tl.constexpr, TOPN: tl.constexpr, INIT: tl.constexpr,
+                 LOCAL: tl.constexpr, BNS: tl.constexpr, BTOP: tl.constexpr, W: tl.constexpr, NWT: tl.constexpr,
+                 PER: tl.constexpr, NSLC: tl.constexpr, NPART: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr,
+                 BDV: tl.constexpr, SCORES: tl.constexpr, CL: tl.constexpr, CS: tl.constexpr, SPLITS: tl.constexpr,
+                 BSPL: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr):
+    """The top-n of every pair (programs ``< BH``) and, beside them, the window partials: the window needs no
+    selection, and the top-n's 32-odd programs leave the rest of the GPU idle, so the window's reads are free.
+    ``SCORES``: each top-n program first computes its pair's block scores, ``BJ`` blocks at a time (no scores
+    launch)."""
+    pid = tl.program_id(0)
+    if pid < BH:
+        if SCORES:
+            nc = _num_cmp(tl.load(lens_ptr + pid // HKV) - 1, CL, CS)
+            lse = _group_lse(pid, cm_ptr, cl_ptr, SPLITS, G, BSPL, BG)
+            for c in range(tl.cdiv(NSMAX, BJ)):
+                j = c * BJ + tl.arange(0, BJ)
+                sc = _block_scores(pid, j, lse, nc, own_ptr, spill_ptr, mt_ptr, NSP, NT, G, CS, SB, BG, BN)
+                tl.store(sc_ptr + pid * NSMAX + j, sc, mask=j < NSMAX)
+            tl.debug_barrier()  # the program's own stores, read back by other threads below
+        _topn_program(pid, sc_ptr, lens_ptr, idx_ptr, NSMAX, HKV, SB, TOPN, INIT, LOCAL, BNS, BTOP)
+    else:
+        i = pid - BH
+        _sparse_program(i // (NPART - NSLC), NSLC + i % (NPART - NSLC), q_ptr, kw_ptr, vw_ptr, kw_ptr, vw_ptr,
+                        lens_ptr, idx_ptr, o_ptr, m_ptr, l_ptr, sm_scale, sqb, sqh, kwb, kwt, kwh, vwb, vwt, vwh, kwb,
+                        kwt, kwh, vwb, vwt, vwh, HKV, G, DK, DV, SB, TOPN, W, NWT, PER, NSLC, NPART, BG, BD, BDV)
 
 
 @triton.jit
 def _merge(o_ptr, m_ptr, l_ptr, bh, g, first, count, NPART: tl.constexpr, G: tl.constexpr, DV: tl.constexpr,
-           BP: tl.constexpr, BDV: tl.constexpr, CM: tl.constexpr):
+           BP: tl.constexpr, BDV: tl.constexpr):
     """Merge ``count`` partials (from ``first``) of query head ``g`` of pair ``bh``: ``[BDV]``, 0 if none saw a key."""
     sp = tl.arange(0, BP)
     dv = tl.arange(0, BDV)
     ok = sp < count
     row = (bh * NPART + first + sp) * G + g
-    m = tl.load(m_ptr + row, mask=ok, other=float("-inf"), cache_modifier=CM)
+    m = tl.load(m_ptr + row, mask=ok, other=float("-inf"))
     m_all = tl.max(m, 0)
     m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
     w = tl.exp2(m - m_safe)
     w = tl.where(ok, w, 0.0)
-    l_all = tl.sum(tl.load(l_ptr + row, mask=ok, other=0.0, cache_modifier=CM) * w, 0)
+    l_all = tl.sum(tl.load(l_ptr + row, mask=ok, other=0.0) * w, 0)
     o = tl.load(o_ptr + row[:, None].to(tl.int64) * DV + dv[None, :], mask=ok[:, None] & (dv[None, :] < DV),
-                other=0.0, cache_modifier=CM)
+                other=0.0)
     acc = tl.sum(o * w[:, None], 0)
     return acc / tl.where(l_all == 0.0, 1.0, l_all)
-
-
-@triton.jit
-def _combine_program(head, co_ptr, cm_ptr, cl_ptr, so_ptr, sm_ptr, sl_ptr, gate_ptr, out_ptr, sgb, sgh, sob, soh,
-                     HKV: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, SPLITS: tl.constexpr, TOPN: tl.constexpr,
-                     NPART: tl.constexpr, BSPL: tl.constexpr, BTOP: tl.constexpr, BWIN: tl.constexpr,
-                     BDV: tl.constexpr, CM: tl.constexpr):
-    """The three branches of query head ``head`` (= b * hq + h * G + g) merged from their partials, gated."""
-    b = head // (HKV * G)
-    h = (head // G) % HKV
-    g = head % G
-    bh = b * HKV + h
-    o_cmp = _merge(co_ptr, cm_ptr, cl_ptr, bh, g, 0, SPLITS, SPLITS, G, DV, BSPL, BDV, CM)
-    o_slc = _merge(so_ptr, sm_ptr, sl_ptr, bh, g, 0, TOPN, NPART, G, DV, BTOP, BDV, CM)
-    o_swa = _merge(so_ptr, sm_ptr, sl_ptr, bh, g, TOPN, NPART - TOPN, NPART, G, DV, BWIN, BDV, CM)
-    gp = gate_ptr + b.to(tl.int64) * sgb + (h * G + g) * sgh
-    o = tl.load(gp).to(tl.float32) * o_cmp + tl.load(gp + 1).to(tl.float32) * o_slc \
-        + tl.load(gp + 2).to(tl.float32) * o_swa
-    dv = tl.arange(0, BDV)
-    tl.store(out_ptr + b.to(tl.int64) * sob + (h * G + g) * soh + dv, o.to(out_ptr.dtype.element_ty), mask=dv < DV)
 
 
 @triton.jit
 def _combine(co_ptr, cm_ptr, cl_ptr, so_ptr, sm_ptr, sl_ptr, gate_ptr, out_ptr, sgb, sgh, sob, soh,
              HKV: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, SPLITS: tl.constexpr, TOPN: tl.constexpr,
              NPART: tl.constexpr, BSPL: tl.constexpr, BTOP: tl.constexpr, BWIN: tl.constexpr, BDV: tl.constexpr):
-    _combine_program(tl.program_id(0), co_ptr, cm_ptr, cl_ptr, so_ptr, sm_ptr, sl_ptr, gate_ptr, out_ptr, sgb, sgh,
-                     sob, soh, HKV, G, DV, SPLITS, TOPN, NPART, BSPL, BTOP, BWIN, BDV, "")
-
-
-@triton.jit
-def _merge_group(o_ptr, m_ptr, l_ptr, bh, first, COUNT: tl.constexpr, NPART: tl.constexpr, G: tl.constexpr,
-                 DV: tl.constexpr, BP: tl.constexpr, BG: tl.constexpr, BDV: tl.constexpr, CM: tl.constexpr):
-    """:func:`_merge` for all ``G`` heads of pair ``bh`` at once: ``[BG, BDV]``, one partial at a time (a
-    ``[COUNT, G, DV]`` tile would not fit in registers)."""
-    sp = tl.arange(0, BP)
-    g = tl.arange(0, BG)
+    head = tl.program_id(0)  # one query head: b * hq + h * G + g
+    b = head // (HKV * G)
+    h = (head // G) % HKV
+    g = head % G
+    bh = b * HKV + h
+    o_cmp = _merge(co_ptr, cm_ptr, cl_ptr, bh, g, 0, SPLITS, SPLITS, G, DV, BSPL, BDV)
+    o_slc = _merge(so_ptr, sm_ptr, sl_ptr, bh, g, 0, TOPN, NPART, G, DV, BTOP, BDV)
+    o_swa = _merge(so_ptr, sm_ptr, sl_ptr, bh, g, TOPN, NPART - TOPN, NPART, G, DV, BWIN, BDV)
+    gp = gate_ptr + b.to(tl.int64) * sgb + (h * G + g) * sgh
+    o = tl.load(gp).to(tl.float32) * o_cmp + tl.load(gp + 1).to(tl.float32) * o_slc \
+        + tl.load(gp + 2).to(tl.float32) * o_swa
     dv = tl.arange(0, BDV)
-    ok = (sp < COUNT)[:, None] & (g < G)[None, :]
-    row = (bh * NPART + first + sp)[:, None] * G + g[None, :]
-    m_all = tl.max(tl.load(m_ptr + row, mask=ok, other=float("-inf"), cache_modifier=CM), 0)
-    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
-    l_all = tl.zeros([BG], tl.float32)
-    acc = tl.zeros([BG, BDV], tl.float32)
-    for s in tl.static_range(COUNT):
-        r = (bh * NPART + first + s) * G + g
-        w = tl.exp2(tl.load(m_ptr + r, mask=g < G, other=float("-inf"), cache_modifier=CM) - m_safe)
-        l_all += tl.load(l_ptr + r, mask=g < G, other=0.0, cache_modifier=CM) * w
-        o = tl.load(o_ptr + r[:, None].to(tl.int64) * DV + dv[None, :], mask=(g < G)[:, None] & (dv < DV)[None, :],
-                    other=0.0, cache_modifier=CM)
-        acc += o * w[:, None]
-    return acc / tl.where(l_all == 0.0, 1.0, l_all)[:, None]
-
-
-@triton.jit
-def _combine_pair_program(bh, co_ptr, cm_ptr, cl_ptr, so_ptr, sm_ptr, sl_ptr, gate_ptr, out_ptr, sgb, sgh, sob, soh,
-                          HKV: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, SPLITS: tl.constexpr,
-                          NSLC: tl.constexpr, NPART: tl.constexpr, BSPL: tl.constexpr, BSLC: tl.constexpr,
-                          BWIN: tl.constexpr, BG: tl.constexpr, BDV: tl.constexpr, CM: tl.constexpr):
-    """:func:`_combine_program` for the ``G`` query heads of pair ``bh`` in one program."""
-    b = (bh // HKV).to(tl.int64)
-    h = bh % HKV
-    g = tl.arange(0, BG)
-    dv = tl.arange(0, BDV)
-    o_cmp = _merge_group(co_ptr, cm_ptr, cl_ptr, bh, 0, SPLITS, SPLITS, G, DV, BSPL, BG, BDV, CM)
-    o_slc = _merge_group(so_ptr, sm_ptr, sl_ptr, bh, 0, NSLC, NPART, G, DV, BSLC, BG, BDV, CM)
-    o_swa = _merge_group(so_ptr, sm_ptr, sl_ptr, bh, NSLC, NPART - NSLC, NPART, G, DV, BWIN, BG, BDV, CM)
-    gp = gate_ptr + b * sgb + (h * G + g) * sgh
-    gm = g < G
-    o = tl.load(gp, mask=gm, other=0.0).to(tl.float32)[:, None] * o_cmp \
-        + tl.load(gp + 1, mask=gm, other=0.0).to(tl.float32)[:, None] * o_slc \
-        + tl.load(gp + 2, mask=gm, other=0.0).to(tl.float32)[:, None] * o_swa
-    tl.store(out_ptr + b * sob + (h * G + g)[:, None] * soh + dv[None, :], o.to(out_ptr.dtype.element_ty),
-             mask=gm[:, None] & (dv < DV)[None, :])
-
-
-@triton.jit
-def _now(x):
-    """The GPU's global nanosecond timer (timeline runs only: inline PTX, not in the interpreter)."""
-    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [x], dtype=tl.int64, is_pure=False, pack=1)
-
-
-@triton.jit
-def _wait(ptr, target):
-    """Until the counter at ``ptr`` reaches ``target``: polled by volatile loads (L2, no L1), then one acquire so the
-    producers' writes, released with their increments, are visible to this program's loads."""
-    while tl.load(ptr, volatile=True) < target:
-        pass
-    tl.atomic_add(ptr, 0, sem="acquire")
-
-
-@triton.jit
-def _arrive(ptr):
-    """One finished program: all its threads' stores, then one release increment."""
-    tl.debug_barrier()
-    tl.atomic_add(ptr, 1, sem="release")
-
-
-@triton.jit
-def _reset(c_cmp, c_sc, c_top, c_sp, c_done, bh):
-    tl.atomic_xchg(c_cmp + bh, 0)
-    tl.atomic_xchg(c_sc + bh, 0)
-    tl.atomic_xchg(c_top + bh, 0)
-    tl.atomic_xchg(c_sp + bh, 0)
-    tl.atomic_xchg(c_done + bh, 0)
-
-
-@triton.jit
-def _chained(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kw_ptr, vw_ptr, lens_ptr, gate_ptr, out_ptr, sync_ptr,
-             co_ptr, cm_ptr, cl_ptr, own_ptr, spill_ptr, mt_ptr, sc_ptr, idx_ptr, so_ptr, sm_ptr, sl_ptr, sm_scale,
-             sqb, sqh, skb, skt, skh, svb, svt, svh, ksb, kst, ksh, vsb, vst, vsh, kwb, kwt, kwh, vwb, vwt, vwh,
-             sgb, sgh, sob, soh, NSP, NT, NSMAX, times_ptr,
-             BH: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-             CL: tl.constexpr, CS: tl.constexpr, SB: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr,
-             BSPL: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, NCH: tl.constexpr, TOPN: tl.constexpr,
-             INIT: tl.constexpr, LOCAL: tl.constexpr, BNS: tl.constexpr, BTOP: tl.constexpr, W: tl.constexpr,
-             NWT: tl.constexpr, PER: tl.constexpr, NSLC: tl.constexpr, NPART: tl.constexpr, BSLC: tl.constexpr,
-             BWIN: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PAIR_COMBINE: tl.constexpr,
-             TICKET: tl.constexpr, TIMES: tl.constexpr):
-    """The five phases in one launch. Each program draws a ticket (the order programs start in) and serves, in
-    ticket order: compressed splits, window tiles, score chunks, top-n, selected blocks, combine. A program waits
-    only on per-(sequence, KV head) counters that programs with lower tickets feed; those have started, so they
-    finish: no deadlock whatever order the GPU dispatches in, and a pair's later phases start while other pairs'
-    compressed splits still stream. ``sync`` (int32 ``[1 + 5 * BH]``, zero between launches): the ticket, then per
-    pair the compressed, scores, top-n, sparse and combine counters; the last ticket and each pair's last combine
-    program reset them. ``PAIR_COMBINE``: one combine program per pair instead of per query head. ``TICKET``
-    False: the program id instead of a ticket (relies on in-order dispatch). ``TIMES``: each program writes
-    (start, waited, end) of the GPU's timer to ``times [programs, 3]`` (the timeline of benchmarks/)."""
-    N_CMP: tl.constexpr = BH * SPLITS
-    N_WIN: tl.constexpr = BH * (NPART - NSLC)
-    N_SC: tl.constexpr = BH * NCH
-    N_TOP: tl.constexpr = BH
-    N_SLC: tl.constexpr = BH * NSLC
-    TOTAL: tl.constexpr = N_CMP + N_WIN + N_SC + N_TOP + N_SLC + (BH if PAIR_COMBINE else BH * G)
-    if TICKET:
-        tk = tl.atomic_add(sync_ptr, 1)
-        if tk == TOTAL - 1:  # every program has its ticket: ready for the next launch
-            tl.atomic_xchg(sync_ptr, 0)
-    else:
-        tk = tl.program_id(0)
-    if TIMES:
-        tl.store(times_ptr + tk * 3, _now(tk))
-    c_cmp = sync_ptr + 1
-    c_sc = c_cmp + BH
-    c_top = c_sc + BH
-    c_sp = c_top + BH
-    c_done = c_sp + BH
-    if tk < N_CMP:
-        bh = tk % BH
-        _cmp_program(bh, tk // BH, q_ptr, kc_ptr, vc_ptr, lens_ptr, co_ptr, cm_ptr, cl_ptr, own_ptr, spill_ptr,
-                     mt_ptr, sm_scale, sqb, sqh, skb, skt, skh, svb, svt, svh, NSP, NT, HKV, G, DK, DV, CL, CS, SB,
-                     CHUNK, SPLITS, BG, BD, BDV, BN)
-        _arrive(c_cmp + bh)
-    elif tk < N_CMP + N_WIN:  # window tiles need nothing computed: they fill the slots the compressed pass frees
-        i = tk - N_CMP
-        bh = i // (NPART - NSLC)
-        _sparse_program(bh, NSLC + i % (NPART - NSLC), q_ptr, ks_ptr, vs_ptr, kw_ptr, vw_ptr, lens_ptr, idx_ptr,
-                        so_ptr, sm_ptr, sl_ptr, sm_scale, sqb, sqh, ksb, kst, ksh, vsb, vst, vsh, kwb, kwt, kwh, vwb,
-                        vwt, vwh, HKV, G, DK, DV, SB, TOPN, W, NWT, PER, NSLC, NPART, BG, BD, BDV, ".cg")
-        _arrive(c_sp + bh)
-    elif tk < N_CMP + N_WIN + N_SC:
-        i = tk - N_CMP - N_WIN
-        bh = i // NCH
-        _wait(c_cmp + bh, SPLITS)
-        if TIMES:
-            tl.store(times_ptr + tk * 3 + 1, _now(tk))
-        _scores_program(bh, i % NCH, own_ptr, spill_ptr, mt_ptr, lens_ptr, cm_ptr, cl_ptr, sc_ptr, NSMAX, NSP, NT,
-                        HKV, G, CL, CS, SB, SPLITS, BSPL, BG, BN, BJ, ".cg")
-        _arrive(c_sc + bh)
-    elif tk < N_CMP + N_WIN + N_SC + N_TOP:
-        bh = tk - N_CMP - N_WIN - N_SC
-        _wait(c_sc + bh, NCH)
-        if TIMES:
-            tl.store(times_ptr + tk * 3 + 1, _now(tk))
-        _topn_program(bh, sc_ptr, lens_ptr, idx_ptr, NSMAX, HKV, SB, TOPN, INIT, LOCAL, BNS, BTOP, ".cg")
-        _arrive(c_top + bh)
-    elif tk < N_CMP + N_WIN + N_SC + N_TOP + N_SLC:
-        i = tk - N_CMP - N_WIN - N_SC - N_TOP
-        bh = i // NSLC
-        _wait(c_top + bh, 1)
-        if TIMES:
-            tl.store(times_ptr + tk * 3 + 1, _now(tk))
-        _sparse_program(bh, i % NSLC, q_ptr, ks_ptr, vs_ptr, kw_ptr, vw_ptr, lens_ptr, idx_ptr, so_ptr, sm_ptr,
-                        sl_ptr, sm_scale, sqb, sqh, ksb, kst, ksh, vsb, vst, vsh, kwb, kwt, kwh, vwb, vwt, vwh, HKV, G,
-                        DK, DV, SB, TOPN, W, NWT, PER, NSLC, NPART, BG, BD, BDV, ".cg")
-        _arrive(c_sp + bh)
-    elif PAIR_COMBINE:
-        bh = tk - N_CMP - N_WIN - N_SC - N_TOP - N_SLC
-        _wait(c_sp + bh, NPART)  # the top-n it needed waited on the scores, which waited on the compressed pass
-        if TIMES:
-            tl.store(times_ptr + tk * 3 + 1, _now(tk))
-        _combine_pair_program(bh, co_ptr, cm_ptr, cl_ptr, so_ptr, sm_ptr, sl_ptr, gate_ptr, out_ptr, sgb, sgh, sob,
-                              soh, HKV, G, DV, SPLITS, NSLC, NPART, BSPL, BSLC, BWIN, BG, BDV, ".cg")
-        _reset(c_cmp, c_sc, c_top, c_sp, c_done, bh)  # the pair's only remaining program: every counter is final
-    else:
-        head = tk - N_CMP - N_WIN - N_SC - N_TOP - N_SLC
-        bh = head // G
-        _wait(c_sp + bh, NPART)
-        if TIMES:
-            tl.store(times_ptr + tk * 3 + 1, _now(tk))
-        _combine_program(head, co_ptr, cm_ptr, cl_ptr, so_ptr, sm_ptr, sl_ptr, gate_ptr, out_ptr, sgb, sgh, sob,
-                         soh, HKV, G, DV, SPLITS, NSLC, NPART, BSPL, BSLC, BWIN, BDV, ".cg")
-        if tl.atomic_add(c_done + bh, 1, sem="acq_rel") == G - 1:  # the pair's last program: every counter is final
-            _reset(c_cmp, c_sc, c_top, c_sp, c_done, bh)
-    if TIMES:
-        tl.debug_barrier()
-        tl.store(times_ptr + tk * 3 + 2, _now(tk))
+    tl.store(out_ptr + b.to(tl.int64) * sob + (h * G + g) * soh + dv, o.to(out_ptr.dtype.element_ty), mask=dv < DV)
 
 
 def _num_splits(bsz: int, hkv: int, max_cmp: int) -> int:
@@ -519,113 +359,99 @@ def _check_config(cfg) -> None:
                          f"{cfg.select_block}, compress_stride={cfg.compress_stride}")
 
 
-def chained_programs(pairs: int, splits: int, npart: int, chunks: int, G: int) -> int:
-    """Programs of the chained launch: per pair the compressed splits, sparse partials, score chunks, top-n and
-    combine (one, or one per query head)."""
-    return pairs * (splits + npart + chunks + 1 + (1 if CHAIN_PAIR_COMBINE else G))
-
-
-class _Plan:
-    """Sizes and fp32 work buffers of one decoding step (the same for the five launches and the chained one)."""
-
-    def __init__(self, q: torch.Tensor, cache):
-        cfg = cache.config
-        bsz, hq, dk = q.shape
-        hkv, dv = cache.num_kv_heads, cache.head_dim_v
-        self.bsz, self.hq, self.dk, self.hkv, self.dv, self.G = bsz, hq, dk, hkv, dv, hq // hkv
-        self.BG, self.BD, self.BDV = max(16, _p2(self.G)), max(16, _p2(dk)), max(16, _p2(dv))
-        self.splits = _num_splits(bsz, hkv, cache.max_cmp)
-        self.chunk = triton.cdiv(triton.cdiv(cache.max_cmp, self.splits), CMP_BN) * CMP_BN
-        self.nt = triton.cdiv(cache.max_cmp, CMP_BN)  # tiles of compressed tokens
-        self.nsp = self.nt * (CMP_BN // (cfg.select_block // cfg.compress_stride))  # selection blocks they start
-        self.nsmax = triton.cdiv(cache.max_len, cfg.select_block)
-        self.n = cfg.select_topn
-        self.nwt = triton.cdiv(cfg.window, cfg.select_block)  # window tiles
-        self.per = SPARSE_TILES_PER_PROGRAM
-        self.nslc = triton.cdiv(self.n, self.per)
-        self.npart = self.nslc + triton.cdiv(self.nwt, self.per)
-        f32 = dict(device=q.device, dtype=torch.float32)
-        G, splits = self.G, self.splits
-        self.co = torch.empty(bsz, hkv, splits, G, dv, **f32)
-        self.cm = torch.empty(bsz, hkv, splits, G, **f32)
-        self.cl = torch.empty_like(self.cm)
-        self.own = torch.empty(bsz * hkv, G, self.nsp, **f32)  # per-head partial block scores, relative to the
-        self.spill = torch.empty_like(self.own)  # tile's max
-        self.mt = torch.empty(bsz * hkv, G, self.nt, **f32)
-        self.scores = torch.empty(bsz, hkv, self.nsmax, **f32)
-        self.idx = torch.empty(bsz, hkv, self.n, device=q.device, dtype=torch.int32)
-        self.so = torch.empty(bsz, hkv, self.npart, G, dv, **f32)
-        self.sm = torch.empty(bsz, hkv, self.npart, G, **f32)
-        self.sl = torch.empty_like(self.sm)
-
-
-def _compressed(q, cache, scale: float, p: _Plan) -> None:
-    cfg = cache.config
-    kc, vc = cache.k_cmp, cache.v_cmp
-    _cmp_partial[(p.bsz * p.hkv, p.splits)](
-        q, kc, vc, cache.lens, p.co, p.cm, p.cl, p.own, p.spill, p.mt, scale, q.stride(0), q.stride(1), kc.stride(0),
-        kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2), p.nsp, p.nt, HKV=p.hkv, G=p.G, DK=p.dk,
-        DV=p.dv, CL=cfg.compress_block, CS=cfg.compress_stride, SB=cfg.select_block, CHUNK=p.chunk, SPLITS=p.splits,
-        BG=p.BG, BD=p.BD, BDV=p.BDV, BN=CMP_BN, num_warps=CMP_WARPS, num_stages=CMP_STAGES)
-    _cmp_scores[(p.bsz * p.hkv, triton.cdiv(p.nsmax, SCORES_BJ))](
-        p.own, p.spill, p.mt, cache.lens, p.cm, p.cl, p.scores, p.nsmax, p.nsp, p.nt, HKV=p.hkv, G=p.G,
-        CL=cfg.compress_block, CS=cfg.compress_stride, SB=cfg.select_block, SPLITS=p.splits, BSPL=_p2(p.splits),
-        BG=p.BG, BN=CMP_BN, BJ=SCORES_BJ)
-
-
 def compressed_step(q: torch.Tensor, cache, scale: float):
     """Compressed branch and selection scores: ``(partials (o, m, l) per split, scores [B, hkv, ns])``."""
-    q = q.contiguous()
-    p = _Plan(q, cache)
-    _compressed(q, cache, scale, p)
-    return (p.co, p.cm, p.cl), p.scores
+    w = _compressed(q, cache, scale, launch_scores=True)
+    return (w["co"], w["cm"], w["cl"]), w["scores"]
 
 
-def _sparse_strides(cache):
-    ks, vs, kw, vw = cache.k_slc, cache.v_slc, cache.k_swa, cache.v_swa
-    return (ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
-            kw.stride(0), kw.stride(1), kw.stride(2), vw.stride(0), vw.stride(1), vw.stride(2))
+def _compressed(q: torch.Tensor, cache, scale: float, launch_scores: bool) -> dict:
+    """The compressed pass; its partials, the per-tile block sums and the scores buffer (filled when
+    ``launch_scores``, else left to the top-n launch)."""
+    cfg = cache.config
+    bsz, hq, dk = q.shape
+    hkv, dv = cache.num_kv_heads, cache.head_dim_v
+    G = hq // hkv
+    dev = q.device
+    BG, BD, BDV = max(16, _p2(G)), max(16, _p2(dk)), max(16, _p2(dv))
+    s_slots = cfg.select_block // cfg.compress_stride
+    splits = _num_splits(bsz, hkv, cache.max_cmp)
+    chunk = triton.cdiv(triton.cdiv(cache.max_cmp, splits), CMP_BN) * CMP_BN
+    f32 = dict(device=dev, dtype=torch.float32)
+    co = torch.empty(bsz, hkv, splits, G, dv, **f32)
+    cm = torch.empty(bsz, hkv, splits, G, **f32)
+    cl = torch.empty_like(cm)
+    nt = triton.cdiv(cache.max_cmp, CMP_BN)  # tiles of compressed tokens
+    nsp = nt * (CMP_BN // s_slots)  # selection blocks the tiles start
+    own = torch.empty(bsz * hkv, G, nsp, **f32)  # per-head partial block scores, relative to the tile's max
+    spill = torch.empty_like(own)
+    mt = torch.empty(bsz * hkv, G, nt, **f32)
+    kc, vc = cache.k_cmp, cache.v_cmp
+    _cmp_partial[(bsz * hkv, splits)](
+        q, kc, vc, cache.lens, co, cm, cl, own, spill, mt, scale, q.stride(0), q.stride(1), kc.stride(0),
+        kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2), nsp, nt, HKV=hkv, G=G, DK=dk, DV=dv,
+        CL=cfg.compress_block, CS=cfg.compress_stride, SB=cfg.select_block, CHUNK=chunk, SPLITS=splits, BG=BG,
+        BD=BD, BDV=BDV, BN=CMP_BN, num_warps=CMP_WARPS, num_stages=CMP_STAGES)
+    nsmax = triton.cdiv(cache.max_len, cfg.select_block)
+    scores = torch.empty(bsz, hkv, nsmax, **f32)
+    if launch_scores:
+        _cmp_scores[(bsz * hkv, triton.cdiv(nsmax, SCORES_BJ))](
+            own, spill, mt, cache.lens, cm, cl, scores, nsmax, nsp, nt, HKV=hkv, G=G, CL=cfg.compress_block,
+            CS=cfg.compress_stride, SB=cfg.select_block, SPLITS=splits, BSPL=_p2(splits), BG=BG, BN=CMP_BN,
+            BJ=SCORES_BJ)
+    return dict(co=co, cm=cm, cl=cl, own=own, spill=spill, mt=mt, nsp=nsp, nt=nt, splits=splits, scores=scores)
 
 
 def decode_triton(q: torch.Tensor, gate: torch.Tensor, cache, scale: float):
     """``(o [B, hq, dv], indices [B, hkv, n])`` for the token at ``cache.lens - 1`` of each sequence."""
     cfg = cache.config
     _check_config(cfg)
+    bsz, hq, dk = q.shape
+    hkv, dv = cache.num_kv_heads, cache.head_dim_v
+    G = hq // hkv
     q = q.contiguous()
     gate = gate.contiguous()
-    p = _Plan(q, cache)
-    out = torch.empty(p.bsz, p.hq, p.dv, device=q.device, dtype=q.dtype)
+    dev = q.device
+    BG, BD, BDV = max(16, _p2(G)), max(16, _p2(dk)), max(16, _p2(dv))
+    f32 = dict(device=dev, dtype=torch.float32)
+    n = cfg.select_topn
+    nwt = triton.cdiv(cfg.window, cfg.select_block)  # window tiles
+    per = SPARSE_TILES_PER_PROGRAM
+    nslc = triton.cdiv(n, per)
+    npart = nslc + triton.cdiv(nwt, per)
+    so = torch.empty(bsz, hkv, npart, G, dv, **f32)
+    sm = torch.empty(bsz, hkv, npart, G, **f32)
+    sl = torch.empty_like(sm)
     ks, vs, kw, vw = cache.k_slc, cache.v_slc, cache.k_swa, cache.v_swa
-    if CHAINED:
-        kc, vc = cache.k_cmp, cache.v_cmp
-        nch = triton.cdiv(p.nsmax, SCORES_BJ)
-        times = CHAIN_TIMES
-        _chained[(chained_programs(p.bsz * p.hkv, p.splits, p.npart, nch, p.G),)](
-            q, kc, vc, ks, vs, kw, vw, cache.lens, gate, out, cache.decode_sync, p.co, p.cm, p.cl, p.own, p.spill,
-            p.mt, p.scores, p.idx, p.so, p.sm, p.sl, scale, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1),
-            kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2), *_sparse_strides(cache), gate.stride(0),
-            gate.stride(1), out.stride(0), out.stride(1), p.nsp, p.nt, p.nsmax,
-            times if times is not None else p.idx, BH=p.bsz * p.hkv, HKV=p.hkv, G=p.G,
-            DK=p.dk, DV=p.dv, CL=cfg.compress_block, CS=cfg.compress_stride, SB=cfg.select_block, CHUNK=p.chunk,
-            SPLITS=p.splits, BSPL=_p2(p.splits), BN=CMP_BN, BJ=SCORES_BJ, NCH=nch, TOPN=p.n, INIT=cfg.select_initial,
-            LOCAL=cfg.select_local, BNS=_p2(p.nsmax), BTOP=_p2(p.n), W=cfg.window, NWT=p.nwt, PER=p.per,
-            NSLC=p.nslc, NPART=p.npart, BSLC=_p2(p.nslc), BWIN=_p2(p.npart - p.nslc), BG=p.BG, BD=p.BD, BDV=p.BDV,
-            PAIR_COMBINE=CHAIN_PAIR_COMBINE, TICKET=CHAIN_TICKET, TIMES=times is not None, num_warps=CMP_WARPS,
-            num_stages=CMP_STAGES)
-        return out, p.idx
-    _compressed(q, cache, scale, p)
-    _topn[(p.bsz * p.hkv,)](p.scores, cache.lens, p.idx, p.nsmax, HKV=p.hkv, SB=cfg.select_block, TOPN=p.n,
-                            INIT=cfg.select_initial, LOCAL=cfg.select_local, BNS=_p2(p.nsmax), BTOP=_p2(p.n),
+    fused = WINDOW_IN_TOPN and SCORES_IN_TOPN
+    w = _compressed(q, cache, scale, launch_scores=not fused)
+    co, cm, cl, scores, splits = w["co"], w["cm"], w["cl"], w["scores"], w["splits"]
+    nsmax = scores.shape[2]
+    idx = torch.empty(bsz, hkv, n, device=dev, dtype=torch.int32)
+    if WINDOW_IN_TOPN:
+        _topn_window[(bsz * hkv * (1 + npart - nslc),)](
+            scores, idx, nsmax, q, kw, vw, cache.lens, so, sm, sl, scale, q.stride(0), q.stride(1), kw.stride(0),
+            kw.stride(1), kw.stride(2), vw.stride(0), vw.stride(1), vw.stride(2), w["own"], w["spill"], w["mt"], cm, cl,
+            w["nsp"], w["nt"], BH=bsz * hkv, HKV=hkv, G=G, DK=dk, DV=dv, SB=cfg.select_block, TOPN=n,
+            INIT=cfg.select_initial, LOCAL=cfg.select_local, BNS=_p2(nsmax), BTOP=_p2(n), W=cfg.window, NWT=nwt,
+            PER=per, NSLC=nslc, NPART=npart, BG=BG, BD=BD, BDV=BDV, SCORES=fused, CL=cfg.compress_block,
+            CS=cfg.compress_stride, SPLITS=splits, BSPL=_p2(splits), BN=CMP_BN, BJ=SCORES_TOPN_BJ,
+            num_warps=TOPN_WARPS)
+    else:
+        _topn[(bsz * hkv,)](scores, cache.lens, idx, nsmax, HKV=hkv, SB=cfg.select_block, TOPN=n,
+                            INIT=cfg.select_initial, LOCAL=cfg.select_local, BNS=_p2(nsmax), BTOP=_p2(n),
                             num_warps=TOPN_WARPS)
-    _sparse_partial[(p.bsz * p.hkv, p.npart)](
-        q, ks, vs, kw, vw, cache.lens, p.idx, p.so, p.sm, p.sl, scale, q.stride(0), q.stride(1),
-        *_sparse_strides(cache), HKV=p.hkv, G=p.G, DK=p.dk, DV=p.dv, SB=cfg.select_block, TOPN=p.n, W=cfg.window,
-        NWT=p.nwt, PER=p.per, NSLC=p.nslc, NPART=p.npart, BG=p.BG, BD=p.BD, BDV=p.BDV)
-    _combine[(p.bsz * p.hq,)](p.co, p.cm, p.cl, p.so, p.sm, p.sl, gate, out, gate.stride(0), gate.stride(1),
-                              out.stride(0), out.stride(1), HKV=p.hkv, G=p.G, DV=p.dv, SPLITS=p.splits, TOPN=p.nslc,
-                              NPART=p.npart, BSPL=_p2(p.splits), BTOP=_p2(p.nslc), BWIN=_p2(p.npart - p.nslc),
-                              BDV=p.BDV)
-    return out, p.idx
+    _sparse_partial[(bsz * hkv, nslc if WINDOW_IN_TOPN else npart)](
+        q, ks, vs, kw, vw, cache.lens, idx, so, sm, sl, scale, q.stride(0), q.stride(1),
+        ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
+        kw.stride(0), kw.stride(1), kw.stride(2), vw.stride(0), vw.stride(1), vw.stride(2),
+        HKV=hkv, G=G, DK=dk, DV=dv, SB=cfg.select_block, TOPN=n, W=cfg.window, NWT=nwt, PER=per, NSLC=nslc,
+        NPART=npart, BG=BG, BD=BD, BDV=BDV)
+    out = torch.empty(bsz, hq, dv, device=dev, dtype=q.dtype)
+    _combine[(bsz * hq,)](co, cm, cl, so, sm, sl, gate, out, gate.stride(0), gate.stride(1), out.stride(0),
+                          out.stride(1), HKV=hkv, G=G, DV=dv, SPLITS=splits, TOPN=nslc, NPART=npart, BSPL=_p2(splits),
+                          BTOP=_p2(nslc), BWIN=_p2(npart - nslc), BDV=BDV)
+    return out, idx
 
 
 @triton.jit

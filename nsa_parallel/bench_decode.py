@@ -23,15 +23,22 @@ import sys
 import torch
 
 
-# decode_triton's launch knobs and the values the --profile point is timed at
-KNOBS = {"CHAINED": (False, True), "PROGRAMS_PER_SM": (1, 2, 4), "CMP_BN": (64, 128), "CMP_WARPS": (4, 8),
-         "CMP_STAGES": (2, 3, 4), "SCORES_BJ": (32, 64, 128), "TOPN_WARPS": (4, 8),
-         "SPARSE_TILES_PER_PROGRAM": (1, 2, 4)}
+# variants of decode_triton's launch knobs timed at the --profile point, interleaved (see _variants_us)
+VARIANTS = {
+    "default": {},
+    "before (scores launch, window partials in the sparse launch)": dict(SCORES_IN_TOPN=False, WINDOW_IN_TOPN=False),
+    "scores launch (window partials in the top-n launch)": dict(SCORES_IN_TOPN=False),
+    "top-n programs' scores 256 blocks per step": dict(SCORES_TOPN_BJ=256),
+    "top-n programs' scores 1024 blocks per step": dict(SCORES_TOPN_BJ=1024),
+    "8 top-n warps": dict(TOPN_WARPS=8),
+    "16 top-n warps": dict(TOPN_WARPS=16),
+    "16 top-n warps, scores 1024 blocks per step": dict(TOPN_WARPS=16, SCORES_TOPN_BJ=1024),
+    "8 sparse tiles per program": dict(SPARSE_TILES_PER_PROGRAM=8),
+    "2 compressed stages": dict(CMP_STAGES=2),
+}
 
 
-def _graph_ms(fn, iters: int = 50, steps: int = 1) -> float:
-    """Median ms per call of ``fn`` from replays of a CUDA graph holding ``steps`` calls back to back (steps > 1: the
-    graph's own launch latency is spread over them, as in a model's decode graph that holds every layer)."""
+def _capture(fn, steps: int = 1) -> torch.cuda.CUDAGraph:
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -42,6 +49,10 @@ def _graph_ms(fn, iters: int = 50, steps: int = 1) -> float:
     with torch.cuda.graph(g):
         for _ in range(steps):
             fn()
+    return g
+
+
+def _replay_ms(g: torch.cuda.CUDAGraph, iters: int, steps: int) -> float:
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -51,6 +62,34 @@ def _graph_ms(fn, iters: int = 50, steps: int = 1) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / steps)
     return sorted(times)[len(times) // 2]
+
+
+def _graph_ms(fn, iters: int = 50, steps: int = 1) -> float:
+    """Median ms per call of ``fn`` from replays of a CUDA graph holding ``steps`` calls back to back (steps > 1: the
+    graph's own launch latency is spread over them, as in a model's decode graph that holds every layer)."""
+    return _replay_ms(_capture(fn, steps), iters, steps)
+
+
+def _variants_us(step, variants: dict, steps: int, rounds: int = 7) -> dict:
+    """Microseconds per step of each variant (knob values set on decode_triton while its graph is captured): the
+    median over ``rounds`` rounds that each replay every variant's graph in turn, so drifts of the GPU's clock
+    between variants cancel (single sweeps of the same code spread over +-5%)."""
+    from nsa_parallel.kernels import decode_triton
+    graphs = {}
+    for name, knobs in variants.items():
+        old = {k: getattr(decode_triton, k) for k in knobs}
+        for k, v in knobs.items():
+            setattr(decode_triton, k, v)
+        try:
+            graphs[name] = _capture(step, steps)
+        finally:
+            for k, v in old.items():
+                setattr(decode_triton, k, v)
+    runs = {name: [] for name in graphs}
+    for _ in range(rounds):
+        for name, g in graphs.items():
+            runs[name].append(_replay_ms(g, 20, steps) * 1e3)
+    return {name: sorted(r)[len(r) // 2] for name, r in runs.items()}
 
 
 def _kernel_times(fn, reps: int = 20) -> dict:
@@ -131,19 +170,9 @@ def run(args) -> dict:
                 row["nsa_ms"] = _graph_ms(step, steps=args.steps)
                 row["nsa_ms_one_per_graph"] = _graph_ms(step)
                 if [t, bsz] == args.profile:
-                    from nsa_parallel.kernels import decode_triton
                     row["nsa_kernels_us"] = _kernel_times(step)
-                    chained = decode_triton.CHAINED
-                    decode_triton.CHAINED = not chained  # the other path's kernels too
-                    row[f"nsa_kernels_us_chained_{not chained}"] = _kernel_times(step)
-                    decode_triton.CHAINED = chained
-                    # one knob at a time, the others at their defaults
-                    for knob, values in ({} if args.no_sweep else KNOBS).items():
-                        default = getattr(decode_triton, knob)
-                        for value in values:
-                            setattr(decode_triton, knob, value)
-                            row[f"nsa_ms_{knob}_{value}"] = _graph_ms(step, steps=args.steps)
-                        setattr(decode_triton, knob, default)
+                    if not args.no_sweep:
+                        row["nsa_us_variants"] = _variants_us(step, VARIANTS, args.steps)
                 new = [torch.randn(bsz, 1, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(6)]
 
                 def append():
@@ -192,7 +221,8 @@ def main(argv=None) -> None:
                    help="point whose per-kernel device times are recorded")
     p.add_argument("--steps", type=int, default=20,
                    help="decode steps per CUDA graph (their mean is reported; *_one_per_graph: a graph per step)")
-    p.add_argument("--no-sweep", action="store_true", help="skip the launch-knob sweep at the --profile point")
+    p.add_argument("--no-sweep", action="store_true",
+                   help="skip timing the VARIANTS of the launch knobs at the --profile point")
     p.add_argument("--out", default="decode_bench.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

@@ -28,10 +28,9 @@ def _phi(device="cpu", dtype=torch.float32):
             Compression(HKV, D, CFG.compress_block, CFG.compress_stride, device=device, dtype=dtype))
 
 
-def _decode_all(prompts, totals, backend, dtype=torch.float32, device="cpu", check_sync=False):
+def _decode_all(prompts, totals, backend, dtype=torch.float32, device="cpu"):
     """Prefill each sequence's first prompts[b] tokens, then decode up to totals[b]; returns per-step outputs
-    ``{(b, position): o [hq, d]}`` and the full-forward outputs of the same sequences. ``check_sync``: after every
-    step the chained launch's ticket and counters are back to zero (its programs reset them)."""
+    ``{(b, position): o [hq, d]}`` and the full-forward outputs of the same sequences."""
     ck, cv = _phi(device, dtype)
     seqs = [_sequence(t, dtype, seed=b, device=device) for b, t in enumerate(totals)]
     bsz, tmax = len(totals), max(totals)
@@ -52,8 +51,6 @@ def _decode_all(prompts, totals, backend, dtype=torch.float32, device="cpu", che
         q = torch.cat([s[0][:, p] for s, p in zip(seqs, pos)])
         gate = torch.cat([s[2][:, p] for s, p in zip(seqs, pos)])
         o = nsa_decode(q, gate, cache, backend=backend)
-        if check_sync:
-            assert not cache.decode_sync.any(), cache.decode_sync.tolist()
         for b, p in enumerate(pos):
             got[(b, p)] = o[b]
     full = [nsa_attention(s[0], *s[1], s[2], compress_k=ck, compress_v=cv, config=CFG, backend="reference")[0]
@@ -90,21 +87,11 @@ def test_prefill_only_first_token_and_errors():
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# the Triton step's launch paths: five kernels; one chained launch (combine per pair, by ticket); chained with a
-# combine program per query head, by program id
-MODES = {"five": dict(CHAINED=False), "chained": dict(CHAINED=True, CHAIN_PAIR_COMBINE=True, CHAIN_TICKET=True),
-         "chained-per-head-by-id": dict(CHAINED=True, CHAIN_PAIR_COMBINE=False, CHAIN_TICKET=False)}
-
-
-def _set_mode(mode, monkeypatch):
-    from nsa_parallel.kernels import decode_triton
-    for knob, value in MODES[mode].items():
-        monkeypatch.setattr(decode_triton, knob, value)
 
 
 def _triton_vs_reference(device, dtype, tol):
     prompts, totals = [3, 37, 20], [30, 70, 45]
-    got_t, _ = _decode_all(prompts, totals, "triton", dtype, device, check_sync=True)
+    got_t, _ = _decode_all(prompts, totals, "triton", dtype, device)
     got_r, _ = _decode_all(prompts, totals, "reference", dtype, device)
     assert got_t.keys() == got_r.keys()
     for key, o in got_t.items():
@@ -114,13 +101,13 @@ def _triton_vs_reference(device, dtype, tol):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter run is for CPU hosts; GPUs run test_decode_triton_gpu")
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("tiles_per_program", [1, 3])  # 3: a program whose last tiles lie past n / the window
-def test_decode_triton_in_interpreter(tiles_per_program, mode, monkeypatch):
+# tiles 3: a program whose last tiles lie past n / the window; window partials in the top-n or the sparse launch
+@pytest.mark.parametrize("tiles_per_program,window_in_topn", [(1, True), (3, True), (3, False)])
+def test_decode_triton_in_interpreter(tiles_per_program, window_in_topn, monkeypatch):
     assert INTERPRET  # conftest sets it before triton is imported
     from nsa_parallel.kernels import decode_triton
     monkeypatch.setattr(decode_triton, "SPARSE_TILES_PER_PROGRAM", tiles_per_program)
-    _set_mode(mode, monkeypatch)
+    monkeypatch.setattr(decode_triton, "WINDOW_IN_TOPN", window_in_topn)
     _triton_vs_reference("cpu", torch.float32, 1e-4)
 
 
@@ -172,16 +159,17 @@ def test_cache_append_triton_gpu():
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter run is for CPU hosts; GPUs run test_decode_triton_gpu")
-@pytest.mark.parametrize("splits,mode", [(1, "chained"), (2, "five"), (5, "chained"), (5, "five"),
-                                        (5, "chained-per-head-by-id")])
-def test_decode_triton_many_tiles_and_splits(splits, mode, monkeypatch):
+@pytest.mark.parametrize("splits,scores_in_topn", [(1, True), (2, False), (5, True), (5, False)])
+def test_decode_triton_many_tiles_and_splits(splits, scores_in_topn, monkeypatch):
     """Block scores summed per tile of 16 compressed tokens (blocks straddling tiles and splits), ragged caches
-    of 300 / 171 / 9 tokens: the same output and blocks as the reference."""
+    of 300 / 171 / 9 tokens: the same output and blocks as the reference, with the scores computed by their own
+    launch or by the top-n programs."""
     from nsa_parallel.kernels import decode_triton
     from nsa_parallel.kernels import reference as ref
-    _set_mode(mode, monkeypatch)
     monkeypatch.setattr(decode_triton, "CMP_BN", 16)
     monkeypatch.setattr(decode_triton, "SCORES_BJ", 8)  # several scores programs per (sequence, head)
+    monkeypatch.setattr(decode_triton, "SCORES_IN_TOPN", scores_in_topn)
+    monkeypatch.setattr(decode_triton, "SCORES_TOPN_BJ", 8)  # several steps of the top-n programs' scores loop
     monkeypatch.setattr(decode_triton, "_num_splits", lambda *a: splits)
     ck, cv = _phi()
     lens = [300, 171, 9]
@@ -194,7 +182,6 @@ def test_decode_triton_many_tiles_and_splits(splits, mode, monkeypatch):
     o_r, i_r = nsa_decode(q, gate, cache, backend="reference", return_indices=True)
     assert torch.equal(i_t, i_r.to(i_t.dtype))
     assert ((o_t - o_r).abs().max() / o_r.abs().max()).item() < 1e-4
-    assert not cache.decode_sync.any()
     _, scores = decode_triton.compressed_step(q, cache, D ** -0.5)
     for b, n in enumerate(lens):  # every block's score, not only the winners
         nc = CFG.num_compressed(n)
@@ -207,9 +194,10 @@ def test_decode_triton_many_tiles_and_splits(splits, mode, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("mode", list(MODES))
-def test_decode_triton_gpu(mode, monkeypatch):
-    _set_mode(mode, monkeypatch)
+@pytest.mark.parametrize("window_in_topn", [True, False])
+def test_decode_triton_gpu(window_in_topn, monkeypatch):
+    from nsa_parallel.kernels import decode_triton
+    monkeypatch.setattr(decode_triton, "WINDOW_IN_TOPN", window_in_topn)
     _triton_vs_reference("cuda", torch.bfloat16, 2e-2)
 
 
