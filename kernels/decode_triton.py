@@ -11,17 +11,20 @@ last kernel, which also applies the gates:
    stride-slot overlap (eq. 9): 1/S of the logits' bytes.
 2. ``_cmp_scores``: the global log-sum-exp from the partials rescales those tile sums; summed over the group's
    heads (eq. 10) -> fp32 block scores.
-3. ``_topn``: forced first/local blocks, then one argmax per free pick, ties to the lower index, ascending (as
-   the reference).
-4. ``_sparse_partial``: ``SPARSE_TILES_PER_PROGRAM`` selected blocks or window tiles -> partial o, m, l.
+3. ``_topn_window``: forced first/local blocks, then one argmax per free pick, ties to the lower index, ascending
+   (as the reference); beside those programs, the window tiles -> partial o, m, l (they need no selection, and the
+   top-n alone leaves the GPU idle).
+4. ``_sparse_partial``: ``SPARSE_TILES_PER_PROGRAM`` selected blocks -> partial o, m, l.
 5. ``_combine``: one program per query head merges the partials of each branch, gates, writes ``[B, hq, dv]``.
 
 Sequence lengths are read on the device (``cache.lens``): no host sync, so a step can be captured in a CUDA graph.
 ``append_raw`` / ``append_compress`` are the cache update (:meth:`NSAKVCache.append` with ``backend="triton"``).
 
 Tried on an H100 and not kept (64k x 8, see docs/decode.md): scores in the top-n or in the last compressed program
-(arrival counter), top-n by ranks in parallel programs, the combine in the last sparse program, programmatic
-dependent launch between the kernels, the window branch on a second stream: none faster.
+(arrival counter), top-n by ranks in parallel programs or by int64 keys, the combine in the last sparse program,
+programmatic dependent launch between the kernels, the window branch on a second stream, all five phases chained in
+one launch (commit b46cf25), TMA or evict-first loads in the compressed pass, splits capped at one wave, sparse
+loops with preloaded indices: none faster.
 """
 from __future__ import annotations
 
@@ -39,8 +42,6 @@ TOPN_WARPS = 4  # warps of the top-n program
 APPEND_ROWS = 16  # sequences one phi program compresses together (the rows of its tl.dot, >= 16)
 PROGRAMS_PER_SM = 2  # compressed-branch programs per SM the split aims for
 WINDOW_IN_TOPN = True  # window partials computed by extra programs of the top-n launch (else of the sparse one)
-SCORES_IN_TOPN = False  # with WINDOW_IN_TOPN: each top-n program computes its pair's scores (no scores launch)
-SCORES_TOPN_BJ = 512  # blocks per step of that loop
 
 
 def _p2(x: int) -> int:
@@ -78,7 +79,9 @@ def _cmp_partial(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, own_ptr, sp
                  HKV: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, CL: tl.constexpr,
                  CS: tl.constexpr, SB: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, BG: tl.constexpr,
                  BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr):
-    """Compressed attention over one split -> partial (o, m, l) and the per-tile block sums."""
+    """Compressed attention over one split -> partial (o, m, l) and the per-tile block sums. (Measured on an H100,
+    64k x 8, no faster: K/V through TMA tensor descriptors with 2-4 stages or 128-token tiles, loads marked
+    evict-first.)"""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (bh // HKV).to(tl.int64)  # b * stride passes 2^31 for long caches at large batch
@@ -131,8 +134,16 @@ def _cmp_partial(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, own_ptr, sp
 
 
 @triton.jit
-def _group_lse(bh, m_ptr, l_ptr, SPLITS: tl.constexpr, G: tl.constexpr, BSPL: tl.constexpr, BG: tl.constexpr):
-    """Each head's log2-sum-exp over the compressed tokens, from the splits' partial (m, l): ``[BG]``."""
+def _cmp_scores(own_ptr, spill_ptr, mt_ptr, lens_ptr, m_ptr, l_ptr, sc_ptr, NSMAX, NSP, NT, HKV: tl.constexpr,
+                G: tl.constexpr, CL: tl.constexpr, CS: tl.constexpr, SB: tl.constexpr, SPLITS: tl.constexpr,
+                BSPL: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr):
+    """Block scores (eq. 10) of ``BJ`` blocks: each head's tile sums rescaled by exp2(tile max - global lse),
+    summed over the group; block j takes its own tokens' share and the spill of block j - 1's (kept by j - 1's
+    tile). (Measured on an H100, 64k x 8: computing them in the top-n program, 30 us slower; in the last
+    compressed program of a pair via an arrival counter, 40 us slower: one program then walks every block.)"""
+    bh = tl.program_id(0)
+    j = tl.program_id(1) * BJ + tl.arange(0, BJ)
+    nc = _num_cmp(tl.load(lens_ptr + bh // HKV) - 1, CL, CS)
     g = tl.arange(0, BG)
     sp = tl.arange(0, BSPL)
     pm = (sp[:, None] < SPLITS) & (g[None, :] < G)
@@ -141,20 +152,12 @@ def _group_lse(bh, m_ptr, l_ptr, SPLITS: tl.constexpr, G: tl.constexpr, BSPL: tl
     l_s = tl.load(l_ptr + part, mask=pm, other=0.0)
     m_all = tl.max(m_s, 0)
     m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
-    return m_safe + tl.log2(tl.sum(l_s * tl.exp2(m_s - m_safe[None, :]), 0))
-
-
-@triton.jit
-def _block_scores(bh, j, lse, nc, own_ptr, spill_ptr, mt_ptr, NSP, NT, G: tl.constexpr, CS: tl.constexpr,
-                  SB: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr):
-    """Block scores (eq. 10) of blocks ``j``: each head's tile sums rescaled by exp2(tile max - lse), summed over
-    the group; block j takes its own tokens' share and the spill of block j - 1's (kept by j - 1's tile)."""
+    lse = m_safe + tl.log2(tl.sum(l_s * tl.exp2(m_s - m_safe[None, :]), 0))
     S: tl.constexpr = SB // CS
     TB: tl.constexpr = BN // S
-    g = tl.arange(0, BG)
     rows = (bh * G + g).to(tl.int64)[:, None]
     gm = (g < G)[:, None]
-    sc = tl.zeros(j.shape, tl.float32)
+    sc = tl.zeros([BJ], tl.float32)
     for back in tl.static_range(2):  # 0: own tokens of block j, 1: the spill of block j - 1
         jj = j - back
         tile = jj // TB
@@ -163,20 +166,6 @@ def _block_scores(bh, j, lse, nc, own_ptr, spill_ptr, mt_ptr, NSP, NT, G: tl.con
         part_ptr = own_ptr if back == 0 else spill_ptr
         x = tl.load(part_ptr + rows * NSP + jj[None, :], mask=vis, other=0.0)
         sc += tl.sum(x * tl.where(vis, tl.exp2(mt - lse[:, None]), 0.0), 0)
-    return sc
-
-
-@triton.jit
-def _cmp_scores(own_ptr, spill_ptr, mt_ptr, lens_ptr, m_ptr, l_ptr, sc_ptr, NSMAX, NSP, NT, HKV: tl.constexpr,
-                G: tl.constexpr, CL: tl.constexpr, CS: tl.constexpr, SB: tl.constexpr, SPLITS: tl.constexpr,
-                BSPL: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr):
-    """Block scores of ``BJ`` blocks of one pair. (Measured on an H100, 64k x 8: in the last compressed program of
-    a pair via an arrival counter, 40 us slower: one program then walks every block.)"""
-    bh = tl.program_id(0)
-    j = tl.program_id(1) * BJ + tl.arange(0, BJ)
-    nc = _num_cmp(tl.load(lens_ptr + bh // HKV) - 1, CL, CS)
-    lse = _group_lse(bh, m_ptr, l_ptr, SPLITS, G, BSPL, BG)
-    sc = _block_scores(bh, j, lse, nc, own_ptr, spill_ptr, mt_ptr, NSP, NT, G, CS, SB, BG, BN)
     tl.store(sc_ptr + bh * NSMAX + j, sc, mask=j < NSMAX)
 
 
@@ -274,27 +263,17 @@ def _sparse_partial(q_ptr, ks_ptr, vs_ptr, kw_ptr, vw_ptr, lens_ptr, idx_ptr, o_
 
 @triton.jit
 def _topn_window(sc_ptr, idx_ptr, NSMAX, q_ptr, kw_ptr, vw_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, sm_scale, sqb, sqh,
-                 kwb, kwt, kwh, vwb, vwt, vwh, own_ptr, spill_ptr, mt_ptr, cm_ptr, cl_ptr, NSP, NT,
-                 BH: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+                 kwb, kwt, kwh, vwb, vwt, vwh, BH: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
                  DK: tl.constexpr, DV: tl.constexpr, SB: tl.constexpr, TOPN: tl.constexpr, INIT: tl.constexpr,
                  LOCAL: tl.constexpr, BNS: tl.constexpr, BTOP: tl.constexpr, W: tl.constexpr, NWT: tl.constexpr,
                  PER: tl.constexpr, NSLC: tl.constexpr, NPART: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr,
-                 BDV: tl.constexpr, SCORES: tl.constexpr, CL: tl.constexpr, CS: tl.constexpr, SPLITS: tl.constexpr,
-                 BSPL: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr):
+                 BDV: tl.constexpr):
     """The top-n of every pair (programs ``< BH``) and, beside them, the window partials: the window needs no
     selection, and the top-n's 32-odd programs leave the rest of the GPU idle, so the window's reads are free.
-    ``SCORES``: each top-n program first computes its pair's block scores, ``BJ`` blocks at a time (no scores
-    launch)."""
+    (Measured on an H100, 64k x 8: the sparse launch 13.3 -> 10.1 us, this one 7.5 -> 8.1. Each top-n program
+    also computing its pair's scores instead of their own launch, 512 blocks a step: 74 against 61 us.)"""
     pid = tl.program_id(0)
     if pid < BH:
-        if SCORES:
-            nc = _num_cmp(tl.load(lens_ptr + pid // HKV) - 1, CL, CS)
-            lse = _group_lse(pid, cm_ptr, cl_ptr, SPLITS, G, BSPL, BG)
-            for c in range(tl.cdiv(NSMAX, BJ)):
-                j = c * BJ + tl.arange(0, BJ)
-                sc = _block_scores(pid, j, lse, nc, own_ptr, spill_ptr, mt_ptr, NSP, NT, G, CS, SB, BG, BN)
-                tl.store(sc_ptr + pid * NSMAX + j, sc, mask=j < NSMAX)
-            tl.debug_barrier()  # the program's own stores, read back by other threads below
         _topn_program(pid, sc_ptr, lens_ptr, idx_ptr, NSMAX, HKV, SB, TOPN, INIT, LOCAL, BNS, BTOP)
     else:
         i = pid - BH
@@ -361,13 +340,6 @@ def _check_config(cfg) -> None:
 
 def compressed_step(q: torch.Tensor, cache, scale: float):
     """Compressed branch and selection scores: ``(partials (o, m, l) per split, scores [B, hkv, ns])``."""
-    w = _compressed(q, cache, scale, launch_scores=True)
-    return (w["co"], w["cm"], w["cl"]), w["scores"]
-
-
-def _compressed(q: torch.Tensor, cache, scale: float, launch_scores: bool) -> dict:
-    """The compressed pass; its partials, the per-tile block sums and the scores buffer (filled when
-    ``launch_scores``, else left to the top-n launch)."""
     cfg = cache.config
     bsz, hq, dk = q.shape
     hkv, dv = cache.num_kv_heads, cache.head_dim_v
@@ -394,12 +366,11 @@ def _compressed(q: torch.Tensor, cache, scale: float, launch_scores: bool) -> di
         BD=BD, BDV=BDV, BN=CMP_BN, num_warps=CMP_WARPS, num_stages=CMP_STAGES)
     nsmax = triton.cdiv(cache.max_len, cfg.select_block)
     scores = torch.empty(bsz, hkv, nsmax, **f32)
-    if launch_scores:
-        _cmp_scores[(bsz * hkv, triton.cdiv(nsmax, SCORES_BJ))](
-            own, spill, mt, cache.lens, cm, cl, scores, nsmax, nsp, nt, HKV=hkv, G=G, CL=cfg.compress_block,
-            CS=cfg.compress_stride, SB=cfg.select_block, SPLITS=splits, BSPL=_p2(splits), BG=BG, BN=CMP_BN,
-            BJ=SCORES_BJ)
-    return dict(co=co, cm=cm, cl=cl, own=own, spill=spill, mt=mt, nsp=nsp, nt=nt, splits=splits, scores=scores)
+    _cmp_scores[(bsz * hkv, triton.cdiv(nsmax, SCORES_BJ))](
+        own, spill, mt, cache.lens, cm, cl, scores, nsmax, nsp, nt, HKV=hkv, G=G, CL=cfg.compress_block,
+        CS=cfg.compress_stride, SB=cfg.select_block, SPLITS=splits, BSPL=_p2(splits), BG=BG, BN=CMP_BN,
+        BJ=SCORES_BJ)
+    return (co, cm, cl), scores
 
 
 def decode_triton(q: torch.Tensor, gate: torch.Tensor, cache, scale: float):
@@ -423,19 +394,16 @@ def decode_triton(q: torch.Tensor, gate: torch.Tensor, cache, scale: float):
     sm = torch.empty(bsz, hkv, npart, G, **f32)
     sl = torch.empty_like(sm)
     ks, vs, kw, vw = cache.k_slc, cache.v_slc, cache.k_swa, cache.v_swa
-    fused = WINDOW_IN_TOPN and SCORES_IN_TOPN
-    w = _compressed(q, cache, scale, launch_scores=not fused)
-    co, cm, cl, scores, splits = w["co"], w["cm"], w["cl"], w["scores"], w["splits"]
+    (co, cm, cl), scores = compressed_step(q, cache, scale)
+    splits = co.shape[2]
     nsmax = scores.shape[2]
     idx = torch.empty(bsz, hkv, n, device=dev, dtype=torch.int32)
     if WINDOW_IN_TOPN:
         _topn_window[(bsz * hkv * (1 + npart - nslc),)](
             scores, idx, nsmax, q, kw, vw, cache.lens, so, sm, sl, scale, q.stride(0), q.stride(1), kw.stride(0),
-            kw.stride(1), kw.stride(2), vw.stride(0), vw.stride(1), vw.stride(2), w["own"], w["spill"], w["mt"], cm, cl,
-            w["nsp"], w["nt"], BH=bsz * hkv, HKV=hkv, G=G, DK=dk, DV=dv, SB=cfg.select_block, TOPN=n,
-            INIT=cfg.select_initial, LOCAL=cfg.select_local, BNS=_p2(nsmax), BTOP=_p2(n), W=cfg.window, NWT=nwt,
-            PER=per, NSLC=nslc, NPART=npart, BG=BG, BD=BD, BDV=BDV, SCORES=fused, CL=cfg.compress_block,
-            CS=cfg.compress_stride, SPLITS=splits, BSPL=_p2(splits), BN=CMP_BN, BJ=SCORES_TOPN_BJ,
+            kw.stride(1), kw.stride(2), vw.stride(0), vw.stride(1), vw.stride(2), BH=bsz * hkv, HKV=hkv, G=G, DK=dk,
+            DV=dv, SB=cfg.select_block, TOPN=n, INIT=cfg.select_initial, LOCAL=cfg.select_local, BNS=_p2(nsmax),
+            BTOP=_p2(n), W=cfg.window, NWT=nwt, PER=per, NSLC=nslc, NPART=npart, BG=BG, BD=BD, BDV=BDV,
             num_warps=TOPN_WARPS)
     else:
         _topn[(bsz * hkv,)](scores, cache.lens, idx, nsmax, HKV=hkv, SB=cfg.select_block, TOPN=n,

@@ -26,14 +26,9 @@ import torch
 # variants of decode_triton's launch knobs timed at the --profile point, interleaved (see _variants_us)
 VARIANTS = {
     "default": {},
-    "before (scores launch, window partials in the sparse launch)": dict(SCORES_IN_TOPN=False, WINDOW_IN_TOPN=False),
-    "scores launch (window partials in the top-n launch)": dict(SCORES_IN_TOPN=False),
-    "top-n programs' scores 256 blocks per step": dict(SCORES_TOPN_BJ=256),
-    "top-n programs' scores 1024 blocks per step": dict(SCORES_TOPN_BJ=1024),
+    "window partials in the sparse launch": dict(WINDOW_IN_TOPN=False),
+    "2 sparse tiles per program": dict(SPARSE_TILES_PER_PROGRAM=2),
     "8 top-n warps": dict(TOPN_WARPS=8),
-    "16 top-n warps": dict(TOPN_WARPS=16),
-    "16 top-n warps, scores 1024 blocks per step": dict(TOPN_WARPS=16, SCORES_TOPN_BJ=1024),
-    "8 sparse tiles per program": dict(SPARSE_TILES_PER_PROGRAM=8),
     "2 compressed stages": dict(CMP_STAGES=2),
 }
 
@@ -198,6 +193,9 @@ def run(args) -> dict:
                 row["dense_bytes"] = 2 * k.numel() * 2
                 row["dense_gbs"] = row["dense_bytes"] / (row["dense_ms"] / 1e3) / 1e9
                 row["speedup"] = row["dense_ms"] / row["nsa_ms"]
+                for name, us in row.get("nsa_us_variants", {}).items():  # against this run's dense and yardstick
+                    row.setdefault("variants_speedup", {})[name] = row["dense_ms"] * 1e3 / us
+                    row.setdefault("variants_bw_frac", {})[name] = row["nsa_bytes"] / (us * 1e3) / bw
                 row["speedup_with_append"] = row["dense_ms"] / (row["nsa_ms"] + row["append_ms"])
                 k = v = None
             except torch.OutOfMemoryError as e:

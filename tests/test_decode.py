@@ -159,17 +159,14 @@ def test_cache_append_triton_gpu():
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter run is for CPU hosts; GPUs run test_decode_triton_gpu")
-@pytest.mark.parametrize("splits,scores_in_topn", [(1, True), (2, False), (5, True), (5, False)])
-def test_decode_triton_many_tiles_and_splits(splits, scores_in_topn, monkeypatch):
+@pytest.mark.parametrize("splits", [1, 2, 5])
+def test_decode_triton_many_tiles_and_splits(splits, monkeypatch):
     """Block scores summed per tile of 16 compressed tokens (blocks straddling tiles and splits), ragged caches
-    of 300 / 171 / 9 tokens: the same output and blocks as the reference, with the scores computed by their own
-    launch or by the top-n programs."""
+    of 300 / 171 / 9 tokens: the same output and blocks as the reference."""
     from nsa_parallel.kernels import decode_triton
     from nsa_parallel.kernels import reference as ref
     monkeypatch.setattr(decode_triton, "CMP_BN", 16)
     monkeypatch.setattr(decode_triton, "SCORES_BJ", 8)  # several scores programs per (sequence, head)
-    monkeypatch.setattr(decode_triton, "SCORES_IN_TOPN", scores_in_topn)
-    monkeypatch.setattr(decode_triton, "SCORES_TOPN_BJ", 8)  # several steps of the top-n programs' scores loop
     monkeypatch.setattr(decode_triton, "_num_splits", lambda *a: splits)
     ck, cv = _phi()
     lens = [300, 171, 9]
