@@ -189,6 +189,29 @@ def test_decode_triton_many_tiles_and_splits(splits, monkeypatch):
         torch.testing.assert_close(scores[b, :, :ns], want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter run is for CPU hosts")
+@pytest.mark.parametrize("window_in_topn", [True, False])
+def test_decode_triton_odd_shapes(window_in_topn, monkeypatch):
+    """G = 3 query heads per KV head, dk = 24 (not a power of two) != dv = 16, ragged caches of 200 / 57 / 5
+    tokens: the Triton step gives the reference decode's output and blocks."""
+    from nsa_parallel.kernels import decode_triton
+    monkeypatch.setattr(decode_triton, "WINDOW_IN_TOPN", window_in_topn)
+    hq, dk, dv, lens = 6, 24, 16, [200, 57, 5]
+    torch.manual_seed(0)
+    ck = Compression(HKV, dk, CFG.compress_block, CFG.compress_stride)
+    cv = Compression(HKV, dv, CFG.compress_block, CFG.compress_stride)
+    cache = NSAKVCache(3, 200, HKV, dk, CFG, ck, cv, head_dim_v=dv, dtype=torch.float32, backend="triton")
+    g = torch.Generator().manual_seed(3)
+    kvs = [torch.randn(3, 200, HKV, dk if i % 2 == 0 else dv, generator=g) for i in range(6)]
+    cache.prefill(*kvs, lens=torch.tensor(lens))
+    q, gate = torch.randn(3, hq, dk, generator=g), torch.rand(3, hq, 3, generator=g)
+    o_t, i_t = nsa_decode(q, gate, cache, backend="triton", return_indices=True)
+    o_r, i_r = nsa_decode(q, gate, cache, backend="reference", return_indices=True)
+    assert o_t.shape == (3, hq, dv)
+    assert torch.equal(i_t, i_r.to(i_t.dtype))
+    assert ((o_t - o_r).abs().max() / o_r.abs().max()).item() < 1e-4
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("window_in_topn", [True, False])
