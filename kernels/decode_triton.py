@@ -37,11 +37,18 @@ from .compress import overlap_weights
 # launch knobs, swept by python -m nsa_parallel.bench_decode (defaults: the best measured on an H100)
 CMP_BN, CMP_WARPS, CMP_STAGES = 64, 4, 3  # compressed-branch tile, warps, pipeline stages
 SCORES_BJ = 64  # selection blocks per scores program
-SPARSE_TILES_PER_PROGRAM = 4  # selected blocks / window tiles one program merges before writing a partial
+SPARSE_TILES_PER_PROGRAM = 4  # selected blocks one program merges before writing a partial
+WINDOW_TILES_PER_PROGRAM = 4  # window tiles of l' positions one program merges before writing a partial
 TOPN_WARPS = 4  # warps of the top-n program
+TOPN_CHUNKS = 64  # top-n threshold from this many chunk maxima of the scores (0: one argmax per pick)
+TOPN_CANDIDATES = 64  # most blocks above that threshold ranked directly; more (ties) fall back to the argmaxes
 APPEND_ROWS = 16  # sequences one phi program compresses together (the rows of its tl.dot, >= 16)
+CMP_TILE_SUMS_DOT = True  # a tile's block sums as one product with a constant weight matrix, own + spill combined
+CMP_TILE_SUMS_PRECISION = "ieee"  # that product's input_precision (fp32 probabilities)
 PROGRAMS_PER_SM = 2  # compressed-branch programs per SM the split aims for
 WINDOW_IN_TOPN = True  # window partials computed by extra programs of the top-n launch (else of the sparse one)
+SELECTED_FUSED = True  # one program per (sequence, KV head) walks all n selected blocks and applies the gates
+SELECTED_WARPS, SELECTED_STAGES = 4, 3  # that program's warps and pipeline stages
 
 
 def _p2(x: int) -> int:
@@ -78,7 +85,8 @@ def _cmp_partial(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, own_ptr, sp
                  skb, skt, skh, svb, svt, svh, NSP, NT,
                  HKV: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, CL: tl.constexpr,
                  CS: tl.constexpr, SB: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, BG: tl.constexpr,
-                 BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr):
+                 BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr, TBP: tl.constexpr,
+                 PREC: tl.constexpr):
     """Compressed attention over one split -> partial (o, m, l) and the per-tile block sums. (Measured on an H100,
     64k x 8, no faster: K/V through TMA tensor descriptors with 2-4 stages or 128-token tiles, loads marked
     evict-first.)"""
@@ -98,6 +106,14 @@ def _cmp_partial(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, own_ptr, sp
     S: tl.constexpr = SB // CS  # stride slots (= compressed tokens) per selection block; A <= S
     TB: tl.constexpr = BN // S  # selection blocks a tile starts
     w_own, w_spill = overlap_weights(A, S)
+    if DOT:  # [BN tokens, TBP >= 16 blocks]: token i adds w_own to its block and w_spill to the next one
+        tok = tl.arange(0, BN)
+        kk = tl.arange(0, TBP)
+        w_own_t = tl.minimum(A, S - tok % S).to(tl.float32)
+        w_spill_t = tl.maximum(tok % S + A - S, 0).to(tl.float32)
+        w_tile = tl.where((tok // S)[:, None] == kk[None, :], w_own_t[:, None], 0.0) \
+            + tl.where((tok // S + 1)[:, None] == kk[None, :], w_spill_t[:, None], 0.0)
+        w_last = tl.where(tok // S == TB - 1, w_spill_t, 0.0)  # the last block's spill, into the next tile
     rows = (bh * G + g).to(tl.int64)
     m_i = tl.full([BG], float("-inf"), tl.float32)
     l_i = tl.zeros([BG], tl.float32)
@@ -119,13 +135,19 @@ def _cmp_partial(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, own_ptr, sp
         m_i = m_new
         # the selection scores need these probabilities once the global max is known: per head, summed into the
         # tile's selection blocks relative to m_new (kept as the tile's max); 1/S of the logits' bytes
-        p3 = tl.reshape(p, [BG, TB, S])
         tile = i0 // BN
-        j = tile * TB + tl.arange(0, TB)
-        sel = rows[:, None] * NSP + j[None, :]
-        gm = (g < G)[:, None] & (j < NSP)[None, :]
-        tl.store(own_ptr + sel, tl.sum(p3 * w_own[None, None, :], 2), mask=gm)
-        tl.store(spill_ptr + sel, tl.sum(p3 * w_spill[None, None, :], 2), mask=gm)
+        if DOT:  # inside a tile block k's own share and block k - 1's spill share one max: stored added
+            j = tile * TB + kk
+            gm = (g < G)[:, None] & ((kk < TB) & (j < NSP))[None, :]
+            tl.store(own_ptr + rows[:, None] * NSP + j[None, :], tl.dot(p, w_tile, input_precision=PREC), mask=gm)
+            tl.store(spill_ptr + rows * NT + tile, tl.sum(p * w_last[None, :], 1), mask=g < G)
+        else:
+            p3 = tl.reshape(p, [BG, TB, S])
+            j = tile * TB + tl.arange(0, TB)
+            sel = rows[:, None] * NSP + j[None, :]
+            gm = (g < G)[:, None] & (j < NSP)[None, :]
+            tl.store(own_ptr + sel, tl.sum(p3 * w_own[None, None, :], 2), mask=gm)
+            tl.store(spill_ptr + sel, tl.sum(p3 * w_spill[None, None, :], 2), mask=gm)
         tl.store(mt_ptr + rows * NT + tile, m_new, mask=g < G)
     row = (bh * SPLITS + split) * G + g
     tl.store(m_ptr + row, m_i, mask=g < G)
@@ -134,14 +156,23 @@ def _cmp_partial(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, own_ptr, sp
 
 
 @triton.jit
-def _cmp_scores(own_ptr, spill_ptr, mt_ptr, lens_ptr, m_ptr, l_ptr, sc_ptr, NSMAX, NSP, NT, HKV: tl.constexpr,
-                G: tl.constexpr, CL: tl.constexpr, CS: tl.constexpr, SB: tl.constexpr, SPLITS: tl.constexpr,
-                BSPL: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr):
+def _cmp_scores(own_ptr, spill_ptr, mt_ptr, lens_ptr, m_ptr, l_ptr, sc_ptr, o_ptr, ocmp_ptr, NSMAX, NSP, NT, NJ,
+                HKV: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, CL: tl.constexpr, CS: tl.constexpr,
+                SB: tl.constexpr, SPLITS: tl.constexpr, BSPL: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr,
+                BJ: tl.constexpr, DOT: tl.constexpr, BDV: tl.constexpr):
     """Block scores (eq. 10) of ``BJ`` blocks: each head's tile sums rescaled by exp2(tile max - global lse),
     summed over the group; block j takes its own tokens' share and the spill of block j - 1's (kept by j - 1's
     tile). (Measured on an H100, 64k x 8: computing them in the top-n program, 30 us slower; in the last
-    compressed program of a pair via an arrival counter, 40 us slower: one program then walks every block.)"""
+    compressed program of a pair via an arrival counter, 40 us slower: one program then walks every block.)
+    Programs ``NJ + g`` instead merge head g's compressed-branch partials into ``ocmp [B, hkv, G, dv]`` (for
+    :func:`_selected_combine`)."""
     bh = tl.program_id(0)
+    if tl.program_id(1) >= NJ:
+        g = tl.program_id(1) - NJ
+        dv = tl.arange(0, BDV)
+        o = _merge(o_ptr, m_ptr, l_ptr, bh, g, 0, SPLITS, SPLITS, G, DV, BSPL, BDV)
+        tl.store(ocmp_ptr + (bh * G + g).to(tl.int64) * DV + dv, o, mask=dv < DV)
+        return
     j = tl.program_id(1) * BJ + tl.arange(0, BJ)
     nc = _num_cmp(tl.load(lens_ptr + bh // HKV) - 1, CL, CS)
     g = tl.arange(0, BG)
@@ -158,22 +189,49 @@ def _cmp_scores(own_ptr, spill_ptr, mt_ptr, lens_ptr, m_ptr, l_ptr, sc_ptr, NSMA
     rows = (bh * G + g).to(tl.int64)[:, None]
     gm = (g < G)[:, None]
     sc = tl.zeros([BJ], tl.float32)
-    for back in tl.static_range(2):  # 0: own tokens of block j, 1: the spill of block j - 1
-        jj = j - back
-        tile = jj // TB
-        vis = gm & ((jj >= 0) & (tile * BN < nc))[None, :]  # tiles past nc were never written
-        mt = tl.load(mt_ptr + rows * NT + tile[None, :], mask=vis, other=0.0)
-        part_ptr = own_ptr if back == 0 else spill_ptr
-        x = tl.load(part_ptr + rows * NSP + jj[None, :], mask=vis, other=0.0)
-        sc += tl.sum(x * tl.where(vis, tl.exp2(mt - lse[:, None]), 0.0), 0)
+    if DOT:  # the tile sums hold own + spill but a tile's first block, whose spill is the last of the tile before
+        for back in tl.static_range(2):  # 0: tile sums, 1: the previous tile's last spill
+            tile = j // TB - back
+            vis = gm & ((tile >= 0) & (tile * BN < nc) & ((back == 0) | (j % TB == 0)))[None, :]
+            mt = tl.load(mt_ptr + rows * NT + tile[None, :], mask=vis, other=0.0)
+            xp = own_ptr + rows * NSP + j[None, :] if back == 0 else spill_ptr + rows * NT + tile[None, :]
+            x = tl.load(xp, mask=vis, other=0.0)
+            sc += tl.sum(x * tl.where(vis, tl.exp2(mt - lse[:, None]), 0.0), 0)
+    else:
+        for back in tl.static_range(2):  # 0: own tokens of block j, 1: the spill of block j - 1
+            jj = j - back
+            tile = jj // TB
+            vis = gm & ((jj >= 0) & (tile * BN < nc))[None, :]  # tiles past nc were never written
+            mt = tl.load(mt_ptr + rows * NT + tile[None, :], mask=vis, other=0.0)
+            part_ptr = own_ptr if back == 0 else spill_ptr
+            x = tl.load(part_ptr + rows * NSP + jj[None, :], mask=vis, other=0.0)
+            sc += tl.sum(x * tl.where(vis, tl.exp2(mt - lse[:, None]), 0.0), 0)
     tl.store(sc_ptr + bh * NSMAX + j, sc, mask=j < NSMAX)
 
 
 @triton.jit
-def _topn_program(bh, sc_ptr, lens_ptr, idx_ptr, NSMAX, HKV: tl.constexpr, SB: tl.constexpr, TOPN: tl.constexpr,
-                  INIT: tl.constexpr, LOCAL: tl.constexpr, BNS: tl.constexpr, BTOP: tl.constexpr):
-    """Forced first/local blocks of pair ``bh``, then one argmax per free pick, ties to the lower index, slots
-    ascending (as the reference)."""
+def _kth_best(v, i, K: tl.constexpr):
+    """``(value, index)`` of the K-th best entry of ``v`` by (value desc, index asc): the rank of each entry is the
+    number of entries that beat it, all pairs compared at once. ``(-inf, -1)`` if fewer than K are > -inf."""
+    beats = (v[None, :] > v[:, None]) | ((v[None, :] == v[:, None]) & (i[None, :] < i[:, None]))
+    kth = (tl.sum(beats.to(tl.int32), 1) == K - 1) & (v > float("-inf"))
+    return tl.max(tl.where(kth, v, float("-inf")), 0), tl.max(tl.where(kth, i, -1), 0)
+
+
+@triton.jit
+def _topn_program(bh, sc_ptr, lens_ptr, idx_ptr, cand_ptr, NSMAX, HKV: tl.constexpr, SB: tl.constexpr,
+                  TOPN: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, BNS: tl.constexpr, BTOP: tl.constexpr,
+                  NCH: tl.constexpr, CB: tl.constexpr):
+    """Forced first/local blocks of pair ``bh``, then the ``TOPN - INIT - LOCAL`` best free blocks, ties to the
+    lower index, slots ascending (as the reference).
+
+    The free picks (``NCH > 0``): the K-th best of ``NCH`` chunk maxima is a threshold no pick lies below (K chunks
+    hold a block at least that high), so only the few blocks at or above it (at most K chunks' worth, unless ties)
+    are ranked against each other, compacted through ``cand_ptr`` (``CB`` slots per pair); the picks are those
+    that beat or equal the K-th best of them. Ties that leave more than ``CB`` candidates fall back to one argmax
+    per pick (measured on an H100 at 1024 blocks, 9 us; tl.sort 56 us; ranks of every block against every other in
+    parallel programs 27 us, the compares dominate; one warp 29 us)."""
+    K: tl.constexpr = TOPN - INIT - LOCAL  # forced blocks are at most INIT + LOCAL
     b = bh // HKV
     t = tl.load(lens_ptr + b) - 1
     own = t // SB
@@ -183,13 +241,26 @@ def _topn_program(bh, sc_ptr, lens_ptr, idx_ptr, NSMAX, HKV: tl.constexpr, SB: t
     forced = valid & ((j < INIT) | (j > own - LOCAL))
     s = tl.where(valid & ~forced, s, float("-inf"))
     sel = forced
-    # one argmax per free pick (measured on an H100 at 1024 blocks, 9 us; tl.sort 56 us; ranks of every block
-    # against every other in parallel programs 27 us, the compares dominate; one warp 29 us)
-    for _ in range(TOPN - INIT - LOCAL):  # forced blocks are at most INIT + LOCAL, taken above
-        arg = tl.argmax(s, 0, tie_break_left=True)  # the lower block index wins ties, as in the reference
-        hit = (j == arg) & (s > float("-inf"))  # nothing left to take once the best is -inf
-        sel = sel | hit
-        s = tl.where(j == arg, float("-inf"), s)
+    if NCH > 0:
+        tau, _ = _kth_best(tl.max(tl.reshape(s, [NCH, BNS // NCH]), 1), tl.arange(0, NCH), K)
+        cand = (s >= tau) & (s > float("-inf"))
+        n_cand = tl.sum(cand.to(tl.int32), 0)
+    else:  # one argmax per pick
+        cand = j < 0
+        n_cand = CB + 1
+    if n_cand <= CB:
+        tl.store(cand_ptr + bh * CB + tl.cumsum(cand.to(tl.int32), 0) - 1, j, mask=cand)
+        tl.debug_barrier()  # the compacted indices are read back by other threads of this program
+        r = tl.arange(0, CB)
+        jc = tl.load(cand_ptr + bh * CB + r, mask=r < n_cand, other=0)
+        v_k, j_k = _kth_best(tl.load(sc_ptr + bh * NSMAX + jc, mask=r < n_cand, other=float("-inf")), jc, K)
+        sel = sel | (cand & ((s > v_k) | ((s == v_k) & (j <= j_k))))
+    else:
+        for _ in range(K):
+            arg = tl.argmax(s, 0, tie_break_left=True)  # the lower block index wins ties, as in the reference
+            hit = (j == arg) & (s > float("-inf"))  # nothing left to take once the best is -inf
+            sel = sel | hit
+            s = tl.where(j == arg, float("-inf"), s)
     slot = tl.cumsum(sel.to(tl.int32), 0) - 1  # ascending, as the reference
     tl.store(idx_ptr + bh * TOPN + slot, j, mask=sel)
     r = tl.arange(0, BTOP)
@@ -198,18 +269,20 @@ def _topn_program(bh, sc_ptr, lens_ptr, idx_ptr, NSMAX, HKV: tl.constexpr, SB: t
 
 
 @triton.jit
-def _topn(sc_ptr, lens_ptr, idx_ptr, NSMAX, HKV: tl.constexpr, SB: tl.constexpr, TOPN: tl.constexpr,
-          INIT: tl.constexpr, LOCAL: tl.constexpr, BNS: tl.constexpr, BTOP: tl.constexpr):
-    _topn_program(tl.program_id(0), sc_ptr, lens_ptr, idx_ptr, NSMAX, HKV, SB, TOPN, INIT, LOCAL, BNS, BTOP)
+def _topn(sc_ptr, lens_ptr, idx_ptr, cand_ptr, NSMAX, HKV: tl.constexpr, SB: tl.constexpr, TOPN: tl.constexpr,
+          INIT: tl.constexpr, LOCAL: tl.constexpr, BNS: tl.constexpr, BTOP: tl.constexpr, NCH: tl.constexpr,
+          CB: tl.constexpr):
+    _topn_program(tl.program_id(0), sc_ptr, lens_ptr, idx_ptr, cand_ptr, NSMAX, HKV, SB, TOPN, INIT, LOCAL, BNS,
+                  BTOP, NCH, CB)
 
 
 @triton.jit
 def _sparse_program(bh, split, q_ptr, ks_ptr, vs_ptr, kw_ptr, vw_ptr, lens_ptr, idx_ptr, o_ptr, m_ptr, l_ptr,
                     sm_scale, sqb, sqh, ksb, kst, ksh, vsb, vst, vsh, kwb, kwt, kwh, vwb, vwt, vwh,
                     HKV: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, SB: tl.constexpr,
-                    TOPN: tl.constexpr, W: tl.constexpr, NWT: tl.constexpr, PER: tl.constexpr, NSLC: tl.constexpr,
-                    NPART: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
-    """``PER`` selected blocks (``split < NSLC``) or ``PER`` window tiles of ``SB`` positions of pair ``bh`` -> one
+                    TOPN: tl.constexpr, W: tl.constexpr, NWT: tl.constexpr, PER: tl.constexpr, WPER: tl.constexpr,
+                    NSLC: tl.constexpr, NPART: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
+    """``PER`` selected blocks (``split < NSLC``) or ``WPER`` window tiles of ``SB`` positions of pair ``bh`` -> one
     partial."""
     b = (bh // HKV).to(tl.int64)  # b * stride passes 2^31 for long caches at large batch
     h = bh % HKV
@@ -221,7 +294,7 @@ def _sparse_program(bh, split, q_ptr, ks_ptr, vs_ptr, kw_ptr, vw_ptr, lens_ptr, 
     m_i = tl.full([BG], float("-inf"), tl.float32)
     l_i = tl.zeros([BG], tl.float32)
     acc = tl.zeros([BG, BDV], tl.float32)
-    for r in range(PER):
+    for r in range(tl.where(split < NSLC, PER, WPER)):
         if split < NSLC:  # selected block number split * PER + r (index -1, or past n: none)
             k_id = split * PER + r
             blk = tl.load(idx_ptr + bh * TOPN + k_id, mask=k_id < TOPN, other=-1)
@@ -230,8 +303,8 @@ def _sparse_program(bh, split, q_ptr, ks_ptr, vs_ptr, kw_ptr, vw_ptr, lens_ptr, 
             row = pos.to(tl.int64)
             kp = ks_ptr + b * ksb + row[:, None] * kst + h * ksh + d[None, :]
             vp = vs_ptr + b * vsb + row[:, None] * vst + h * vsh + dv[None, :]
-        else:  # window tile number (split - NSLC) * PER + r of t-W+1 .. t, read from its ring (p at p % W)
-            tile = (split - NSLC) * PER + r
+        else:  # window tile number (split - NSLC) * WPER + r of t-W+1 .. t, read from its ring (p at p % W)
+            tile = (split - NSLC) * WPER + r
             pos = tl.maximum(t - W + 1, 0) + tile * SB + u
             ok = (pos <= t) & (tile * SB + u < NWT * SB)  # tile < NWT, as a tensor for the interpreter
             row = (pos % W).to(tl.int64)
@@ -253,33 +326,35 @@ def _sparse_program(bh, split, q_ptr, ks_ptr, vs_ptr, kw_ptr, vw_ptr, lens_ptr, 
 def _sparse_partial(q_ptr, ks_ptr, vs_ptr, kw_ptr, vw_ptr, lens_ptr, idx_ptr, o_ptr, m_ptr, l_ptr, sm_scale,
                     sqb, sqh, ksb, kst, ksh, vsb, vst, vsh, kwb, kwt, kwh, vwb, vwt, vwh,
                     HKV: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, SB: tl.constexpr,
-                    TOPN: tl.constexpr, W: tl.constexpr, NWT: tl.constexpr, PER: tl.constexpr, NSLC: tl.constexpr,
-                    NPART: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
+                    TOPN: tl.constexpr, W: tl.constexpr, NWT: tl.constexpr, PER: tl.constexpr, WPER: tl.constexpr,
+                    NSLC: tl.constexpr, NPART: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
     """Program (pair, split): ``split < NSLC`` selected blocks, the rest (when the grid has them) window tiles."""
     _sparse_program(tl.program_id(0), tl.program_id(1), q_ptr, ks_ptr, vs_ptr, kw_ptr, vw_ptr, lens_ptr, idx_ptr,
                     o_ptr, m_ptr, l_ptr, sm_scale, sqb, sqh, ksb, kst, ksh, vsb, vst, vsh, kwb, kwt, kwh, vwb, vwt,
-                    vwh, HKV, G, DK, DV, SB, TOPN, W, NWT, PER, NSLC, NPART, BG, BD, BDV)
+                    vwh, HKV, G, DK, DV, SB, TOPN, W, NWT, PER, WPER, NSLC, NPART, BG, BD, BDV)
 
 
 @triton.jit
-def _topn_window(sc_ptr, idx_ptr, NSMAX, q_ptr, kw_ptr, vw_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, sm_scale, sqb, sqh,
-                 kwb, kwt, kwh, vwb, vwt, vwh, BH: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+def _topn_window(sc_ptr, idx_ptr, cand_ptr, NSMAX, q_ptr, kw_ptr, vw_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, sm_scale,
+                 sqb, sqh, kwb, kwt, kwh, vwb, vwt, vwh, BH: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
                  DK: tl.constexpr, DV: tl.constexpr, SB: tl.constexpr, TOPN: tl.constexpr, INIT: tl.constexpr,
                  LOCAL: tl.constexpr, BNS: tl.constexpr, BTOP: tl.constexpr, W: tl.constexpr, NWT: tl.constexpr,
-                 PER: tl.constexpr, NSLC: tl.constexpr, NPART: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr,
-                 BDV: tl.constexpr):
+                 PER: tl.constexpr, WPER: tl.constexpr, NSLC: tl.constexpr, NPART: tl.constexpr, BG: tl.constexpr,
+                 BD: tl.constexpr, BDV: tl.constexpr, NCH: tl.constexpr, CB: tl.constexpr):
     """The top-n of every pair (programs ``< BH``) and, beside them, the window partials: the window needs no
     selection, and the top-n's 32-odd programs leave the rest of the GPU idle, so the window's reads are free.
     (Measured on an H100, 64k x 8: the sparse launch 13.3 -> 10.1 us, this one 7.5 -> 8.1. Each top-n program
     also computing its pair's scores instead of their own launch, 512 blocks a step: 74 against 61 us.)"""
     pid = tl.program_id(0)
     if pid < BH:
-        _topn_program(pid, sc_ptr, lens_ptr, idx_ptr, NSMAX, HKV, SB, TOPN, INIT, LOCAL, BNS, BTOP)
+        _topn_program(pid, sc_ptr, lens_ptr, idx_ptr, cand_ptr, NSMAX, HKV, SB, TOPN, INIT, LOCAL, BNS, BTOP, NCH,
+                      CB)
     else:
         i = pid - BH
         _sparse_program(i // (NPART - NSLC), NSLC + i % (NPART - NSLC), q_ptr, kw_ptr, vw_ptr, kw_ptr, vw_ptr,
                         lens_ptr, idx_ptr, o_ptr, m_ptr, l_ptr, sm_scale, sqb, sqh, kwb, kwt, kwh, vwb, vwt, vwh, kwb,
-                        kwt, kwh, vwb, vwt, vwh, HKV, G, DK, DV, SB, TOPN, W, NWT, PER, NSLC, NPART, BG, BD, BDV)
+                        kwt, kwh, vwb, vwt, vwh, HKV, G, DK, DV, SB, TOPN, W, NWT, PER, WPER, NSLC, NPART, BG, BD,
+                        BDV)
 
 
 @triton.jit
@@ -321,6 +396,58 @@ def _combine(co_ptr, cm_ptr, cl_ptr, so_ptr, sm_ptr, sl_ptr, gate_ptr, out_ptr, 
     tl.store(out_ptr + b.to(tl.int64) * sob + (h * G + g) * soh + dv, o.to(out_ptr.dtype.element_ty), mask=dv < DV)
 
 
+@triton.jit
+def _selected_combine(q_ptr, ks_ptr, vs_ptr, lens_ptr, idx_ptr, ocmp_ptr, wo_ptr, wm_ptr, wl_ptr, gate_ptr, out_ptr,
+                      sm_scale, sqb, sqh, ksb, kst, ksh, vsb, vst, vsh, sgb, sgh, sob, soh, HKV: tl.constexpr,
+                      G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, SB: tl.constexpr, TOPN: tl.constexpr,
+                      NSLC: tl.constexpr, NPART: tl.constexpr, BWIN: tl.constexpr, BG: tl.constexpr,
+                      BD: tl.constexpr, BDV: tl.constexpr):
+    """All ``TOPN`` selected blocks of pair ``bh`` in one pipelined loop (the next blocks' loads in flight while
+    one is computed), then the gated sum with the merged compressed branch (``ocmp``) and the window partials
+    (slots ``NSLC..NPART-1`` of ``wo/wm/wl``) -> ``out`` rows of the group's query heads. Unlike
+    :func:`_sparse_partial` + :func:`_combine`, no partials of the selected branch and no launch to merge them."""
+    bh = tl.program_id(0)
+    b = (bh // HKV).to(tl.int64)  # b * stride passes 2^31 for long caches at large batch
+    h = bh % HKV
+    t = tl.load(lens_ptr + b) - 1
+    u = tl.arange(0, SB)
+    g = tl.arange(0, BG)
+    d = tl.arange(0, BD)
+    dv = tl.arange(0, BDV)
+    q = _load_q(q_ptr, b, h, sqb, sqh, G, DK, BG, BD)
+    m_i = tl.full([BG], float("-inf"), tl.float32)
+    l_i = tl.zeros([BG], tl.float32)
+    acc = tl.zeros([BG, BDV], tl.float32)
+    for r in range(TOPN):
+        pos = tl.load(idx_ptr + bh * TOPN + r) * SB + u
+        ok = (pos >= 0) & (pos <= t)  # index -1 (fewer visible blocks than n) gives negative positions
+        row = pos.to(tl.int64)
+        k = tl.load(ks_ptr + b * ksb + row[:, None] * kst + h * ksh + d[None, :], mask=ok[:, None] & (d[None, :] < DK),
+                    other=0.0)
+        v = tl.load(vs_ptr + b * vsb + row[:, None] * vst + h * vsh + dv[None, :],
+                    mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
+        s = tl.dot(q, tl.trans(k)) * (sm_scale * 1.4426950408889634)
+        m_i, l_i, acc = _softmax_step(tl.where(ok[None, :], s, float("-inf")), v, m_i, l_i, acc)
+    o_slc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    wp = tl.arange(0, BWIN)
+    wm = (wp < NPART - NSLC)[:, None] & (g < G)[None, :]
+    wrow = (bh * NPART + NSLC + wp)[:, None] * G + g[None, :]  # [BWIN, BG]
+    m_w = tl.load(wm_ptr + wrow, mask=wm, other=float("-inf"))
+    m_all = tl.max(m_w, 0)
+    w = tl.where(wm, tl.exp2(m_w - tl.where(m_all == float("-inf"), 0.0, m_all)[None, :]), 0.0)
+    l_w = tl.sum(tl.load(wl_ptr + wrow, mask=wm, other=0.0) * w, 0)
+    o_w = tl.load(wo_ptr + wrow.to(tl.int64)[:, :, None] * DV + dv[None, None, :],
+                  mask=wm[:, :, None] & (dv < DV)[None, None, :], other=0.0)
+    o_swa = tl.sum(o_w * w[:, :, None], 0) / tl.where(l_w == 0.0, 1.0, l_w)[:, None]
+    gm = (g < G)[:, None] & (dv < DV)[None, :]
+    o_cmp = tl.load(ocmp_ptr + (bh * G + g).to(tl.int64)[:, None] * DV + dv[None, :], mask=gm, other=0.0)
+    gp = gate_ptr + b * sgb + (h * G + g) * sgh
+    o = tl.load(gp, mask=g < G, other=0.0).to(tl.float32)[:, None] * o_cmp \
+        + tl.load(gp + 1, mask=g < G, other=0.0).to(tl.float32)[:, None] * o_slc \
+        + tl.load(gp + 2, mask=g < G, other=0.0).to(tl.float32)[:, None] * o_swa
+    tl.store(out_ptr + b * sob + (h * G + g)[:, None] * soh + dv[None, :], o.to(out_ptr.dtype.element_ty), mask=gm)
+
+
 def _num_splits(bsz: int, hkv: int, max_cmp: int) -> int:
     """Enough compressed-branch programs to fill the GPU, no split under one tile."""
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
@@ -338,8 +465,19 @@ def _check_config(cfg) -> None:
                          f"{cfg.select_block}, compress_stride={cfg.compress_stride}")
 
 
-def compressed_step(q: torch.Tensor, cache, scale: float):
-    """Compressed branch and selection scores: ``(partials (o, m, l) per split, scores [B, hkv, ns])``."""
+def topn_launch_args(cfg, nsmax: int, pairs: int, device) -> dict:
+    """The top-n's launch arguments shared by ``_topn`` and ``_topn_window`` (``cand``: its scratch)."""
+    free = cfg.select_topn - cfg.select_initial - cfg.select_local
+    bns = _p2(nsmax)
+    nch = min(TOPN_CHUNKS, bns) if free > 0 else 0
+    return dict(cand=torch.empty(pairs, TOPN_CANDIDATES, device=device, dtype=torch.int32), SB=cfg.select_block,
+                TOPN=cfg.select_topn, INIT=cfg.select_initial, LOCAL=cfg.select_local, BNS=bns,
+                BTOP=_p2(cfg.select_topn), NCH=nch, CB=TOPN_CANDIDATES, num_warps=TOPN_WARPS)
+
+
+def compressed_step(q: torch.Tensor, cache, scale: float, merge: bool = False):
+    """Compressed branch and selection scores: ``((o, m, l) per split, scores [B, hkv, ns])``; ``merge``: the
+    first item is instead the merged branch output ``[B, hkv, G, dv]`` fp32."""
     cfg = cache.config
     bsz, hq, dk = q.shape
     hkv, dv = cache.num_kv_heads, cache.head_dim_v
@@ -356,21 +494,25 @@ def compressed_step(q: torch.Tensor, cache, scale: float):
     nt = triton.cdiv(cache.max_cmp, CMP_BN)  # tiles of compressed tokens
     nsp = nt * (CMP_BN // s_slots)  # selection blocks the tiles start
     own = torch.empty(bsz * hkv, G, nsp, **f32)  # per-head partial block scores, relative to the tile's max
-    spill = torch.empty_like(own)
+    dot = CMP_TILE_SUMS_DOT
+    spill = torch.empty(bsz * hkv, G, nt if dot else nsp, **f32)  # dot: only each tile's last block's spill
     mt = torch.empty(bsz * hkv, G, nt, **f32)
     kc, vc = cache.k_cmp, cache.v_cmp
     _cmp_partial[(bsz * hkv, splits)](
         q, kc, vc, cache.lens, co, cm, cl, own, spill, mt, scale, q.stride(0), q.stride(1), kc.stride(0),
         kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2), nsp, nt, HKV=hkv, G=G, DK=dk, DV=dv,
         CL=cfg.compress_block, CS=cfg.compress_stride, SB=cfg.select_block, CHUNK=chunk, SPLITS=splits, BG=BG,
-        BD=BD, BDV=BDV, BN=CMP_BN, num_warps=CMP_WARPS, num_stages=CMP_STAGES)
+        BD=BD, BDV=BDV, BN=CMP_BN, DOT=dot, TBP=max(16, CMP_BN // s_slots), PREC=CMP_TILE_SUMS_PRECISION,
+        num_warps=CMP_WARPS, num_stages=CMP_STAGES)
     nsmax = triton.cdiv(cache.max_len, cfg.select_block)
     scores = torch.empty(bsz, hkv, nsmax, **f32)
-    _cmp_scores[(bsz * hkv, triton.cdiv(nsmax, SCORES_BJ))](
-        own, spill, mt, cache.lens, cm, cl, scores, nsmax, nsp, nt, HKV=hkv, G=G, CL=cfg.compress_block,
-        CS=cfg.compress_stride, SB=cfg.select_block, SPLITS=splits, BSPL=_p2(splits), BG=BG, BN=CMP_BN,
-        BJ=SCORES_BJ)
-    return (co, cm, cl), scores
+    nj = triton.cdiv(nsmax, SCORES_BJ)
+    ocmp = torch.empty(bsz, hkv, G, dv, **f32) if merge else co
+    _cmp_scores[(bsz * hkv, nj + (G if merge else 0))](
+        own, spill, mt, cache.lens, cm, cl, scores, co, ocmp, nsmax, nsp, nt, nj, HKV=hkv, G=G, DV=dv,
+        CL=cfg.compress_block, CS=cfg.compress_stride, SB=cfg.select_block, SPLITS=splits, BSPL=_p2(splits), BG=BG,
+        BN=CMP_BN, BJ=SCORES_BJ, DOT=dot, BDV=BDV)
+    return (ocmp if merge else (co, cm, cl)), scores
 
 
 def decode_triton(q: torch.Tensor, gate: torch.Tensor, cache, scale: float):
@@ -388,34 +530,43 @@ def decode_triton(q: torch.Tensor, gate: torch.Tensor, cache, scale: float):
     n = cfg.select_topn
     nwt = triton.cdiv(cfg.window, cfg.select_block)  # window tiles
     per = SPARSE_TILES_PER_PROGRAM
+    wper = WINDOW_TILES_PER_PROGRAM
     nslc = triton.cdiv(n, per)
-    npart = nslc + triton.cdiv(nwt, per)
+    npart = nslc + triton.cdiv(nwt, wper)
     so = torch.empty(bsz, hkv, npart, G, dv, **f32)
     sm = torch.empty(bsz, hkv, npart, G, **f32)
     sl = torch.empty_like(sm)
     ks, vs, kw, vw = cache.k_slc, cache.v_slc, cache.k_swa, cache.v_swa
-    (co, cm, cl), scores = compressed_step(q, cache, scale)
-    splits = co.shape[2]
+    fused = SELECTED_FUSED
+    cmp_out, scores = compressed_step(q, cache, scale, merge=fused)
     nsmax = scores.shape[2]
     idx = torch.empty(bsz, hkv, n, device=dev, dtype=torch.int32)
-    if WINDOW_IN_TOPN:
+    topn = topn_launch_args(cfg, nsmax, bsz * hkv, dev)
+    out = torch.empty(bsz, hq, dv, device=dev, dtype=q.dtype)
+    if WINDOW_IN_TOPN or fused:
         _topn_window[(bsz * hkv * (1 + npart - nslc),)](
-            scores, idx, nsmax, q, kw, vw, cache.lens, so, sm, sl, scale, q.stride(0), q.stride(1), kw.stride(0),
-            kw.stride(1), kw.stride(2), vw.stride(0), vw.stride(1), vw.stride(2), BH=bsz * hkv, HKV=hkv, G=G, DK=dk,
-            DV=dv, SB=cfg.select_block, TOPN=n, INIT=cfg.select_initial, LOCAL=cfg.select_local, BNS=_p2(nsmax),
-            BTOP=_p2(n), W=cfg.window, NWT=nwt, PER=per, NSLC=nslc, NPART=npart, BG=BG, BD=BD, BDV=BDV,
-            num_warps=TOPN_WARPS)
+            scores, idx, topn.pop("cand"), nsmax, q, kw, vw, cache.lens, so, sm, sl, scale, q.stride(0),
+            q.stride(1), kw.stride(0), kw.stride(1), kw.stride(2), vw.stride(0), vw.stride(1), vw.stride(2),
+            BH=bsz * hkv, HKV=hkv, G=G, DK=dk, DV=dv, W=cfg.window, NWT=nwt, PER=per, WPER=wper, NSLC=nslc,
+            NPART=npart, BG=BG, BD=BD, BDV=BDV, **topn)
     else:
-        _topn[(bsz * hkv,)](scores, cache.lens, idx, nsmax, HKV=hkv, SB=cfg.select_block, TOPN=n,
-                            INIT=cfg.select_initial, LOCAL=cfg.select_local, BNS=_p2(nsmax), BTOP=_p2(n),
-                            num_warps=TOPN_WARPS)
+        _topn[(bsz * hkv,)](scores, cache.lens, idx, topn.pop("cand"), nsmax, HKV=hkv, **topn)
+    if fused:
+        _selected_combine[(bsz * hkv,)](
+            q, ks, vs, cache.lens, idx, cmp_out, so, sm, sl, gate, out, scale, q.stride(0), q.stride(1),
+            ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2), gate.stride(0),
+            gate.stride(1), out.stride(0), out.stride(1), HKV=hkv, G=G, DK=dk, DV=dv, SB=cfg.select_block, TOPN=n,
+            NSLC=nslc, NPART=npart, BWIN=_p2(npart - nslc), BG=BG, BD=BD, BDV=BDV, num_warps=SELECTED_WARPS,
+            num_stages=SELECTED_STAGES)
+        return out, idx
+    co, cm, cl = cmp_out
+    splits = co.shape[2]
     _sparse_partial[(bsz * hkv, nslc if WINDOW_IN_TOPN else npart)](
         q, ks, vs, kw, vw, cache.lens, idx, so, sm, sl, scale, q.stride(0), q.stride(1),
         ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
         kw.stride(0), kw.stride(1), kw.stride(2), vw.stride(0), vw.stride(1), vw.stride(2),
-        HKV=hkv, G=G, DK=dk, DV=dv, SB=cfg.select_block, TOPN=n, W=cfg.window, NWT=nwt, PER=per, NSLC=nslc,
+        HKV=hkv, G=G, DK=dk, DV=dv, SB=cfg.select_block, TOPN=n, W=cfg.window, NWT=nwt, PER=per, WPER=wper, NSLC=nslc,
         NPART=npart, BG=BG, BD=BD, BDV=BDV)
-    out = torch.empty(bsz, hq, dv, device=dev, dtype=q.dtype)
     _combine[(bsz * hq,)](co, cm, cl, so, sm, sl, gate, out, gate.stride(0), gate.stride(1), out.stride(0),
                           out.stride(1), HKV=hkv, G=G, DV=dv, SPLITS=splits, TOPN=nslc, NPART=npart, BSPL=_p2(splits),
                           BTOP=_p2(nslc), BWIN=_p2(npart - nslc), BDV=BDV)

@@ -26,10 +26,12 @@ import torch
 # variants of decode_triton's launch knobs timed at the --profile point, interleaved (see _variants_us)
 VARIANTS = {
     "default": {},
-    "window partials in the sparse launch": dict(WINDOW_IN_TOPN=False),
-    "2 sparse tiles per program": dict(SPARSE_TILES_PER_PROGRAM=2),
+    "top-n by one argmax per pick": dict(TOPN_CHUNKS=0),
+    "tile sums own and spill apart": dict(CMP_TILE_SUMS_DOT=False),
+    "both as before": dict(TOPN_CHUNKS=0, CMP_TILE_SUMS_DOT=False),
+    "top-n 64 chunks, 64 candidates": dict(TOPN_CHUNKS=64, TOPN_CANDIDATES=64),
+    "top-n 256 chunks, 256 candidates": dict(TOPN_CHUNKS=256, TOPN_CANDIDATES=256),
     "8 top-n warps": dict(TOPN_WARPS=8),
-    "2 compressed stages": dict(CMP_STAGES=2),
 }
 
 

@@ -101,12 +101,16 @@ def _triton_vs_reference(device, dtype, tol):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter run is for CPU hosts; GPUs run test_decode_triton_gpu")
-# tiles 3: a program whose last tiles lie past n / the window; window partials in the top-n or the sparse launch
-@pytest.mark.parametrize("tiles_per_program,window_in_topn", [(1, True), (3, True), (3, False)])
-def test_decode_triton_in_interpreter(tiles_per_program, window_in_topn, monkeypatch):
+# tiles 3: a program whose last tiles lie past n / the window; window partials in the top-n or the sparse launch;
+# the selected branch in one program per pair with the gates (fused) or in partials merged by _combine
+@pytest.mark.parametrize("tiles_per_program,window_tiles,window_in_topn,fused",
+                         [(1, 2, True, True), (1, 2, True, False), (3, 1, True, False), (3, 3, False, False)])
+def test_decode_triton_in_interpreter(tiles_per_program, window_tiles, window_in_topn, fused, monkeypatch):
     assert INTERPRET  # conftest sets it before triton is imported
     from nsa_parallel.kernels import decode_triton
+    monkeypatch.setattr(decode_triton, "SELECTED_FUSED", fused)
     monkeypatch.setattr(decode_triton, "SPARSE_TILES_PER_PROGRAM", tiles_per_program)
+    monkeypatch.setattr(decode_triton, "WINDOW_TILES_PER_PROGRAM", window_tiles)
     monkeypatch.setattr(decode_triton, "WINDOW_IN_TOPN", window_in_topn)
     _triton_vs_reference("cpu", torch.float32, 1e-4)
 
@@ -159,8 +163,8 @@ def test_cache_append_triton_gpu():
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter run is for CPU hosts; GPUs run test_decode_triton_gpu")
-@pytest.mark.parametrize("splits", [1, 2, 5])
-def test_decode_triton_many_tiles_and_splits(splits, monkeypatch):
+@pytest.mark.parametrize("splits,tile_sums_dot", [(1, True), (2, True), (5, True), (2, False)])
+def test_decode_triton_many_tiles_and_splits(splits, tile_sums_dot, monkeypatch):
     """Block scores summed per tile of 16 compressed tokens (blocks straddling tiles and splits), ragged caches
     of 300 / 171 / 9 tokens: the same output and blocks as the reference."""
     from nsa_parallel.kernels import decode_triton
@@ -168,6 +172,7 @@ def test_decode_triton_many_tiles_and_splits(splits, monkeypatch):
     monkeypatch.setattr(decode_triton, "CMP_BN", 16)
     monkeypatch.setattr(decode_triton, "SCORES_BJ", 8)  # several scores programs per (sequence, head)
     monkeypatch.setattr(decode_triton, "_num_splits", lambda *a: splits)
+    monkeypatch.setattr(decode_triton, "CMP_TILE_SUMS_DOT", tile_sums_dot)
     ck, cv = _phi()
     lens = [300, 171, 9]
     cache = NSAKVCache(3, 300, HKV, D, CFG, ck, cv, dtype=torch.float32, backend="triton")
@@ -190,17 +195,20 @@ def test_decode_triton_many_tiles_and_splits(splits, monkeypatch):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter run is for CPU hosts")
-@pytest.mark.parametrize("window_in_topn", [True, False])
-def test_decode_triton_odd_shapes(window_in_topn, monkeypatch):
+@pytest.mark.parametrize("window_in_topn,fused", [(True, True), (True, False), (False, False)])
+def test_decode_triton_odd_shapes(window_in_topn, fused, monkeypatch):
     """G = 3 query heads per KV head, dk = 24 (not a power of two) != dv = 16, ragged caches of 200 / 57 / 5
-    tokens: the Triton step gives the reference decode's output and blocks."""
+    tokens, a window of 3 tiles in programs of 2: the Triton step gives the reference decode's output and blocks."""
     from nsa_parallel.kernels import decode_triton
     monkeypatch.setattr(decode_triton, "WINDOW_IN_TOPN", window_in_topn)
+    monkeypatch.setattr(decode_triton, "WINDOW_TILES_PER_PROGRAM", 2)
+    monkeypatch.setattr(decode_triton, "SELECTED_FUSED", fused)
+    cfg = NSAConfig(compress_block=8, compress_stride=4, select_block=16, select_topn=4, window=48)
     hq, dk, dv, lens = 6, 24, 16, [200, 57, 5]
     torch.manual_seed(0)
-    ck = Compression(HKV, dk, CFG.compress_block, CFG.compress_stride)
-    cv = Compression(HKV, dv, CFG.compress_block, CFG.compress_stride)
-    cache = NSAKVCache(3, 200, HKV, dk, CFG, ck, cv, head_dim_v=dv, dtype=torch.float32, backend="triton")
+    ck = Compression(HKV, dk, cfg.compress_block, cfg.compress_stride)
+    cv = Compression(HKV, dv, cfg.compress_block, cfg.compress_stride)
+    cache = NSAKVCache(3, 200, HKV, dk, cfg, ck, cv, head_dim_v=dv, dtype=torch.float32, backend="triton")
     g = torch.Generator().manual_seed(3)
     kvs = [torch.randn(3, 200, HKV, dk if i % 2 == 0 else dv, generator=g) for i in range(6)]
     cache.prefill(*kvs, lens=torch.tensor(lens))
@@ -214,28 +222,68 @@ def test_decode_triton_odd_shapes(window_in_topn, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("window_in_topn", [True, False])
-def test_decode_triton_gpu(window_in_topn, monkeypatch):
+@pytest.mark.parametrize("window_in_topn,tile_sums_dot,topn_chunks,fused",
+                         [(True, True, 64, True), (True, True, 64, False), (False, False, 0, False)])
+def test_decode_triton_gpu(window_in_topn, tile_sums_dot, topn_chunks, fused, monkeypatch):
     from nsa_parallel.kernels import decode_triton
+    monkeypatch.setattr(decode_triton, "SELECTED_FUSED", fused)
     monkeypatch.setattr(decode_triton, "WINDOW_IN_TOPN", window_in_topn)
+    monkeypatch.setattr(decode_triton, "CMP_TILE_SUMS_DOT", tile_sums_dot)
+    monkeypatch.setattr(decode_triton, "TOPN_CHUNKS", topn_chunks)
     _triton_vs_reference("cuda", torch.bfloat16, 2e-2)
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="interpreter; the GPU covers it through test_decode_triton_gpu")
-@pytest.mark.parametrize("topn", [4, 8])  # 1 and 5 free picks
-def test_decode_topn_ties_go_to_lower_blocks(topn):
-    """The decode top-n (one argmax per pick) picks what the reference's stable sort picks, ties included."""
+def _topn_kernel_vs_reference(scores, lens, cfg, chunks, candidates, monkeypatch, device="cpu"):
+    """``_topn`` on ``scores [B, 1, ns]`` picks what the reference's stable sort picks."""
+    from nsa_parallel.kernels import decode_triton
     from nsa_parallel.kernels import reference as ref
-    cfg = NSAConfig(compress_block=8, compress_stride=4, select_block=16, select_topn=topn, window=16)
-    from nsa_parallel.kernels.decode_triton import _p2, _topn
-    lens = torch.tensor([200, 130, 64, 1], dtype=torch.int32)
-    nsmax = 13  # ceil(200 / 16)
-    base = torch.tensor([3., 1, 1, 2, 1, 1, 2, 1, 1, 1, 2, 1, 1])  # many ties at 1 and at 2
-    scores = torch.stack([base, base.flip(0), torch.zeros(nsmax), base])[:, None].contiguous()  # [B, hkv=1, ns]
-    idx = torch.empty(4, 1, cfg.select_topn, dtype=torch.int32)
-    _topn[(4,)](scores, lens, idx, nsmax, HKV=1, SB=cfg.select_block, TOPN=cfg.select_topn,
-                INIT=cfg.select_initial, LOCAL=cfg.select_local, BNS=_p2(nsmax), BTOP=_p2(cfg.select_topn))
+    monkeypatch.setattr(decode_triton, "TOPN_CHUNKS", chunks)
+    monkeypatch.setattr(decode_triton, "TOPN_CANDIDATES", candidates)
+    bsz, nsmax = scores.shape[0], scores.shape[-1]
+    idx = torch.empty(bsz, 1, cfg.select_topn, dtype=torch.int32, device=device)
+    args = decode_triton.topn_launch_args(cfg, nsmax, bsz, device)
+    decode_triton._topn[(bsz,)](scores.to(device), lens.to(device), idx, args.pop("cand"), nsmax, HKV=1, **args)
+    idx = idx.cpu()
     for b, n in enumerate(lens.tolist()):
         ns = cfg.num_select_blocks(n)
         want = ref.select_topn(scores[b:b + 1, :, None, :ns], cfg, q_offset=n - 1)[0, 0, 0]
         assert idx[b, 0].tolist() == want.tolist(), (b, idx[b, 0].tolist(), want.tolist())
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter; the GPU covers it through test_decode_triton_gpu")
+@pytest.mark.parametrize("topn", [4, 8])  # 1 and 5 free picks
+@pytest.mark.parametrize("chunks", [0, 4])  # one argmax per pick; threshold from 4 chunk maxima
+def test_decode_topn_ties_go_to_lower_blocks(topn, chunks, monkeypatch):
+    """The decode top-n picks what the reference's stable sort picks, ties included."""
+    cfg = NSAConfig(compress_block=8, compress_stride=4, select_block=16, select_topn=topn, window=16)
+    lens = torch.tensor([200, 130, 64, 1], dtype=torch.int32)
+    nsmax = 13  # ceil(200 / 16)
+    base = torch.tensor([3., 1, 1, 2, 1, 1, 2, 1, 1, 1, 2, 1, 1])  # many ties at 1 and at 2
+    scores = torch.stack([base, base.flip(0), torch.zeros(nsmax), base])[:, None].contiguous()  # [B, hkv=1, ns]
+    _topn_kernel_vs_reference(scores, lens, cfg, chunks, 16, monkeypatch)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter; GPUs run test_decode_topn_threshold_gpu")
+@pytest.mark.parametrize("chunks,candidates", [(0, 16), (16, 64), (64, 64), (128, 128), (16, 16)])
+def test_decode_topn_threshold(chunks, candidates, monkeypatch, device="cpu"):
+    """13 free picks of up to 300 blocks: random scores, scores rising towards the query (the picks cluster in
+    the last chunks: up to 13 chunks' worth of candidates), coarse values with many ties, all equal; with 16
+    candidate slots the clustered and tied rows overflow them and take the argmax fallback."""
+    cfg = NSAConfig(compress_block=8, compress_stride=4, select_block=16, select_topn=16, window=16)
+    nsmax = 300
+    lens = torch.tensor([nsmax * 16, nsmax * 16, 3001, nsmax * 16, 250], dtype=torch.int32)
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.rand(nsmax, generator=g),
+            torch.arange(nsmax, dtype=torch.float32) + 0.1 * torch.rand(nsmax, generator=g),
+            torch.randint(0, 4, (nsmax,), generator=g).float(),
+            torch.ones(nsmax),
+            torch.rand(nsmax, generator=g)]
+    _topn_kernel_vs_reference(torch.stack(rows)[:, None].contiguous(), lens, cfg, chunks, candidates, monkeypatch,
+                              device)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("chunks,candidates", [(0, 16), (64, 64), (128, 128), (16, 16)])
+def test_decode_topn_threshold_gpu(chunks, candidates, monkeypatch):
+    test_decode_topn_threshold(chunks, candidates, monkeypatch, device="cuda")
