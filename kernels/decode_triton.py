@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .compress import overlap_weights
 
@@ -47,12 +48,30 @@ CMP_TILE_SUMS_DOT = True  # a tile's block sums as one product with a constant w
 CMP_TILE_SUMS_PRECISION = "ieee"  # that product's input_precision (fp32 probabilities)
 PROGRAMS_PER_SM = 2  # compressed-branch programs per SM the split aims for
 WINDOW_IN_TOPN = True  # window partials computed by extra programs of the top-n launch (else of the sparse one)
-SELECTED_FUSED = True  # one program per (sequence, KV head) walks all n selected blocks and applies the gates
-SELECTED_WARPS, SELECTED_STAGES = 4, 3  # that program's warps and pipeline stages
+SPARSE_STAGES = 3  # pipeline stages of the selected / window loops
+SPARSE_STATIC_MODE = True  # programs compiled for one branch each (loops pipelined); else one branch per iteration
+USE_PDL = False  # programmatic dependent launch: each kernel starts while the one before it drains
+SPARSE_PRELOAD_IDX = False  # a program's selected-block indices loaded before its loop (else one per iteration)
 
 
 def _p2(x: int) -> int:
     return triton.next_power_of_2(max(int(x), 1))
+
+
+@triton.jit
+def _pdl_start(PDL: tl.constexpr):
+    """Let the next kernel of the step launch now (it waits in :func:`_pdl_wait` for what it reads from this one)."""
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def _pdl_wait(PDL: tl.constexpr):
+    """Wait until the kernel before this one has finished and its writes are visible (by induction, every earlier
+    kernel of the step too). Reads of what earlier steps or the cache append wrote need no wait: the step's first
+    kernel is launched normally."""
+    if PDL:
+        gdc_wait()
 
 
 @triton.jit
@@ -86,10 +105,11 @@ def _cmp_partial(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, own_ptr, sp
                  HKV: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, CL: tl.constexpr,
                  CS: tl.constexpr, SB: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, BG: tl.constexpr,
                  BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr, TBP: tl.constexpr,
-                 PREC: tl.constexpr):
+                 PREC: tl.constexpr, PDL: tl.constexpr):
     """Compressed attention over one split -> partial (o, m, l) and the per-tile block sums. (Measured on an H100,
     64k x 8, no faster: K/V through TMA tensor descriptors with 2-4 stages or 128-token tiles, loads marked
     evict-first.)"""
+    _pdl_start(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (bh // HKV).to(tl.int64)  # b * stride passes 2^31 for long caches at large batch
@@ -156,29 +176,23 @@ def _cmp_partial(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, own_ptr, sp
 
 
 @triton.jit
-def _cmp_scores(own_ptr, spill_ptr, mt_ptr, lens_ptr, m_ptr, l_ptr, sc_ptr, o_ptr, ocmp_ptr, NSMAX, NSP, NT, NJ,
-                HKV: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, CL: tl.constexpr, CS: tl.constexpr,
-                SB: tl.constexpr, SPLITS: tl.constexpr, BSPL: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr,
-                BJ: tl.constexpr, DOT: tl.constexpr, BDV: tl.constexpr):
+def _cmp_scores(own_ptr, spill_ptr, mt_ptr, lens_ptr, m_ptr, l_ptr, sc_ptr, NSMAX, NSP, NT, HKV: tl.constexpr,
+                G: tl.constexpr, CL: tl.constexpr, CS: tl.constexpr, SB: tl.constexpr, SPLITS: tl.constexpr,
+                BSPL: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, DOT: tl.constexpr,
+                PDL: tl.constexpr):
     """Block scores (eq. 10) of ``BJ`` blocks: each head's tile sums rescaled by exp2(tile max - global lse),
     summed over the group; block j takes its own tokens' share and the spill of block j - 1's (kept by j - 1's
     tile). (Measured on an H100, 64k x 8: computing them in the top-n program, 30 us slower; in the last
-    compressed program of a pair via an arrival counter, 40 us slower: one program then walks every block.)
-    Programs ``NJ + g`` instead merge head g's compressed-branch partials into ``ocmp [B, hkv, G, dv]`` (for
-    :func:`_selected_combine`)."""
+    compressed program of a pair via an arrival counter, 40 us slower: one program then walks every block.)"""
+    _pdl_start(PDL)
     bh = tl.program_id(0)
-    if tl.program_id(1) >= NJ:
-        g = tl.program_id(1) - NJ
-        dv = tl.arange(0, BDV)
-        o = _merge(o_ptr, m_ptr, l_ptr, bh, g, 0, SPLITS, SPLITS, G, DV, BSPL, BDV)
-        tl.store(ocmp_ptr + (bh * G + g).to(tl.int64) * DV + dv, o, mask=dv < DV)
-        return
     j = tl.program_id(1) * BJ + tl.arange(0, BJ)
     nc = _num_cmp(tl.load(lens_ptr + bh // HKV) - 1, CL, CS)
     g = tl.arange(0, BG)
     sp = tl.arange(0, BSPL)
     pm = (sp[:, None] < SPLITS) & (g[None, :] < G)
     part = (bh * SPLITS + sp[:, None]) * G + g[None, :]
+    _pdl_wait(PDL)
     m_s = tl.load(m_ptr + part, mask=pm, other=float("-inf"))
     l_s = tl.load(l_ptr + part, mask=pm, other=0.0)
     m_all = tl.max(m_s, 0)
@@ -221,7 +235,7 @@ def _kth_best(v, i, K: tl.constexpr):
 @triton.jit
 def _topn_program(bh, sc_ptr, lens_ptr, idx_ptr, cand_ptr, NSMAX, HKV: tl.constexpr, SB: tl.constexpr,
                   TOPN: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, BNS: tl.constexpr, BTOP: tl.constexpr,
-                  NCH: tl.constexpr, CB: tl.constexpr):
+                  NCH: tl.constexpr, CB: tl.constexpr, PDL: tl.constexpr):
     """Forced first/local blocks of pair ``bh``, then the ``TOPN - INIT - LOCAL`` best free blocks, ties to the
     lower index, slots ascending (as the reference).
 
@@ -236,6 +250,7 @@ def _topn_program(bh, sc_ptr, lens_ptr, idx_ptr, cand_ptr, NSMAX, HKV: tl.conste
     t = tl.load(lens_ptr + b) - 1
     own = t // SB
     j = tl.arange(0, BNS)
+    _pdl_wait(PDL)
     s = tl.load(sc_ptr + bh * NSMAX + j, mask=j < NSMAX, other=0.0)
     valid = j <= own
     forced = valid & ((j < INIT) | (j > own - LOCAL))
@@ -271,9 +286,34 @@ def _topn_program(bh, sc_ptr, lens_ptr, idx_ptr, cand_ptr, NSMAX, HKV: tl.conste
 @triton.jit
 def _topn(sc_ptr, lens_ptr, idx_ptr, cand_ptr, NSMAX, HKV: tl.constexpr, SB: tl.constexpr, TOPN: tl.constexpr,
           INIT: tl.constexpr, LOCAL: tl.constexpr, BNS: tl.constexpr, BTOP: tl.constexpr, NCH: tl.constexpr,
-          CB: tl.constexpr):
+          CB: tl.constexpr, PDL: tl.constexpr):
+    _pdl_start(PDL)
     _topn_program(tl.program_id(0), sc_ptr, lens_ptr, idx_ptr, cand_ptr, NSMAX, HKV, SB, TOPN, INIT, LOCAL, BNS,
-                  BTOP, NCH, CB)
+                  BTOP, NCH, CB, PDL)
+
+
+@triton.jit
+def _slc_rows(idx_ptr, bh, k_id, t, u, TOPN: tl.constexpr, SB: tl.constexpr):
+    """Cache rows and visibility of selected block number ``k_id`` of pair ``bh`` (index -1, or past n: none)."""
+    pos = tl.load(idx_ptr + bh * TOPN + k_id, mask=k_id < TOPN, other=-1) * SB + u
+    return pos.to(tl.int64), (pos >= 0) & (pos <= t)  # blk = -1 gives negative positions
+
+
+@triton.jit
+def _win_rows(tile, t, u, W: tl.constexpr, NWT: tl.constexpr, SB: tl.constexpr):
+    """Ring rows (p at p % W) and visibility of window tile number ``tile`` of t-W+1 .. t."""
+    pos = tl.maximum(t - W + 1, 0) + tile * SB + u
+    return (pos % W).to(tl.int64), (pos <= t) & (tile * SB + u < NWT * SB)  # tile < NWT, as a tensor
+
+
+@triton.jit
+def _attend_rows(q, k_ptr, v_ptr, row, ok, sk, sv, d, dv, sm_scale, m_i, l_i, acc, DK: tl.constexpr,
+                 DV: tl.constexpr):
+    """One online-softmax step over the K/V rows ``row`` (``k_ptr``/``v_ptr`` at the sequence and head already)."""
+    k = tl.load(k_ptr + row[:, None] * sk + d[None, :], mask=ok[:, None] & (d[None, :] < DK), other=0.0)
+    v = tl.load(v_ptr + row[:, None] * sv + dv[None, :], mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
+    s = tl.dot(q, tl.trans(k)) * (sm_scale * 1.4426950408889634)
+    return _softmax_step(tl.where(ok[None, :], s, float("-inf")), v, m_i, l_i, acc)
 
 
 @triton.jit
@@ -281,9 +321,12 @@ def _sparse_program(bh, split, q_ptr, ks_ptr, vs_ptr, kw_ptr, vw_ptr, lens_ptr, 
                     sm_scale, sqb, sqh, ksb, kst, ksh, vsb, vst, vsh, kwb, kwt, kwh, vwb, vwt, vwh,
                     HKV: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, SB: tl.constexpr,
                     TOPN: tl.constexpr, W: tl.constexpr, NWT: tl.constexpr, PER: tl.constexpr, WPER: tl.constexpr,
-                    NSLC: tl.constexpr, NPART: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
+                    NSLC: tl.constexpr, NPART: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                    MODE: tl.constexpr, PRELOAD: tl.constexpr, BPER: tl.constexpr, PDL: tl.constexpr):
     """``PER`` selected blocks (``split < NSLC``) or ``WPER`` window tiles of ``SB`` positions of pair ``bh`` -> one
-    partial."""
+    partial. ``MODE`` 1: the program is known to take selected blocks, 2: window tiles, 0: either, by ``split``;
+    1 and 2 keep the loop free of branches, so its loads can be pipelined (``PRELOAD``: mode 1's block indices
+    loaded before the loop)."""
     b = (bh // HKV).to(tl.int64)  # b * stride passes 2^31 for long caches at large batch
     h = bh % HKV
     t = tl.load(lens_ptr + b) - 1
@@ -294,27 +337,42 @@ def _sparse_program(bh, split, q_ptr, ks_ptr, vs_ptr, kw_ptr, vw_ptr, lens_ptr, 
     m_i = tl.full([BG], float("-inf"), tl.float32)
     l_i = tl.zeros([BG], tl.float32)
     acc = tl.zeros([BG, BDV], tl.float32)
-    for r in range(tl.where(split < NSLC, PER, WPER)):
-        if split < NSLC:  # selected block number split * PER + r (index -1, or past n: none)
-            k_id = split * PER + r
-            blk = tl.load(idx_ptr + bh * TOPN + k_id, mask=k_id < TOPN, other=-1)
-            pos = blk * SB + u
-            ok = (pos >= 0) & (pos <= t)  # blk = -1 gives negative positions
-            row = pos.to(tl.int64)
-            kp = ks_ptr + b * ksb + row[:, None] * kst + h * ksh + d[None, :]
-            vp = vs_ptr + b * vsb + row[:, None] * vst + h * vsh + dv[None, :]
-        else:  # window tile number (split - NSLC) * WPER + r of t-W+1 .. t, read from its ring (p at p % W)
-            tile = (split - NSLC) * WPER + r
-            pos = tl.maximum(t - W + 1, 0) + tile * SB + u
-            ok = (pos <= t) & (tile * SB + u < NWT * SB)  # tile < NWT, as a tensor for the interpreter
-            row = (pos % W).to(tl.int64)
-            kp = kw_ptr + b * kwb + row[:, None] * kwt + h * kwh + d[None, :]
-            vp = vw_ptr + b * vwb + row[:, None] * vwt + h * vwh + dv[None, :]
-        k = tl.load(kp, mask=ok[:, None] & (d[None, :] < DK), other=0.0)
-        v = tl.load(vp, mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
-        s = tl.dot(q, tl.trans(k)) * (sm_scale * 1.4426950408889634)
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc)
+    ks_ptr += b * ksb + h * ksh
+    vs_ptr += b * vsb + h * vsh
+    kw_ptr += b * kwb + h * kwh
+    vw_ptr += b * vwb + h * vwh
+    if MODE != 2:  # the window reads only the cache: a window program overlaps the kernel before it
+        _pdl_wait(PDL)
+    if MODE == 1:
+        if PRELOAD:
+            r4 = tl.arange(0, BPER)
+            k_ids = split * PER + r4
+            blks = tl.load(idx_ptr + bh * TOPN + k_ids, mask=(k_ids < TOPN) & (r4 < PER), other=-1)
+            for r in range(PER):
+                pos = tl.sum(tl.where(r4 == r, blks, 0), 0) * SB + u
+                ok = (pos >= 0) & (pos <= t)
+                m_i, l_i, acc = _attend_rows(q, ks_ptr, vs_ptr, pos.to(tl.int64), ok, kst, vst, d, dv, sm_scale,
+                                             m_i, l_i, acc, DK, DV)
+        else:
+            for r in range(PER):
+                row, ok = _slc_rows(idx_ptr, bh, split * PER + r, t, u, TOPN, SB)
+                m_i, l_i, acc = _attend_rows(q, ks_ptr, vs_ptr, row, ok, kst, vst, d, dv, sm_scale, m_i, l_i, acc,
+                                             DK, DV)
+    elif MODE == 2:
+        for r in range(WPER):
+            row, ok = _win_rows((split - NSLC) * WPER + r, t, u, W, NWT, SB)
+            m_i, l_i, acc = _attend_rows(q, kw_ptr, vw_ptr, row, ok, kwt, vwt, d, dv, sm_scale, m_i, l_i, acc, DK,
+                                         DV)
+    else:
+        for r in range(tl.where(split < NSLC, PER, WPER)):
+            if split < NSLC:
+                row, ok = _slc_rows(idx_ptr, bh, split * PER + r, t, u, TOPN, SB)
+                m_i, l_i, acc = _attend_rows(q, ks_ptr, vs_ptr, row, ok, kst, vst, d, dv, sm_scale, m_i, l_i, acc,
+                                             DK, DV)
+            else:
+                row, ok = _win_rows((split - NSLC) * WPER + r, t, u, W, NWT, SB)
+                m_i, l_i, acc = _attend_rows(q, kw_ptr, vw_ptr, row, ok, kwt, vwt, d, dv, sm_scale, m_i, l_i, acc,
+                                             DK, DV)
     g = tl.arange(0, BG)
     rowp = (bh * NPART + split) * G + g
     tl.store(m_ptr + rowp, m_i, mask=g < G)
@@ -327,11 +385,14 @@ def _sparse_partial(q_ptr, ks_ptr, vs_ptr, kw_ptr, vw_ptr, lens_ptr, idx_ptr, o_
                     sqb, sqh, ksb, kst, ksh, vsb, vst, vsh, kwb, kwt, kwh, vwb, vwt, vwh,
                     HKV: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, SB: tl.constexpr,
                     TOPN: tl.constexpr, W: tl.constexpr, NWT: tl.constexpr, PER: tl.constexpr, WPER: tl.constexpr,
-                    NSLC: tl.constexpr, NPART: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
+                    NSLC: tl.constexpr, NPART: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                    MODE: tl.constexpr, PRELOAD: tl.constexpr, BPER: tl.constexpr, PDL: tl.constexpr):
     """Program (pair, split): ``split < NSLC`` selected blocks, the rest (when the grid has them) window tiles."""
+    _pdl_start(PDL)
     _sparse_program(tl.program_id(0), tl.program_id(1), q_ptr, ks_ptr, vs_ptr, kw_ptr, vw_ptr, lens_ptr, idx_ptr,
                     o_ptr, m_ptr, l_ptr, sm_scale, sqb, sqh, ksb, kst, ksh, vsb, vst, vsh, kwb, kwt, kwh, vwb, vwt,
-                    vwh, HKV, G, DK, DV, SB, TOPN, W, NWT, PER, WPER, NSLC, NPART, BG, BD, BDV)
+                    vwh, HKV, G, DK, DV, SB, TOPN, W, NWT, PER, WPER, NSLC, NPART, BG, BD, BDV, MODE, PRELOAD, BPER,
+                    PDL)
 
 
 @triton.jit
@@ -340,21 +401,23 @@ def _topn_window(sc_ptr, idx_ptr, cand_ptr, NSMAX, q_ptr, kw_ptr, vw_ptr, lens_p
                  DK: tl.constexpr, DV: tl.constexpr, SB: tl.constexpr, TOPN: tl.constexpr, INIT: tl.constexpr,
                  LOCAL: tl.constexpr, BNS: tl.constexpr, BTOP: tl.constexpr, W: tl.constexpr, NWT: tl.constexpr,
                  PER: tl.constexpr, WPER: tl.constexpr, NSLC: tl.constexpr, NPART: tl.constexpr, BG: tl.constexpr,
-                 BD: tl.constexpr, BDV: tl.constexpr, NCH: tl.constexpr, CB: tl.constexpr):
+                 BD: tl.constexpr, BDV: tl.constexpr, NCH: tl.constexpr, CB: tl.constexpr, MODE: tl.constexpr,
+                 PDL: tl.constexpr):
     """The top-n of every pair (programs ``< BH``) and, beside them, the window partials: the window needs no
     selection, and the top-n's 32-odd programs leave the rest of the GPU idle, so the window's reads are free.
     (Measured on an H100, 64k x 8: the sparse launch 13.3 -> 10.1 us, this one 7.5 -> 8.1. Each top-n program
     also computing its pair's scores instead of their own launch, 512 blocks a step: 74 against 61 us.)"""
+    _pdl_start(PDL)
     pid = tl.program_id(0)
     if pid < BH:
         _topn_program(pid, sc_ptr, lens_ptr, idx_ptr, cand_ptr, NSMAX, HKV, SB, TOPN, INIT, LOCAL, BNS, BTOP, NCH,
-                      CB)
+                      CB, PDL)
     else:
         i = pid - BH
         _sparse_program(i // (NPART - NSLC), NSLC + i % (NPART - NSLC), q_ptr, kw_ptr, vw_ptr, kw_ptr, vw_ptr,
                         lens_ptr, idx_ptr, o_ptr, m_ptr, l_ptr, sm_scale, sqb, sqh, kwb, kwt, kwh, vwb, vwt, vwh, kwb,
                         kwt, kwh, vwb, vwt, vwh, HKV, G, DK, DV, SB, TOPN, W, NWT, PER, WPER, NSLC, NPART, BG, BD,
-                        BDV)
+                        BDV, MODE, False, 1, PDL)
 
 
 @triton.jit
@@ -380,12 +443,14 @@ def _merge(o_ptr, m_ptr, l_ptr, bh, g, first, count, NPART: tl.constexpr, G: tl.
 @triton.jit
 def _combine(co_ptr, cm_ptr, cl_ptr, so_ptr, sm_ptr, sl_ptr, gate_ptr, out_ptr, sgb, sgh, sob, soh,
              HKV: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, SPLITS: tl.constexpr, TOPN: tl.constexpr,
-             NPART: tl.constexpr, BSPL: tl.constexpr, BTOP: tl.constexpr, BWIN: tl.constexpr, BDV: tl.constexpr):
+             NPART: tl.constexpr, BSPL: tl.constexpr, BTOP: tl.constexpr, BWIN: tl.constexpr, BDV: tl.constexpr,
+             PDL: tl.constexpr):
     head = tl.program_id(0)  # one query head: b * hq + h * G + g
     b = head // (HKV * G)
     h = (head // G) % HKV
     g = head % G
     bh = b * HKV + h
+    _pdl_wait(PDL)
     o_cmp = _merge(co_ptr, cm_ptr, cl_ptr, bh, g, 0, SPLITS, SPLITS, G, DV, BSPL, BDV)
     o_slc = _merge(so_ptr, sm_ptr, sl_ptr, bh, g, 0, TOPN, NPART, G, DV, BTOP, BDV)
     o_swa = _merge(so_ptr, sm_ptr, sl_ptr, bh, g, TOPN, NPART - TOPN, NPART, G, DV, BWIN, BDV)
@@ -396,56 +461,9 @@ def _combine(co_ptr, cm_ptr, cl_ptr, so_ptr, sm_ptr, sl_ptr, gate_ptr, out_ptr, 
     tl.store(out_ptr + b.to(tl.int64) * sob + (h * G + g) * soh + dv, o.to(out_ptr.dtype.element_ty), mask=dv < DV)
 
 
-@triton.jit
-def _selected_combine(q_ptr, ks_ptr, vs_ptr, lens_ptr, idx_ptr, ocmp_ptr, wo_ptr, wm_ptr, wl_ptr, gate_ptr, out_ptr,
-                      sm_scale, sqb, sqh, ksb, kst, ksh, vsb, vst, vsh, sgb, sgh, sob, soh, HKV: tl.constexpr,
-                      G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, SB: tl.constexpr, TOPN: tl.constexpr,
-                      NSLC: tl.constexpr, NPART: tl.constexpr, BWIN: tl.constexpr, BG: tl.constexpr,
-                      BD: tl.constexpr, BDV: tl.constexpr):
-    """All ``TOPN`` selected blocks of pair ``bh`` in one pipelined loop (the next blocks' loads in flight while
-    one is computed), then the gated sum with the merged compressed branch (``ocmp``) and the window partials
-    (slots ``NSLC..NPART-1`` of ``wo/wm/wl``) -> ``out`` rows of the group's query heads. Unlike
-    :func:`_sparse_partial` + :func:`_combine`, no partials of the selected branch and no launch to merge them."""
-    bh = tl.program_id(0)
-    b = (bh // HKV).to(tl.int64)  # b * stride passes 2^31 for long caches at large batch
-    h = bh % HKV
-    t = tl.load(lens_ptr + b) - 1
-    u = tl.arange(0, SB)
-    g = tl.arange(0, BG)
-    d = tl.arange(0, BD)
-    dv = tl.arange(0, BDV)
-    q = _load_q(q_ptr, b, h, sqb, sqh, G, DK, BG, BD)
-    m_i = tl.full([BG], float("-inf"), tl.float32)
-    l_i = tl.zeros([BG], tl.float32)
-    acc = tl.zeros([BG, BDV], tl.float32)
-    for r in range(TOPN):
-        pos = tl.load(idx_ptr + bh * TOPN + r) * SB + u
-        ok = (pos >= 0) & (pos <= t)  # index -1 (fewer visible blocks than n) gives negative positions
-        row = pos.to(tl.int64)
-        k = tl.load(ks_ptr + b * ksb + row[:, None] * kst + h * ksh + d[None, :], mask=ok[:, None] & (d[None, :] < DK),
-                    other=0.0)
-        v = tl.load(vs_ptr + b * vsb + row[:, None] * vst + h * vsh + dv[None, :],
-                    mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
-        s = tl.dot(q, tl.trans(k)) * (sm_scale * 1.4426950408889634)
-        m_i, l_i, acc = _softmax_step(tl.where(ok[None, :], s, float("-inf")), v, m_i, l_i, acc)
-    o_slc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    wp = tl.arange(0, BWIN)
-    wm = (wp < NPART - NSLC)[:, None] & (g < G)[None, :]
-    wrow = (bh * NPART + NSLC + wp)[:, None] * G + g[None, :]  # [BWIN, BG]
-    m_w = tl.load(wm_ptr + wrow, mask=wm, other=float("-inf"))
-    m_all = tl.max(m_w, 0)
-    w = tl.where(wm, tl.exp2(m_w - tl.where(m_all == float("-inf"), 0.0, m_all)[None, :]), 0.0)
-    l_w = tl.sum(tl.load(wl_ptr + wrow, mask=wm, other=0.0) * w, 0)
-    o_w = tl.load(wo_ptr + wrow.to(tl.int64)[:, :, None] * DV + dv[None, None, :],
-                  mask=wm[:, :, None] & (dv < DV)[None, None, :], other=0.0)
-    o_swa = tl.sum(o_w * w[:, :, None], 0) / tl.where(l_w == 0.0, 1.0, l_w)[:, None]
-    gm = (g < G)[:, None] & (dv < DV)[None, :]
-    o_cmp = tl.load(ocmp_ptr + (bh * G + g).to(tl.int64)[:, None] * DV + dv[None, :], mask=gm, other=0.0)
-    gp = gate_ptr + b * sgb + (h * G + g) * sgh
-    o = tl.load(gp, mask=g < G, other=0.0).to(tl.float32)[:, None] * o_cmp \
-        + tl.load(gp + 1, mask=g < G, other=0.0).to(tl.float32)[:, None] * o_slc \
-        + tl.load(gp + 2, mask=g < G, other=0.0).to(tl.float32)[:, None] * o_swa
-    tl.store(out_ptr + b * sob + (h * G + g)[:, None] * soh + dv[None, :], o.to(out_ptr.dtype.element_ty), mask=gm)
+def _pdl_args(launch: bool = True) -> dict:
+    """``PDL`` for the kernels' waits and, for every kernel but the step's first, the launch option."""
+    return dict(PDL=USE_PDL, **({"launch_pdl": True} if USE_PDL and launch else {}))
 
 
 def _num_splits(bsz: int, hkv: int, max_cmp: int) -> int:
@@ -472,12 +490,11 @@ def topn_launch_args(cfg, nsmax: int, pairs: int, device) -> dict:
     nch = min(TOPN_CHUNKS, bns) if free > 0 else 0
     return dict(cand=torch.empty(pairs, TOPN_CANDIDATES, device=device, dtype=torch.int32), SB=cfg.select_block,
                 TOPN=cfg.select_topn, INIT=cfg.select_initial, LOCAL=cfg.select_local, BNS=bns,
-                BTOP=_p2(cfg.select_topn), NCH=nch, CB=TOPN_CANDIDATES, num_warps=TOPN_WARPS)
+                BTOP=_p2(cfg.select_topn), NCH=nch, CB=TOPN_CANDIDATES, num_warps=TOPN_WARPS, **_pdl_args())
 
 
-def compressed_step(q: torch.Tensor, cache, scale: float, merge: bool = False):
-    """Compressed branch and selection scores: ``((o, m, l) per split, scores [B, hkv, ns])``; ``merge``: the
-    first item is instead the merged branch output ``[B, hkv, G, dv]`` fp32."""
+def compressed_step(q: torch.Tensor, cache, scale: float):
+    """Compressed branch and selection scores: ``(partials (o, m, l) per split, scores [B, hkv, ns])``."""
     cfg = cache.config
     bsz, hq, dk = q.shape
     hkv, dv = cache.num_kv_heads, cache.head_dim_v
@@ -503,16 +520,14 @@ def compressed_step(q: torch.Tensor, cache, scale: float, merge: bool = False):
         kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2), nsp, nt, HKV=hkv, G=G, DK=dk, DV=dv,
         CL=cfg.compress_block, CS=cfg.compress_stride, SB=cfg.select_block, CHUNK=chunk, SPLITS=splits, BG=BG,
         BD=BD, BDV=BDV, BN=CMP_BN, DOT=dot, TBP=max(16, CMP_BN // s_slots), PREC=CMP_TILE_SUMS_PRECISION,
-        num_warps=CMP_WARPS, num_stages=CMP_STAGES)
+        num_warps=CMP_WARPS, num_stages=CMP_STAGES, **_pdl_args(launch=False))
     nsmax = triton.cdiv(cache.max_len, cfg.select_block)
     scores = torch.empty(bsz, hkv, nsmax, **f32)
-    nj = triton.cdiv(nsmax, SCORES_BJ)
-    ocmp = torch.empty(bsz, hkv, G, dv, **f32) if merge else co
-    _cmp_scores[(bsz * hkv, nj + (G if merge else 0))](
-        own, spill, mt, cache.lens, cm, cl, scores, co, ocmp, nsmax, nsp, nt, nj, HKV=hkv, G=G, DV=dv,
-        CL=cfg.compress_block, CS=cfg.compress_stride, SB=cfg.select_block, SPLITS=splits, BSPL=_p2(splits), BG=BG,
-        BN=CMP_BN, BJ=SCORES_BJ, DOT=dot, BDV=BDV)
-    return (ocmp if merge else (co, cm, cl)), scores
+    _cmp_scores[(bsz * hkv, triton.cdiv(nsmax, SCORES_BJ))](
+        own, spill, mt, cache.lens, cm, cl, scores, nsmax, nsp, nt, HKV=hkv, G=G, CL=cfg.compress_block,
+        CS=cfg.compress_stride, SB=cfg.select_block, SPLITS=splits, BSPL=_p2(splits), BG=BG, BN=CMP_BN,
+        BJ=SCORES_BJ, DOT=dot, **_pdl_args())
+    return (co, cm, cl), scores
 
 
 def decode_triton(q: torch.Tensor, gate: torch.Tensor, cache, scale: float):
@@ -537,39 +552,31 @@ def decode_triton(q: torch.Tensor, gate: torch.Tensor, cache, scale: float):
     sm = torch.empty(bsz, hkv, npart, G, **f32)
     sl = torch.empty_like(sm)
     ks, vs, kw, vw = cache.k_slc, cache.v_slc, cache.k_swa, cache.v_swa
-    fused = SELECTED_FUSED
-    cmp_out, scores = compressed_step(q, cache, scale, merge=fused)
+    (co, cm, cl), scores = compressed_step(q, cache, scale)
+    splits = co.shape[2]
     nsmax = scores.shape[2]
     idx = torch.empty(bsz, hkv, n, device=dev, dtype=torch.int32)
     topn = topn_launch_args(cfg, nsmax, bsz * hkv, dev)
-    out = torch.empty(bsz, hq, dv, device=dev, dtype=q.dtype)
-    if WINDOW_IN_TOPN or fused:
+    if WINDOW_IN_TOPN:
         _topn_window[(bsz * hkv * (1 + npart - nslc),)](
             scores, idx, topn.pop("cand"), nsmax, q, kw, vw, cache.lens, so, sm, sl, scale, q.stride(0),
             q.stride(1), kw.stride(0), kw.stride(1), kw.stride(2), vw.stride(0), vw.stride(1), vw.stride(2),
             BH=bsz * hkv, HKV=hkv, G=G, DK=dk, DV=dv, W=cfg.window, NWT=nwt, PER=per, WPER=wper, NSLC=nslc,
-            NPART=npart, BG=BG, BD=BD, BDV=BDV, **topn)
+            NPART=npart, BG=BG, BD=BD, BDV=BDV, MODE=2 if SPARSE_STATIC_MODE else 0, num_stages=SPARSE_STAGES,
+            **topn)
     else:
         _topn[(bsz * hkv,)](scores, cache.lens, idx, topn.pop("cand"), nsmax, HKV=hkv, **topn)
-    if fused:
-        _selected_combine[(bsz * hkv,)](
-            q, ks, vs, cache.lens, idx, cmp_out, so, sm, sl, gate, out, scale, q.stride(0), q.stride(1),
-            ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2), gate.stride(0),
-            gate.stride(1), out.stride(0), out.stride(1), HKV=hkv, G=G, DK=dk, DV=dv, SB=cfg.select_block, TOPN=n,
-            NSLC=nslc, NPART=npart, BWIN=_p2(npart - nslc), BG=BG, BD=BD, BDV=BDV, num_warps=SELECTED_WARPS,
-            num_stages=SELECTED_STAGES)
-        return out, idx
-    co, cm, cl = cmp_out
-    splits = co.shape[2]
     _sparse_partial[(bsz * hkv, nslc if WINDOW_IN_TOPN else npart)](
         q, ks, vs, kw, vw, cache.lens, idx, so, sm, sl, scale, q.stride(0), q.stride(1),
         ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
         kw.stride(0), kw.stride(1), kw.stride(2), vw.stride(0), vw.stride(1), vw.stride(2),
         HKV=hkv, G=G, DK=dk, DV=dv, SB=cfg.select_block, TOPN=n, W=cfg.window, NWT=nwt, PER=per, WPER=wper, NSLC=nslc,
-        NPART=npart, BG=BG, BD=BD, BDV=BDV)
+        NPART=npart, BG=BG, BD=BD, BDV=BDV, MODE=1 if WINDOW_IN_TOPN and SPARSE_STATIC_MODE else 0,
+        PRELOAD=SPARSE_PRELOAD_IDX, BPER=_p2(per), num_stages=SPARSE_STAGES, **_pdl_args())
+    out = torch.empty(bsz, hq, dv, device=dev, dtype=q.dtype)
     _combine[(bsz * hq,)](co, cm, cl, so, sm, sl, gate, out, gate.stride(0), gate.stride(1), out.stride(0),
                           out.stride(1), HKV=hkv, G=G, DV=dv, SPLITS=splits, TOPN=nslc, NPART=npart, BSPL=_p2(splits),
-                          BTOP=_p2(nslc), BWIN=_p2(npart - nslc), BDV=BDV)
+                          BTOP=_p2(nslc), BWIN=_p2(npart - nslc), BDV=BDV, **_pdl_args())
     return out, idx
 
 

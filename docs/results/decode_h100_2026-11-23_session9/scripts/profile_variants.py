@@ -16,18 +16,18 @@ from nsa_parallel.kernels import decode_triton as dt
 from nsa_parallel.kernels.decode import nsa_decode
 
 A = dict(TOPN_CHUNKS=0)  # one argmax per pick
-P = dict(SELECTED_FUSED=False)  # selected partials merged by _combine
+P = dict(USE_PDL=True)
 VARIANTS = {
-    "before: argmax top-n, own/spill apart, partials + combine": {**A, **P, "CMP_TILE_SUMS_DOT": False},
-    "partials + combine": dict(P),
-    "fused selected + gates": {},
-    "fused, 2 stages": dict(SELECTED_STAGES=2),
-    "fused, 4 stages": dict(SELECTED_STAGES=4),
-    "fused, 8 warps": dict(SELECTED_WARPS=8),
-    "fused, 8 warps, 4 stages": dict(SELECTED_WARPS=8, SELECTED_STAGES=4),
-    "fused, argmax top-n": dict(A),
-    "fused, own/spill apart": dict(CMP_TILE_SUMS_DOT=False),
-    "fused, top-n 32/64": dict(TOPN_CHUNKS=32),
+    "before: argmax top-n, own/spill apart, a branch per iteration": dict(A, CMP_TILE_SUMS_DOT=False,
+                                                                          SPARSE_STATIC_MODE=False),
+    "default": {},
+    "PDL": dict(P),
+    "own/spill apart": dict(CMP_TILE_SUMS_DOT=False),
+    "PDL, own/spill apart": dict(P, CMP_TILE_SUMS_DOT=False),
+    "PDL, argmax top-n": dict(P, **A),
+    "PDL, 2 window tiles per program": dict(P, WINDOW_TILES_PER_PROGRAM=2),
+    "PDL, 2 selected blocks per program": dict(P, SPARSE_TILES_PER_PROGRAM=2),
+    "PDL, 1 compressed program per SM": dict(P, PROGRAMS_PER_SM=1),
 }
 
 
