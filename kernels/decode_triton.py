@@ -11,10 +11,11 @@ last kernel, which also applies the gates:
    stride-slot overlap (eq. 9): 1/S of the logits' bytes.
 2. ``_cmp_scores``: the global log-sum-exp from the partials rescales those tile sums; summed over the group's
    heads (eq. 10) -> fp32 block scores.
-3. ``_topn_window``: forced first/local blocks, then one argmax per free pick, ties to the lower index, ascending
-   (as the reference); beside those programs, the window tiles -> partial o, m, l (they need no selection, and the
-   top-n alone leaves the GPU idle).
-4. ``_sparse_partial``: ``SPARSE_TILES_PER_PROGRAM`` selected blocks -> partial o, m, l.
+3. ``_topn_window``: forced first/local blocks, then the best free blocks above a threshold from chunk maxima,
+   ties to the lower index, ascending (as the reference); beside those programs, ``WINDOW_TILES_PER_PROGRAM``
+   window tiles per program -> partial o, m, l (they need no selection, and the top-n alone leaves the GPU idle).
+4. ``_sparse_partial``: ``SPARSE_TILES_PER_PROGRAM`` selected blocks -> partial o, m, l (a loop without branches,
+   so Triton pipelines its loads).
 5. ``_combine``: one program per query head merges the partials of each branch, gates, writes ``[B, hq, dv]``.
 
 Sequence lengths are read on the device (``cache.lens``): no host sync, so a step can be captured in a CUDA graph.
@@ -24,54 +25,36 @@ Tried on an H100 and not kept (64k x 8, see docs/decode.md): scores in the top-n
 (arrival counter), top-n by ranks in parallel programs or by int64 keys, the combine in the last sparse program,
 programmatic dependent launch between the kernels, the window branch on a second stream, all five phases chained in
 one launch (commit b46cf25), TMA or evict-first loads in the compressed pass, splits capped at one wave, sparse
-loops with preloaded indices: none faster.
+loops with preloaded indices, the tile sums own + spill combined through one fp32 product (commit a240898), all n
+selected blocks in one program per pair with the gates applied there (a240898), programmatic dependent launch
+with the window overlapping the scores kernel (f2262dd): none faster.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .compress import overlap_weights
 
 # launch knobs, swept by python -m nsa_parallel.bench_decode (defaults: the best measured on an H100)
 CMP_BN, CMP_WARPS, CMP_STAGES = 64, 4, 3  # compressed-branch tile, warps, pipeline stages
 SCORES_BJ = 64  # selection blocks per scores program
+SCORES_WARPS = 2  # warps of a scores program
+COMBINE_WARPS = 1  # warps of a combine program (one query head: its merges' sums stay within the warp)
 SPARSE_TILES_PER_PROGRAM = 4  # selected blocks one program merges before writing a partial
 WINDOW_TILES_PER_PROGRAM = 4  # window tiles of l' positions one program merges before writing a partial
 TOPN_WARPS = 4  # warps of the top-n program
 TOPN_CHUNKS = 64  # top-n threshold from this many chunk maxima of the scores (0: one argmax per pick)
 TOPN_CANDIDATES = 64  # most blocks above that threshold ranked directly; more (ties) fall back to the argmaxes
 APPEND_ROWS = 16  # sequences one phi program compresses together (the rows of its tl.dot, >= 16)
-CMP_TILE_SUMS_DOT = True  # a tile's block sums as one product with a constant weight matrix, own + spill combined
-CMP_TILE_SUMS_PRECISION = "ieee"  # that product's input_precision (fp32 probabilities)
 PROGRAMS_PER_SM = 2  # compressed-branch programs per SM the split aims for
 WINDOW_IN_TOPN = True  # window partials computed by extra programs of the top-n launch (else of the sparse one)
 SPARSE_STAGES = 3  # pipeline stages of the selected / window loops
-SPARSE_STATIC_MODE = True  # programs compiled for one branch each (loops pipelined); else one branch per iteration
-USE_PDL = False  # programmatic dependent launch: each kernel starts while the one before it drains
-SPARSE_PRELOAD_IDX = False  # a program's selected-block indices loaded before its loop (else one per iteration)
 
 
 def _p2(x: int) -> int:
     return triton.next_power_of_2(max(int(x), 1))
-
-
-@triton.jit
-def _pdl_start(PDL: tl.constexpr):
-    """Let the next kernel of the step launch now (it waits in :func:`_pdl_wait` for what it reads from this one)."""
-    if PDL:
-        gdc_launch_dependents()
-
-
-@triton.jit
-def _pdl_wait(PDL: tl.constexpr):
-    """Wait until the kernel before this one has finished and its writes are visible (by induction, every earlier
-    kernel of the step too). Reads of what earlier steps or the cache append wrote need no wait: the step's first
-    kernel is launched normally."""
-    if PDL:
-        gdc_wait()
 
 
 @triton.jit
@@ -104,12 +87,10 @@ def _cmp_partial(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, own_ptr, sp
                  skb, skt, skh, svb, svt, svh, NSP, NT,
                  HKV: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, CL: tl.constexpr,
                  CS: tl.constexpr, SB: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, BG: tl.constexpr,
-                 BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr, TBP: tl.constexpr,
-                 PREC: tl.constexpr, PDL: tl.constexpr):
+                 BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr):
     """Compressed attention over one split -> partial (o, m, l) and the per-tile block sums. (Measured on an H100,
     64k x 8, no faster: K/V through TMA tensor descriptors with 2-4 stages or 128-token tiles, loads marked
     evict-first.)"""
-    _pdl_start(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (bh // HKV).to(tl.int64)  # b * stride passes 2^31 for long caches at large batch
@@ -126,14 +107,6 @@ def _cmp_partial(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, own_ptr, sp
     S: tl.constexpr = SB // CS  # stride slots (= compressed tokens) per selection block; A <= S
     TB: tl.constexpr = BN // S  # selection blocks a tile starts
     w_own, w_spill = overlap_weights(A, S)
-    if DOT:  # [BN tokens, TBP >= 16 blocks]: token i adds w_own to its block and w_spill to the next one
-        tok = tl.arange(0, BN)
-        kk = tl.arange(0, TBP)
-        w_own_t = tl.minimum(A, S - tok % S).to(tl.float32)
-        w_spill_t = tl.maximum(tok % S + A - S, 0).to(tl.float32)
-        w_tile = tl.where((tok // S)[:, None] == kk[None, :], w_own_t[:, None], 0.0) \
-            + tl.where((tok // S + 1)[:, None] == kk[None, :], w_spill_t[:, None], 0.0)
-        w_last = tl.where(tok // S == TB - 1, w_spill_t, 0.0)  # the last block's spill, into the next tile
     rows = (bh * G + g).to(tl.int64)
     m_i = tl.full([BG], float("-inf"), tl.float32)
     l_i = tl.zeros([BG], tl.float32)
@@ -155,19 +128,13 @@ def _cmp_partial(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, own_ptr, sp
         m_i = m_new
         # the selection scores need these probabilities once the global max is known: per head, summed into the
         # tile's selection blocks relative to m_new (kept as the tile's max); 1/S of the logits' bytes
+        p3 = tl.reshape(p, [BG, TB, S])
         tile = i0 // BN
-        if DOT:  # inside a tile block k's own share and block k - 1's spill share one max: stored added
-            j = tile * TB + kk
-            gm = (g < G)[:, None] & ((kk < TB) & (j < NSP))[None, :]
-            tl.store(own_ptr + rows[:, None] * NSP + j[None, :], tl.dot(p, w_tile, input_precision=PREC), mask=gm)
-            tl.store(spill_ptr + rows * NT + tile, tl.sum(p * w_last[None, :], 1), mask=g < G)
-        else:
-            p3 = tl.reshape(p, [BG, TB, S])
-            j = tile * TB + tl.arange(0, TB)
-            sel = rows[:, None] * NSP + j[None, :]
-            gm = (g < G)[:, None] & (j < NSP)[None, :]
-            tl.store(own_ptr + sel, tl.sum(p3 * w_own[None, None, :], 2), mask=gm)
-            tl.store(spill_ptr + sel, tl.sum(p3 * w_spill[None, None, :], 2), mask=gm)
+        j = tile * TB + tl.arange(0, TB)
+        sel = rows[:, None] * NSP + j[None, :]
+        gm = (g < G)[:, None] & (j < NSP)[None, :]
+        tl.store(own_ptr + sel, tl.sum(p3 * w_own[None, None, :], 2), mask=gm)
+        tl.store(spill_ptr + sel, tl.sum(p3 * w_spill[None, None, :], 2), mask=gm)
         tl.store(mt_ptr + rows * NT + tile, m_new, mask=g < G)
     row = (bh * SPLITS + split) * G + g
     tl.store(m_ptr + row, m_i, mask=g < G)
@@ -178,13 +145,11 @@ def _cmp_partial(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, m_ptr, l_ptr, own_ptr, sp
 @triton.jit
 def _cmp_scores(own_ptr, spill_ptr, mt_ptr, lens_ptr, m_ptr, l_ptr, sc_ptr, NSMAX, NSP, NT, HKV: tl.constexpr,
                 G: tl.constexpr, CL: tl.constexpr, CS: tl.constexpr, SB: tl.constexpr, SPLITS: tl.constexpr,
-                BSPL: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, DOT: tl.constexpr,
-                PDL: tl.constexpr):
+                BSPL: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr):
     """Block scores (eq. 10) of ``BJ`` blocks: each head's tile sums rescaled by exp2(tile max - global lse),
     summed over the group; block j takes its own tokens' share and the spill of block j - 1's (kept by j - 1's
     tile). (Measured on an H100, 64k x 8: computing them in the top-n program, 30 us slower; in the last
     compressed program of a pair via an arrival counter, 40 us slower: one program then walks every block.)"""
-    _pdl_start(PDL)
     bh = tl.program_id(0)
     j = tl.program_id(1) * BJ + tl.arange(0, BJ)
     nc = _num_cmp(tl.load(lens_ptr + bh // HKV) - 1, CL, CS)
@@ -192,7 +157,6 @@ def _cmp_scores(own_ptr, spill_ptr, mt_ptr, lens_ptr, m_ptr, l_ptr, sc_ptr, NSMA
     sp = tl.arange(0, BSPL)
     pm = (sp[:, None] < SPLITS) & (g[None, :] < G)
     part = (bh * SPLITS + sp[:, None]) * G + g[None, :]
-    _pdl_wait(PDL)
     m_s = tl.load(m_ptr + part, mask=pm, other=float("-inf"))
     l_s = tl.load(l_ptr + part, mask=pm, other=0.0)
     m_all = tl.max(m_s, 0)
@@ -203,23 +167,14 @@ def _cmp_scores(own_ptr, spill_ptr, mt_ptr, lens_ptr, m_ptr, l_ptr, sc_ptr, NSMA
     rows = (bh * G + g).to(tl.int64)[:, None]
     gm = (g < G)[:, None]
     sc = tl.zeros([BJ], tl.float32)
-    if DOT:  # the tile sums hold own + spill but a tile's first block, whose spill is the last of the tile before
-        for back in tl.static_range(2):  # 0: tile sums, 1: the previous tile's last spill
-            tile = j // TB - back
-            vis = gm & ((tile >= 0) & (tile * BN < nc) & ((back == 0) | (j % TB == 0)))[None, :]
-            mt = tl.load(mt_ptr + rows * NT + tile[None, :], mask=vis, other=0.0)
-            xp = own_ptr + rows * NSP + j[None, :] if back == 0 else spill_ptr + rows * NT + tile[None, :]
-            x = tl.load(xp, mask=vis, other=0.0)
-            sc += tl.sum(x * tl.where(vis, tl.exp2(mt - lse[:, None]), 0.0), 0)
-    else:
-        for back in tl.static_range(2):  # 0: own tokens of block j, 1: the spill of block j - 1
-            jj = j - back
-            tile = jj // TB
-            vis = gm & ((jj >= 0) & (tile * BN < nc))[None, :]  # tiles past nc were never written
-            mt = tl.load(mt_ptr + rows * NT + tile[None, :], mask=vis, other=0.0)
-            part_ptr = own_ptr if back == 0 else spill_ptr
-            x = tl.load(part_ptr + rows * NSP + jj[None, :], mask=vis, other=0.0)
-            sc += tl.sum(x * tl.where(vis, tl.exp2(mt - lse[:, None]), 0.0), 0)
+    for back in tl.static_range(2):  # 0: own tokens of block j, 1: the spill of block j - 1
+        jj = j - back
+        tile = jj // TB
+        vis = gm & ((jj >= 0) & (tile * BN < nc))[None, :]  # tiles past nc were never written
+        mt = tl.load(mt_ptr + rows * NT + tile[None, :], mask=vis, other=0.0)
+        part_ptr = own_ptr if back == 0 else spill_ptr
+        x = tl.load(part_ptr + rows * NSP + jj[None, :], mask=vis, other=0.0)
+        sc += tl.sum(x * tl.where(vis, tl.exp2(mt - lse[:, None]), 0.0), 0)
     tl.store(sc_ptr + bh * NSMAX + j, sc, mask=j < NSMAX)
 
 
@@ -235,7 +190,7 @@ def _kth_best(v, i, K: tl.constexpr):
 @triton.jit
 def _topn_program(bh, sc_ptr, lens_ptr, idx_ptr, cand_ptr, NSMAX, HKV: tl.constexpr, SB: tl.constexpr,
                   TOPN: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, BNS: tl.constexpr, BTOP: tl.constexpr,
-                  NCH: tl.constexpr, CB: tl.constexpr, PDL: tl.constexpr):
+                  NCH: tl.constexpr, CB: tl.constexpr):
     """Forced first/local blocks of pair ``bh``, then the ``TOPN - INIT - LOCAL`` best free blocks, ties to the
     lower index, slots ascending (as the reference).
 
@@ -243,14 +198,14 @@ def _topn_program(bh, sc_ptr, lens_ptr, idx_ptr, cand_ptr, NSMAX, HKV: tl.conste
     hold a block at least that high), so only the few blocks at or above it (at most K chunks' worth, unless ties)
     are ranked against each other, compacted through ``cand_ptr`` (``CB`` slots per pair); the picks are those
     that beat or equal the K-th best of them. Ties that leave more than ``CB`` candidates fall back to one argmax
-    per pick (measured on an H100 at 1024 blocks, 9 us; tl.sort 56 us; ranks of every block against every other in
-    parallel programs 27 us, the compares dominate; one warp 29 us)."""
+    per pick. Measured on an H100 at 64k x 8 (1024 blocks, 13 picks), the top-n launch alone: argmaxes 7.6 us,
+    64 or 32 chunks 6.8 / 6.7 us; 128 or 256 chunks and candidates slower (the [CB, CB] compares spill). Earlier:
+    tl.sort 56 us; ranks of every block against every other in parallel programs 27 us; one warp 29 us."""
     K: tl.constexpr = TOPN - INIT - LOCAL  # forced blocks are at most INIT + LOCAL
     b = bh // HKV
     t = tl.load(lens_ptr + b) - 1
     own = t // SB
     j = tl.arange(0, BNS)
-    _pdl_wait(PDL)
     s = tl.load(sc_ptr + bh * NSMAX + j, mask=j < NSMAX, other=0.0)
     valid = j <= own
     forced = valid & ((j < INIT) | (j > own - LOCAL))
@@ -286,10 +241,9 @@ def _topn_program(bh, sc_ptr, lens_ptr, idx_ptr, cand_ptr, NSMAX, HKV: tl.conste
 @triton.jit
 def _topn(sc_ptr, lens_ptr, idx_ptr, cand_ptr, NSMAX, HKV: tl.constexpr, SB: tl.constexpr, TOPN: tl.constexpr,
           INIT: tl.constexpr, LOCAL: tl.constexpr, BNS: tl.constexpr, BTOP: tl.constexpr, NCH: tl.constexpr,
-          CB: tl.constexpr, PDL: tl.constexpr):
-    _pdl_start(PDL)
+          CB: tl.constexpr):
     _topn_program(tl.program_id(0), sc_ptr, lens_ptr, idx_ptr, cand_ptr, NSMAX, HKV, SB, TOPN, INIT, LOCAL, BNS,
-                  BTOP, NCH, CB, PDL)
+                  BTOP, NCH, CB)
 
 
 @triton.jit
@@ -322,11 +276,12 @@ def _sparse_program(bh, split, q_ptr, ks_ptr, vs_ptr, kw_ptr, vw_ptr, lens_ptr, 
                     HKV: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, SB: tl.constexpr,
                     TOPN: tl.constexpr, W: tl.constexpr, NWT: tl.constexpr, PER: tl.constexpr, WPER: tl.constexpr,
                     NSLC: tl.constexpr, NPART: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                    MODE: tl.constexpr, PRELOAD: tl.constexpr, BPER: tl.constexpr, PDL: tl.constexpr):
+                    MODE: tl.constexpr):
     """``PER`` selected blocks (``split < NSLC``) or ``WPER`` window tiles of ``SB`` positions of pair ``bh`` -> one
-    partial. ``MODE`` 1: the program is known to take selected blocks, 2: window tiles, 0: either, by ``split``;
-    1 and 2 keep the loop free of branches, so its loads can be pipelined (``PRELOAD``: mode 1's block indices
-    loaded before the loop)."""
+    partial. ``MODE`` 1: the program is known to take selected blocks, 2: window tiles, 0: either, by ``split``.
+    Modes 1 and 2 keep the loop free of branches: only then does Triton pipeline its loads (measured on an H100,
+    64k x 8: sparse launch 10.4 -> 9.9 us, top-n + window launch 8.1 -> 7.4; with the block indices loaded before
+    the loop, or 2 / 4 stages, no faster)."""
     b = (bh // HKV).to(tl.int64)  # b * stride passes 2^31 for long caches at large batch
     h = bh % HKV
     t = tl.load(lens_ptr + b) - 1
@@ -341,23 +296,11 @@ def _sparse_program(bh, split, q_ptr, ks_ptr, vs_ptr, kw_ptr, vw_ptr, lens_ptr, 
     vs_ptr += b * vsb + h * vsh
     kw_ptr += b * kwb + h * kwh
     vw_ptr += b * vwb + h * vwh
-    if MODE != 2:  # the window reads only the cache: a window program overlaps the kernel before it
-        _pdl_wait(PDL)
     if MODE == 1:
-        if PRELOAD:
-            r4 = tl.arange(0, BPER)
-            k_ids = split * PER + r4
-            blks = tl.load(idx_ptr + bh * TOPN + k_ids, mask=(k_ids < TOPN) & (r4 < PER), other=-1)
-            for r in range(PER):
-                pos = tl.sum(tl.where(r4 == r, blks, 0), 0) * SB + u
-                ok = (pos >= 0) & (pos <= t)
-                m_i, l_i, acc = _attend_rows(q, ks_ptr, vs_ptr, pos.to(tl.int64), ok, kst, vst, d, dv, sm_scale,
-                                             m_i, l_i, acc, DK, DV)
-        else:
-            for r in range(PER):
-                row, ok = _slc_rows(idx_ptr, bh, split * PER + r, t, u, TOPN, SB)
-                m_i, l_i, acc = _attend_rows(q, ks_ptr, vs_ptr, row, ok, kst, vst, d, dv, sm_scale, m_i, l_i, acc,
-                                             DK, DV)
+        for r in range(PER):
+            row, ok = _slc_rows(idx_ptr, bh, split * PER + r, t, u, TOPN, SB)
+            m_i, l_i, acc = _attend_rows(q, ks_ptr, vs_ptr, row, ok, kst, vst, d, dv, sm_scale, m_i, l_i, acc,
+                                         DK, DV)
     elif MODE == 2:
         for r in range(WPER):
             row, ok = _win_rows((split - NSLC) * WPER + r, t, u, W, NWT, SB)
@@ -386,13 +329,11 @@ def _sparse_partial(q_ptr, ks_ptr, vs_ptr, kw_ptr, vw_ptr, lens_ptr, idx_ptr, o_
                     HKV: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, SB: tl.constexpr,
                     TOPN: tl.constexpr, W: tl.constexpr, NWT: tl.constexpr, PER: tl.constexpr, WPER: tl.constexpr,
                     NSLC: tl.constexpr, NPART: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                    MODE: tl.constexpr, PRELOAD: tl.constexpr, BPER: tl.constexpr, PDL: tl.constexpr):
+                    MODE: tl.constexpr):
     """Program (pair, split): ``split < NSLC`` selected blocks, the rest (when the grid has them) window tiles."""
-    _pdl_start(PDL)
     _sparse_program(tl.program_id(0), tl.program_id(1), q_ptr, ks_ptr, vs_ptr, kw_ptr, vw_ptr, lens_ptr, idx_ptr,
                     o_ptr, m_ptr, l_ptr, sm_scale, sqb, sqh, ksb, kst, ksh, vsb, vst, vsh, kwb, kwt, kwh, vwb, vwt,
-                    vwh, HKV, G, DK, DV, SB, TOPN, W, NWT, PER, WPER, NSLC, NPART, BG, BD, BDV, MODE, PRELOAD, BPER,
-                    PDL)
+                    vwh, HKV, G, DK, DV, SB, TOPN, W, NWT, PER, WPER, NSLC, NPART, BG, BD, BDV, MODE)
 
 
 @triton.jit
@@ -401,23 +342,21 @@ def _topn_window(sc_ptr, idx_ptr, cand_ptr, NSMAX, q_ptr, kw_ptr, vw_ptr, lens_p
                  DK: tl.constexpr, DV: tl.constexpr, SB: tl.constexpr, TOPN: tl.constexpr, INIT: tl.constexpr,
                  LOCAL: tl.constexpr, BNS: tl.constexpr, BTOP: tl.constexpr, W: tl.constexpr, NWT: tl.constexpr,
                  PER: tl.constexpr, WPER: tl.constexpr, NSLC: tl.constexpr, NPART: tl.constexpr, BG: tl.constexpr,
-                 BD: tl.constexpr, BDV: tl.constexpr, NCH: tl.constexpr, CB: tl.constexpr, MODE: tl.constexpr,
-                 PDL: tl.constexpr):
+                 BD: tl.constexpr, BDV: tl.constexpr, NCH: tl.constexpr, CB: tl.constexpr, MODE: tl.constexpr):
     """The top-n of every pair (programs ``< BH``) and, beside them, the window partials: the window needs no
     selection, and the top-n's 32-odd programs leave the rest of the GPU idle, so the window's reads are free.
     (Measured on an H100, 64k x 8: the sparse launch 13.3 -> 10.1 us, this one 7.5 -> 8.1. Each top-n program
     also computing its pair's scores instead of their own launch, 512 blocks a step: 74 against 61 us.)"""
-    _pdl_start(PDL)
     pid = tl.program_id(0)
     if pid < BH:
         _topn_program(pid, sc_ptr, lens_ptr, idx_ptr, cand_ptr, NSMAX, HKV, SB, TOPN, INIT, LOCAL, BNS, BTOP, NCH,
-                      CB, PDL)
+                      CB)
     else:
         i = pid - BH
         _sparse_program(i // (NPART - NSLC), NSLC + i % (NPART - NSLC), q_ptr, kw_ptr, vw_ptr, kw_ptr, vw_ptr,
                         lens_ptr, idx_ptr, o_ptr, m_ptr, l_ptr, sm_scale, sqb, sqh, kwb, kwt, kwh, vwb, vwt, vwh, kwb,
                         kwt, kwh, vwb, vwt, vwh, HKV, G, DK, DV, SB, TOPN, W, NWT, PER, WPER, NSLC, NPART, BG, BD,
-                        BDV, MODE, False, 1, PDL)
+                        BDV, MODE)
 
 
 @triton.jit
@@ -443,14 +382,12 @@ def _merge(o_ptr, m_ptr, l_ptr, bh, g, first, count, NPART: tl.constexpr, G: tl.
 @triton.jit
 def _combine(co_ptr, cm_ptr, cl_ptr, so_ptr, sm_ptr, sl_ptr, gate_ptr, out_ptr, sgb, sgh, sob, soh,
              HKV: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, SPLITS: tl.constexpr, TOPN: tl.constexpr,
-             NPART: tl.constexpr, BSPL: tl.constexpr, BTOP: tl.constexpr, BWIN: tl.constexpr, BDV: tl.constexpr,
-             PDL: tl.constexpr):
+             NPART: tl.constexpr, BSPL: tl.constexpr, BTOP: tl.constexpr, BWIN: tl.constexpr, BDV: tl.constexpr):
     head = tl.program_id(0)  # one query head: b * hq + h * G + g
     b = head // (HKV * G)
     h = (head // G) % HKV
     g = head % G
     bh = b * HKV + h
-    _pdl_wait(PDL)
     o_cmp = _merge(co_ptr, cm_ptr, cl_ptr, bh, g, 0, SPLITS, SPLITS, G, DV, BSPL, BDV)
     o_slc = _merge(so_ptr, sm_ptr, sl_ptr, bh, g, 0, TOPN, NPART, G, DV, BTOP, BDV)
     o_swa = _merge(so_ptr, sm_ptr, sl_ptr, bh, g, TOPN, NPART - TOPN, NPART, G, DV, BWIN, BDV)
@@ -459,11 +396,6 @@ def _combine(co_ptr, cm_ptr, cl_ptr, so_ptr, sm_ptr, sl_ptr, gate_ptr, out_ptr, 
         + tl.load(gp + 2).to(tl.float32) * o_swa
     dv = tl.arange(0, BDV)
     tl.store(out_ptr + b.to(tl.int64) * sob + (h * G + g) * soh + dv, o.to(out_ptr.dtype.element_ty), mask=dv < DV)
-
-
-def _pdl_args(launch: bool = True) -> dict:
-    """``PDL`` for the kernels' waits and, for every kernel but the step's first, the launch option."""
-    return dict(PDL=USE_PDL, **({"launch_pdl": True} if USE_PDL and launch else {}))
 
 
 def _num_splits(bsz: int, hkv: int, max_cmp: int) -> int:
@@ -490,7 +422,7 @@ def topn_launch_args(cfg, nsmax: int, pairs: int, device) -> dict:
     nch = min(TOPN_CHUNKS, bns) if free > 0 else 0
     return dict(cand=torch.empty(pairs, TOPN_CANDIDATES, device=device, dtype=torch.int32), SB=cfg.select_block,
                 TOPN=cfg.select_topn, INIT=cfg.select_initial, LOCAL=cfg.select_local, BNS=bns,
-                BTOP=_p2(cfg.select_topn), NCH=nch, CB=TOPN_CANDIDATES, num_warps=TOPN_WARPS, **_pdl_args())
+                BTOP=_p2(cfg.select_topn), NCH=nch, CB=TOPN_CANDIDATES, num_warps=TOPN_WARPS)
 
 
 def compressed_step(q: torch.Tensor, cache, scale: float):
@@ -511,22 +443,20 @@ def compressed_step(q: torch.Tensor, cache, scale: float):
     nt = triton.cdiv(cache.max_cmp, CMP_BN)  # tiles of compressed tokens
     nsp = nt * (CMP_BN // s_slots)  # selection blocks the tiles start
     own = torch.empty(bsz * hkv, G, nsp, **f32)  # per-head partial block scores, relative to the tile's max
-    dot = CMP_TILE_SUMS_DOT
-    spill = torch.empty(bsz * hkv, G, nt if dot else nsp, **f32)  # dot: only each tile's last block's spill
+    spill = torch.empty_like(own)
     mt = torch.empty(bsz * hkv, G, nt, **f32)
     kc, vc = cache.k_cmp, cache.v_cmp
     _cmp_partial[(bsz * hkv, splits)](
         q, kc, vc, cache.lens, co, cm, cl, own, spill, mt, scale, q.stride(0), q.stride(1), kc.stride(0),
         kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2), nsp, nt, HKV=hkv, G=G, DK=dk, DV=dv,
         CL=cfg.compress_block, CS=cfg.compress_stride, SB=cfg.select_block, CHUNK=chunk, SPLITS=splits, BG=BG,
-        BD=BD, BDV=BDV, BN=CMP_BN, DOT=dot, TBP=max(16, CMP_BN // s_slots), PREC=CMP_TILE_SUMS_PRECISION,
-        num_warps=CMP_WARPS, num_stages=CMP_STAGES, **_pdl_args(launch=False))
+        BD=BD, BDV=BDV, BN=CMP_BN, num_warps=CMP_WARPS, num_stages=CMP_STAGES)
     nsmax = triton.cdiv(cache.max_len, cfg.select_block)
     scores = torch.empty(bsz, hkv, nsmax, **f32)
     _cmp_scores[(bsz * hkv, triton.cdiv(nsmax, SCORES_BJ))](
         own, spill, mt, cache.lens, cm, cl, scores, nsmax, nsp, nt, HKV=hkv, G=G, CL=cfg.compress_block,
         CS=cfg.compress_stride, SB=cfg.select_block, SPLITS=splits, BSPL=_p2(splits), BG=BG, BN=CMP_BN,
-        BJ=SCORES_BJ, DOT=dot, **_pdl_args())
+        BJ=SCORES_BJ, num_warps=SCORES_WARPS)
     return (co, cm, cl), scores
 
 
@@ -562,7 +492,7 @@ def decode_triton(q: torch.Tensor, gate: torch.Tensor, cache, scale: float):
             scores, idx, topn.pop("cand"), nsmax, q, kw, vw, cache.lens, so, sm, sl, scale, q.stride(0),
             q.stride(1), kw.stride(0), kw.stride(1), kw.stride(2), vw.stride(0), vw.stride(1), vw.stride(2),
             BH=bsz * hkv, HKV=hkv, G=G, DK=dk, DV=dv, W=cfg.window, NWT=nwt, PER=per, WPER=wper, NSLC=nslc,
-            NPART=npart, BG=BG, BD=BD, BDV=BDV, MODE=2 if SPARSE_STATIC_MODE else 0, num_stages=SPARSE_STAGES,
+            NPART=npart, BG=BG, BD=BD, BDV=BDV, MODE=2, num_stages=SPARSE_STAGES,
             **topn)
     else:
         _topn[(bsz * hkv,)](scores, cache.lens, idx, topn.pop("cand"), nsmax, HKV=hkv, **topn)
@@ -571,12 +501,12 @@ def decode_triton(q: torch.Tensor, gate: torch.Tensor, cache, scale: float):
         ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
         kw.stride(0), kw.stride(1), kw.stride(2), vw.stride(0), vw.stride(1), vw.stride(2),
         HKV=hkv, G=G, DK=dk, DV=dv, SB=cfg.select_block, TOPN=n, W=cfg.window, NWT=nwt, PER=per, WPER=wper, NSLC=nslc,
-        NPART=npart, BG=BG, BD=BD, BDV=BDV, MODE=1 if WINDOW_IN_TOPN and SPARSE_STATIC_MODE else 0,
-        PRELOAD=SPARSE_PRELOAD_IDX, BPER=_p2(per), num_stages=SPARSE_STAGES, **_pdl_args())
+        NPART=npart, BG=BG, BD=BD, BDV=BDV, MODE=1 if WINDOW_IN_TOPN else 0,
+        num_stages=SPARSE_STAGES)
     out = torch.empty(bsz, hq, dv, device=dev, dtype=q.dtype)
     _combine[(bsz * hq,)](co, cm, cl, so, sm, sl, gate, out, gate.stride(0), gate.stride(1), out.stride(0),
                           out.stride(1), HKV=hkv, G=G, DV=dv, SPLITS=splits, TOPN=nslc, NPART=npart, BSPL=_p2(splits),
-                          BTOP=_p2(nslc), BWIN=_p2(npart - nslc), BDV=BDV, **_pdl_args())
+                          BTOP=_p2(nslc), BWIN=_p2(npart - nslc), BDV=BDV, num_warps=COMBINE_WARPS)
     return out, idx
 
 

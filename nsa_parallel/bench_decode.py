@@ -26,12 +26,11 @@ import torch
 # variants of decode_triton's launch knobs timed at the --profile point, interleaved (see _variants_us)
 VARIANTS = {
     "default": {},
+    "4 scores warps, 4 combine warps (before)": dict(SCORES_WARPS=4, COMBINE_WARPS=4),
+    "4 scores warps": dict(SCORES_WARPS=4),
+    "2 combine warps": dict(COMBINE_WARPS=2),
+    "1 scores warp": dict(SCORES_WARPS=1),
     "top-n by one argmax per pick": dict(TOPN_CHUNKS=0),
-    "tile sums own and spill apart": dict(CMP_TILE_SUMS_DOT=False),
-    "both as before": dict(TOPN_CHUNKS=0, CMP_TILE_SUMS_DOT=False),
-    "top-n 64 chunks, 64 candidates": dict(TOPN_CHUNKS=64, TOPN_CANDIDATES=64),
-    "top-n 256 chunks, 256 candidates": dict(TOPN_CHUNKS=256, TOPN_CANDIDATES=256),
-    "8 top-n warps": dict(TOPN_WARPS=8),
 }
 
 

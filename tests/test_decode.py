@@ -102,13 +102,10 @@ def _triton_vs_reference(device, dtype, tol):
 
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter run is for CPU hosts; GPUs run test_decode_triton_gpu")
 # tiles 3: a program whose last tiles lie past n / the window; window partials in the top-n or the sparse launch;
-# selected-block indices loaded before a program's loop or in it
-@pytest.mark.parametrize("tiles_per_program,window_tiles,window_in_topn,preload",
-                         [(1, 2, True, True), (3, 1, True, True), (3, 1, True, False), (3, 3, False, False)])
-def test_decode_triton_in_interpreter(tiles_per_program, window_tiles, window_in_topn, preload, monkeypatch):
+@pytest.mark.parametrize("tiles_per_program,window_tiles,window_in_topn", [(1, 2, True), (3, 1, True), (3, 3, False)])
+def test_decode_triton_in_interpreter(tiles_per_program, window_tiles, window_in_topn, monkeypatch):
     assert INTERPRET  # conftest sets it before triton is imported
     from nsa_parallel.kernels import decode_triton
-    monkeypatch.setattr(decode_triton, "SPARSE_PRELOAD_IDX", preload)
     monkeypatch.setattr(decode_triton, "SPARSE_TILES_PER_PROGRAM", tiles_per_program)
     monkeypatch.setattr(decode_triton, "WINDOW_TILES_PER_PROGRAM", window_tiles)
     monkeypatch.setattr(decode_triton, "WINDOW_IN_TOPN", window_in_topn)
@@ -163,8 +160,8 @@ def test_cache_append_triton_gpu():
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter run is for CPU hosts; GPUs run test_decode_triton_gpu")
-@pytest.mark.parametrize("splits,tile_sums_dot", [(1, True), (2, True), (5, True), (2, False)])
-def test_decode_triton_many_tiles_and_splits(splits, tile_sums_dot, monkeypatch):
+@pytest.mark.parametrize("splits", [1, 2, 5])
+def test_decode_triton_many_tiles_and_splits(splits, monkeypatch):
     """Block scores summed per tile of 16 compressed tokens (blocks straddling tiles and splits), ragged caches
     of 300 / 171 / 9 tokens: the same output and blocks as the reference."""
     from nsa_parallel.kernels import decode_triton
@@ -172,7 +169,6 @@ def test_decode_triton_many_tiles_and_splits(splits, tile_sums_dot, monkeypatch)
     monkeypatch.setattr(decode_triton, "CMP_BN", 16)
     monkeypatch.setattr(decode_triton, "SCORES_BJ", 8)  # several scores programs per (sequence, head)
     monkeypatch.setattr(decode_triton, "_num_splits", lambda *a: splits)
-    monkeypatch.setattr(decode_triton, "CMP_TILE_SUMS_DOT", tile_sums_dot)
     ck, cv = _phi()
     lens = [300, 171, 9]
     cache = NSAKVCache(3, 300, HKV, D, CFG, ck, cv, dtype=torch.float32, backend="triton")
@@ -195,14 +191,13 @@ def test_decode_triton_many_tiles_and_splits(splits, tile_sums_dot, monkeypatch)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter run is for CPU hosts")
-@pytest.mark.parametrize("window_in_topn,preload", [(True, True), (True, False), (False, False)])
-def test_decode_triton_odd_shapes(window_in_topn, preload, monkeypatch):
+@pytest.mark.parametrize("window_in_topn", [True, False])
+def test_decode_triton_odd_shapes(window_in_topn, monkeypatch):
     """G = 3 query heads per KV head, dk = 24 (not a power of two) != dv = 16, ragged caches of 200 / 57 / 5
     tokens, a window of 3 tiles in programs of 2: the Triton step gives the reference decode's output and blocks."""
     from nsa_parallel.kernels import decode_triton
     monkeypatch.setattr(decode_triton, "WINDOW_IN_TOPN", window_in_topn)
     monkeypatch.setattr(decode_triton, "WINDOW_TILES_PER_PROGRAM", 2)
-    monkeypatch.setattr(decode_triton, "SPARSE_PRELOAD_IDX", preload)
     cfg = NSAConfig(compress_block=8, compress_stride=4, select_block=16, select_topn=4, window=48)
     hq, dk, dv, lens = 6, 24, 16, [200, 57, 5]
     torch.manual_seed(0)
@@ -222,14 +217,10 @@ def test_decode_triton_odd_shapes(window_in_topn, preload, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("window_in_topn,tile_sums_dot,topn_chunks,preload,pdl",
-                         [(True, True, 64, True, True), (True, True, 64, False, False), (False, False, 0, False, True)])
-def test_decode_triton_gpu(window_in_topn, tile_sums_dot, topn_chunks, preload, pdl, monkeypatch):
+@pytest.mark.parametrize("window_in_topn,topn_chunks", [(True, 64), (False, 0)])
+def test_decode_triton_gpu(window_in_topn, topn_chunks, monkeypatch):
     from nsa_parallel.kernels import decode_triton
-    monkeypatch.setattr(decode_triton, "USE_PDL", pdl)
-    monkeypatch.setattr(decode_triton, "SPARSE_PRELOAD_IDX", preload)
     monkeypatch.setattr(decode_triton, "WINDOW_IN_TOPN", window_in_topn)
-    monkeypatch.setattr(decode_triton, "CMP_TILE_SUMS_DOT", tile_sums_dot)
     monkeypatch.setattr(decode_triton, "TOPN_CHUNKS", topn_chunks)
     _triton_vs_reference("cuda", torch.bfloat16, 2e-2)
 
