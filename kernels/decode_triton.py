@@ -2,9 +2,9 @@
 
 Every program serves one (sequence, KV head) pair and all ``G = hq / hkv`` query heads of its group, so each
 loaded key block is used by the whole group (rows of the ``[G, d]`` query tile, padded to 16 for ``tl.dot``).
-Long caches are split: the compressed branch over ``splits`` ranges of compressed tokens, the selected branch one
-program per selected block, the window one program per ``l'`` positions. Partial (o, max, sum) are merged by the
-last kernel, which also applies the gates:
+Long caches are split: the compressed branch over ``splits`` ranges of compressed tokens, the selected branch and
+the window over programs of a few blocks of ``l'`` positions each. Partial (o, max, sum) are merged by the last
+kernel, which also applies the gates:
 
 1. ``_cmp_partial``: compressed attention over a range -> partial o, m, l (log2 domain); per tile of compressed
    tokens it also sums each head's probabilities (relative to the running max) into the tile's selection blocks by
@@ -16,7 +16,8 @@ last kernel, which also applies the gates:
    window tiles per program -> partial o, m, l (they need no selection, and the top-n alone leaves the GPU idle).
 4. ``_sparse_partial``: ``SPARSE_TILES_PER_PROGRAM`` selected blocks -> partial o, m, l (a loop without branches,
    so Triton pipelines its loads).
-5. ``_combine``: one program per query head merges the partials of each branch, gates, writes ``[B, hq, dv]``.
+5. ``_combine``: one program (one warp) per query head merges the partials of each branch, gates, writes
+   ``[B, hq, dv]``.
 
 Sequence lengths are read on the device (``cache.lens``): no host sync, so a step can be captured in a CUDA graph.
 ``append_raw`` / ``append_compress`` are the cache update (:meth:`NSAKVCache.append` with ``backend="triton"``).
@@ -492,8 +493,7 @@ def decode_triton(q: torch.Tensor, gate: torch.Tensor, cache, scale: float):
             scores, idx, topn.pop("cand"), nsmax, q, kw, vw, cache.lens, so, sm, sl, scale, q.stride(0),
             q.stride(1), kw.stride(0), kw.stride(1), kw.stride(2), vw.stride(0), vw.stride(1), vw.stride(2),
             BH=bsz * hkv, HKV=hkv, G=G, DK=dk, DV=dv, W=cfg.window, NWT=nwt, PER=per, WPER=wper, NSLC=nslc,
-            NPART=npart, BG=BG, BD=BD, BDV=BDV, MODE=2, num_stages=SPARSE_STAGES,
-            **topn)
+            NPART=npart, BG=BG, BD=BD, BDV=BDV, MODE=2, num_stages=SPARSE_STAGES, **topn)
     else:
         _topn[(bsz * hkv,)](scores, cache.lens, idx, topn.pop("cand"), nsmax, HKV=hkv, **topn)
     _sparse_partial[(bsz * hkv, nslc if WINDOW_IN_TOPN else npart)](
@@ -501,8 +501,7 @@ def decode_triton(q: torch.Tensor, gate: torch.Tensor, cache, scale: float):
         ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
         kw.stride(0), kw.stride(1), kw.stride(2), vw.stride(0), vw.stride(1), vw.stride(2),
         HKV=hkv, G=G, DK=dk, DV=dv, SB=cfg.select_block, TOPN=n, W=cfg.window, NWT=nwt, PER=per, WPER=wper, NSLC=nslc,
-        NPART=npart, BG=BG, BD=BD, BDV=BDV, MODE=1 if WINDOW_IN_TOPN else 0,
-        num_stages=SPARSE_STAGES)
+        NPART=npart, BG=BG, BD=BD, BDV=BDV, MODE=1 if WINDOW_IN_TOPN else 0, num_stages=SPARSE_STAGES)
     out = torch.empty(bsz, hq, dv, device=dev, dtype=q.dtype)
     _combine[(bsz * hq,)](co, cm, cl, so, sm, sl, gate, out, gate.stride(0), gate.stride(1), out.stride(0),
                           out.stride(1), HKV=hkv, G=G, DV=dv, SPLITS=splits, TOPN=nslc, NPART=npart, BSPL=_p2(splits),
