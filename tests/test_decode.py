@@ -101,7 +101,7 @@ def _triton_vs_reference(device, dtype, tol):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter run is for CPU hosts; GPUs run test_decode_triton_gpu")
-# tiles 3: a program whose last tiles lie past n / the window; window partials in the top-n or the sparse launch;
+# tiles 3: a program whose last tiles lie past n / the window; window partials in the top-n or the sparse launch
 @pytest.mark.parametrize("tiles_per_program,window_tiles,window_in_topn", [(1, 2, True), (3, 1, True), (3, 3, False)])
 def test_decode_triton_in_interpreter(tiles_per_program, window_tiles, window_in_topn, monkeypatch):
     assert INTERPRET  # conftest sets it before triton is imported
@@ -242,7 +242,7 @@ def _topn_kernel_vs_reference(scores, lens, cfg, chunks, candidates, monkeypatch
         assert idx[b, 0].tolist() == want.tolist(), (b, idx[b, 0].tolist(), want.tolist())
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="interpreter; the GPU covers it through test_decode_triton_gpu")
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter; GPUs cover ties through test_decode_topn_threshold_gpu")
 @pytest.mark.parametrize("topn", [4, 8])  # 1 and 5 free picks
 @pytest.mark.parametrize("chunks", [0, 4])  # one argmax per pick; threshold from 4 chunk maxima
 def test_decode_topn_ties_go_to_lower_blocks(topn, chunks, monkeypatch):
