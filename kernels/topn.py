@@ -12,6 +12,9 @@ from .select import sequence_ids
 from .varlen import max_seqlen
 
 
+TOPN_ELEMENTS, TOPN_WARPS = 4096, 4  # scores per program (rows x blocks, at most 64 rows), warps
+
+
 @triton.jit
 def _topn_kernel(SC, LOCAL_T, IDX, ROWS, NS, HKV: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
                  NSP: tl.constexpr, BR: tl.constexpr, SEL_BLOCK: tl.constexpr, INITIAL: tl.constexpr,
@@ -48,12 +51,12 @@ def select_topn(scores: torch.Tensor, config: NSAConfig, cu_seqlens: Optional[to
     _, local_t = sequence_ids(b, t, cu_seqlens, scores.device)
     rows = b * t * hkv
     nsp = triton.next_power_of_2(ns)
-    br = max(1, min(64, 4096 // nsp))
+    br = max(1, min(64, TOPN_ELEMENTS // nsp))
     idx = torch.empty(b, t, hkv, n, device=scores.device, dtype=torch.int32)
     _topn_kernel[(triton.cdiv(rows, br),)](
         scores.contiguous(), (local_t + q_offset).to(torch.int32).contiguous(), idx, rows, ns, HKV=hkv, N=n,
         NP=triton.next_power_of_2(n), NSP=nsp, BR=br, SEL_BLOCK=config.select_block,
-        INITIAL=config.select_initial, LOCAL=config.select_local)
+        INITIAL=config.select_initial, LOCAL=config.select_local, num_warps=TOPN_WARPS)
     return idx
 
 
