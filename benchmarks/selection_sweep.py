@@ -1,13 +1,11 @@
 """Selection path sweep on one GPU (a measurement, not a test), plus a per-kernel profile of the whole NSA core.
 
-    python -P benchmarks/selection_sweep.py --t 65536 --out DIR [--only scores topn profile]
+    python -P benchmarks/selection_sweep.py --t 65536 --out DIR [--only topn profile]
 
-- scores: the shipped rows = positions x heads kernel against the head-loop kernel (one head at a time, summed
-  elementwise) over launch configs; each variant's block scores are checked against the first (max error
-  relative to the largest score) and its top-n against the first's (fraction of equal rows).
 - topn: scores per program and warps of the top-n kernel; every variant must give the shipped blocks exactly.
 - profile: ``torch.profiler`` of one forward and one forward+backward of the NSA core, CUDA time per kernel name.
-Results stream to stdout as JSON lines and to DIR/*.json.
+Results stream to stdout as JSON lines and to DIR/*.json. (Commit 8defe4f also swept a head-loop selection-scores
+kernel against the shipped one: no faster, removed; docs/benchmarks.md.)
 """
 from __future__ import annotations
 
@@ -39,37 +37,6 @@ class Log:
         with open(self.path, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                            triton=triton.__version__, rows=self.rows), f, indent=1)
-
-
-def sweep_scores(q, kc, lse, cfg, scale, log):
-    t = q.shape[1]
-    own = torch.arange(cfg.num_select_blocks(t), device=q.device)[None, :] <= \
-        torch.arange(t, device=q.device)[:, None] // cfg.select_block
-    variants = [("rows", None)] + [("heads", dict(BLOCK_T=bt, TOKENS=tok, WARPS=w, STAGES=st))
-                                   for bt, tok, w, st in ((64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2),
-                                                          (64, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3),
-                                                          (128, 128, 8, 2), (32, 64, 4, 2))]
-    saved = C.SCORES_HEAD_LOOP, dict(C.SCORES_HEAD_LOOP_LAUNCH)
-    want = want_idx = None
-    for kind, launch in variants:
-        C.SCORES_HEAD_LOOP = kind == "heads"
-        if launch:
-            C.SCORES_HEAD_LOOP_LAUNCH = launch
-        try:
-            got = C.selection_scores(q, kc, lse, cfg, scale)
-            idx = TN.select_topn(got, cfg)
-            if want is None:
-                want, want_idx = got, idx
-            m = own[:, None, :].expand(t, got.shape[2], own.shape[1])
-            err = ((got[0] - want[0])[m].abs().max() / want[0][m].abs().max()).item()
-            same = (idx == want_idx).all(-1).float().mean().item()
-            got = idx = None
-            ms = bench(lambda: C.selection_scores(q, kc, lse, cfg, scale))
-            log.emit(what="scores", kind=kind, launch=launch, ms=ms, rel_err=err, topn_rows_equal=same)
-        except Exception as e:  # a config that does not compile or fit is a result too
-            log.emit(what="scores", kind=kind, launch=launch, error=str(e)[:300])
-    C.SCORES_HEAD_LOOP, C.SCORES_HEAD_LOOP_LAUNCH = saved
-    return want
 
 
 def sweep_topn(scores, cfg, log):
@@ -117,7 +84,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--t", type=int, default=65536)
     p.add_argument("--out", default=".")
-    p.add_argument("--only", nargs="+", default=["scores", "topn", "profile"])
+    p.add_argument("--only", nargs="+", default=["topn", "profile"])
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     log = Log(os.path.join(args.out, "selection_sweep.json"))
@@ -129,15 +96,11 @@ def main() -> None:
     gate = torch.rand(1, t, hq, 3, device=dev, dtype=dt).requires_grad_(True)
     ck, cv = (Compression(hkv, d, cfg.compress_block, cfg.compress_stride, device=dev, dtype=dt) for _ in "kv")
     scale = 1 / math.sqrt(d)
-    if "scores" in args.only or "topn" in args.only:
+    if "topn" in args.only:
         with torch.no_grad():
             kc, vc = ck(kvs[0]).contiguous(), cv(kvs[1]).contiguous()
             _, lse = compressed_attention(q.detach(), kc, vc, cfg, scale)
-            scores = sweep_scores(q.detach(), kc, lse, cfg, scale, log) if "scores" in args.only else \
-                C.selection_scores(q.detach(), kc, lse, cfg, scale)
-            if "topn" in args.only:
-                sweep_topn(scores, cfg, log)
-            scores = None
+            sweep_topn(C.selection_scores(q.detach(), kc, lse, cfg, scale), cfg, log)
     if "profile" in args.only:
         profile(q, kvs, gate, ck, cv, cfg, log)
 

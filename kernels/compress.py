@@ -17,7 +17,6 @@ from .flash import (
     _load_lse2,
     _load_tile,
     _q_tile,
-    _seq_bounds,
     _tiles,
     position_masked_attention,
 )
@@ -28,8 +27,6 @@ SCORES_WIDE_STAGES = 1  # pipeline stages of 256-wide tiles (dk above 128); 2 an
 SCORES_ONE_PASS = True  # one q.k pass per tile, blocks by overlap weights (else one pass per slot a token covers)
 SCORES_BLOCK_M, SCORES_WARPS, SCORES_STAGES = 128, 8, 2  # rows (positions x heads) per program, warps, stages:
 # the best of 7 on an H100 at 64k (7.7 ms against 8.4 for 64 rows, 4 warps, 3 stages; benchmarks/tile_sweep.py)
-SCORES_HEAD_LOOP = True  # one head at a time, summed elementwise (_scores_heads_kernel), else rows = positions x heads
-SCORES_HEAD_LOOP_LAUNCH = dict(BLOCK_T=64, TOKENS=64, WARPS=4, STAGES=2)  # positions, compressed tokens per tile
 
 
 def compressed_attention(q, k_cmp, v_cmp, config: NSAConfig, scale: float, cu_seqlens=None, cmp_cu_seqlens=None,
@@ -47,23 +44,6 @@ def overlap_weights(A: tl.constexpr, S: tl.constexpr):
     block, A <= S) with selection block j and with block j + 1: ``(w_own [S], w_spill [S])`` fp32."""
     r = tl.arange(0, S)
     return tl.minimum(A, S - r).to(tl.float32), tl.maximum(r + A - S, 0).to(tl.float32)
-
-
-@triton.jit
-def _block_scores_store(p, carry, w_own, w_spill, kk, j0, SC, bos, tpos, T, kvh, NS, HKV: tl.constexpr,
-                        BJ: tl.constexpr):
-    """Map one tile's head-summed probabilities ``p [BLOCK_T, BJ, S]`` onto its ``BJ`` selection blocks (eq. 9:
-    each token's overlap with its own block and the spill into the next), store them, return the spill carried
-    into the next tile's first block."""
-    own = tl.sum(p * w_own[None, None, :], axis=2)  # [BLOCK_T, BJ]
-    spill = tl.sum(p * w_spill[None, None, :], axis=2)
-    # block k takes block k - 1's spill: a shift along the block axis, as an exact 0/1 sum
-    shifted = tl.sum(tl.where(kk[None, :, None] == kk[None, None, :] + 1, spill[:, None, :], 0.0), axis=2)
-    blk = own + shifted + tl.where(kk[None, :] == 0, carry[:, None], 0.0)
-    j = j0 + kk
-    out = SC + ((bos + tpos.to(tl.int64)) * HKV + kvh)[:, None] * NS + j[None, :]
-    tl.store(out, blk, mask=(tpos < T)[:, None] & (j < NS)[None, :])
-    return tl.sum(tl.where(kk[None, :] == BJ - 1, spill, 0.0), axis=1)
 
 
 @triton.jit
@@ -95,7 +75,15 @@ def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, QOFF, scale,
             s = tl.dot(q, tl.trans(kc)) * qk_scale
             vis = cvalid[None, :] & ((ci * KSTRIDE + KOFF)[None, :] <= tq[:, None] + QOFF) & rvalid[:, None]
             p = tl.sum(tl.reshape(tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0), [BLOCK_T, GP, BJ, S]), axis=1)
-            carry = _block_scores_store(p, carry, w_own, w_spill, kk, j0, SC, bos, tpos, T, kvh, NS, HKV, BJ)
+            own = tl.sum(p * w_own[None, None, :], axis=2)  # [BLOCK_T, BJ]
+            spill = tl.sum(p * w_spill[None, None, :], axis=2)
+            # block k takes block k - 1's spill: a shift along the block axis, as an exact 0/1 sum
+            shifted = tl.sum(tl.where(kk[None, :, None] == kk[None, None, :] + 1, spill[:, None, :], 0.0), axis=2)
+            blk = own + shifted + tl.where(kk[None, :] == 0, carry[:, None], 0.0)
+            carry = tl.sum(tl.where(kk[None, :] == BJ - 1, spill, 0.0), axis=1)
+            j = j0 + kk
+            out = SC + ((bos + tpos.to(tl.int64)) * HKV + kvh)[:, None] * NS + j[None, :]
+            tl.store(out, blk, mask=(tpos < T)[:, None] & (j < NS)[None, :])
     else:  # a token reaches more blocks than the next: sum slot by slot, one q.k pass per slot a token covers
         for j0 in range(0, n_blocks, BJ):
             u = j0 * S + tl.arange(0, BJ * S)  # stride slots of this tile of selection blocks
@@ -112,46 +100,6 @@ def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, QOFF, scale,
             j = j0 + tl.arange(0, BJ)
             out = SC + ((bos + tpos.to(tl.int64)) * HKV + kvh)[:, None] * NS + j[None, :]
             tl.store(out, blk, mask=(tpos < T)[:, None] & (j < NS)[None, :])
-
-
-@triton.jit
-def _scores_heads_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, QOFF, scale,
-                         HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, DK: tl.constexpr,
-                         BDK: tl.constexpr, BLOCK_T: tl.constexpr, BJ: tl.constexpr, S: tl.constexpr,
-                         A: tl.constexpr, KSTRIDE: tl.constexpr, KOFF: tl.constexpr, SEL_BLOCK: tl.constexpr,
-                         VARLEN: tl.constexpr):
-    # Rows are BLOCK_T positions of one head at a time: the loop over the group's heads adds each head's
-    # probabilities elementwise into one [BLOCK_T, tokens] tile (eq. 10's head sum without a cross-row reduction),
-    # and the K tile stays in registers for all G heads; any G, no padding of the group.
-    seq = tl.program_id(1) // HKV
-    kvh = tl.program_id(1) % HKV
-    bos, T, kbos, TK = _seq_bounds(seq, CU, CU_K, T_FIXED, TK_FIXED, VARLEN)
-    t0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_T  # the longest rows first: a shorter tail
-    if t0 >= T:
-        return
-    tpos = t0 + tl.arange(0, BLOCK_T)
-    tvalid = tpos < T
-    rows = (bos + tpos.to(tl.int64)) * HQ + kvh * G
-    dk = tl.arange(0, BDK)
-    qk_scale = scale * 1.4426950408889634
-    n_blocks = (tl.minimum(t0 + BLOCK_T, T) - 1 + QOFF) // SEL_BLOCK + 1
-    w_own, w_spill = overlap_weights(A, S)
-    kk = tl.arange(0, BJ)
-    carry = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for j0 in range(0, n_blocks, BJ):
-        ci = j0 * S + tl.arange(0, BJ * S)
-        cvalid = ci < TK
-        kc = tl.load(KC + ((kbos + ci.to(tl.int64)) * HKV + kvh)[:, None] * DK + dk[None, :],
-                     mask=cvalid[:, None] & (dk[None, :] < DK), other=0.0)
-        p = tl.zeros([BLOCK_T, BJ * S], dtype=tl.float32)
-        for h in range(G):
-            q = _load_tile(Q, rows + h, tvalid, DK, BDK)
-            lse2 = _load_lse2(LSE, rows + h, tvalid)
-            p += tl.exp2(tl.dot(q, tl.trans(kc)) * qk_scale - lse2[:, None])
-        # future tokens may have overflowed to inf above: the mask replaces them whole
-        vis = cvalid[None, :] & ((ci * KSTRIDE + KOFF)[None, :] <= tpos[:, None] + QOFF) & tvalid[:, None]
-        p = tl.reshape(tl.where(vis, p, 0.0), [BLOCK_T, BJ, S])
-        carry = _block_scores_store(p, carry, w_own, w_spill, kk, j0, SC, bos, tpos, T, kvh, NS, HKV, BJ)
 
 
 def selection_scores(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seqlens=None, cmp_cu_seqlens=None,
@@ -175,25 +123,13 @@ def selection_scores(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seql
     scores = torch.empty(b, t, hkv, ns, device=q.device, dtype=torch.float32)
     nseq = cu_seqlens.numel() - 1 if varlen else b
     dummy = q.new_zeros(1, dtype=torch.int32)
-    one_pass = SCORES_ONE_PASS and config.compress_block <= config.select_block
-    wide = dk > 128
-    if one_pass and SCORES_HEAD_LOOP:
-        L = SCORES_HEAD_LOOP_LAUNCH
-        _scores_heads_kernel[(triton.cdiv(max_t, L["BLOCK_T"]), nseq * hkv)](
-            q.contiguous(), k_cmp.contiguous(), lse_cmp, scores, cu_seqlens if varlen else dummy,
-            cmp_cu_seqlens if varlen else dummy, t, k_cmp.shape[1], ns, q_offset, scale,
-            HQ=hq, HKV=hkv, G=g, DK=dk, BDK=max(16, triton.next_power_of_2(dk)), BLOCK_T=L["BLOCK_T"],
-            BJ=max(1, L["TOKENS"] // s), S=s, A=config.stride_slots_per_compress_block,
-            KSTRIDE=config.compress_stride, KOFF=config.compress_block - 1, SEL_BLOCK=config.select_block,
-            VARLEN=varlen, num_warps=L["WARPS"],
-            num_stages=1 if q.dtype == torch.float32 else (SCORES_WIDE_STAGES if wide else L["STAGES"]))
-        return scores
     _scores_kernel[(triton.cdiv(max_t, block_t), nseq * hkv)](
         q.contiguous(), k_cmp.contiguous(), lse_cmp, scores, cu_seqlens if varlen else dummy,
         cmp_cu_seqlens if varlen else dummy, t, k_cmp.shape[1], ns, q_offset, scale,
         HQ=hq, HKV=hkv, G=g, GP=gp, DK=dk, BDK=max(16, triton.next_power_of_2(dk)), BLOCK_T=block_t,
         BJ=max(1, 64 // s), S=s, A=config.stride_slots_per_compress_block, KSTRIDE=config.compress_stride,
         KOFF=config.compress_block - 1, SEL_BLOCK=config.select_block, VARLEN=varlen,
-        ONE_PASS=one_pass, num_warps=SCORES_WARPS,
-        num_stages=1 if q.dtype == torch.float32 else (SCORES_WIDE_STAGES if wide else SCORES_STAGES))
+        ONE_PASS=SCORES_ONE_PASS and config.compress_block <= config.select_block,
+        num_warps=SCORES_WARPS,
+        num_stages=1 if q.dtype == torch.float32 else (SCORES_WIDE_STAGES if dk > 128 else SCORES_STAGES))
     return scores
