@@ -98,6 +98,15 @@ def _store_tile(PTR, row_off, rvalid, x, D: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
+def _store_grad_tile(PTR, row_off, rvalid, x, D: tl.constexpr, BD: tl.constexpr, ADD: tl.constexpr):
+    """``_store_tile``, or with ``ADD`` add the tile onto what the tensor holds (the NSA core sums its three
+    branches' dq in one buffer this way, instead of autograd's separate additions)."""
+    if ADD:
+        x += _load_tile(PTR, row_off, rvalid, D, BD).to(tl.float32)
+    _store_tile(PTR, row_off, rvalid, x, D, BD)
+
+
+@triton.jit
 def _softmax_step(s, v, m_i, l_i, acc):
     """One online-softmax update with scores ``s`` (log2 units, -inf where masked) and values ``v``."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -209,7 +218,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K, T_FIXED, TK_FIXED, sca
                    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                   KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, VARLEN: tl.constexpr):
+                   KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
+                   DQ_ADD: tl.constexpr = False):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
@@ -225,7 +235,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K, T_FIXED, TK_FIXED, sca
                    BLOCK_N, KSTRIDE, KOFF, WINDOW, False)
     dq = _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, tl.maximum(fa, fb), j_hi, j_hi, qk_scale, HKV, DK,
                    DV, BDK, BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True)
-    _store_tile(DQ, row_off, rvalid, dq * scale, DK, BDK)
+    _store_grad_tile(DQ, row_off, rvalid, dq * scale, DK, BDK, DQ_ADD)
 
 
 @triton.jit
@@ -352,6 +362,13 @@ def _tiles(g: int, block_m: int = 64):
     return gp, block_t
 
 
+# (rows = positions x heads, keys, warps, stages) of the compressed branch's forward and dq kernels, H100 at 64k,
+# G=16, d=128 (benchmarks/tile_sweep.py): forward 10.3 ms against 10.8 with the shared 64 x 64 / 4 warps / 2 stages,
+# dq 11.8 against 12.6; dK/dV is fastest with the shared tiles
+COMPRESSED_FWD_TILES = (128, 128, 8, 2)
+COMPRESSED_DQ_TILES = (128, 64, 8, 3)
+
+
 class _Launch:
     """Shapes, grid and compile-time constants shared by the three kernels of one call."""
 
@@ -384,20 +401,58 @@ class _Launch:
         self.const = dict(HQ=hq, HKV=hkv, G=self.g, GP=gp, DK=dk, DV=dv, BDK=max(16, triton.next_power_of_2(dk)),
                           BDV=max(16, triton.next_power_of_2(dv)), BLOCK_T=block_t, BLOCK_N=block_n,
                           KSTRIDE=kstride, KOFF=koff, WINDOW=window, VARLEN=self.varlen)
+        # the query-major kernels' own tiles where measured faster: the compressed branch (no window, many keys
+        # per query) at G >= 16 with head dims up to 128, 16-bit on a GPU
+        tuned = (window == NO_WINDOW and gp >= 16 and max(dk, dv) <= 128 and q.is_cuda
+                 and q.dtype != torch.float32)
+        self.fwd = self._query_major(COMPRESSED_FWD_TILES if tuned else None, max_t, nseq * hkv)
+        self.dq = self._query_major(COMPRESSED_DQ_TILES if tuned else None, max_t, nseq * hkv)
+
+    def _query_major(self, tiles, max_t, programs):
+        """``(grid, constants, launch options)`` of a query-major kernel with ``tiles = (rows, keys, warps,
+        stages)``, or the shared tiles (None)."""
+        if tiles is None:
+            return self.grid_q, self.const, dict(num_stages=self.stages)
+        rows, keys, warps, stages = tiles
+        _, block_t = _tiles(self.g, rows)
+        return ((triton.cdiv(max_t, block_t), programs), dict(self.const, BLOCK_T=block_t, BLOCK_N=keys),
+                dict(num_warps=warps, num_stages=stages))
 
     def args(self):
         return (self.cu, self.cu_k, self.t_fixed, self.tk_fixed)
+
+
+def masked_forward(q, k, v, scale: float, L: _Launch):
+    """``(o, lse)`` of contiguous ``q, k, v`` (no autograd)."""
+    b, t, hq, _ = q.shape
+    o = torch.empty(b, t, hq, v.shape[-1], device=q.device, dtype=q.dtype)
+    lse = torch.empty(b, t, hq, device=q.device, dtype=torch.float32)
+    grid, const, opts = L.fwd
+    _fwd_kernel[grid](q, k, v, o, lse, *L.args(), scale, **const, **opts)
+    return o, lse
+
+
+def masked_backward(q, k, v, do, lse, delta, scale: float, L: _Launch, dq=None):
+    """``(dq, dk, dv)`` given ``delta = rowsum(o * do)``; with ``dq`` given, this call's dq is added onto it."""
+    add = dq is not None
+    dq = dq if add else torch.empty_like(q)
+    split = L.q_split > 0
+    dk = torch.zeros_like(k, dtype=torch.float32) if split else torch.empty_like(k)
+    dv = torch.zeros_like(v, dtype=torch.float32) if split else torch.empty_like(v)
+    grid, const, opts = L.dq
+    _bwd_dq_kernel[grid](q, k, v, do, lse, delta, dq, *L.args(), scale, **const, DQ_ADD=add, **opts)
+    if k.shape[1]:
+        _bwd_dkdv_kernel[L.grid_k](q, k, v, do, lse, delta, dk, dv, *L.args(), scale, **L.const,
+                                   Q_SPLIT=L.q_split, num_stages=L.stages)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 class PositionMaskedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, kstride, koff, window, cu_seqlens, cu_seqlens_k, max_seqlens, q_offset):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        b, t, hq, _ = q.shape
-        o = torch.empty(b, t, hq, v.shape[-1], device=q.device, dtype=q.dtype)
-        lse = torch.empty(b, t, hq, device=q.device, dtype=torch.float32)
         L = _Launch(q, k, v, kstride, koff - q_offset, window, cu_seqlens, cu_seqlens_k, max_seqlens)
-        _fwd_kernel[L.grid_q](q, k, v, o, lse, *L.args(), scale, **L.const, num_stages=L.stages)
+        o, lse = masked_forward(q, k, v, scale, L)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.launch, ctx.scale = L, scale
         return o, lse
@@ -405,18 +460,9 @@ class PositionMaskedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        L, scale = ctx.launch, ctx.scale
         do = do.contiguous()
-        delta = row_dot(o, do)
-        dq = torch.empty_like(q)
-        split = L.q_split > 0
-        dk = torch.zeros_like(k, dtype=torch.float32) if split else torch.empty_like(k)
-        dv = torch.zeros_like(v, dtype=torch.float32) if split else torch.empty_like(v)
-        _bwd_dq_kernel[L.grid_q](q, k, v, do, lse, delta, dq, *L.args(), scale, **L.const, num_stages=L.stages)
-        if k.shape[1]:
-            _bwd_dkdv_kernel[L.grid_k](q, k, v, do, lse, delta, dk, dv, *L.args(), scale, **L.const,
-                                       Q_SPLIT=L.q_split, num_stages=L.stages)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None
+        dq, dk, dv = masked_backward(q, k, v, do, lse, row_dot(o, do), ctx.scale, ctx.launch)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 def position_masked_attention(q, k, v, scale: float, kstride: int, koff: int, window: int = NO_WINDOW,

@@ -27,23 +27,31 @@ def _gate_fwd(OC, OS, OW, GATE, O, R, DV: tl.constexpr, BR: tl.constexpr, BDV: t
 
 
 @triton.jit
-def _gate_bwd(OC, OS, OW, GATE, DO, DOC, DOS, DOW, DGATE, R, DV: tl.constexpr, BR: tl.constexpr,
-              BDV: tl.constexpr):
+def _gate_bwd_branch(O, GATE, do, DOB, DGATE, DELTA, r, rv, off, m, i: tl.constexpr, WITH_DELTA: tl.constexpr):
+    """One branch: its output gradient ``g_i * do``, the gate's gradient ``rowsum(do * o_i)`` and, if asked, the
+    branch's softmax-backward term ``delta_i = rowsum(o_i * do_i)`` (taken from the stored 16-bit ``do_i``, as
+    the branch kernels read it), which saves each branch a separate pass over ``o_i`` and ``do_i``."""
+    g = tl.load(GATE + r * 3 + i, mask=rv, other=0.0).to(tl.float32)
+    dob = (g[:, None] * do).to(DOB.dtype.element_ty)
+    tl.store(DOB + off, dob, mask=m)
+    o = tl.load(O + off, mask=m, other=0.0).to(tl.float32)
+    tl.store(DGATE + r * 3 + i, tl.sum(do * o, 1), mask=rv)
+    if WITH_DELTA:
+        tl.store(DELTA + r, tl.sum(o * dob.to(tl.float32), 1), mask=rv)
+
+
+@triton.jit
+def _gate_bwd(OC, OS, OW, GATE, DO, DOC, DOS, DOW, DGATE, DC, DS, DW, R, DV: tl.constexpr, BR: tl.constexpr,
+              BDV: tl.constexpr, WITH_DELTA: tl.constexpr):
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     d = tl.arange(0, BDV)
     rv = r < R
     m = rv[:, None] & (d[None, :] < DV)
     off = r.to(tl.int64)[:, None] * DV + d[None, :]
     do = tl.load(DO + off, mask=m, other=0.0).to(tl.float32)
-    g = tl.load(GATE + r * 3, mask=rv, other=0.0).to(tl.float32)
-    tl.store(DOC + off, (g[:, None] * do).to(DOC.dtype.element_ty), mask=m)
-    tl.store(DGATE + r * 3, tl.sum(do * tl.load(OC + off, mask=m, other=0.0).to(tl.float32), 1), mask=rv)
-    g = tl.load(GATE + r * 3 + 1, mask=rv, other=0.0).to(tl.float32)
-    tl.store(DOS + off, (g[:, None] * do).to(DOS.dtype.element_ty), mask=m)
-    tl.store(DGATE + r * 3 + 1, tl.sum(do * tl.load(OS + off, mask=m, other=0.0).to(tl.float32), 1), mask=rv)
-    g = tl.load(GATE + r * 3 + 2, mask=rv, other=0.0).to(tl.float32)
-    tl.store(DOW + off, (g[:, None] * do).to(DOW.dtype.element_ty), mask=m)
-    tl.store(DGATE + r * 3 + 2, tl.sum(do * tl.load(OW + off, mask=m, other=0.0).to(tl.float32), 1), mask=rv)
+    _gate_bwd_branch(OC, GATE, do, DOC, DGATE, DC, r, rv, off, m, 0, WITH_DELTA)
+    _gate_bwd_branch(OS, GATE, do, DOS, DGATE, DS, r, rv, off, m, 1, WITH_DELTA)
+    _gate_bwd_branch(OW, GATE, do, DOW, DGATE, DW, r, rv, off, m, 2, WITH_DELTA)
 
 
 def _launch(dv: int, rows: int):
@@ -52,27 +60,42 @@ def _launch(dv: int, rows: int):
     return (triton.cdiv(rows, br),), dict(DV=dv, BR=br, BDV=bdv)
 
 
+def gate_forward(o_cmp, o_slc, o_swa, gate):
+    """The gated sum of contiguous branch outputs (no autograd)."""
+    dv = o_cmp.shape[-1]
+    rows = o_cmp.numel() // dv
+    o = torch.empty_like(o_cmp)
+    grid, const = _launch(dv, rows)
+    _gate_fwd[grid](o_cmp, o_slc, o_swa, gate, o, rows, **const)
+    return o
+
+
+def gate_backward(o_cmp, o_slc, o_swa, gate, do, with_delta: bool = False):
+    """``(do_cmp, do_slc, do_swa, dgate fp32)`` and, with ``with_delta``, each branch's
+    ``delta = rowsum(o * do_branch)`` fp32 ``[b, t, hq]`` (else None)."""
+    dv = o_cmp.shape[-1]
+    rows = o_cmp.numel() // dv
+    d_cmp, d_slc, d_swa = torch.empty_like(o_cmp), torch.empty_like(o_slc), torch.empty_like(o_swa)
+    dgate = torch.empty(gate.shape, device=gate.device, dtype=torch.float32)
+    deltas = [torch.empty(o_cmp.shape[:-1], device=gate.device, dtype=torch.float32) if with_delta else dgate
+              for _ in range(3)]
+    grid, const = _launch(dv, rows)
+    _gate_bwd[grid](o_cmp, o_slc, o_swa, gate, do.contiguous(), d_cmp, d_slc, d_swa, dgate, *deltas, rows, **const,
+                    WITH_DELTA=with_delta)
+    return d_cmp, d_slc, d_swa, dgate, (deltas if with_delta else None)
+
+
 class GateCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, o_cmp, o_slc, o_swa, gate):
         o_cmp, o_slc, o_swa, gate = (x.contiguous() for x in (o_cmp, o_slc, o_swa, gate))
-        dv = o_cmp.shape[-1]
-        rows = o_cmp.numel() // dv
-        o = torch.empty_like(o_cmp)
-        grid, const = _launch(dv, rows)
-        _gate_fwd[grid](o_cmp, o_slc, o_swa, gate, o, rows, **const)
         ctx.save_for_backward(o_cmp, o_slc, o_swa, gate)
-        return o
+        return gate_forward(o_cmp, o_slc, o_swa, gate)
 
     @staticmethod
     def backward(ctx, do):
         o_cmp, o_slc, o_swa, gate = ctx.saved_tensors
-        dv = o_cmp.shape[-1]
-        rows = o_cmp.numel() // dv
-        d_cmp, d_slc, d_swa = torch.empty_like(o_cmp), torch.empty_like(o_slc), torch.empty_like(o_swa)
-        dgate = torch.empty(gate.shape, device=gate.device, dtype=torch.float32)
-        grid, const = _launch(dv, rows)
-        _gate_bwd[grid](o_cmp, o_slc, o_swa, gate, do.contiguous(), d_cmp, d_slc, d_swa, dgate, rows, **const)
+        d_cmp, d_slc, d_swa, dgate, _ = gate_backward(o_cmp, o_slc, o_swa, gate, do)
         return d_cmp, d_slc, d_swa, dgate.to(gate.dtype)
 
 

@@ -2,19 +2,67 @@
 
 The compression MLP phi stays in PyTorch: a dense GEMM over t/d tokens that cuBLAS does well (~1% of the core at
 64k). Gating and top-n are small Triton kernels of their own (gate.py, topn.py).
+
+One autograd function runs the whole core, so its backward can share work between branches that separate
+functions could not: the gate's backward pass also yields each branch's ``delta = rowsum(o * do)`` (no pass of
+its own over ``o`` and ``do`` per branch), and the three branches add their dq into one buffer (no separate
+additions of three ``[b, t, hq, dk]`` gradients).
 """
 from __future__ import annotations
 
 import torch
 
-from .compress import compressed_attention
 from .config import NSAConfig
-from .flash import position_masked_attention
-from .gate import gate_combine
+from .flash import NO_WINDOW, _Launch, masked_backward, masked_forward
+from .gate import gate_backward, gate_forward
 from .reference import NSAOutput
-from .select import selected_attention
+from .select import _SelLaunch, selected_backward, selected_forward
 from .topn import select_blocks
 from .varlen import max_seqlen
+
+
+class NSACore(torch.autograd.Function):
+    """``(o [b, t, hq, dv], indices [b, t, hkv, n])`` from q, the compressed K/V, the selected and window K/V and
+    the gate (the arguments of :func:`nsa_triton`); gradients for all of them, none for the indices."""
+
+    @staticmethod
+    def forward(ctx, q, kc, vc, k_slc, v_slc, k_swa, v_swa, gate, config: NSAConfig, scale: float, cu_seqlens,
+                cmp_cu_seqlens, max_t):
+        q, kc, vc, k_slc, v_slc, k_swa, v_swa, gate = (x.contiguous() for x in (q, kc, vc, k_slc, v_slc, k_swa,
+                                                                                   v_swa, gate))
+        lens = None if max_t is None else (max_t, config.num_compressed(max_t))
+        L_cmp = _Launch(q, kc, vc, config.compress_stride, config.compress_block - 1, NO_WINDOW, cu_seqlens,
+                        cmp_cu_seqlens, lens)
+        o_cmp, lse_cmp = masked_forward(q, kc, vc, scale, L_cmp)
+        indices = select_blocks(q, kc, lse_cmp, config, scale, cu_seqlens, cmp_cu_seqlens, max_t)
+        L_slc = _SelLaunch(q, k_slc, v_slc, indices, config.select_block, cu_seqlens, max_t)
+        o_slc, lse_slc = selected_forward(q, k_slc, v_slc, indices, L_slc, scale)
+        L_swa = _Launch(q, k_swa, v_swa, 1, 0, config.window, cu_seqlens, cu_seqlens,
+                        None if max_t is None else (max_t, max_t))
+        o_swa, lse_swa = masked_forward(q, k_swa, v_swa, scale, L_swa)
+        o = gate_forward(o_cmp, o_slc, o_swa, gate)
+        ctx.save_for_backward(q, kc, vc, k_slc, v_slc, k_swa, v_swa, gate, indices, o_cmp, o_slc, o_swa, lse_cmp,
+                              lse_slc, lse_swa)
+        ctx.launches, ctx.scale = (L_cmp, L_slc, L_swa), scale
+        ctx.mark_non_differentiable(indices)
+        return o, indices
+
+    @staticmethod
+    def backward(ctx, do, _):
+        (q, kc, vc, k_slc, v_slc, k_swa, v_swa, gate, indices, o_cmp, o_slc, o_swa, lse_cmp, lse_slc,
+         lse_swa) = ctx.saved_tensors
+        L_cmp, L_slc, L_swa = ctx.launches
+        scale = ctx.scale
+        do_cmp, do_slc, do_swa, dgate, (delta_cmp, delta_slc, delta_swa) = gate_backward(
+            o_cmp, o_slc, o_swa, gate, do, with_delta=True)
+        dq, dk_swa, dv_swa = masked_backward(q, k_swa, v_swa, do_swa, lse_swa, delta_swa, scale, L_swa)
+        del do_swa
+        _, dk_slc, dv_slc = selected_backward(q, k_slc, v_slc, indices, do_slc, lse_slc, delta_slc, L_slc, scale,
+                                              dq=dq)
+        del do_slc
+        _, dkc, dvc = masked_backward(q, kc, vc, do_cmp, lse_cmp, delta_cmp, scale, L_cmp, dq=dq)
+        return (dq, dkc, dvc, dk_slc.to(k_slc.dtype), dv_slc.to(v_slc.dtype), dk_swa, dv_swa,
+                dgate.to(gate.dtype), None, None, None, None, None)
 
 
 def nsa_triton(q, k_cmp_c, v_cmp_c, k_slc, v_slc, k_swa, v_swa, gate, config: NSAConfig, scale: float,
@@ -22,11 +70,6 @@ def nsa_triton(q, k_cmp_c, v_cmp_c, k_slc, v_slc, k_swa, v_swa, gate, config: NS
     # packed batches: the longest sequence sizes every grid; one host sync here instead of one per kernel
     # (it also has the most compressed tokens)
     max_t = max_seqlen(cu_seqlens) if cu_seqlens is not None else None
-    o_cmp, lse_cmp = compressed_attention(q, k_cmp_c, v_cmp_c, config, scale, cu_seqlens, cmp_cu_seqlens, max_t)
-    with torch.no_grad():
-        indices = select_blocks(q.detach(), k_cmp_c.detach(), lse_cmp.detach(), config, scale, cu_seqlens,
-                                cmp_cu_seqlens, max_t)
-    o_slc, _ = selected_attention(q, k_slc, v_slc, indices, config.select_block, scale, cu_seqlens, max_t)
-    o_swa, _ = position_masked_attention(q, k_swa, v_swa, scale, 1, 0, config.window, cu_seqlens, cu_seqlens,
-                                         None if max_t is None else (max_t, max_t))
-    return NSAOutput(gate_combine(o_cmp, o_slc, o_swa, gate), indices)
+    o, indices = NSACore.apply(q, k_cmp_c, v_cmp_c, k_slc, v_slc, k_swa, v_swa, gate, config, scale, cu_seqlens,
+                               cmp_cu_seqlens, max_t)
+    return NSAOutput(o, indices)

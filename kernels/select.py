@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import (_bwd_rows, _finish, _load_tile, _q_tile, _seq_bounds, _softmax_step, _store_tile, row_dot,
+from .flash import (_bwd_rows, _finish, _load_tile, _q_tile, _seq_bounds, _softmax_step, _store_grad_tile,
+                    _store_tile, row_dot,
                     wide_tile_stages)
 from .varlen import max_seqlen
 
@@ -110,7 +111,8 @@ def _sel_fwd_loop_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, TK_FIXED, QOFF, KBAS
 def _sel_dq_loop_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED, QOFF, KBASE, LO, HI, scale,
                         HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr,
                         NP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
-                        BDV: tl.constexpr, BS: tl.constexpr, VARLEN: tl.constexpr):
+                        BDV: tl.constexpr, BS: tl.constexpr, VARLEN: tl.constexpr,
+                        DQ_ADD: tl.constexpr = False):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, 1, G, GP, VARLEN)
     if t0 >= T:
         return
@@ -125,7 +127,7 @@ def _sel_dq_loop_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED,
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
-    _store_tile(DQ, row_off, rvalid, dq * scale, DK, BDK)
+    _store_grad_tile(DQ, row_off, rvalid, dq * scale, DK, BDK, DQ_ADD)
 
 
 @triton.jit
@@ -169,7 +171,8 @@ def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED, 
                        HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr,
                        NP: tl.constexpr,
                        DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BS: tl.constexpr,
-                       BLOCK_T: tl.constexpr, VARLEN: tl.constexpr):
+                       BLOCK_T: tl.constexpr, VARLEN: tl.constexpr,
+                       DQ_ADD: tl.constexpr = False):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
@@ -192,7 +195,7 @@ def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED, 
         ptr += hit.to(tl.int32)
         cur = _next_block(IDX, idx_row, ptr, rvalid, HI, N)
         blk = tl.min(cur, 0)
-    _store_tile(DQ, row_off, rvalid, dq * scale, DK, BDK)
+    _store_grad_tile(DQ, row_off, rvalid, dq * scale, DK, BDK, DQ_ADD)
 
 
 @triton.jit
@@ -360,15 +363,17 @@ def selected_forward(q, k, v, indices, L: _SelLaunch, scale: float):
     return o, lse
 
 
-def selected_backward(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: float, dq_dtype=None):
+def selected_backward(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: float, dq_dtype=None, dq=None):
     """``(dq, dk fp32, dv fp32)`` of this key buffer's share, given the final ``lse`` and
-    ``delta = rowsum(o * do)`` (so ring steps can each add their part)."""
-    dq = torch.empty_like(q, dtype=dq_dtype or q.dtype)
+    ``delta = rowsum(o * do)`` (so ring steps can each add their part); with ``dq`` given, this call's dq is added
+    onto it."""
+    add = dq is not None
+    dq = dq if add else torch.empty_like(q, dtype=dq_dtype or q.dtype)
     dk = torch.zeros_like(k, dtype=torch.float32)
     dv = torch.zeros_like(v, dtype=torch.float32)
     kernel = _sel_dq_loop_kernel if L.loop else _sel_bwd_dq_kernel
     kernel[L.grid_q](q, k, v, indices, do, lse, delta, dq, L.cu, *L.sizes, L.lo, L.hi, scale, **L.qmajor,
-                     num_stages=L.stages, num_warps=L.warps_dq)
+                     DQ_ADD=add, num_stages=L.stages, num_warps=L.warps_dq)
     qlist, offsets = invert_block_indices(indices, L.ns_max, L.cu if L.varlen else None, L.lo, L.hi)
     items = work_items(offsets, indices.numel(), SEL_BWD_CHUNK)
     _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu, *L.sizes,

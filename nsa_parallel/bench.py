@@ -35,8 +35,16 @@ def dense_flops(t: int, hq: int, dk: int, dv: int) -> float:
     return 2.0 * hq * (dk + dv) * t * (t + 1) / 2
 
 
-def bench(fn, bwd_of=None):
-    """Median ms of ``fn()`` and, if ``bwd_of`` is given, of ``fn()`` plus its backward with that output grad."""
+ACCUMULATE_GRADS = False  # --accumulate-grads: time fwd+bwd as before 2026-11-23 (session 10), see bench()
+
+
+def bench(fn, bwd_of=None, leaves=()):
+    """Median ms of ``fn()`` and, if ``bwd_of`` is given, of ``fn()`` plus its backward with that output grad.
+
+    The ``leaves`` (the timed function's input tensors and parameters) get ``.grad = None`` before every timed
+    run (``do_bench``'s ``grad_to_none``, outside the timed region), as in a training step, where q, k, v come out
+    of a projection and nothing adds into a leaf's ``.grad``; without it each run also adds its gradients onto
+    the previous run's (at 64k, ~1 ms for q alone)."""
     import triton
     fwd = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
     if bwd_of is None:
@@ -46,7 +54,8 @@ def bench(fn, bwd_of=None):
     def fwd_bwd():
         fn().backward(grad)
 
-    return fwd, triton.testing.do_bench(fwd_bwd, warmup=25, rep=100, return_mode="median")
+    reset = None if ACCUMULATE_GRADS else [x for x in leaves if x.requires_grad]
+    return fwd, triton.testing.do_bench(fwd_bwd, warmup=25, rep=100, return_mode="median", grad_to_none=reset)
 
 
 def peak_mem(fn) -> float:
@@ -87,7 +96,7 @@ def _bench_nsa(row, t, hq, hkv, dk, dv, cfg, dev):
     core = lambda: nsa_attention(q, *kvs, gate, compress_k=ck, compress_v=cv, config=cfg,  # noqa: E731
                                  backend="triton")
     rnd = torch.randn_like
-    row["nsa_fwd_ms"], row["nsa_fwdbwd_ms"] = bench(core, rnd)
+    row["nsa_fwd_ms"], row["nsa_fwdbwd_ms"] = bench(core, rnd, [q, *kvs, gate, *ck.parameters(), *cv.parameters()])
     row["nsa_peak_gib"] = peak_mem(core)
     fl = nsa_flops(t, hq, dk, dv, cfg)
     row["nsa_fwd_tflops"] = fl / row["nsa_fwd_ms"] / 1e9
@@ -97,7 +106,8 @@ def _bench_nsa(row, t, hq, hkv, dk, dv, cfg, dev):
     kc.requires_grad_(True)
     vc.requires_grad_(True)
     row["phi_fwd_ms"], _ = bench(lambda: (ck(kvs[0]), cv(kvs[1])))
-    row["cmp_fwd_ms"], row["cmp_fwdbwd_ms"] = bench(lambda: compressed_attention(q, kc, vc, cfg, scale)[0], rnd)
+    row["cmp_fwd_ms"], row["cmp_fwdbwd_ms"] = bench(lambda: compressed_attention(q, kc, vc, cfg, scale)[0], rnd,
+                                                    [q, kc, vc])
     qd, kcd = q.detach(), kc.detach()
     _, lse = compressed_attention(qd, kcd, vc.detach(), cfg, scale)
     row["scores_ms"], _ = bench(lambda: selection_scores(qd, kcd, lse, cfg, scale))
@@ -106,9 +116,9 @@ def _bench_nsa(row, t, hq, hkv, dk, dv, cfg, dev):
     idx = select_topn(scores, cfg)
     scores = None  # 1 GiB at 64k: free it before the selected branch is timed
     row["slc_fwd_ms"], row["slc_fwdbwd_ms"] = bench(
-        lambda: selected_attention(q, kvs[2], kvs[3], idx, cfg.select_block, scale)[0], rnd)
+        lambda: selected_attention(q, kvs[2], kvs[3], idx, cfg.select_block, scale)[0], rnd, [q, *kvs[2:4]])
     row["swa_fwd_ms"], row["swa_fwdbwd_ms"] = bench(
-        lambda: position_masked_attention(q, kvs[4], kvs[5], scale, 1, 0, cfg.window)[0], rnd)
+        lambda: position_masked_attention(q, kvs[4], kvs[5], scale, 1, 0, cfg.window)[0], rnd, [q, *kvs[4:6]])
 
 
 def _bench_dense(row, t, hq, d, dev):
@@ -120,7 +130,7 @@ def _bench_dense(row, t, hq, d, dev):
             with sdpa_kernel(backend):
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         try:
-            row[f"sdpa_{name}_fwd_ms"], row[f"sdpa_{name}_fwdbwd_ms"] = bench(sdpa, torch.randn_like)
+            row[f"sdpa_{name}_fwd_ms"], row[f"sdpa_{name}_fwdbwd_ms"] = bench(sdpa, torch.randn_like, [q, k, v])
             row[f"sdpa_{name}_fwd_tflops"] = dense_flops(t, hq, d, d) / row[f"sdpa_{name}_fwd_ms"] / 1e9
         except Exception as e:  # a backend that does not run here is reported, not fatal
             row[f"sdpa_{name}_error"] = f"{type(e).__name__}: {e}"[:200]
@@ -139,7 +149,7 @@ def _bench_flex(row, t, hq, hkv, d, window, dev):
     q = torch.randn(1, hq, t, d, device=dev, dtype=dt).requires_grad_(True)
     k, v = (torch.randn(1, hkv, t, d, device=dev, dtype=dt).requires_grad_(True) for _ in "kv")
     fn = lambda: _FLEX["fn"](q, k, v, block_mask=mask, enable_gqa=True)  # noqa: E731
-    row["flex_swa_fwd_ms"], row["flex_swa_fwdbwd_ms"] = bench(fn, torch.randn_like)
+    row["flex_swa_fwd_ms"], row["flex_swa_fwdbwd_ms"] = bench(fn, torch.randn_like, [q, k, v])
 
 
 def _bench_fla(row, t, hq, hkv, d, dev):
@@ -151,7 +161,7 @@ def _bench_fla(row, t, hq, hkv, d, dev):
     g_cmp, g_slc = (torch.rand(1, t, hq, device=dev, dtype=dt).requires_grad_(True) for _ in "ab")
     fla = lambda: parallel_nsa(q, k, v, g_cmp, g_slc, None, block_counts=16, block_size=64,  # noqa: E731
                                window_size=0, scale=1 / math.sqrt(d))
-    row["fla_fwd_ms"], row["fla_fwdbwd_ms"] = bench(fla, torch.randn_like)
+    row["fla_fwd_ms"], row["fla_fwdbwd_ms"] = bench(fla, torch.randn_like, [q, k, v, g_cmp, g_slc])
 
 
 def run(args) -> dict:
@@ -181,7 +191,8 @@ def run(args) -> dict:
             print(json.dumps(row), flush=True)
     return dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
                 command="python -m nsa_parallel.bench " + " ".join(sys.argv[1:]), torch=torch.__version__,
-                python=platform.python_version(), matmul_tflops=ceiling, config=cfg.__dict__, rows=rows)
+                python=platform.python_version(), matmul_tflops=ceiling, config=cfg.__dict__,
+                grads_accumulated=ACCUMULATE_GRADS, rows=rows)
 
 
 def table(res: dict) -> str:
@@ -224,7 +235,11 @@ def main(argv=None) -> None:
     p.add_argument("--no-fla", dest="fla", action="store_false", help="skip fla-core's parallel_nsa")
     p.add_argument("--no-flex", dest="flex", action="store_false", help="skip FlexAttention's sliding window")
     p.add_argument("--out", default="bench.json")
+    p.add_argument("--accumulate-grads", action="store_true",
+                   help="let each timed forward+backward add into the inputs' .grad (the timing before 2026-11-23)")
     args = p.parse_args(argv)
+    global ACCUMULATE_GRADS
+    ACCUMULATE_GRADS = args.accumulate_grads
     if not torch.cuda.is_available():
         raise SystemExit("python -m nsa_parallel.bench needs a CUDA GPU")
     res = run(args)

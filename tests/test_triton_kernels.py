@@ -250,6 +250,32 @@ def test_gpu_nsa_bf16_paper_config(t, hq, hkv, dk, dv):
         _check(a, b, torch.bfloat16, f"compressed d{name}")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("t,hq,hkv,d", [(4096, 64, 4, 128), (3000, 8, 8, 64)])
+def test_gpu_nsa_core_equals_its_branches_bf16(t, hq, hkv, d):
+    """The one-function core (gate backward yielding the deltas, dq summed in one buffer, the compressed branch's
+    own forward / dq tiles at G >= 16) against the separately tested branch functions composed by autograd, with
+    the core's blocks: output and every gradient in bf16."""
+    from nsa_parallel.kernels.gate import gate_combine
+    from nsa_parallel.kernels.parallel import nsa_triton
+    cfg, scale = NSAConfig(), 1 / math.sqrt(d)
+    x = [_rand(1, n, h, d, dtype=torch.bfloat16, seed=40 + i)
+         for i, (n, h) in enumerate([(t, hq), (cfg.num_compressed(t), hkv), (cfg.num_compressed(t), hkv)]
+                                    + [(t, hkv)] * 4)]
+    gate = torch.rand(1, t, hq, 3, generator=torch.Generator().manual_seed(47)).to(DEVICE, torch.bfloat16)
+    gate.requires_grad_(True)
+    out = nsa_triton(*x, gate, cfg, scale)
+    q, kc, vc, ks, vs, kw, vw = x
+    want = gate_combine(compressed_attention(q, kc, vc, cfg, scale)[0],
+                        selected_attention(q, ks, vs, out.block_indices, cfg.select_block, scale)[0],
+                        position_masked_attention(q, kw, vw, scale, 1, 0, cfg.window)[0], gate)
+    _check(out.o, want, torch.bfloat16, "core o")
+    names = ["q", "kc", "vc", "k_slc", "v_slc", "k_swa", "v_swa", "gate"]
+    for name, a, b in zip(names, _grads(out.o, (*x, gate)), _grads(want, (*x, gate))):
+        _check(a, b, torch.bfloat16, f"core d{name}")
+
+
 def test_topn_kernel_breaks_ties_like_reference():
     cfg = NSAConfig(compress_block=8, compress_stride=4, select_block=8, select_topn=5, window=8)
     sc = torch.rand(2, 97, 3, cfg.num_select_blocks(97), generator=torch.Generator().manual_seed(0))
