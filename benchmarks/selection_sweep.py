@@ -1,7 +1,9 @@
 """Selection path sweep on one GPU (a measurement, not a test), plus a per-kernel profile of the whole NSA core.
 
-    python -P benchmarks/selection_sweep.py --t 65536 --out DIR [--only topn profile]
+    python -P benchmarks/selection_sweep.py --t 65536 --out DIR [--only scores topn profile]
 
+- scores: rows per program, compressed tokens per key tile, warps and stages of the selection-scores kernel, each
+  checked against the shipped launch.
 - topn: scores per program and warps of the top-n kernel; every variant must give the shipped blocks exactly.
 - profile: ``torch.profiler`` of one forward and one forward+backward of the NSA core, CUDA time per kernel name.
 Results stream to stdout as JSON lines and to DIR/*.json. (Commit 8defe4f also swept a head-loop selection-scores
@@ -37,6 +39,29 @@ class Log:
         with open(self.path, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                            triton=triton.__version__, rows=self.rows), f, indent=1)
+
+
+def sweep_scores(q, kc, lse, cfg, scale, log):
+    """The scores kernel's rows per program, compressed tokens per key tile, warps and stages; each variant's
+    block scores against the shipped launch's (max error relative to the largest score)."""
+    t = q.shape[1]
+    own = torch.arange(cfg.num_select_blocks(t), device=q.device)[None, :] <= \
+        torch.arange(t, device=q.device)[:, None] // cfg.select_block
+    m = own[:, None, :].expand(t, kc.shape[2], own.shape[1])
+    saved = C.SCORES_BLOCK_M, C.SCORES_TOKENS, C.SCORES_WARPS, C.SCORES_STAGES
+    want = C.selection_scores(q, kc, lse, cfg, scale)
+    for launch in (saved, (128, 128, 8, 2), (128, 128, 8, 3), (256, 64, 8, 2), (256, 128, 8, 2), (128, 32, 8, 2),
+                   (64, 128, 4, 2)):
+        C.SCORES_BLOCK_M, C.SCORES_TOKENS, C.SCORES_WARPS, C.SCORES_STAGES = launch
+        try:
+            got = C.selection_scores(q, kc, lse, cfg, scale)
+            err = ((got[0] - want[0])[m].abs().max() / want[0][m].abs().max()).item()
+            got = None
+            ms = bench(lambda: C.selection_scores(q, kc, lse, cfg, scale))
+            log.emit(what="scores", rows_tokens_warps_stages=launch, ms=ms, rel_err=err)
+        except Exception as e:  # a launch that does not compile or fit is a result too
+            log.emit(what="scores", rows_tokens_warps_stages=launch, error=str(e)[:300])
+    C.SCORES_BLOCK_M, C.SCORES_TOKENS, C.SCORES_WARPS, C.SCORES_STAGES = saved
 
 
 def sweep_topn(scores, cfg, log):
@@ -84,7 +109,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--t", type=int, default=65536)
     p.add_argument("--out", default=".")
-    p.add_argument("--only", nargs="+", default=["topn", "profile"])
+    p.add_argument("--only", nargs="+", default=["scores", "topn", "profile"])
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     log = Log(os.path.join(args.out, "selection_sweep.json"))
@@ -96,11 +121,14 @@ def main() -> None:
     gate = torch.rand(1, t, hq, 3, device=dev, dtype=dt).requires_grad_(True)
     ck, cv = (Compression(hkv, d, cfg.compress_block, cfg.compress_stride, device=dev, dtype=dt) for _ in "kv")
     scale = 1 / math.sqrt(d)
-    if "topn" in args.only:
+    if "scores" in args.only or "topn" in args.only:
         with torch.no_grad():
             kc, vc = ck(kvs[0]).contiguous(), cv(kvs[1]).contiguous()
             _, lse = compressed_attention(q.detach(), kc, vc, cfg, scale)
-            sweep_topn(C.selection_scores(q.detach(), kc, lse, cfg, scale), cfg, log)
+            if "scores" in args.only:
+                sweep_scores(q.detach(), kc, lse, cfg, scale, log)
+            if "topn" in args.only:
+                sweep_topn(C.selection_scores(q.detach(), kc, lse, cfg, scale), cfg, log)
     if "profile" in args.only:
         profile(q, kvs, gate, ck, cv, cfg, log)
 

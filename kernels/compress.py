@@ -27,6 +27,7 @@ SCORES_WIDE_STAGES = 1  # pipeline stages of 256-wide tiles (dk above 128); 2 an
 SCORES_ONE_PASS = True  # one q.k pass per tile, blocks by overlap weights (else one pass per slot a token covers)
 SCORES_BLOCK_M, SCORES_WARPS, SCORES_STAGES = 128, 8, 2  # rows (positions x heads) per program, warps, stages:
 # the best of 7 on an H100 at 64k (7.7 ms against 8.4 for 64 rows, 4 warps, 3 stages; benchmarks/tile_sweep.py)
+SCORES_TOKENS = 64  # compressed tokens per key tile (one-pass kernel)
 
 
 def compressed_attention(q, k_cmp, v_cmp, config: NSAConfig, scale: float, cu_seqlens=None, cmp_cu_seqlens=None,
@@ -127,7 +128,7 @@ def selection_scores(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seql
         q.contiguous(), k_cmp.contiguous(), lse_cmp, scores, cu_seqlens if varlen else dummy,
         cmp_cu_seqlens if varlen else dummy, t, k_cmp.shape[1], ns, q_offset, scale,
         HQ=hq, HKV=hkv, G=g, GP=gp, DK=dk, BDK=max(16, triton.next_power_of_2(dk)), BLOCK_T=block_t,
-        BJ=max(1, 64 // s), S=s, A=config.stride_slots_per_compress_block, KSTRIDE=config.compress_stride,
+        BJ=max(1, SCORES_TOKENS // s), S=s, A=config.stride_slots_per_compress_block, KSTRIDE=config.compress_stride,
         KOFF=config.compress_block - 1, SEL_BLOCK=config.select_block, VARLEN=varlen,
         ONE_PASS=SCORES_ONE_PASS and config.compress_block <= config.select_block,
         num_warps=SCORES_WARPS,

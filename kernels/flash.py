@@ -83,10 +83,17 @@ def _load_lse2(LSE, row_off, rvalid):
 
 @triton.jit
 def _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
-              BDV: tl.constexpr):
-    """What a softmax backward needs of its query rows: q, dO, lse (log2 units, as ``_load_lse2``) and delta."""
-    return (_load_tile(Q, row_off, rvalid, DK, BDK), _load_tile(DO, row_off, rvalid, DV, BDV),
-            _load_lse2(LSE, row_off, rvalid), tl.load(DELTA + row_off, mask=rvalid, other=0.0))
+              BDV: tl.constexpr, GATE, GATE_I: tl.constexpr):
+    """What a softmax backward needs of its query rows: q, dO, lse (log2 units, as ``_load_lse2``) and delta.
+
+    ``GATE_I >= 0``: ``DO`` is the gated output's gradient and this branch's is ``GATE[..., GATE_I] * DO``, formed
+    here in 16 bits (as the gate's backward forms it for delta) instead of stored by the gate's backward."""
+    do = _load_tile(DO, row_off, rvalid, DV, BDV)
+    if GATE_I >= 0:
+        g = tl.load(GATE + row_off * 3 + GATE_I, mask=rvalid, other=0.0).to(tl.float32)
+        do = (g[:, None] * do.to(tl.float32)).to(do.dtype)
+    return (_load_tile(Q, row_off, rvalid, DK, BDK), do, _load_lse2(LSE, row_off, rvalid),
+            tl.load(DELTA + row_off, mask=rvalid, other=0.0))
 
 
 @triton.jit
@@ -219,12 +226,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K, T_FIXED, TK_FIXED, sca
                    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                    KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
-                   DQ_ADD: tl.constexpr = False):
+                   DQ_ADD: tl.constexpr = False, GATE=None, GATE_I: tl.constexpr = -1):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
     row_off = (bos + tq.to(tl.int64)) * HQ + hq
-    q, do, lse2, delta = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV)
+    q, do, lse2, delta = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATE_I)
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_T * GP, BDK], dtype=tl.float32)
     j_lo, j_hi = _key_range(t0, T, TK, BLOCK_T, BLOCK_N, KSTRIDE, KOFF, WINDOW)
@@ -242,12 +249,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K, T_FIXED, TK_FIXED, sca
 def _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, t_start, t_stop, t_end, qk_scale,
                 HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 BDK: tl.constexpr, BDV: tl.constexpr, BLOCK_T: tl.constexpr, KSTRIDE: tl.constexpr, KOFF,
-                WINDOW: tl.constexpr, MASKED: tl.constexpr):
+                WINDOW: tl.constexpr, MASKED: tl.constexpr, GATE, GATE_I: tl.constexpr):
     for t0 in range(t_start, t_stop, BLOCK_T):
         tq, hq, hvalid = _rows(t0, kvh, BLOCK_T, G, GP)
         rvalid = hvalid & (tq < t_end)
         row_off = (bos + tq.to(tl.int64)) * HQ + hq
-        q, do, lse2, delta = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV)
+        q, do, lse2, delta = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATE_I)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.exp2(s - lse2[:, None])  # padding rows: lse2 = +inf, p = 0
         if MASKED:
@@ -265,7 +272,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, CU, CU_K, T_FIXED, TK_FI
                      DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                      KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
-                     Q_SPLIT: tl.constexpr):
+                     Q_SPLIT: tl.constexpr, GATE=None, GATE_I: tl.constexpr = -1):
     pid_n = tl.program_id(0)
     seq = tl.program_id(1) // HKV
     kvh = tl.program_id(1) % HKV
@@ -296,12 +303,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, CU, CU_K, T_FIXED, TK_FI
     tb = t_lo + tl.maximum(tl.minimum(j0 * KSTRIDE + KOFF + WINDOW, t_end) - t_lo, 0) // BLOCK_T * BLOCK_T
     tb = tl.where(j0 + BLOCK_N <= TK, tb, ta)
     dk_acc, dv_acc = _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, t_lo, ta, t_end,
-                                 qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, KSTRIDE, KOFF, WINDOW, True)
+                                 qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, KSTRIDE, KOFF, WINDOW, True, GATE,
+                                 GATE_I)
     dk_acc, dv_acc = _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, ta, tb, t_end,
-                                 qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, KSTRIDE, KOFF, WINDOW, False)
+                                 qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, KSTRIDE, KOFF, WINDOW, False, GATE,
+                                 GATE_I)
     dk_acc, dv_acc = _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, tl.maximum(ta, tb),
                                  t_end, t_end, qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, KSTRIDE, KOFF, WINDOW,
-                                 True)
+                                 True, GATE, GATE_I)
     dk_mask = jvalid[:, None] & (dk[None, :] < DK)
     dv_mask = jvalid[:, None] & (dv[None, :] < DV)
     if Q_SPLIT > 0:
@@ -432,18 +441,21 @@ def masked_forward(q, k, v, scale: float, L: _Launch):
     return o, lse
 
 
-def masked_backward(q, k, v, do, lse, delta, scale: float, L: _Launch, dq=None):
-    """``(dq, dk, dv)`` given ``delta = rowsum(o * do)``; with ``dq`` given, this call's dq is added onto it."""
+def masked_backward(q, k, v, do, lse, delta, scale: float, L: _Launch, dq=None, gate=None, gate_i: int = -1):
+    """``(dq, dk, dv)`` given ``delta = rowsum(o * do)``; with ``dq`` given, this call's dq is added onto it; with
+    ``gate`` (``[b, t, hq, 3]``), ``do`` is the gated output's gradient and this branch's is ``gate[..., gate_i] *
+    do``."""
+    gated = dict(GATE=gate, GATE_I=gate_i) if gate is not None else {}
     add = dq is not None
     dq = dq if add else torch.empty_like(q)
     split = L.q_split > 0
     dk = torch.zeros_like(k, dtype=torch.float32) if split else torch.empty_like(k)
     dv = torch.zeros_like(v, dtype=torch.float32) if split else torch.empty_like(v)
     grid, const, opts = L.dq
-    _bwd_dq_kernel[grid](q, k, v, do, lse, delta, dq, *L.args(), scale, **const, DQ_ADD=add, **opts)
+    _bwd_dq_kernel[grid](q, k, v, do, lse, delta, dq, *L.args(), scale, **const, DQ_ADD=add, **gated, **opts)
     if k.shape[1]:
         _bwd_dkdv_kernel[L.grid_k](q, k, v, do, lse, delta, dk, dv, *L.args(), scale, **L.const,
-                                   Q_SPLIT=L.q_split, num_stages=L.stages)
+                                   Q_SPLIT=L.q_split, **gated, num_stages=L.stages)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 

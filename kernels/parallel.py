@@ -4,9 +4,10 @@ The compression MLP phi stays in PyTorch: a dense GEMM over t/d tokens that cuBL
 64k). Gating and top-n are small Triton kernels of their own (gate.py, topn.py).
 
 One autograd function runs the whole core, so its backward can share work between branches that separate
-functions could not: the gate's backward pass also yields each branch's ``delta = rowsum(o * do)`` (no pass of
-its own over ``o`` and ``do`` per branch), and the three branches add their dq into one buffer (no separate
-additions of three ``[b, t, hq, dk]`` gradients).
+functions could not: the gate's backward pass yields each branch's ``delta = rowsum(o * do)`` (no pass of its own
+over ``o`` and ``do`` per branch), the branch kernels form their output gradient ``gate_i * do`` as they load
+``do`` (the three ``[b, t, hq, dv]`` gradients are never stored), and the three branches add their dq into one
+buffer (no separate additions of three ``[b, t, hq, dk]`` gradients).
 """
 from __future__ import annotations
 
@@ -53,14 +54,13 @@ class NSACore(torch.autograd.Function):
          lse_swa) = ctx.saved_tensors
         L_cmp, L_slc, L_swa = ctx.launches
         scale = ctx.scale
-        do_cmp, do_slc, do_swa, dgate, (delta_cmp, delta_slc, delta_swa) = gate_backward(
-            o_cmp, o_slc, o_swa, gate, do, with_delta=True)
-        dq, dk_swa, dv_swa = masked_backward(q, k_swa, v_swa, do_swa, lse_swa, delta_swa, scale, L_swa)
-        del do_swa
-        _, dk_slc, dv_slc = selected_backward(q, k_slc, v_slc, indices, do_slc, lse_slc, delta_slc, L_slc, scale,
-                                              dq=dq)
-        del do_slc
-        _, dkc, dvc = masked_backward(q, kc, vc, do_cmp, lse_cmp, delta_cmp, scale, L_cmp, dq=dq)
+        do = do.contiguous()
+        dgate, (delta_cmp, delta_slc, delta_swa) = gate_backward(o_cmp, o_slc, o_swa, gate, do, fused=True)
+        dq, dk_swa, dv_swa = masked_backward(q, k_swa, v_swa, do, lse_swa, delta_swa, scale, L_swa, gate=gate,
+                                             gate_i=2)
+        _, dk_slc, dv_slc = selected_backward(q, k_slc, v_slc, indices, do, lse_slc, delta_slc, L_slc, scale, dq=dq,
+                                              gate=gate, gate_i=1)
+        _, dkc, dvc = masked_backward(q, kc, vc, do, lse_cmp, delta_cmp, scale, L_cmp, dq=dq, gate=gate, gate_i=0)
         return (dq, dkc, dvc, dk_slc.to(k_slc.dtype), dv_slc.to(v_slc.dtype), dk_swa, dv_swa,
                 dgate.to(gate.dtype), None, None, None, None, None)
 

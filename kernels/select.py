@@ -112,12 +112,13 @@ def _sel_dq_loop_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED,
                         HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr,
                         NP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
                         BDV: tl.constexpr, BS: tl.constexpr, VARLEN: tl.constexpr,
-                        DQ_ADD: tl.constexpr = False):
+                        DQ_ADD: tl.constexpr = False, GATE=None,
+                        GATE_I: tl.constexpr = -1):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, 1, G, GP, VARLEN)
     if t0 >= T:
         return
     row_off, list_start, i_lo, i_hi = _position_blocks(IDX, bos, t0, kvh, hq, LO, HI, HQ, HKV, N, NP)
-    q, do, lse2, delta = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV)
+    q, do, lse2, delta = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATE_I)
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([GP, BDK], dtype=tl.float32)
     for i in range(i_lo, i_hi):
@@ -172,14 +173,15 @@ def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED, 
                        NP: tl.constexpr,
                        DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BS: tl.constexpr,
                        BLOCK_T: tl.constexpr, VARLEN: tl.constexpr,
-                       DQ_ADD: tl.constexpr = False):
+                       DQ_ADD: tl.constexpr = False, GATE=None,
+                        GATE_I: tl.constexpr = -1):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
     row = bos + tq.to(tl.int64)
     row_off = row * HQ + hq
     idx_row = row * HKV + kvh
-    q, do, lse2, delta = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV)
+    q, do, lse2, delta = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATE_I)
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_T * GP, BDK], dtype=tl.float32)
     ptr, cur = _walk_start(IDX, idx_row, rvalid, LO, HI, BLOCK_T * GP, N, NP)
@@ -203,7 +205,8 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
                          TK_FIXED, QOFF, KBASE, NS_MAX, scale,
                          HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                          DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-                         BS: tl.constexpr, BLOCK_Q: tl.constexpr, VARLEN: tl.constexpr):
+                         BS: tl.constexpr, BLOCK_Q: tl.constexpr, VARLEN: tl.constexpr, GATE=None,
+                         GATE_I: tl.constexpr = -1):
     item = tl.program_id(0)
     start = tl.load(ITEM_START + item)
     end = tl.load(ITEM_END + item)
@@ -231,7 +234,7 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
         rvalid = (qi < end) & (hg < G)
         tq = tl.load(QLIST + qi, mask=rvalid, other=0)
         row_off = (bos + tq.to(tl.int64)) * HQ + kvh * G + hg
-        q, do, lse2, delta = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV)
+        q, do, lse2, delta = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATE_I)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         vis = (pos[None, :] <= tq[:, None] + QOFF) & rvalid[:, None]
         p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
@@ -363,21 +366,23 @@ def selected_forward(q, k, v, indices, L: _SelLaunch, scale: float):
     return o, lse
 
 
-def selected_backward(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: float, dq_dtype=None, dq=None):
+def selected_backward(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: float, dq_dtype=None, dq=None,
+                      gate=None, gate_i: int = -1):
     """``(dq, dk fp32, dv fp32)`` of this key buffer's share, given the final ``lse`` and
     ``delta = rowsum(o * do)`` (so ring steps can each add their part); with ``dq`` given, this call's dq is added
-    onto it."""
+    onto it; ``gate`` / ``gate_i``: as :func:`flash.masked_backward`."""
     add = dq is not None
+    gated = dict(GATE=gate, GATE_I=gate_i) if gate is not None else {}
     dq = dq if add else torch.empty_like(q, dtype=dq_dtype or q.dtype)
     dk = torch.zeros_like(k, dtype=torch.float32)
     dv = torch.zeros_like(v, dtype=torch.float32)
     kernel = _sel_dq_loop_kernel if L.loop else _sel_bwd_dq_kernel
     kernel[L.grid_q](q, k, v, indices, do, lse, delta, dq, L.cu, *L.sizes, L.lo, L.hi, scale, **L.qmajor,
-                     DQ_ADD=add, num_stages=L.stages, num_warps=L.warps_dq)
+                     DQ_ADD=add, **gated, num_stages=L.stages, num_warps=L.warps_dq)
     qlist, offsets = invert_block_indices(indices, L.ns_max, L.cu if L.varlen else None, L.lo, L.hi)
     items = work_items(offsets, indices.numel(), SEL_BWD_CHUNK)
     _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu, *L.sizes,
-                                              L.ns_max, scale, **L.kmajor, num_stages=L.stages)
+                                              L.ns_max, scale, **L.kmajor, **gated, num_stages=L.stages)
     return dq, dk, dv
 
 
