@@ -84,16 +84,25 @@ def _load_lse2(LSE, row_off, rvalid):
 @triton.jit
 def _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
               BDV: tl.constexpr, GATE, GATE_I: tl.constexpr):
-    """What a softmax backward needs of its query rows: q, dO, lse (log2 units, as ``_load_lse2``) and delta.
-
-    ``GATE_I >= 0``: ``DO`` is the gated output's gradient and this branch's is ``GATE[..., GATE_I] * DO``, formed
-    here in 16 bits (as the gate's backward forms it for delta) instead of stored by the gate's backward."""
-    do = _load_tile(DO, row_off, rvalid, DV, BDV)
+    """What a softmax backward needs of its query rows: q, dO, lse (log2 units, as ``_load_lse2``), delta and the
+    rows' gate (``GATE_I >= 0``, see ``_gated``; else a stand-in nothing reads)."""
+    delta = tl.load(DELTA + row_off, mask=rvalid, other=0.0)
+    g = delta
     if GATE_I >= 0:
         g = tl.load(GATE + row_off * 3 + GATE_I, mask=rvalid, other=0.0).to(tl.float32)
-        do = (g[:, None] * do.to(tl.float32)).to(do.dtype)
-    return (_load_tile(Q, row_off, rvalid, DK, BDK), do, _load_lse2(LSE, row_off, rvalid),
-            tl.load(DELTA + row_off, mask=rvalid, other=0.0))
+    return (_load_tile(Q, row_off, rvalid, DK, BDK), _load_tile(DO, row_off, rvalid, DV, BDV),
+            _load_lse2(LSE, row_off, rvalid), delta, g)
+
+
+@triton.jit
+def _gated(p, g, GATE_I: tl.constexpr):
+    """``GATE_I >= 0``: ``DO`` is the gated sum's gradient ``do`` and the branch's output gradient is ``g * do``.
+    Scaling the probabilities instead (``p' = g p``; dV = p'^T do, dS = p' (do.v - rowsum(o * do))) gives the same
+    gradients with ``do`` loaded as it is (a tile computed from it would no longer be an async-copied operand:
+    2x slower dK/dV, measured) and delta = rowsum(o * do), which the gate's backward computes anyway."""
+    if GATE_I >= 0:
+        p = p * g[:, None]
+    return p
 
 
 @triton.jit
@@ -231,7 +240,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K, T_FIXED, TK_FIXED, sca
     if t0 >= T:
         return
     row_off = (bos + tq.to(tl.int64)) * HQ + hq
-    q, do, lse2, delta = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATE_I)
+    q, do, lse2, delta, g = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATE_I)
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_T * GP, BDK], dtype=tl.float32)
     j_lo, j_hi = _key_range(t0, T, TK, BLOCK_T, BLOCK_N, KSTRIDE, KOFF, WINDOW)
@@ -242,7 +251,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K, T_FIXED, TK_FIXED, sca
                    BLOCK_N, KSTRIDE, KOFF, WINDOW, False)
     dq = _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, tl.maximum(fa, fb), j_hi, j_hi, qk_scale, HKV, DK,
                    DV, BDK, BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True)
-    _store_grad_tile(DQ, row_off, rvalid, dq * scale, DK, BDK, DQ_ADD)
+    _store_grad_tile(DQ, row_off, rvalid, _gated(dq, g, GATE_I) * scale, DK, BDK, DQ_ADD)
 
 
 @triton.jit
@@ -254,11 +263,12 @@ def _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, t_
         tq, hq, hvalid = _rows(t0, kvh, BLOCK_T, G, GP)
         rvalid = hvalid & (tq < t_end)
         row_off = (bos + tq.to(tl.int64)) * HQ + hq
-        q, do, lse2, delta = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATE_I)
+        q, do, lse2, delta, g = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATE_I)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.exp2(s - lse2[:, None])  # padding rows: lse2 = +inf, p = 0
         if MASKED:
             p = tl.where(_visible(j, jvalid, tq, KSTRIDE, KOFF, WINDOW) & rvalid[:, None], p, 0.0)
+        p = _gated(p, g, GATE_I)
         dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])

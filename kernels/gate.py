@@ -27,23 +27,22 @@ def _gate_fwd(OC, OS, OW, GATE, O, R, DV: tl.constexpr, BR: tl.constexpr, BDV: t
 
 
 @triton.jit
-def _gate_bwd_branch(O, GATE, do, DOB, DGATE, DELTA, r, rv, off, m, i: tl.constexpr, FUSED: tl.constexpr):
-    """One branch: the gate's gradient ``rowsum(do * o_i)`` and the branch's output gradient ``g_i * do``: stored
-    (``DOB``), or with ``FUSED`` only its softmax-backward term ``delta_i = rowsum(o_i * do_i)`` (from ``do_i`` in
-    16 bits, as the branch kernels form it from ``do`` and the gate themselves), which saves writing three
-    ``[b, t, hq, dv]`` gradients and each branch a separate pass over ``o_i`` and ``do_i``."""
-    g = tl.load(GATE + r * 3 + i, mask=rv, other=0.0).to(tl.float32)
-    dob = (g[:, None] * do).to(O.dtype.element_ty)
+def _gate_bwd_branch(O, GATE, do, DOB, DGATE, R, r, rv, off, m, i: tl.constexpr, FUSED: tl.constexpr):
+    """One branch: the gate's gradient ``rowsum(do * o_i)`` and, unless ``FUSED``, the branch's output gradient
+    ``g_i * do``. ``FUSED`` (the one-function core, whose branch kernels scale p by ``g_i`` instead: see
+    ``flash._gated``) stores no output gradient, and the gate gradient as one contiguous plane per branch: it is
+    also that branch's softmax-backward term ``delta = rowsum(o_i * do)``."""
     o = tl.load(O + off, mask=m, other=0.0).to(tl.float32)
-    tl.store(DGATE + r * 3 + i, tl.sum(do * o, 1), mask=rv)
     if FUSED:
-        tl.store(DELTA + r, tl.sum(o * dob.to(tl.float32), 1), mask=rv)
+        tl.store(DGATE + i * R + r, tl.sum(do * o, 1), mask=rv)
     else:
-        tl.store(DOB + off, dob, mask=m)
+        g = tl.load(GATE + r * 3 + i, mask=rv, other=0.0).to(tl.float32)
+        tl.store(DOB + off, (g[:, None] * do).to(DOB.dtype.element_ty), mask=m)
+        tl.store(DGATE + r * 3 + i, tl.sum(do * o, 1), mask=rv)
 
 
 @triton.jit
-def _gate_bwd(OC, OS, OW, GATE, DO, DOC, DOS, DOW, DGATE, DC, DS, DW, R, DV: tl.constexpr, BR: tl.constexpr,
+def _gate_bwd(OC, OS, OW, GATE, DO, DOC, DOS, DOW, DGATE, R, DV: tl.constexpr, BR: tl.constexpr,
               BDV: tl.constexpr, FUSED: tl.constexpr):
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     d = tl.arange(0, BDV)
@@ -51,9 +50,9 @@ def _gate_bwd(OC, OS, OW, GATE, DO, DOC, DOS, DOW, DGATE, DC, DS, DW, R, DV: tl.
     m = rv[:, None] & (d[None, :] < DV)
     off = r.to(tl.int64)[:, None] * DV + d[None, :]
     do = tl.load(DO + off, mask=m, other=0.0).to(tl.float32)
-    _gate_bwd_branch(OC, GATE, do, DOC, DGATE, DC, r, rv, off, m, 0, FUSED)
-    _gate_bwd_branch(OS, GATE, do, DOS, DGATE, DS, r, rv, off, m, 1, FUSED)
-    _gate_bwd_branch(OW, GATE, do, DOW, DGATE, DW, r, rv, off, m, 2, FUSED)
+    _gate_bwd_branch(OC, GATE, do, DOC, DGATE, R, r, rv, off, m, 0, FUSED)
+    _gate_bwd_branch(OS, GATE, do, DOS, DGATE, R, r, rv, off, m, 1, FUSED)
+    _gate_bwd_branch(OW, GATE, do, DOW, DGATE, R, r, rv, off, m, 2, FUSED)
 
 
 def _launch(dv: int, rows: int):
@@ -73,21 +72,20 @@ def gate_forward(o_cmp, o_slc, o_swa, gate):
 
 
 def gate_backward(o_cmp, o_slc, o_swa, gate, do, fused: bool = False):
-    """``(do_cmp, do_slc, do_swa, dgate fp32)``; with ``fused``, ``(dgate fp32, [delta_cmp, delta_slc, delta_swa])``
-    instead, each ``delta = rowsum(o * gate_i * do)`` fp32 ``[b, t, hq]``, for branch kernels that form their
-    output gradient from ``do`` and the gate themselves (``gate=`` of :func:`flash.masked_backward`)."""
+    """``(do_cmp, do_slc, do_swa, dgate fp32)``; with ``fused``, ``(dgate fp32, [delta_cmp, delta_slc,
+    delta_swa])`` instead, ``delta_i = rowsum(o_i * do)`` fp32 ``[b, t, hq]`` (the gate's gradient itself), for
+    branch kernels that take ``do`` and the gate (``gate=`` of :func:`flash.masked_backward`)."""
     dv = o_cmp.shape[-1]
     rows = o_cmp.numel() // dv
-    dgate = torch.empty(gate.shape, device=gate.device, dtype=torch.float32)
-    if fused:
-        outs = [dgate] * 3  # not written
-        deltas = [torch.empty(o_cmp.shape[:-1], device=gate.device, dtype=torch.float32) for _ in range(3)]
-    else:
-        outs = [torch.empty_like(o_cmp), torch.empty_like(o_slc), torch.empty_like(o_swa)]
-        deltas = [dgate] * 3  # not written
     grid, const = _launch(dv, rows)
-    _gate_bwd[grid](o_cmp, o_slc, o_swa, gate, do.contiguous(), *outs, dgate, *deltas, rows, **const, FUSED=fused)
-    return (dgate, deltas) if fused else (*outs, dgate)
+    if fused:
+        planes = torch.empty(3, *gate.shape[:-1], device=gate.device, dtype=torch.float32)
+        _gate_bwd[grid](o_cmp, o_slc, o_swa, gate, do, planes, planes, planes, planes, rows, **const, FUSED=True)
+        return planes.permute(1, 2, 3, 0), list(planes.unbind(0))
+    outs = [torch.empty_like(o_cmp), torch.empty_like(o_slc), torch.empty_like(o_swa)]
+    dgate = torch.empty(gate.shape, device=gate.device, dtype=torch.float32)
+    _gate_bwd[grid](o_cmp, o_slc, o_swa, gate, do.contiguous(), *outs, dgate, rows, **const, FUSED=False)
+    return (*outs, dgate)
 
 
 class GateCombine(torch.autograd.Function):

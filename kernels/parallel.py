@@ -4,10 +4,11 @@ The compression MLP phi stays in PyTorch: a dense GEMM over t/d tokens that cuBL
 64k). Gating and top-n are small Triton kernels of their own (gate.py, topn.py).
 
 One autograd function runs the whole core, so its backward can share work between branches that separate
-functions could not: the gate's backward pass yields each branch's ``delta = rowsum(o * do)`` (no pass of its own
-over ``o`` and ``do`` per branch), the branch kernels form their output gradient ``gate_i * do`` as they load
-``do`` (the three ``[b, t, hq, dv]`` gradients are never stored), and the three branches add their dq into one
-buffer (no separate additions of three ``[b, t, hq, dk]`` gradients).
+functions could not: the branch kernels take the gated sum's gradient ``do`` as it is and scale their
+probabilities by their gate instead (``flash._gated``), so the three ``[b, t, hq, dv]`` branch output gradients
+are never stored and each branch's ``delta = rowsum(o_i * do)`` is the gate's own gradient (no pass of its own
+over ``o`` and ``do`` per branch); and the three branches add their dq into one buffer (no separate additions of
+three ``[b, t, hq, dk]`` gradients).
 """
 from __future__ import annotations
 

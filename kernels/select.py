@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import (_bwd_rows, _finish, _load_tile, _q_tile, _seq_bounds, _softmax_step, _store_grad_tile,
+from .flash import (_bwd_rows, _finish, _gated, _load_tile, _q_tile, _seq_bounds, _softmax_step, _store_grad_tile,
                     _store_tile, row_dot,
                     wide_tile_stages)
 from .varlen import max_seqlen
@@ -118,7 +118,7 @@ def _sel_dq_loop_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED,
     if t0 >= T:
         return
     row_off, list_start, i_lo, i_hi = _position_blocks(IDX, bos, t0, kvh, hq, LO, HI, HQ, HKV, N, NP)
-    q, do, lse2, delta = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATE_I)
+    q, do, lse2, delta, g = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATE_I)
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([GP, BDK], dtype=tl.float32)
     for i in range(i_lo, i_hi):
@@ -128,7 +128,7 @@ def _sel_dq_loop_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED,
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
-    _store_grad_tile(DQ, row_off, rvalid, dq * scale, DK, BDK, DQ_ADD)
+    _store_grad_tile(DQ, row_off, rvalid, _gated(dq, g, GATE_I) * scale, DK, BDK, DQ_ADD)
 
 
 @triton.jit
@@ -181,7 +181,7 @@ def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED, 
     row = bos + tq.to(tl.int64)
     row_off = row * HQ + hq
     idx_row = row * HKV + kvh
-    q, do, lse2, delta = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATE_I)
+    q, do, lse2, delta, g = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATE_I)
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_T * GP, BDK], dtype=tl.float32)
     ptr, cur = _walk_start(IDX, idx_row, rvalid, LO, HI, BLOCK_T * GP, N, NP)
@@ -197,7 +197,7 @@ def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED, 
         ptr += hit.to(tl.int32)
         cur = _next_block(IDX, idx_row, ptr, rvalid, HI, N)
         blk = tl.min(cur, 0)
-    _store_grad_tile(DQ, row_off, rvalid, dq * scale, DK, BDK, DQ_ADD)
+    _store_grad_tile(DQ, row_off, rvalid, _gated(dq, g, GATE_I) * scale, DK, BDK, DQ_ADD)
 
 
 @triton.jit
@@ -234,10 +234,10 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
         rvalid = (qi < end) & (hg < G)
         tq = tl.load(QLIST + qi, mask=rvalid, other=0)
         row_off = (bos + tq.to(tl.int64)) * HQ + kvh * G + hg
-        q, do, lse2, delta = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATE_I)
+        q, do, lse2, delta, g = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATE_I)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         vis = (pos[None, :] <= tq[:, None] + QOFF) & rvalid[:, None]
-        p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+        p = _gated(tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0), g, GATE_I)
         dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
