@@ -83,24 +83,26 @@ def _load_lse2(LSE, row_off, rvalid):
 
 @triton.jit
 def _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
-              BDV: tl.constexpr, GATE, GATE_I: tl.constexpr):
-    """What a softmax backward needs of its query rows: q, dO, lse (log2 units, as ``_load_lse2``), delta and the
-    rows' gate (``GATE_I >= 0``, see ``_gated``; else a stand-in nothing reads)."""
+              BDV: tl.constexpr, GATE, GATED: tl.constexpr):
+    """What a softmax backward needs of its query rows: q, dO, lse (log2 units, as ``_load_lse2``), delta and, with
+    ``GATED``, the rows' gate from a contiguous fp32 ``[b, t, hq]`` plane (see ``_gated``; else a stand-in nothing
+    reads). A plane, not the ``[..., 3]`` gate column: a strided 16-bit load is not async-copied, and inside the
+    dK/dV loops that cost 4 ms at 64k (H100)."""
     delta = tl.load(DELTA + row_off, mask=rvalid, other=0.0)
     g = delta
-    if GATE_I >= 0:
-        g = tl.load(GATE + row_off * 3 + GATE_I, mask=rvalid, other=0.0).to(tl.float32)
+    if GATED:
+        g = tl.load(GATE + row_off, mask=rvalid, other=0.0)
     return (_load_tile(Q, row_off, rvalid, DK, BDK), _load_tile(DO, row_off, rvalid, DV, BDV),
             _load_lse2(LSE, row_off, rvalid), delta, g)
 
 
 @triton.jit
-def _gated(p, g, GATE_I: tl.constexpr):
-    """``GATE_I >= 0``: ``DO`` is the gated sum's gradient ``do`` and the branch's output gradient is ``g * do``.
+def _gated(p, g, GATED: tl.constexpr):
+    """``GATED``: ``DO`` is the gated sum's gradient ``do`` and the branch's output gradient is ``g * do``.
     Scaling the probabilities instead (``p' = g p``; dV = p'^T do, dS = p' (do.v - rowsum(o * do))) gives the same
     gradients with ``do`` loaded as it is (a tile computed from it would no longer be an async-copied operand:
     2x slower dK/dV, measured) and delta = rowsum(o * do), which the gate's backward computes anyway."""
-    if GATE_I >= 0:
+    if GATED:
         p = p * g[:, None]
     return p
 
@@ -235,12 +237,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K, T_FIXED, TK_FIXED, sca
                    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                    KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
-                   DQ_ADD: tl.constexpr = False, GATE=None, GATE_I: tl.constexpr = -1):
+                   DQ_ADD: tl.constexpr = False, GATE=None, GATED: tl.constexpr = False):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
     row_off = (bos + tq.to(tl.int64)) * HQ + hq
-    q, do, lse2, delta, g = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATE_I)
+    q, do, lse2, delta, g = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATED)
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_T * GP, BDK], dtype=tl.float32)
     j_lo, j_hi = _key_range(t0, T, TK, BLOCK_T, BLOCK_N, KSTRIDE, KOFF, WINDOW)
@@ -251,24 +253,24 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K, T_FIXED, TK_FIXED, sca
                    BLOCK_N, KSTRIDE, KOFF, WINDOW, False)
     dq = _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, tl.maximum(fa, fb), j_hi, j_hi, qk_scale, HKV, DK,
                    DV, BDK, BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True)
-    _store_grad_tile(DQ, row_off, rvalid, _gated(dq, g, GATE_I) * scale, DK, BDK, DQ_ADD)
+    _store_grad_tile(DQ, row_off, rvalid, _gated(dq, g, GATED) * scale, DK, BDK, DQ_ADD)
 
 
 @triton.jit
 def _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, t_start, t_stop, t_end, qk_scale,
                 HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 BDK: tl.constexpr, BDV: tl.constexpr, BLOCK_T: tl.constexpr, KSTRIDE: tl.constexpr, KOFF,
-                WINDOW: tl.constexpr, MASKED: tl.constexpr, GATE, GATE_I: tl.constexpr):
+                WINDOW: tl.constexpr, MASKED: tl.constexpr, GATE, GATED: tl.constexpr):
     for t0 in range(t_start, t_stop, BLOCK_T):
         tq, hq, hvalid = _rows(t0, kvh, BLOCK_T, G, GP)
         rvalid = hvalid & (tq < t_end)
         row_off = (bos + tq.to(tl.int64)) * HQ + hq
-        q, do, lse2, delta, g = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATE_I)
+        q, do, lse2, delta, g = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATED)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.exp2(s - lse2[:, None])  # padding rows: lse2 = +inf, p = 0
         if MASKED:
             p = tl.where(_visible(j, jvalid, tq, KSTRIDE, KOFF, WINDOW) & rvalid[:, None], p, 0.0)
-        p = _gated(p, g, GATE_I)
+        p = _gated(p, g, GATED)
         dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
@@ -282,7 +284,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, CU, CU_K, T_FIXED, TK_FI
                      DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                      KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
-                     Q_SPLIT: tl.constexpr, GATE=None, GATE_I: tl.constexpr = -1):
+                     Q_SPLIT: tl.constexpr, GATE=None, GATED: tl.constexpr = False):
     pid_n = tl.program_id(0)
     seq = tl.program_id(1) // HKV
     kvh = tl.program_id(1) % HKV
@@ -314,13 +316,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, CU, CU_K, T_FIXED, TK_FI
     tb = tl.where(j0 + BLOCK_N <= TK, tb, ta)
     dk_acc, dv_acc = _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, t_lo, ta, t_end,
                                  qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, KSTRIDE, KOFF, WINDOW, True, GATE,
-                                 GATE_I)
+                                 GATED)
     dk_acc, dv_acc = _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, ta, tb, t_end,
                                  qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, KSTRIDE, KOFF, WINDOW, False, GATE,
-                                 GATE_I)
+                                 GATED)
     dk_acc, dv_acc = _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, tl.maximum(ta, tb),
                                  t_end, t_end, qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, KSTRIDE, KOFF, WINDOW,
-                                 True, GATE, GATE_I)
+                                 True, GATE, GATED)
     dk_mask = jvalid[:, None] & (dk[None, :] < DK)
     dv_mask = jvalid[:, None] & (dv[None, :] < DV)
     if Q_SPLIT > 0:
@@ -451,11 +453,11 @@ def masked_forward(q, k, v, scale: float, L: _Launch):
     return o, lse
 
 
-def masked_backward(q, k, v, do, lse, delta, scale: float, L: _Launch, dq=None, gate=None, gate_i: int = -1):
+def masked_backward(q, k, v, do, lse, delta, scale: float, L: _Launch, dq=None, gate=None):
     """``(dq, dk, dv)`` given ``delta = rowsum(o * do)``; with ``dq`` given, this call's dq is added onto it; with
-    ``gate`` (``[b, t, hq, 3]``), ``do`` is the gated output's gradient and this branch's is ``gate[..., gate_i] *
-    do``."""
-    gated = dict(GATE=gate, GATE_I=gate_i) if gate is not None else {}
+    ``gate`` (this branch's gate, contiguous fp32 ``[b, t, hq]``), ``do`` is the gated sum's gradient and this
+    branch's output gradient is ``gate * do`` (``delta`` then is ``rowsum(o * do)``)."""
+    gated = dict(GATE=gate, GATED=True) if gate is not None else {}
     add = dq is not None
     dq = dq if add else torch.empty_like(q)
     split = L.q_split > 0

@@ -57,11 +57,11 @@ class NSACore(torch.autograd.Function):
         scale = ctx.scale
         do = do.contiguous()
         dgate, (delta_cmp, delta_slc, delta_swa) = gate_backward(o_cmp, o_slc, o_swa, gate, do, fused=True)
-        dq, dk_swa, dv_swa = masked_backward(q, k_swa, v_swa, do, lse_swa, delta_swa, scale, L_swa, gate=gate,
-                                             gate_i=2)
+        g_cmp, g_slc, g_swa = gate.float().permute(3, 0, 1, 2).contiguous().unbind(0)
+        dq, dk_swa, dv_swa = masked_backward(q, k_swa, v_swa, do, lse_swa, delta_swa, scale, L_swa, gate=g_swa)
         _, dk_slc, dv_slc = selected_backward(q, k_slc, v_slc, indices, do, lse_slc, delta_slc, L_slc, scale, dq=dq,
-                                              gate=gate, gate_i=1)
-        _, dkc, dvc = masked_backward(q, kc, vc, do, lse_cmp, delta_cmp, scale, L_cmp, dq=dq, gate=gate, gate_i=0)
+                                              gate=g_slc)
+        _, dkc, dvc = masked_backward(q, kc, vc, do, lse_cmp, delta_cmp, scale, L_cmp, dq=dq, gate=g_cmp)
         return (dq, dkc, dvc, dk_slc.to(k_slc.dtype), dv_slc.to(v_slc.dtype), dk_swa, dv_swa,
                 dgate.to(gate.dtype), None, None, None, None, None)
 

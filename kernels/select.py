@@ -113,12 +113,12 @@ def _sel_dq_loop_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED,
                         NP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
                         BDV: tl.constexpr, BS: tl.constexpr, VARLEN: tl.constexpr,
                         DQ_ADD: tl.constexpr = False, GATE=None,
-                        GATE_I: tl.constexpr = -1):
+                        GATED: tl.constexpr = False):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, 1, G, GP, VARLEN)
     if t0 >= T:
         return
     row_off, list_start, i_lo, i_hi = _position_blocks(IDX, bos, t0, kvh, hq, LO, HI, HQ, HKV, N, NP)
-    q, do, lse2, delta, g = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATE_I)
+    q, do, lse2, delta, g = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATED)
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([GP, BDK], dtype=tl.float32)
     for i in range(i_lo, i_hi):
@@ -128,7 +128,7 @@ def _sel_dq_loop_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED,
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
-    _store_grad_tile(DQ, row_off, rvalid, _gated(dq, g, GATE_I) * scale, DK, BDK, DQ_ADD)
+    _store_grad_tile(DQ, row_off, rvalid, _gated(dq, g, GATED) * scale, DK, BDK, DQ_ADD)
 
 
 @triton.jit
@@ -174,14 +174,14 @@ def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED, 
                        DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BS: tl.constexpr,
                        BLOCK_T: tl.constexpr, VARLEN: tl.constexpr,
                        DQ_ADD: tl.constexpr = False, GATE=None,
-                        GATE_I: tl.constexpr = -1):
+                        GATED: tl.constexpr = False):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
     row = bos + tq.to(tl.int64)
     row_off = row * HQ + hq
     idx_row = row * HKV + kvh
-    q, do, lse2, delta, g = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATE_I)
+    q, do, lse2, delta, g = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATED)
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_T * GP, BDK], dtype=tl.float32)
     ptr, cur = _walk_start(IDX, idx_row, rvalid, LO, HI, BLOCK_T * GP, N, NP)
@@ -197,7 +197,7 @@ def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED, 
         ptr += hit.to(tl.int32)
         cur = _next_block(IDX, idx_row, ptr, rvalid, HI, N)
         blk = tl.min(cur, 0)
-    _store_grad_tile(DQ, row_off, rvalid, _gated(dq, g, GATE_I) * scale, DK, BDK, DQ_ADD)
+    _store_grad_tile(DQ, row_off, rvalid, _gated(dq, g, GATED) * scale, DK, BDK, DQ_ADD)
 
 
 @triton.jit
@@ -206,7 +206,7 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
                          HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                          DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                          BS: tl.constexpr, BLOCK_Q: tl.constexpr, VARLEN: tl.constexpr, GATE=None,
-                         GATE_I: tl.constexpr = -1):
+                         GATED: tl.constexpr = False):
     item = tl.program_id(0)
     start = tl.load(ITEM_START + item)
     end = tl.load(ITEM_END + item)
@@ -234,10 +234,10 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
         rvalid = (qi < end) & (hg < G)
         tq = tl.load(QLIST + qi, mask=rvalid, other=0)
         row_off = (bos + tq.to(tl.int64)) * HQ + kvh * G + hg
-        q, do, lse2, delta, g = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATE_I)
+        q, do, lse2, delta, g = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATED)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         vis = (pos[None, :] <= tq[:, None] + QOFF) & rvalid[:, None]
-        p = _gated(tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0), g, GATE_I)
+        p = _gated(tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0), g, GATED)
         dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
@@ -367,12 +367,12 @@ def selected_forward(q, k, v, indices, L: _SelLaunch, scale: float):
 
 
 def selected_backward(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: float, dq_dtype=None, dq=None,
-                      gate=None, gate_i: int = -1):
+                      gate=None):
     """``(dq, dk fp32, dv fp32)`` of this key buffer's share, given the final ``lse`` and
     ``delta = rowsum(o * do)`` (so ring steps can each add their part); with ``dq`` given, this call's dq is added
-    onto it; ``gate`` / ``gate_i``: as :func:`flash.masked_backward`."""
+    onto it; ``gate``: as :func:`flash.masked_backward`."""
     add = dq is not None
-    gated = dict(GATE=gate, GATE_I=gate_i) if gate is not None else {}
+    gated = dict(GATE=gate, GATED=True) if gate is not None else {}
     dq = dq if add else torch.empty_like(q, dtype=dq_dtype or q.dtype)
     dk = torch.zeros_like(k, dtype=torch.float32)
     dv = torch.zeros_like(v, dtype=torch.float32)
