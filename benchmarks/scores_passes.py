@@ -15,7 +15,8 @@ import math
 import torch
 import triton
 
-from nsa_parallel.kernels import Compression, NSAConfig, nsa_attention
+from nsa_parallel.bench import core_inputs
+from nsa_parallel.kernels import NSAConfig, nsa_attention
 from nsa_parallel.kernels import compress as cmp
 from nsa_parallel.kernels.topn import select_topn
 
@@ -30,11 +31,7 @@ def main() -> None:
     rows = []
     for t in args.seqlens:
         torch.manual_seed(0)
-        mk = lambda *s: torch.randn(*s, device=dev, dtype=dt).requires_grad_(True)  # noqa: E731
-        q = mk(1, t, hq, d)
-        kvs = [mk(1, t, hkv, d) for _ in range(6)]
-        gate = torch.rand(1, t, hq, 3, device=dev, dtype=dt).requires_grad_(True)
-        ck, cv = (Compression(hkv, d, cfg.compress_block, cfg.compress_stride, device=dev, dtype=dt) for _ in "kv")
+        q, kvs, gate, ck, cv = core_inputs(t, hq, hkv, d, d, cfg, dev, dt)
         scale = 1 / math.sqrt(d)
         with torch.no_grad():
             kc, vc = ck(kvs[0]), cv(kvs[1])

@@ -19,7 +19,8 @@ import os
 import torch
 import triton
 
-from nsa_parallel.kernels import Compression, NSAConfig, nsa_attention
+from nsa_parallel.bench import core_inputs
+from nsa_parallel.kernels import NSAConfig, nsa_attention
 from nsa_parallel.kernels import compress as C
 from nsa_parallel.kernels import topn as TN
 from nsa_parallel.kernels.compress import compressed_attention
@@ -113,13 +114,9 @@ def main() -> None:
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     log = Log(os.path.join(args.out, "selection_sweep.json"))
-    cfg, hq, hkv, d, dev, dt, t = NSAConfig(), 64, 4, 128, "cuda", torch.bfloat16, args.t
+    cfg, hq, hkv, d, t = NSAConfig(), 64, 4, 128, args.t
     torch.manual_seed(0)
-    mk = lambda *s: torch.randn(*s, device=dev, dtype=dt).requires_grad_(True)  # noqa: E731
-    q = mk(1, t, hq, d)
-    kvs = [mk(1, t, hkv, d) for _ in range(6)]
-    gate = torch.rand(1, t, hq, 3, device=dev, dtype=dt).requires_grad_(True)
-    ck, cv = (Compression(hkv, d, cfg.compress_block, cfg.compress_stride, device=dev, dtype=dt) for _ in "kv")
+    q, kvs, gate, ck, cv = core_inputs(t, hq, hkv, d, d, cfg, "cuda")
     scale = 1 / math.sqrt(d)
     if "scores" in args.only or "topn" in args.only:
         with torch.no_grad():

@@ -391,7 +391,8 @@ COMPRESSED_DQ_TILES = (128, 64, 8, 3)
 
 
 class _Launch:
-    """Shapes, grid and compile-time constants shared by the three kernels of one call."""
+    """Shapes, grids and compile-time constants of one call's three kernels; the forward and dq kernels may have
+    tiles of their own (``fwd``, ``dq``: grid, constants, launch options), dK/dV uses ``grid_k`` / ``const``."""
 
     def __init__(self, q, k, v, kstride, koff, window, cu_seqlens, cu_seqlens_k, max_seqlens=None, block_m=64,
                  block_n=64):

@@ -78,20 +78,27 @@ def matmul_ceiling() -> float:
     return 2 * 8192 ** 3 / ms / 1e9
 
 
-def _bench_nsa(row, t, hq, hkv, dk, dv, cfg, dev):
-    from nsa_parallel.kernels import Compression, nsa_attention
-    from nsa_parallel.kernels.compress import compressed_attention, selection_scores
-    from nsa_parallel.kernels.flash import position_masked_attention
-    from nsa_parallel.kernels.select import selected_attention
-    from nsa_parallel.kernels.topn import select_topn
-
-    dt = torch.bfloat16
+def core_inputs(t, hq, hkv, dk, dv, cfg, dev, dt=torch.bfloat16):
+    """Random inputs of the NSA core at batch 1: ``(q, [k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa], gate, phi_k,
+    phi_v)``, tensors requiring grad (also used by the scripts in benchmarks/)."""
+    from nsa_parallel.kernels import Compression
     mk = lambda *s: torch.randn(*s, device=dev, dtype=dt).requires_grad_(True)  # noqa: E731
     q = mk(1, t, hq, dk)
     kvs = [mk(1, t, hkv, d) for d in (dk, dv, dk, dv, dk, dv)]
     gate = torch.rand(1, t, hq, 3, device=dev, dtype=dt).requires_grad_(True)
     ck = Compression(hkv, dk, cfg.compress_block, cfg.compress_stride, device=dev, dtype=dt)
     cv = Compression(hkv, dv, cfg.compress_block, cfg.compress_stride, device=dev, dtype=dt)
+    return q, kvs, gate, ck, cv
+
+
+def _bench_nsa(row, t, hq, hkv, dk, dv, cfg, dev):
+    from nsa_parallel.kernels import nsa_attention
+    from nsa_parallel.kernels.compress import compressed_attention, selection_scores
+    from nsa_parallel.kernels.flash import position_masked_attention
+    from nsa_parallel.kernels.select import selected_attention
+    from nsa_parallel.kernels.topn import select_topn
+
+    q, kvs, gate, ck, cv = core_inputs(t, hq, hkv, dk, dv, cfg, dev)
     scale = 1 / math.sqrt(dk)
     core = lambda: nsa_attention(q, *kvs, gate, compress_k=ck, compress_v=cv, config=cfg,  # noqa: E731
                                  backend="triton")
