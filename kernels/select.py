@@ -18,8 +18,7 @@ import triton
 import triton.language as tl
 
 from .flash import (_bwd_rows, _finish, _gated, _load_tile, _q_tile, _seq_bounds, _softmax_step, _store_grad_tile,
-                    _store_tile, row_dot,
-                    wide_tile_stages)
+                    _store_tile, row_dot, wide_tile_stages)
 from .varlen import max_seqlen
 
 
@@ -112,8 +111,7 @@ def _sel_dq_loop_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED,
                         HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr,
                         NP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
                         BDV: tl.constexpr, BS: tl.constexpr, VARLEN: tl.constexpr,
-                        DQ_ADD: tl.constexpr = False, GATE=None,
-                        GATED: tl.constexpr = False):
+                        DQ_ADD: tl.constexpr = False, GATE=None, GATED: tl.constexpr = False):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, 1, G, GP, VARLEN)
     if t0 >= T:
         return
@@ -173,8 +171,7 @@ def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED, 
                        NP: tl.constexpr,
                        DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BS: tl.constexpr,
                        BLOCK_T: tl.constexpr, VARLEN: tl.constexpr,
-                       DQ_ADD: tl.constexpr = False, GATE=None,
-                        GATED: tl.constexpr = False):
+                       DQ_ADD: tl.constexpr = False, GATE=None, GATED: tl.constexpr = False):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
