@@ -78,13 +78,14 @@ def gate_backward(o_cmp, o_slc, o_swa, gate, do, fused: bool = False):
     dv = o_cmp.shape[-1]
     rows = o_cmp.numel() // dv
     grid, const = _launch(dv, rows)
+    do = do.contiguous()
     if fused:
         planes = torch.empty(3, *gate.shape[:-1], device=gate.device, dtype=torch.float32)
         _gate_bwd[grid](o_cmp, o_slc, o_swa, gate, do, planes, planes, planes, planes, rows, **const, FUSED=True)
         return planes.permute(1, 2, 3, 0), list(planes.unbind(0))
     outs = [torch.empty_like(o_cmp), torch.empty_like(o_slc), torch.empty_like(o_swa)]
     dgate = torch.empty(gate.shape, device=gate.device, dtype=torch.float32)
-    _gate_bwd[grid](o_cmp, o_slc, o_swa, gate, do.contiguous(), *outs, dgate, rows, **const, FUSED=False)
+    _gate_bwd[grid](o_cmp, o_slc, o_swa, gate, do, *outs, dgate, rows, **const, FUSED=False)
     return (*outs, dgate)
 
 
