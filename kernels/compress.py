@@ -12,21 +12,14 @@ import triton
 import triton.language as tl
 
 from .config import NSAConfig
-from .flash import (
-    NO_WINDOW,
-    _load_lse2,
-    _load_tile,
-    _q_tile,
-    _tiles,
-    position_masked_attention,
-)
+from .flash import NO_WINDOW, _load_lse2, _load_tile, _seq_bounds, _tiles, position_masked_attention
 from .interface import check_triton_config
 from .varlen import max_seqlen
 
 SCORES_WIDE_STAGES = 1  # pipeline stages of 256-wide tiles (dk above 128); 2 and 3 measured slower (H100)
 SCORES_ONE_PASS = True  # one q.k pass per tile, blocks by overlap weights (else one pass per slot a token covers)
-SCORES_BLOCK_M, SCORES_WARPS, SCORES_STAGES = 128, 8, 2  # rows (positions x heads) per program, warps, stages:
-# the best of 7 on an H100 at 64k (7.7 ms against 8.4 for 64 rows, 4 warps, 3 stages; benchmarks/tile_sweep.py)
+SCORES_BLOCK_M, SCORES_WARPS, SCORES_STAGES = 128, 4, 2  # query rows (positions x heads) per program, warps,
+# stages: the best of 11 on an H100 at 64k (4.95 ms; 8 warps 6.25, 3 stages 5.7, 256 rows 5.0-7.7; docs/benchmarks.md)
 SCORES_TOKENS = 64  # compressed tokens per key tile (one-pass kernel)
 
 
@@ -48,59 +41,99 @@ def overlap_weights(A: tl.constexpr, S: tl.constexpr):
 
 
 @triton.jit
+def _group_sum(e, BC: tl.constexpr, BLOCK_T: tl.constexpr, GP: tl.constexpr):
+    """``[BC, BLOCK_T * GP]`` -> ``[BC, BLOCK_T]``: the sum over the heads of each position, columns in the order
+    of :func:`_score_columns`."""
+    HL: tl.constexpr = min(GP, 2)
+    PL: tl.constexpr = min(BLOCK_T, 4)
+    e = tl.sum(tl.reshape(e, [BC, BLOCK_T // PL, GP // HL, PL, HL]), axis=4)
+    return tl.reshape(tl.sum(e, axis=2), [BC, BLOCK_T])
+
+
+@triton.jit
+def _score_columns(t0, kvh, BLOCK_T: tl.constexpr, G: tl.constexpr, GP: tl.constexpr):
+    """Position and head of each column of the scores kernel's ``kc q^T`` products: column
+    ``((ph * GP/HL + hh) * PL + pl) * HL + hl`` holds head ``hh * HL + hl`` of position ``ph * PL + pl``
+    (``HL = 2``, ``PL = 4`` when there are as many). A Hopper wgmma accumulator gives each thread, per row, the
+    columns ``{0, 1} + 2 * (lane % 4) + 8 i``, so this order puts all heads of one position (column bits 0 and 3..)
+    in one thread's registers: the group's head sum takes adds, not shuffles."""
+    HL: tl.constexpr = min(GP, 2)
+    PL: tl.constexpr = min(BLOCK_T, 4)
+    c = tl.arange(0, BLOCK_T * GP)
+    hg = (c // (HL * PL)) % (GP // HL) * HL + c % HL
+    tq = t0 + c // (GP * PL) * PL + (c // HL) % PL
+    return tq, kvh * G + hg, hg < G
+
+
+@triton.jit
 def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, QOFF, scale,
                    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                    DK: tl.constexpr, BDK: tl.constexpr, BLOCK_T: tl.constexpr, BJ: tl.constexpr,
                    S: tl.constexpr, A: tl.constexpr, KSTRIDE: tl.constexpr, KOFF: tl.constexpr,
                    SEL_BLOCK: tl.constexpr, VARLEN: tl.constexpr, ONE_PASS: tl.constexpr):
-    bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
+    # One program: BLOCK_T positions x the GP heads of one KV head, against tiles of BJ*S compressed tokens.
+    # The products are s^T = kc q^T ([tokens, query rows]): with the query rows as columns in _score_columns'
+    # order, the head sum is in-thread and only the [tokens, positions] sums move between threads (H100 at 64k, same
+    # run: 6.2 ms against 7.7 for q kc^T with the heads summed across lanes, both 8 warps; 4.95 ms with 4).
+    seq = tl.program_id(1) // HKV
+    kvh = tl.program_id(1) % HKV
+    bos, T, kbos, TK = _seq_bounds(seq, CU, CU_K, T_FIXED, TK_FIXED, VARLEN)
+    t0 = tl.program_id(0) * BLOCK_T
     if t0 >= T:
         return
-    dk = tl.arange(0, BDK)
+    tq, hq, hvalid = _score_columns(t0, kvh, BLOCK_T, G, GP)
+    rvalid = hvalid & (tq < T)
     row_off = (bos + tq.to(tl.int64)) * HQ + hq
-    q = _load_tile(Q, row_off, rvalid, DK, BDK)
-    lse2 = _load_lse2(LSE, row_off, rvalid)
+    qt = tl.trans(_load_tile(Q, row_off, rvalid, DK, BDK))
+    lse2 = _load_lse2(LSE, row_off, rvalid)  # +inf on padding rows: their probabilities are 0
     qk_scale = scale * 1.4426950408889634
-    t_hi = tl.minimum(t0 + BLOCK_T, T) - 1 + QOFF
-    n_blocks = t_hi // SEL_BLOCK + 1  # blocks that start at or before the last query of the tile
+    dk = tl.arange(0, BDK)
     tpos = t0 + tl.arange(0, BLOCK_T)
+    n_blocks = (tl.minimum(t0 + BLOCK_T, T) - 1 + QOFF) // SEL_BLOCK + 1  # blocks up to the tile's last query
+    kk = tl.arange(0, BJ)
+    out_row = ((bos + tpos.to(tl.int64)) * HKV + kvh) * NS
+    out_mask = tpos < T
     if ONE_PASS:  # A <= S: each compressed token reaches its own selection block and at most the next one
         w_own, w_spill = overlap_weights(A, S)
-        kk = tl.arange(0, BJ)
         carry = tl.zeros([BLOCK_T], dtype=tl.float32)  # the previous tile's last block's spill
         for j0 in range(0, n_blocks, BJ):
             ci = j0 * S + tl.arange(0, BJ * S)  # the compressed tokens of this tile of selection blocks
-            cvalid = ci < TK
-            kc = tl.load(KC + ((kbos + ci.to(tl.int64)) * HKV + kvh)[:, None] * DK + dk[None, :],
-                         mask=cvalid[:, None] & (dk[None, :] < DK), other=0.0)
-            s = tl.dot(q, tl.trans(kc)) * qk_scale
-            vis = cvalid[None, :] & ((ci * KSTRIDE + KOFF)[None, :] <= tq[:, None] + QOFF) & rvalid[:, None]
-            p = tl.sum(tl.reshape(tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0), [BLOCK_T, GP, BJ, S]), axis=1)
-            own = tl.sum(p * w_own[None, None, :], axis=2)  # [BLOCK_T, BJ]
-            spill = tl.sum(p * w_spill[None, None, :], axis=2)
+            p = _token_probs(KC, qt, lse2, ci, kbos, kvh, TK, tpos, dk, qk_scale, QOFF, HKV, DK, BJ * S,
+                             BLOCK_T, GP, KSTRIDE, KOFF)
+            p = tl.reshape(p, [BJ, S, BLOCK_T])
+            own = tl.sum(p * w_own[None, :, None], axis=1)  # [BJ, BLOCK_T]
+            spill = tl.sum(p * w_spill[None, :, None], axis=1)
             # block k takes block k - 1's spill: a shift along the block axis, as an exact 0/1 sum
-            shifted = tl.sum(tl.where(kk[None, :, None] == kk[None, None, :] + 1, spill[:, None, :], 0.0), axis=2)
-            blk = own + shifted + tl.where(kk[None, :] == 0, carry[:, None], 0.0)
-            carry = tl.sum(tl.where(kk[None, :] == BJ - 1, spill, 0.0), axis=1)
+            shifted = tl.sum(tl.where(kk[:, None, None] == kk[None, :, None] + 1, spill[None, :, :], 0.0), axis=1)
+            blk = own + shifted + tl.where(kk[:, None] == 0, carry[None, :], 0.0)
+            carry = tl.sum(tl.where(kk[:, None] == BJ - 1, spill, 0.0), axis=0)
             j = j0 + kk
-            out = SC + ((bos + tpos.to(tl.int64)) * HKV + kvh)[:, None] * NS + j[None, :]
-            tl.store(out, blk, mask=(tpos < T)[:, None] & (j < NS)[None, :])
+            tl.store(SC + out_row[None, :] + j[:, None], blk, mask=out_mask[None, :] & (j < NS)[:, None])
     else:  # a token reaches more blocks than the next: sum slot by slot, one q.k pass per slot a token covers
         for j0 in range(0, n_blocks, BJ):
             u = j0 * S + tl.arange(0, BJ * S)  # stride slots of this tile of selection blocks
-            acc = tl.zeros([BLOCK_T * GP, BJ * S], dtype=tl.float32)
+            acc = tl.zeros([BJ * S, BLOCK_T], dtype=tl.float32)
             for n in tl.static_range(A):  # slot u holds compressed blocks u-A+1 .. u
-                ci = u - n
-                cvalid = (ci >= 0) & (ci < TK)
-                kc = tl.load(KC + ((kbos + ci.to(tl.int64)) * HKV + kvh)[:, None] * DK + dk[None, :],
-                             mask=cvalid[:, None] & (dk[None, :] < DK), other=0.0)
-                s = tl.dot(q, tl.trans(kc)) * qk_scale
-                vis = cvalid[None, :] & ((ci * KSTRIDE + KOFF)[None, :] <= tq[:, None] + QOFF) & rvalid[:, None]
-                acc += tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-            blk = tl.sum(tl.sum(tl.reshape(acc, [BLOCK_T, GP, BJ, S]), axis=3), axis=1)  # [BLOCK_T, BJ]
-            j = j0 + tl.arange(0, BJ)
-            out = SC + ((bos + tpos.to(tl.int64)) * HKV + kvh)[:, None] * NS + j[None, :]
-            tl.store(out, blk, mask=(tpos < T)[:, None] & (j < NS)[None, :])
+                acc += _token_probs(KC, qt, lse2, u - n, kbos, kvh, TK, tpos, dk, qk_scale, QOFF, HKV, DK,
+                                    BJ * S, BLOCK_T, GP, KSTRIDE, KOFF)
+            blk = tl.sum(tl.reshape(acc, [BJ, S, BLOCK_T]), axis=1)  # [BJ, BLOCK_T]
+            j = j0 + kk
+            tl.store(SC + out_row[None, :] + j[:, None], blk, mask=out_mask[None, :] & (j < NS)[:, None])
+
+
+@triton.jit
+def _token_probs(KC, qt, lse2, ci, kbos, kvh, TK, tpos, dk, qk_scale, QOFF, HKV: tl.constexpr, DK: tl.constexpr,
+                 BC: tl.constexpr, BLOCK_T: tl.constexpr, GP: tl.constexpr, KSTRIDE: tl.constexpr,
+                 KOFF: tl.constexpr):
+    """``[BC, BLOCK_T]``: compressed tokens ``ci``'s probabilities summed over each position's heads, 0 where
+    a token is not visible (or not there)."""
+    cvalid = (ci >= 0) & (ci < TK)
+    kc = tl.load(KC + ((kbos + ci.to(tl.int64)) * HKV + kvh)[:, None] * DK + dk[None, :],
+                 mask=cvalid[:, None] & (dk[None, :] < DK), other=0.0)
+    # masked after the head sum (one position's heads share it); a future token's exp2 may be inf there, never NaN
+    p = _group_sum(tl.exp2(tl.dot(kc, qt) * qk_scale - lse2[None, :]), BC, BLOCK_T, GP)
+    vis = cvalid[:, None] & ((ci * KSTRIDE + KOFF)[:, None] <= tpos[None, :] + QOFF)
+    return tl.where(vis, p, 0.0)
 
 
 def selection_scores(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seqlens=None, cmp_cu_seqlens=None,
