@@ -98,15 +98,12 @@ def _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK: tl.constexpr, DV: tl.const
 
 @triton.jit
 def _gated(p, g, GATED: tl.constexpr):
-    """``p * g`` with ``GATED`` (``g`` broadcast to ``p`` by the caller: ``g[:, None]`` for row-major tiles,
-    ``g[None, :]`` for the transposed dK/dV tiles), else ``p``.
-
-    ``GATED``: ``DO`` is the gated sum's gradient ``do`` and the branch's output gradient is ``g * do``.
+    """``GATED``: ``DO`` is the gated sum's gradient ``do`` and the branch's output gradient is ``g * do``.
     Scaling the probabilities instead (``p' = g p``; dV = p'^T do, dS = p' (do.v - rowsum(o * do))) gives the same
     gradients with ``do`` loaded as it is (a tile computed from it would no longer be an async-copied operand:
     2x slower dK/dV, measured) and delta = rowsum(o * do), which the gate's backward computes anyway."""
     if GATED:
-        p = p * g
+        p = p * g[:, None]
     return p
 
 
@@ -170,10 +167,10 @@ def _kv_tile(K, V, kbos, kvh, j0, j_hi, HKV: tl.constexpr, DK: tl.constexpr, DV:
 
 
 @triton.jit
-def _visible(kp, tq, WINDOW: tl.constexpr):
-    """Whether keys at positions ``kp`` are visible to queries at ``tq`` (broadcast against each other: ``kp[None, :]``
-    and ``tq[:, None]`` give ``[rows, keys]``, the transposed pair ``[keys, rows]``)."""
-    return (kp <= tq) & (kp > tq - WINDOW)
+def _visible(j, jvalid, tq, KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr):
+    """``[rows, keys]``: key ``j`` (position ``j * KSTRIDE + KOFF``) is visible to query ``tq``."""
+    kp = j * KSTRIDE + KOFF
+    return (kp[None, :] <= tq[:, None]) & (kp[None, :] > tq[:, None] - WINDOW) & jvalid[None, :]
 
 
 @triton.jit
@@ -184,8 +181,7 @@ def _fwd_tiles(q, K, V, kbos, kvh, tq, j_start, j_end, j_hi, m_i, l_i, acc, qk_s
         j, jvalid, _, k, v = _kv_tile(K, V, kbos, kvh, j0, j_hi, HKV, DK, DV, BDK, BDV, BLOCK_N)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if MASKED:
-            vis = _visible((j * KSTRIDE + KOFF)[None, :], tq[:, None], WINDOW) & jvalid[None, :]
-            s = tl.where(vis, s, float("-inf"))
+            s = tl.where(_visible(j, jvalid, tq, KSTRIDE, KOFF, WINDOW), s, float("-inf"))
         m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc)
     return m_i, l_i, acc
 
@@ -228,7 +224,7 @@ def _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, j_start, j_end, j_hi,
         s = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
-            p = tl.where(_visible((j * KSTRIDE + KOFF)[None, :], tq[:, None], WINDOW) & jvalid[None, :], p, 0.0)
+            p = tl.where(_visible(j, jvalid, tq, KSTRIDE, KOFF, WINDOW), p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
@@ -257,7 +253,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K, T_FIXED, TK_FIXED, sca
                    BLOCK_N, KSTRIDE, KOFF, WINDOW, False)
     dq = _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, tl.maximum(fa, fb), j_hi, j_hi, qk_scale, HKV, DK,
                    DV, BDK, BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True)
-    _store_grad_tile(DQ, row_off, rvalid, _gated(dq, g[:, None], GATED) * scale, DK, BDK, DQ_ADD)
+    _store_grad_tile(DQ, row_off, rvalid, _gated(dq, g, GATED) * scale, DK, BDK, DQ_ADD)
 
 
 @triton.jit
@@ -265,22 +261,20 @@ def _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, t_
                 HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 BDK: tl.constexpr, BDV: tl.constexpr, BLOCK_T: tl.constexpr, KSTRIDE: tl.constexpr, KOFF,
                 WINDOW: tl.constexpr, MASKED: tl.constexpr, GATE, GATED: tl.constexpr):
-    # transposed products (keys as rows): p^T and dS^T come out of one product as the register operand of the
-    # next, and K / V, the loop-invariant operands, stay in shared memory (q k^T with transposes of p and dS
-    # re-stored K and V to shared memory every step)
     for t0 in range(t_start, t_stop, BLOCK_T):
         tq, hq, hvalid = _rows(t0, kvh, BLOCK_T, G, GP)
         rvalid = hvalid & (tq < t_end)
         row_off = (bos + tq.to(tl.int64)) * HQ + hq
         q, do, lse2, delta, g = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATED)
-        pT = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])  # [keys, rows]; padding rows: 0
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.exp2(s - lse2[:, None])  # padding rows: lse2 = +inf, p = 0
         if MASKED:
-            vis = _visible((j * KSTRIDE + KOFF)[:, None], tq[None, :], WINDOW) & jvalid[:, None]
-            pT = tl.where(vis & rvalid[None, :], pT, 0.0)
-        pT = _gated(pT, g[None, :], GATED)
-        dv_acc += tl.dot(pT.to(do.dtype), do)
-        dsT = pT * (tl.dot(v, tl.trans(do)) - delta[None, :])
-        dk_acc += tl.dot(dsT.to(q.dtype), q)
+            p = tl.where(_visible(j, jvalid, tq, KSTRIDE, KOFF, WINDOW) & rvalid[:, None], p, 0.0)
+        p = _gated(p, g, GATED)
+        dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dk_acc += tl.dot(tl.trans(ds.to(q.dtype)), q)
     return dk_acc, dv_acc
 
 

@@ -126,7 +126,7 @@ def _sel_dq_loop_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED,
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
-    _store_grad_tile(DQ, row_off, rvalid, _gated(dq, g[:, None], GATED) * scale, DK, BDK, DQ_ADD)
+    _store_grad_tile(DQ, row_off, rvalid, _gated(dq, g, GATED) * scale, DK, BDK, DQ_ADD)
 
 
 @triton.jit
@@ -194,7 +194,7 @@ def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED, 
         ptr += hit.to(tl.int32)
         cur = _next_block(IDX, idx_row, ptr, rvalid, HI, N)
         blk = tl.min(cur, 0)
-    _store_grad_tile(DQ, row_off, rvalid, _gated(dq, g[:, None], GATED) * scale, DK, BDK, DQ_ADD)
+    _store_grad_tile(DQ, row_off, rvalid, _gated(dq, g, GATED) * scale, DK, BDK, DQ_ADD)
 
 
 @triton.jit
@@ -232,13 +232,13 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
         tq = tl.load(QLIST + qi, mask=rvalid, other=0)
         row_off = (bos + tq.to(tl.int64)) * HQ + kvh * G + hg
         q, do, lse2, delta, g = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATED)
-        # transposed products, as flash._dkdv_tiles: K / V stay in shared memory, p^T and dS^T in registers
-        sT = tl.dot(k, tl.trans(q)) * qk_scale  # [keys, rows]
-        vis = (pos[:, None] <= tq[None, :] + QOFF) & rvalid[None, :]
-        pT = _gated(tl.where(vis, tl.exp2(sT - lse2[None, :]), 0.0), g[None, :], GATED)
-        dv_acc += tl.dot(pT.to(do.dtype), do)
-        dsT = pT * (tl.dot(v, tl.trans(do)) - delta[None, :])
-        dk_acc += tl.dot(dsT.to(q.dtype), q)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        vis = (pos[None, :] <= tq[:, None] + QOFF) & rvalid[:, None]
+        p = _gated(tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0), g, GATED)
+        dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dk_acc += tl.dot(tl.trans(ds.to(q.dtype)), q)
     # several work items may share a block (block 0 is every query's): partial tiles meet in fp32
     tl.atomic_add(DK_ + kv_off[:, None] * DK + dk[None, :], dk_acc * scale, mask=pvalid[:, None] & (dk[None, :] < DK))
     tl.atomic_add(DV_ + kv_off[:, None] * DV + dv[None, :], dv_acc, mask=pvalid[:, None] & (dv[None, :] < DV))
