@@ -1,6 +1,7 @@
 """Tile / warp / pipeline-stage sweep of the attention kernels on one GPU (a measurement, not a test).
 
     python -P benchmarks/tile_sweep.py --t 65536 --out tile_sweep.json [--only cmp swa sel]
+        [--kernels fwd dq dkdv] [--configs 64,64,4,2 64,128,8,2 ...]   (rows, keys, warps, stages)
 
 For the compressed and window branches (flash.py) and the selected branch (select.py) it runs each kernel with
 every candidate launch config, checks the result against the shipped config (bf16 tolerance), and times it (median
@@ -43,16 +44,17 @@ def emit(rows, out, **row):
                        rows=rows), f, indent=1)
 
 
-def sweep_flash(name, q, k, v, scale, kstride, koff, window, configs, rows, out):
+def sweep_flash(name, q, k, v, scale, kstride, koff, window, configs, rows, out, kernels=("fwd", "dq", "dkdv")):
     o_ref, lse_ref = F.position_masked_attention(q, k, v, scale, kstride, koff, window)
     do = torch.randn_like(o_ref)
     delta = (o_ref.float() * do.float()).sum(-1)
     ref_grads = None
-    for kern in ("fwd", "dq", "dkdv"):
+    for kern in kernels:
         for bm, bn, w, st in configs:
             t0 = time.time()
             try:
-                L = F._Launch(q, k, v, kstride, koff, window, None, None, None, block_m=bm, block_n=bn)
+                L = F._Launch(q, k, v, kstride, koff, window, None, None, None, block_m=bm, block_n=bn,
+                              dkdv_tiles=(bm, bn, w, st))
                 kw = dict(**L.const, num_stages=st, num_warps=w)
                 if kern == "fwd":
                     o, lse = torch.empty_like(o_ref), torch.empty_like(lse_ref)
@@ -76,9 +78,11 @@ def sweep_flash(name, q, k, v, scale, kstride, koff, window, configs, rows, out)
                         if split:
                             dk_.zero_()
                             dv_.zero_()
-                        F._bwd_dkdv_kernel[L.grid_k](q, k, v, do, lse_ref, delta, dk_, dv_, *L.args(), scale,
-                                                     Q_SPLIT=L.q_split, **kw)
+                        grid, const, opts = L.dkdv
+                        F._bwd_dkdv_kernel[grid](q, k, v, do, lse_ref, delta, dk_, dv_, *L.args(), scale,
+                                                 Q_SPLIT=L.q_split, **const, **opts)
                     fn()
+                    ref_grads = ref_grads or {}
                     if "dk" not in ref_grads:
                         ref_grads["dk"] = dk_.float().clone()
                     err = rel(dk_, ref_grads["dk"])
@@ -253,6 +257,8 @@ def main() -> None:
     p.add_argument("--t", type=int, default=65536)
     p.add_argument("--out", default="tile_sweep.json")
     p.add_argument("--only", nargs="+", default=["sel", "cmp", "swa"])
+    p.add_argument("--kernels", nargs="+", default=["fwd", "dq", "dkdv"], help="flash kernels to sweep")
+    p.add_argument("--configs", nargs="+", default=None, help="flash launches as rows,keys,warps,stages")
     args = p.parse_args()
     cfg, hq, hkv, d, dev, dt, t = NSAConfig(), 64, 4, 128, "cuda", torch.bfloat16, args.t
     torch.manual_seed(0)
@@ -264,6 +270,8 @@ def main() -> None:
         kc, vc = ck(k).contiguous(), cv(v).contiguous()
     rows = []
     configs = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3)]
+    if args.configs:
+        configs = [tuple(int(x) for x in c.split(",")) for c in args.configs]
     if "sel" in args.only:
         with torch.no_grad():
             _, lse = compressed_attention(q, kc, vc, cfg, scale)
@@ -297,9 +305,9 @@ def main() -> None:
             C.SCORES_BLOCK_M, C.SCORES_WARPS, C.SCORES_STAGES = defaults
     if "cmp" in args.only:
         sweep_flash("cmp", q, kc, vc, scale, cfg.compress_stride, cfg.compress_block - 1, F.NO_WINDOW, configs,
-                    rows, args.out)
+                    rows, args.out, args.kernels)
     if "swa" in args.only:
-        sweep_flash("swa", q, k, v, scale, 1, 0, cfg.window, configs, rows, args.out)
+        sweep_flash("swa", q, k, v, scale, 1, 0, cfg.window, configs, rows, args.out, args.kernels)
 
 
 if __name__ == "__main__":

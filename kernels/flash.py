@@ -98,12 +98,15 @@ def _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK: tl.constexpr, DV: tl.const
 
 @triton.jit
 def _gated(p, g, GATED: tl.constexpr):
-    """``GATED``: ``DO`` is the gated sum's gradient ``do`` and the branch's output gradient is ``g * do``.
+    """``p * g`` with ``GATED`` (``g`` broadcast to ``p`` by the caller: ``g[:, None]`` for row-major tiles,
+    ``g[None, :]`` for the transposed dK/dV tiles), else ``p``.
+
+    ``GATED``: ``DO`` is the gated sum's gradient ``do`` and the branch's output gradient is ``g * do``.
     Scaling the probabilities instead (``p' = g p``; dV = p'^T do, dS = p' (do.v - rowsum(o * do))) gives the same
     gradients with ``do`` loaded as it is (a tile computed from it would no longer be an async-copied operand:
     2x slower dK/dV, measured) and delta = rowsum(o * do), which the gate's backward computes anyway."""
     if GATED:
-        p = p * g[:, None]
+        p = p * g
     return p
 
 
@@ -167,10 +170,10 @@ def _kv_tile(K, V, kbos, kvh, j0, j_hi, HKV: tl.constexpr, DK: tl.constexpr, DV:
 
 
 @triton.jit
-def _visible(j, jvalid, tq, KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr):
-    """``[rows, keys]``: key ``j`` (position ``j * KSTRIDE + KOFF``) is visible to query ``tq``."""
-    kp = j * KSTRIDE + KOFF
-    return (kp[None, :] <= tq[:, None]) & (kp[None, :] > tq[:, None] - WINDOW) & jvalid[None, :]
+def _visible(kp, tq, WINDOW: tl.constexpr):
+    """Whether keys at positions ``kp`` are visible to queries at ``tq`` (broadcast against each other: ``kp[None, :]``
+    and ``tq[:, None]`` give ``[rows, keys]``, the transposed pair ``[keys, rows]``)."""
+    return (kp <= tq) & (kp > tq - WINDOW)
 
 
 @triton.jit
@@ -181,7 +184,8 @@ def _fwd_tiles(q, K, V, kbos, kvh, tq, j_start, j_end, j_hi, m_i, l_i, acc, qk_s
         j, jvalid, _, k, v = _kv_tile(K, V, kbos, kvh, j0, j_hi, HKV, DK, DV, BDK, BDV, BLOCK_N)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if MASKED:
-            s = tl.where(_visible(j, jvalid, tq, KSTRIDE, KOFF, WINDOW), s, float("-inf"))
+            vis = _visible((j * KSTRIDE + KOFF)[None, :], tq[:, None], WINDOW) & jvalid[None, :]
+            s = tl.where(vis, s, float("-inf"))
         m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc)
     return m_i, l_i, acc
 
@@ -224,7 +228,7 @@ def _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, j_start, j_end, j_hi,
         s = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
-            p = tl.where(_visible(j, jvalid, tq, KSTRIDE, KOFF, WINDOW), p, 0.0)
+            p = tl.where(_visible((j * KSTRIDE + KOFF)[None, :], tq[:, None], WINDOW) & jvalid[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
@@ -253,7 +257,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K, T_FIXED, TK_FIXED, sca
                    BLOCK_N, KSTRIDE, KOFF, WINDOW, False)
     dq = _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, tl.maximum(fa, fb), j_hi, j_hi, qk_scale, HKV, DK,
                    DV, BDK, BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True)
-    _store_grad_tile(DQ, row_off, rvalid, _gated(dq, g, GATED) * scale, DK, BDK, DQ_ADD)
+    _store_grad_tile(DQ, row_off, rvalid, _gated(dq, g[:, None], GATED) * scale, DK, BDK, DQ_ADD)
 
 
 @triton.jit
@@ -261,20 +265,22 @@ def _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, t_
                 HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 BDK: tl.constexpr, BDV: tl.constexpr, BLOCK_T: tl.constexpr, KSTRIDE: tl.constexpr, KOFF,
                 WINDOW: tl.constexpr, MASKED: tl.constexpr, GATE, GATED: tl.constexpr):
+    # transposed products (keys as rows): p^T and dS^T come out of one product as the register operand of the
+    # next, and K / V, the loop-invariant operands, stay in shared memory (q k^T with transposes of p and dS
+    # re-stored K and V to shared memory every step)
     for t0 in range(t_start, t_stop, BLOCK_T):
         tq, hq, hvalid = _rows(t0, kvh, BLOCK_T, G, GP)
         rvalid = hvalid & (tq < t_end)
         row_off = (bos + tq.to(tl.int64)) * HQ + hq
         q, do, lse2, delta, g = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATED)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        p = tl.exp2(s - lse2[:, None])  # padding rows: lse2 = +inf, p = 0
+        pT = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])  # [keys, rows]; padding rows: 0
         if MASKED:
-            p = tl.where(_visible(j, jvalid, tq, KSTRIDE, KOFF, WINDOW) & rvalid[:, None], p, 0.0)
-        p = _gated(p, g, GATED)
-        dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dk_acc += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            vis = _visible((j * KSTRIDE + KOFF)[:, None], tq[None, :], WINDOW) & jvalid[:, None]
+            pT = tl.where(vis & rvalid[None, :], pT, 0.0)
+        pT = _gated(pT, g[None, :], GATED)
+        dv_acc += tl.dot(pT.to(do.dtype), do)
+        dsT = pT * (tl.dot(v, tl.trans(do)) - delta[None, :])
+        dk_acc += tl.dot(dsT.to(q.dtype), q)
     return dk_acc, dv_acc
 
 
@@ -388,14 +394,18 @@ def _tiles(g: int, block_m: int = 64):
 # dq 11.8 against 12.6; dK/dV is fastest with the shared tiles
 COMPRESSED_FWD_TILES = (128, 128, 8, 2)
 COMPRESSED_DQ_TILES = (128, 64, 8, 3)
+# dK/dV's (rows, keys, warps, stages) at G >= 16, d <= 128, both branches (H100 at 64k, benchmarks/tile_sweep.py):
+# compressed 16.9 ms against 19.0 with the 64 x 64 / 4 warps / 2 stages, window 6.0 against 7.5
+DKDV_TILES = (64, 128, 8, 3)
 
 
 class _Launch:
-    """Shapes, grids and compile-time constants of one call's three kernels; the forward and dq kernels may have
-    tiles of their own (``fwd``, ``dq``: grid, constants, launch options), dK/dV uses ``grid_k`` / ``const``."""
+    """Shapes, grids and compile-time constants of one call's three kernels: ``fwd``, ``dq`` and ``dkdv`` are each
+    (grid, constants, launch options), with tiles of their own where measured faster; ``dkdv_tiles`` =
+    (rows, keys, warps, stages) overrides dK/dV's (benchmarks)."""
 
     def __init__(self, q, k, v, kstride, koff, window, cu_seqlens, cu_seqlens_k, max_seqlens=None, block_m=64,
-                 block_n=64):
+                 block_n=64, dkdv_tiles=None):
         b, t, hq, dk = q.shape
         _, tk, hkv, dv = v.shape
         self.stages = 2 if q.is_cuda else 1
@@ -417,9 +427,6 @@ class _Launch:
         self.cu, self.cu_k = dummy, (cu_seqlens_k if self.varlen else dummy)
         self.t_fixed, self.tk_fixed = t, tk
         self.grid_q = (triton.cdiv(max_t, block_t), nseq * hkv)
-        self.q_split = choose_q_split(max_t, triton.cdiv(max(max_tk, 1), block_n) * nseq * hkv, window)
-        n_chunks = triton.cdiv(max_t, self.q_split) if self.q_split else 1
-        self.grid_k = (triton.cdiv(max(max_tk, 1), block_n), nseq * hkv, n_chunks)
         self.const = dict(HQ=hq, HKV=hkv, G=self.g, GP=gp, DK=dk, DV=dv, BDK=max(16, triton.next_power_of_2(dk)),
                           BDV=max(16, triton.next_power_of_2(dv)), BLOCK_T=block_t, BLOCK_N=block_n,
                           KSTRIDE=kstride, KOFF=koff, WINDOW=window, VARLEN=self.varlen)
@@ -429,6 +436,15 @@ class _Launch:
                  and q.dtype != torch.float32)
         self.fwd = self._query_major(COMPRESSED_FWD_TILES if tuned else None, max_t, nseq * hkv)
         self.dq = self._query_major(COMPRESSED_DQ_TILES if tuned else None, max_t, nseq * hkv)
+        if dkdv_tiles is None:
+            tuned_k = gp >= 16 and max(dk, dv) <= 128 and q.is_cuda and q.dtype != torch.float32
+            dkdv_tiles = DKDV_TILES if tuned_k else (block_m, block_n, 4, self.stages)
+        rows, keys, warps, stages = dkdv_tiles
+        self.q_split = choose_q_split(max_t, triton.cdiv(max(max_tk, 1), keys) * nseq * hkv, window)
+        n_chunks = triton.cdiv(max_t, self.q_split) if self.q_split else 1
+        self.grid_k = (triton.cdiv(max(max_tk, 1), keys), nseq * hkv, n_chunks)
+        self.dkdv = (self.grid_k, dict(self.const, BLOCK_T=_tiles(self.g, rows)[1], BLOCK_N=keys),
+                     dict(num_warps=warps, num_stages=stages))
 
     def _query_major(self, tiles, max_t, programs):
         """``(grid, constants, launch options)`` of a query-major kernel with ``tiles = (rows, keys, warps,
@@ -467,8 +483,9 @@ def masked_backward(q, k, v, do, lse, delta, scale: float, L: _Launch, dq=None, 
     grid, const, opts = L.dq
     _bwd_dq_kernel[grid](q, k, v, do, lse, delta, dq, *L.args(), scale, **const, DQ_ADD=add, **gated, **opts)
     if k.shape[1]:
-        _bwd_dkdv_kernel[L.grid_k](q, k, v, do, lse, delta, dk, dv, *L.args(), scale, **L.const,
-                                   Q_SPLIT=L.q_split, **gated, num_stages=L.stages)
+        grid, const, opts = L.dkdv
+        _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, *L.args(), scale, **const, Q_SPLIT=L.q_split,
+                               **gated, **opts)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
