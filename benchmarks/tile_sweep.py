@@ -189,7 +189,7 @@ def sweep_select_tma(q, k, v, idx, scale, rows, out):
                     emit(rows, out, branch="sel", kernel=f"{kern}_loop_tma", warps=w, stages=st, error=str(e)[:300])
 
 
-def sweep_select(q, k, v, idx, scale, rows, out):
+def sweep_select(q, k, v, idx, scale, rows, out, query_major=True):
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     L0 = S._SelLaunch(q, k, v, idx, 64, None)
@@ -200,6 +200,7 @@ def sweep_select(q, k, v, idx, scale, rows, out):
     # union walk of neighbouring positions with several tile heights, and the per-position loop
     variants = [("union", bt, w, L0.stages) for bt in (1, 4) for w in (2, 4)]
     variants += [("loop", 1, w, st) for w in (1, 2, 4) for st in (1, 2, 3)]
+    variants = variants if query_major else []
     for kind, bt, w, st in variants:
         for kern in ("fwd", "dq"):
             try:
@@ -232,7 +233,7 @@ def sweep_select(q, k, v, idx, scale, rows, out):
     qlist, offsets = S.invert_block_indices(idx, L0.ns_max, None, L0.lo, L0.hi)
     for chunk in (256, 1024):
         items = S.work_items(offsets, idx.numel(), chunk)
-        for bq, w, st in ((4, 4, 2), (8, 8, 2)):
+        for bq, w, st in ((4, 4, 2), (8, 8, 2), (4, 8, 2), (8, 4, 2), (4, 4, 3), (8, 8, 3), (2, 4, 2)):
             try:
                 km = dict(L0.kmajor, BLOCK_Q=bq)
                 dk_ = torch.zeros_like(k, dtype=torch.float32)
@@ -259,6 +260,7 @@ def main() -> None:
     p.add_argument("--only", nargs="+", default=["sel", "cmp", "swa"])
     p.add_argument("--kernels", nargs="+", default=["fwd", "dq", "dkdv"], help="flash kernels to sweep")
     p.add_argument("--configs", nargs="+", default=None, help="flash launches as rows,keys,warps,stages")
+    p.add_argument("--sel-dkdv-only", action="store_true", help="selected branch: only the dK/dV launches")
     args = p.parse_args()
     cfg, hq, hkv, d, dev, dt, t = NSAConfig(), 64, 4, 128, "cuda", torch.bfloat16, args.t
     torch.manual_seed(0)
@@ -276,7 +278,7 @@ def main() -> None:
         with torch.no_grad():
             _, lse = compressed_attention(q, kc, vc, cfg, scale)
             idx = select_blocks(q, kc, lse, cfg, scale)
-        sweep_select(q, k, v, idx, scale, rows, args.out)
+        sweep_select(q, k, v, idx, scale, rows, args.out, not args.sel_dkdv_only)
     if "sel_tma" in args.only:
         with torch.no_grad():
             _, lse = compressed_attention(q, kc, vc, cfg, scale)

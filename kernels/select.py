@@ -301,6 +301,9 @@ def work_items(offsets: torch.Tensor, max_entries: int, chunk: int):
 
 
 SEL_BWD_CHUNK = 256  # query positions per dK/dV work item
+# ... from this many (position, KV head, block) entries on: fewer, longer items (fewer fp32 atomics) keep the GPU
+# full; H100 at 64k (4M entries): 12.7 ms against 13.3 (benchmarks/tile_sweep.py)
+SEL_BWD_CHUNK_LONG, SEL_BWD_LONG_ENTRIES = 1024, 1 << 22
 SEL_WIDE_STAGES = 2  # pipeline stages of 256-wide tiles (head dims above 128); H100 192/128 64k: fwd+bwd 146 -> 98 ms
 
 
@@ -377,7 +380,8 @@ def selected_backward(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: fl
     kernel[L.grid_q](q, k, v, indices, do, lse, delta, dq, L.cu, *L.sizes, L.lo, L.hi, scale, **L.qmajor,
                      DQ_ADD=add, **gated, num_stages=L.stages, num_warps=L.warps_dq)
     qlist, offsets = invert_block_indices(indices, L.ns_max, L.cu if L.varlen else None, L.lo, L.hi)
-    items = work_items(offsets, indices.numel(), SEL_BWD_CHUNK)
+    chunk = SEL_BWD_CHUNK_LONG if indices.numel() >= SEL_BWD_LONG_ENTRIES else SEL_BWD_CHUNK
+    items = work_items(offsets, indices.numel(), chunk)
     _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu, *L.sizes,
                                               L.ns_max, scale, **L.kmajor, **gated, num_stages=L.stages)
     return dq, dk, dv

@@ -309,10 +309,13 @@ def test_compressed_dkdv_query_split(monkeypatch):
         _check(a, b, torch.float32, f"split d{name}")
 
 
-def test_selected_dkdv_many_work_items(monkeypatch):
+@pytest.mark.parametrize("long_lists", [False, True])  # the chunk size long index lists get
+def test_selected_dkdv_many_work_items(monkeypatch, long_lists):
     """A block selected by many queries (block 0: by all) is split into several work items."""
     import nsa_parallel.kernels.select as sel
     monkeypatch.setattr(sel, "SEL_BWD_CHUNK", 3)
+    monkeypatch.setattr(sel, "SEL_BWD_CHUNK_LONG", 5)
+    monkeypatch.setattr(sel, "SEL_BWD_LONG_ENTRIES", 0 if long_lists else 1 << 30)
     t, hq, hkv, dk, dv = 70, 4, 2, 16, 8
     idx = ref.select_topn(torch.rand(1, hkv, t, SMALL.num_select_blocks(t)), SMALL).to(DEVICE)
     q = _rand(1, t, hq, dk, dtype=torch.float32, seed=4)
