@@ -17,9 +17,11 @@ from .interface import check_triton_config
 from .varlen import max_seqlen
 
 SCORES_WIDE_STAGES = 1  # pipeline stages of 256-wide tiles (dk above 128); 2 and 3 measured slower (H100)
+SCORES_WIDE_BLOCK_M = 128  # query rows with 256-wide tiles (dk above 128): 256 x 256 failed the GPU tests (H100)
 SCORES_ONE_PASS = True  # one q.k pass per tile, blocks by overlap weights (else one pass per slot a token covers)
-SCORES_BLOCK_M, SCORES_WARPS, SCORES_STAGES = 128, 4, 2  # query rows (positions x heads) per program, warps,
-# stages: the best of 11 on an H100 at 64k (4.95 ms; 8 warps 6.25, 3 stages 5.7, 256 rows 5.0-7.7; docs/benchmarks.md)
+SCORES_BLOCK_M, SCORES_WARPS, SCORES_STAGES = 256, 4, 3  # query rows (positions x heads) per program, warps,
+# stages: the best of 19 on an H100 at 64k (4.72 ms against 4.98-5.02 for 128 rows / 2 stages, 6.25 for 8 warps;
+# docs/benchmarks.md)
 SCORES_TOKENS = 64  # compressed tokens per key tile (one-pass kernel)
 
 
@@ -153,7 +155,7 @@ def selection_scores(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seql
     elif max_t is None:
         max_t = max_seqlen(cu_seqlens)
     ns = config.num_select_blocks(max_t + q_offset)
-    gp, block_t = _tiles(g, SCORES_BLOCK_M)
+    gp, block_t = _tiles(g, SCORES_WIDE_BLOCK_M if dk > 128 else SCORES_BLOCK_M)
     scores = torch.empty(b, t, hkv, ns, device=q.device, dtype=torch.float32)
     nseq = cu_seqlens.numel() - 1 if varlen else b
     dummy = q.new_zeros(1, dtype=torch.int32)

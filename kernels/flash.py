@@ -390,9 +390,9 @@ def _tiles(g: int, block_m: int = 64):
 
 
 # (rows = positions x heads, keys, warps, stages) of the compressed branch's forward and dq kernels, H100 at 64k,
-# G=16, d=128 (benchmarks/tile_sweep.py): forward 10.3 ms against 10.8 with the shared 64 x 64 / 4 warps / 2 stages,
-# dq 11.8 against 12.6; dK/dV is fastest with the shared tiles
-COMPRESSED_FWD_TILES = (128, 128, 8, 2)
+# G=16, d=128 (benchmarks/tile_sweep.py): forward 10.0 ms against 10.3 with 2 stages and 10.8 with the shared
+# 64 x 64 / 4 warps / 2 stages, dq 11.8 against 12.6
+COMPRESSED_FWD_TILES = (128, 128, 8, 3)
 COMPRESSED_DQ_TILES = (128, 64, 8, 3)
 # dK/dV's (rows, keys, warps, stages) at G >= 16, d <= 128, both branches (H100 at 64k, benchmarks/tile_sweep.py):
 # compressed 16.9 ms against 19.0 with the 64 x 64 / 4 warps / 2 stages, window 6.0 against 7.5

@@ -1,7 +1,7 @@
 """Same-run A/B of the selection-scores kernel: 84d75fb's (scores_old.py) against the shipped one, then launch
 variants of the shipped one; each checked against the old kernel's scores and top-n blocks.
 
-    python3 -P docs/results/selection_h100_2026-11-23_session11/scripts/scores_ab.py --t 65536 --out DIR
+    python3 -P docs/results/selection_h100_2026-11-23_session11/scripts/scores_ab.py --t 65536 --out DIR [--more]
 """
 import argparse
 import json
@@ -30,6 +30,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--t", type=int, default=65536)
     p.add_argument("--out", default=".")
+    p.add_argument("--more", action="store_true", help="the second set of launches (run 9), no old-kernel rounds")
     args = p.parse_args()
     rows = []
 
@@ -61,12 +62,16 @@ def main():
 
         err, same = check(C.selection_scores(q, kc, lse, cfg, scale))
         emit(what="check", rel_err_vs_old=err, topn_equal_fraction=same)
-        for r in range(3):  # interleaved rounds
+        for r in range(0 if args.more else 3):  # interleaved rounds
             emit(what="ab", round=r, old_ms=bench(lambda: selection_scores_old(q, kc, lse, cfg, scale)),
                  new_ms=bench(lambda: C.selection_scores(q, kc, lse, cfg, scale)))
         saved = C.SCORES_BLOCK_M, C.SCORES_TOKENS, C.SCORES_WARPS, C.SCORES_STAGES
-        for launch in (saved, (128, 128, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 1), (256, 64, 8, 2),
-                       (256, 128, 8, 2), (128, 128, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (256, 64, 4, 2)):
+        launches = ((saved, (128, 128, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 1), (256, 64, 8, 2),
+                     (256, 128, 8, 2), (128, 128, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (256, 64, 4, 2))
+                    if not args.more else
+                    (saved, (128, 64, 4, 3), (128, 128, 4, 3), (256, 64, 4, 3), (256, 128, 4, 2), (64, 64, 4, 3),
+                     (64, 128, 4, 2), (128, 64, 2, 2), (64, 64, 2, 2), saved))
+        for launch in launches:
             C.SCORES_BLOCK_M, C.SCORES_TOKENS, C.SCORES_WARPS, C.SCORES_STAGES = launch
             try:
                 err, same = check(C.selection_scores(q, kc, lse, cfg, scale))
