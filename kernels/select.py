@@ -301,8 +301,8 @@ def work_items(offsets: torch.Tensor, max_entries: int, chunk: int):
 
 
 SEL_BWD_CHUNK = 256  # query positions per dK/dV work item
-# ... from this many (position, KV head, block) entries on: fewer, longer items (fewer fp32 atomics) keep the GPU
-# full; H100 at 64k (4M entries): 12.7 ms against 13.3 (benchmarks/tile_sweep.py)
+# ... and from SEL_BWD_LONG_ENTRIES (position, KV head, block) entries on: fewer, longer items (fewer fp32 atomics)
+# still fill the GPU; H100 at 64k (4M entries): 12.7 ms against 13.3 (benchmarks/tile_sweep.py)
 SEL_BWD_CHUNK_LONG, SEL_BWD_LONG_ENTRIES = 1024, 1 << 22
 SEL_WIDE_STAGES = 2  # pipeline stages of 256-wide tiles (head dims above 128); H100 192/128 64k: fwd+bwd 146 -> 98 ms
 
