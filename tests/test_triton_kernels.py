@@ -94,6 +94,29 @@ def test_flash_unmasked_middle_tiles(kstride, koff, window):
         _check(a, b, torch.float32, f"d{name}")
 
 
+@pytest.mark.parametrize("kstride,koff,window", [(4, 7, 1 << 30), (1, 0, 200)])
+@pytest.mark.parametrize("gated", [False, True])
+def test_flash_dkdv_gpu_tiles(kstride, koff, window, gated):
+    """dK/dV (and dq) on the tiles a GPU takes at G >= 16 (64 query rows x 128 keys, transposed products), with and
+    without the core's gate plane, against autograd through the masked reference."""
+    from nsa_parallel.kernels import flash
+    t, hq, hkv, d = 300, 16, 1, 16
+    tk = t if kstride == 1 else (t - koff - 1) // kstride + 1
+    q = _rand(1, t, hq, d, dtype=torch.float32, seed=41)
+    k, v = _rand(1, tk, hkv, d, dtype=torch.float32, seed=42), _rand(1, tk, hkv, d, dtype=torch.float32, seed=43)
+    do = torch.randn(1, t, hq, d, generator=torch.Generator().manual_seed(44)).to(q)
+    g = torch.rand(1, t, hq, generator=torch.Generator().manual_seed(45)).to(q) if gated else torch.ones(1, t, hq)
+    L = flash._Launch(q, k, v, kstride, koff, window, None, None, dkdv_tiles=(64, 128, 4, 1))
+    assert L.dkdv[1]["BLOCK_N"] == 128 and L.dkdv[1]["BLOCK_T"] == 4
+    with torch.no_grad():
+        o, lse = flash.masked_forward(q, k, v, 0.3, L)
+        delta = (o * do).sum(-1)
+        got = flash.masked_backward(q, k, v, do, lse, delta, 0.3, L, gate=g.contiguous() if gated else None)
+    want = torch.autograd.grad(_masked_attention(q, k, v, 0.3, kstride, koff, window), (q, k, v), do * g[..., None])
+    for name, a, b in zip("qkv", got, want):
+        _check(a, b, torch.float32, f"d{name}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("t,hq,hkv,dk,dv", SHAPES[:3])
 def test_selected_attention(t, hq, hkv, dk, dv, dtype):
