@@ -430,31 +430,27 @@ class _Launch:
         self.const = dict(HQ=hq, HKV=hkv, G=self.g, GP=gp, DK=dk, DV=dv, BDK=max(16, triton.next_power_of_2(dk)),
                           BDV=max(16, triton.next_power_of_2(dv)), BLOCK_T=block_t, BLOCK_N=block_n,
                           KSTRIDE=kstride, KOFF=koff, WINDOW=window, VARLEN=self.varlen)
-        # the query-major kernels' own tiles where measured faster: the compressed branch (no window, many keys
-        # per query) at G >= 16 with head dims up to 128, 16-bit on a GPU
-        tuned = (window == NO_WINDOW and gp >= 16 and max(dk, dv) <= 128 and q.is_cuda
-                 and q.dtype != torch.float32)
-        self.fwd = self._query_major(COMPRESSED_FWD_TILES if tuned else None, max_t, nseq * hkv)
-        self.dq = self._query_major(COMPRESSED_DQ_TILES if tuned else None, max_t, nseq * hkv)
-        if dkdv_tiles is None:
-            tuned_k = gp >= 16 and max(dk, dv) <= 128 and q.is_cuda and q.dtype != torch.float32
-            dkdv_tiles = DKDV_TILES if tuned_k else (block_m, block_n, 4, self.stages)
-        rows, keys, warps, stages = dkdv_tiles
+        # tiles of their own where measured faster: G >= 16 with head dims up to 128, 16-bit on a GPU; the
+        # query-major kernels only in the compressed branch (no window, many keys per query)
+        tuned = gp >= 16 and max(dk, dv) <= 128 and q.is_cuda and q.dtype != torch.float32
+        shared = (block_m, block_n, 4, self.stages)
+        for name, tiles in (("fwd", COMPRESSED_FWD_TILES), ("dq", COMPRESSED_DQ_TILES)):
+            if tuned and window == NO_WINDOW:
+                const, opts = self._tiled(tiles)
+                setattr(self, name, ((triton.cdiv(max_t, const["BLOCK_T"]), nseq * hkv), const, opts))
+            else:
+                setattr(self, name, (self.grid_q, self.const, dict(num_stages=self.stages)))
+        const, opts = self._tiled(dkdv_tiles or (DKDV_TILES if tuned else shared))
+        keys = const["BLOCK_N"]
         self.q_split = choose_q_split(max_t, triton.cdiv(max(max_tk, 1), keys) * nseq * hkv, window)
         n_chunks = triton.cdiv(max_t, self.q_split) if self.q_split else 1
-        self.grid_k = (triton.cdiv(max(max_tk, 1), keys), nseq * hkv, n_chunks)
-        self.dkdv = (self.grid_k, dict(self.const, BLOCK_T=_tiles(self.g, rows)[1], BLOCK_N=keys),
-                     dict(num_warps=warps, num_stages=stages))
+        self.dkdv = ((triton.cdiv(max(max_tk, 1), keys), nseq * hkv, n_chunks), const, opts)
 
-    def _query_major(self, tiles, max_t, programs):
-        """``(grid, constants, launch options)`` of a query-major kernel with ``tiles = (rows, keys, warps,
-        stages)``, or the shared tiles (None)."""
-        if tiles is None:
-            return self.grid_q, self.const, dict(num_stages=self.stages)
+    def _tiled(self, tiles):
+        """``(constants, launch options)`` for ``tiles = (rows, keys, warps, stages)``."""
         rows, keys, warps, stages = tiles
-        _, block_t = _tiles(self.g, rows)
-        return ((triton.cdiv(max_t, block_t), programs), dict(self.const, BLOCK_T=block_t, BLOCK_N=keys),
-                dict(num_warps=warps, num_stages=stages))
+        return dict(self.const, BLOCK_T=_tiles(self.g, rows)[1], BLOCK_N=keys), dict(num_warps=warps,
+                                                                                        num_stages=stages)
 
     def args(self):
         return (self.cu, self.cu_k, self.t_fixed, self.tk_fixed)
@@ -470,13 +466,20 @@ def masked_forward(q, k, v, scale: float, L: _Launch):
     return o, lse
 
 
+def _grad_args(q, dq, gate, dq_dtype=None):
+    """A backward's dq buffer and kernel arguments: ``(dq, DQ_ADD, gate arguments)``; a given ``dq`` is added
+    onto (``DQ_ADD``), else a new one is made; a given ``gate`` (contiguous fp32 ``[b, t, hq]``) turns ``GATED``
+    on."""
+    add = dq is not None
+    gated = dict(GATE=gate, GATED=True) if gate is not None else {}
+    return (dq if add else torch.empty_like(q, dtype=dq_dtype or q.dtype)), add, gated
+
+
 def masked_backward(q, k, v, do, lse, delta, scale: float, L: _Launch, dq=None, gate=None):
     """``(dq, dk, dv)`` given ``delta = rowsum(o * do)``; with ``dq`` given, this call's dq is added onto it; with
     ``gate`` (this branch's gate, contiguous fp32 ``[b, t, hq]``), ``do`` is the gated sum's gradient and this
     branch's output gradient is ``gate * do`` (``delta`` then is ``rowsum(o * do)``)."""
-    gated = dict(GATE=gate, GATED=True) if gate is not None else {}
-    add = dq is not None
-    dq = dq if add else torch.empty_like(q)
+    dq, add, gated = _grad_args(q, dq, gate)
     split = L.q_split > 0
     dk = torch.zeros_like(k, dtype=torch.float32) if split else torch.empty_like(k)
     dv = torch.zeros_like(v, dtype=torch.float32) if split else torch.empty_like(v)

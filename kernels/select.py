@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import (_bwd_rows, _finish, _gated, _load_tile, _q_tile, _seq_bounds, _softmax_step, _store_grad_tile,
-                    _store_tile, row_dot, wide_tile_stages)
+from .flash import (_bwd_rows, _finish, _gated, _grad_args, _load_tile, _q_tile, _seq_bounds, _softmax_step,
+                    _store_grad_tile, _store_tile, row_dot, wide_tile_stages)
 from .varlen import max_seqlen
 
 
@@ -371,9 +371,7 @@ def selected_backward(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: fl
     """``(dq, dk fp32, dv fp32)`` of this key buffer's share, given the final ``lse`` and
     ``delta = rowsum(o * do)`` (so ring steps can each add their part); with ``dq`` given, this call's dq is added
     onto it; ``gate``: as :func:`flash.masked_backward`."""
-    add = dq is not None
-    gated = dict(GATE=gate, GATED=True) if gate is not None else {}
-    dq = dq if add else torch.empty_like(q, dtype=dq_dtype or q.dtype)
+    dq, add, gated = _grad_args(q, dq, gate, dq_dtype)
     dk = torch.zeros_like(k, dtype=torch.float32)
     dv = torch.zeros_like(v, dtype=torch.float32)
     kernel = _sel_dq_loop_kernel if L.loop else _sel_bwd_dq_kernel
