@@ -471,40 +471,25 @@ def _grad_args(q, dq, gate, dq_dtype=None):
     onto (``DQ_ADD``), else a new one is made; a given ``gate`` (contiguous fp32 ``[b, t, hq]``) turns ``GATED``
     on."""
     add = dq is not None
-    return (dq if add else torch.empty_like(q, dtype=dq_dtype or q.dtype)), add, _gate_args(gate)
-
-
-def _gate_args(gate):
-    return dict(GATE=gate, GATED=True) if gate is not None else {}
-
-
-def masked_backward_dq(q, k, v, do, lse, delta, scale: float, L: _Launch, dq=None, gate=None):
-    """dq of :func:`masked_backward` alone (added onto a given ``dq``)."""
-    dq, add, gated = _grad_args(q, dq, gate)
-    grid, const, opts = L.dq
-    _bwd_dq_kernel[grid](q, k, v, do, lse, delta, dq, *L.args(), scale, **const, DQ_ADD=add, **gated, **opts)
-    return dq
-
-
-def masked_backward_dkdv(q, k, v, do, lse, delta, scale: float, L: _Launch, gate=None):
-    """``(dk, dv)`` of :func:`masked_backward` alone, in k's / v's dtype."""
-    split = L.q_split > 0
-    dk = torch.zeros_like(k, dtype=torch.float32) if split else torch.empty_like(k)
-    dv = torch.zeros_like(v, dtype=torch.float32) if split else torch.empty_like(v)
-    if k.shape[1]:
-        gated = _gate_args(gate)
-        grid, const, opts = L.dkdv
-        _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, *L.args(), scale, **const, Q_SPLIT=L.q_split,
-                               **gated, **opts)
-    return dk.to(k.dtype), dv.to(v.dtype)
+    gated = dict(GATE=gate, GATED=True) if gate is not None else {}
+    return (dq if add else torch.empty_like(q, dtype=dq_dtype or q.dtype)), add, gated
 
 
 def masked_backward(q, k, v, do, lse, delta, scale: float, L: _Launch, dq=None, gate=None):
     """``(dq, dk, dv)`` given ``delta = rowsum(o * do)``; with ``dq`` given, this call's dq is added onto it; with
     ``gate`` (this branch's gate, contiguous fp32 ``[b, t, hq]``), ``do`` is the gated sum's gradient and this
     branch's output gradient is ``gate * do`` (``delta`` then is ``rowsum(o * do)``)."""
-    dq = masked_backward_dq(q, k, v, do, lse, delta, scale, L, dq, gate)
-    return (dq, *masked_backward_dkdv(q, k, v, do, lse, delta, scale, L, gate))
+    dq, add, gated = _grad_args(q, dq, gate)
+    split = L.q_split > 0
+    dk = torch.zeros_like(k, dtype=torch.float32) if split else torch.empty_like(k)
+    dv = torch.zeros_like(v, dtype=torch.float32) if split else torch.empty_like(v)
+    grid, const, opts = L.dq
+    _bwd_dq_kernel[grid](q, k, v, do, lse, delta, dq, *L.args(), scale, **const, DQ_ADD=add, **gated, **opts)
+    if k.shape[1]:
+        grid, const, opts = L.dkdv
+        _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, *L.args(), scale, **const, Q_SPLIT=L.q_split,
+                               **gated, **opts)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 class PositionMaskedAttention(torch.autograd.Function):

@@ -15,11 +15,10 @@ from __future__ import annotations
 import torch
 
 from .config import NSAConfig
-from .flash import NO_WINDOW, _Launch, masked_backward_dkdv, masked_backward_dq, masked_forward
+from .flash import NO_WINDOW, _Launch, masked_backward, masked_forward
 from .gate import gate_backward, gate_forward
 from .reference import NSAOutput
-from .overlap import Streams
-from .select import _SelLaunch, selected_backward_dkdv, selected_backward_dq, selected_forward
+from .select import _SelLaunch, selected_backward, selected_forward
 from .topn import select_blocks
 from .varlen import max_seqlen
 
@@ -34,18 +33,15 @@ class NSACore(torch.autograd.Function):
         q, kc, vc, k_slc, v_slc, k_swa, v_swa, gate = (x.contiguous() for x in (q, kc, vc, k_slc, v_slc, k_swa,
                                                                                    v_swa, gate))
         lens = None if max_t is None else (max_t, config.num_compressed(max_t))
-        streams = Streams(q)
         L_cmp = _Launch(q, kc, vc, config.compress_stride, config.compress_block - 1, NO_WINDOW, cu_seqlens,
                         cmp_cu_seqlens, lens)
         o_cmp, lse_cmp = masked_forward(q, kc, vc, scale, L_cmp)
         indices = select_blocks(q, kc, lse_cmp, config, scale, cu_seqlens, cmp_cu_seqlens, max_t)
-        L_swa = _Launch(q, k_swa, v_swa, 1, 0, config.window, cu_seqlens, cu_seqlens,
-                        None if max_t is None else (max_t, max_t))
-        with streams.side():  # beside the selected forward, not the compressed one: both of those are compute
-            o_swa, lse_swa = masked_forward(q, k_swa, v_swa, scale, L_swa)
         L_slc = _SelLaunch(q, k_slc, v_slc, indices, config.select_block, cu_seqlens, max_t)
         o_slc, lse_slc = selected_forward(q, k_slc, v_slc, indices, L_slc, scale)
-        streams.join()
+        L_swa = _Launch(q, k_swa, v_swa, 1, 0, config.window, cu_seqlens, cu_seqlens,
+                        None if max_t is None else (max_t, max_t))
+        o_swa, lse_swa = masked_forward(q, k_swa, v_swa, scale, L_swa)
         o = gate_forward(o_cmp, o_slc, o_swa, gate)
         ctx.save_for_backward(q, kc, vc, k_slc, v_slc, k_swa, v_swa, gate, indices, o_cmp, o_slc, o_swa, lse_cmp,
                               lse_slc, lse_swa)
@@ -60,22 +56,12 @@ class NSACore(torch.autograd.Function):
         L_cmp, L_slc, L_swa = ctx.launches
         scale = ctx.scale
         do = do.contiguous()
-        streams = Streams(q)
         dgate, (delta_cmp, delta_slc, delta_swa) = gate_backward(o_cmp, o_slc, o_swa, gate, do, fused=True)
         g_cmp, g_slc, g_swa = gate.float().permute(3, 0, 1, 2).contiguous().unbind(0)
-        # the selected branch (bound by L2 traffic) on the side stream, the flash kernels (bound by their products)
-        # on the main one; dq is the one buffer both add into, ordered by an event
-        slc = (q, k_slc, v_slc, indices, do, lse_slc, delta_slc, L_slc, scale)
-        dq = masked_backward_dq(q, k_swa, v_swa, do, lse_swa, delta_swa, scale, L_swa, gate=g_swa)
-        with streams.side():
-            selected_backward_dq(*slc, dq=dq, gate=g_slc)
-            slc_dq_done = streams.mark()
-            dk_slc, dv_slc = selected_backward_dkdv(*slc, gate=g_slc)
-        dk_swa, dv_swa = masked_backward_dkdv(q, k_swa, v_swa, do, lse_swa, delta_swa, scale, L_swa, gate=g_swa)
-        dkc, dvc = masked_backward_dkdv(q, kc, vc, do, lse_cmp, delta_cmp, scale, L_cmp, gate=g_cmp)
-        streams.wait(slc_dq_done)
-        masked_backward_dq(q, kc, vc, do, lse_cmp, delta_cmp, scale, L_cmp, dq=dq, gate=g_cmp)
-        streams.join()
+        dq, dk_swa, dv_swa = masked_backward(q, k_swa, v_swa, do, lse_swa, delta_swa, scale, L_swa, gate=g_swa)
+        _, dk_slc, dv_slc = selected_backward(q, k_slc, v_slc, indices, do, lse_slc, delta_slc, L_slc, scale, dq=dq,
+                                              gate=g_slc)
+        _, dkc, dvc = masked_backward(q, kc, vc, do, lse_cmp, delta_cmp, scale, L_cmp, dq=dq, gate=g_cmp)
         return (dq, dkc, dvc, dk_slc.to(k_slc.dtype), dv_slc.to(v_slc.dtype), dk_swa, dv_swa,
                 dgate.to(gate.dtype), None, None, None, None, None)
 

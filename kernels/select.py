@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import (_bwd_rows, _finish, _gate_args, _gated, _grad_args, _load_tile, _q_tile, _seq_bounds,
-                    _softmax_step, _store_grad_tile, _store_tile, row_dot, wide_tile_stages)
+from .flash import (_bwd_rows, _finish, _gated, _grad_args, _load_tile, _q_tile, _seq_bounds, _softmax_step,
+                    _store_grad_tile, _store_tile, row_dot, wide_tile_stages)
 from .varlen import max_seqlen
 
 
@@ -366,36 +366,23 @@ def selected_forward(q, k, v, indices, L: _SelLaunch, scale: float):
     return o, lse
 
 
-def selected_backward_dq(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: float, dq_dtype=None, dq=None,
-                         gate=None):
-    """dq of :func:`selected_backward` alone (added onto a given ``dq``)."""
-    dq, add, gated = _grad_args(q, dq, gate, dq_dtype)
-    kernel = _sel_dq_loop_kernel if L.loop else _sel_bwd_dq_kernel
-    kernel[L.grid_q](q, k, v, indices, do, lse, delta, dq, L.cu, *L.sizes, L.lo, L.hi, scale, **L.qmajor,
-                     DQ_ADD=add, **gated, num_stages=L.stages, num_warps=L.warps_dq)
-    return dq
-
-
-def selected_backward_dkdv(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: float, gate=None):
-    """``(dk fp32, dv fp32)`` of :func:`selected_backward` alone: KV-block-major over the inverted index."""
-    gated = _gate_args(gate)
-    dk = torch.zeros_like(k, dtype=torch.float32)
-    dv = torch.zeros_like(v, dtype=torch.float32)
-    qlist, offsets = invert_block_indices(indices, L.ns_max, L.cu if L.varlen else None, L.lo, L.hi)
-    chunk = SEL_BWD_CHUNK_LONG if indices.numel() >= SEL_BWD_LONG_ENTRIES else SEL_BWD_CHUNK
-    items = work_items(offsets, indices.numel(), chunk)
-    _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu, *L.sizes,
-                                              L.ns_max, scale, **L.kmajor, **gated, num_stages=L.stages)
-    return dk, dv
-
-
 def selected_backward(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: float, dq_dtype=None, dq=None,
                       gate=None):
     """``(dq, dk fp32, dv fp32)`` of this key buffer's share, given the final ``lse`` and
     ``delta = rowsum(o * do)`` (so ring steps can each add their part); with ``dq`` given, this call's dq is added
     onto it; ``gate``: as :func:`flash.masked_backward`."""
-    dq = selected_backward_dq(q, k, v, indices, do, lse, delta, L, scale, dq_dtype, dq, gate)
-    return (dq, *selected_backward_dkdv(q, k, v, indices, do, lse, delta, L, scale, gate))
+    dq, add, gated = _grad_args(q, dq, gate, dq_dtype)
+    dk = torch.zeros_like(k, dtype=torch.float32)
+    dv = torch.zeros_like(v, dtype=torch.float32)
+    kernel = _sel_dq_loop_kernel if L.loop else _sel_bwd_dq_kernel
+    kernel[L.grid_q](q, k, v, indices, do, lse, delta, dq, L.cu, *L.sizes, L.lo, L.hi, scale, **L.qmajor,
+                     DQ_ADD=add, **gated, num_stages=L.stages, num_warps=L.warps_dq)
+    qlist, offsets = invert_block_indices(indices, L.ns_max, L.cu if L.varlen else None, L.lo, L.hi)
+    chunk = SEL_BWD_CHUNK_LONG if indices.numel() >= SEL_BWD_LONG_ENTRIES else SEL_BWD_CHUNK
+    items = work_items(offsets, indices.numel(), chunk)
+    _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu, *L.sizes,
+                                              L.ns_max, scale, **L.kmajor, **gated, num_stages=L.stages)
+    return dq, dk, dv
 
 
 class SelectedAttention(torch.autograd.Function):
