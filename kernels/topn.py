@@ -15,36 +15,12 @@ from .varlen import max_seqlen
 # scores per program (rows x blocks, at most 64 rows) and warps: at 64k (1024 blocks a row) one row on one warp keeps
 # the n reductions inside a warp: 2.07 ms against 3.63 for 4 rows on 4 warps (H100, benchmarks/selection_sweep.py)
 TOPN_ELEMENTS, TOPN_WARPS = 1024, 1
-# From TOPN_COMPACT_MIN blocks a row on, the n rounds run on a short list instead of the whole row: every top-n
-# score is >= tau, the n-th largest of the row's TOPN_CHUNKS chunk maxima (n chunks hold a score >= tau each), so
-# the scores >= tau (typically a few more than n) are compacted into TOPN_CAP slots and only those are ranked.
-# A row with more candidates than slots (e.g. many equal scores) takes the n rounds over the whole row.
-TOPN_COMPACT_MIN, TOPN_CHUNKS, TOPN_CAP = 512, 64, 64
 
 
 @triton.jit
-def _topn_rounds(s, j, N: tl.constexpr, NP: tl.constexpr, BR: tl.constexpr, LISTED: tl.constexpr):
-    """The n largest of each row of ``s`` [BR, W] (-inf = never), ties to the lower column: their block ids
-    [BR, NP] in pick order, 1 << 30 where fewer than n exist. Block ids: the columns, or with ``LISTED`` the
-    matching entries of ``j`` [BR, W]."""
-    col = tl.arange(0, NP)
-    out = tl.full([BR, NP], 1 << 30, dtype=tl.int32)
-    for i in tl.static_range(N):
-        # one reduction for value and index; the lower column wins ties, as in the reference
-        best, arg = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
-        hit = tl.arange(0, s.shape[1])[None, :] == arg[:, None]
-        if LISTED:
-            arg = tl.sum(tl.where(hit, j, 0), 1)
-        pick = tl.where(best == float("-inf"), 1 << 30, arg)
-        out = tl.where(col[None, :] == i, pick[:, None], out)
-        s = tl.where(hit, float("-inf"), s)
-    return out
-
-
-@triton.jit
-def _topn_kernel(SC, LOCAL_T, IDX, CV, CI, ROWS, NS, HKV: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+def _topn_kernel(SC, LOCAL_T, IDX, ROWS, NS, HKV: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
                  NSP: tl.constexpr, BR: tl.constexpr, SEL_BLOCK: tl.constexpr, INITIAL: tl.constexpr,
-                 LOCAL: tl.constexpr, COMPACT: tl.constexpr, CHUNKS: tl.constexpr, CAP: tl.constexpr):
+                 LOCAL: tl.constexpr):
     r = tl.program_id(0) * BR + tl.arange(0, BR)  # rows = (token, KV head)
     rv = r < ROWS
     j = tl.arange(0, NSP)
@@ -54,30 +30,14 @@ def _topn_kernel(SC, LOCAL_T, IDX, CV, CI, ROWS, NS, HKV: tl.constexpr, N: tl.co
     forced = valid & ((j[None, :] < INITIAL) | (j[None, :] > own[:, None] - LOCAL))
     s = tl.load(SC + r.to(tl.int64)[:, None] * NS + j[None, :], mask=valid, other=float("-inf"))
     s = tl.where(forced, float("inf"), tl.where(valid, s, float("-inf")))
-    if COMPACT:
-        cmax = tl.max(tl.reshape(s, [BR, CHUNKS, NSP // CHUNKS]), 2)
-        c = tl.arange(0, CHUNKS)
-        for _ in tl.static_range(N - 1):
-            arg = tl.argmax(cmax, 1, tie_break_left=True)
-            cmax = tl.where(c[None, :] == arg[:, None], float("-inf"), cmax)
-        tau = tl.max(cmax, 1)  # the n-th largest chunk maximum (-inf if fewer than n chunks have a score)
-        cand = (s >= tau[:, None]) & (s > float("-inf"))
-        count = tl.sum(cand.to(tl.int32), 1)
-        if tl.max(count, 0) <= CAP:
-            slot = r.to(tl.int64)[:, None] * CAP + tl.cumsum(cand.to(tl.int32), 1) - 1
-            tl.store(CV + slot, s, mask=cand)
-            tl.store(CI + slot, tl.broadcast_to(j[None, :], [BR, NSP]), mask=cand)
-            tl.debug_barrier()  # the list's slots are written and read by different threads
-            k = tl.arange(0, CAP)
-            kept = k[None, :] < count[:, None]
-            slot = r.to(tl.int64)[:, None] * CAP + k[None, :]
-            out = _topn_rounds(tl.load(CV + slot, mask=kept, other=float("-inf")),
-                               tl.load(CI + slot, mask=kept, other=0), N, NP, BR, True)
-        else:
-            out = _topn_rounds(s, j, N, NP, BR, False)
-    else:
-        out = _topn_rounds(s, j, N, NP, BR, False)
     col = tl.arange(0, NP)
+    out = tl.full([BR, NP], 1 << 30, dtype=tl.int32)
+    for i in tl.static_range(N):
+        # one reduction for value and index; the lower block index wins ties, as in the reference
+        best, arg = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
+        pick = tl.where(best == float("-inf"), 1 << 30, arg)
+        out = tl.where(col[None, :] == i, pick[:, None], out)
+        s = tl.where(j[None, :] == arg[:, None], float("-inf"), s)
     out = tl.sort(out, 1)
     out = tl.where(out == (1 << 30), -1, out)
     tl.store(IDX + r.to(tl.int64)[:, None] * N + col[None, :], out, mask=rv[:, None] & (col[None, :] < N))
@@ -86,8 +46,7 @@ def _topn_kernel(SC, LOCAL_T, IDX, CV, CI, ROWS, NS, HKV: tl.constexpr, N: tl.co
 def select_topn(scores: torch.Tensor, config: NSAConfig, cu_seqlens: Optional[torch.Tensor] = None,
                 q_offset: int = 0) -> torch.Tensor:
     """scores ``[b, t, hkv, ns]`` -> block indices ``[b, t, hkv, n]`` int32, ascending, -1 padded, exactly as
-    :func:`reference.select_topn` (which takes ``[b, hkv, t, ns]``): n rounds of max/argmax per row in registers,
-    over the row's few candidates from ``TOPN_COMPACT_MIN`` blocks on.
+    :func:`reference.select_topn` (which takes ``[b, hkv, t, ns]``): n rounds of max/argmax per row in registers.
     Query ``i`` sits at position ``i + q_offset`` (a context-parallel chunk); the block ids are global."""
     b, t, hkv, ns = scores.shape
     n = config.select_topn
@@ -95,17 +54,11 @@ def select_topn(scores: torch.Tensor, config: NSAConfig, cu_seqlens: Optional[to
     rows = b * t * hkv
     nsp = triton.next_power_of_2(ns)
     br = max(1, min(64, TOPN_ELEMENTS // nsp))
-    chunks = min(TOPN_CHUNKS, nsp)
-    compact = nsp >= TOPN_COMPACT_MIN and chunks > n
-    cap = TOPN_CAP if compact else 1
-    cand_v = torch.empty(rows * cap if compact else 1, device=scores.device, dtype=torch.float32)
-    cand_i = torch.empty(cand_v.shape, device=scores.device, dtype=torch.int32)
     idx = torch.empty(b, t, hkv, n, device=scores.device, dtype=torch.int32)
     _topn_kernel[(triton.cdiv(rows, br),)](
-        scores.contiguous(), (local_t + q_offset).to(torch.int32).contiguous(), idx, cand_v, cand_i, rows, ns,
-        HKV=hkv, N=n, NP=triton.next_power_of_2(n), NSP=nsp, BR=br, SEL_BLOCK=config.select_block,
-        INITIAL=config.select_initial, LOCAL=config.select_local, COMPACT=compact, CHUNKS=chunks, CAP=cap,
-        num_warps=TOPN_WARPS)
+        scores.contiguous(), (local_t + q_offset).to(torch.int32).contiguous(), idx, rows, ns, HKV=hkv, N=n,
+        NP=triton.next_power_of_2(n), NSP=nsp, BR=br, SEL_BLOCK=config.select_block,
+        INITIAL=config.select_initial, LOCAL=config.select_local, num_warps=TOPN_WARPS)
     return idx
 
 
