@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import (_bwd_rows, _finish, _gated, _grad_args, _load_tile, _q_tile, _rows, _seq_bounds,
-                    _softmax_step, _store_grad_tile, _store_tile, row_dot, wide_tile_stages)
+from .flash import (_bwd_rows, _finish, _gated, _grad_args, _load_tile, _q_tile, _seq_bounds, _softmax_step,
+                    _store_grad_tile, _store_tile, row_dot, wide_tile_stages)
 from .varlen import max_seqlen
 
 
@@ -104,93 +104,6 @@ def _sel_fwd_loop_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, TK_FIXED, QOFF, KBAS
     o, lse = _finish(acc, m_i, l_i)  # no block in this key buffer: o = 0, lse = -inf
     _store_tile(O, row_off, rvalid, o, DV, BDV)
     tl.store(LSE + row_off, lse, mask=rvalid)
-
-
-@triton.jit
-def _split4(x):
-    """``[4 * R, D]`` rows ``p * R + r`` -> the four ``[R, D]`` tiles of p = 0..3."""
-    x = tl.permute(tl.reshape(x, [2, 2, x.shape[0] // 4, x.shape[1]]), (2, 3, 1, 0))
-    lo, hi = tl.split(x)
-    a, b = tl.split(lo)
-    c, d = tl.split(hi)
-    return a, b, c, d
-
-
-@triton.jit
-def _split4_rows(x):
-    """``[4 * R]`` -> the four ``[R]`` parts (as ``_split4``)."""
-    x = tl.permute(tl.reshape(x, [2, 2, x.shape[0] // 4]), (2, 1, 0))
-    lo, hi = tl.split(x)
-    a, b = tl.split(lo)
-    c, d = tl.split(hi)
-    return a, b, c, d
-
-
-@triton.jit
-def _forced_ranges(own, INITIAL: tl.constexpr, LOCAL: tl.constexpr):
-    """The blocks top-n always keeps for a query in block ``own``: ``[0, a)`` and ``[b, own]``, disjoint."""
-    return tl.minimum(own + 1, INITIAL), tl.maximum(INITIAL, own - LOCAL + 1)
-
-
-@triton.jit
-def _shared_fwd_tail(Q, K, V, IDX, O, LSE, bos, t, T, kvh, own, m_i, l_i, acc, qk_scale, HQ: tl.constexpr,
-                     HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
-                     DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BS: tl.constexpr,
-                     INITIAL: tl.constexpr, LOCAL: tl.constexpr):
-    """Position ``t``'s own (not forced) blocks onto its state from the forced ones, then its output."""
-    tq, hq, hvalid = _rows(t, kvh, 1, G, GP)
-    rvalid = hvalid & (tq < T)
-    row_off, list_start, i_lo, i_hi = _position_blocks(IDX, bos, tl.minimum(t, T - 1), kvh, hq, INITIAL,
-                                                       own - LOCAL + 1, HQ, HKV, N, NP)
-    i_hi = tl.where(t < T, i_hi, i_lo)
-    q = _load_tile(Q, row_off, rvalid, DK, BDK)
-    for i in range(i_lo, i_hi):  # blocks before the local ones: wholly in the past, no mask
-        pos, k, v = _listed_block_kv(IDX, list_start, i, K, V, bos, 0, T, kvh, HKV, DK, DV, BDK, BDV, BS)
-        m_i, l_i, acc = _softmax_step(tl.dot(q, tl.trans(k)) * qk_scale, v, m_i, l_i, acc)
-    o, lse = _finish(acc, m_i, l_i)
-    _store_tile(O, row_off, rvalid, o, DV, BDV)
-    tl.store(LSE + row_off, lse, mask=rvalid)
-
-
-@triton.jit
-def _sel_fwd_shared_kernel(Q, K, V, IDX, O, LSE, T, scale, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
-                           GP: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                           BDK: tl.constexpr, BDV: tl.constexpr, BS: tl.constexpr, INITIAL: tl.constexpr,
-                           LOCAL: tl.constexpr):
-    # Four neighbouring positions of one selection block share its forced blocks (the first INITIAL and the LOCAL
-    # last ones, always in top-n's lists): those are loaded once for the four, as 4 x G rows; then each position
-    # walks the rest of its own list alone, from its rows of the shared state.
-    kvh = tl.program_id(1) % HKV
-    bos = (tl.program_id(1) // HKV).to(tl.int64) * T
-    t0 = tl.program_id(0) * 4
-    tq, hq, hvalid = _rows(t0, kvh, 4, G, GP)
-    rvalid = hvalid & (tq < T)
-    q = _load_tile(Q, (bos + tq.to(tl.int64)) * HQ + hq, rvalid, DK, BDK)
-    own = t0 // BS
-    a, b = _forced_ranges(own, INITIAL, LOCAL)
-    qk_scale = scale * 1.4426950408889634
-    m_i = tl.full([4 * GP], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([4 * GP], dtype=tl.float32)
-    acc = tl.zeros([4 * GP, BDV], dtype=tl.float32)
-    for blk in range(0, a):
-        pos, k, v = _block_kv(K, V, blk, bos, 0, T, kvh, HKV, DK, DV, BDK, BDV, BS)
-        s = tl.where(pos[None, :] <= tq[:, None], tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
-        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc)
-    for blk in range(b, own + 1):
-        pos, k, v = _block_kv(K, V, blk, bos, 0, T, kvh, HKV, DK, DV, BDK, BDV, BS)
-        s = tl.where(pos[None, :] <= tq[:, None], tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
-        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc)
-    m0, m1, m2, m3 = _split4_rows(m_i)
-    l0, l1, l2, l3 = _split4_rows(l_i)
-    a0, a1, a2, a3 = _split4(acc)
-    _shared_fwd_tail(Q, K, V, IDX, O, LSE, bos, t0, T, kvh, own, m0, l0, a0, qk_scale, HQ, HKV, G, GP, N, NP, DK,
-                     DV, BDK, BDV, BS, INITIAL, LOCAL)
-    _shared_fwd_tail(Q, K, V, IDX, O, LSE, bos, t0 + 1, T, kvh, own, m1, l1, a1, qk_scale, HQ, HKV, G, GP, N, NP,
-                     DK, DV, BDK, BDV, BS, INITIAL, LOCAL)
-    _shared_fwd_tail(Q, K, V, IDX, O, LSE, bos, t0 + 2, T, kvh, own, m2, l2, a2, qk_scale, HQ, HKV, G, GP, N, NP,
-                     DK, DV, BDK, BDV, BS, INITIAL, LOCAL)
-    _shared_fwd_tail(Q, K, V, IDX, O, LSE, bos, t0 + 3, T, kvh, own, m3, l3, a3, qk_scale, HQ, HKV, G, GP, N, NP,
-                     DK, DV, BDK, BDV, BS, INITIAL, LOCAL)
 
 
 @triton.jit
