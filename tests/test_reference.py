@@ -1,12 +1,13 @@
 """The plain-PyTorch reference against an independent brute force, and its exact properties."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import bruteforce as bf
 from conftest import SMALL, make_inputs, rel_err
-from nsa_parallel.kernels import NSAConfig, nsa_attention
+from nsa_parallel.kernels import Compression, NSAConfig, nsa_attention
 from nsa_parallel.kernels import reference as ref
 from nsa_parallel.kernels.varlen import compressed_cu_seqlens
 
@@ -179,3 +180,41 @@ def test_fp32_matches_fp64():
     o32 = nsa_attention(q.float(), *[x.float() for x in kvs], gate.float(), compress_k=ck32, compress_v=cv32,
                         config=cfg)
     assert o32.dtype == torch.float32 and rel_err(o32, o64) < 1e-5
+
+
+@pytest.mark.parametrize("block,stride,hidden,t", [
+    (32, 16, None, 100),  # the paper's l = 2d: two chunks per block
+    (8, 4, 5, 64),        # exact multiple, narrow hidden layer
+    (12, 4, None, 45),    # three chunks per block
+    (8, 8, None, 47),     # l = d: no overlap
+    (10, 4, None, 50),    # l not a multiple of d: the unfolded path
+    (32, 16, None, 32),   # a single block
+    (32, 16, None, 20),   # no whole block
+])
+def test_compression_equals_bruteforce_with_gradients(block, stride, hidden, t):
+    """phi (``Compression``) against the explicit block-by-block MLP, fp64: output and the gradients of the input
+    and of every parameter, fixed-length and packed."""
+    torch.manual_seed(block + stride + t)
+    phi = Compression(3, 8, block, stride, hidden, dtype=torch.float64)
+    with torch.no_grad():
+        for p in phi.parameters():
+            p.normal_()
+    cfg = SimpleNamespace(compress_block=block, compress_stride=stride)  # (10, 4) is not an NSAConfig
+    x = torch.randn(2, t, 3, 8, dtype=torch.float64, requires_grad=True)
+    params = [x, *phi.parameters()]
+    got = phi(x)
+    want = bf.compress(x, phi, cfg)
+    assert got.shape == want.shape == (2, max(0, (t - block) // stride + 1), 3, 8)
+    if got.numel() == 0:
+        return
+    assert rel_err(got, want) < 1e-12
+    g = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g)):
+        assert rel_err(a, b) < 1e-12
+    # packed: two sequences of lengths t and t // 2 + 3, each compressed on its own
+    cu = torch.tensor([0, t, t + t // 2 + 3])
+    xp = torch.randn(1, int(cu[-1]), 3, 8, dtype=torch.float64)
+    packed = phi(xp, cu)
+    want = torch.cat([bf.compress(xp[:, s:e], phi, cfg) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())], 1)
+    assert packed.shape == want.shape and rel_err(packed, want) < 1e-12
+
