@@ -183,11 +183,11 @@ def test_fp32_matches_fp64():
 
 
 @pytest.mark.parametrize("block,stride,hidden,t", [
-    (32, 16, None, 100),  # the paper's l = 2d: two chunks per block
+    (32, 16, None, 100),  # the paper's l = 2d
     (8, 4, 5, 64),        # exact multiple, narrow hidden layer
-    (12, 4, None, 45),    # three chunks per block
+    (12, 4, None, 45),    # l = 3d
     (8, 8, None, 47),     # l = d: no overlap
-    (10, 4, None, 50),    # l not a multiple of d: the unfolded path
+    (10, 4, None, 50),    # l not a multiple of d
     (32, 16, None, 32),   # a single block
     (32, 16, None, 20),   # no whole block
 ])
