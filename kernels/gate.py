@@ -11,18 +11,27 @@ import triton.language as tl
 
 
 @triton.jit
+def _gated_sum(OC, o_slc, OW, GATE, r, rv, off, m):
+    """The NSA output ``g_cmp o_cmp + g_slc o_slc + g_swa o_swa`` (fp32) of rows ``r`` (gate rows ``[.., 3]``,
+    element offsets ``off``), with o_slc given as an fp32 tile: one arithmetic for the gate pass here and for the
+    selected forward, which does this pass in its epilogue (``select.selected_forward(gated_sum=...)``)."""
+    g0 = tl.load(GATE + r * 3, mask=rv, other=0.0).to(tl.float32)
+    g1 = tl.load(GATE + r * 3 + 1, mask=rv, other=0.0).to(tl.float32)
+    g2 = tl.load(GATE + r * 3 + 2, mask=rv, other=0.0).to(tl.float32)
+    o = g0[:, None] * tl.load(OC + off, mask=m, other=0.0).to(tl.float32)
+    o += g1[:, None] * o_slc
+    o += g2[:, None] * tl.load(OW + off, mask=m, other=0.0).to(tl.float32)
+    return o
+
+
+@triton.jit
 def _gate_fwd(OC, OS, OW, GATE, O, R, DV: tl.constexpr, BR: tl.constexpr, BDV: tl.constexpr):
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     d = tl.arange(0, BDV)
     rv = r < R
     m = rv[:, None] & (d[None, :] < DV)
     off = r.to(tl.int64)[:, None] * DV + d[None, :]
-    g0 = tl.load(GATE + r * 3, mask=rv, other=0.0).to(tl.float32)
-    g1 = tl.load(GATE + r * 3 + 1, mask=rv, other=0.0).to(tl.float32)
-    g2 = tl.load(GATE + r * 3 + 2, mask=rv, other=0.0).to(tl.float32)
-    o = g0[:, None] * tl.load(OC + off, mask=m, other=0.0).to(tl.float32)
-    o += g1[:, None] * tl.load(OS + off, mask=m, other=0.0).to(tl.float32)
-    o += g2[:, None] * tl.load(OW + off, mask=m, other=0.0).to(tl.float32)
+    o = _gated_sum(OC, tl.load(OS + off, mask=m, other=0.0).to(tl.float32), OW, GATE, r, rv, off, m)
     tl.store(O + off, o.to(O.dtype.element_ty), mask=m)
 
 

@@ -1,7 +1,8 @@
-"""The Triton NSA core: compressed attention -> selection scores -> top-n -> selected + window -> gates.
+"""The Triton NSA core: compressed attention -> selection scores -> top-n -> window -> selected + gates.
 
 The compression MLP phi stays in PyTorch: a dense GEMM over t/d tokens that cuBLAS does well (~1% of the core at
-64k). Gating and top-n are small Triton kernels of their own (gate.py, topn.py).
+64k). Top-n and the gates' backward are small Triton kernels of their own (topn.py, gate.py); the gated sum of
+the forward is the selected forward's epilogue, which runs last for that reason.
 
 One autograd function runs the whole core, so its backward can share work between branches that separate
 functions could not: the branch kernels take the gated sum's gradient ``do`` as it is and scale their
@@ -16,7 +17,7 @@ import torch
 
 from .config import NSAConfig
 from .flash import NO_WINDOW, _Launch, masked_backward, masked_forward
-from .gate import gate_backward, gate_forward
+from .gate import gate_backward
 from .reference import NSAOutput
 from .select import _SelLaunch, selected_backward, selected_forward
 from .topn import select_blocks
@@ -37,12 +38,12 @@ class NSACore(torch.autograd.Function):
                         cmp_cu_seqlens, lens)
         o_cmp, lse_cmp = masked_forward(q, kc, vc, scale, L_cmp)
         indices = select_blocks(q, kc, lse_cmp, config, scale, cu_seqlens, cmp_cu_seqlens, max_t)
-        L_slc = _SelLaunch(q, k_slc, v_slc, indices, config.select_block, cu_seqlens, max_t)
-        o_slc, lse_slc = selected_forward(q, k_slc, v_slc, indices, L_slc, scale)
         L_swa = _Launch(q, k_swa, v_swa, 1, 0, config.window, cu_seqlens, cu_seqlens,
                         None if max_t is None else (max_t, max_t))
         o_swa, lse_swa = masked_forward(q, k_swa, v_swa, scale, L_swa)
-        o = gate_forward(o_cmp, o_slc, o_swa, gate)
+        L_slc = _SelLaunch(q, k_slc, v_slc, indices, config.select_block, cu_seqlens, max_t)
+        # the selected branch last: its epilogue also writes the gated sum of the three (no gate pass)
+        o_slc, lse_slc, o = selected_forward(q, k_slc, v_slc, indices, L_slc, scale, gated_sum=(o_cmp, o_swa, gate))
         ctx.save_for_backward(q, kc, vc, k_slc, v_slc, k_swa, v_swa, gate, indices, o_cmp, o_slc, o_swa, lse_cmp,
                               lse_slc, lse_swa)
         ctx.launches, ctx.scale = (L_cmp, L_slc, L_swa), scale

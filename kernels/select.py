@@ -19,6 +19,7 @@ import triton.language as tl
 
 from .flash import (_bwd_rows, _finish, _gated, _grad_args, _load_tile, _q_tile, _seq_bounds, _softmax_step,
                     _store_grad_tile, _store_tile, row_dot, wide_tile_stages)
+from .gate import _gated_sum
 from .varlen import max_seqlen
 
 
@@ -83,10 +84,27 @@ def _listed_block_kv(IDX, list_start, i, K, V, kbos, KBASE, TK, kvh, HKV: tl.con
 
 
 @triton.jit
+def _store_output(O, LSE, row_off, rvalid, o, lse, DV: tl.constexpr, BDV: tl.constexpr, OC, OW, GATE, OUT,
+                  GATED_SUM: tl.constexpr):
+    """The branch's output and lse; with ``GATED_SUM`` also the NSA output from the other two branches' outputs
+    ``OC`` / ``OW`` and the gate (gate.py's pass, fused: at 64k it saves that pass's 1.4 ms on an H100 for ~0.3
+    ms more here, where the epilogue's HBM traffic hides behind the K/V blocks' L2 traffic)."""
+    _store_tile(O, row_off, rvalid, o, DV, BDV)
+    tl.store(LSE + row_off, lse, mask=rvalid)
+    if GATED_SUM:
+        d = tl.arange(0, BDV)
+        m = rvalid[:, None] & (d[None, :] < DV)
+        off = row_off[:, None] * DV + d[None, :]
+        o_slc = o.to(O.dtype.element_ty).to(tl.float32)  # as the gate pass reads it back
+        _store_tile(OUT, row_off, rvalid, _gated_sum(OC, o_slc, OW, GATE, row_off, rvalid, off, m), DV, BDV)
+
+
+@triton.jit
 def _sel_fwd_loop_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, TK_FIXED, QOFF, KBASE, LO, HI, scale,
                          HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr,
                          NP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
-                         BDV: tl.constexpr, BS: tl.constexpr, VARLEN: tl.constexpr):
+                         BDV: tl.constexpr, BS: tl.constexpr, VARLEN: tl.constexpr, OC=None, OW=None, GATE=None,
+                         OUT=None, GATED_SUM: tl.constexpr = False):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, 1, G, GP, VARLEN)
     if t0 >= T:
         return
@@ -102,8 +120,7 @@ def _sel_fwd_loop_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, TK_FIXED, QOFF, KBAS
         s = tl.where((pos <= t0 + QOFF)[None, :], s, float("-inf"))
         m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc)
     o, lse = _finish(acc, m_i, l_i)  # no block in this key buffer: o = 0, lse = -inf
-    _store_tile(O, row_off, rvalid, o, DV, BDV)
-    tl.store(LSE + row_off, lse, mask=rvalid)
+    _store_output(O, LSE, row_off, rvalid, o, lse, DV, BDV, OC, OW, GATE, OUT, GATED_SUM)
 
 
 @triton.jit
@@ -134,7 +151,8 @@ def _sel_fwd_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, TK_FIXED, QOFF, KBASE, LO
                     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr,
                     NP: tl.constexpr,
                     DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BS: tl.constexpr,
-                    BLOCK_T: tl.constexpr, VARLEN: tl.constexpr):
+                    BLOCK_T: tl.constexpr, VARLEN: tl.constexpr, OC=None, OW=None, GATE=None, OUT=None,
+                    GATED_SUM: tl.constexpr = False):
     # Rows are BLOCK_T neighbouring positions x the G heads of one KV head. The program walks the union of the
     # rows' sorted block lists (a k-way merge): neighbours share most blocks, so each K/V block is loaded once per
     # tile and the matrix products have BLOCK_T*GP rows instead of G.
@@ -161,8 +179,7 @@ def _sel_fwd_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, TK_FIXED, QOFF, KBASE, LO
         cur = _next_block(IDX, idx_row, ptr, rvalid, HI, N)
         blk = tl.min(cur, 0)
     o, lse = _finish(acc, m_i, l_i)  # rows with no block in this key buffer: o = 0, lse = -inf
-    _store_tile(O, row_off, rvalid, o, DV, BDV)
-    tl.store(LSE + row_off, lse, mask=rvalid)
+    _store_output(O, LSE, row_off, rvalid, o, lse, DV, BDV, OC, OW, GATE, OUT, GATED_SUM)
 
 
 @triton.jit
@@ -355,15 +372,21 @@ class _SelLaunch:
         self.grid_q = (triton.cdiv(max_t, block_t), nseq * hkv)
 
 
-def selected_forward(q, k, v, indices, L: _SelLaunch, scale: float):
-    """``(o, lse)`` of the queries over the selected blocks inside this key buffer (no autograd)."""
+def selected_forward(q, k, v, indices, L: _SelLaunch, scale: float, gated_sum=None):
+    """``(o, lse)`` of the queries over the selected blocks inside this key buffer (no autograd); with
+    ``gated_sum = (o_cmp, o_swa, gate)`` (contiguous, gate ``[b, t, hq, 3]``) ``(o, lse, out)``, ``out`` the NSA
+    output ``gate . (o_cmp, o, o_swa)`` as :func:`gate.gate_forward` computes it."""
     b, t, hq, _ = q.shape
     o = torch.empty(b, t, hq, v.shape[-1], device=q.device, dtype=q.dtype)
     lse = torch.empty(b, t, hq, device=q.device, dtype=torch.float32)
+    fused = {}
+    if gated_sum is not None:
+        out = torch.empty_like(o)
+        fused = dict(OC=gated_sum[0], OW=gated_sum[1], GATE=gated_sum[2], OUT=out, GATED_SUM=True)
     kernel = _sel_fwd_loop_kernel if L.loop else _sel_fwd_kernel
-    kernel[L.grid_q](q, k, v, indices, o, lse, L.cu, *L.sizes, L.lo, L.hi, scale, **L.qmajor, num_stages=L.stages,
-                     num_warps=L.warps_fwd)
-    return o, lse
+    kernel[L.grid_q](q, k, v, indices, o, lse, L.cu, *L.sizes, L.lo, L.hi, scale, **L.qmajor, **fused,
+                     num_stages=L.stages, num_warps=L.warps_fwd)
+    return (o, lse) if gated_sum is None else (o, lse, out)
 
 
 def selected_backward(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: float, dq_dtype=None, dq=None,
