@@ -51,6 +51,11 @@ class NSAKVCache:
         self.k_cmp = torch.zeros(batch, self.max_cmp, num_kv_heads, head_dim, **kw)
         self.v_cmp = torch.zeros(batch, self.max_cmp, num_kv_heads, dv, **kw)
         self.lens = torch.zeros(batch, dtype=torch.int32, device=device)
+        # the decode kernel's phi adds pe . W1 + b1 as one bias; phi's weights do not change while decoding
+        self.phi_bias = None
+        if backend == "triton":
+            with torch.no_grad():
+                self.phi_bias = tuple(m.first_layer_bias(dtype).float().contiguous() for m in (compress_k, compress_v))
 
     def _check(self, name: str, x: torch.Tensor, t: int, d: int) -> None:
         want = (self.batch, t, self.num_kv_heads, d)

@@ -546,24 +546,30 @@ def append_raw(cache, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa) -> None:
 
 
 @triton.jit
-def _phi_rows(raw_ptr, out_ptr, pe_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, b, n, done, h, MAXC,
+def _phi_rows(raw_ptr, out_ptr, bias_ptr, w1_ptr, w2_ptr, b2_ptr, b, n, done, h, MAXC,
               HKV: tl.constexpr, D: tl.constexpr, HID: tl.constexpr, CL: tl.constexpr, CS: tl.constexpr,
               BD: tl.constexpr, BH: tl.constexpr):
     """phi of the block each ``done`` row just completed (ring ``raw [B, l, hkv, D]``) -> ``out[b, blk, h]``."""
-    dt = out_ptr.dtype.element_ty  # phi runs in the cache's dtype, as Compression.compress_blocks does
+    # phi in the cache's dtype with Compression.compress_blocks' arithmetic: the product of each chunk of CS
+    # block rows with W1 rounded to it, the chunks and the first layer's bias pe . W1 + b1 (fp32 ``[hkv, HID]``,
+    # Compression.first_layer_bias) summed in fp32
+    dt = out_ptr.dtype.element_ty
     d = tl.arange(0, BD)
     o = tl.arange(0, BH)
     dm, om = d < D, o < HID
-    hid = tl.zeros([b.shape[0], BH], tl.float32)
-    for r in range(CL):  # block row r: flatten(block + pe) @ w1 taken D inputs at a time
-        slot = (n - CL + r) % CL
-        x = tl.load(raw_ptr + ((b * CL + slot) * HKV + h)[:, None] * D + d[None, :], mask=done[:, None] & dm[None, :],
-                    other=0.0)
-        pe = tl.load(pe_ptr + (h * CL + r) * D + d, mask=dm, other=0.0).to(dt)
-        w = tl.load(w1_ptr + ((h * CL + r) * D + d[:, None]).to(tl.int64) * HID + o[None, :],
-                    mask=dm[:, None] & om[None, :], other=0.0).to(dt)
-        hid += tl.dot((x + pe[None, :]).to(dt), w)
-    hid = (hid.to(dt) + tl.load(b1_ptr + h * HID + o, mask=om, other=0.0).to(dt)[None, :]).to(tl.float32)
+    hid = tl.zeros([b.shape[0], BH], tl.float32) + tl.load(bias_ptr + h * HID + o, mask=om, other=0.0)[None, :]
+    for c in range(CL // CS):
+        part = tl.zeros([b.shape[0], BH], tl.float32)
+        for i in range(CS):  # block row r: one D-wide slice of flatten(block) @ w1
+            r = c * CS + i
+            slot = (n - CL + r) % CL
+            x = tl.load(raw_ptr + ((b * CL + slot) * HKV + h)[:, None] * D + d[None, :],
+                        mask=done[:, None] & dm[None, :], other=0.0)
+            w = tl.load(w1_ptr + ((h * CL + r) * D + d[:, None]).to(tl.int64) * HID + o[None, :],
+                        mask=dm[:, None] & om[None, :], other=0.0).to(dt)
+            part += tl.dot(x.to(dt), w)
+        hid += part.to(dt).to(tl.float32)
+    hid = hid.to(dt).to(tl.float32)
     act = (hid * tl.sigmoid(hid)).to(dt)
     w = tl.load(w2_ptr + (h * HID + o[:, None]) * D + d[None, :], mask=om[:, None] & dm[None, :], other=0.0).to(dt)
     y = tl.dot(act, w).to(dt) + tl.load(b2_ptr + h * D + d, mask=dm, other=0.0).to(dt)[None, :]
@@ -572,7 +578,7 @@ def _phi_rows(raw_ptr, out_ptr, pe_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, b, n, do
 
 
 @triton.jit
-def _append_compress(lens_ptr, kraw, vraw, kcmp, vcmp, kpe, kw1, kb1, kw2, kb2, vpe, vw1, vb1, vw2, vb2, B, MAXC,
+def _append_compress(lens_ptr, kraw, vraw, kcmp, vcmp, kbias, kw1, kw2, kb2, vbias, vw1, vw2, vb2, B, MAXC,
                      HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, HIDK: tl.constexpr, HIDV: tl.constexpr,
                      CL: tl.constexpr, CS: tl.constexpr, BB: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                      BHK: tl.constexpr, BHV: tl.constexpr):
@@ -585,16 +591,16 @@ def _append_compress(lens_ptr, kraw, vraw, kcmp, vcmp, kpe, kw1, kb1, kw2, kb2, 
     b = b.to(tl.int64)
     if tl.max(done.to(tl.int32), 0) > 0:
         if tl.program_id(2) == 0:
-            _phi_rows(kraw, kcmp, kpe, kw1, kb1, kw2, kb2, b, n, done, h, MAXC, HKV, DK, HIDK, CL, CS, BDK, BHK)
+            _phi_rows(kraw, kcmp, kbias, kw1, kw2, kb2, b, n, done, h, MAXC, HKV, DK, HIDK, CL, CS, BDK, BHK)
         else:
-            _phi_rows(vraw, vcmp, vpe, vw1, vb1, vw2, vb2, b, n, done, h, MAXC, HKV, DV, HIDV, CL, CS, BDV, BHV)
+            _phi_rows(vraw, vcmp, vbias, vw1, vw2, vb2, b, n, done, h, MAXC, HKV, DV, HIDV, CL, CS, BDV, BHV)
 
 
 def append_compress(cache) -> None:
     """After :func:`append_raw`: phi of every block the new tokens complete, written to the compressed cache."""
     cfg = cache.config
     ck, cv = cache.compress_k, cache.compress_v
-    ps = [t.detach().contiguous() for m in (ck, cv) for t in (m.pos_emb, m.w1, m.b1, m.w2, m.b2)]
+    ps = [t.detach().contiguous() for m, bias in zip((ck, cv), cache.phi_bias) for t in (bias, m.w1, m.w2, m.b2)]
     bb = APPEND_ROWS
     _append_compress[(cache.num_kv_heads, triton.cdiv(cache.batch, bb), 2)](
         cache.lens, cache.k_raw, cache.v_raw, cache.k_cmp, cache.v_cmp, *ps, cache.batch, cache.max_cmp,

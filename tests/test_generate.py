@@ -114,20 +114,51 @@ def test_bad_generation_arguments_are_named(gpt):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-def test_generation_on_gpu_bf16(gpt):
+def test_generation_on_gpu_bf16(gpt, monkeypatch):
     """Triton prefill + Triton decode in bf16 against the whole model run on the whole sequence (Triton training
-    kernels) at every step: the logits of the first steps agree to bf16 accuracy."""
+    kernels) at every step: where both chose the same blocks in every layer, the logits agree to bf16 accuracy.
+
+    Top-n is discontinuous: a near-tie between two blocks' scores can go either way in bf16, and then the logits
+    part by more (seen on an H100: 0.053 at one step, the other steps 0.003-0.014). Such a step is allowed once in
+    the 15 cached steps, and only with different blocks; an error with the same blocks fails."""
+    import nsa_parallel.megatron.attention as attention
+    decoded, full = [], []
+    real_decode, real_attention = attention.nsa_decode, attention.nsa_attention
+
+    def decode(*args, **kw):
+        o, idx = real_decode(*args, **dict(kw, return_indices=True))
+        decoded.append(idx)  # [B, hkv, n], one per layer and step
+        return o
+
+    def whole(*args, **kw):
+        o, idx = real_attention(*args, **kw)
+        full.append(idx[0, -1])  # the last position's blocks [hkv, n]
+        return o, idx
+
+    monkeypatch.setattr(attention, "nsa_decode", decode)
+    monkeypatch.setattr(attention, "nsa_attention", whole)
     model = gpt.cuda().to(torch.bfloat16)
+    layers = len(model.decoder.layers)
     prompts = [p * 8 for p in PROMPTS]  # 40..328 tokens: several selection blocks and a full window
     got, got_logits = generate(model, prompts, 6, return_logits=True)
     toks = [list(p) for p in prompts]
+    flips = []
     with torch.no_grad():
         for step in range(6):
             for b, t in enumerate(toks):
+                full.clear()
                 want = model(torch.tensor([t], device="cuda"), torch.arange(len(t), device="cuda")[None], None)[0, -1]
                 err = ((got_logits[b, step].float() - want.float()).abs().max() / want.float().abs().max()).item()
-                assert err < 3e-2, (b, step, err)
+                # step 0's logits come from the prefill (the training kernels, as the oracle's); each later step
+                # from one decode call per layer
+                same = step == 0 or all(torch.equal(decoded[(step - 1) * layers + i][b], full[i])
+                                        for i in range(layers))
+                if same:
+                    assert err < 3e-2, (b, step, err)
+                else:
+                    flips.append((b, step, err))
                 t.append(got[b][step])  # follow the cached run's tokens (near-ties may flip an argmax in bf16)
+    assert len(decoded) == 5 * layers and len(flips) <= 1, flips
 
 
 # the trainer's flags of a tiny model; 17 recall keys make a vocabulary of 25 (odd: padded for TP)

@@ -7,7 +7,7 @@ import torch
 
 import bruteforce as bf
 from conftest import SMALL, make_inputs, rel_err
-from nsa_parallel.kernels import Compression, NSAConfig, nsa_attention
+from nsa_parallel.kernels import Compression, NSAConfig, nsa_attention, unfold_blocks
 from nsa_parallel.kernels import reference as ref
 from nsa_parallel.kernels.varlen import compressed_cu_seqlens
 
@@ -218,3 +218,14 @@ def test_compression_equals_bruteforce_with_gradients(block, stride, hidden, t):
     want = torch.cat([bf.compress(xp[:, s:e], phi, cfg) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())], 1)
     assert packed.shape == want.shape and rel_err(packed, want) < 1e-12
 
+
+
+def test_compression_rounds_like_compress_blocks_in_bf16():
+    """Training (chunk products) and decoding (one block at a time, ``compress_blocks`` and the decode kernel)
+    round phi the same way, so a compressed token does not depend on which of them made it."""
+    phi = Compression(2, 32, 32, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        phi.pos_emb.normal_()  # a pe as large as the tokens: rounding block + pe would show
+    x = torch.randn(1, 300, 2, 32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    got, want = phi(x).float(), phi.compress_blocks(unfold_blocks(x, 32, 16)).float()
+    assert ((got - want).abs() <= 2 ** -7 * want.abs()).all()  # at most one bf16 rounding step apart

@@ -1,10 +1,13 @@
-import sys, torch
+"""Per (step, sequence) logit errors of cached bf16 generation against the full forward on one GPU, with the
+record 25332a8's phi and with the old phi patched in (run 9; a diagnostic, not shipped)."""
+import sys
+import torch
 sys.path.insert(0, "tests")
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 from nsa_parallel.distributed import init_distributed
-from nsa_parallel.megatron import enable_cpu_shims, get_gpt_layer_nsa_spec
+from nsa_parallel.megatron import get_gpt_layer_nsa_spec
 from nsa_parallel.generate import generate
 from nsa_parallel.kernels import compression as C
 from conftest import SMALL
@@ -35,7 +38,8 @@ def run(tag):
             row = []
             for b, t in enumerate(toks):
                 want = model(torch.tensor([t], device="cuda"), torch.arange(len(t), device="cuda")[None], None)[0, -1]
-                row.append(round(((got_logits[b, step].float() - want.float()).abs().max() / want.float().abs().max()).item(), 4))
+                err = (got_logits[b, step].float() - want.float()).abs().max() / want.float().abs().max()
+                row.append(round(err.item(), 4))
                 t.append(got[b][step])
             errs.append(row)
     print(tag, errs, flush=True)
