@@ -108,7 +108,7 @@ class Compression(nn.Module):
         each chunk's product with each slice of W1 is computed once, and the block's first layer adds ``k`` of
         them. The unfolded blocks (``l / d`` copies of ``x`` plus ``pe``) and the scatter-add that undoes the
         unfold in backward never exist: in the NSA core at 64k on an H100 (4 KV heads, K and V) the GPU time outside
-        the Triton kernels fell from 1.0 to 0.46 ms forward and from 4.7 to 3.6 ms forward+backward
+        the Triton kernels fell from 1.0 to 0.46 ms forward and from 4.6 to 3.6 ms forward+backward
         (docs/benchmarks.md, twelfth session)."""
         b, t, h, d = x.shape
         l, s, hidden = self.block, self.stride, self.hidden
