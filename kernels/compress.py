@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .config import NSAConfig
-from .flash import NO_WINDOW, _load_lse2, _load_tile, _seq_bounds, _tiles, position_masked_attention
+from .flash import NO_WINDOW, _load_lse2, _load_tile, _tile_start, _tiles, position_masked_attention
 from .interface import check_triton_config
 from .varlen import max_seqlen
 
@@ -77,10 +77,7 @@ def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, QOFF, scale,
     # The products are s^T = kc q^T ([tokens, query rows]): with the query rows as columns in _score_columns'
     # order, the head sum is in-thread and only the [tokens, positions] sums move between threads (H100 at 64k, same
     # run: 6.2 ms against 7.7 for q kc^T with the heads summed across lanes, both 8 warps; 4.95 ms with 4).
-    seq = tl.program_id(1) // HKV
-    kvh = tl.program_id(1) % HKV
-    bos, T, kbos, TK = _seq_bounds(seq, CU, CU_K, T_FIXED, TK_FIXED, VARLEN)
-    t0 = tl.program_id(0) * BLOCK_T
+    bos, T, kbos, TK, kvh, t0 = _tile_start(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, VARLEN)
     if t0 >= T:
         return
     tq, hq, hvalid = _score_columns(t0, kvh, BLOCK_T, G, GP)

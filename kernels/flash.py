@@ -52,13 +52,19 @@ def _load_tile(PTR, row_off, rvalid, D: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
+def _tile_start(CU, CU_K, T_FIXED, TK_FIXED, HKV: tl.constexpr, BLOCK_T: tl.constexpr, VARLEN: tl.constexpr):
+    """A query-major program's sequence bounds ``(bos, T, kbos, TK)``, KV head and first position: grid
+    ``(positions / BLOCK_T, sequences * HKV)``."""
+    kvh = tl.program_id(1) % HKV
+    bos, T, kbos, TK = _seq_bounds(tl.program_id(1) // HKV, CU, CU_K, T_FIXED, TK_FIXED, VARLEN)
+    return bos, T, kbos, TK, kvh, tl.program_id(0) * BLOCK_T
+
+
+@triton.jit
 def _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV: tl.constexpr, BLOCK_T: tl.constexpr, G: tl.constexpr,
             GP: tl.constexpr, VARLEN: tl.constexpr):
     """The program's sequence bounds and its query rows (BLOCK_T positions x the G heads of one KV head)."""
-    seq = tl.program_id(1) // HKV
-    kvh = tl.program_id(1) % HKV
-    bos, T, kbos, TK = _seq_bounds(seq, CU, CU_K, T_FIXED, TK_FIXED, VARLEN)
-    t0 = tl.program_id(0) * BLOCK_T
+    bos, T, kbos, TK, kvh, t0 = _tile_start(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, VARLEN)
     tq, hq, hvalid = _rows(t0, kvh, BLOCK_T, G, GP)
     return bos, T, kbos, TK, kvh, t0, tq, hq, hvalid & (tq < T)
 
