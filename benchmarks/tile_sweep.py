@@ -115,10 +115,10 @@ def _sel_fwd_tma(Q, KD, VD, IDX, O, LSE, T, scale, HQ: tl.constexpr, HKV: tl.con
         blk = tl.load(IDX + (row * HKV + kvh) * N + i)
         k = KD.load([seq, blk * BS, kvh, 0]).reshape(BS, D)
         v = VD.load([seq, blk * BS, kvh, 0]).reshape(BS, D)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k))
         pos = blk * BS + tl.arange(0, BS)
         s = tl.where((pos <= t)[None, :], s, float("-inf"))
-        m_i, l_i, acc = F._softmax_step(s, v, m_i, l_i, acc)
+        m_i, l_i, acc = F._softmax_step(s, v, m_i, l_i, acc, qk_scale)
     o, lse = F._finish(acc, m_i, l_i)
     tl.store(O + row_off[:, None] * D + d[None, :], o.to(O.dtype.element_ty))
     tl.store(LSE + row_off, lse)

@@ -116,9 +116,8 @@ def _sel_fwd_loop_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, TK_FIXED, QOFF, KBAS
     acc = tl.zeros([GP, BDV], dtype=tl.float32)
     for i in range(i_lo, i_hi):
         pos, k, v = _listed_block_kv(IDX, list_start, i, K, V, kbos, KBASE, TK, kvh, HKV, DK, DV, BDK, BDV, BS)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        s = tl.where((pos <= t0 + QOFF)[None, :], s, float("-inf"))
-        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc)
+        s = tl.where((pos <= t0 + QOFF)[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale)
     o, lse = _finish(acc, m_i, l_i)  # no block in this key buffer: o = 0, lse = -inf
     _store_output(O, LSE, row_off, rvalid, o, lse, DV, BDV, OC, OW, GATE, OUT, GATED_SUM)
 
@@ -172,9 +171,9 @@ def _sel_fwd_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, TK_FIXED, QOFF, KBASE, LO
     while blk < (1 << 30):
         hit = cur == blk
         pos, k, v = _block_kv(K, V, blk, kbos, KBASE, TK, kvh, HKV, DK, DV, BDK, BDV, BS)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k))
         s = tl.where(hit[:, None] & (pos[None, :] <= tq[:, None] + QOFF), s, float("-inf"))
-        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc)
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale)
         ptr += hit.to(tl.int32)
         cur = _next_block(IDX, idx_row, ptr, rvalid, HI, N)
         blk = tl.min(cur, 0)
