@@ -270,19 +270,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K, T_FIXED, TK_FIXED, sca
 
 
 @triton.jit
-def _add_dq(DQ32, row_off, rvalid, dq, DK: tl.constexpr, BDK: tl.constexpr):
-    """Add a key tile's share of dq onto the fp32 ``DQ32`` (the fused backward: dq without a query-major pass)."""
-    d = tl.arange(0, BDK)
-    tl.atomic_add(DQ32 + row_off[:, None] * DK + d[None, :], dq, mask=rvalid[:, None] & (d[None, :] < DK),
-                  sem="relaxed")
-
-
-@triton.jit
 def _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, t_start, t_stop, t_end, qk_scale,
                 HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 BDK: tl.constexpr, BDV: tl.constexpr, BLOCK_T: tl.constexpr, KSTRIDE: tl.constexpr, KOFF,
-                WINDOW: tl.constexpr, MASKED: tl.constexpr, GATE, GATED: tl.constexpr, DQ32, scale,
-                FUSED_DQ: tl.constexpr):
+                WINDOW: tl.constexpr, MASKED: tl.constexpr, GATE, GATED: tl.constexpr):
     # transposed products (keys as rows): p^T and dS^T come out of one product as the register operand of the
     # next, and K / V, the loop-invariant operands, stay in shared memory (q k^T with transposes of p and dS
     # re-stored K and V to shared memory every step)
@@ -299,8 +290,6 @@ def _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, t_
         dv_acc += tl.dot(pT.to(do.dtype), do)
         dsT = pT * (tl.dot(v, tl.trans(do)) - delta[None, :])
         dk_acc += tl.dot(dsT.to(q.dtype), q)
-        if FUSED_DQ:
-            _add_dq(DQ32, row_off, rvalid, tl.dot(tl.trans(dsT.to(k.dtype)), k) * scale, DK, BDK)
     return dk_acc, dv_acc
 
 
@@ -310,8 +299,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, CU, CU_K, T_FIXED, TK_FI
                      DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                      KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
-                     Q_SPLIT: tl.constexpr, GATE=None, GATED: tl.constexpr = False, DQ32=None,
-                     FUSED_DQ: tl.constexpr = False):
+                     Q_SPLIT: tl.constexpr, GATE=None, GATED: tl.constexpr = False):
     pid_n = tl.program_id(0)
     seq = tl.program_id(1) // HKV
     kvh = tl.program_id(1) % HKV
@@ -343,13 +331,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, CU, CU_K, T_FIXED, TK_FI
     tb = tl.where(j0 + BLOCK_N <= TK, tb, ta)
     dk_acc, dv_acc = _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, t_lo, ta, t_end,
                                  qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, KSTRIDE, KOFF, WINDOW, True, GATE,
-                                 GATED, DQ32, scale, FUSED_DQ)
+                                 GATED)
     dk_acc, dv_acc = _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, ta, tb, t_end,
                                  qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, KSTRIDE, KOFF, WINDOW, False, GATE,
-                                 GATED, DQ32, scale, FUSED_DQ)
+                                 GATED)
     dk_acc, dv_acc = _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, tl.maximum(ta, tb),
                                  t_end, t_end, qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, KSTRIDE, KOFF, WINDOW,
-                                 True, GATE, GATED, DQ32, scale, FUSED_DQ)
+                                 True, GATE, GATED)
     dk_mask = jvalid[:, None] & (dk[None, :] < DK)
     dv_mask = jvalid[:, None] & (dv[None, :] < DV)
     if Q_SPLIT > 0:
