@@ -308,6 +308,17 @@ def test_topn_kernel_breaks_ties_like_reference():
     assert torch.equal(select_topn(sc.to(DEVICE), cfg).cpu(), ref.select_topn(sc.permute(0, 2, 1, 3), cfg))
 
 
+@pytest.mark.parametrize("initial,local,n", [(1, 2, 5), (0, 1, 3), (2, 1, 4), (3, 3, 6), (1, 2, 3), (0, 2, 7)])
+def test_topn_kernel_forced_blocks(initial, local, n):
+    """The forced blocks (placed without search rounds) for every position, including the first ones, where
+    they overlap or do not all exist yet; n = initial + local leaves no search round at all."""
+    cfg = NSAConfig(compress_block=8, compress_stride=4, select_block=8, select_topn=n, window=8,
+                    select_initial=initial, select_local=local)
+    sc = torch.rand(2, 75, 2, cfg.num_select_blocks(75), generator=torch.Generator().manual_seed(n))
+    sc[1, 40:, 1, :] = 0.5  # ties everywhere: the lower block index wins
+    assert torch.equal(select_topn(sc.to(DEVICE), cfg).cpu(), ref.select_topn(sc.permute(0, 2, 1, 3), cfg))
+
+
 def test_gate_combine_kernel():
     from nsa_parallel.kernels.gate import gate_combine
     o = [_rand(2, 9, 4, 12, dtype=torch.float32, seed=s) for s in range(3)]
