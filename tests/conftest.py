@@ -6,6 +6,12 @@ import torch
 # Triton kernels run through the interpreter where there is no GPU; it must be set before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # The fp32 tests bound errors for exact fp32 products (as the interpreter computes them); compiled for a GPU,
+    # Triton's fp32 dots default to TF32 (~1e-3 relative), which fails those bounds and flips near-tied blocks.
+    # Full fp32 products let the same tests check the compiled kernels' logic (masks, offsets, odd shapes) there;
+    # the gpu-marked tests check the bf16 path users train with.
+    os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 
 import pytest  # noqa: E402
 

@@ -105,7 +105,7 @@ def test_flash_dkdv_gpu_tiles(kstride, koff, window, gated):
     q = _rand(1, t, hq, d, dtype=torch.float32, seed=41)
     k, v = _rand(1, tk, hkv, d, dtype=torch.float32, seed=42), _rand(1, tk, hkv, d, dtype=torch.float32, seed=43)
     do = torch.randn(1, t, hq, d, generator=torch.Generator().manual_seed(44)).to(q)
-    g = torch.rand(1, t, hq, generator=torch.Generator().manual_seed(45)).to(q) if gated else torch.ones(1, t, hq)
+    g = torch.rand(1, t, hq, generator=torch.Generator().manual_seed(45)).to(q) if gated else torch.ones(1, t, hq).to(q)
     L = flash._Launch(q, k, v, kstride, koff, window, None, None, dkdv_tiles=(64, 128, 4, 1))
     assert L.dkdv[1]["BLOCK_N"] == 128 and L.dkdv[1]["BLOCK_T"] == 4
     with torch.no_grad():
@@ -175,7 +175,7 @@ def test_packed_select_blocks_within_the_buffer_equals_whole(monkeypatch):
     from nsa_parallel.kernels import compress, topn
     from nsa_parallel.kernels.varlen import compressed_cu_seqlens
     lens, hq, hkv, dk = [300, 40, 0, 75, 30, 200], 4, 2, 16
-    cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+    cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(DEVICE, torch.int32)
     ccu = compressed_cu_seqlens(cu, SMALL.compress_block, SMALL.compress_stride)
     q = _rand(1, sum(lens), hq, dk, dtype=torch.float32, seed=5).detach()
     kc = _rand(1, int(ccu[-1]), hkv, dk, dtype=torch.float32, seed=6).detach()
