@@ -5,8 +5,12 @@ dq was compared through (fixed here; the CPU interpreter check of the fused dq: 
 
     python3 -P fused_dq.py --t 65536 --out DIR
 """
-import argparse, json, math, os
-import torch, triton
+import argparse
+import json
+import math
+import os
+import torch
+import triton
 from nsa_parallel.kernels import NSAConfig
 from nsa_parallel.kernels import flash as F
 
@@ -29,7 +33,8 @@ def main():
     a = p.parse_args()
     rows = []
     def emit(**r):
-        rows.append(r); print(json.dumps(r), flush=True)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
         json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                        rows=rows), open(os.path.join(a.out, "fused_dq.json"), "w"), indent=1)
     cfg, t, hq, hkv, d = NSAConfig(), a.t, 64, 4, 128
@@ -71,7 +76,7 @@ def main():
                      rel_err_dq_dk_dv=err)
             except Exception as e:
                 emit(branch=name, variant="fused", tiles=tiles, error=str(e)[:300])
-        del k, v, o, lse, delta, ref
+        ref = None  # free the branch's gradients before the next one
         torch.cuda.empty_cache()
 
 if __name__ == "__main__":
