@@ -1,8 +1,14 @@
 """One forward+backward of the NSA core at 64k inside an NVTX range "profile", for Nsight Compute:
 
     ncu --nvtx --nvtx-include "profile/" -k regex:"^_" --section SpeedOfLight --section MemoryWorkloadAnalysis \
-        --section Occupancy --section WarpStateStats -o DIR/core python3 -P ncu_core.py
+        --section Occupancy --section WarpStateStats -o DIR/core python3 -P ncu_core.py [--backward-here]
+
+Without ``--backward-here`` only the forward's kernels fall inside the range (run 3): autograd runs the backward
+on its own device thread, outside this thread's NVTX range; with it, autograd's multithreading is off so the
+backward runs on this thread too.
 """
+import sys
+
 import torch
 from nsa_parallel.bench import core_inputs
 from nsa_parallel.kernels import NSAConfig, nsa_attention
@@ -20,6 +26,8 @@ grad = torch.randn_like(core())
 for _ in range(2):
     core().backward(grad)
 torch.cuda.synchronize()
+if "--backward-here" in sys.argv:
+    torch.autograd.set_multithreading_enabled(False)
 torch.cuda.nvtx.range_push("profile")
 core().backward(grad)
 torch.cuda.synchronize()
