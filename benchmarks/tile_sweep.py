@@ -243,7 +243,7 @@ def sweep_select(q, k, v, idx, scale, rows, out, query_major=True):
                     dk_.zero_()
                     dv_.zero_()
                     S._sel_bwd_dkdv_kernel[(items[0].numel(),)](
-                        q, k, v, do, lse_ref, delta, dk_, dv_, qlist, *items, L0.cu, *L0.sizes, L0.ns_max, 1,
+                        q, k, v, do, lse_ref, delta, dk_, dv_, qlist, *items, L0.cu, *L0.sizes, L0.ns_max,
                         scale, **km, num_stages=st, num_warps=w)
                 fn()
                 emit(rows, out, branch="sel", kernel="dkdv", chunk=chunk, block_q=bq, warps=w, stages=st,

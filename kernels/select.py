@@ -215,7 +215,7 @@ def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED, 
 
 @triton.jit
 def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITEM_START, ITEM_END, CU, T_FIXED,
-                         TK_FIXED, QOFF, KBASE, NS_MAX, NWIN, scale,
+                         TK_FIXED, QOFF, KBASE, NS_MAX, scale,
                          HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                          DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                          BS: tl.constexpr, BLOCK_Q: tl.constexpr, VARLEN: tl.constexpr, GATE=None,
@@ -225,10 +225,10 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
     end = tl.load(ITEM_END + item)
     if start >= end:
         return
-    key = tl.load(ITEM_KEY + item)  # ((seq * HKV + kvh) * NWIN + query window) * NS_MAX + block
+    key = tl.load(ITEM_KEY + item)
     blk = key % NS_MAX
-    kvh = (key // (NS_MAX * NWIN)) % HKV
-    seq = key // (NS_MAX * NWIN * HKV)
+    kvh = (key // NS_MAX) % HKV
+    seq = key // (NS_MAX * HKV)
     bos, T, kbos, TK = _seq_bounds(seq, CU, CU, T_FIXED, TK_FIXED, VARLEN)
     pos = blk * BS + tl.arange(0, BS)
     pvalid = (pos >= KBASE) & (pos - KBASE < TK)
@@ -270,25 +270,20 @@ def sequence_ids(b: int, t: int, cu_seqlens: Optional[torch.Tensor], device):
 
 
 def invert_block_indices(indices: torch.Tensor, ns_max: int, cu_seqlens: Optional[torch.Tensor], lo: int = 0,
-                         hi: Optional[int] = None, window: int = 0, nwin: int = 1):
-    """Inverted index: for each (sequence, KV head, query window, block), the local positions of the queries in
-    that window that selected the block.
+                         hi: Optional[int] = None):
+    """Inverted index: for each (sequence, KV head, block), the local positions of the queries that selected it.
 
-    indices ``[b, t, hkv, n]`` -> ``(qlist [b*t*hkv*n] int32, offsets [nseq*hkv*nwin*ns_max + 1] int32)``: list
-    ``i`` is ``qlist[offsets[i]:offsets[i+1]]``, ascending; only blocks in ``[lo, hi)`` (those in the key buffer
-    at hand) are listed, the rest sort past the last list. ``window`` > 0: queries are listed by windows of that
-    many positions (``nwin`` of them cover the longest sequence), every block of one window before the next
-    window's, so the programs that run at once read the same query rows; 0: one window. No host sync (no boolean
-    indexing, no bincount), so the backward keeps the GPU queue full.
+    indices ``[b, t, hkv, n]`` -> ``(qlist [b*t*hkv*n] int32, offsets [nseq*hkv*ns_max + 1] int32)``: list ``i``
+    is ``qlist[offsets[i]:offsets[i+1]]``, ascending; only blocks in ``[lo, hi)`` (those in the key buffer at
+    hand) are listed, the rest sort past the last list. No host sync (no boolean indexing, no bincount), so the
+    backward keeps the GPU queue full.
     """
     b, t, hkv, n = indices.shape
     seq, local_t = sequence_ids(b, t, cu_seqlens, indices.device)
     nseq = b if cu_seqlens is None else cu_seqlens.numel() - 1
-    total = nseq * hkv * nwin * ns_max
+    total = nseq * hkv * ns_max
     blk = indices.reshape(b * t, hkv, n).long()
-    win = (local_t // window if window > 0 else torch.zeros_like(local_t))[:, None, None]
-    key = ((seq[:, None, None] * hkv + torch.arange(hkv, device=indices.device)[None, :, None]) * nwin + win) \
-        * ns_max + blk
+    key = (seq[:, None, None] * hkv + torch.arange(hkv, device=indices.device)[None, :, None]) * ns_max + blk
     keep = blk >= lo
     if hi is not None:
         keep &= blk < hi
@@ -325,10 +320,6 @@ SEL_BWD_CHUNK = 256  # query positions per dK/dV work item
 # ... and from SEL_BWD_LONG_ENTRIES (position, KV head, block) entries on: fewer, longer items (fewer fp32 atomics)
 # still fill the GPU; H100 at 64k (4M entries): 12.7 ms against 13.3 (benchmarks/tile_sweep.py)
 SEL_BWD_CHUNK_LONG, SEL_BWD_LONG_ENTRIES = 1024, 1 << 22
-# ... where the work items also go by windows of this many query positions (0: none), every block's queries of one
-# window before the next window's: the q / dO rows the running programs gather then stay in L2 (whole lists
-# spread over the sequence missed it: 16% L2 hits, 67% of HBM bandwidth at 64k on an H100, Nsight Compute)
-SEL_BWD_WINDOW = 2048
 SEL_WIDE_STAGES = 2  # pipeline stages of 256-wide tiles (head dims above 128); H100 192/128 64k: fwd+bwd 146 -> 98 ms
 
 
@@ -351,7 +342,6 @@ class _SelLaunch:
             max_t = max_seqlen(cu_seqlens)
         self.cu = cu_seqlens if self.varlen else q.new_zeros(1, dtype=torch.int32)
         self.sizes = (t, tk, q_offset, k_base)
-        self.max_t = max_t
         self.lo, self.hi = k_base // block, triton.cdiv(k_base + tk, block)
         self.ns_max = triton.cdiv(max_t + q_offset, block)
         gp = triton.next_power_of_2(g)
@@ -409,13 +399,11 @@ def selected_backward(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: fl
     kernel = _sel_dq_loop_kernel if L.loop else _sel_bwd_dq_kernel
     kernel[L.grid_q](q, k, v, indices, do, lse, delta, dq, L.cu, *L.sizes, L.lo, L.hi, scale, **L.qmajor,
                      DQ_ADD=add, **gated, num_stages=L.stages, num_warps=L.warps_dq)
-    long = indices.numel() >= SEL_BWD_LONG_ENTRIES
-    window = SEL_BWD_WINDOW if long else 0
-    nwin = triton.cdiv(L.max_t, window) if window else 1
-    qlist, offsets = invert_block_indices(indices, L.ns_max, L.cu if L.varlen else None, L.lo, L.hi, window, nwin)
-    items = work_items(offsets, indices.numel(), SEL_BWD_CHUNK_LONG if long else SEL_BWD_CHUNK)
+    qlist, offsets = invert_block_indices(indices, L.ns_max, L.cu if L.varlen else None, L.lo, L.hi)
+    chunk = SEL_BWD_CHUNK_LONG if indices.numel() >= SEL_BWD_LONG_ENTRIES else SEL_BWD_CHUNK
+    items = work_items(offsets, indices.numel(), chunk)
     _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu, *L.sizes,
-                                              L.ns_max, nwin, scale, **L.kmajor, **gated, num_stages=L.stages)
+                                              L.ns_max, scale, **L.kmajor, **gated, num_stages=L.stages)
     return dq, dk, dv
 
 

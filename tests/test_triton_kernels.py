@@ -343,15 +343,13 @@ def test_compressed_dkdv_query_split(monkeypatch):
         _check(a, b, torch.float32, f"split d{name}")
 
 
-# long lists: their chunk size, and their query windows (8 positions, 9 windows; 128: one window)
-@pytest.mark.parametrize("long_lists,window", [(False, 0), (True, 0), (True, 8), (True, 128)])
-def test_selected_dkdv_many_work_items(monkeypatch, long_lists, window):
+@pytest.mark.parametrize("long_lists", [False, True])  # the chunk size long index lists get
+def test_selected_dkdv_many_work_items(monkeypatch, long_lists):
     """A block selected by many queries (block 0: by all) is split into several work items."""
     import nsa_parallel.kernels.select as sel
     monkeypatch.setattr(sel, "SEL_BWD_CHUNK", 3)
     monkeypatch.setattr(sel, "SEL_BWD_CHUNK_LONG", 5)
     monkeypatch.setattr(sel, "SEL_BWD_LONG_ENTRIES", 0 if long_lists else 1 << 30)
-    monkeypatch.setattr(sel, "SEL_BWD_WINDOW", window)
     t, hq, hkv, dk, dv = 70, 4, 2, 16, 8
     idx = ref.select_topn(torch.rand(1, hkv, t, SMALL.num_select_blocks(t)), SMALL).to(DEVICE)
     q = _rand(1, t, hq, dk, dtype=torch.float32, seed=4)
@@ -395,10 +393,6 @@ def test_inverted_block_index():
     assert lists(*invert_block_indices(idx, 3, None, lo=1, hi=2)) == [[], [1, 2], []]
     cu = torch.tensor([0, 1, 3], dtype=torch.int32)  # sequences of 1 and 2 tokens
     assert lists(*invert_block_indices(idx, 3, cu)) == [[0], [], [0], [0], [0, 1], [0, 1]]
-    # windows of 2 query positions: every block's queries of window 0, then of window 1
-    assert lists(*invert_block_indices(idx, 3, None, window=2, nwin=2)) == [[0, 1], [1], [0, 1], [], [2], [2]]
-    assert lists(*invert_block_indices(idx, 3, cu, window=1, nwin=2)) == [[0], [], [0], [], [], [],
-                                                                            [0], [0], [0], [], [1], [1]]
 
 
 def test_work_items_cover_every_query_once():
