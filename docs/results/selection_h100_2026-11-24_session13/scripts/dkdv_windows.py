@@ -3,6 +3,9 @@ whole lists, the order before): the inverted index + work items + dK/dV kernel t
 with W = 0, on the blocks the core selects for random inputs (G=16, d=128).
 
     python3 -P dkdv_windows.py --out DIR
+
+Needs the kernels of record commit cc48a45 (the window argument of invert_block_indices and the kernel's NWIN),
+reverted in d386cdf.
 """
 import argparse, json, math, os  # noqa: E401
 import torch, triton  # noqa: E401
