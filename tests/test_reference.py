@@ -219,7 +219,6 @@ def test_compression_equals_bruteforce_with_gradients(block, stride, hidden, t):
     assert packed.shape == want.shape and rel_err(packed, want) < 1e-12
 
 
-
 def test_compression_rounds_like_compress_blocks_in_bf16():
     """Training (chunk products) and decoding (one block at a time, ``compress_blocks`` and the decode kernel)
     round phi the same way, so a compressed token does not depend on which of them made it."""
