@@ -179,6 +179,7 @@ class _GatherWait(torch.autograd.Function):
     @staticmethod
     def forward(ctx, buf, shard: CPShard, handle: GatherHandle, per_chunk: int):
         handle.work.wait()
+        handle.work = None  # done: the graph that keeps the handle alive need not keep gloo's / NCCL's work object
         ctx.shard, ctx.handle, ctx.per_chunk = shard, handle, per_chunk
         return _reorder(buf.view(shard.cp_size, -1, *buf.shape[1:]), shard, per_chunk)
 
