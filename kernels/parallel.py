@@ -19,21 +19,9 @@ from .config import NSAConfig
 from .flash import NO_WINDOW, _Launch, masked_backward, masked_forward
 from .gate import gate_backward
 from .reference import NSAOutput
-from .select import _SelLaunch, selected_dkdv, selected_dq, selected_forward
+from .select import _SelLaunch, selected_backward, selected_forward
 from .topn import select_blocks
 from .varlen import max_seqlen
-
-
-OVERLAP_SELECTED_DKDV = True  # on CUDA, the selected dK/dV pass runs on a side stream beside the flash kernels
-SIDE_STREAM_PRIORITY = 0
-_SIDE_STREAMS = {}
-
-
-def _side_stream(device):
-    key = (device, SIDE_STREAM_PRIORITY)
-    if key not in _SIDE_STREAMS:
-        _SIDE_STREAMS[key] = torch.cuda.Stream(device=device, priority=SIDE_STREAM_PRIORITY)
-    return _SIDE_STREAMS[key]
 
 
 class NSACore(torch.autograd.Function):
@@ -71,24 +59,10 @@ class NSACore(torch.autograd.Function):
         do = do.contiguous()
         dgate, (delta_cmp, delta_slc, delta_swa) = gate_backward(o_cmp, o_slc, o_swa, gate, do, fused=True)
         g_cmp, g_slc, g_swa = gate.float().permute(3, 0, 1, 2).contiguous().unbind(0)
-        slc_dkdv = (q, k_slc, v_slc, indices, do, lse_slc, delta_slc, L_slc, scale, g_slc)
-        side = _side_stream(q.device) if OVERLAP_SELECTED_DKDV and q.is_cuda else None
-        if side is not None:
-            # the selected dK/dV pass reads q / dO rows from HBM (bound there) while the flash kernels are bound
-            # by their own instruction latency: run them side by side
-            main = torch.cuda.current_stream(q.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                dk_slc, dv_slc = selected_dkdv(*slc_dkdv)
-            dk_slc.record_stream(main)
-            dv_slc.record_stream(main)
         dq, dk_swa, dv_swa = masked_backward(q, k_swa, v_swa, do, lse_swa, delta_swa, scale, L_swa, gate=g_swa)
-        selected_dq(q, k_slc, v_slc, indices, do, lse_slc, delta_slc, L_slc, scale, dq=dq, gate=g_slc)
-        if side is None:
-            dk_slc, dv_slc = selected_dkdv(*slc_dkdv)
+        _, dk_slc, dv_slc = selected_backward(q, k_slc, v_slc, indices, do, lse_slc, delta_slc, L_slc, scale, dq=dq,
+                                              gate=g_slc)
         _, dkc, dvc = masked_backward(q, kc, vc, do, lse_cmp, delta_cmp, scale, L_cmp, dq=dq, gate=g_cmp)
-        if side is not None:
-            main.wait_stream(side)
         return (dq, dkc, dvc, dk_slc.to(k_slc.dtype), dv_slc.to(v_slc.dtype), dk_swa, dv_swa,
                 dgate.to(gate.dtype), None, None, None, None, None)
 

@@ -393,31 +393,18 @@ def selected_backward(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: fl
     """``(dq, dk fp32, dv fp32)`` of this key buffer's share, given the final ``lse`` and
     ``delta = rowsum(o * do)`` (so ring steps can each add their part); with ``dq`` given, this call's dq is added
     onto it; ``gate``: as :func:`flash.masked_backward`."""
-    dq = selected_dq(q, k, v, indices, do, lse, delta, L, scale, dq_dtype, dq, gate)
-    return (dq, *selected_dkdv(q, k, v, indices, do, lse, delta, L, scale, gate))
-
-
-def selected_dq(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: float, dq_dtype=None, dq=None, gate=None):
-    """The query-major half of :func:`selected_backward`: dq (added onto ``dq`` if given)."""
     dq, add, gated = _grad_args(q, dq, gate, dq_dtype)
+    dk = torch.zeros_like(k, dtype=torch.float32)
+    dv = torch.zeros_like(v, dtype=torch.float32)
     kernel = _sel_dq_loop_kernel if L.loop else _sel_bwd_dq_kernel
     kernel[L.grid_q](q, k, v, indices, do, lse, delta, dq, L.cu, *L.sizes, L.lo, L.hi, scale, **L.qmajor,
                      DQ_ADD=add, **gated, num_stages=L.stages, num_warps=L.warps_dq)
-    return dq
-
-
-def selected_dkdv(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: float, gate=None):
-    """The KV-block-major half of :func:`selected_backward`: ``(dk fp32, dv fp32)``; independent of dq, so the
-    NSA core may run it beside the other branches' kernels."""
-    gated = dict(GATE=gate, GATED=True) if gate is not None else {}
-    dk = torch.zeros_like(k, dtype=torch.float32)
-    dv = torch.zeros_like(v, dtype=torch.float32)
     qlist, offsets = invert_block_indices(indices, L.ns_max, L.cu if L.varlen else None, L.lo, L.hi)
     chunk = SEL_BWD_CHUNK_LONG if indices.numel() >= SEL_BWD_LONG_ENTRIES else SEL_BWD_CHUNK
     items = work_items(offsets, indices.numel(), chunk)
     _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu, *L.sizes,
                                               L.ns_max, scale, **L.kmajor, **gated, num_stages=L.stages)
-    return dk, dv
+    return dq, dk, dv
 
 
 class SelectedAttention(torch.autograd.Function):
