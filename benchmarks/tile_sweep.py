@@ -189,58 +189,6 @@ def sweep_select_tma(q, k, v, idx, scale, rows, out):
                     emit(rows, out, branch="sel", kernel=f"{kern}_loop_tma", warps=w, stages=st, error=str(e)[:300])
 
 
-def sweep_select_shared(q, k, v, idx, scale, rows, out):
-    """The query-major kernels at G >= 16 with P neighbouring positions per program walking the union of their
-    lists (P = 1: one position's own loop), blocks skipped by a branch or by masking, several warps / stages;
-    also the mean union size (blocks read per P positions)."""
-    b, t, hq, d = q.shape
-    hkv = k.shape[2]
-    shipped, S.SEL_SHARED_POSITIONS = S.SEL_SHARED_POSITIONS, 1  # the reference: one position per program
-    L0 = S._SelLaunch(q, k, v, idx, 64, None)
-    S.SEL_SHARED_POSITIONS = shipped
-    o_ref, lse_ref = S.selected_forward(q, k, v, idx, L0, scale)
-    do = torch.randn_like(o_ref)
-    delta = F.row_dot(o_ref, do)
-    dq_ref, _, _ = S.selected_backward(q, k, v, idx, do, lse_ref, delta, L0, scale)
-    base = {key: val for key, val in L0.qmajor.items() if key not in ("P", "SKIP", "BLOCK_T")}
-    for p in (2, 4):
-        lists = idx[0, : t // p * p].reshape(t // p, p, hkv, -1).permute(0, 2, 1, 3).reshape(t // p, hkv, -1)
-        srt = lists.sort(-1).values
-        distinct = ((srt[..., 1:] != srt[..., :-1]) & (srt[..., 1:] >= 0)).sum(-1) + (srt[..., 0] >= 0).long()
-        emit(rows, out, branch="sel", kernel="union_size", positions=p, mean_blocks=distinct.float().mean().item(),
-             own_blocks=p * (idx >= 0).sum(-1).float().mean().item())
-    variants = [(1, False, 1, 2), (1, False, 2, 3)]
-    variants += [(p, skip, w, st) for p in (2, 4) for skip in (False, True) for w in (1, 2, 4) for st in (2, 3)
-                 if not (p == 4 and w == 1)]
-    for p, skip, w, st in variants:
-        qm = dict(base, P=p, SKIP=skip) if p > 1 else base
-        grid = (triton.cdiv(t, p), b * hkv)
-        scr = torch.empty(grid[0] * grid[1] * p * base["NP"], device=q.device, dtype=torch.int32)
-        for kern in ("fwd", "dq"):
-            fk = {(True, "fwd"): S._sel_fwd_loop_kernel, (True, "dq"): S._sel_dq_loop_kernel,
-                  (False, "fwd"): S._sel_fwd_shared_kernel, (False, "dq"): S._sel_dq_shared_kernel}[p == 1, kern]
-            try:
-                if kern == "fwd":
-                    o, lse = torch.empty_like(o_ref), torch.empty_like(lse_ref)
-                    args = (q, k, v, idx) + ((scr,) if p > 1 else ())
-                    fn = lambda: fk[grid](*args, o, lse, L0.cu, *L0.sizes, L0.lo, L0.hi, scale,  # noqa
-                                          **qm, num_stages=st, num_warps=w)
-                    fn()
-                    err = max(rel(o, o_ref), rel(lse, lse_ref))
-                else:
-                    dq = torch.empty_like(q)
-                    args = (q, k, v, idx) + ((scr,) if p > 1 else ())
-                    fn = lambda: fk[grid](*args, do, lse_ref, delta, dq, L0.cu, *L0.sizes, L0.lo,  # noqa
-                                          L0.hi, scale, **qm, num_stages=st, num_warps=w)
-                    fn()
-                    err = rel(dq, dq_ref)
-                emit(rows, out, branch="sel", kernel=f"{kern}_shared", positions=p, skip=skip, warps=w, stages=st,
-                     ms=bench(fn), rel_err=err)
-            except Exception as e:
-                emit(rows, out, branch="sel", kernel=f"{kern}_shared", positions=p, skip=skip, warps=w, stages=st,
-                     error=str(e)[:300])
-
-
 def sweep_select(q, k, v, idx, scale, rows, out, query_major=True):
     b, t, hq, d = q.shape
     hkv = k.shape[2]
@@ -331,11 +279,6 @@ def main() -> None:
             _, lse = compressed_attention(q, kc, vc, cfg, scale)
             idx = select_blocks(q, kc, lse, cfg, scale)
         sweep_select(q, k, v, idx, scale, rows, args.out, not args.sel_dkdv_only)
-    if "sel_shared" in args.only:
-        with torch.no_grad():
-            _, lse = compressed_attention(q, kc, vc, cfg, scale)
-            idx = select_blocks(q, kc, lse, cfg, scale)
-        sweep_select_shared(q, k, v, idx, scale, rows, args.out)
     if "sel_tma" in args.only:
         with torch.no_grad():
             _, lse = compressed_attention(q, kc, vc, cfg, scale)

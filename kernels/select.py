@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .flash import (_bwd_rows, _finish, _gated, _grad_args, _load_tile, _q_tile, _seq_bounds, _softmax_step,
-                    _store_grad_tile, _store_tile, _tile_start, row_dot, wide_tile_stages)
+                    _store_grad_tile, _store_tile, row_dot, wide_tile_stages)
 from .gate import _gated_sum
 from .varlen import max_seqlen
 
@@ -143,158 +143,6 @@ def _sel_dq_loop_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED,
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
     _store_grad_tile(DQ, row_off, rvalid, _gated(dq, g[:, None], GATED) * scale, DK, BDK, DQ_ADD)
-
-
-@triton.jit
-def _union_lists(IDX, row0, t0, T, kvh, LO, HI, HKV: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
-                 NP: tl.constexpr):
-    """The sorted union of the block lists of positions ``t0 .. t0+P-1`` (rows ``row0 + p``) inside ``[LO, HI)``,
-    kept in registers: ``(slot [P*NP], code [P*NP], count)``; the union's ``i``-th block is the entry with
-    ``slot == i``, whose ``code`` is ``block * 16 + bitmask of the positions that chose it`` (P <= 4)."""
-    c = tl.arange(0, P * NP)
-    p = c // NP
-    j = c % NP
-    ok = (j < N) & (t0 + p < T)
-    e = tl.load(IDX + ((row0 + p) * HKV + kvh) * N + j, mask=ok, other=-1)
-    ok = ok & (e >= LO) & (e < HI)  # -1 (none) lies below LO >= 0
-    e = tl.where(ok, e, 1 << 30)
-    same = e[:, None] == e[None, :]
-    first = ok & (tl.sum((same & (c[None, :] < c[:, None])).to(tl.int32), 1) == 0)
-    chose = tl.sum(tl.where(same, 1 << p[None, :], 0), 1)  # a list holds a block at most once: sum = OR
-    slot = tl.sum((first[None, :] & (e[None, :] < e[:, None])).to(tl.int32), 1)
-    return tl.where(first, slot, -1), tl.where(first, e * 16 + chose, 0), tl.sum(first.to(tl.int32), 0)
-
-
-@triton.jit
-def _shared_fwd_step(q, k, v, pos, t, hit, m_i, l_i, acc, qk_scale, SKIP: tl.constexpr):
-    """One position's online-softmax step over a block of the union, a no-op where the position did not choose it:
-    a branch (``SKIP``) or scores masked to -inf (no branch in the loop, so Triton can pipeline its loads)."""
-    if SKIP:
-        if hit:
-            s = tl.where((pos <= t)[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
-            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale)
-    else:
-        s = tl.where(((pos <= t) & hit)[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
-        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale)
-    return m_i, l_i, acc
-
-
-@triton.jit
-def _shared_dq_step(q, do, lse2, delta, k, v, pos, t, hit, dq, qk_scale, SKIP: tl.constexpr):
-    """dq's counterpart of ``_shared_fwd_step``."""
-    if SKIP:
-        if hit:
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            p = tl.where((pos <= t)[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)
-    else:
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        p = tl.where(((pos <= t) & hit)[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
-    return dq
-
-
-@triton.jit
-def _position_rows(bos, t0, T, kvh, p: tl.constexpr, HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr):
-    hg = tl.arange(0, GP)
-    return (bos + t0 + p) * HQ + kvh * G + hg, (hg < G) & (hg * 0 + t0 + p < T)
-
-
-@triton.jit
-def _sel_fwd_shared_kernel(Q, K, V, IDX, SCR, O, LSE, CU, T_FIXED, TK_FIXED, QOFF, KBASE, LO, HI, scale,
-                           HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-                           N: tl.constexpr, NP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                           BDK: tl.constexpr, BDV: tl.constexpr, BS: tl.constexpr, P: tl.constexpr,
-                           SKIP: tl.constexpr, VARLEN: tl.constexpr, OC=None, OW=None, GATE=None, OUT=None,
-                           GATED_SUM: tl.constexpr = False):
-    # G >= 16 rows per position: P (2 or 4) neighbouring positions per program, each with its own rows and
-    # softmax state, walking the union of their block lists: a block several of them chose (the first and the
-    # local blocks are every neighbour's) is read from L2 once, and no position computes on another's blocks.
-    bos, T, kbos, TK, kvh, t0 = _tile_start(CU, CU, T_FIXED, TK_FIXED, HKV, P, VARLEN)
-    if t0 >= T:
-        return
-    slot, code, count = _union_lists(IDX, bos + t0, t0, T, kvh, LO, HI, HKV, P, N, NP)
-    # the union goes through a per-program scratch row: the loop then reads each entry with one scalar load
-    # (a reduction over the registers per step costs a barrier across warps)
-    scr = SCR + (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) * (P * NP)
-    tl.store(scr + slot, code, mask=slot >= 0)
-    tl.debug_barrier()
-    qk_scale = scale * 1.4426950408889634
-    r0, v0 = _position_rows(bos, t0, T, kvh, 0, HQ, G, GP)
-    r1, v1 = _position_rows(bos, t0, T, kvh, 1, HQ, G, GP)
-    q0, q1 = _load_tile(Q, r0, v0, DK, BDK), _load_tile(Q, r1, v1, DK, BDK)
-    m0, l0, a0 = tl.full([GP], -1.0e30, tl.float32), tl.zeros([GP], tl.float32), tl.zeros([GP, BDV], tl.float32)
-    m1, l1, a1 = tl.full([GP], -1.0e30, tl.float32), tl.zeros([GP], tl.float32), tl.zeros([GP, BDV], tl.float32)
-    if P == 4:
-        r2, v2 = _position_rows(bos, t0, T, kvh, 2, HQ, G, GP)
-        r3, v3 = _position_rows(bos, t0, T, kvh, 3, HQ, G, GP)
-        q2, q3 = _load_tile(Q, r2, v2, DK, BDK), _load_tile(Q, r3, v3, DK, BDK)
-        m2, l2, a2 = tl.full([GP], -1.0e30, tl.float32), tl.zeros([GP], tl.float32), tl.zeros([GP, BDV], tl.float32)
-        m3, l3, a3 = tl.full([GP], -1.0e30, tl.float32), tl.zeros([GP], tl.float32), tl.zeros([GP, BDV], tl.float32)
-    t = t0 + QOFF
-    for i in range(0, count):
-        u = tl.load(scr + i)
-        pos, k, v = _block_kv(K, V, u // 16, kbos, KBASE, TK, kvh, HKV, DK, DV, BDK, BDV, BS)
-        m0, l0, a0 = _shared_fwd_step(q0, k, v, pos, t, (u & 1) != 0, m0, l0, a0, qk_scale, SKIP)
-        m1, l1, a1 = _shared_fwd_step(q1, k, v, pos, t + 1, (u & 2) != 0, m1, l1, a1, qk_scale, SKIP)
-        if P == 4:
-            m2, l2, a2 = _shared_fwd_step(q2, k, v, pos, t + 2, (u & 4) != 0, m2, l2, a2, qk_scale, SKIP)
-            m3, l3, a3 = _shared_fwd_step(q3, k, v, pos, t + 3, (u & 8) != 0, m3, l3, a3, qk_scale, SKIP)
-    o, lse = _finish(a0, m0, l0)
-    _store_output(O, LSE, r0, v0, o, lse, DV, BDV, OC, OW, GATE, OUT, GATED_SUM)
-    o, lse = _finish(a1, m1, l1)
-    _store_output(O, LSE, r1, v1, o, lse, DV, BDV, OC, OW, GATE, OUT, GATED_SUM)
-    if P == 4:
-        o, lse = _finish(a2, m2, l2)
-        _store_output(O, LSE, r2, v2, o, lse, DV, BDV, OC, OW, GATE, OUT, GATED_SUM)
-        o, lse = _finish(a3, m3, l3)
-        _store_output(O, LSE, r3, v3, o, lse, DV, BDV, OC, OW, GATE, OUT, GATED_SUM)
-
-
-@triton.jit
-def _sel_dq_shared_kernel(Q, K, V, IDX, SCR, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED, QOFF, KBASE, LO, HI, scale,
-                          HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-                          N: tl.constexpr, NP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                          BDK: tl.constexpr, BDV: tl.constexpr, BS: tl.constexpr, P: tl.constexpr,
-                          SKIP: tl.constexpr, VARLEN: tl.constexpr, DQ_ADD: tl.constexpr = False, GATE=None,
-                          GATED: tl.constexpr = False):
-    bos, T, kbos, TK, kvh, t0 = _tile_start(CU, CU, T_FIXED, TK_FIXED, HKV, P, VARLEN)
-    if t0 >= T:
-        return
-    slot, code, count = _union_lists(IDX, bos + t0, t0, T, kvh, LO, HI, HKV, P, N, NP)
-    # the union goes through a per-program scratch row: the loop then reads each entry with one scalar load
-    # (a reduction over the registers per step costs a barrier across warps)
-    scr = SCR + (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) * (P * NP)
-    tl.store(scr + slot, code, mask=slot >= 0)
-    tl.debug_barrier()
-    qk_scale = scale * 1.4426950408889634
-    r0, v0 = _position_rows(bos, t0, T, kvh, 0, HQ, G, GP)
-    r1, v1 = _position_rows(bos, t0, T, kvh, 1, HQ, G, GP)
-    q0, do0, ls0, de0, g0 = _bwd_rows(Q, DO, LSE, DELTA, r0, v0, DK, DV, BDK, BDV, GATE, GATED)
-    q1, do1, ls1, de1, g1 = _bwd_rows(Q, DO, LSE, DELTA, r1, v1, DK, DV, BDK, BDV, GATE, GATED)
-    dq0, dq1 = tl.zeros([GP, BDK], tl.float32), tl.zeros([GP, BDK], tl.float32)
-    if P == 4:
-        r2, v2 = _position_rows(bos, t0, T, kvh, 2, HQ, G, GP)
-        r3, v3 = _position_rows(bos, t0, T, kvh, 3, HQ, G, GP)
-        q2, do2, ls2, de2, g2 = _bwd_rows(Q, DO, LSE, DELTA, r2, v2, DK, DV, BDK, BDV, GATE, GATED)
-        q3, do3, ls3, de3, g3 = _bwd_rows(Q, DO, LSE, DELTA, r3, v3, DK, DV, BDK, BDV, GATE, GATED)
-        dq2, dq3 = tl.zeros([GP, BDK], tl.float32), tl.zeros([GP, BDK], tl.float32)
-    t = t0 + QOFF
-    for i in range(0, count):
-        u = tl.load(scr + i)
-        pos, k, v = _block_kv(K, V, u // 16, kbos, KBASE, TK, kvh, HKV, DK, DV, BDK, BDV, BS)
-        dq0 = _shared_dq_step(q0, do0, ls0, de0, k, v, pos, t, (u & 1) != 0, dq0, qk_scale, SKIP)
-        dq1 = _shared_dq_step(q1, do1, ls1, de1, k, v, pos, t + 1, (u & 2) != 0, dq1, qk_scale, SKIP)
-        if P == 4:
-            dq2 = _shared_dq_step(q2, do2, ls2, de2, k, v, pos, t + 2, (u & 4) != 0, dq2, qk_scale, SKIP)
-            dq3 = _shared_dq_step(q3, do3, ls3, de3, k, v, pos, t + 3, (u & 8) != 0, dq3, qk_scale, SKIP)
-    _store_grad_tile(DQ, r0, v0, _gated(dq0, g0[:, None], GATED) * scale, DK, BDK, DQ_ADD)
-    _store_grad_tile(DQ, r1, v1, _gated(dq1, g1[:, None], GATED) * scale, DK, BDK, DQ_ADD)
-    if P == 4:
-        _store_grad_tile(DQ, r2, v2, _gated(dq2, g2[:, None], GATED) * scale, DK, BDK, DQ_ADD)
-        _store_grad_tile(DQ, r3, v3, _gated(dq3, g3[:, None], GATED) * scale, DK, BDK, DQ_ADD)
 
 
 @triton.jit
@@ -472,8 +320,6 @@ SEL_BWD_CHUNK = 256  # query positions per dK/dV work item
 # ... and from SEL_BWD_LONG_ENTRIES (position, KV head, block) entries on: fewer, longer items (fewer fp32 atomics)
 # still fill the GPU; H100 at 64k (4M entries): 12.7 ms against 13.3 (benchmarks/tile_sweep.py)
 SEL_BWD_CHUNK_LONG, SEL_BWD_LONG_ENTRIES = 1024, 1 << 22
-SEL_SHARED_POSITIONS = 2  # neighbouring positions per query-major program at G >= 16: 1, 2 or 4
-SEL_SHARED_SKIP = False  # positions skip the union's blocks they did not choose by a branch (else by masking)
 SEL_WIDE_STAGES = 2  # pipeline stages of 256-wide tiles (head dims above 128); H100 192/128 64k: fwd+bwd 146 -> 98 ms
 
 
@@ -511,28 +357,18 @@ class _SelLaunch:
         # 64k: 16.4 / 16.9 ms forward / dq against 26.2 / 28.7 for the union walk of 4 positions). Fewer heads:
         # 64 rows of at most 16 positions, so that the union of their blocks stays close to n.
         self.loop = gp >= 16
-        # ... and SEL_SHARED_POSITIONS neighbours per program, each with its own rows, walking the union of their
-        # lists (the blocks they share, at least the first and the local ones, are loaded once)
-        self.share = SEL_SHARED_POSITIONS if self.loop and not wide else 1
-        block_t = self.share if self.loop else max(1, min(16, 64 // gp))
+        block_t = 1 if self.loop else max(1, min(16, 64 // gp))
         self.qmajor = dict(common, N=n, NP=triton.next_power_of_2(n))
-        if self.share > 1:
-            self.qmajor.update(P=self.share, SKIP=SEL_SHARED_SKIP)
-        elif not self.loop:
+        if not self.loop:
             self.qmajor["BLOCK_T"] = block_t
         # one position's tile is small: few warps keep more programs resident (G=16 on an H100: 1 / 2 warps best,
         # benchmarks/tile_sweep.py); G = 32 / 64 (more rows) get proportionally more so the accumulators fit
         if self.loop and not wide:
-            self.warps_fwd, self.warps_dq = min(8, self.share * gp // 16), min(8, self.share * gp // 8)
+            self.warps_fwd, self.warps_dq = min(8, gp // 16), min(8, gp // 8)
         else:
             self.warps_fwd = self.warps_dq = 4
         self.kmajor = dict(common, BLOCK_Q=max(1, 64 // gp))
         self.grid_q = (triton.cdiv(max_t, block_t), nseq * hkv)
-
-    def scratch(self, device):
-        """The shared-position kernels' per-program union rows (int32)."""
-        return torch.empty(self.grid_q[0] * self.grid_q[1] * self.share * self.qmajor["NP"], device=device,
-                           dtype=torch.int32)
 
 
 def selected_forward(q, k, v, indices, L: _SelLaunch, scale: float, gated_sum=None):
@@ -546,11 +382,7 @@ def selected_forward(q, k, v, indices, L: _SelLaunch, scale: float, gated_sum=No
     if gated_sum is not None:
         out = torch.empty_like(o)
         fused = dict(OC=gated_sum[0], OW=gated_sum[1], GATE=gated_sum[2], OUT=out, GATED_SUM=True)
-    if L.loop and L.share > 1:
-        _sel_fwd_shared_kernel[L.grid_q](q, k, v, indices, L.scratch(q.device), o, lse, L.cu, *L.sizes, L.lo, L.hi,
-                                         scale, **L.qmajor, **fused, num_stages=L.stages, num_warps=L.warps_fwd)
-        return (o, lse) if gated_sum is None else (o, lse, out)
-    kernel = _sel_fwd_kernel if not L.loop else _sel_fwd_loop_kernel
+    kernel = _sel_fwd_loop_kernel if L.loop else _sel_fwd_kernel
     kernel[L.grid_q](q, k, v, indices, o, lse, L.cu, *L.sizes, L.lo, L.hi, scale, **L.qmajor, **fused,
                      num_stages=L.stages, num_warps=L.warps_fwd)
     return (o, lse) if gated_sum is None else (o, lse, out)
@@ -564,14 +396,9 @@ def selected_backward(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: fl
     dq, add, gated = _grad_args(q, dq, gate, dq_dtype)
     dk = torch.zeros_like(k, dtype=torch.float32)
     dv = torch.zeros_like(v, dtype=torch.float32)
-    if L.loop and L.share > 1:
-        _sel_dq_shared_kernel[L.grid_q](q, k, v, indices, L.scratch(q.device), do, lse, delta, dq, L.cu, *L.sizes,
-                                        L.lo, L.hi, scale, **L.qmajor, DQ_ADD=add, **gated, num_stages=L.stages,
-                                        num_warps=L.warps_dq)
-    else:
-        kernel = _sel_bwd_dq_kernel if not L.loop else _sel_dq_loop_kernel
-        kernel[L.grid_q](q, k, v, indices, do, lse, delta, dq, L.cu, *L.sizes, L.lo, L.hi, scale, **L.qmajor,
-                         DQ_ADD=add, **gated, num_stages=L.stages, num_warps=L.warps_dq)
+    kernel = _sel_dq_loop_kernel if L.loop else _sel_bwd_dq_kernel
+    kernel[L.grid_q](q, k, v, indices, do, lse, delta, dq, L.cu, *L.sizes, L.lo, L.hi, scale, **L.qmajor,
+                     DQ_ADD=add, **gated, num_stages=L.stages, num_warps=L.warps_dq)
     qlist, offsets = invert_block_indices(indices, L.ns_max, L.cu if L.varlen else None, L.lo, L.hi)
     chunk = SEL_BWD_CHUNK_LONG if indices.numel() >= SEL_BWD_LONG_ENTRIES else SEL_BWD_CHUNK
     items = work_items(offsets, indices.numel(), chunk)
