@@ -103,6 +103,17 @@ def _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK: tl.constexpr, DV: tl.const
 
 
 @triton.jit
+def _own_delta(O, DELTA, do, row_off, rvalid, DV: tl.constexpr, BDV: tl.constexpr):
+    """``delta = rowsum(o * do)`` of the rows from the branch output ``O``, stored to ``DELTA`` for the dK/dV pass
+    that follows: a dq kernel holds ``do`` already, so this replaces a pass of its own over ``o`` and ``do`` (in the
+    NSA core, ``DELTA`` is also the gate's gradient plane)."""
+    o = _load_tile(O, row_off, rvalid, DV, BDV).to(tl.float32)
+    delta = tl.sum(o * do.to(tl.float32), 1)
+    tl.store(DELTA + row_off, delta, mask=rvalid)
+    return delta
+
+
+@triton.jit
 def _gated(p, g, GATED: tl.constexpr):
     """``p * g`` with ``GATED`` (``g`` broadcast to ``p`` by the caller: ``g[:, None]`` for row-major tiles,
     ``g[None, :]`` for the transposed dK/dV tiles), else ``p``.
@@ -250,12 +261,15 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K, T_FIXED, TK_FIXED, sca
                    DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                    KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
-                   DQ_ADD: tl.constexpr = False, GATE=None, GATED: tl.constexpr = False):
+                   DQ_ADD: tl.constexpr = False, GATE=None, GATED: tl.constexpr = False, O=None,
+                   DELTA_FROM_O: tl.constexpr = False):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
     row_off = (bos + tq.to(tl.int64)) * HQ + hq
     q, do, lse2, delta, g = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATED)
+    if DELTA_FROM_O:
+        delta = _own_delta(O, DELTA, do, row_off, rvalid, DV, BDV)
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_T * GP, BDK], dtype=tl.float32)
     j_lo, j_hi = _key_range(t0, T, TK, BLOCK_T, BLOCK_N, KSTRIDE, KOFF, WINDOW)
@@ -484,16 +498,23 @@ def _grad_args(q, dq, gate, dq_dtype=None):
     return (dq if add else torch.empty_like(q, dtype=dq_dtype or q.dtype)), add, gated
 
 
-def masked_backward(q, k, v, do, lse, delta, scale: float, L: _Launch, dq=None, gate=None):
+def _delta_args(o):
+    """A dq kernel's arguments for computing delta from the branch output ``o`` (see ``_own_delta``)."""
+    return dict(O=o, DELTA_FROM_O=True) if o is not None else {}
+
+
+def masked_backward(q, k, v, do, lse, delta, scale: float, L: _Launch, dq=None, gate=None, o=None):
     """``(dq, dk, dv)`` given ``delta = rowsum(o * do)``; with ``dq`` given, this call's dq is added onto it; with
     ``gate`` (this branch's gate, contiguous fp32 ``[b, t, hq]``), ``do`` is the gated sum's gradient and this
-    branch's output gradient is ``gate * do`` (``delta`` then is ``rowsum(o * do)``)."""
+    branch's output gradient is ``gate * do`` (``delta`` then is ``rowsum(o * do)``); with the branch output ``o``
+    given, the dq kernel computes delta itself and writes it into ``delta`` (an fp32 ``[b, t, hq]`` buffer)."""
     dq, add, gated = _grad_args(q, dq, gate)
     split = L.q_split > 0
     dk = torch.zeros_like(k, dtype=torch.float32) if split else torch.empty_like(k)
     dv = torch.zeros_like(v, dtype=torch.float32) if split else torch.empty_like(v)
     grid, const, opts = L.dq
-    _bwd_dq_kernel[grid](q, k, v, do, lse, delta, dq, *L.args(), scale, **const, DQ_ADD=add, **gated, **opts)
+    _bwd_dq_kernel[grid](q, k, v, do, lse, delta, dq, *L.args(), scale, **const, DQ_ADD=add, **gated,
+                         **_delta_args(o), **opts)
     if k.shape[1]:
         grid, const, opts = L.dkdv
         _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, *L.args(), scale, **const, Q_SPLIT=L.q_split,

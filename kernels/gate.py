@@ -36,32 +36,26 @@ def _gate_fwd(OC, OS, OW, GATE, O, R, DV: tl.constexpr, BR: tl.constexpr, BDV: t
 
 
 @triton.jit
-def _gate_bwd_branch(O, GATE, do, DOB, DGATE, R, r, rv, off, m, i: tl.constexpr, FUSED: tl.constexpr):
-    """One branch: the gate's gradient ``rowsum(do * o_i)`` and, unless ``FUSED``, the branch's output gradient
-    ``g_i * do``. ``FUSED`` (the one-function core, whose branch kernels scale p by ``g_i`` instead: see
-    ``flash._gated``) stores no output gradient, and the gate gradient as one contiguous plane per branch: it is
-    also that branch's softmax-backward term ``delta = rowsum(o_i * do)``."""
+def _gate_bwd_branch(O, GATE, do, DOB, DGATE, r, rv, off, m, i: tl.constexpr):
+    """One branch: its output gradient ``g_i * do`` and the gate's gradient ``rowsum(do * o_i)``."""
     o = tl.load(O + off, mask=m, other=0.0).to(tl.float32)
-    if FUSED:
-        tl.store(DGATE + i * R + r, tl.sum(do * o, 1), mask=rv)
-    else:
-        g = tl.load(GATE + r * 3 + i, mask=rv, other=0.0).to(tl.float32)
-        tl.store(DOB + off, (g[:, None] * do).to(DOB.dtype.element_ty), mask=m)
-        tl.store(DGATE + r * 3 + i, tl.sum(do * o, 1), mask=rv)
+    g = tl.load(GATE + r * 3 + i, mask=rv, other=0.0).to(tl.float32)
+    tl.store(DOB + off, (g[:, None] * do).to(DOB.dtype.element_ty), mask=m)
+    tl.store(DGATE + r * 3 + i, tl.sum(do * o, 1), mask=rv)
 
 
 @triton.jit
 def _gate_bwd(OC, OS, OW, GATE, DO, DOC, DOS, DOW, DGATE, R, DV: tl.constexpr, BR: tl.constexpr,
-              BDV: tl.constexpr, FUSED: tl.constexpr):
+              BDV: tl.constexpr):
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     d = tl.arange(0, BDV)
     rv = r < R
     m = rv[:, None] & (d[None, :] < DV)
     off = r.to(tl.int64)[:, None] * DV + d[None, :]
     do = tl.load(DO + off, mask=m, other=0.0).to(tl.float32)
-    _gate_bwd_branch(OC, GATE, do, DOC, DGATE, R, r, rv, off, m, 0, FUSED)
-    _gate_bwd_branch(OS, GATE, do, DOS, DGATE, R, r, rv, off, m, 1, FUSED)
-    _gate_bwd_branch(OW, GATE, do, DOW, DGATE, R, r, rv, off, m, 2, FUSED)
+    _gate_bwd_branch(OC, GATE, do, DOC, DGATE, r, rv, off, m, 0)
+    _gate_bwd_branch(OS, GATE, do, DOS, DGATE, r, rv, off, m, 1)
+    _gate_bwd_branch(OW, GATE, do, DOW, DGATE, r, rv, off, m, 2)
 
 
 def _launch(dv: int, rows: int):
@@ -80,21 +74,16 @@ def gate_forward(o_cmp, o_slc, o_swa, gate):
     return o
 
 
-def gate_backward(o_cmp, o_slc, o_swa, gate, do, fused: bool = False):
-    """``(do_cmp, do_slc, do_swa, dgate fp32)``; with ``fused``, ``(dgate fp32, [delta_cmp, delta_slc,
-    delta_swa])`` instead, ``delta_i = rowsum(o_i * do)`` fp32 ``[b, t, hq]`` (the gate's gradient itself), for
-    branch kernels that take ``do`` and the gate (``gate=`` of :func:`flash.masked_backward`)."""
+def gate_backward(o_cmp, o_slc, o_swa, gate, do):
+    """``(do_cmp, do_slc, do_swa, dgate fp32)`` of contiguous branch outputs. (The NSA core does not call this:
+    its branch kernels take ``do`` and the gate, and their dq kernels compute the gate's gradient.)"""
     dv = o_cmp.shape[-1]
     rows = o_cmp.numel() // dv
     grid, const = _launch(dv, rows)
     do = do.contiguous()
-    if fused:
-        planes = torch.empty(3, *gate.shape[:-1], device=gate.device, dtype=torch.float32)
-        _gate_bwd[grid](o_cmp, o_slc, o_swa, gate, do, planes, planes, planes, planes, rows, **const, FUSED=True)
-        return planes.permute(1, 2, 3, 0), list(planes.unbind(0))
     outs = [torch.empty_like(o_cmp), torch.empty_like(o_slc), torch.empty_like(o_swa)]
     dgate = torch.empty(gate.shape, device=gate.device, dtype=torch.float32)
-    _gate_bwd[grid](o_cmp, o_slc, o_swa, gate, do, *outs, dgate, rows, **const, FUSED=False)
+    _gate_bwd[grid](o_cmp, o_slc, o_swa, gate, do, *outs, dgate, rows, **const)
     return (*outs, dgate)
 
 

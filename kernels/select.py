@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import (_bwd_rows, _finish, _gated, _grad_args, _load_tile, _q_tile, _seq_bounds, _softmax_step,
-                    _store_grad_tile, _store_tile, row_dot, wide_tile_stages)
+from .flash import (_bwd_rows, _delta_args, _finish, _gated, _grad_args, _load_tile, _own_delta, _q_tile,
+                    _seq_bounds, _softmax_step, _store_grad_tile, _store_tile, row_dot, wide_tile_stages)
 from .gate import _gated_sum
 from .varlen import max_seqlen
 
@@ -127,12 +127,15 @@ def _sel_dq_loop_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED,
                         HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr,
                         NP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
                         BDV: tl.constexpr, BS: tl.constexpr, VARLEN: tl.constexpr,
-                        DQ_ADD: tl.constexpr = False, GATE=None, GATED: tl.constexpr = False):
+                        DQ_ADD: tl.constexpr = False, GATE=None, GATED: tl.constexpr = False, O=None,
+                        DELTA_FROM_O: tl.constexpr = False):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, 1, G, GP, VARLEN)
     if t0 >= T:
         return
     row_off, list_start, i_lo, i_hi = _position_blocks(IDX, bos, t0, kvh, hq, LO, HI, HQ, HKV, N, NP)
     q, do, lse2, delta, g = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATED)
+    if DELTA_FROM_O:
+        delta = _own_delta(O, DELTA, do, row_off, rvalid, DV, BDV)
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([GP, BDK], dtype=tl.float32)
     for i in range(i_lo, i_hi):
@@ -187,7 +190,8 @@ def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED, 
                        NP: tl.constexpr,
                        DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BS: tl.constexpr,
                        BLOCK_T: tl.constexpr, VARLEN: tl.constexpr,
-                       DQ_ADD: tl.constexpr = False, GATE=None, GATED: tl.constexpr = False):
+                       DQ_ADD: tl.constexpr = False, GATE=None, GATED: tl.constexpr = False, O=None,
+                       DELTA_FROM_O: tl.constexpr = False):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
@@ -195,6 +199,8 @@ def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED, 
     row_off = row * HQ + hq
     idx_row = row * HKV + kvh
     q, do, lse2, delta, g = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATED)
+    if DELTA_FROM_O:
+        delta = _own_delta(O, DELTA, do, row_off, rvalid, DV, BDV)
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_T * GP, BDK], dtype=tl.float32)
     ptr, cur = _walk_start(IDX, idx_row, rvalid, LO, HI, BLOCK_T * GP, N, NP)
@@ -389,16 +395,16 @@ def selected_forward(q, k, v, indices, L: _SelLaunch, scale: float, gated_sum=No
 
 
 def selected_backward(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: float, dq_dtype=None, dq=None,
-                      gate=None):
+                      gate=None, o=None):
     """``(dq, dk fp32, dv fp32)`` of this key buffer's share, given the final ``lse`` and
     ``delta = rowsum(o * do)`` (so ring steps can each add their part); with ``dq`` given, this call's dq is added
-    onto it; ``gate``: as :func:`flash.masked_backward`."""
+    onto it; ``gate`` and ``o``: as :func:`flash.masked_backward`."""
     dq, add, gated = _grad_args(q, dq, gate, dq_dtype)
     dk = torch.zeros_like(k, dtype=torch.float32)
     dv = torch.zeros_like(v, dtype=torch.float32)
     kernel = _sel_dq_loop_kernel if L.loop else _sel_bwd_dq_kernel
     kernel[L.grid_q](q, k, v, indices, do, lse, delta, dq, L.cu, *L.sizes, L.lo, L.hi, scale, **L.qmajor,
-                     DQ_ADD=add, **gated, num_stages=L.stages, num_warps=L.warps_dq)
+                     DQ_ADD=add, **gated, **_delta_args(o), num_stages=L.stages, num_warps=L.warps_dq)
     qlist, offsets = invert_block_indices(indices, L.ns_max, L.cu if L.varlen else None, L.lo, L.hi)
     chunk = SEL_BWD_CHUNK_LONG if indices.numel() >= SEL_BWD_LONG_ENTRIES else SEL_BWD_CHUNK
     items = work_items(offsets, indices.numel(), chunk)
