@@ -373,6 +373,9 @@ class _SelLaunch:
             self.warps_fwd, self.warps_dq = min(8, gp // 16), min(8, gp // 8)
         else:
             self.warps_fwd = self.warps_dq = 4
+        # G=16's dq loop: 3 stages, 16.9-17.0 ms against 17.5-17.6 with 2 at 64k (H100; three sweeps, 2026-11-23
+        # and runs 1 and 3 of docs/results/selection_h100_2026-11-24_session14); other G not measured
+        self.stages_dq = 3 if self.loop and not wide and gp == 16 and self.stages == 2 else self.stages
         self.kmajor = dict(common, BLOCK_Q=max(1, 64 // gp))
         self.grid_q = (triton.cdiv(max_t, block_t), nseq * hkv)
 
@@ -404,7 +407,7 @@ def selected_backward(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: fl
     dv = torch.zeros_like(v, dtype=torch.float32)
     kernel = _sel_dq_loop_kernel if L.loop else _sel_bwd_dq_kernel
     kernel[L.grid_q](q, k, v, indices, do, lse, delta, dq, L.cu, *L.sizes, L.lo, L.hi, scale, **L.qmajor,
-                     DQ_ADD=add, **gated, **_delta_args(o), num_stages=L.stages, num_warps=L.warps_dq)
+                     DQ_ADD=add, **gated, **_delta_args(o), num_stages=L.stages_dq, num_warps=L.warps_dq)
     qlist, offsets = invert_block_indices(indices, L.ns_max, L.cu if L.varlen else None, L.lo, L.hi)
     chunk = SEL_BWD_CHUNK_LONG if indices.numel() >= SEL_BWD_LONG_ENTRIES else SEL_BWD_CHUNK
     items = work_items(offsets, indices.numel(), chunk)
