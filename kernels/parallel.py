@@ -8,9 +8,9 @@ One autograd function runs the whole core, so its backward can share work betwee
 functions could not: the branch kernels take the gated sum's gradient ``do`` as it is and scale their
 probabilities by their gate instead (``flash._gated``), so the three ``[b, t, hq, dv]`` branch output gradients
 are never stored and each branch's ``delta = rowsum(o_i * do)`` is the gate's own gradient, which that branch's
-dq kernel computes from the ``do`` rows it loads anyway (no pass of its own over the outputs and ``do``: 1.4 ms at
-64k on an H100); and the three branches add their dq into one buffer (no separate additions of three
-``[b, t, hq, dk]`` gradients).
+dq kernel computes from the ``do`` rows it loads anyway (the separate pass over the outputs and ``do`` it replaces
+took 1.4 ms at 64k on an H100; the backward became 0.6 ms faster); and the three branches add their dq into one
+buffer (no separate additions of three ``[b, t, hq, dk]`` gradients).
 """
 from __future__ import annotations
 
