@@ -2,12 +2,12 @@
 
     python -m nsa_parallel.bench --seqlens 8192 16384 32768 65536 --out bench.json
 
-Times forward and forward+backward (median of ``triton.testing.do_bench``) of the whole NSA core (phi compression,
-compressed attention, selection scores, top-n, selected and window attention, gates) and of each stage, for B=1,
-64 query heads / 4 KV heads, d=128 (and dk=192/dv=128), paper hyperparameters, beside torch SDPA (flash and cuDNN
-backends), FlexAttention's sliding window (the window branch's peer) and fla-core's ``parallel_nsa`` where they
-run. Reports achieved TFLOP/s against a measured bf16 matmul
-ceiling and peak memory; prints a table and writes JSON.
+Times forward and forward+backward (median of ``triton.testing.do_bench`` over at least ``MIN_TIMED_RUNS`` runs) of
+the whole NSA core (phi compression, compressed attention, selection scores, top-n, selected and window attention,
+gates) and of each stage, for B=1, 64 query heads / 4 KV heads, d=128 (and dk=192/dv=128), paper hyperparameters,
+beside torch SDPA (flash and cuDNN backends), FlexAttention's sliding window (the window branch's peer) and
+fla-core's ``parallel_nsa`` where they run. Reports achieved TFLOP/s against a measured bf16 matmul ceiling and
+peak memory; prints a table and writes JSON.
 """
 from __future__ import annotations
 
@@ -36,6 +36,24 @@ def dense_flops(t: int, hq: int, dk: int, dv: int) -> float:
 
 
 ACCUMULATE_GRADS = False  # --accumulate-grads: time fwd+bwd as before 2026-11-23 (session 10), see bench()
+# do_bench times rep / (its runtime estimate) runs: with rep=100 ms the core's 64k fwd+bwd (~110 ms) got a single
+# timed run (its "median" moved 1-2 ms between identical runs); each median here is of at least this many
+MIN_TIMED_RUNS = 10
+
+
+def timed(fn, grad_to_none=None) -> float:
+    """Median ms of ``fn()`` over at least ``MIN_TIMED_RUNS`` runs (``do_bench``, its rep scaled to the runtime of
+    one run measured first)."""
+    import triton
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    rep = max(100.0, 1.1 * MIN_TIMED_RUNS * start.elapsed_time(end))
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median", grad_to_none=grad_to_none)
 
 
 def bench(fn, bwd_of=None, leaves=()):
@@ -45,8 +63,7 @@ def bench(fn, bwd_of=None, leaves=()):
     run (``do_bench``'s ``grad_to_none``, outside the timed region), as in a training step, where q, k, v come out
     of a projection and nothing adds into a leaf's ``.grad``; without it each run also adds its gradients onto
     the previous run's (at 64k, ~1 ms for q alone)."""
-    import triton
-    fwd = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fwd = timed(fn)
     if bwd_of is None:
         return fwd, None
     grad = bwd_of(fn())
@@ -55,7 +72,7 @@ def bench(fn, bwd_of=None, leaves=()):
         fn().backward(grad)
 
     reset = None if ACCUMULATE_GRADS else [x for x in leaves if x.requires_grad]
-    return fwd, triton.testing.do_bench(fwd_bwd, warmup=25, rep=100, return_mode="median", grad_to_none=reset)
+    return fwd, timed(fwd_bwd, grad_to_none=reset)
 
 
 def peak_mem(fn) -> float:
@@ -199,7 +216,7 @@ def run(args) -> dict:
     return dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
                 command="python -m nsa_parallel.bench " + " ".join(sys.argv[1:]), torch=torch.__version__,
                 python=platform.python_version(), matmul_tflops=ceiling, config=cfg.__dict__,
-                grads_accumulated=ACCUMULATE_GRADS, rows=rows)
+                grads_accumulated=ACCUMULATE_GRADS, min_timed_runs=MIN_TIMED_RUNS, rows=rows)
 
 
 def table(res: dict) -> str:
