@@ -95,16 +95,29 @@ def sweep_flash(name, q, k, v, scale, kstride, koff, window, configs, rows, out,
 
 
 @triton.jit
-def _sel_fwd_tma(Q, KD, VD, IDX, O, LSE, T, scale, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
-                 N: tl.constexpr, D: tl.constexpr, BS: tl.constexpr):
-    """Experiment: the per-position loop with K/V blocks fetched by TMA descriptors (fixed length, G = 16)."""
+def _tma_rows(T, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
+    """The TMA experiment's program: position, sequence, KV head, row, its G query rows' offsets, channels."""
     t = tl.program_id(0)
     seq = tl.program_id(1) // HKV
     kvh = tl.program_id(1) % HKV
-    hg = tl.arange(0, G)
     row = seq.to(tl.int64) * T + t
-    row_off = row * HQ + kvh * G + hg
-    d = tl.arange(0, D)
+    return t, seq, kvh, row, row * HQ + kvh * G + tl.arange(0, G), tl.arange(0, D)
+
+
+@triton.jit
+def _tma_block(KD, VD, IDX, row, seq, kvh, i, HKV: tl.constexpr, N: tl.constexpr, D: tl.constexpr,
+               BS: tl.constexpr):
+    """Positions and K / V tiles of the position's ``i``-th selected block, by TMA."""
+    blk = tl.load(IDX + (row * HKV + kvh) * N + i)
+    return (blk * BS + tl.arange(0, BS), KD.load([seq, blk * BS, kvh, 0]).reshape(BS, D),
+            VD.load([seq, blk * BS, kvh, 0]).reshape(BS, D))
+
+
+@triton.jit
+def _sel_fwd_tma(Q, KD, VD, IDX, O, LSE, T, scale, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+                 N: tl.constexpr, D: tl.constexpr, BS: tl.constexpr):
+    """Experiment: the per-position loop with K/V blocks fetched by TMA descriptors (fixed length, G = 16)."""
+    t, seq, kvh, row, row_off, d = _tma_rows(T, HQ, HKV, G, D)
     q = tl.load(Q + row_off[:, None] * D + d[None, :])
     qk_scale = scale * 1.4426950408889634
     m_i = tl.full([G], -1.0e30, dtype=tl.float32)
@@ -112,11 +125,8 @@ def _sel_fwd_tma(Q, KD, VD, IDX, O, LSE, T, scale, HQ: tl.constexpr, HKV: tl.con
     acc = tl.zeros([G, D], dtype=tl.float32)
     nv = tl.minimum(N, t // BS + 1)
     for i in range(0, nv):
-        blk = tl.load(IDX + (row * HKV + kvh) * N + i)
-        k = KD.load([seq, blk * BS, kvh, 0]).reshape(BS, D)
-        v = VD.load([seq, blk * BS, kvh, 0]).reshape(BS, D)
+        pos, k, v = _tma_block(KD, VD, IDX, row, seq, kvh, i, HKV, N, D, BS)
         s = tl.dot(q, tl.trans(k))
-        pos = blk * BS + tl.arange(0, BS)
         s = tl.where((pos <= t)[None, :], s, float("-inf"))
         m_i, l_i, acc = F._softmax_step(s, v, m_i, l_i, acc, qk_scale)
     o, lse = F._finish(acc, m_i, l_i)
@@ -127,13 +137,7 @@ def _sel_fwd_tma(Q, KD, VD, IDX, O, LSE, T, scale, HQ: tl.constexpr, HKV: tl.con
 @triton.jit
 def _sel_dq_tma(Q, KD, VD, IDX, DO, LSE, DELTA, DQ, T, scale, HQ: tl.constexpr, HKV: tl.constexpr,
                 G: tl.constexpr, N: tl.constexpr, D: tl.constexpr, BS: tl.constexpr):
-    t = tl.program_id(0)
-    seq = tl.program_id(1) // HKV
-    kvh = tl.program_id(1) % HKV
-    hg = tl.arange(0, G)
-    row = seq.to(tl.int64) * T + t
-    row_off = row * HQ + kvh * G + hg
-    d = tl.arange(0, D)
+    t, seq, kvh, row, row_off, d = _tma_rows(T, HQ, HKV, G, D)
     q = tl.load(Q + row_off[:, None] * D + d[None, :])
     do = tl.load(DO + row_off[:, None] * D + d[None, :])
     lse2 = tl.load(LSE + row_off) * 1.4426950408889634
@@ -142,11 +146,8 @@ def _sel_dq_tma(Q, KD, VD, IDX, DO, LSE, DELTA, DQ, T, scale, HQ: tl.constexpr, 
     dq = tl.zeros([G, D], dtype=tl.float32)
     nv = tl.minimum(N, t // BS + 1)
     for i in range(0, nv):
-        blk = tl.load(IDX + (row * HKV + kvh) * N + i)
-        k = KD.load([seq, blk * BS, kvh, 0]).reshape(BS, D)
-        v = VD.load([seq, blk * BS, kvh, 0]).reshape(BS, D)
+        pos, k, v = _tma_block(KD, VD, IDX, row, seq, kvh, i, HKV, N, D, BS)
         s = tl.dot(q, tl.trans(k)) * qk_scale
-        pos = blk * BS + tl.arange(0, BS)
         p = tl.where((pos <= t)[None, :], tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])

@@ -48,6 +48,24 @@ def _walk_start(IDX, idx_row, rvalid, LO, HI, ROWS: tl.constexpr, N: tl.constexp
 
 
 @triton.jit
+def _walk_tile(CU, T_FIXED, TK_FIXED, HQ: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr, G: tl.constexpr,
+               GP: tl.constexpr, VARLEN: tl.constexpr):
+    """A union-walk program's sequence bounds, KV head, first position, and its rows: positions, offsets into the
+    ``[.., hq]`` tensors and into the ``[.., hkv]`` block lists, validity."""
+    bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
+    row = bos + tq.to(tl.int64)
+    return bos, T, kbos, TK, kvh, t0, tq, row * HQ + hq, row * HKV + kvh, rvalid
+
+
+@triton.jit
+def _walk_on(IDX, idx_row, ptr, hit, rvalid, HI, N: tl.constexpr):
+    """One step of the union walk: rows whose block was ``hit`` move to their next; the walk's next block."""
+    ptr += hit.to(tl.int32)
+    cur = _next_block(IDX, idx_row, ptr, rvalid, HI, N)
+    return ptr, cur, tl.min(cur, 0)
+
+
+@triton.jit
 def _block_kv(K, V, blk, kbos, KBASE, TK, kvh, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
               BDK: tl.constexpr, BDV: tl.constexpr, BS: tl.constexpr):
     """Positions (queries' frame) and K/V tiles of selection block ``blk``; the key buffer starts at ``KBASE``."""
@@ -158,12 +176,10 @@ def _sel_fwd_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, TK_FIXED, QOFF, KBASE, LO
     # Rows are BLOCK_T neighbouring positions x the G heads of one KV head. The program walks the union of the
     # rows' sorted block lists (a k-way merge): neighbours share most blocks, so each K/V block is loaded once per
     # tile and the matrix products have BLOCK_T*GP rows instead of G.
-    bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
+    bos, T, kbos, TK, kvh, t0, tq, row_off, idx_row, rvalid = _walk_tile(CU, T_FIXED, TK_FIXED, HQ, HKV, BLOCK_T,
+                                                                         G, GP, VARLEN)
     if t0 >= T:
         return
-    row = bos + tq.to(tl.int64)
-    row_off = row * HQ + hq
-    idx_row = row * HKV + kvh
     q = _load_tile(Q, row_off, rvalid, DK, BDK)
     qk_scale = scale * 1.4426950408889634
     m_i = tl.full([BLOCK_T * GP], -1.0e30, dtype=tl.float32)
@@ -177,9 +193,7 @@ def _sel_fwd_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, TK_FIXED, QOFF, KBASE, LO
         s = tl.dot(q, tl.trans(k))
         s = tl.where(hit[:, None] & (pos[None, :] <= tq[:, None] + QOFF), s, float("-inf"))
         m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale)
-        ptr += hit.to(tl.int32)
-        cur = _next_block(IDX, idx_row, ptr, rvalid, HI, N)
-        blk = tl.min(cur, 0)
+        ptr, cur, blk = _walk_on(IDX, idx_row, ptr, hit, rvalid, HI, N)
     o, lse = _finish(acc, m_i, l_i)  # rows with no block in this key buffer: o = 0, lse = -inf
     _store_output(O, LSE, row_off, rvalid, o, lse, DV, BDV, OC, OW, GATE, OUT, GATED_SUM)
 
@@ -192,12 +206,10 @@ def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED, 
                        BLOCK_T: tl.constexpr, VARLEN: tl.constexpr,
                        DQ_ADD: tl.constexpr = False, GATE=None, GATED: tl.constexpr = False, O=None,
                        DELTA_FROM_O: tl.constexpr = False):
-    bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
+    bos, T, kbos, TK, kvh, t0, tq, row_off, idx_row, rvalid = _walk_tile(CU, T_FIXED, TK_FIXED, HQ, HKV, BLOCK_T,
+                                                                         G, GP, VARLEN)
     if t0 >= T:
         return
-    row = bos + tq.to(tl.int64)
-    row_off = row * HQ + hq
-    idx_row = row * HKV + kvh
     q, do, lse2, delta, g = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATED)
     if DELTA_FROM_O:
         delta = _own_delta(O, DELTA, do, row_off, rvalid, DV, BDV)
@@ -213,9 +225,7 @@ def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED, 
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
-        ptr += hit.to(tl.int32)
-        cur = _next_block(IDX, idx_row, ptr, rvalid, HI, N)
-        blk = tl.min(cur, 0)
+        ptr, cur, blk = _walk_on(IDX, idx_row, ptr, hit, rvalid, HI, N)
     _store_grad_tile(DQ, row_off, rvalid, _gated(dq, g[:, None], GATED) * scale, DK, BDK, DQ_ADD)
 
 
