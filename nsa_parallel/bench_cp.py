@@ -21,6 +21,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from .distributed import all_done
+
 
 def _timed(fn, iters: int, warmup: int = 2) -> float:
     """Median wall ms of ``fn`` across ranks (each iteration counts as its slowest rank)."""
@@ -213,6 +215,7 @@ def main(argv=None) -> None:
         if dist.get_rank() == 0:
             with open(args.out, "w") as f:
                 json.dump(res, f, indent=1)
+        all_done()
     finally:
         dist.destroy_process_group()
 

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from .arguments import add_nsa_args, nsa_config_from_args
+from .distributed import all_done
 
 ATTENTIONS = ("nsa", "dense")
 COLUMNS = ("attention", "P", "T", "fwd_ms", "fwdbwd_ms", "tokens_per_s", "peak_mem_gib", "mem_kind", "error")
@@ -194,6 +195,7 @@ def _worker(rank, world, port, args, cfg, result):
         rows = run_points(args, cfg, dist.group.WORLD, dev)
         if rank == 0:
             result["rows"] = rows
+        all_done()
     finally:
         dist.destroy_process_group()
 

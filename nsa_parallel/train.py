@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .arguments import add_nsa_args, nsa_config_from_args
+from .distributed import all_done
 from .metrics import MetricsLogger
 from .rendezvous import LAUNCHERS
 
@@ -563,6 +564,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     from megatron.core import parallel_state as ps
     ps.destroy_model_parallel()
     if dist.is_initialized():
+        all_done()
         dist.destroy_process_group()
 
 

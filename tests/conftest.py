@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from nsa_parallel.distributed import all_done  # noqa: E402
 from nsa_parallel.kernels import Compression, NSAConfig  # noqa: E402
 
 
@@ -63,6 +64,7 @@ def _spawned(rank, world, port, fn, args, result):
     warnings.filterwarnings("ignore")
     try:
         result[rank] = fn(*args)
+        all_done()
     except BaseException as e:  # noqa: BLE001 - report it to the parent
         result[rank] = repr(e)
         raise

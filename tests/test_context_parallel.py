@@ -4,6 +4,7 @@ import torch
 
 from conftest import SMALL, rel_err
 from conftest import make_inputs
+from nsa_parallel.distributed import all_done
 from nsa_parallel.kernels import NSAConfig, nsa_attention
 from nsa_parallel.context_parallel import (check_sequence_length, chunk_ranges, join_from_ranks, local_positions,
                                            merge_partial, split_for_rank)
@@ -184,9 +185,7 @@ def _cp_worker(rank, world, port, cases, result):
                 result[(case[0], rank)] = _cp_stats_case(world, rank, group)
             else:
                 result[(case[0], rank)] = _cp_case(case, world, rank, group)
-        # every rank done communicating before any tears gloo down: one rank aborted ("terminate called without an
-        # active exception", no Python error) in 3 of 7 CI runs on 2026-11-24; where and why is not established
-        torch.distributed.barrier()
+        all_done()
     except BaseException as e:  # noqa: BLE001 - report it to the parent
         result[("error", rank)] = repr(e)
         raise

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import SMALL, rel_err
+from nsa_parallel.distributed import all_done
 
 warnings.filterwarnings("ignore", message=".*Apex.*")
 warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
@@ -138,6 +139,7 @@ def _tp2_worker(rank, port, result, sequence_parallel=False):
             result[f"err{rank}"] = "no error"
         except ValueError as e:
             result[f"err{rank}"] = str(e)
+        all_done()
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
@@ -275,6 +277,7 @@ def _cp2_packed_worker(rank, port, result):
             else:
                 worst = max(worst, rel_err(g, p.grad))
         result[f"dw{rank}"] = worst
+        all_done()
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nsa_parallel import scaling
+from nsa_parallel.distributed import all_done
 
 TOY = ["--device", "cpu", "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--nsa-window", "32",
        "--nsa-select-block", "16", "--nsa-select-topn", "4", "--nsa-compress-block", "16", "--nsa-compress-stride",
@@ -65,6 +66,7 @@ def _dense_cp_worker(rank, world, port, result):
     # the CP output is [b, h, local t, d] in load-balanced order
     want = split_for_rank(single.detach().transpose(1, 2), world, rank).transpose(1, 2)
     result[rank] = (out.detach() - want).abs().max().item() / want.abs().max().item()
+    all_done()
     dist.destroy_process_group()
 
 
