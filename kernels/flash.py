@@ -498,23 +498,30 @@ def _grad_args(q, dq, gate, dq_dtype=None):
     return (dq if add else torch.empty_like(q, dtype=dq_dtype or q.dtype)), add, gated
 
 
-def _delta_args(o):
-    """A dq kernel's arguments for computing delta from the branch output ``o`` (see ``_own_delta``)."""
-    return dict(O=o, DELTA_FROM_O=True) if o is not None else {}
+def _delta_args(o, delta, q):
+    """``(delta, dq kernel arguments)``: ``delta`` as given, or with the branch output ``o`` given, the buffer the
+    dq kernel computes it into (``_own_delta``): ``delta`` itself, or a new fp32 ``[b, t, hq]`` one when None."""
+    if o is None:
+        return delta, {}
+    if delta is None:
+        delta = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
+    return delta, dict(O=o, DELTA_FROM_O=True)
 
 
 def masked_backward(q, k, v, do, lse, delta, scale: float, L: _Launch, dq=None, gate=None, o=None):
     """``(dq, dk, dv)`` given ``delta = rowsum(o * do)``; with ``dq`` given, this call's dq is added onto it; with
     ``gate`` (this branch's gate, contiguous fp32 ``[b, t, hq]``), ``do`` is the gated sum's gradient and this
     branch's output gradient is ``gate * do`` (``delta`` then is ``rowsum(o * do)``); with the branch output ``o``
-    given, the dq kernel computes delta itself and writes it into ``delta`` (an fp32 ``[b, t, hq]`` buffer)."""
+    given, the dq kernel computes delta itself and writes it into ``delta`` (an fp32 ``[b, t, hq]`` buffer, or a
+    new one when ``delta`` is None) instead of a pass of its own."""
     dq, add, gated = _grad_args(q, dq, gate)
+    delta, own_delta = _delta_args(o, delta, q)
     split = L.q_split > 0
     dk = torch.zeros_like(k, dtype=torch.float32) if split else torch.empty_like(k)
     dv = torch.zeros_like(v, dtype=torch.float32) if split else torch.empty_like(v)
     grid, const, opts = L.dq
     _bwd_dq_kernel[grid](q, k, v, do, lse, delta, dq, *L.args(), scale, **const, DQ_ADD=add, **gated,
-                         **_delta_args(o), **opts)
+                         **own_delta, **opts)
     if k.shape[1]:
         grid, const, opts = L.dkdv
         _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, *L.args(), scale, **const, Q_SPLIT=L.q_split,
@@ -536,7 +543,7 @@ class PositionMaskedAttention(torch.autograd.Function):
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         do = do.contiguous()
-        dq, dk, dv = masked_backward(q, k, v, do, lse, row_dot(o, do), ctx.scale, ctx.launch)
+        dq, dk, dv = masked_backward(q, k, v, do, lse, None, ctx.scale, ctx.launch, o=o)
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .flash import (_bwd_rows, _delta_args, _finish, _gated, _grad_args, _load_tile, _own_delta, _q_tile,
-                    _seq_bounds, _softmax_step, _store_grad_tile, _store_tile, row_dot, wide_tile_stages)
+                    _seq_bounds, _softmax_step, _store_grad_tile, _store_tile, wide_tile_stages)
 from .gate import _gated_sum
 from .varlen import max_seqlen
 
@@ -411,13 +411,14 @@ def selected_backward(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: fl
                       gate=None, o=None):
     """``(dq, dk fp32, dv fp32)`` of this key buffer's share, given the final ``lse`` and
     ``delta = rowsum(o * do)`` (so ring steps can each add their part); with ``dq`` given, this call's dq is added
-    onto it; ``gate`` and ``o``: as :func:`flash.masked_backward`."""
+    onto it; ``gate``, ``o`` (and then ``delta`` None): as :func:`flash.masked_backward`."""
     dq, add, gated = _grad_args(q, dq, gate, dq_dtype)
+    delta, own_delta = _delta_args(o, delta, q)
     dk = torch.zeros_like(k, dtype=torch.float32)
     dv = torch.zeros_like(v, dtype=torch.float32)
     kernel = _sel_dq_loop_kernel if L.loop else _sel_bwd_dq_kernel
     kernel[L.grid_q](q, k, v, indices, do, lse, delta, dq, L.cu, *L.sizes, L.lo, L.hi, scale, **L.qmajor,
-                     DQ_ADD=add, **gated, **_delta_args(o), num_stages=L.stages_dq, num_warps=L.warps_dq)
+                     DQ_ADD=add, **gated, **own_delta, num_stages=L.stages_dq, num_warps=L.warps_dq)
     qlist, offsets = invert_block_indices(indices, L.ns_max, L.cu if L.varlen else None, L.lo, L.hi)
     chunk = SEL_BWD_CHUNK_LONG if indices.numel() >= SEL_BWD_LONG_ENTRIES else SEL_BWD_CHUNK
     items = work_items(offsets, indices.numel(), chunk)
@@ -440,8 +441,7 @@ class SelectedAttention(torch.autograd.Function):
     def backward(ctx, do, dlse):
         q, k, v, indices, o, lse = ctx.saved_tensors
         do = do.contiguous()
-        delta = row_dot(o, do)
-        dq, dk, dv = selected_backward(q, k, v, indices, do, lse, delta, ctx.launch, ctx.scale)
+        dq, dk, dv = selected_backward(q, k, v, indices, do, lse, None, ctx.launch, ctx.scale, o=o)
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
 
 
