@@ -12,6 +12,7 @@ from conftest import DEVICE, HAS_CUDA, SMALL, make_inputs, rel_err
 from nsa_parallel.kernels import NSAConfig, nsa_attention
 from nsa_parallel.kernels import reference as ref
 from nsa_parallel.kernels.compress import compressed_attention, selection_scores
+from nsa_parallel.kernels import flash
 from nsa_parallel.kernels.flash import position_masked_attention
 from nsa_parallel.kernels.select import selected_attention
 from nsa_parallel.kernels.topn import select_topn
@@ -37,15 +38,18 @@ def _check(got, want, dtype, what):
 
 SHAPES = [  # (t, hq, hkv, dk, dv)
     (70, 4, 2, 16, 8),    # G=2, dk != dv, length not a multiple of any block
-    (45, 3, 1, 8, 8),     # G=3: not a power of two
+    (45, 6, 2, 8, 8),     # G=3: not a power of two (a padded group tile reaches into the next group)
     (33, 16, 1, 16, 16),  # G=16
     (40, 4, 4, 32, 16),   # G=1
 ]
 
 
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("t,hq,hkv,dk,dv", SHAPES)
-def test_window_and_compressed_attention(t, hq, hkv, dk, dv, dtype):
+def test_window_and_compressed_attention(t, hq, hkv, dk, dv, dtype, tma, monkeypatch):
+    """Both ways the query-major kernels load K/V tiles: TMA descriptors and pointer loads."""
+    monkeypatch.setattr(flash, "USE_TMA", tma)
     cfg = SMALL
     q = _rand(2, t, hq, dk, dtype=dtype, seed=1)
     k, v = _rand(2, t, hkv, dk, dtype=dtype, seed=2), _rand(2, t, hkv, dv, dtype=dtype, seed=3)
@@ -99,7 +103,6 @@ def test_flash_unmasked_middle_tiles(kstride, koff, window):
 def test_flash_dkdv_gpu_tiles(kstride, koff, window, gated):
     """dK/dV (and dq) on the tiles a GPU takes at G >= 16 (64 query rows x 128 keys, transposed products), with and
     without the core's gate plane, against autograd through the masked reference."""
-    from nsa_parallel.kernels import flash
     t, hq, hkv, d = 300, 16, 1, 16
     tk = t if kstride == 1 else (t - koff - 1) // kstride + 1
     q = _rand(1, t, hq, d, dtype=torch.float32, seed=41)

@@ -1,0 +1,74 @@
+"""TMA or pointer loads in the flash kernels (``flash.USE_TMA``), A/B on one GPU: a measurement.
+
+    python -P benchmarks/tma_ab.py --t 65536 --rounds 3 --out tma_ab.json
+
+Checks that both ways give the same core output and gradients (bf16 tolerance), then times, alternating the two
+in each round: each flash branch's forward and backward (``masked_forward``, ``masked_backward`` with ``o=``, the
+kernels the core launches) and the whole NSA core's forward and forward+backward (``nsa_parallel.bench.bench``,
+medians over >= 10 runs). JSON lines to stdout and ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+import triton
+
+from nsa_parallel.bench import bench, core_inputs, timed
+from nsa_parallel.kernels import NSAConfig, nsa_attention
+from nsa_parallel.kernels import flash as F
+
+
+def emit(rows, out, **row):
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    with open(out, "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                       rows=rows), f, indent=1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--t", type=int, default=65536)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default="tma_ab.json")
+    args = p.parse_args()
+    cfg, t, rows = NSAConfig(), args.t, []
+    torch.manual_seed(0)
+    q, kvs, gate, ck, cv = core_inputs(t, 64, 4, 128, 128, cfg, "cuda")
+    leaves = [q, *kvs, gate, *ck.parameters(), *cv.parameters()]
+    core = lambda: nsa_attention(q, *kvs, gate, compress_k=ck, compress_v=cv, config=cfg,  # noqa: E731
+                                 backend="triton")
+    do = torch.randn(1, t, 64, 128, device="cuda", dtype=torch.bfloat16)
+    got = {}
+    for tma in (False, True):
+        F.USE_TMA = tma
+        o = core()
+        got[tma] = [o.detach()] + [g.detach() for g in torch.autograd.grad(o, leaves, do)]
+    err = max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
+              for a, b in zip(got[True], got[False]))
+    emit(rows, args.out, check="core output and gradients, TMA vs pointers", max_rel_err=err)
+    del got
+    scale = 1 / math.sqrt(128)
+    with torch.no_grad():
+        kc, vc = ck(kvs[0]).contiguous(), cv(kvs[1]).contiguous()
+    qd = q.detach()
+    branches = dict(cmp=(kc, vc, cfg.compress_stride, cfg.compress_block - 1, F.NO_WINDOW),
+                    swa=(kvs[4].detach(), kvs[5].detach(), 1, 0, cfg.window))
+    for rnd in range(args.rounds):
+        for tma in (False, True):
+            F.USE_TMA = tma
+            for name, (k, v, kstride, koff, window) in branches.items():
+                L = F._Launch(qd, k, v, kstride, koff, window, None, None)
+                o, lse = F.masked_forward(qd, k, v, scale, L)
+                fwd = timed(lambda: F.masked_forward(qd, k, v, scale, L))
+                bwd = timed(lambda: F.masked_backward(qd, k, v, do, lse, None, scale, L, o=o))
+                emit(rows, args.out, round=rnd, tma=tma, branch=name, launch_tma=L.tma, fwd_ms=fwd, bwd_ms=bwd)
+            fwd, fwdbwd = bench(core, torch.randn_like, leaves)
+            emit(rows, args.out, round=rnd, tma=tma, branch="core", fwd_ms=fwd, fwdbwd_ms=fwdbwd)
+
+
+if __name__ == "__main__":
+    main()
