@@ -1,11 +1,14 @@
-"""TMA or pointer loads in the flash kernels (``flash.USE_TMA``), A/B on one GPU: a measurement.
+"""TMA or pointer loads in the flash kernels (``flash.TMA_KERNELS``), A/B on one GPU: a measurement.
 
     python -P benchmarks/tma_ab.py --t 65536 --rounds 3 --out tma_ab.json
 
-Checks that both ways give the same core output and gradients (bf16 tolerance), then times, alternating the two
-in each round: each flash branch's forward and backward (``masked_forward``, ``masked_backward`` with ``o=``, the
-kernels the core launches) and the whole NSA core's forward and forward+backward (``nsa_parallel.bench.bench``,
-medians over >= 10 runs). JSON lines to stdout and ``--out``.
+Checks that TMA and pointer loads give the same core output and gradients (bf16 tolerance), then times, cycling
+through the variants in each round (which flash kernels take TMA tiles: none, fwd, fwd+dq; run 3 of session 15
+also had the dK/dV kernel's q/dO rows by TMA, since removed): each flash branch's forward and backward
+(``masked_forward``, ``masked_backward`` with ``o=``: the kernels the core launches); then the selection-scores
+kernel with and without TMA (``flash.USE_TMA``); at the end the whole NSA core's forward and forward+backward
+with none and with all (``nsa_parallel.bench``'s timing: medians over >= 10 runs). JSON lines to stdout and
+``--out``.
 """
 from __future__ import annotations
 
@@ -43,12 +46,12 @@ def main() -> None:
                                  backend="triton")
     do = torch.randn(1, t, 64, 128, device="cuda", dtype=torch.bfloat16)
     got = {}
-    for tma in (False, True):
-        F.USE_TMA = tma
+    for kernels in ((), ALL):
+        F.TMA_KERNELS = frozenset(kernels)
         o = core()
-        got[tma] = [o.detach()] + [g.detach() for g in torch.autograd.grad(o, leaves, do)]
+        got[kernels] = [o.detach()] + [g.detach() for g in torch.autograd.grad(o, leaves, do)]
     err = max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
-              for a, b in zip(got[True], got[False]))
+              for a, b in zip(got[ALL], got[()]))
     emit(rows, args.out, check="core output and gradients, TMA vs pointers", max_rel_err=err)
     del got
     scale = 1 / math.sqrt(128)
@@ -58,17 +61,33 @@ def main() -> None:
     branches = dict(cmp=(kc, vc, cfg.compress_stride, cfg.compress_block - 1, F.NO_WINDOW),
                     swa=(kvs[4].detach(), kvs[5].detach(), 1, 0, cfg.window))
     for rnd in range(args.rounds):
-        for tma in (False, True):
-            F.USE_TMA = tma
+        for kernels in VARIANTS:
+            F.TMA_KERNELS = frozenset(kernels)
             for name, (k, v, kstride, koff, window) in branches.items():
                 L = F._Launch(qd, k, v, kstride, koff, window, None, None)
                 o, lse = F.masked_forward(qd, k, v, scale, L)
                 fwd = timed(lambda: F.masked_forward(qd, k, v, scale, L))
                 bwd = timed(lambda: F.masked_backward(qd, k, v, do, lse, None, scale, L, o=o))
-                emit(rows, args.out, round=rnd, tma=tma, branch=name, launch_tma=L.tma, fwd_ms=fwd, bwd_ms=bwd)
-            fwd, fwdbwd = bench(core, torch.randn_like, leaves)
-            emit(rows, args.out, round=rnd, tma=tma, branch="core", fwd_ms=fwd, fwdbwd_ms=fwdbwd)
+                emit(rows, args.out, round=rnd, tma="+".join(kernels) or "none", branch=name, launch_tma=L.tma,
+                     fwd_ms=fwd, bwd_ms=bwd)
+    from nsa_parallel.kernels.compress import compressed_attention, selection_scores
+    _, lse_cmp = compressed_attention(qd, kc, vc, cfg, scale)
+    want = selection_scores(qd, kc, lse_cmp, cfg, scale)
+    for rnd in range(args.rounds):
+        for tma in (False, True):  # the selection-scores kernel's compressed tokens (flash.USE_TMA)
+            F.USE_TMA = tma
+            same = torch.equal(selection_scores(qd, kc, lse_cmp, cfg, scale), want)
+            emit(rows, args.out, round=rnd, tma=tma, branch="scores", equal_to_pointers=same,
+                 ms=timed(lambda: selection_scores(qd, kc, lse_cmp, cfg, scale)))
+    F.USE_TMA = True
+    for kernels in ((), ALL) * 2:
+        F.TMA_KERNELS = frozenset(kernels)
+        fwd, fwdbwd = bench(core, torch.randn_like, leaves)
+        emit(rows, args.out, tma="+".join(kernels) or "none", branch="core", fwd_ms=fwd, fwdbwd_ms=fwdbwd)
 
+
+ALL = ("fwd", "dq")
+VARIANTS = ((), ("fwd",), ALL)
 
 if __name__ == "__main__":
     main()

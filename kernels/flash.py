@@ -94,18 +94,12 @@ def _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK: tl.constexpr, DV: tl.const
     ``GATED``, the rows' gate from a contiguous fp32 ``[b, t, hq]`` plane (see ``_gated``; else a stand-in nothing
     reads). A plane, not the ``[..., 3]`` gate column: a strided 16-bit load is not async-copied, and inside the
     dK/dV loops that cost 4 ms at 64k (H100)."""
-    lse2, delta, g = _row_stats(LSE, DELTA, row_off, rvalid, GATE, GATED)
-    return _load_tile(Q, row_off, rvalid, DK, BDK), _load_tile(DO, row_off, rvalid, DV, BDV), lse2, delta, g
-
-
-@triton.jit
-def _row_stats(LSE, DELTA, row_off, rvalid, GATE, GATED: tl.constexpr):
-    """``_bwd_rows`` less the q and dO tiles: lse (log2 units), delta and the gate (or a stand-in)."""
     delta = tl.load(DELTA + row_off, mask=rvalid, other=0.0)
     g = delta
     if GATED:
         g = tl.load(GATE + row_off, mask=rvalid, other=0.0)
-    return _load_lse2(LSE, row_off, rvalid), delta, g
+    return (_load_tile(Q, row_off, rvalid, DK, BDK), _load_tile(DO, row_off, rvalid, DV, BDV),
+            _load_lse2(LSE, row_off, rvalid), delta, g)
 
 
 @triton.jit
@@ -304,7 +298,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K, T_FIXED, TK_FIXED, sca
 def _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, t_start, t_stop, t_end, qk_scale,
                 HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 BDK: tl.constexpr, BDV: tl.constexpr, BLOCK_T: tl.constexpr, KSTRIDE: tl.constexpr, KOFF,
-                WINDOW: tl.constexpr, MASKED: tl.constexpr, GATE, GATED: tl.constexpr, QD, DOD, TMA: tl.constexpr):
+                WINDOW: tl.constexpr, MASKED: tl.constexpr, GATE, GATED: tl.constexpr):
     # transposed products (keys as rows): p^T and dS^T come out of one product as the register operand of the
     # next, and K / V, the loop-invariant operands, stay in shared memory (q k^T with transposes of p and dS
     # re-stored K and V to shared memory every step)
@@ -312,15 +306,7 @@ def _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, t_
         tq, hq, hvalid = _rows(t0, kvh, BLOCK_T, G, GP)
         rvalid = hvalid & (tq < t_end)
         row_off = (bos + tq.to(tl.int64)) * HQ + hq
-        if TMA:
-            # a [BLOCK_T, GP, d] box: rows past t_end or past the group's G heads hold other queries' data (or
-            # TMA's zeros), and their lse of +inf makes every probability computed from them exactly 0
-            row = (bos + t0).to(tl.int32)
-            q = QD.load([row, kvh * G, 0]).reshape(BLOCK_T * GP, BDK)
-            do = DOD.load([row, kvh * G, 0]).reshape(BLOCK_T * GP, BDV)
-            lse2, delta, g = _row_stats(LSE, DELTA, row_off, rvalid, GATE, GATED)
-        else:
-            q, do, lse2, delta, g = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATED)
+        q, do, lse2, delta, g = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATED)
         pT = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])  # [keys, rows]; padding rows: 0
         if MASKED:
             vis = _visible((j * KSTRIDE + KOFF)[:, None], tq[None, :], WINDOW) & jvalid[:, None]
@@ -338,8 +324,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, CU, CU_K, T_FIXED, TK_FI
                      DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                      KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
-                     Q_SPLIT: tl.constexpr, GATE=None, GATED: tl.constexpr = False, QD=None, DOD=None,
-                     TMA: tl.constexpr = False):
+                     Q_SPLIT: tl.constexpr, GATE=None, GATED: tl.constexpr = False):
     pid_n = tl.program_id(0)
     seq = tl.program_id(1) // HKV
     kvh = tl.program_id(1) % HKV
@@ -371,13 +356,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, CU, CU_K, T_FIXED, TK_FI
     tb = tl.where(j0 + BLOCK_N <= TK, tb, ta)
     dk_acc, dv_acc = _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, t_lo, ta, t_end,
                                  qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, KSTRIDE, KOFF, WINDOW, True, GATE,
-                                 GATED, QD, DOD, TMA)
+                                 GATED)
     dk_acc, dv_acc = _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, ta, tb, t_end,
                                  qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, KSTRIDE, KOFF, WINDOW, False, GATE,
-                                 GATED, QD, DOD, TMA)
+                                 GATED)
     dk_acc, dv_acc = _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, tl.maximum(ta, tb),
                                  t_end, t_end, qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, KSTRIDE, KOFF, WINDOW,
-                                 True, GATE, GATED, QD, DOD, TMA)
+                                 True, GATE, GATED)
     dk_mask = jvalid[:, None] & (dk[None, :] < DK)
     dv_mask = jvalid[:, None] & (dv[None, :] < DV)
     if Q_SPLIT > 0:
@@ -449,6 +434,9 @@ DKDV_TILES = (64, 128, 8, 3)
 
 
 USE_TMA = True  # K/V tiles of the query-major kernels by TMA where ``tma_ok`` allows (False: pointer loads)
+# which query-major kernels take their K/V tiles by TMA. The dK/dV kernel's q/dO rows by TMA ([BLOCK_T, GP, d]
+# boxes) measured no faster (H100, 64k, benchmarks/tma_ab.py run 3) and were left out
+TMA_KERNELS = frozenset({"fwd", "dq"})
 
 
 def tma_ok(*xs: torch.Tensor) -> bool:
@@ -500,7 +488,7 @@ class _Launch:
         self.t_fixed, self.tk_fixed = t, tk
         # fetching the K/V tiles by TMA: the compressed forward 9.8 -> 8.7 ms, H100 at 64k
         # (benchmarks/flash_fwd_variants.py)
-        self.tma = tma_ok(k, v)
+        self.tma = {name: tma_ok(k, v) and name in TMA_KERNELS for name in ("fwd", "dq")}
         self.grid_q = (triton.cdiv(max_t, block_t), nseq * hkv)
         self.const = dict(HQ=hq, HKV=hkv, G=self.g, GP=gp, DK=dk, DV=dv, BDK=max(16, triton.next_power_of_2(dk)),
                           BDV=max(16, triton.next_power_of_2(dv)), BLOCK_T=block_t, BLOCK_N=block_n,
@@ -530,19 +518,10 @@ class _Launch:
     def args(self):
         return (self.cu, self.cu_k, self.t_fixed, self.tk_fixed)
 
-    def kv(self, k, v, const):
-        """The K/V tile arguments of a query-major kernel launched with ``const``: TMA descriptors, or none."""
-        return kv_descriptors(k, v, const) if self.tma else {}
-
-    def rows(self, q, do, const):
-        """The q/dO tile arguments of the dK/dV kernel launched with ``const``: TMA descriptors of ``[BLOCK_T, GP,
-        BD]`` boxes (positions x the group's heads, padded to GP), or none."""
-        if not (self.tma and tma_ok(q, do)):
-            return {}
-        from triton.tools.tensor_descriptor import TensorDescriptor
-        box = [const["BLOCK_T"], const["GP"]]
-        return dict(QD=TensorDescriptor.from_tensor(q.view(-1, *q.shape[-2:]), box + [const["BDK"]]),
-                    DOD=TensorDescriptor.from_tensor(do.view(-1, *do.shape[-2:]), box + [const["BDV"]]), TMA=True)
+    def kv(self, name, k, v, const):
+        """The K/V tile arguments of query-major kernel ``name`` launched with ``const``: TMA descriptors, or
+        none."""
+        return kv_descriptors(k, v, const) if self.tma[name] else {}
 
 
 def masked_forward(q, k, v, scale: float, L: _Launch):
@@ -551,7 +530,7 @@ def masked_forward(q, k, v, scale: float, L: _Launch):
     o = torch.empty(b, t, hq, v.shape[-1], device=q.device, dtype=q.dtype)
     lse = torch.empty(b, t, hq, device=q.device, dtype=torch.float32)
     grid, const, opts = L.fwd
-    _fwd_kernel[grid](q, k, v, o, lse, *L.args(), scale, **const, **L.kv(k, v, const), **opts)
+    _fwd_kernel[grid](q, k, v, o, lse, *L.args(), scale, **const, **L.kv("fwd", k, v, const), **opts)
     return o, lse
 
 
@@ -587,11 +566,11 @@ def masked_backward(q, k, v, do, lse, delta, scale: float, L: _Launch, dq=None, 
     dv = torch.zeros_like(v, dtype=torch.float32) if split else torch.empty_like(v)
     grid, const, opts = L.dq
     _bwd_dq_kernel[grid](q, k, v, do, lse, delta, dq, *L.args(), scale, **const, DQ_ADD=add, **gated,
-                         **own_delta, **L.kv(k, v, const), **opts)
+                         **own_delta, **L.kv("dq", k, v, const), **opts)
     if k.shape[1]:
         grid, const, opts = L.dkdv
         _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, *L.args(), scale, **const, Q_SPLIT=L.q_split,
-                               **gated, **L.rows(q, do, const), **opts)
+                               **gated, **opts)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
