@@ -3,12 +3,11 @@
     python -P benchmarks/tma_ab.py --t 65536 --rounds 3 --out tma_ab.json
 
 Checks that TMA and pointer loads give the same core output and gradients (bf16 tolerance), then times, cycling
-through the variants in each round (which flash kernels take TMA tiles: none, fwd, fwd+dq; run 3 of session 15
-also had the dK/dV kernel's q/dO rows by TMA, since removed): each flash branch's forward and backward
-(``masked_forward``, ``masked_backward`` with ``o=``: the kernels the core launches); then the selection-scores
-kernel with and without TMA (``flash.USE_TMA``); at the end the whole NSA core's forward and forward+backward
-with none and with all (``nsa_parallel.bench``'s timing: medians over >= 10 runs). JSON lines to stdout and
-``--out``.
+through the variants in each round (which flash kernels take TMA tiles: none, fwd, fwd+dq; session 15's run 3
+also had the dK/dV kernel's q/dO rows by TMA and run 4 the selection-scores kernel's tokens, both slower and
+removed): each flash branch's forward and backward (``masked_forward``, ``masked_backward`` with ``o=``: the
+kernels the core launches); at the end the whole NSA core's forward and forward+backward with none and with all
+(``nsa_parallel.bench``'s timing: medians over >= 10 runs). JSON lines to stdout and ``--out``.
 """
 from __future__ import annotations
 
@@ -70,16 +69,6 @@ def main() -> None:
                 bwd = timed(lambda: F.masked_backward(qd, k, v, do, lse, None, scale, L, o=o))
                 emit(rows, args.out, round=rnd, tma="+".join(kernels) or "none", branch=name, launch_tma=L.tma,
                      fwd_ms=fwd, bwd_ms=bwd)
-    from nsa_parallel.kernels.compress import compressed_attention, selection_scores
-    _, lse_cmp = compressed_attention(qd, kc, vc, cfg, scale)
-    want = selection_scores(qd, kc, lse_cmp, cfg, scale)
-    for rnd in range(args.rounds):
-        for tma in (False, True):  # the selection-scores kernel's compressed tokens (flash.USE_TMA)
-            F.USE_TMA = tma
-            same = torch.equal(selection_scores(qd, kc, lse_cmp, cfg, scale), want)
-            emit(rows, args.out, round=rnd, tma=tma, branch="scores", equal_to_pointers=same,
-                 ms=timed(lambda: selection_scores(qd, kc, lse_cmp, cfg, scale)))
-    F.USE_TMA = True
     for kernels in ((), ALL) * 2:
         F.TMA_KERNELS = frozenset(kernels)
         fwd, fwdbwd = bench(core, torch.randn_like, leaves)

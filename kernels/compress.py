@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .config import NSAConfig
-from .flash import NO_WINDOW, _load_lse2, _load_tile, _tile_start, _tiles, position_masked_attention, tma_ok
+from .flash import NO_WINDOW, _load_lse2, _load_tile, _tile_start, _tiles, position_masked_attention
 from .interface import check_triton_config
 from .varlen import max_seqlen
 
@@ -72,8 +72,7 @@ def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, QOFF, scale,
                    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                    DK: tl.constexpr, BDK: tl.constexpr, BLOCK_T: tl.constexpr, BJ: tl.constexpr,
                    S: tl.constexpr, A: tl.constexpr, KSTRIDE: tl.constexpr, KOFF: tl.constexpr,
-                   SEL_BLOCK: tl.constexpr, VARLEN: tl.constexpr, ONE_PASS: tl.constexpr, KD=None,
-                   TMA: tl.constexpr = False):
+                   SEL_BLOCK: tl.constexpr, VARLEN: tl.constexpr, ONE_PASS: tl.constexpr):
     # One program: BLOCK_T positions x the GP heads of one KV head, against tiles of BJ*S compressed tokens.
     # The products are s^T = kc q^T ([tokens, query rows]): with the query rows as columns in _score_columns'
     # order, the head sum is in-thread and only the [tokens, positions] sums move between threads (H100 at 64k, same
@@ -98,8 +97,8 @@ def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, QOFF, scale,
         carry = tl.zeros([BLOCK_T], dtype=tl.float32)  # the previous tile's last block's spill
         for j0 in range(0, n_blocks, BJ):
             ci = j0 * S + tl.arange(0, BJ * S)  # the compressed tokens of this tile of selection blocks
-            p = _token_probs(KC, qt, lse2, ci, j0 * S, kbos, kvh, TK, tpos, dk, qk_scale, QOFF, HKV, DK, BDK, BJ * S,
-                             BLOCK_T, GP, KSTRIDE, KOFF, KD, TMA)
+            p = _token_probs(KC, qt, lse2, ci, kbos, kvh, TK, tpos, dk, qk_scale, QOFF, HKV, DK, BJ * S,
+                             BLOCK_T, GP, KSTRIDE, KOFF)
             p = tl.reshape(p, [BJ, S, BLOCK_T])
             own = tl.sum(p * w_own[None, :, None], axis=1)  # [BJ, BLOCK_T]
             spill = tl.sum(p * w_spill[None, :, None], axis=1)
@@ -114,26 +113,22 @@ def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, QOFF, scale,
             u = j0 * S + tl.arange(0, BJ * S)  # stride slots of this tile of selection blocks
             acc = tl.zeros([BJ * S, BLOCK_T], dtype=tl.float32)
             for n in tl.static_range(A):  # slot u holds compressed blocks u-A+1 .. u
-                acc += _token_probs(KC, qt, lse2, u - n, 0, kbos, kvh, TK, tpos, dk, qk_scale, QOFF, HKV, DK,
-                                    BDK, BJ * S, BLOCK_T, GP, KSTRIDE, KOFF, None, False)
+                acc += _token_probs(KC, qt, lse2, u - n, kbos, kvh, TK, tpos, dk, qk_scale, QOFF, HKV, DK,
+                                    BJ * S, BLOCK_T, GP, KSTRIDE, KOFF)
             blk = tl.sum(tl.reshape(acc, [BJ, S, BLOCK_T]), axis=1)  # [BJ, BLOCK_T]
             j = j0 + kk
             tl.store(SC + out_row[None, :] + j[:, None], blk, mask=out_mask[None, :] & (j < NS)[:, None])
 
 
 @triton.jit
-def _token_probs(KC, qt, lse2, ci, c0, kbos, kvh, TK, tpos, dk, qk_scale, QOFF, HKV: tl.constexpr, DK: tl.constexpr,
-                 BDK: tl.constexpr, BC: tl.constexpr, BLOCK_T: tl.constexpr, GP: tl.constexpr, KSTRIDE: tl.constexpr,
-                 KOFF: tl.constexpr, KD, TMA: tl.constexpr):
+def _token_probs(KC, qt, lse2, ci, kbos, kvh, TK, tpos, dk, qk_scale, QOFF, HKV: tl.constexpr, DK: tl.constexpr,
+                 BC: tl.constexpr, BLOCK_T: tl.constexpr, GP: tl.constexpr, KSTRIDE: tl.constexpr,
+                 KOFF: tl.constexpr):
     """``[BC, BLOCK_T]``: compressed tokens ``ci``'s probabilities summed over each position's heads, 0 where
-    a token is not visible (or not there). ``TMA`` (``ci`` consecutive from ``c0 >= 0``): the tokens come from
-    the descriptor ``KD``, which reads tokens past this sequence's ``TK`` as they are (masked below)."""
+    a token is not visible (or not there)."""
     cvalid = (ci >= 0) & (ci < TK)
-    if TMA:
-        kc = KD.load([(kbos + c0).to(tl.int32), kvh, 0]).reshape(BC, BDK)
-    else:
-        kc = tl.load(KC + ((kbos + ci.to(tl.int64)) * HKV + kvh)[:, None] * DK + dk[None, :],
-                     mask=cvalid[:, None] & (dk[None, :] < DK), other=0.0)
+    kc = tl.load(KC + ((kbos + ci.to(tl.int64)) * HKV + kvh)[:, None] * DK + dk[None, :],
+                 mask=cvalid[:, None] & (dk[None, :] < DK), other=0.0)
     # masked after the head sum (one position's heads share it); a future token's exp2 may be inf there, never NaN
     p = _group_sum(tl.exp2(tl.dot(kc, qt) * qk_scale - lse2[None, :]), BC, BLOCK_T, GP)
     vis = cvalid[:, None] & ((ci * KSTRIDE + KOFF)[:, None] <= tpos[None, :] + QOFF)
@@ -161,19 +156,13 @@ def selection_scores(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seql
     scores = torch.empty(b, t, hkv, ns, device=q.device, dtype=torch.float32)
     nseq = cu_seqlens.numel() - 1 if varlen else b
     dummy = q.new_zeros(1, dtype=torch.int32)
-    one_pass = SCORES_ONE_PASS and config.compress_block <= config.select_block
-    k_cmp = k_cmp.contiguous()
-    bdk = max(16, triton.next_power_of_2(dk))
-    bj = max(1, SCORES_TOKENS // s)
-    tma = {}
-    if one_pass and tma_ok(k_cmp):  # the compressed tokens by TMA: measured in benchmarks/tma_ab.py
-        from triton.tools.tensor_descriptor import TensorDescriptor
-        tma = dict(KD=TensorDescriptor.from_tensor(k_cmp.view(-1, hkv, dk), [bj * s, 1, bdk]), TMA=True)
     _scores_kernel[(triton.cdiv(max_t, block_t), nseq * hkv)](
-        q.contiguous(), k_cmp, lse_cmp, scores, cu_seqlens if varlen else dummy,
+        q.contiguous(), k_cmp.contiguous(), lse_cmp, scores, cu_seqlens if varlen else dummy,
         cmp_cu_seqlens if varlen else dummy, t, k_cmp.shape[1], ns, q_offset, scale,
-        HQ=hq, HKV=hkv, G=g, GP=gp, DK=dk, BDK=bdk, BLOCK_T=block_t, BJ=bj, S=s,
-        A=config.stride_slots_per_compress_block, KSTRIDE=config.compress_stride, KOFF=config.compress_block - 1,
-        SEL_BLOCK=config.select_block, VARLEN=varlen, ONE_PASS=one_pass, **tma, num_warps=SCORES_WARPS,
+        HQ=hq, HKV=hkv, G=g, GP=gp, DK=dk, BDK=max(16, triton.next_power_of_2(dk)), BLOCK_T=block_t,
+        BJ=max(1, SCORES_TOKENS // s), S=s, A=config.stride_slots_per_compress_block, KSTRIDE=config.compress_stride,
+        KOFF=config.compress_block - 1, SEL_BLOCK=config.select_block, VARLEN=varlen,
+        ONE_PASS=SCORES_ONE_PASS and config.compress_block <= config.select_block,
+        num_warps=SCORES_WARPS,
         num_stages=1 if q.dtype == torch.float32 else (SCORES_WIDE_STAGES if dk > 128 else SCORES_STAGES))
     return scores

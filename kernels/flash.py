@@ -486,8 +486,8 @@ class _Launch:
         dummy = cu_seqlens if self.varlen else q.new_zeros(1, dtype=torch.int32)
         self.cu, self.cu_k = dummy, (cu_seqlens_k if self.varlen else dummy)
         self.t_fixed, self.tk_fixed = t, tk
-        # fetching the K/V tiles by TMA: the compressed forward 9.8 -> 8.7 ms, H100 at 64k
-        # (benchmarks/flash_fwd_variants.py)
+        # K/V tiles by TMA (H100 at 64k): compressed forward 9.8 -> 8.7 ms, window 3.6 -> 3.3, NSA core fwd+bwd
+        # ~1.5 ms faster (benchmarks/flash_fwd_variants.py, tma_ab.py; docs/benchmarks.md, fifteenth session)
         self.tma = {name: tma_ok(k, v) and name in TMA_KERNELS for name in ("fwd", "dq")}
         self.grid_q = (triton.cdiv(max_t, block_t), nseq * hkv)
         self.const = dict(HQ=hq, HKV=hkv, G=self.g, GP=gp, DK=dk, DV=dv, BDK=max(16, triton.next_power_of_2(dk)),

@@ -142,14 +142,8 @@ def test_selected_attention(t, hq, hkv, dk, dv, dtype):
                                            select_topn=3, window=16)])
 # t = 300: several tiles of 16 selection blocks (spill carried across); the kernel orders its columns by G
 @pytest.mark.parametrize("t,hq,hkv", [(75, 8, 2), (300, 8, 2), (75, 3, 1), (300, 16, 1), (75, 4, 4), (75, 64, 1)])
-def test_selection_scores_and_topn(cfg, t, hq, hkv, monkeypatch):
+def test_selection_scores_and_topn(cfg, t, hq, hkv):
     dk = 16
-    for tma in (True, False):  # the compressed tokens by TMA descriptors, then by pointers
-        monkeypatch.setattr(flash, "USE_TMA", tma)
-        _check_scores_and_topn(cfg, t, hq, hkv, dk)
-
-
-def _check_scores_and_topn(cfg, t, hq, hkv, dk):
     q = _rand(1, t, hq, dk, dtype=torch.float32, seed=9).detach()
     kc = _rand(1, cfg.num_compressed(t), hkv, dk, dtype=torch.float32, seed=10).detach()
     vc = torch.zeros_like(kc)
