@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from .flash import (_bwd_rows, _delta_args, _finish, _gated, _grad_args, _load_tile, _own_delta, _q_tile,
-                    _seq_bounds, _softmax_step, _store_grad_tile, _store_tile, wide_tile_stages)
+                    _seq_bounds, _softmax_step, _store_grad_tile, _store_tile, kv_descriptors, tma_ok,
+                    wide_tile_stages)
 from .gate import _gated_sum
 from .varlen import max_seqlen
 
@@ -67,9 +68,17 @@ def _walk_on(IDX, idx_row, ptr, hit, rvalid, HI, N: tl.constexpr):
 
 @triton.jit
 def _block_kv(K, V, blk, kbos, KBASE, TK, kvh, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-              BDK: tl.constexpr, BDV: tl.constexpr, BS: tl.constexpr):
-    """Positions (queries' frame) and K/V tiles of selection block ``blk``; the key buffer starts at ``KBASE``."""
+              BDK: tl.constexpr, BDV: tl.constexpr, BS: tl.constexpr, KD=None, VD=None, TMA: tl.constexpr = False):
+    """Positions (queries' frame) and K/V tiles of selection block ``blk``; the key buffer starts at ``KBASE``.
+
+    ``TMA``: the tiles come from the descriptors ``KD``/``VD`` (``flash.kv_descriptors``). A block is then read
+    whole even where it runs past this sequence's keys (into the next sequence, or TMA's zeros past the tensor):
+    such keys lie after every query of the sequence, so the callers' causal mask drops them; blocks that straddle
+    a context-parallel key buffer's edge do not occur (chunks are whole blocks)."""
     pos = blk * BS + tl.arange(0, BS)
+    if TMA:
+        row = (kbos + blk * BS - KBASE).to(tl.int32)
+        return pos, KD.load([row, kvh, 0]).reshape(BS, BDK), VD.load([row, kvh, 0]).reshape(BS, BDV)
     kv_off = (kbos + (pos - KBASE).to(tl.int64)) * HKV + kvh
     pvalid = (pos >= KBASE) & (pos - KBASE < TK)
     return pos, _load_tile(K, kv_off, pvalid, DK, BDK), _load_tile(V, kv_off, pvalid, DV, BDV)
@@ -95,10 +104,11 @@ def _position_blocks(IDX, bos, t0, kvh, hq, LO, HI, HQ: tl.constexpr, HKV: tl.co
 
 @triton.jit
 def _listed_block_kv(IDX, list_start, i, K, V, kbos, KBASE, TK, kvh, HKV: tl.constexpr, DK: tl.constexpr,
-                     DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BS: tl.constexpr):
+                     DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BS: tl.constexpr, KD, VD,
+                     TMA: tl.constexpr):
     """Positions and K/V tiles of the ``i``-th block in a position's list."""
     blk = tl.load(IDX + list_start + i)
-    return _block_kv(K, V, blk, kbos, KBASE, TK, kvh, HKV, DK, DV, BDK, BDV, BS)
+    return _block_kv(K, V, blk, kbos, KBASE, TK, kvh, HKV, DK, DV, BDK, BDV, BS, KD, VD, TMA)
 
 
 @triton.jit
@@ -122,7 +132,7 @@ def _sel_fwd_loop_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, TK_FIXED, QOFF, KBAS
                          HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr,
                          NP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
                          BDV: tl.constexpr, BS: tl.constexpr, VARLEN: tl.constexpr, OC=None, OW=None, GATE=None,
-                         OUT=None, GATED_SUM: tl.constexpr = False):
+                         OUT=None, GATED_SUM: tl.constexpr = False, KD=None, VD=None, TMA: tl.constexpr = False):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, 1, G, GP, VARLEN)
     if t0 >= T:
         return
@@ -133,7 +143,8 @@ def _sel_fwd_loop_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, TK_FIXED, QOFF, KBAS
     l_i = tl.zeros([GP], dtype=tl.float32)
     acc = tl.zeros([GP, BDV], dtype=tl.float32)
     for i in range(i_lo, i_hi):
-        pos, k, v = _listed_block_kv(IDX, list_start, i, K, V, kbos, KBASE, TK, kvh, HKV, DK, DV, BDK, BDV, BS)
+        pos, k, v = _listed_block_kv(IDX, list_start, i, K, V, kbos, KBASE, TK, kvh, HKV, DK, DV, BDK, BDV, BS,
+                                     KD, VD, TMA)
         s = tl.where((pos <= t0 + QOFF)[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
         m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale)
     o, lse = _finish(acc, m_i, l_i)  # no block in this key buffer: o = 0, lse = -inf
@@ -146,7 +157,7 @@ def _sel_dq_loop_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED,
                         NP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
                         BDV: tl.constexpr, BS: tl.constexpr, VARLEN: tl.constexpr,
                         DQ_ADD: tl.constexpr = False, GATE=None, GATED: tl.constexpr = False, O=None,
-                        DELTA_FROM_O: tl.constexpr = False):
+                        DELTA_FROM_O: tl.constexpr = False, KD=None, VD=None, TMA: tl.constexpr = False):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, 1, G, GP, VARLEN)
     if t0 >= T:
         return
@@ -157,7 +168,8 @@ def _sel_dq_loop_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED,
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([GP, BDK], dtype=tl.float32)
     for i in range(i_lo, i_hi):
-        pos, k, v = _listed_block_kv(IDX, list_start, i, K, V, kbos, KBASE, TK, kvh, HKV, DK, DV, BDK, BDV, BS)
+        pos, k, v = _listed_block_kv(IDX, list_start, i, K, V, kbos, KBASE, TK, kvh, HKV, DK, DV, BDK, BDV, BS,
+                                     KD, VD, TMA)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.where((pos <= t0 + QOFF)[None, :], tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
@@ -336,6 +348,7 @@ SEL_BWD_CHUNK = 256  # query positions per dK/dV work item
 # ... and from SEL_BWD_LONG_ENTRIES (position, KV head, block) entries on: fewer, longer items (fewer fp32 atomics)
 # still fill the GPU; H100 at 64k (4M entries): 12.7 ms against 13.3 (benchmarks/tile_sweep.py)
 SEL_BWD_CHUNK_LONG, SEL_BWD_LONG_ENTRIES = 1024, 1 << 22
+SEL_TMA = True  # the per-position loop kernels (G >= 16) fetch K/V blocks by TMA where flash.tma_ok allows
 SEL_WIDE_STAGES = 2  # pipeline stages of 256-wide tiles (head dims above 128); H100 192/128 64k: fwd+bwd 146 -> 98 ms
 
 
@@ -387,7 +400,15 @@ class _SelLaunch:
         # and runs 1 and 3 of docs/results/selection_h100_2026-11-24_session14); other G not measured
         self.stages_dq = 3 if self.loop and not wide and gp == 16 and self.stages == 2 else self.stages
         self.kmajor = dict(common, BLOCK_Q=max(1, 64 // gp))
+        # the per-position loops fetch their K/V blocks by TMA: dq 16.9 -> 16.5 ms at G=16 (H100 at 64k,
+        # benchmarks/tile_sweep.py --only sel_tma, session 14 run 9)
+        self.tma = self.loop and SEL_TMA and tma_ok(k, v)
         self.grid_q = (triton.cdiv(max_t, block_t), nseq * hkv)
+
+    def kv(self, k, v):
+        """The K/V block arguments of the query-major kernels: TMA descriptors of ``[BS, 1, BD]`` boxes, or none."""
+        q = self.qmajor
+        return kv_descriptors(k, v, dict(BLOCK_N=q["BS"], BDK=q["BDK"], BDV=q["BDV"])) if self.tma else {}
 
 
 def selected_forward(q, k, v, indices, L: _SelLaunch, scale: float, gated_sum=None):
@@ -402,7 +423,7 @@ def selected_forward(q, k, v, indices, L: _SelLaunch, scale: float, gated_sum=No
         out = torch.empty_like(o)
         fused = dict(OC=gated_sum[0], OW=gated_sum[1], GATE=gated_sum[2], OUT=out, GATED_SUM=True)
     kernel = _sel_fwd_loop_kernel if L.loop else _sel_fwd_kernel
-    kernel[L.grid_q](q, k, v, indices, o, lse, L.cu, *L.sizes, L.lo, L.hi, scale, **L.qmajor, **fused,
+    kernel[L.grid_q](q, k, v, indices, o, lse, L.cu, *L.sizes, L.lo, L.hi, scale, **L.qmajor, **fused, **L.kv(k, v),
                      num_stages=L.stages, num_warps=L.warps_fwd)
     return (o, lse) if gated_sum is None else (o, lse, out)
 
@@ -418,7 +439,7 @@ def selected_backward(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: fl
     dv = torch.zeros_like(v, dtype=torch.float32)
     kernel = _sel_dq_loop_kernel if L.loop else _sel_bwd_dq_kernel
     kernel[L.grid_q](q, k, v, indices, do, lse, delta, dq, L.cu, *L.sizes, L.lo, L.hi, scale, **L.qmajor,
-                     DQ_ADD=add, **gated, **own_delta, num_stages=L.stages_dq, num_warps=L.warps_dq)
+                     DQ_ADD=add, **gated, **own_delta, **L.kv(k, v), num_stages=L.stages_dq, num_warps=L.warps_dq)
     qlist, offsets = invert_block_indices(indices, L.ns_max, L.cu if L.varlen else None, L.lo, L.hi)
     chunk = SEL_BWD_CHUNK_LONG if indices.numel() >= SEL_BWD_LONG_ENTRIES else SEL_BWD_CHUNK
     items = work_items(offsets, indices.numel(), chunk)

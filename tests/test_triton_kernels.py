@@ -120,9 +120,12 @@ def test_flash_dkdv_gpu_tiles(kstride, koff, window, gated):
         _check(a, b, torch.float32, f"d{name}")
 
 
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("t,hq,hkv,dk,dv", SHAPES[:3])
-def test_selected_attention(t, hq, hkv, dk, dv, dtype):
+def test_selected_attention(t, hq, hkv, dk, dv, dtype, tma, monkeypatch):
+    """G >= 16 (one position per program) takes its K/V blocks by TMA descriptors or by pointers."""
+    monkeypatch.setattr(flash, "USE_TMA", tma)
     cfg = SMALL
     scores = torch.rand(2, hkv, t, cfg.num_select_blocks(t), generator=torch.Generator().manual_seed(t))
     idx = ref.select_topn(scores, cfg).to(DEVICE)
