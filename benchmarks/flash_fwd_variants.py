@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import math
 
 import torch
 import triton
 import triton.language as tl
 
+from nsa_parallel.bench import emit
 from nsa_parallel.kernels import Compression, NSAConfig
 from nsa_parallel.kernels import flash as F
 
@@ -111,14 +111,6 @@ def _fwd_variant(Q, K, V, KD, VD, O, LSE, CU, T, TK, scale, HQ: tl.constexpr, HK
     o, lse = F._finish(acc, m_i, l_i)
     F._store_tile(O, row_off, rvalid, o, D, D)
     tl.store(LSE + row_off, lse, mask=rvalid)
-
-
-def emit(rows, out, **row):
-    rows.append(row)
-    print(json.dumps(row), flush=True)
-    with open(out, "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                       rows=rows), f, indent=1)
 
 
 def gluon_probe(rows, out):

@@ -12,7 +12,6 @@ position's own n blocks. Results stream to stdout as JSON lines and to ``--out``
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 
@@ -20,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nsa_parallel.bench import emit
 from nsa_parallel.kernels import Compression, NSAConfig
 from nsa_parallel.kernels import flash as F
 from nsa_parallel.kernels import select as S
@@ -34,14 +34,6 @@ def bench(fn):
 def rel(a, b):
     a, b = a.float(), b.float()
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
-
-
-def emit(rows, out, **row):
-    rows.append(row)
-    print(json.dumps(row), flush=True)
-    with open(out, "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                       rows=rows), f, indent=1)
 
 
 def sweep_flash(name, q, k, v, scale, kstride, koff, window, configs, rows, out, kernels=("fwd", "dq", "dkdv")):

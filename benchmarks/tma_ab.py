@@ -13,24 +13,14 @@ TMA (``nsa_parallel.bench``'s timing: medians over >= 10 runs). JSON lines to st
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 import torch
-import triton
 
-from nsa_parallel.bench import bench, core_inputs, timed
+from nsa_parallel.bench import bench, core_inputs, emit, timed
 from nsa_parallel.kernels import NSAConfig, nsa_attention
 from nsa_parallel.kernels import flash as F
 from nsa_parallel.kernels import select as S
-
-
-def emit(rows, out, **row):
-    rows.append(row)
-    print(json.dumps(row), flush=True)
-    with open(out, "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                       rows=rows), f, indent=1)
 
 
 def main() -> None:

@@ -95,6 +95,17 @@ def matmul_ceiling() -> float:
     return 2 * 8192 ** 3 / ms / 1e9
 
 
+def emit(rows: list, out: str, **row) -> None:
+    """Append ``row`` to ``rows``, print it as a JSON line and rewrite ``out`` with every row so far (the scripts in
+    benchmarks/ stream their measurements this way, so a run cut short keeps what it measured)."""
+    import triton
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    with open(out, "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                       rows=rows), f, indent=1)
+
+
 def core_inputs(t, hq, hkv, dk, dv, cfg, dev, dt=torch.bfloat16):
     """Random inputs of the NSA core at batch 1: ``(q, [k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa], gate, phi_k,
     phi_v)``, tensors requiring grad (also used by the scripts in benchmarks/)."""
