@@ -38,7 +38,7 @@ def _check(got, want, dtype, what):
 
 SHAPES = [  # (t, hq, hkv, dk, dv)
     (70, 4, 2, 16, 8),    # G=2, dk != dv, length not a multiple of any block
-    (45, 6, 2, 8, 8),     # G=3: not a power of two (a padded group tile reaches into the next group)
+    (45, 6, 2, 8, 8),     # G=3: not a power of two, two groups
     (33, 16, 1, 16, 16),  # G=16
     (40, 4, 4, 32, 16),   # G=1
 ]
