@@ -21,14 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_parallel.bench import emit
+from nsa_parallel.bench import emit, timed
 from nsa_parallel.kernels import Compression, NSAConfig
 from nsa_parallel.kernels import flash as F
-
-
-def timed(fn):
-    one = triton.testing.do_bench(fn, warmup=3, rep=1, return_mode="median")
-    return triton.testing.do_bench(fn, warmup=10, rep=max(60, 10 * one), return_mode="median")
 
 
 def rel(a, b):
