@@ -220,18 +220,10 @@ def _fwd_tiles(q, K, V, kbos, kvh, tq, j_start, j_end, j_hi, m_i, l_i, acc, qk_s
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, CU, CU_K, T_FIXED, TK_FIXED, scale,
-                HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-                DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-                BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
-                KD=None, VD=None, TMA: tl.constexpr = False):
-    bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
-    if t0 >= T:
-        return
-    row_off = (bos + tq.to(tl.int64)) * HQ + hq
-    q = _load_tile(Q, row_off, rvalid, DK, BDK)
-    qk_scale = scale * 1.4426950408889634
+def _attend(q, K, V, kbos, kvh, t0, T, TK, tq, qk_scale, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+            BDK: tl.constexpr, BDV: tl.constexpr, BLOCK_T: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr,
+            KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, KD, VD, TMA: tl.constexpr):
+    """``(o, lse)`` of a query tile's rows ``q`` over the keys its positions ``tq`` see."""
     m_i = tl.full([BLOCK_T * GP], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_T * GP], dtype=tl.float32)
     acc = tl.zeros([BLOCK_T * GP, BDV], dtype=tl.float32)
@@ -244,7 +236,23 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, CU_K, T_FIXED, TK_FIXED, scale,
                                BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, False, KD, VD, TMA)
     m_i, l_i, acc = _fwd_tiles(q, K, V, kbos, kvh, tq, tl.maximum(fa, fb), j_hi, j_hi, m_i, l_i, acc, qk_scale,
                                HKV, DK, DV, BDK, BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True, KD, VD, TMA)
-    o, lse = _finish(acc, m_i, l_i)
+    return _finish(acc, m_i, l_i)
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, CU, CU_K, T_FIXED, TK_FIXED, scale,
+                HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
+                KD=None, VD=None, TMA: tl.constexpr = False):
+    bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
+    if t0 >= T:
+        return
+    row_off = (bos + tq.to(tl.int64)) * HQ + hq
+    q = _load_tile(Q, row_off, rvalid, DK, BDK)
+    o, lse = _attend(q, K, V, kbos, kvh, t0, T, TK, tq, scale * 1.4426950408889634, HKV, DK, DV, BDK, BDV, BLOCK_T,
+                     GP, BLOCK_N, KSTRIDE, KOFF, WINDOW, KD, VD, TMA)
     _store_tile(O, row_off, rvalid, o, DV, BDV)
     tl.store(LSE + row_off, lse, mask=rvalid)
 
@@ -253,17 +261,35 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, CU_K, T_FIXED, TK_FIXED, scale,
 def _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, j_start, j_end, j_hi, qk_scale,
               HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
               BLOCK_N: tl.constexpr, KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, MASKED: tl.constexpr,
-              KD, VD, TMA: tl.constexpr):
+              KD, VD, TMA: tl.constexpr, g=None, GATED: tl.constexpr = False):
     for j0 in range(j_start, j_end, BLOCK_N):
         j, jvalid, _, k, v = _kv_tile(K, V, kbos, kvh, j0, j_hi, HKV, DK, DV, BDK, BDV, BLOCK_N, KD, VD, TMA)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
             p = tl.where(_visible((j * KSTRIDE + KOFF)[None, :], tq[:, None], WINDOW) & jvalid[None, :], p, 0.0)
+        if GATED:  # a row gate of its own (the window kernel's forced selected blocks, forced.py)
+            p = p * g[:, None]
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
     return dq
+
+
+@triton.jit
+def _dq_sum(q, do, lse2, delta, K, V, kbos, kvh, t0, T, TK, tq, qk_scale, HKV: tl.constexpr, DK: tl.constexpr,
+            DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BLOCK_T: tl.constexpr, GP: tl.constexpr,
+            BLOCK_N: tl.constexpr, KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, KD, VD, TMA: tl.constexpr):
+    """A query tile's dq (before the softmax scale and the gate) over the keys its positions ``tq`` see."""
+    dq = tl.zeros([BLOCK_T * GP, BDK], dtype=tl.float32)
+    j_lo, j_hi = _key_range(t0, T, TK, BLOCK_T, BLOCK_N, KSTRIDE, KOFF, WINDOW)
+    fa, fb = _full_keys(t0, T, j_lo, j_hi, BLOCK_T, BLOCK_N, KSTRIDE, KOFF, WINDOW)
+    dq = _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, j_lo, fa, j_hi, qk_scale, HKV, DK, DV, BDK, BDV,
+                   BLOCK_N, KSTRIDE, KOFF, WINDOW, True, KD, VD, TMA)
+    dq = _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, fa, fb, j_hi, qk_scale, HKV, DK, DV, BDK, BDV,
+                   BLOCK_N, KSTRIDE, KOFF, WINDOW, False, KD, VD, TMA)
+    return _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, tl.maximum(fa, fb), j_hi, j_hi, qk_scale, HKV,
+                     DK, DV, BDK, BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True, KD, VD, TMA)
 
 
 @triton.jit
@@ -281,16 +307,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K, T_FIXED, TK_FIXED, sca
     q, do, lse2, delta, g = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATED)
     if DELTA_FROM_O:
         delta = _own_delta(O, DELTA, do, row_off, rvalid, DV, BDV)
-    qk_scale = scale * 1.4426950408889634
-    dq = tl.zeros([BLOCK_T * GP, BDK], dtype=tl.float32)
-    j_lo, j_hi = _key_range(t0, T, TK, BLOCK_T, BLOCK_N, KSTRIDE, KOFF, WINDOW)
-    fa, fb = _full_keys(t0, T, j_lo, j_hi, BLOCK_T, BLOCK_N, KSTRIDE, KOFF, WINDOW)
-    dq = _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, j_lo, fa, j_hi, qk_scale, HKV, DK, DV, BDK, BDV,
-                   BLOCK_N, KSTRIDE, KOFF, WINDOW, True, KD, VD, TMA)
-    dq = _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, fa, fb, j_hi, qk_scale, HKV, DK, DV, BDK, BDV,
-                   BLOCK_N, KSTRIDE, KOFF, WINDOW, False, KD, VD, TMA)
-    dq = _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, tl.maximum(fa, fb), j_hi, j_hi, qk_scale, HKV, DK,
-                   DV, BDK, BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True, KD, VD, TMA)
+    dq = _dq_sum(q, do, lse2, delta, K, V, kbos, kvh, t0, T, TK, tq, scale * 1.4426950408889634, HKV, DK, DV, BDK,
+                 BDV, BLOCK_T, GP, BLOCK_N, KSTRIDE, KOFF, WINDOW, KD, VD, TMA)
     _store_grad_tile(DQ, row_off, rvalid, _gated(dq, g[:, None], GATED) * scale, DK, BDK, DQ_ADD)
 
 
@@ -553,25 +571,37 @@ def _delta_args(o, delta, q):
     return delta, dict(O=o, DELTA_FROM_O=True)
 
 
+def masked_dq(q, k, v, do, lse, delta, scale: float, L: _Launch, dq=None, gate=None, o=None):
+    """``(dq, delta)``: the dq kernel of :func:`masked_backward` alone (arguments as there)."""
+    dq, add, gated = _grad_args(q, dq, gate)
+    delta, own_delta = _delta_args(o, delta, q)
+    grid, const, opts = L.dq
+    _bwd_dq_kernel[grid](q, k, v, do, lse, delta, dq, *L.args(), scale, **const, DQ_ADD=add, **gated,
+                         **own_delta, **L.kv("dq", k, v, const), **opts)
+    return dq, delta
+
+
+def masked_dkdv(q, k, v, do, lse, delta, scale: float, L: _Launch, gate=None):
+    """``(dk, dv)``: the dK/dV kernel of :func:`masked_backward` alone, given ``delta``."""
+    split = L.q_split > 0
+    dk = torch.zeros_like(k, dtype=torch.float32) if split else torch.empty_like(k)
+    dv = torch.zeros_like(v, dtype=torch.float32) if split else torch.empty_like(v)
+    if k.shape[1]:
+        grid, const, opts = L.dkdv
+        gated = dict(GATE=gate, GATED=True) if gate is not None else {}
+        _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, *L.args(), scale, **const, Q_SPLIT=L.q_split,
+                               **gated, **opts)
+    return dk.to(k.dtype), dv.to(v.dtype)
+
+
 def masked_backward(q, k, v, do, lse, delta, scale: float, L: _Launch, dq=None, gate=None, o=None):
     """``(dq, dk, dv)`` given ``delta = rowsum(o * do)``; with ``dq`` given, this call's dq is added onto it; with
     ``gate`` (this branch's gate, contiguous fp32 ``[b, t, hq]``), ``do`` is the gated sum's gradient and this
     branch's output gradient is ``gate * do`` (``delta`` then is ``rowsum(o * do)``); with the branch output ``o``
     given, the dq kernel computes delta itself and writes it into ``delta`` (an fp32 ``[b, t, hq]`` buffer, or a
     new one when ``delta`` is None) instead of a pass of its own."""
-    dq, add, gated = _grad_args(q, dq, gate)
-    delta, own_delta = _delta_args(o, delta, q)
-    split = L.q_split > 0
-    dk = torch.zeros_like(k, dtype=torch.float32) if split else torch.empty_like(k)
-    dv = torch.zeros_like(v, dtype=torch.float32) if split else torch.empty_like(v)
-    grid, const, opts = L.dq
-    _bwd_dq_kernel[grid](q, k, v, do, lse, delta, dq, *L.args(), scale, **const, DQ_ADD=add, **gated,
-                         **own_delta, **L.kv("dq", k, v, const), **opts)
-    if k.shape[1]:
-        grid, const, opts = L.dkdv
-        _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, *L.args(), scale, **const, Q_SPLIT=L.q_split,
-                               **gated, **opts)
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    dq, delta = masked_dq(q, k, v, do, lse, delta, scale, L, dq, gate, o)
+    return (dq, *masked_dkdv(q, k, v, do, lse, delta, scale, L, gate))
 
 
 class PositionMaskedAttention(torch.autograd.Function):

@@ -11,13 +11,17 @@ are never stored and each branch's ``delta = rowsum(o_i * do)`` is the gate's ow
 dq kernel computes from the ``do`` rows it loads anyway (the separate pass over the outputs and ``do`` it replaces
 took 1.4 ms at 64k on an H100; the backward became 0.6 ms faster); and the three branches add their dq into one
 buffer (no separate additions of three ``[b, t, hq, dk]`` gradients).
+
+At G >= 16 the window kernels also attend to the selected branch's forced blocks (forced.py), once per tile of
+positions instead of once per position in the L2-bound selected loops, which then walk only the chosen blocks.
 """
 from __future__ import annotations
 
 import torch
 
 from .config import NSAConfig
-from .flash import NO_WINDOW, _Launch, masked_backward, masked_forward
+from .flash import NO_WINDOW, _Launch, masked_backward, masked_dkdv, masked_forward
+from .forced import forced_constants, window_forced_dq, window_forced_forward
 from .reference import NSAOutput
 from .select import _SelLaunch, selected_backward, selected_forward
 from .topn import select_blocks
@@ -40,10 +44,17 @@ class NSACore(torch.autograd.Function):
         indices = select_blocks(q, kc, lse_cmp, config, scale, cu_seqlens, cmp_cu_seqlens, max_t)
         L_swa = _Launch(q, k_swa, v_swa, 1, 0, config.window, cu_seqlens, cu_seqlens,
                         None if max_t is None else (max_t, max_t))
-        o_swa, lse_swa = masked_forward(q, k_swa, v_swa, scale, L_swa)
-        L_slc = _SelLaunch(q, k_slc, v_slc, indices, config.select_block, cu_seqlens, max_t)
+        L_slc = _SelLaunch(q, k_slc, v_slc, indices, config.select_block, cu_seqlens, max_t,
+                           forced=forced_constants(config, L_swa))
+        partial = None
+        if L_slc.forced is not None:  # the window kernel also attends to the selected branch's forced blocks
+            o_swa, lse_swa, *partial = window_forced_forward(q, k_swa, v_swa, k_slc, v_slc, scale, L_swa,
+                                                             L_slc.forced)
+        else:
+            o_swa, lse_swa = masked_forward(q, k_swa, v_swa, scale, L_swa)
         # the selected branch last: its epilogue also writes the gated sum of the three (no gate pass)
-        o_slc, lse_slc, o = selected_forward(q, k_slc, v_slc, indices, L_slc, scale, gated_sum=(o_cmp, o_swa, gate))
+        o_slc, lse_slc, o = selected_forward(q, k_slc, v_slc, indices, L_slc, scale, gated_sum=(o_cmp, o_swa, gate),
+                                             partial=partial)
         ctx.save_for_backward(q, kc, vc, k_slc, v_slc, k_swa, v_swa, gate, indices, o_cmp, o_slc, o_swa, lse_cmp,
                               lse_slc, lse_swa)
         ctx.launches, ctx.scale = (L_cmp, L_slc, L_swa), scale
@@ -61,10 +72,17 @@ class NSACore(torch.autograd.Function):
         deltas = torch.empty(3, *gate.shape[:-1], device=gate.device, dtype=torch.float32)
         delta_cmp, delta_slc, delta_swa = deltas.unbind(0)
         g_cmp, g_slc, g_swa = gate.float().permute(3, 0, 1, 2).contiguous().unbind(0)
-        dq, dk_swa, dv_swa = masked_backward(q, k_swa, v_swa, do, lse_swa, delta_swa, scale, L_swa, gate=g_swa,
-                                             o=o_swa)
-        _, dk_slc, dv_slc = selected_backward(q, k_slc, v_slc, indices, do, lse_slc, delta_slc, L_slc, scale, dq=dq,
-                                              gate=g_slc, o=o_slc)
+        if L_slc.forced is not None:  # the window's dq kernel also does the selected branch's forced blocks
+            dq = window_forced_dq(q, k_swa, v_swa, k_slc, v_slc, do, lse_swa, lse_slc, o_swa, o_slc, delta_swa,
+                                  delta_slc, g_swa, g_slc, scale, L_swa, L_slc.forced)
+            dk_swa, dv_swa = masked_dkdv(q, k_swa, v_swa, do, lse_swa, delta_swa, scale, L_swa, gate=g_swa)
+            _, dk_slc, dv_slc = selected_backward(q, k_slc, v_slc, indices, do, lse_slc, delta_slc, L_slc, scale,
+                                                  dq=dq, gate=g_slc)
+        else:
+            dq, dk_swa, dv_swa = masked_backward(q, k_swa, v_swa, do, lse_swa, delta_swa, scale, L_swa, gate=g_swa,
+                                                 o=o_swa)
+            _, dk_slc, dv_slc = selected_backward(q, k_slc, v_slc, indices, do, lse_slc, delta_slc, L_slc, scale,
+                                                  dq=dq, gate=g_slc, o=o_slc)
         _, dkc, dvc = masked_backward(q, kc, vc, do, lse_cmp, delta_cmp, scale, L_cmp, dq=dq, gate=g_cmp, o=o_cmp)
         dgate = deltas.permute(1, 2, 3, 0)
         return (dq, dkc, dvc, dk_slc.to(k_slc.dtype), dv_slc.to(v_slc.dtype), dk_swa, dv_swa,

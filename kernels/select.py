@@ -2,9 +2,10 @@
 
 Forward / dq, G >= 16: one program per (query position, KV head) loads all query heads of the GQA group together
 (the paper's group-centric loading) and loops over that position's n blocks with a counted loop, which Triton
-pipelines (the next block's K/V load overlaps this block's products). Small G (fewer than 16 rows): one program per
-tile of neighbouring positions walks the union of their selected blocks, so the matrix tiles have 64 rows and a
-block that several neighbours chose is loaded once.
+pipelines (the next block's K/V load overlaps this block's products); in the NSA core the window kernels did the
+forced blocks already and these loops walk the rest of each list (forced.py). Small G (fewer than 16 rows): one
+program per tile of neighbouring positions walks the union of their selected blocks, so the matrix tiles have 64
+rows and a block that several neighbours chose is loaded once.
 dK/dV: one program per (selection block, KV head) walks the queries that selected it (an inverted block -> queries
 index built with one sort), stacking ``BLOCK_Q`` positions x ``G`` heads as rows, so there are no atomics and the
 matrix tiles are full even for small G (FSA's KV-block-major idea).
@@ -20,6 +21,7 @@ import triton.language as tl
 from .flash import (_bwd_rows, _delta_args, _finish, _gated, _grad_args, _load_tile, _own_delta, _q_tile,
                     _seq_bounds, _softmax_step, _store_grad_tile, _store_tile, kv_descriptors, tma_ok,
                     wide_tile_stages)
+from .forced import free_range, resume
 from .gate import _gated_sum
 from .varlen import max_seqlen
 
@@ -132,16 +134,22 @@ def _sel_fwd_loop_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, TK_FIXED, QOFF, KBAS
                          HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr,
                          NP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
                          BDV: tl.constexpr, BS: tl.constexpr, VARLEN: tl.constexpr, OC=None, OW=None, GATE=None,
-                         OUT=None, GATED_SUM: tl.constexpr = False, KD=None, VD=None, TMA: tl.constexpr = False):
+                         OUT=None, GATED_SUM: tl.constexpr = False, KD=None, VD=None, TMA: tl.constexpr = False,
+                         FORCED: tl.constexpr = False, INITIAL: tl.constexpr = 0, LOCAL: tl.constexpr = 0):
+    # FORCED: O / LSE hold the partial over the forced blocks (forced.py); walk the other blocks from there
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, 1, G, GP, VARLEN)
     if t0 >= T:
         return
     row_off, list_start, i_lo, i_hi = _position_blocks(IDX, bos, t0, kvh, hq, LO, HI, HQ, HKV, N, NP)
     q = _load_tile(Q, row_off, rvalid, DK, BDK)
     qk_scale = scale * 1.4426950408889634
-    m_i = tl.full([GP], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([GP], dtype=tl.float32)
-    acc = tl.zeros([GP, BDV], dtype=tl.float32)
+    if FORCED:
+        i_lo, i_hi = free_range(t0, i_hi, BS, INITIAL, LOCAL)
+        m_i, l_i, acc = resume(O, LSE, row_off, rvalid, DV, BDV)
+    else:
+        m_i = tl.full([GP], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([GP], dtype=tl.float32)
+        acc = tl.zeros([GP, BDV], dtype=tl.float32)
     for i in range(i_lo, i_hi):
         pos, k, v = _listed_block_kv(IDX, list_start, i, K, V, kbos, KBASE, TK, kvh, HKV, DK, DV, BDK, BDV, BS,
                                      KD, VD, TMA)
@@ -157,11 +165,14 @@ def _sel_dq_loop_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED,
                         NP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
                         BDV: tl.constexpr, BS: tl.constexpr, VARLEN: tl.constexpr,
                         DQ_ADD: tl.constexpr = False, GATE=None, GATED: tl.constexpr = False, O=None,
-                        DELTA_FROM_O: tl.constexpr = False, KD=None, VD=None, TMA: tl.constexpr = False):
+                        DELTA_FROM_O: tl.constexpr = False, KD=None, VD=None, TMA: tl.constexpr = False,
+                        FORCED: tl.constexpr = False, INITIAL: tl.constexpr = 0, LOCAL: tl.constexpr = 0):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, 1, G, GP, VARLEN)
     if t0 >= T:
         return
     row_off, list_start, i_lo, i_hi = _position_blocks(IDX, bos, t0, kvh, hq, LO, HI, HQ, HKV, N, NP)
+    if FORCED:  # the window's dq kernel did the forced blocks (forced.py)
+        i_lo, i_hi = free_range(t0, i_hi, BS, INITIAL, LOCAL)
     q, do, lse2, delta, g = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATED)
     if DELTA_FROM_O:
         delta = _own_delta(O, DELTA, do, row_off, rvalid, DV, BDV)
@@ -357,7 +368,7 @@ class _SelLaunch:
     ``i + q_offset``; ``k_base``: the key buffer holds positions ``[k_base, k_base + tk)`` (both 0 without context
     parallelism); blocks outside the buffer are skipped."""
 
-    def __init__(self, q, k, v, indices, block, cu_seqlens, max_t=None, q_offset=0, k_base=0):
+    def __init__(self, q, k, v, indices, block, cu_seqlens, max_t=None, q_offset=0, k_base=0, forced=None):
         b, t, hq, dk = q.shape
         tk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
         g = hq // hkv
@@ -404,6 +415,10 @@ class _SelLaunch:
         # benchmarks/tile_sweep.py --only sel_tma, session 14 run 9)
         self.tma = self.loop and SEL_TMA and tma_ok(k, v)
         self.grid_q = (triton.cdiv(max_t, block_t), nseq * hkv)
+        # forced blocks (forced.forced_constants) done by the window kernels: the loops walk the other blocks
+        self.forced = forced if forced is not None and self.loop and not (q_offset or k_base) else None
+        if self.forced is not None:
+            self.qmajor.update(FORCED=True, INITIAL=forced["INITIAL"], LOCAL=forced["LOCAL"])
 
     def kv(self, k, v):
         """The K/V block arguments of the query-major kernels: TMA descriptors of ``[BS, 1, BD]`` boxes, or none."""
@@ -411,13 +426,20 @@ class _SelLaunch:
         return kv_descriptors(k, v, dict(BLOCK_N=q["BS"], BDK=q["BDK"], BDV=q["BDV"])) if self.tma else {}
 
 
-def selected_forward(q, k, v, indices, L: _SelLaunch, scale: float, gated_sum=None):
+def selected_forward(q, k, v, indices, L: _SelLaunch, scale: float, gated_sum=None, partial=None):
     """``(o, lse)`` of the queries over the selected blocks inside this key buffer (no autograd); with
     ``gated_sum = (o_cmp, o_swa, gate)`` (contiguous, gate ``[b, t, hq, 3]``) ``(o, lse, out)``, ``out`` the NSA
-    output ``gate . (o_cmp, o, o_swa)`` as :func:`gate.gate_forward` computes it."""
+    output ``gate . (o_cmp, o, o_swa)`` as :func:`gate.gate_forward` computes it. With ``L.forced``, ``partial``
+    is the ``(o, lse)`` over the forced blocks (:func:`forced.window_forced_forward`), completed in place."""
     b, t, hq, _ = q.shape
-    o = torch.empty(b, t, hq, v.shape[-1], device=q.device, dtype=q.dtype)
-    lse = torch.empty(b, t, hq, device=q.device, dtype=torch.float32)
+    if L.forced is not None:
+        if partial is None:
+            raise ValueError("selected_forward: a launch with forced blocks needs partial=(o, lse) over them "
+                             "(forced.window_forced_forward)")
+        o, lse = partial
+    else:
+        o = torch.empty(b, t, hq, v.shape[-1], device=q.device, dtype=q.dtype)
+        lse = torch.empty(b, t, hq, device=q.device, dtype=torch.float32)
     fused = {}
     if gated_sum is not None:
         out = torch.empty_like(o)
@@ -432,7 +454,11 @@ def selected_backward(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: fl
                       gate=None, o=None):
     """``(dq, dk fp32, dv fp32)`` of this key buffer's share, given the final ``lse`` and
     ``delta = rowsum(o * do)`` (so ring steps can each add their part); with ``dq`` given, this call's dq is added
-    onto it; ``gate``, ``o`` (and then ``delta`` None): as :func:`flash.masked_backward`."""
+    onto it; ``gate``, ``o`` (and then ``delta`` None): as :func:`flash.masked_backward`. With ``L.forced``, ``dq``
+    and ``delta`` come from :func:`forced.window_forced_dq`, which did the forced blocks' dq."""
+    if L.forced is not None and (dq is None or delta is None or o is not None):
+        raise ValueError("selected_backward: a launch with forced blocks needs dq and delta from "
+                         "forced.window_forced_dq (and o=None)")
     dq, add, gated = _grad_args(q, dq, gate, dq_dtype)
     delta, own_delta = _delta_args(o, delta, q)
     dk = torch.zeros_like(k, dtype=torch.float32)

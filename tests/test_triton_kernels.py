@@ -242,6 +242,28 @@ def test_nsa_triton_packed_sequences():
     _check_nsa(*_nsa_both(1, sum(lens), 4, 2, 16, 16, SMALL, torch.float32, cu=cu, seed=2), torch.float32)
 
 
+@pytest.mark.parametrize("initial,local,block,packed,on", [
+    (1, 2, 16, False, True), (0, 1, 16, False, True), (2, 1, 16, True, True), (3, 3, 32, False, True),
+    (1, 2, 16, True, False),  # switched off: the selected loops walk whole lists
+])
+def test_nsa_triton_forced_blocks_in_window_kernels(initial, local, block, packed, on, monkeypatch):
+    """G >= 16: the window kernels attend to the selected branch's forced blocks and the selected loops walk the
+    rest of each list (forced.py); output and every gradient against the reference."""
+    from nsa_parallel.kernels import forced
+    cfg = NSAConfig(compress_block=8, compress_stride=4, select_block=block, select_topn=initial + local + 2,
+                    select_initial=initial, select_local=local, window=24)
+    monkeypatch.setattr(forced, "FORCED_TILES", on)
+    calls = []
+    real = forced.window_forced_forward
+    monkeypatch.setattr(forced, "window_forced_forward", lambda *a: calls.append(1) or real(*a))
+    import nsa_parallel.kernels.parallel as core
+    monkeypatch.setattr(core, "window_forced_forward", forced.window_forced_forward)
+    cu = torch.tensor([0, 75, 91, 160], dtype=torch.int32, device=DEVICE) if packed else None
+    t = 160 if packed else 150
+    _check_nsa(*_nsa_both(1, t, 32, 2, 16, 16, cfg, torch.float32, cu=cu, seed=3), torch.float32)
+    assert len(calls) == on
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("t,hq,hkv,dk,dv", [(4096, 64, 4, 128, 128), (2048, 16, 2, 192, 128), (3000, 8, 8, 64, 64),
