@@ -26,7 +26,6 @@ from .flash import (NO_WINDOW, _Launch, _attend, _bwd_rows, _dq_sum, _dq_tiles, 
                     _load_tile, _own_delta, _q_tile, _store_grad_tile, _store_tile)
 
 FORCED_TILES = True  # forced blocks in the window kernels where forced_constants allows (False: in the lists' walk)
-FORCED_DIAG_KEYS = 64  # key tile of the own block's causal part (a tile of positions needs its first keys only)
 
 
 @triton.jit
@@ -58,8 +57,8 @@ def resume(O, LSE, row_off, rvalid, DV: tl.constexpr, BDV: tl.constexpr):
 @triton.jit
 def _forced_attend(q, KS, VS, kbos, kvh, t0, T, tq, qk_scale, HKV: tl.constexpr, DK: tl.constexpr,
                    DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BLOCK_T: tl.constexpr, GP: tl.constexpr,
-                   BS: tl.constexpr, FBN: tl.constexpr, DBN: tl.constexpr, INITIAL: tl.constexpr,
-                   LOCAL: tl.constexpr, NOWIN: tl.constexpr):
+                   BS: tl.constexpr, FBN: tl.constexpr, INITIAL: tl.constexpr, LOCAL: tl.constexpr,
+                   NOWIN: tl.constexpr):
     """``(o, lse)`` of a tile's rows over their forced blocks (the tile lies inside one selection block)."""
     a, first_local, own = forced_blocks(t0, BS, INITIAL, LOCAL)
     t_end = tl.minimum(t0 + BLOCK_T, T)
@@ -72,7 +71,7 @@ def _forced_attend(q, KS, VS, kbos, kvh, t0, T, tq, qk_scale, HKV: tl.constexpr,
     m_i, l_i, acc = _fwd_tiles(q, KS, VS, kbos, kvh, tq, first_local * BS, own * BS, t_end, m_i, l_i, acc,
                                qk_scale, HKV, DK, DV, BDK, BDV, FBN, 1, 0, NOWIN, False, None, None, False)
     m_i, l_i, acc = _fwd_tiles(q, KS, VS, kbos, kvh, tq, own * BS, t_end, t_end, m_i, l_i, acc, qk_scale, HKV, DK,
-                               DV, BDK, BDV, DBN, 1, 0, NOWIN, True, None, None, False)
+                               DV, BDK, BDV, FBN, 1, 0, NOWIN, True, None, None, False)
     return _finish(acc, m_i, l_i)
 
 
@@ -82,8 +81,8 @@ def _window_forced_fwd_kernel(Q, K, V, O, LSE, KS, VS, OS, LS, CU, CU_K, T_FIXED
                               DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                               BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, KSTRIDE: tl.constexpr, KOFF,
                               WINDOW: tl.constexpr, VARLEN: tl.constexpr, BS: tl.constexpr, FBN: tl.constexpr,
-                              DBN: tl.constexpr, INITIAL: tl.constexpr, LOCAL: tl.constexpr, NOWIN: tl.constexpr,
-                              KD=None, VD=None, TMA: tl.constexpr = False):
+                              INITIAL: tl.constexpr, LOCAL: tl.constexpr, NOWIN: tl.constexpr, KD=None, VD=None,
+                              TMA: tl.constexpr = False):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
@@ -95,7 +94,7 @@ def _window_forced_fwd_kernel(Q, K, V, O, LSE, KS, VS, OS, LS, CU, CU_K, T_FIXED
     _store_tile(O, row_off, rvalid, o, DV, BDV)
     tl.store(LSE + row_off, lse, mask=rvalid)
     o, lse = _forced_attend(q, KS, VS, kbos, kvh, t0, T, tq, qk_scale, HKV, DK, DV, BDK, BDV, BLOCK_T, GP, BS, FBN,
-                            DBN, INITIAL, LOCAL, NOWIN)
+                            INITIAL, LOCAL, NOWIN)
     _store_tile(OS, row_off, rvalid, o, DV, BDV)
     tl.store(LS + row_off, lse, mask=rvalid)
 
@@ -106,9 +105,9 @@ def _window_forced_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, O, GATE, KS, VS, OS, L
                              GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
                              BDV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                              KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
-                             BS: tl.constexpr, FBN: tl.constexpr, DBN: tl.constexpr, INITIAL: tl.constexpr,
-                             LOCAL: tl.constexpr, NOWIN: tl.constexpr, DQ_ADD: tl.constexpr = False, KD=None,
-                             VD=None, TMA: tl.constexpr = False):
+                             BS: tl.constexpr, FBN: tl.constexpr, INITIAL: tl.constexpr, LOCAL: tl.constexpr,
+                             NOWIN: tl.constexpr, DQ_ADD: tl.constexpr = False, KD=None, VD=None,
+                             TMA: tl.constexpr = False):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
@@ -129,7 +128,7 @@ def _window_forced_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, O, GATE, KS, VS, OS, L
     dq = _dq_tiles(q, do, lse2, delta, dq, KS, VS, kbos, kvh, tq, first_local * BS, own * BS, t_end, qk_scale, HKV,
                    DK, DV, BDK, BDV, FBN, 1, 0, NOWIN, False, None, None, False, g, True)
     dq = _dq_tiles(q, do, lse2, delta, dq, KS, VS, kbos, kvh, tq, own * BS, t_end, t_end, qk_scale, HKV, DK, DV,
-                   BDK, BDV, DBN, 1, 0, NOWIN, True, None, None, False, g, True)
+                   BDK, BDV, FBN, 1, 0, NOWIN, True, None, None, False, g, True)
     _store_grad_tile(DQ, row_off, rvalid, dq * scale, DK, BDK, DQ_ADD)
 
 
@@ -141,8 +140,7 @@ def forced_constants(config, L_swa: _Launch) -> Optional[dict]:
     if not FORCED_TILES or any(bs % launch[1]["BLOCK_T"] for launch in (L_swa.fwd, L_swa.dq)):
         return None
     # key tiles of at most 64: the forced blocks' K/V tiles beside the window's own in shared memory
-    return dict(BS=bs, FBN=min(64, bs), DBN=min(FORCED_DIAG_KEYS, bs), INITIAL=config.select_initial,
-                LOCAL=config.select_local, NOWIN=NO_WINDOW)
+    return dict(BS=bs, FBN=min(64, bs), INITIAL=config.select_initial, LOCAL=config.select_local, NOWIN=NO_WINDOW)
 
 
 def window_forced_forward(q, k_swa, v_swa, k_slc, v_slc, scale: float, L_swa: _Launch, forced: dict):
