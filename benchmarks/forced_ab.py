@@ -92,11 +92,47 @@ def main() -> None:
                 emit(rows, args.out, round=rnd, forced=on, launch_forced=Ls.forced is not None,
                      window_fwd_ms=timed(win_fwd), selected_fwd_ms=timed(sel_fwd),
                      window_bwd_ms=timed(win_bwd), selected_bwd_ms=timed(sel_bwd))
+    if "sweep" in only:  # launch configs of the window kernels with the forced blocks: (rows, keys, warps, stages)
+        from nsa_parallel.kernels.compress import compressed_attention
+        from nsa_parallel.kernels.topn import select_blocks
+        with torch.no_grad():
+            kc, vc = ck(kvs[0]).contiguous(), cv(kvs[1]).contiguous()
+        _, lse_cmp = compressed_attention(qd, kc, vc, cfg, scale)
+        idx = select_blocks(qd, kc, lse_cmp, cfg, scale)
+        want = None
+        for rows_, keys, warps, stages in SWEEP:
+            Lw = F._Launch(qd, kw, vw, 1, 0, cfg.window, None, None, block_m=rows_, block_n=keys)
+            for name in ("fwd", "dq"):
+                grid, const, _ = getattr(Lw, name)
+                setattr(Lw, name, (grid, const, dict(num_warps=warps, num_stages=stages)))
+            fc = FB.forced_constants(cfg, Lw)
+            d = torch.empty(2, 1, t, 64, device="cuda", dtype=torch.float32)
+            try:
+                ow, lw, os_, ls_ = FB.window_forced_forward(qd, kw, vw, ks, vs, scale, Lw, fc)
+                dq = FB.window_forced_dq(qd, kw, vw, ks, vs, do, lw, ls_, ow, os_, d[0], d[1], g_swa, g_slc, scale,
+                                         Lw, fc)
+            except Exception as e:  # e.g. out of shared memory
+                emit(rows, args.out, sweep=(rows_, keys, warps, stages), error=str(e)[:200])
+                continue
+            got = [ow, lw, os_, ls_, dq]
+            if want is None:
+                want = [x.clone() for x in got]
+            err = max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
+                      for a, b in zip(got, want))
+            emit(rows, args.out, sweep=(rows_, keys, warps, stages), rel_err=err,
+                 fwd_ms=timed(lambda: FB.window_forced_forward(qd, kw, vw, ks, vs, scale, Lw, fc)),
+                 dq_ms=timed(lambda: FB.window_forced_dq(qd, kw, vw, ks, vs, do, lw, ls_, ow, os_, d[0], d[1],
+                                                         g_swa, g_slc, scale, Lw, fc)))
     for on in (False, True) * (2 if "core" in only else 0):
         FB.FORCED_TILES = on
         fwd, fwdbwd = bench(core, torch.randn_like, leaves)
         emit(rows, args.out, forced=on, branch="core", fwd_ms=fwd, fwdbwd_ms=fwdbwd)
 
+
+# (rows, keys, warps, stages); the shipped (64, 64, 4, 2) first: the reference of the others' outputs (session 16,
+# run 2; run 3 swept the own block's key tile of the forced part at record commit 76bccd6)
+SWEEP = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3),
+         (128, 32, 4, 3), (256, 64, 8, 2), (128, 128, 8, 2)]
 
 if __name__ == "__main__":
     main()
