@@ -1,0 +1,243 @@
+"""A Gluon (``triton.experimental.gluon``) prototype of the compressed branch's forward, against the shipped Triton
+kernel: a measurement, not shipped code.
+
+    python -P benchmarks/gluon_cmp_fwd.py --t 65536 --out gluon_cmp_fwd.json     # on a Hopper GPU
+    python benchmarks/gluon_cmp_fwd.py --compile-only                           # sm_90 compile check, no GPU
+
+Fixed-length batch of one, G = 16 query heads per KV head, head dim 128, bf16. A program owns BLOCK_T positions x
+the 16 heads of one KV head (128 rows, two warpgroups) and walks the compressed keys in tiles of BN that a TMA ring
+of STAGES buffers feeds (mbarriers); only tiles at the causal edge are masked. ``OVERLAP`` is FA3's
+intra-warpgroup pipelining: tile j's q.k^T is issued (async wgmma) before tile j-1's p.v, so tile j's softmax runs
+while the tensor cores do the p.v; without it each product is waited for at once (Triton's own schedule, written
+out). The output and lse are checked against ``flash.masked_forward`` before timing.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
+                                                               warpgroup_mma_wait)
+
+# Triton 3.6 (the device) names the TMA load async_copy_global_to_shared; 3.9 (here) async_load
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+
+@gluon.jit
+def _edge_mask(s, kj, rows_t, n_keys, KSTRIDE: gl.constexpr, KOFF: gl.constexpr):
+    """Scores of keys ``kj`` that rows at positions ``rows_t`` do not see (or that do not exist) -> -inf."""
+    vis = ((kj[None, :] * KSTRIDE + KOFF) <= rows_t[:, None]) & (kj < n_keys)[None, :]
+    return gl.where(vis, s, float("-inf"))
+
+
+@gluon.jit
+def _cmp_fwd(q_ptr, k_desc, v_desc, o_ptr, lse_ptr, T, TC, qk_scale,
+             HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_T: gl.constexpr,
+             BN: gl.constexpr, KSTRIDE: gl.constexpr, KOFF: gl.constexpr, STAGES: gl.constexpr,
+             OVERLAP: gl.constexpr, num_warps: gl.constexpr):
+    M: gl.constexpr = BLOCK_T * G
+    t0 = gl.program_id(0) * BLOCK_T
+    kvh = gl.program_id(1)
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BN, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+
+    # q rows (position, head) -> smem, once
+    r = gl.arange(0, M, layout=gl.SliceLayout(1, ld_layout))
+    c = gl.arange(0, D, layout=gl.SliceLayout(0, ld_layout))
+    tq = t0 + r // G
+    q_off = (tq.to(gl.int64) * HQ + kvh * G + r % G) * D
+    q = gl.load(q_ptr + q_off[:, None] + c[None, :], mask=(tq < T)[:, None], other=0.0)
+    q_smem = gl.allocate_shared_memory(gl.bfloat16, [M, D], gl.NVMMASharedLayout.get_default_for([M, D], gl.bfloat16),
+                                       q)
+    k_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BN, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BN, D], v_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+
+    t_last = gl.minimum(t0 + BLOCK_T, T) - 1
+    n_keys = gl.where(t_last >= KOFF, gl.minimum(TC, (t_last - KOFF) // KSTRIDE + 1), 0)
+    n_tiles = (n_keys + BN - 1) // BN
+    n_full = gl.where(t0 >= KOFF, gl.minimum(TC, (t0 - KOFF) // KSTRIDE + 1), 0) // BN  # tiles every row sees
+    nbytes: gl.constexpr = 2 * BN * D * 2
+    for i in gl.static_range(STAGES):
+        if i < n_tiles:
+            mbarrier.expect(bars.index(i), nbytes)
+            _tma_load(k_desc, [i * BN, kvh * D], bars.index(i), k_smem.index(i))
+            _tma_load(v_desc, [i * BN, kvh * D], bars.index(i), v_smem.index(i))
+
+    m_i = gl.full([M], -1.0e30, gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([M], gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([M, D], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([M, BN], gl.float32, layout=s_layout)
+    rows_t = t0 + gl.arange(0, M, layout=gl.SliceLayout(1, s_layout)) // G
+    cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+
+    if OVERLAP:
+        if n_tiles > 0:
+            mbarrier.wait(bars.index(0), 0)
+            s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s,))
+            if n_full == 0:  # only tiles at the causal edge are masked (a uniform branch)
+                s = _edge_mask(s, cols, rows_t, n_keys, KSTRIDE, KOFF)
+            m_i = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+            p = gl.exp2(s * qk_scale - m_i[:, None])
+            l_i = gl.sum(p, 1)
+            p16 = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+            for j in range(1, n_tiles):
+                st = j % STAGES
+                mbarrier.wait(bars.index(st), (j // STAGES) & 1)
+                s = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                acc = warpgroup_mma(p16, v_smem.index((j - 1) % STAGES), acc, is_async=True)
+                s = warpgroup_mma_wait(1, deps=(s,))  # q.k^T of tile j done; p.v of tile j-1 may still run
+                if j >= n_full:
+                    s = _edge_mask(s, j * BN + cols, rows_t, n_keys, KSTRIDE, KOFF)
+                m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+                p = gl.exp2(s * qk_scale - m_new[:, None])
+                alpha = gl.exp2(m_i - m_new)
+                l_i = l_i * alpha + gl.sum(p, 1)
+                m_i = m_new
+                acc = warpgroup_mma_wait(0, deps=(acc,))
+                acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+                p16 = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+                # tile j-1's buffers are free: refill them with tile j-1+STAGES
+                nxt = j - 1 + STAGES
+                if nxt < n_tiles:
+                    ps = (j - 1) % STAGES
+                    mbarrier.expect(bars.index(ps), nbytes)
+                    _tma_load(k_desc, [nxt * BN, kvh * D], bars.index(ps), k_smem.index(ps))
+                    _tma_load(v_desc, [nxt * BN, kvh * D], bars.index(ps), v_smem.index(ps))
+            acc = warpgroup_mma(p16, v_smem.index((n_tiles - 1) % STAGES), acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+    else:
+        for j in range(0, n_tiles):
+            st = j % STAGES
+            mbarrier.wait(bars.index(st), (j // STAGES) & 1)
+            s = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s,))
+            if j >= n_full:
+                s = _edge_mask(s, j * BN + cols, rows_t, n_keys, KSTRIDE, KOFF)
+            m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+            p = gl.exp2(s * qk_scale - m_new[:, None])
+            alpha = gl.exp2(m_i - m_new)
+            l_i = l_i * alpha + gl.sum(p, 1)
+            m_i = m_new
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            p16 = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+            acc = warpgroup_mma(p16, v_smem.index(st), acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            nxt = j + STAGES
+            if nxt < n_tiles:
+                mbarrier.expect(bars.index(st), nbytes)
+                _tma_load(k_desc, [nxt * BN, kvh * D], bars.index(st), k_smem.index(st))
+                _tma_load(v_desc, [nxt * BN, kvh * D], bars.index(st), v_smem.index(st))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+
+    seen = l_i > 0
+    lse = gl.where(seen, (m_i + gl.log2(gl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    o = acc / gl.convert_layout(gl.where(seen, l_i, 1.0), gl.SliceLayout(1, o_layout))[:, None]
+    ro = gl.arange(0, M, layout=gl.SliceLayout(1, o_layout))
+    co = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    tqo = t0 + ro // G
+    row = tqo.to(gl.int64) * HQ + kvh * G + ro % G
+    gl.store(o_ptr + row[:, None] * D + co[None, :], o.to(gl.bfloat16), mask=(tqo < T)[:, None])
+    rl = gl.arange(0, M, layout=gl.SliceLayout(1, s_layout))
+    tql = t0 + rl // G
+    gl.store(lse_ptr + tql.to(gl.int64) * HQ + kvh * G + rl % G, lse, mask=tql < T)
+
+
+def launch(q, kc, vc, scale, cfg, block_t=8, bn=128, stages=2, overlap=True, warps=8):
+    """``(o, lse)`` of the compressed branch by the Gluon kernel: q ``[1, t, hq, 128]``, kc / vc ``[1, tc, hkv, 128]``
+    (bf16, G = hq / hkv = 16)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    _, t, hq, d = q.shape
+    tc, hkv = kc.shape[1], kc.shape[2]
+    layout = gl.NVMMASharedLayout.get_default_for([bn, d], gl.bfloat16)
+    k2, v2 = kc.view(tc, hkv * d), vc.view(tc, hkv * d)
+    k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [bn, d], layout)
+    v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [bn, d], layout)
+    o = torch.empty_like(q)
+    lse = torch.empty(1, t, hq, device=q.device, dtype=torch.float32)
+    _cmp_fwd[(triton.cdiv(t, block_t), hkv)](
+        q, k_desc, v_desc, o, lse, t, tc, scale * 1.4426950408889634, HQ=hq, HKV=hkv, G=hq // hkv, D=d,
+        BLOCK_T=block_t, BN=bn, KSTRIDE=cfg.compress_stride, KOFF=cfg.compress_block - 1, STAGES=stages,
+        OVERLAP=overlap, num_warps=warps)
+    return o, lse
+
+
+VARIANTS = [dict(overlap=False, stages=2), dict(overlap=True, stages=2), dict(overlap=True, stages=3),
+            dict(overlap=False, stages=3), dict(overlap=True, stages=2, bn=64), dict(overlap=True, stages=3, bn=64)]
+
+
+def compile_only() -> None:
+    """Compile every variant for sm_90 without a GPU (ptxas ships with Triton) and print registers and spills."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    sig = dict(q_ptr="*bf16", k_desc="tensordesc<bf16[128, 128]>", v_desc="tensordesc<bf16[128, 128]>",
+               o_ptr="*bf16", lse_ptr="*fp32", T="i32", TC="i32", qk_scale="fp32")
+    for var in VARIANTS:
+        bn = var.get("bn", 128)
+        layout = gl.NVMMASharedLayout.get_default_for([bn, 128], gl.bfloat16)
+        s = dict(sig, k_desc=f"tensordesc<bf16[{bn}, 128],{layout}>", v_desc=f"tensordesc<bf16[{bn}, 128],{layout}>")
+        const = dict(HQ=64, HKV=4, G=16, D=128, BLOCK_T=8, BN=bn, KSTRIDE=16, KOFF=31, STAGES=var["stages"],
+                     OVERLAP=var["overlap"], num_warps=8)
+        src = GluonASTSource(_cmp_fwd, dict(s, **{k: "constexpr" for k in const}), const)
+        ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:  # registers / spills: cuobjdump ships with Triton
+            f.write(ck.asm["cubin"])
+            f.flush()
+            tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+            usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+        print(var, " ".join(line.strip() for line in usage.splitlines() if "REG" in line), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--t", type=int, default=65536)
+    p.add_argument("--out", default="gluon_cmp_fwd.json")
+    p.add_argument("--compile-only", action="store_true")
+    args = p.parse_args()
+    if args.compile_only:
+        return compile_only()
+    from nsa_parallel.bench import emit, timed
+    from nsa_parallel.kernels import NSAConfig
+    from nsa_parallel.kernels import flash as F
+    cfg, t, rows = NSAConfig(), args.t, []
+    torch.manual_seed(0)
+    tc = cfg.num_compressed(t)
+    q = torch.randn(1, t, 64, 128, device="cuda", dtype=torch.bfloat16)
+    kc = torch.randn(1, tc, 4, 128, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn(1, tc, 4, 128, device="cuda", dtype=torch.bfloat16)
+    scale = 1 / math.sqrt(128)
+    L = F._Launch(q, kc, vc, cfg.compress_stride, cfg.compress_block - 1, F.NO_WINDOW, None, None)
+    o_ref, lse_ref = F.masked_forward(q, kc, vc, scale, L)
+    emit(rows, args.out, variant="triton (shipped)", ms=timed(lambda: F.masked_forward(q, kc, vc, scale, L)))
+    for var in VARIANTS:
+        try:
+            o, lse = launch(q, kc, vc, scale, cfg, **var)
+            torch.cuda.synchronize()
+        except Exception as e:  # a variant that does not compile or fit
+            emit(rows, args.out, variant=var, error=str(e)[-300:])
+            continue
+        fin = torch.isfinite(lse_ref)
+        err_o = ((o.float() - o_ref.float()).abs().max() / o_ref.float().abs().max()).item()
+        err_l = (lse[fin] - lse_ref[fin]).abs().max().item()
+        emit(rows, args.out, variant=var, o_rel_err=err_o, lse_abs_err=err_l,
+             ms=timed(lambda: launch(q, kc, vc, scale, cfg, **var)))
+    emit(rows, args.out, variant="triton (shipped)", ms=timed(lambda: F.masked_forward(q, kc, vc, scale, L)))
+
+
+if __name__ == "__main__":
+    main()
