@@ -23,11 +23,12 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                warpgroup_mma_wait)
 
 # Triton 3.6 (the device) names the TMA load async_copy_global_to_shared; 3.9 (here) async_load
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_constexpr_function = getattr(triton, "constexpr_function", None) or getattr(gl, "constexpr_function", None)
 
 
 @gluon.jit
@@ -158,7 +159,189 @@ def _cmp_fwd(q_ptr, k_desc, v_desc, o_ptr, lse_ptr, T, TC, qk_scale,
     gl.store(lse_ptr + tql.to(gl.int64) * HQ + kvh * G + rl % G, lse, mask=tql < T)
 
 
-def launch(q, kc, vc, scale, cfg, block_t=8, bn=128, stages=2, overlap=True, warps=8):
+@_constexpr_function
+def _warpgroup_mma_layout(n):
+    """A one-warpgroup wgmma accumulator of N = n (made in Python: list literals inside a partition's function
+    arrive as tuples that the layout constructor rejects, Triton 3.9)."""
+    n = int(getattr(n, "value", n))
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+
+
+@gluon.jit
+def _ws_producer(k_desc, v_desc, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr, T, TC, qk_scale, t0, kvh,
+                 n_tiles, HQ: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BN: gl.constexpr, KSTRIDE: gl.constexpr,
+                 KOFF: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr):
+    """One warp: K/V tiles into the ring, each stage once both consumers released it."""
+    for j in range(n_tiles):
+        st = j % STAGES
+        mbarrier.wait(empty.index(st), ((j // STAGES) & 1) ^ 1)  # a fresh barrier counts as released
+        mbarrier.expect(full.index(st), 2 * BN * D * 2)
+        _tma_load(k_desc, [j * BN, kvh * D], full.index(st), k_smem.index(st))
+        _tma_load(v_desc, [j * BN, kvh * D], full.index(st), v_smem.index(st))
+
+
+@gluon.jit
+def _ws_softmax(s, j, n_full, cols, rows_t, n_keys, m_i, l_i, qk_scale, BN: gl.constexpr, KSTRIDE: gl.constexpr,
+                KOFF: gl.constexpr):
+    """One tile's online-softmax step on raw scores ``s``: ``(p, alpha, m, l)``."""
+    if j >= n_full:
+        s = _edge_mask(s, j * BN + cols, rows_t, n_keys, KSTRIDE, KOFF)
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    p = gl.exp2(s * qk_scale - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
+
+
+@gluon.jit
+def _ws_consume(part, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr, T, TC, qk_scale, t0, kvh, n_tiles,
+                HQ: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BN: gl.constexpr, KSTRIDE: gl.constexpr,
+                KOFF: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr):
+    """One warpgroup: 64 rows (4 positions x 16 heads) of the program, over every K/V tile of the ring.
+    ``OVERLAP``: tile j's q.k^T issued with tile j-1's p.v (tile j's softmax runs while the p.v does);
+    ``PINGPONG``: the two consumers take turns to issue their products (``turn`` mbarriers), so one's softmax
+    overlaps the other's products."""
+    M: gl.constexpr = 64
+    s_layout: gl.constexpr = _warpgroup_mma_layout(BN)
+    o_layout: gl.constexpr = _warpgroup_mma_layout(D)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    p0 = t0 + part * (M // G)
+    p_last = gl.minimum(p0 + M // G, T) - 1
+    n_keys = gl.where(p_last >= KOFF, gl.minimum(TC, (p_last - KOFF) // KSTRIDE + 1), 0)
+    n_full = gl.where(p0 >= KOFF, gl.minimum(TC, (p0 - KOFF) // KSTRIDE + 1), 0) // BN
+    m_i = gl.full([M], -1.0e30, gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([M], gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([M, D], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([M, BN], gl.float32, layout=s_layout)
+    rows_t = p0 + gl.arange(0, M, layout=gl.SliceLayout(1, s_layout)) // G
+    cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+    qs = q_smem.index(part)
+    if OVERLAP:
+        if n_tiles > 0:
+            mbarrier.wait(full.index(0), 0)
+            if PINGPONG:
+                mbarrier.wait(turn.index(part), 0)
+            s = warpgroup_mma(qs, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            if PINGPONG:
+                mbarrier.arrive(turn.index(1 - part), count=1)
+            s = warpgroup_mma_wait(0, deps=(s,))
+            p, alpha, m_i, l_i = _ws_softmax(s, 0, n_full, cols, rows_t, n_keys, m_i, l_i, qk_scale, BN, KSTRIDE,
+                                             KOFF)
+            p16 = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+            for j in range(1, n_tiles):
+                st = j % STAGES
+                pst = (j - 1) % STAGES
+                mbarrier.wait(full.index(st), (j // STAGES) & 1)
+                if PINGPONG:
+                    mbarrier.wait(turn.index(part), j & 1)
+                s = warpgroup_mma(qs, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                acc = warpgroup_mma(p16, v_smem.index(pst), acc, is_async=True)
+                if PINGPONG:
+                    mbarrier.arrive(turn.index(1 - part), count=1)
+                s = warpgroup_mma_wait(1, deps=(s,))
+                p, alpha, m_i, l_i = _ws_softmax(s, j, n_full, cols, rows_t, n_keys, m_i, l_i, qk_scale, BN,
+                                                 KSTRIDE, KOFF)
+                acc = warpgroup_mma_wait(0, deps=(acc,))
+                mbarrier.arrive(empty.index(pst), count=1)
+                acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+                p16 = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+            acc = warpgroup_mma(p16, v_smem.index((n_tiles - 1) % STAGES), acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            mbarrier.arrive(empty.index((n_tiles - 1) % STAGES), count=1)
+    else:
+        for j in range(n_tiles):
+            st = j % STAGES
+            mbarrier.wait(full.index(st), (j // STAGES) & 1)
+            if PINGPONG:
+                mbarrier.wait(turn.index(part), j & 1)
+            s = warpgroup_mma(qs, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            if PINGPONG:
+                mbarrier.arrive(turn.index(1 - part), count=1)
+            s = warpgroup_mma_wait(0, deps=(s,))
+            p, alpha, m_i, l_i = _ws_softmax(s, j, n_full, cols, rows_t, n_keys, m_i, l_i, qk_scale, BN, KSTRIDE,
+                                             KOFF)
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            p16 = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+            acc = warpgroup_mma(p16, v_smem.index(st), acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            mbarrier.arrive(empty.index(st), count=1)
+    seen = l_i > 0
+    lse = gl.where(seen, (m_i + gl.log2(gl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    o = acc / gl.convert_layout(gl.where(seen, l_i, 1.0), gl.SliceLayout(1, o_layout))[:, None]
+    ro = gl.arange(0, M, layout=gl.SliceLayout(1, o_layout))
+    co = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    tqo = p0 + ro // G
+    row = tqo.to(gl.int64) * HQ + kvh * G + ro % G
+    gl.store(o_ptr + row[:, None] * D + co[None, :], o.to(gl.bfloat16), mask=(tqo < T)[:, None])
+    rl = gl.arange(0, M, layout=gl.SliceLayout(1, s_layout))
+    tql = p0 + rl // G
+    gl.store(lse_ptr + tql.to(gl.int64) * HQ + kvh * G + rl % G, lse, mask=tql < T)
+
+
+@gluon.jit
+def _ws_consume0(k_desc, v_desc, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr, T, TC, qk_scale, t0, kvh,
+                 n_tiles, HQ: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BN: gl.constexpr,
+                 KSTRIDE: gl.constexpr, KOFF: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
+                 PINGPONG: gl.constexpr):
+    _ws_consume(0, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr, T, TC, qk_scale, t0, kvh, n_tiles,
+                HQ, G, D, BN, KSTRIDE, KOFF, STAGES, OVERLAP, PINGPONG)
+
+
+@gluon.jit
+def _ws_consume1(k_desc, v_desc, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr, T, TC, qk_scale, t0, kvh,
+                 n_tiles, HQ: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BN: gl.constexpr,
+                 KSTRIDE: gl.constexpr, KOFF: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
+                 PINGPONG: gl.constexpr):
+    _ws_consume(1, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr, T, TC, qk_scale, t0, kvh, n_tiles,
+                HQ, G, D, BN, KSTRIDE, KOFF, STAGES, OVERLAP, PINGPONG)
+
+
+@gluon.jit
+def _cmp_fwd_ws(q_ptr, k_desc, v_desc, o_ptr, lse_ptr, T, TC, qk_scale,
+                HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_T: gl.constexpr,
+                BN: gl.constexpr, KSTRIDE: gl.constexpr, KOFF: gl.constexpr, STAGES: gl.constexpr,
+                CONSUMER_REGS: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr):
+    """Warp-specialized: the default partition (4 warps) and a worker (4 warps) each own 64 of the 128 rows and
+    share the K/V ring that a one-warp producer fills (FA3's structure, without its explicit ping-pong)."""
+    t0 = gl.program_id(0) * BLOCK_T
+    kvh = gl.program_id(1)
+    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, D], gl.bfloat16)
+    q_smem = gl.allocate_shared_memory(gl.bfloat16, [2, 64, D], q_layout)
+    for part in gl.static_range(2):
+        r = gl.arange(0, 64, layout=gl.SliceLayout(1, ld_layout))
+        c = gl.arange(0, D, layout=gl.SliceLayout(0, ld_layout))
+        tq = t0 + part * (64 // G) + r // G
+        q_off = (tq.to(gl.int64) * HQ + kvh * G + r % G) * D
+        q_smem.index(part).store(gl.load(q_ptr + q_off[:, None] + c[None, :], mask=(tq < T)[:, None], other=0.0))
+    fence_async_shared()
+    k_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BN, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BN, D], v_desc.layout)
+    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(full.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # both consumers release a stage
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(turn.index(0), count=1)
+    mbarrier.init(turn.index(1), count=1)
+    mbarrier.arrive(turn.index(0), count=1)  # consumer 0 issues first
+    t_last = gl.minimum(t0 + BLOCK_T, T) - 1
+    n_keys = gl.where(t_last >= KOFF, gl.minimum(TC, (t_last - KOFF) // KSTRIDE + 1), 0)
+    n_tiles = (n_keys + BN - 1) // BN
+    # the argument tuples written out in the call: a tuple assigned to a name first turns its constexprs into
+    # tensors (Triton 3.9)
+    gl.warp_specialize([
+        (_ws_consume0, (k_desc, v_desc, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr, T, TC, qk_scale, t0,
+                        kvh, n_tiles, HQ, G, D, BN, KSTRIDE, KOFF, STAGES, OVERLAP, PINGPONG)),
+        (_ws_consume1, (k_desc, v_desc, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr, T, TC, qk_scale, t0,
+                        kvh, n_tiles, HQ, G, D, BN, KSTRIDE, KOFF, STAGES, OVERLAP, PINGPONG)),
+        (_ws_producer, (k_desc, v_desc, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr, T, TC, qk_scale, t0,
+                        kvh, n_tiles, HQ, G, D, BN, KSTRIDE, KOFF, STAGES, OVERLAP, PINGPONG)),
+    ], [4, 1], [CONSUMER_REGS, 24])
+
+
+def launch(q, kc, vc, scale, cfg, block_t=8, bn=128, stages=2, overlap=True, warps=8, ws=False, regs=240,
+           maxnreg=168, pingpong=False):
     """``(o, lse)`` of the compressed branch by the Gluon kernel: q ``[1, t, hq, 128]``, kc / vc ``[1, tc, hkv, 128]``
     (bf16, G = hq / hkv = 16)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -170,6 +353,13 @@ def launch(q, kc, vc, scale, cfg, block_t=8, bn=128, stages=2, overlap=True, war
     v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [bn, d], layout)
     o = torch.empty_like(q)
     lse = torch.empty(1, t, hq, device=q.device, dtype=torch.float32)
+    if ws:
+        opts = dict(num_warps=4, maxnreg=maxnreg)
+        _cmp_fwd_ws[(triton.cdiv(t, block_t), hkv)](
+            q, k_desc, v_desc, o, lse, t, tc, scale * 1.4426950408889634, HQ=hq, HKV=hkv, G=hq // hkv, D=d,
+            BLOCK_T=block_t, BN=bn, KSTRIDE=cfg.compress_stride, KOFF=cfg.compress_block - 1, STAGES=stages,
+            CONSUMER_REGS=regs, OVERLAP=overlap, PINGPONG=pingpong, **opts)
+        return o, lse
     _cmp_fwd[(triton.cdiv(t, block_t), hkv)](
         q, k_desc, v_desc, o, lse, t, tc, scale * 1.4426950408889634, HQ=hq, HKV=hkv, G=hq // hkv, D=d,
         BLOCK_T=block_t, BN=bn, KSTRIDE=cfg.compress_stride, KOFF=cfg.compress_block - 1, STAGES=stages,
@@ -177,8 +367,12 @@ def launch(q, kc, vc, scale, cfg, block_t=8, bn=128, stages=2, overlap=True, war
     return o, lse
 
 
-VARIANTS = [dict(overlap=False, stages=2), dict(overlap=True, stages=2), dict(overlap=True, stages=3),
-            dict(overlap=False, stages=3), dict(overlap=True, stages=2, bn=64), dict(overlap=True, stages=3, bn=64)]
+# session 16: run 7 the plain kernel, run 8 with edge-only masks, run 9 warp-specialized, run 10 + overlap /
+# ping-pong, run 11 (this list) tiles and stages of the best
+VARIANTS = [dict(ws=True, overlap=True, stages=3), dict(ws=True, overlap=True, stages=4, bn=64),
+            dict(ws=True, overlap=True, stages=5, bn=64), dict(ws=True, overlap=True, pingpong=True, stages=4, bn=64),
+            dict(ws=True, overlap=True, stages=3, regs=232), dict(ws=True, overlap=True, stages=3, block_t=8,
+                                                                   maxnreg=160, regs=232)]
 
 
 def compile_only() -> None:
@@ -191,10 +385,16 @@ def compile_only() -> None:
         bn = var.get("bn", 128)
         layout = gl.NVMMASharedLayout.get_default_for([bn, 128], gl.bfloat16)
         s = dict(sig, k_desc=f"tensordesc<bf16[{bn}, 128],{layout}>", v_desc=f"tensordesc<bf16[{bn}, 128],{layout}>")
-        const = dict(HQ=64, HKV=4, G=16, D=128, BLOCK_T=8, BN=bn, KSTRIDE=16, KOFF=31, STAGES=var["stages"],
-                     OVERLAP=var["overlap"], num_warps=8)
-        src = GluonASTSource(_cmp_fwd, dict(s, **{k: "constexpr" for k in const}), const)
-        ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
+        const = dict(HQ=64, HKV=4, G=16, D=128, BLOCK_T=8, BN=bn, KSTRIDE=16, KOFF=31, STAGES=var["stages"])
+        if var.get("ws"):
+            const.update(CONSUMER_REGS=var.get("regs", 240), OVERLAP=var["overlap"],
+                         PINGPONG=var.get("pingpong", False), num_warps=4)
+            opts, fn = dict(num_warps=4, maxnreg=var.get("maxnreg", 168)), _cmp_fwd_ws
+        else:
+            const.update(OVERLAP=var["overlap"], num_warps=8)
+            opts, fn = dict(num_warps=8), _cmp_fwd
+        src = GluonASTSource(fn, dict(s, **{k: "constexpr" for k in const}), const)
+        ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:  # registers / spills: cuobjdump ships with Triton
             f.write(ck.asm["cubin"])
             f.flush()
