@@ -15,8 +15,8 @@ import math
 
 import torch
 
-from nsa_parallel.bench import bench, core_inputs, emit, timed
-from nsa_parallel.kernels import NSAConfig, nsa_attention
+from nsa_parallel.bench import ab_check, bench, core_case, emit, timed
+from nsa_parallel.kernels import NSAConfig
 from nsa_parallel.kernels import flash as F
 from nsa_parallel.kernels import forced as FB
 from nsa_parallel.kernels import select as S
@@ -30,22 +30,10 @@ def main() -> None:
     p.add_argument("--only", nargs="+", default=["check", "branches", "core"])
     args = p.parse_args()
     cfg, t, rows, only = NSAConfig(), args.t, [], set(args.only)
-    torch.manual_seed(0)
-    q, kvs, gate, ck, cv = core_inputs(t, 64, 4, 128, 128, cfg, "cuda")
-    leaves = [q, *kvs, gate, *ck.parameters(), *cv.parameters()]
-    core = lambda: nsa_attention(q, *kvs, gate, compress_k=ck, compress_v=cv, config=cfg,  # noqa: E731
-                                 backend="triton")
-    do = torch.randn(1, t, 64, 128, device="cuda", dtype=torch.bfloat16)
+    q, kvs, gate, ck, cv, leaves, core, do = core_case(t, cfg)
     if "check" in only:
-        got = {}
-        for on in (False, True):
-            FB.FORCED_TILES = on
-            o = core()
-            got[on] = [o.detach()] + [g.detach() for g in torch.autograd.grad(o, leaves, do)]
-        err = max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
-                  for a, b in zip(got[True], got[False]))
-        emit(rows, args.out, check="core output and gradients, forced tiles on vs off", max_rel_err=err)
-        del got
+        emit(rows, args.out, check="core output and gradients, forced tiles on vs off",
+             max_rel_err=ab_check(core, leaves, do, lambda on: setattr(FB, "FORCED_TILES", on)))
     scale = 1 / math.sqrt(128)
     qd = q.detach()
     ks, vs, kw, vw = (x.detach() for x in kvs[2:])

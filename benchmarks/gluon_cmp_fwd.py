@@ -4,12 +4,14 @@ kernel: a measurement, not shipped code.
     python -P benchmarks/gluon_cmp_fwd.py --t 65536 --out gluon_cmp_fwd.json     # on a Hopper GPU
     python benchmarks/gluon_cmp_fwd.py --compile-only                           # sm_90 compile check, no GPU
 
-Fixed-length batch of one, G = 16 query heads per KV head, head dim 128, bf16. A program owns BLOCK_T positions x
-the 16 heads of one KV head (128 rows, two warpgroups) and walks the compressed keys in tiles of BN that a TMA ring
-of STAGES buffers feeds (mbarriers); only tiles at the causal edge are masked. ``OVERLAP`` is FA3's
-intra-warpgroup pipelining: tile j's q.k^T is issued (async wgmma) before tile j-1's p.v, so tile j's softmax runs
-while the tensor cores do the p.v; without it each product is waited for at once (Triton's own schedule, written
-out). The output and lse are checked against ``flash.masked_forward`` before timing.
+Fixed-length batch of one, G = 16 query heads per KV head, head dim 128, bf16; 128 rows (BLOCK_T positions x the
+16 heads of one KV head) per program, compressed keys in tiles of BN from a TMA ring of STAGES buffers (mbarriers),
+async wgmma, only tiles at the causal edge masked. Two kernels: ``_cmp_fwd``, Triton's own schedule written out (8
+warps, each product waited for at once), and ``_cmp_fwd_ws``, FA3's structure: a one-warp TMA producer and two
+consumer warpgroups of 64 rows that share the ring (``ws=True``), with FA3's intra-warpgroup overlap (``overlap``:
+tile j's q.k^T issued before tile j-1's p.v, so tile j's softmax runs while the p.v does) and ping-pong turns
+between the consumers (``pingpong``) as options. Every variant's output and lse are checked against
+``flash.masked_forward`` before timing. (Session 16's runs 7-8 also timed the plain kernel with the overlap: 17c5f23.)
 """
 from __future__ import annotations
 
@@ -39,10 +41,60 @@ def _edge_mask(s, kj, rows_t, n_keys, KSTRIDE: gl.constexpr, KOFF: gl.constexpr)
 
 
 @gluon.jit
+def _softmax_tile(s, j, n_full, cols, rows_t, n_keys, m_i, l_i, qk_scale, BN: gl.constexpr, KSTRIDE: gl.constexpr,
+                KOFF: gl.constexpr):
+    """One tile's online-softmax step on raw scores ``s``: ``(p, alpha, m, l)``; only tiles at the causal edge
+    (from ``n_full`` on) are masked, under a uniform branch."""
+    if j >= n_full:
+        s = _edge_mask(s, j * BN + cols, rows_t, n_keys, KSTRIDE, KOFF)
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    p = gl.exp2(s * qk_scale - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
+
+
+@gluon.jit
+def _loop_state(p0, M: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, G: gl.constexpr, s_layout: gl.constexpr,
+                o_layout: gl.constexpr):
+    """Softmax state ``(m, l, acc)`` of ``M`` rows from position ``p0``, a zero score tile, the rows' positions and
+    the key-tile columns."""
+    return (gl.full([M], -1.0e30, gl.float32, layout=gl.SliceLayout(1, s_layout)),
+            gl.zeros([M], gl.float32, layout=gl.SliceLayout(1, s_layout)),
+            gl.zeros([M, D], gl.float32, layout=o_layout), gl.zeros([M, BN], gl.float32, layout=s_layout),
+            p0 + gl.arange(0, M, layout=gl.SliceLayout(1, s_layout)) // G,
+            gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout)))
+
+
+@gluon.jit
+def _pv_step(acc, alpha, p, v_tile, o_layout: gl.constexpr, p_layout: gl.constexpr):
+    """``acc * alpha + p v``, waited for (the schedule without overlap)."""
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    acc = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), v_tile, acc, is_async=True)
+    return warpgroup_mma_wait(0, deps=(acc,))
+
+
+@gluon.jit
+def _store_rows(acc, m_i, l_i, o_ptr, lse_ptr, p0, T, kvh, HQ: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
+                M: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
+    """o and lse of ``M`` rows (positions from ``p0`` x the G heads of KV head ``kvh``) from the softmax state."""
+    seen = l_i > 0
+    lse = gl.where(seen, (m_i + gl.log2(gl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    o = acc / gl.convert_layout(gl.where(seen, l_i, 1.0), gl.SliceLayout(1, o_layout))[:, None]
+    ro = gl.arange(0, M, layout=gl.SliceLayout(1, o_layout))
+    co = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    tqo = p0 + ro // G
+    row = tqo.to(gl.int64) * HQ + kvh * G + ro % G
+    gl.store(o_ptr + row[:, None] * D + co[None, :], o.to(gl.bfloat16), mask=(tqo < T)[:, None])
+    rl = gl.arange(0, M, layout=gl.SliceLayout(1, s_layout))
+    tql = p0 + rl // G
+    gl.store(lse_ptr + tql.to(gl.int64) * HQ + kvh * G + rl % G, lse, mask=tql < T)
+
+
+@gluon.jit
 def _cmp_fwd(q_ptr, k_desc, v_desc, o_ptr, lse_ptr, T, TC, qk_scale,
              HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_T: gl.constexpr,
              BN: gl.constexpr, KSTRIDE: gl.constexpr, KOFF: gl.constexpr, STAGES: gl.constexpr,
-             OVERLAP: gl.constexpr, num_warps: gl.constexpr):
+             num_warps: gl.constexpr):
     M: gl.constexpr = BLOCK_T * G
     t0 = gl.program_id(0) * BLOCK_T
     kvh = gl.program_id(1)
@@ -78,85 +130,25 @@ def _cmp_fwd(q_ptr, k_desc, v_desc, o_ptr, lse_ptr, T, TC, qk_scale,
             _tma_load(k_desc, [i * BN, kvh * D], bars.index(i), k_smem.index(i))
             _tma_load(v_desc, [i * BN, kvh * D], bars.index(i), v_smem.index(i))
 
-    m_i = gl.full([M], -1.0e30, gl.float32, layout=gl.SliceLayout(1, s_layout))
-    l_i = gl.zeros([M], gl.float32, layout=gl.SliceLayout(1, s_layout))
-    acc = gl.zeros([M, D], gl.float32, layout=o_layout)
-    s_zero = gl.zeros([M, BN], gl.float32, layout=s_layout)
-    rows_t = t0 + gl.arange(0, M, layout=gl.SliceLayout(1, s_layout)) // G
-    cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+    m_i, l_i, acc, s_zero, rows_t, cols = _loop_state(t0, M, BN, D, G, s_layout, o_layout)
 
-    if OVERLAP:
-        if n_tiles > 0:
-            mbarrier.wait(bars.index(0), 0)
-            s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(0, deps=(s,))
-            if n_full == 0:  # only tiles at the causal edge are masked (a uniform branch)
-                s = _edge_mask(s, cols, rows_t, n_keys, KSTRIDE, KOFF)
-            m_i = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-            p = gl.exp2(s * qk_scale - m_i[:, None])
-            l_i = gl.sum(p, 1)
-            p16 = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-            for j in range(1, n_tiles):
-                st = j % STAGES
-                mbarrier.wait(bars.index(st), (j // STAGES) & 1)
-                s = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                acc = warpgroup_mma(p16, v_smem.index((j - 1) % STAGES), acc, is_async=True)
-                s = warpgroup_mma_wait(1, deps=(s,))  # q.k^T of tile j done; p.v of tile j-1 may still run
-                if j >= n_full:
-                    s = _edge_mask(s, j * BN + cols, rows_t, n_keys, KSTRIDE, KOFF)
-                m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-                p = gl.exp2(s * qk_scale - m_new[:, None])
-                alpha = gl.exp2(m_i - m_new)
-                l_i = l_i * alpha + gl.sum(p, 1)
-                m_i = m_new
-                acc = warpgroup_mma_wait(0, deps=(acc,))
-                acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-                p16 = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-                # tile j-1's buffers are free: refill them with tile j-1+STAGES
-                nxt = j - 1 + STAGES
-                if nxt < n_tiles:
-                    ps = (j - 1) % STAGES
-                    mbarrier.expect(bars.index(ps), nbytes)
-                    _tma_load(k_desc, [nxt * BN, kvh * D], bars.index(ps), k_smem.index(ps))
-                    _tma_load(v_desc, [nxt * BN, kvh * D], bars.index(ps), v_smem.index(ps))
-            acc = warpgroup_mma(p16, v_smem.index((n_tiles - 1) % STAGES), acc, is_async=True)
-            acc = warpgroup_mma_wait(0, deps=(acc,))
-    else:
-        for j in range(0, n_tiles):
-            st = j % STAGES
-            mbarrier.wait(bars.index(st), (j // STAGES) & 1)
-            s = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(0, deps=(s,))
-            if j >= n_full:
-                s = _edge_mask(s, j * BN + cols, rows_t, n_keys, KSTRIDE, KOFF)
-            m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-            p = gl.exp2(s * qk_scale - m_new[:, None])
-            alpha = gl.exp2(m_i - m_new)
-            l_i = l_i * alpha + gl.sum(p, 1)
-            m_i = m_new
-            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-            p16 = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-            acc = warpgroup_mma(p16, v_smem.index(st), acc, is_async=True)
-            acc = warpgroup_mma_wait(0, deps=(acc,))
-            nxt = j + STAGES
-            if nxt < n_tiles:
-                mbarrier.expect(bars.index(st), nbytes)
-                _tma_load(k_desc, [nxt * BN, kvh * D], bars.index(st), k_smem.index(st))
-                _tma_load(v_desc, [nxt * BN, kvh * D], bars.index(st), v_smem.index(st))
+    for j in range(0, n_tiles):
+        st = j % STAGES
+        mbarrier.wait(bars.index(st), (j // STAGES) & 1)
+        s = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s,))
+        p, alpha, m_i, l_i = _softmax_tile(s, j, n_full, cols, rows_t, n_keys, m_i, l_i, qk_scale, BN, KSTRIDE,
+                                           KOFF)
+        acc = _pv_step(acc, alpha, p, v_smem.index(st), o_layout, p_layout)
+        nxt = j + STAGES
+        if nxt < n_tiles:
+            mbarrier.expect(bars.index(st), nbytes)
+            _tma_load(k_desc, [nxt * BN, kvh * D], bars.index(st), k_smem.index(st))
+            _tma_load(v_desc, [nxt * BN, kvh * D], bars.index(st), v_smem.index(st))
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
 
-    seen = l_i > 0
-    lse = gl.where(seen, (m_i + gl.log2(gl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    o = acc / gl.convert_layout(gl.where(seen, l_i, 1.0), gl.SliceLayout(1, o_layout))[:, None]
-    ro = gl.arange(0, M, layout=gl.SliceLayout(1, o_layout))
-    co = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-    tqo = t0 + ro // G
-    row = tqo.to(gl.int64) * HQ + kvh * G + ro % G
-    gl.store(o_ptr + row[:, None] * D + co[None, :], o.to(gl.bfloat16), mask=(tqo < T)[:, None])
-    rl = gl.arange(0, M, layout=gl.SliceLayout(1, s_layout))
-    tql = t0 + rl // G
-    gl.store(lse_ptr + tql.to(gl.int64) * HQ + kvh * G + rl % G, lse, mask=tql < T)
+    _store_rows(acc, m_i, l_i, o_ptr, lse_ptr, t0, T, kvh, HQ, G, D, M, s_layout, o_layout)
 
 
 @_constexpr_function
@@ -168,10 +160,12 @@ def _warpgroup_mma_layout(n):
 
 
 @gluon.jit
-def _ws_producer(k_desc, v_desc, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr, T, TC, qk_scale, t0, kvh,
-                 n_tiles, HQ: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BN: gl.constexpr, KSTRIDE: gl.constexpr,
-                 KOFF: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr):
-    """One warp: K/V tiles into the ring, each stage once both consumers released it."""
+def _ws_producer(part, k_desc, v_desc, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr, T, TC, qk_scale,
+                 t0, kvh, n_tiles, HQ: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BN: gl.constexpr,
+                 KSTRIDE: gl.constexpr, KOFF: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
+                 PINGPONG: gl.constexpr):
+    """One warp: K/V tiles into the ring, each stage once both consumers released it (``part`` and the arguments
+    after ``n_tiles`` are unused: worker partitions share one signature)."""
     for j in range(n_tiles):
         st = j % STAGES
         mbarrier.wait(empty.index(st), ((j // STAGES) & 1) ^ 1)  # a fresh barrier counts as released
@@ -181,19 +175,8 @@ def _ws_producer(k_desc, v_desc, q_smem, k_smem, v_smem, full, empty, turn, o_pt
 
 
 @gluon.jit
-def _ws_softmax(s, j, n_full, cols, rows_t, n_keys, m_i, l_i, qk_scale, BN: gl.constexpr, KSTRIDE: gl.constexpr,
-                KOFF: gl.constexpr):
-    """One tile's online-softmax step on raw scores ``s``: ``(p, alpha, m, l)``."""
-    if j >= n_full:
-        s = _edge_mask(s, j * BN + cols, rows_t, n_keys, KSTRIDE, KOFF)
-    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-    p = gl.exp2(s * qk_scale - m_new[:, None])
-    alpha = gl.exp2(m_i - m_new)
-    return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
-
-
-@gluon.jit
-def _ws_consume(part, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr, T, TC, qk_scale, t0, kvh, n_tiles,
+def _ws_consume(part, k_desc, v_desc, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr, T, TC, qk_scale, t0,
+                kvh, n_tiles,
                 HQ: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BN: gl.constexpr, KSTRIDE: gl.constexpr,
                 KOFF: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr):
     """One warpgroup: 64 rows (4 positions x 16 heads) of the program, over every K/V tile of the ring.
@@ -208,12 +191,7 @@ def _ws_consume(part, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr,
     p_last = gl.minimum(p0 + M // G, T) - 1
     n_keys = gl.where(p_last >= KOFF, gl.minimum(TC, (p_last - KOFF) // KSTRIDE + 1), 0)
     n_full = gl.where(p0 >= KOFF, gl.minimum(TC, (p0 - KOFF) // KSTRIDE + 1), 0) // BN
-    m_i = gl.full([M], -1.0e30, gl.float32, layout=gl.SliceLayout(1, s_layout))
-    l_i = gl.zeros([M], gl.float32, layout=gl.SliceLayout(1, s_layout))
-    acc = gl.zeros([M, D], gl.float32, layout=o_layout)
-    s_zero = gl.zeros([M, BN], gl.float32, layout=s_layout)
-    rows_t = p0 + gl.arange(0, M, layout=gl.SliceLayout(1, s_layout)) // G
-    cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+    m_i, l_i, acc, s_zero, rows_t, cols = _loop_state(p0, M, BN, D, G, s_layout, o_layout)
     qs = q_smem.index(part)
     if OVERLAP:
         if n_tiles > 0:
@@ -224,7 +202,7 @@ def _ws_consume(part, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr,
             if PINGPONG:
                 mbarrier.arrive(turn.index(1 - part), count=1)
             s = warpgroup_mma_wait(0, deps=(s,))
-            p, alpha, m_i, l_i = _ws_softmax(s, 0, n_full, cols, rows_t, n_keys, m_i, l_i, qk_scale, BN, KSTRIDE,
+            p, alpha, m_i, l_i = _softmax_tile(s, 0, n_full, cols, rows_t, n_keys, m_i, l_i, qk_scale, BN, KSTRIDE,
                                              KOFF)
             p16 = gl.convert_layout(p.to(gl.bfloat16), p_layout)
             for j in range(1, n_tiles):
@@ -238,7 +216,7 @@ def _ws_consume(part, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr,
                 if PINGPONG:
                     mbarrier.arrive(turn.index(1 - part), count=1)
                 s = warpgroup_mma_wait(1, deps=(s,))
-                p, alpha, m_i, l_i = _ws_softmax(s, j, n_full, cols, rows_t, n_keys, m_i, l_i, qk_scale, BN,
+                p, alpha, m_i, l_i = _softmax_tile(s, j, n_full, cols, rows_t, n_keys, m_i, l_i, qk_scale, BN,
                                                  KSTRIDE, KOFF)
                 acc = warpgroup_mma_wait(0, deps=(acc,))
                 mbarrier.arrive(empty.index(pst), count=1)
@@ -257,42 +235,11 @@ def _ws_consume(part, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr,
             if PINGPONG:
                 mbarrier.arrive(turn.index(1 - part), count=1)
             s = warpgroup_mma_wait(0, deps=(s,))
-            p, alpha, m_i, l_i = _ws_softmax(s, j, n_full, cols, rows_t, n_keys, m_i, l_i, qk_scale, BN, KSTRIDE,
+            p, alpha, m_i, l_i = _softmax_tile(s, j, n_full, cols, rows_t, n_keys, m_i, l_i, qk_scale, BN, KSTRIDE,
                                              KOFF)
-            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-            p16 = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-            acc = warpgroup_mma(p16, v_smem.index(st), acc, is_async=True)
-            acc = warpgroup_mma_wait(0, deps=(acc,))
+            acc = _pv_step(acc, alpha, p, v_smem.index(st), o_layout, p_layout)
             mbarrier.arrive(empty.index(st), count=1)
-    seen = l_i > 0
-    lse = gl.where(seen, (m_i + gl.log2(gl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    o = acc / gl.convert_layout(gl.where(seen, l_i, 1.0), gl.SliceLayout(1, o_layout))[:, None]
-    ro = gl.arange(0, M, layout=gl.SliceLayout(1, o_layout))
-    co = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-    tqo = p0 + ro // G
-    row = tqo.to(gl.int64) * HQ + kvh * G + ro % G
-    gl.store(o_ptr + row[:, None] * D + co[None, :], o.to(gl.bfloat16), mask=(tqo < T)[:, None])
-    rl = gl.arange(0, M, layout=gl.SliceLayout(1, s_layout))
-    tql = p0 + rl // G
-    gl.store(lse_ptr + tql.to(gl.int64) * HQ + kvh * G + rl % G, lse, mask=tql < T)
-
-
-@gluon.jit
-def _ws_consume0(k_desc, v_desc, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr, T, TC, qk_scale, t0, kvh,
-                 n_tiles, HQ: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BN: gl.constexpr,
-                 KSTRIDE: gl.constexpr, KOFF: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
-                 PINGPONG: gl.constexpr):
-    _ws_consume(0, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr, T, TC, qk_scale, t0, kvh, n_tiles,
-                HQ, G, D, BN, KSTRIDE, KOFF, STAGES, OVERLAP, PINGPONG)
-
-
-@gluon.jit
-def _ws_consume1(k_desc, v_desc, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr, T, TC, qk_scale, t0, kvh,
-                 n_tiles, HQ: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BN: gl.constexpr,
-                 KSTRIDE: gl.constexpr, KOFF: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
-                 PINGPONG: gl.constexpr):
-    _ws_consume(1, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr, T, TC, qk_scale, t0, kvh, n_tiles,
-                HQ, G, D, BN, KSTRIDE, KOFF, STAGES, OVERLAP, PINGPONG)
+    _store_rows(acc, m_i, l_i, o_ptr, lse_ptr, p0, T, kvh, HQ, G, D, M, s_layout, o_layout)
 
 
 @gluon.jit
@@ -331,12 +278,12 @@ def _cmp_fwd_ws(q_ptr, k_desc, v_desc, o_ptr, lse_ptr, T, TC, qk_scale,
     # the argument tuples written out in the call: a tuple assigned to a name first turns its constexprs into
     # tensors (Triton 3.9)
     gl.warp_specialize([
-        (_ws_consume0, (k_desc, v_desc, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr, T, TC, qk_scale, t0,
-                        kvh, n_tiles, HQ, G, D, BN, KSTRIDE, KOFF, STAGES, OVERLAP, PINGPONG)),
-        (_ws_consume1, (k_desc, v_desc, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr, T, TC, qk_scale, t0,
-                        kvh, n_tiles, HQ, G, D, BN, KSTRIDE, KOFF, STAGES, OVERLAP, PINGPONG)),
-        (_ws_producer, (k_desc, v_desc, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr, T, TC, qk_scale, t0,
-                        kvh, n_tiles, HQ, G, D, BN, KSTRIDE, KOFF, STAGES, OVERLAP, PINGPONG)),
+        (_ws_consume, (0, k_desc, v_desc, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr, T, TC, qk_scale,
+                       t0, kvh, n_tiles, HQ, G, D, BN, KSTRIDE, KOFF, STAGES, OVERLAP, PINGPONG)),
+        (_ws_consume, (1, k_desc, v_desc, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr, T, TC, qk_scale,
+                       t0, kvh, n_tiles, HQ, G, D, BN, KSTRIDE, KOFF, STAGES, OVERLAP, PINGPONG)),
+        (_ws_producer, (1, k_desc, v_desc, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr, T, TC, qk_scale,
+                        t0, kvh, n_tiles, HQ, G, D, BN, KSTRIDE, KOFF, STAGES, OVERLAP, PINGPONG)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -363,7 +310,7 @@ def launch(q, kc, vc, scale, cfg, block_t=8, bn=128, stages=2, overlap=True, war
     _cmp_fwd[(triton.cdiv(t, block_t), hkv)](
         q, k_desc, v_desc, o, lse, t, tc, scale * 1.4426950408889634, HQ=hq, HKV=hkv, G=hq // hkv, D=d,
         BLOCK_T=block_t, BN=bn, KSTRIDE=cfg.compress_stride, KOFF=cfg.compress_block - 1, STAGES=stages,
-        OVERLAP=overlap, num_warps=warps)
+        num_warps=warps)
     return o, lse
 
 
@@ -391,7 +338,7 @@ def compile_only() -> None:
                          PINGPONG=var.get("pingpong", False), num_warps=4)
             opts, fn = dict(num_warps=4, maxnreg=var.get("maxnreg", 168)), _cmp_fwd_ws
         else:
-            const.update(OVERLAP=var["overlap"], num_warps=8)
+            const.update(num_warps=8)
             opts, fn = dict(num_warps=8), _cmp_fwd
         src = GluonASTSource(fn, dict(s, **{k: "constexpr" for k in const}), const)
         ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)

@@ -17,8 +17,8 @@ import math
 
 import torch
 
-from nsa_parallel.bench import bench, core_inputs, emit, timed
-from nsa_parallel.kernels import NSAConfig, nsa_attention
+from nsa_parallel.bench import ab_check, bench, core_case, emit, timed
+from nsa_parallel.kernels import NSAConfig
 from nsa_parallel.kernels import flash as F
 from nsa_parallel.kernels import select as S
 
@@ -32,24 +32,11 @@ def main() -> None:
                    help="check: TMA vs pointers on the core; flash / sel: the branches' kernels; core: the NSA core")
     args = p.parse_args()
     cfg, t, rows = NSAConfig(), args.t, []
-    torch.manual_seed(0)
-    q, kvs, gate, ck, cv = core_inputs(t, 64, 4, 128, 128, cfg, "cuda")
-    leaves = [q, *kvs, gate, *ck.parameters(), *cv.parameters()]
-    core = lambda: nsa_attention(q, *kvs, gate, compress_k=ck, compress_v=cv, config=cfg,  # noqa: E731
-                                 backend="triton")
-    do = torch.randn(1, t, 64, 128, device="cuda", dtype=torch.bfloat16)
+    q, kvs, gate, ck, cv, leaves, core, do = core_case(t, cfg)
     p_only = set(args.only)
     if "check" in p_only:
-        got = {}
-        for tma in (False, True):
-            F.USE_TMA = tma
-            o = core()
-            got[tma] = [o.detach()] + [g.detach() for g in torch.autograd.grad(o, leaves, do)]
-        err = max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
-                  for a, b in zip(got[True], got[False]))
-        emit(rows, args.out, check="core output and gradients, TMA vs pointers", max_rel_err=err)
-        del got
-        F.USE_TMA = True
+        emit(rows, args.out, check="core output and gradients, TMA vs pointers",
+             max_rel_err=ab_check(core, leaves, do, lambda on: setattr(F, "USE_TMA", on)))
     scale = 1 / math.sqrt(128)
     with torch.no_grad():
         kc, vc = ck(kvs[0]).contiguous(), cv(kvs[1]).contiguous()

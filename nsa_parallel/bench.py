@@ -106,6 +106,31 @@ def emit(rows: list, out: str, **row) -> None:
                        rows=rows), f, indent=1)
 
 
+def core_case(t: int, cfg, hq: int = 64, hkv: int = 4, d: int = 128, dev: str = "cuda", seed: int = 0):
+    """The bench's NSA core at length ``t`` for the A/B scripts in benchmarks/: ``(q, kvs, gate, ck, cv, leaves,
+    core, do)``, ``core()`` the Triton core's output and ``do`` an output gradient for it."""
+    from nsa_parallel.kernels import nsa_attention
+    torch.manual_seed(seed)
+    q, kvs, gate, ck, cv = core_inputs(t, hq, hkv, d, d, cfg, dev)
+    leaves = [q, *kvs, gate, *ck.parameters(), *cv.parameters()]
+    core = lambda: nsa_attention(q, *kvs, gate, compress_k=ck, compress_v=cv, config=cfg,  # noqa: E731
+                                 backend="triton")
+    return q, kvs, gate, ck, cv, leaves, core, torch.randn(1, t, hq, d, device=dev, dtype=q.dtype)
+
+
+def ab_check(fn, leaves, do, switch) -> float:
+    """How far ``fn()``'s output and the gradients of ``leaves`` (for the output gradient ``do``) move when
+    ``switch(True)`` replaces ``switch(False)``: the largest ``max |a - b| / max |b|`` over them (the A/B scripts in
+    benchmarks/ check two ways of computing the core with it). Leaves the switch on."""
+    got = []
+    for on in (False, True):
+        switch(on)
+        o = fn()
+        got.append([o.detach()] + [g.detach() for g in torch.autograd.grad(o, leaves, do)])
+    return max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
+               for a, b in zip(got[1], got[0]))
+
+
 def core_inputs(t, hq, hkv, dk, dv, cfg, dev, dt=torch.bfloat16):
     """Random inputs of the NSA core at batch 1: ``(q, [k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa], gate, phi_k,
     phi_v)``, tensors requiring grad (also used by the scripts in benchmarks/)."""
