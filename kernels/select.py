@@ -366,7 +366,9 @@ SEL_WIDE_STAGES = 2  # pipeline stages of 256-wide tiles (head dims above 128); 
 class _SelLaunch:
     """Grid and constants of one selected-attention call. ``q_offset``: query ``i`` sits at position
     ``i + q_offset``; ``k_base``: the key buffer holds positions ``[k_base, k_base + tk)`` (both 0 without context
-    parallelism); blocks outside the buffer are skipped."""
+    parallelism); blocks outside the buffer are skipped. ``forced``: ``forced.forced_constants`` when the window
+    kernels attend to the forced blocks (the NSA core), taken only by the per-position loops without offsets
+    (``self.forced`` says whether)."""
 
     def __init__(self, q, k, v, indices, block, cu_seqlens, max_t=None, q_offset=0, k_base=0, forced=None):
         b, t, hq, dk = q.shape
