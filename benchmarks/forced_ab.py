@@ -6,9 +6,7 @@ Checks that both ways give the same core output and gradients (bf16), then times
 round, what the NSA core launches for the window and selected branches: the forward (window kernel, then the
 selected loop over all blocks / over the chosen ones from the forced partial) and the backward (window dq + dK/dV,
 selected dq + dK/dV), each kernel group alone and together; at the end the whole core's forward and
-forward+backward both ways (``nsa_parallel.bench``'s timing). ``--only sweep``: the window kernels' launch configs;
-``--only anchor``: their end-anchored key tiles (``flash.ANCHOR_WINDOW``) on and off, checked, the window kernels
-and the core timed. JSON lines to stdout and ``--out``.
+forward+backward both ways (``nsa_parallel.bench``'s timing). JSON lines to stdout and ``--out``.
 """
 from __future__ import annotations
 
@@ -29,9 +27,7 @@ def main() -> None:
     p.add_argument("--t", type=int, default=65536)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default="forced_ab.json")
-    p.add_argument("--only", nargs="+", default=["check", "branches", "core"],
-                   help="check / branches / core: the forced blocks; sweep: the window kernels' launch configs; "
-                        "anchor: the window kernels' end-anchored tiles")
+    p.add_argument("--only", nargs="+", default=["check", "branches", "core"])
     args = p.parse_args()
     cfg, t, rows, only = NSAConfig(), args.t, [], set(args.only)
     q, kvs, gate, ck, cv, leaves, core, do = core_case(t, cfg)
@@ -119,24 +115,6 @@ def main() -> None:
         FB.FORCED_TILES = on
         fwd, fwdbwd = bench(core, torch.randn_like, leaves)
         emit(rows, args.out, forced=on, branch="core", fwd_ms=fwd, fwdbwd_ms=fwdbwd)
-    if "anchor" in only:  # flash.ANCHOR_WINDOW: end-anchored window tiles, in the kernels the core launches
-        emit(rows, args.out, check="core output and gradients, anchored window tiles on vs off",
-             max_rel_err=ab_check(core, leaves, do, lambda on: setattr(F, "ANCHOR_WINDOW", on)))
-        d = torch.empty(2, 1, t, 64, device="cuda", dtype=torch.float32)
-        for rnd in range(args.rounds):
-            for on in (False, True):
-                F.ANCHOR_WINDOW = on
-                Lw = F._Launch(qd, kw, vw, 1, 0, cfg.window, None, None)
-                fc = FB.forced_constants(cfg, Lw)
-                ow, lw, os_, ls_ = FB.window_forced_forward(qd, kw, vw, ks, vs, scale, Lw, fc)
-                emit(rows, args.out, round=rnd, anchored=on, edge=Lw.fwd[1]["EDGE"],
-                     window_fwd_ms=timed(lambda: FB.window_forced_forward(qd, kw, vw, ks, vs, scale, Lw, fc)),
-                     window_dq_ms=timed(lambda: FB.window_forced_dq(qd, kw, vw, ks, vs, do, lw, ls_, ow, os_, d[0],
-                                                                     d[1], g_swa, g_slc, scale, Lw, fc)))
-        for on in (False, True) * 2:
-            F.ANCHOR_WINDOW = on
-            fwd, fwdbwd = bench(core, torch.randn_like, leaves)
-            emit(rows, args.out, anchored=on, branch="core", fwd_ms=fwd, fwdbwd_ms=fwdbwd)
 
 
 # (rows, keys, warps, stages); the shipped (64, 64, 4, 2) first: the reference of the others' outputs (session 16,

@@ -188,7 +188,7 @@ def _kv_tile(K, V, kbos, kvh, j0, j_hi, HKV: tl.constexpr, DK: tl.constexpr, DV:
     tensor's end and columns past DK/DV with zeros but read keys ``>= j_hi`` inside it (the next sequence of a
     packed batch) as they are: every caller masks those keys' scores, as it does for the zeros of pointer loads."""
     j = j0 + tl.arange(0, BLOCK_N)
-    jvalid = (j >= 0) & (j < j_hi)  # end-anchored window tiles (_anchored) may start before key 0
+    jvalid = j < j_hi
     kv_off = (kbos + j.to(tl.int64)) * HKV + kvh
     if TMA:
         row = (kbos + j0).to(tl.int32)
@@ -220,44 +220,13 @@ def _fwd_tiles(q, K, V, kbos, kvh, tq, j_start, j_end, j_hi, m_i, l_i, acc, qk_s
 
 
 @triton.jit
-def _anchored(t0, T, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, KOFF, WINDOW: tl.constexpr, EDGE: tl.constexpr):
-    """End-anchored key tiles of a sliding-window query tile (``KSTRIDE`` 1, ``WINDOW`` a multiple of ``BLOCK_N``).
-
-    The tile's rows see keys ``[t0 - W + 1, t_last]`` (``W + BLOCK_T - 1`` keys, key index = position - KOFF).
-    Tiles ending at ``e = t_last - KOFF + 1`` (one past the last key) cover them with ``W / BLOCK_N`` whole tiles and
-    ``BLOCK_T - 1`` keys more, where tiles aligned to multiples of ``BLOCK_N`` take one whole tile more with two of
-    them masked. Returns ``(e, w0, r0)``: the tiles ``[w0, e - BLOCK_N)`` are seen whole by every row (no mask), the
-    last ``[e - BLOCK_N, e)`` holds the causal edge, and ``[r0, w0)`` (``EDGE``-key tiles) the keys below: the
-    window's far edge, or the start of the sequence."""
-    t_last = tl.minimum(t0 + BLOCK_T, T) - 1
-    e = t_last - KOFF + 1
-    n_whole = tl.minimum(WINDOW // BLOCK_N - 1, tl.maximum(e // BLOCK_N - 1, 0))
-    w0 = e - BLOCK_N * (n_whole + 1)
-    below = tl.where(n_whole == WINDOW // BLOCK_N - 1, BLOCK_T - 1, w0)  # keys under w0 some row may see
-    below = tl.maximum(tl.minimum(below, w0), 0)
-    return e, w0, w0 - (below + EDGE - 1) // EDGE * EDGE
-
-
-@triton.jit
 def _attend(q, K, V, kbos, kvh, t0, T, TK, tq, qk_scale, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
             BDK: tl.constexpr, BDV: tl.constexpr, BLOCK_T: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr,
-            KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, KD, VD, TMA: tl.constexpr, EDGE: tl.constexpr = 0):
-    """``(o, lse)`` of a query tile's rows ``q`` over the keys its positions ``tq`` see; ``EDGE`` > 0: a sliding
-    window's end-anchored tiles (``_anchored``)."""
+            KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, KD, VD, TMA: tl.constexpr):
+    """``(o, lse)`` of a query tile's rows ``q`` over the keys its positions ``tq`` see."""
     m_i = tl.full([BLOCK_T * GP], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_T * GP], dtype=tl.float32)
     acc = tl.zeros([BLOCK_T * GP, BDV], dtype=tl.float32)
-    if EDGE > 0:
-        e, w0, r0 = _anchored(t0, T, BLOCK_T, BLOCK_N, KOFF, WINDOW, EDGE)
-        j_hi = tl.minimum(e, TK)
-        m_i, l_i, acc = _fwd_tiles(q, K, V, kbos, kvh, tq, w0, e - BLOCK_N, j_hi, m_i, l_i, acc, qk_scale, HKV, DK,
-                                   DV, BDK, BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, False, KD, VD, TMA)
-        # the masked tiles by pointer loads: they may start before key 0
-        m_i, l_i, acc = _fwd_tiles(q, K, V, kbos, kvh, tq, e - BLOCK_N, e, j_hi, m_i, l_i, acc, qk_scale, HKV, DK,
-                                   DV, BDK, BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True, None, None, False)
-        m_i, l_i, acc = _fwd_tiles(q, K, V, kbos, kvh, tq, r0, w0, j_hi, m_i, l_i, acc, qk_scale, HKV, DK, DV, BDK,
-                                   BDV, EDGE, KSTRIDE, KOFF, WINDOW, True, None, None, False)
-        return _finish(acc, m_i, l_i)
     j_lo, j_hi = _key_range(t0, T, TK, BLOCK_T, BLOCK_N, KSTRIDE, KOFF, WINDOW)
     fa, fb = _full_keys(t0, T, j_lo, j_hi, BLOCK_T, BLOCK_N, KSTRIDE, KOFF, WINDOW)
     # masked tiles at the window's far edge, unmasked ones in the middle, masked ones at the causal edge
@@ -276,14 +245,14 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, CU_K, T_FIXED, TK_FIXED, scale,
                 DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                 KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
-                KD=None, VD=None, TMA: tl.constexpr = False, EDGE: tl.constexpr = 0):
+                KD=None, VD=None, TMA: tl.constexpr = False):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
     row_off = (bos + tq.to(tl.int64)) * HQ + hq
     q = _load_tile(Q, row_off, rvalid, DK, BDK)
     o, lse = _attend(q, K, V, kbos, kvh, t0, T, TK, tq, scale * 1.4426950408889634, HKV, DK, DV, BDK, BDV, BLOCK_T,
-                     GP, BLOCK_N, KSTRIDE, KOFF, WINDOW, KD, VD, TMA, EDGE)
+                     GP, BLOCK_N, KSTRIDE, KOFF, WINDOW, KD, VD, TMA)
     _store_tile(O, row_off, rvalid, o, DV, BDV)
     tl.store(LSE + row_off, lse, mask=rvalid)
 
@@ -310,20 +279,9 @@ def _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, j_start, j_end, j_hi,
 @triton.jit
 def _dq_sum(q, do, lse2, delta, K, V, kbos, kvh, t0, T, TK, tq, qk_scale, HKV: tl.constexpr, DK: tl.constexpr,
             DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BLOCK_T: tl.constexpr, GP: tl.constexpr,
-            BLOCK_N: tl.constexpr, KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, KD, VD, TMA: tl.constexpr,
-            EDGE: tl.constexpr = 0):
-    """A query tile's dq (before the softmax scale and the gate) over the keys its positions ``tq`` see; ``EDGE``:
-    as :func:`_attend`."""
+            BLOCK_N: tl.constexpr, KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, KD, VD, TMA: tl.constexpr):
+    """A query tile's dq (before the softmax scale and the gate) over the keys its positions ``tq`` see."""
     dq = tl.zeros([BLOCK_T * GP, BDK], dtype=tl.float32)
-    if EDGE > 0:
-        e, w0, r0 = _anchored(t0, T, BLOCK_T, BLOCK_N, KOFF, WINDOW, EDGE)
-        j_hi = tl.minimum(e, TK)
-        dq = _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, w0, e - BLOCK_N, j_hi, qk_scale, HKV, DK, DV,
-                       BDK, BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, False, KD, VD, TMA)
-        dq = _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, e - BLOCK_N, e, j_hi, qk_scale, HKV, DK, DV,
-                       BDK, BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True, None, None, False)
-        return _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, r0, w0, j_hi, qk_scale, HKV, DK, DV, BDK, BDV,
-                         EDGE, KSTRIDE, KOFF, WINDOW, True, None, None, False)
     j_lo, j_hi = _key_range(t0, T, TK, BLOCK_T, BLOCK_N, KSTRIDE, KOFF, WINDOW)
     fa, fb = _full_keys(t0, T, j_lo, j_hi, BLOCK_T, BLOCK_N, KSTRIDE, KOFF, WINDOW)
     dq = _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, j_lo, fa, j_hi, qk_scale, HKV, DK, DV, BDK, BDV,
@@ -341,8 +299,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K, T_FIXED, TK_FIXED, sca
                    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                    KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
                    DQ_ADD: tl.constexpr = False, GATE=None, GATED: tl.constexpr = False, O=None,
-                   DELTA_FROM_O: tl.constexpr = False, KD=None, VD=None, TMA: tl.constexpr = False,
-                   EDGE: tl.constexpr = 0):
+                   DELTA_FROM_O: tl.constexpr = False, KD=None, VD=None, TMA: tl.constexpr = False):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
@@ -351,7 +308,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K, T_FIXED, TK_FIXED, sca
     if DELTA_FROM_O:
         delta = _own_delta(O, DELTA, do, row_off, rvalid, DV, BDV)
     dq = _dq_sum(q, do, lse2, delta, K, V, kbos, kvh, t0, T, TK, tq, scale * 1.4426950408889634, HKV, DK, DV, BDK,
-                 BDV, BLOCK_T, GP, BLOCK_N, KSTRIDE, KOFF, WINDOW, KD, VD, TMA, EDGE)
+                 BDV, BLOCK_T, GP, BLOCK_N, KSTRIDE, KOFF, WINDOW, KD, VD, TMA)
     _store_grad_tile(DQ, row_off, rvalid, _gated(dq, g[:, None], GATED) * scale, DK, BDK, DQ_ADD)
 
 
@@ -470,18 +427,6 @@ def wide_tile_stages(q: torch.Tensor, bdk: int, bdv: int, stages: int) -> int:
     return stages if q.is_cuda and q.dtype != torch.float32 and bdk + bdv <= 384 else 1
 
 
-ANCHOR_WINDOW = True  # sliding-window query tiles walk end-anchored key tiles (_anchored) where they apply
-
-
-def anchored_edge(kstride: int, window: int, block_t: int, block_n: int) -> int:
-    """The small tile (keys) of end-anchored window tiles for these launch tiles, or 0 where they do not apply
-    (not a sliding window of keys one position apart, a window not a multiple of the key tile, or query tiles
-    longer than a key tile)."""
-    if not ANCHOR_WINDOW or kstride != 1 or window >= NO_WINDOW or window % block_n or block_t > block_n:
-        return 0
-    return max(16, triton.next_power_of_2(block_t - 1))
-
-
 def choose_q_split(max_t: int, key_programs: int, window: int) -> int:
     """Query positions per dK/dV program (0 = all): split when few key tiles each see very many queries
     (the compressed branch), so that the grid fills the GPU."""
@@ -575,9 +520,7 @@ class _Launch:
                 const, opts = self._tiled(tiles)
                 setattr(self, name, ((triton.cdiv(max_t, const["BLOCK_T"]), nseq * hkv), const, opts))
             else:
-                setattr(self, name, (self.grid_q, dict(self.const, EDGE=anchored_edge(kstride, window, block_t,
-                                                                                        block_n)),
-                                     dict(num_stages=self.stages)))
+                setattr(self, name, (self.grid_q, self.const, dict(num_stages=self.stages)))
         const, opts = self._tiled(dkdv_tiles or (DKDV_TILES if tuned else shared))
         keys = const["BLOCK_N"]
         self.q_split = choose_q_split(max_t, triton.cdiv(max(max_tk, 1), keys) * nseq * hkv, window)

@@ -82,7 +82,7 @@ def _window_forced_fwd_kernel(Q, K, V, O, LSE, KS, VS, OS, LS, CU, CU_K, T_FIXED
                               BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, KSTRIDE: tl.constexpr, KOFF,
                               WINDOW: tl.constexpr, VARLEN: tl.constexpr, BS: tl.constexpr, FBN: tl.constexpr,
                               INITIAL: tl.constexpr, LOCAL: tl.constexpr, NOWIN: tl.constexpr, KD=None, VD=None,
-                              TMA: tl.constexpr = False, EDGE: tl.constexpr = 0):
+                              TMA: tl.constexpr = False):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
@@ -90,7 +90,7 @@ def _window_forced_fwd_kernel(Q, K, V, O, LSE, KS, VS, OS, LS, CU, CU_K, T_FIXED
     q = _load_tile(Q, row_off, rvalid, DK, BDK)
     qk_scale = scale * 1.4426950408889634
     o, lse = _attend(q, K, V, kbos, kvh, t0, T, TK, tq, qk_scale, HKV, DK, DV, BDK, BDV, BLOCK_T, GP, BLOCK_N,
-                     KSTRIDE, KOFF, WINDOW, KD, VD, TMA, EDGE)
+                     KSTRIDE, KOFF, WINDOW, KD, VD, TMA)
     _store_tile(O, row_off, rvalid, o, DV, BDV)
     tl.store(LSE + row_off, lse, mask=rvalid)
     o, lse = _forced_attend(q, KS, VS, kbos, kvh, t0, T, tq, qk_scale, HKV, DK, DV, BDK, BDV, BLOCK_T, GP, BS, FBN,
@@ -107,7 +107,7 @@ def _window_forced_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, O, GATE, KS, VS, OS, L
                              KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
                              BS: tl.constexpr, FBN: tl.constexpr, INITIAL: tl.constexpr, LOCAL: tl.constexpr,
                              NOWIN: tl.constexpr, DQ_ADD: tl.constexpr = False, KD=None, VD=None,
-                             TMA: tl.constexpr = False, EDGE: tl.constexpr = 0):
+                             TMA: tl.constexpr = False):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
@@ -116,7 +116,7 @@ def _window_forced_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, O, GATE, KS, VS, OS, L
     delta = _own_delta(O, DELTA, do, row_off, rvalid, DV, BDV)
     qk_scale = scale * 1.4426950408889634
     dq = _dq_sum(q, do, lse2, delta, K, V, kbos, kvh, t0, T, TK, tq, qk_scale, HKV, DK, DV, BDK, BDV, BLOCK_T, GP,
-                 BLOCK_N, KSTRIDE, KOFF, WINDOW, KD, VD, TMA, EDGE) * g[:, None]
+                 BLOCK_N, KSTRIDE, KOFF, WINDOW, KD, VD, TMA) * g[:, None]
     # the selected branch's forced blocks, with that branch's lse, delta and gate, into the same dq
     lse2 = _load_lse2(LS, row_off, rvalid)
     g = tl.load(GS + row_off, mask=rvalid, other=0.0)

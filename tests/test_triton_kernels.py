@@ -98,37 +98,6 @@ def test_flash_unmasked_middle_tiles(kstride, koff, window):
         _check(a, b, torch.float32, f"d{name}")
 
 
-@pytest.mark.parametrize("hq,hkv,window,halo,packed", [
-    (16, 1, 64, 0, False), (16, 1, 128, 32, False),  # G=16: 4 positions a tile, 16-key far-edge tiles
-    (8, 2, 128, 0, True),  # G=4: 16 positions a tile
-    (4, 4, 64, 0, False),  # G=1: 64 positions a tile, a 64-key far-edge tile
-])
-def test_window_end_anchored_tiles(hq, hkv, window, halo, packed, monkeypatch):
-    """Sliding windows that are a multiple of the key tile walk end-anchored key tiles (``flash._anchored``): output
-    and every gradient against the dense reference, and against the aligned tiling, near the sequence start (keys
-    before 0), at the far edge, with keys that start before the queries (a context-parallel halo) and packed."""
-    t, d = 300, 16
-    q = _rand(1, t, hq, d, dtype=torch.float32, seed=51)
-    k, v = (_rand(1, t + halo, hkv, d, dtype=torch.float32, seed=s) for s in (52, 53))
-    cu = torch.tensor([0, 130, 300], dtype=torch.int32, device=DEVICE) if packed else None
-    L = flash._Launch(q, k, v, 1, -halo, window, cu, cu)
-    assert L.fwd[1]["EDGE"] > 0 and L.dq[1]["EDGE"] > 0
-    got = {}
-    for anchor in (True, False):
-        monkeypatch.setattr(flash, "ANCHOR_WINDOW", anchor)
-        o, _ = position_masked_attention(q, k, v, 0.3, 1, -halo, window, cu, cu)
-        got[anchor] = [o, *_grads(o, (q, k, v))]
-    if packed:
-        want = [torch.cat([_masked_attention(q[:, a:b], k[:, a:b], v[:, a:b], 0.3, 1, 0, window)
-                           for a, b in ((0, 130), (130, 300))], 1)]
-    else:
-        want = [_masked_attention(q, k, v, 0.3, 1, -halo, window)]
-    want += list(_grads(want[0], (q, k, v)))
-    for name, a, b, c in zip(["o", "dq", "dk", "dv"], got[True], want, got[False]):
-        _check(a, b, torch.float32, name)
-        _check(a, c, torch.float32, f"{name} (against the aligned tiles)")
-
-
 @pytest.mark.parametrize("kstride,koff,window", [(4, 7, 1 << 30), (1, 0, 200)])
 @pytest.mark.parametrize("gated", [False, True])
 def test_flash_dkdv_gpu_tiles(kstride, koff, window, gated):
