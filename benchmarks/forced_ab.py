@@ -6,7 +6,8 @@ Checks that both ways give the same core output and gradients (bf16), then times
 round, what the NSA core launches for the window and selected branches: the forward (window kernel, then the
 selected loop over all blocks / over the chosen ones from the forced partial) and the backward (window dq + dK/dV,
 selected dq + dK/dV), each kernel group alone and together; at the end the whole core's forward and
-forward+backward both ways (``nsa_parallel.bench``'s timing). JSON lines to stdout and ``--out``.
+forward+backward both ways (``nsa_parallel.bench``'s timing). ``--only sweep``: the window kernels' launch configs
+with the forced blocks. JSON lines to stdout and ``--out``.
 """
 from __future__ import annotations
 
