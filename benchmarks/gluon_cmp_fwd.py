@@ -75,13 +75,19 @@ def _pv_step(acc, alpha, p, v_tile, o_layout: gl.constexpr, p_layout: gl.constex
 
 @gluon.jit
 def _store_rows(acc, m_i, l_i, o_ptr, lse_ptr, p0, T, kvh, HQ: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
-                M: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
+                M: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr, WARPS: gl.constexpr,
+                COALESCE: gl.constexpr):
     """o and lse of ``M`` rows (positions from ``p0`` x the G heads of KV head ``kvh``) from the softmax state."""
     seen = l_i > 0
     lse = gl.where(seen, (m_i + gl.log2(gl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     o = acc / gl.convert_layout(gl.where(seen, l_i, 1.0), gl.SliceLayout(1, o_layout))[:, None]
-    ro = gl.arange(0, M, layout=gl.SliceLayout(1, o_layout))
-    co = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    if COALESCE:  # 16-byte row pieces per thread instead of the accumulator's 4-byte ones
+        st_layout: gl.constexpr = _store_layout(WARPS)
+        o = gl.convert_layout(o, st_layout)
+    else:
+        st_layout: gl.constexpr = o_layout
+    ro = gl.arange(0, M, layout=gl.SliceLayout(1, st_layout))
+    co = gl.arange(0, D, layout=gl.SliceLayout(0, st_layout))
     tqo = p0 + ro // G
     row = tqo.to(gl.int64) * HQ + kvh * G + ro % G
     gl.store(o_ptr + row[:, None] * D + co[None, :], o.to(gl.bfloat16), mask=(tqo < T)[:, None])
@@ -94,7 +100,7 @@ def _store_rows(acc, m_i, l_i, o_ptr, lse_ptr, p0, T, kvh, HQ: gl.constexpr, G: 
 def _cmp_fwd(q_ptr, k_desc, v_desc, o_ptr, lse_ptr, T, TC, qk_scale,
              HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_T: gl.constexpr,
              BN: gl.constexpr, KSTRIDE: gl.constexpr, KOFF: gl.constexpr, STAGES: gl.constexpr,
-             num_warps: gl.constexpr):
+             COALESCE: gl.constexpr, num_warps: gl.constexpr):
     M: gl.constexpr = BLOCK_T * G
     t0 = gl.program_id(0) * BLOCK_T
     kvh = gl.program_id(1)
@@ -148,7 +154,13 @@ def _cmp_fwd(q_ptr, k_desc, v_desc, o_ptr, lse_ptr, T, TC, qk_scale,
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
 
-    _store_rows(acc, m_i, l_i, o_ptr, lse_ptr, t0, T, kvh, HQ, G, D, M, s_layout, o_layout)
+    _store_rows(acc, m_i, l_i, o_ptr, lse_ptr, t0, T, kvh, HQ, G, D, M, s_layout, o_layout, num_warps, COALESCE)
+
+
+@_constexpr_function
+def _store_layout(warps):
+    """Rows of 8 contiguous elements per thread (16-byte stores) over ``warps`` warps."""
+    return gl.BlockedLayout([1, 8], [4, 8], [int(getattr(warps, "value", warps)), 1], [1, 0])
 
 
 @_constexpr_function
@@ -163,7 +175,7 @@ def _warpgroup_mma_layout(n):
 def _ws_producer(part, k_desc, v_desc, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr, T, TC, qk_scale,
                  t0, kvh, n_tiles, HQ: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BN: gl.constexpr,
                  KSTRIDE: gl.constexpr, KOFF: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
-                 PINGPONG: gl.constexpr):
+                 PINGPONG: gl.constexpr, COALESCE: gl.constexpr):
     """One warp: K/V tiles into the ring, each stage once both consumers released it (``part`` and the arguments
     after ``n_tiles`` are unused: worker partitions share one signature)."""
     for j in range(n_tiles):
@@ -178,7 +190,8 @@ def _ws_producer(part, k_desc, v_desc, q_smem, k_smem, v_smem, full, empty, turn
 def _ws_consume(part, k_desc, v_desc, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr, T, TC, qk_scale, t0,
                 kvh, n_tiles,
                 HQ: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BN: gl.constexpr, KSTRIDE: gl.constexpr,
-                KOFF: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr):
+                KOFF: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
+                COALESCE: gl.constexpr):
     """One warpgroup: 64 rows (4 positions x 16 heads) of the program, over every K/V tile of the ring.
     ``OVERLAP``: tile j's q.k^T issued with tile j-1's p.v (tile j's softmax runs while the p.v does);
     ``PINGPONG``: the two consumers take turns to issue their products (``turn`` mbarriers), so one's softmax
@@ -239,14 +252,15 @@ def _ws_consume(part, k_desc, v_desc, q_smem, k_smem, v_smem, full, empty, turn,
                                              KOFF)
             acc = _pv_step(acc, alpha, p, v_smem.index(st), o_layout, p_layout)
             mbarrier.arrive(empty.index(st), count=1)
-    _store_rows(acc, m_i, l_i, o_ptr, lse_ptr, p0, T, kvh, HQ, G, D, M, s_layout, o_layout)
+    _store_rows(acc, m_i, l_i, o_ptr, lse_ptr, p0, T, kvh, HQ, G, D, M, s_layout, o_layout, 4, COALESCE)
 
 
 @gluon.jit
 def _cmp_fwd_ws(q_ptr, k_desc, v_desc, o_ptr, lse_ptr, T, TC, qk_scale,
                 HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_T: gl.constexpr,
                 BN: gl.constexpr, KSTRIDE: gl.constexpr, KOFF: gl.constexpr, STAGES: gl.constexpr,
-                CONSUMER_REGS: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr):
+                CONSUMER_REGS: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, COALESCE: gl.constexpr,
+                num_warps: gl.constexpr):
     """Warp-specialized: the default partition (4 warps) and a worker (4 warps) each own 64 of the 128 rows and
     share the K/V ring that a one-warp producer fills (FA3's structure, without its explicit ping-pong)."""
     t0 = gl.program_id(0) * BLOCK_T
@@ -279,16 +293,19 @@ def _cmp_fwd_ws(q_ptr, k_desc, v_desc, o_ptr, lse_ptr, T, TC, qk_scale,
     # tensors (Triton 3.9)
     gl.warp_specialize([
         (_ws_consume, (0, k_desc, v_desc, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr, T, TC, qk_scale,
-                       t0, kvh, n_tiles, HQ, G, D, BN, KSTRIDE, KOFF, STAGES, OVERLAP, PINGPONG)),
+                       t0, kvh, n_tiles, HQ, G, D, BN, KSTRIDE, KOFF, STAGES, OVERLAP, PINGPONG,
+                       COALESCE)),
         (_ws_consume, (1, k_desc, v_desc, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr, T, TC, qk_scale,
-                       t0, kvh, n_tiles, HQ, G, D, BN, KSTRIDE, KOFF, STAGES, OVERLAP, PINGPONG)),
+                       t0, kvh, n_tiles, HQ, G, D, BN, KSTRIDE, KOFF, STAGES, OVERLAP, PINGPONG,
+                       COALESCE)),
         (_ws_producer, (1, k_desc, v_desc, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr, T, TC, qk_scale,
-                        t0, kvh, n_tiles, HQ, G, D, BN, KSTRIDE, KOFF, STAGES, OVERLAP, PINGPONG)),
+                        t0, kvh, n_tiles, HQ, G, D, BN, KSTRIDE, KOFF, STAGES, OVERLAP, PINGPONG,
+                       COALESCE)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
 def launch(q, kc, vc, scale, cfg, block_t=8, bn=128, stages=2, overlap=True, warps=8, ws=False, regs=240,
-           maxnreg=168, pingpong=False):
+           maxnreg=168, pingpong=False, coalesce=False):
     """``(o, lse)`` of the compressed branch by the Gluon kernel: q ``[1, t, hq, 128]``, kc / vc ``[1, tc, hkv, 128]``
     (bf16, G = hq / hkv = 16)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -305,21 +322,20 @@ def launch(q, kc, vc, scale, cfg, block_t=8, bn=128, stages=2, overlap=True, war
         _cmp_fwd_ws[(triton.cdiv(t, block_t), hkv)](
             q, k_desc, v_desc, o, lse, t, tc, scale * 1.4426950408889634, HQ=hq, HKV=hkv, G=hq // hkv, D=d,
             BLOCK_T=block_t, BN=bn, KSTRIDE=cfg.compress_stride, KOFF=cfg.compress_block - 1, STAGES=stages,
-            CONSUMER_REGS=regs, OVERLAP=overlap, PINGPONG=pingpong, **opts)
+            CONSUMER_REGS=regs, OVERLAP=overlap, PINGPONG=pingpong, COALESCE=coalesce, **opts)
         return o, lse
     _cmp_fwd[(triton.cdiv(t, block_t), hkv)](
         q, k_desc, v_desc, o, lse, t, tc, scale * 1.4426950408889634, HQ=hq, HKV=hkv, G=hq // hkv, D=d,
         BLOCK_T=block_t, BN=bn, KSTRIDE=cfg.compress_stride, KOFF=cfg.compress_block - 1, STAGES=stages,
-        num_warps=warps)
+        COALESCE=coalesce, num_warps=warps)
     return o, lse
 
 
 # session 16: run 7 the plain kernel, run 8 with edge-only masks, run 9 warp-specialized, run 10 + overlap /
-# ping-pong, run 11 (this list) tiles and stages of the best
-VARIANTS = [dict(ws=True, overlap=True, stages=3), dict(ws=True, overlap=True, stages=4, bn=64),
-            dict(ws=True, overlap=True, stages=5, bn=64), dict(ws=True, overlap=True, pingpong=True, stages=4, bn=64),
-            dict(ws=True, overlap=True, stages=3, regs=232), dict(ws=True, overlap=True, stages=3, block_t=8,
-                                                                   maxnreg=160, regs=232)]
+# ping-pong, run 11 tiles and stages of the best, run 13 (this list) 16-byte output stores
+VARIANTS = [dict(stages=3), dict(stages=3, coalesce=True), dict(ws=True, overlap=True, stages=3),
+            dict(ws=True, overlap=True, stages=3, coalesce=True), dict(ws=True, overlap=True, stages=3, regs=232),
+            dict(ws=True, overlap=True, stages=3, regs=232, coalesce=True)]
 
 
 def compile_only() -> None:
@@ -332,7 +348,8 @@ def compile_only() -> None:
         bn = var.get("bn", 128)
         layout = gl.NVMMASharedLayout.get_default_for([bn, 128], gl.bfloat16)
         s = dict(sig, k_desc=f"tensordesc<bf16[{bn}, 128],{layout}>", v_desc=f"tensordesc<bf16[{bn}, 128],{layout}>")
-        const = dict(HQ=64, HKV=4, G=16, D=128, BLOCK_T=8, BN=bn, KSTRIDE=16, KOFF=31, STAGES=var["stages"])
+        const = dict(HQ=64, HKV=4, G=16, D=128, BLOCK_T=8, BN=bn, KSTRIDE=16, KOFF=31, STAGES=var["stages"],
+                     COALESCE=var.get("coalesce", False))
         if var.get("ws"):
             const.update(CONSUMER_REGS=var.get("regs", 240), OVERLAP=var["overlap"],
                          PINGPONG=var.get("pingpong", False), num_warps=4)
