@@ -304,8 +304,115 @@ def _cmp_fwd_ws(q_ptr, k_desc, v_desc, o_ptr, lse_ptr, T, TC, qk_scale,
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
+@gluon.jit
+def _work_tile(w, T, HKV: gl.constexpr, BLOCK_T: gl.constexpr, BN: gl.constexpr, KSTRIDE: gl.constexpr,
+               KOFF: gl.constexpr, TC):
+    """Work item ``w`` of the persistent kernel, longest first: ``(t0, kvh, n_tiles)``."""
+    n_pb = (T + BLOCK_T - 1) // BLOCK_T
+    t0 = (n_pb - 1 - w // HKV) * BLOCK_T
+    t_last = gl.minimum(t0 + BLOCK_T, T) - 1
+    n_keys = gl.where(t_last >= KOFF, gl.minimum(TC, (t_last - KOFF) // KSTRIDE + 1), 0)
+    return t0, w % HKV, (n_keys + BN - 1) // BN
+
+
+@gluon.jit
+def _wsp_producer(part, k_desc, v_desc, k_smem, v_smem, full, empty, q_ptr, o_ptr, lse_ptr, T, TC, qk_scale, n_work,
+                  HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_T: gl.constexpr,
+                  BN: gl.constexpr, KSTRIDE: gl.constexpr, KOFF: gl.constexpr, STAGES: gl.constexpr):
+    """Persistent producer: the K/V tiles of this program's work items, one ring for all of them."""
+    it = 0
+    for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+        t0, kvh, n_tiles = _work_tile(w, T, HKV, BLOCK_T, BN, KSTRIDE, KOFF, TC)
+        for j in range(n_tiles):
+            st = it % STAGES
+            mbarrier.wait(empty.index(st), ((it // STAGES) & 1) ^ 1)
+            mbarrier.expect(full.index(st), 2 * BN * D * 2)
+            _tma_load(k_desc, [j * BN, kvh * D], full.index(st), k_smem.index(st))
+            _tma_load(v_desc, [j * BN, kvh * D], full.index(st), v_smem.index(st))
+            it += 1
+
+
+@gluon.jit
+def _wsp_consume(part, k_desc, v_desc, k_smem, v_smem, full, empty, q_ptr, o_ptr, lse_ptr, T, TC, qk_scale, n_work,
+                 HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_T: gl.constexpr,
+                 BN: gl.constexpr, KSTRIDE: gl.constexpr, KOFF: gl.constexpr, STAGES: gl.constexpr):
+    """Persistent consumer warpgroup: 64 rows of each work item, q held in registers as the wgmma's A operand (no
+    shared q buffer to hand between work items), FA3's intra-warpgroup overlap."""
+    M: gl.constexpr = 64
+    s_layout: gl.constexpr = _warpgroup_mma_layout(BN)
+    o_layout: gl.constexpr = _warpgroup_mma_layout(D)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    q_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
+    ld_layout: gl.constexpr = _store_layout(4)
+    r = gl.arange(0, M, layout=gl.SliceLayout(1, ld_layout))
+    c = gl.arange(0, D, layout=gl.SliceLayout(0, ld_layout))
+    it = 0
+    for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+        t0, kvh, n_tiles = _work_tile(w, T, HKV, BLOCK_T, BN, KSTRIDE, KOFF, TC)
+        p0 = t0 + part * (M // G)
+        tq = p0 + r // G
+        q = gl.load(q_ptr + ((tq.to(gl.int64) * HQ + kvh * G + r % G) * D)[:, None] + c[None, :],
+                    mask=(tq < T)[:, None], other=0.0)
+        qa = gl.convert_layout(q, q_layout)
+        p_last = gl.minimum(p0 + M // G, T) - 1
+        n_keys = gl.where(p_last >= KOFF, gl.minimum(TC, (p_last - KOFF) // KSTRIDE + 1), 0)
+        n_full = gl.where(p0 >= KOFF, gl.minimum(TC, (p0 - KOFF) // KSTRIDE + 1), 0) // BN
+        m_i, l_i, acc, s_zero, rows_t, cols = _loop_state(p0, M, BN, D, G, s_layout, o_layout)
+        if n_tiles > 0:
+            st = it % STAGES
+            mbarrier.wait(full.index(st), (it // STAGES) & 1)
+            s = warpgroup_mma(qa, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s,))
+            p, alpha, m_i, l_i = _softmax_tile(s, 0, n_full, cols, rows_t, n_keys, m_i, l_i, qk_scale, BN, KSTRIDE,
+                                               KOFF)
+            p16 = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+            for j in range(1, n_tiles):
+                st = (it + j) % STAGES
+                pst = (it + j - 1) % STAGES
+                mbarrier.wait(full.index(st), ((it + j) // STAGES) & 1)
+                s = warpgroup_mma(qa, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                acc = warpgroup_mma(p16, v_smem.index(pst), acc, is_async=True)
+                s = warpgroup_mma_wait(1, deps=(s,))
+                p, alpha, m_i, l_i = _softmax_tile(s, j, n_full, cols, rows_t, n_keys, m_i, l_i, qk_scale, BN,
+                                                   KSTRIDE, KOFF)
+                acc = warpgroup_mma_wait(0, deps=(acc,))
+                mbarrier.arrive(empty.index(pst), count=1)
+                acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+                p16 = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+            last = (it + n_tiles - 1) % STAGES
+            acc = warpgroup_mma(p16, v_smem.index(last), acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            mbarrier.arrive(empty.index(last), count=1)
+        it += n_tiles
+        _store_rows(acc, m_i, l_i, o_ptr, lse_ptr, p0, T, kvh, HQ, G, D, M, s_layout, o_layout, 4, False)
+
+
+@gluon.jit
+def _cmp_fwd_wsp(q_ptr, k_desc, v_desc, o_ptr, lse_ptr, T, TC, qk_scale, n_work,
+                 HQ: gl.constexpr, HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BLOCK_T: gl.constexpr,
+                 BN: gl.constexpr, KSTRIDE: gl.constexpr, KOFF: gl.constexpr, STAGES: gl.constexpr,
+                 CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    """Persistent warp-specialized kernel: one program per SM walks work items (BLOCK_T positions x one KV head),
+    longest first; the producer runs ahead into the next item while the consumers finish and store this one."""
+    k_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BN, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BN, D], v_desc.layout)
+    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(full.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    gl.warp_specialize([
+        (_wsp_consume, (0, k_desc, v_desc, k_smem, v_smem, full, empty, q_ptr, o_ptr, lse_ptr, T, TC, qk_scale,
+                        n_work, HQ, HKV, G, D, BLOCK_T, BN, KSTRIDE, KOFF, STAGES)),
+        (_wsp_consume, (1, k_desc, v_desc, k_smem, v_smem, full, empty, q_ptr, o_ptr, lse_ptr, T, TC, qk_scale,
+                        n_work, HQ, HKV, G, D, BLOCK_T, BN, KSTRIDE, KOFF, STAGES)),
+        (_wsp_producer, (1, k_desc, v_desc, k_smem, v_smem, full, empty, q_ptr, o_ptr, lse_ptr, T, TC, qk_scale,
+                         n_work, HQ, HKV, G, D, BLOCK_T, BN, KSTRIDE, KOFF, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, 24])
+
+
 def launch(q, kc, vc, scale, cfg, block_t=8, bn=128, stages=2, overlap=True, warps=8, ws=False, regs=240,
-           maxnreg=168, pingpong=False, coalesce=False):
+           maxnreg=168, pingpong=False, coalesce=False, persistent=False):
     """``(o, lse)`` of the compressed branch by the Gluon kernel: q ``[1, t, hq, 128]``, kc / vc ``[1, tc, hkv, 128]``
     (bf16, G = hq / hkv = 16)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -317,6 +424,14 @@ def launch(q, kc, vc, scale, cfg, block_t=8, bn=128, stages=2, overlap=True, war
     v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [bn, d], layout)
     o = torch.empty_like(q)
     lse = torch.empty(1, t, hq, device=q.device, dtype=torch.float32)
+    if persistent:
+        n_work = triton.cdiv(t, block_t) * hkv
+        grid = (min(n_work, torch.cuda.get_device_properties(q.device).multi_processor_count),)
+        _cmp_fwd_wsp[grid](
+            q, k_desc, v_desc, o, lse, t, tc, scale * 1.4426950408889634, n_work, HQ=hq, HKV=hkv, G=hq // hkv, D=d,
+            BLOCK_T=block_t, BN=bn, KSTRIDE=cfg.compress_stride, KOFF=cfg.compress_block - 1, STAGES=stages,
+            CONSUMER_REGS=regs, num_warps=4, maxnreg=maxnreg)
+        return o, lse
     if ws:
         opts = dict(num_warps=4, maxnreg=maxnreg)
         _cmp_fwd_ws[(triton.cdiv(t, block_t), hkv)](
@@ -332,10 +447,9 @@ def launch(q, kc, vc, scale, cfg, block_t=8, bn=128, stages=2, overlap=True, war
 
 
 # session 16: run 7 the plain kernel, run 8 with edge-only masks, run 9 warp-specialized, run 10 + overlap /
-# ping-pong, run 11 tiles and stages of the best, run 13 (this list) 16-byte output stores
-VARIANTS = [dict(stages=3), dict(stages=3, coalesce=True), dict(ws=True, overlap=True, stages=3),
-            dict(ws=True, overlap=True, stages=3, coalesce=True), dict(ws=True, overlap=True, stages=3, regs=232),
-            dict(ws=True, overlap=True, stages=3, regs=232, coalesce=True)]
+# ping-pong, run 11 tiles and stages of the best, run 13 16-byte output stores, run 14 (this list) persistent
+VARIANTS = [dict(ws=True, overlap=True, stages=3), dict(persistent=True, stages=3), dict(persistent=True, stages=2),
+            dict(persistent=True, stages=3, regs=232)]
 
 
 def compile_only() -> None:
@@ -350,6 +464,14 @@ def compile_only() -> None:
         s = dict(sig, k_desc=f"tensordesc<bf16[{bn}, 128],{layout}>", v_desc=f"tensordesc<bf16[{bn}, 128],{layout}>")
         const = dict(HQ=64, HKV=4, G=16, D=128, BLOCK_T=8, BN=bn, KSTRIDE=16, KOFF=31, STAGES=var["stages"],
                      COALESCE=var.get("coalesce", False))
+        if var.get("persistent"):
+            sig_p = dict(s, n_work="i32")
+            const.pop("COALESCE")
+            const.update(CONSUMER_REGS=var.get("regs", 240), num_warps=4)
+            src = GluonASTSource(_cmp_fwd_wsp, dict(sig_p, **{k: "constexpr" for k in const}), const)
+            ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168))
+            _print_usage(var, ck)
+            continue
         if var.get("ws"):
             const.update(CONSUMER_REGS=var.get("regs", 240), OVERLAP=var["overlap"],
                          PINGPONG=var.get("pingpong", False), num_warps=4)
@@ -359,12 +481,17 @@ def compile_only() -> None:
             opts, fn = dict(num_warps=8), _cmp_fwd
         src = GluonASTSource(fn, dict(s, **{k: "constexpr" for k in const}), const)
         ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:  # registers / spills: cuobjdump ships with Triton
-            f.write(ck.asm["cubin"])
-            f.flush()
-            tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-            usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-        print(var, " ".join(line.strip() for line in usage.splitlines() if "REG" in line), flush=True)
+        _print_usage(var, ck)
+
+
+def _print_usage(var, ck) -> None:
+    """Registers, spills (LOCAL) and shared memory of a compiled kernel (cuobjdump ships with Triton)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    print(var, " ".join(line.strip() for line in usage.splitlines() if "REG" in line), flush=True)
 
 
 def main() -> None:
