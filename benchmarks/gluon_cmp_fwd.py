@@ -172,6 +172,20 @@ def _warpgroup_mma_layout(n):
 
 
 @gluon.jit
+def _kv_ring(k_desc, v_desc, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr):
+    """The K/V ring of the warp-specialized kernels: ``STAGES`` K and V buffers, a "full" mbarrier per stage (the
+    producer's TMA bytes) and an "empty" one (both consumers release the stage)."""
+    k_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BN, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BN, D], v_desc.layout)
+    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(full.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    return k_smem, v_smem, full, empty
+
+
+@gluon.jit
 def _ws_producer(part, k_desc, v_desc, q_smem, k_smem, v_smem, full, empty, turn, o_ptr, lse_ptr, T, TC, qk_scale,
                  t0, kvh, n_tiles, HQ: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BN: gl.constexpr,
                  KSTRIDE: gl.constexpr, KOFF: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
@@ -184,6 +198,49 @@ def _ws_producer(part, k_desc, v_desc, q_smem, k_smem, v_smem, full, empty, turn
         mbarrier.expect(full.index(st), 2 * BN * D * 2)
         _tma_load(k_desc, [j * BN, kvh * D], full.index(st), k_smem.index(st))
         _tma_load(v_desc, [j * BN, kvh * D], full.index(st), v_smem.index(st))
+
+
+@gluon.jit
+def _overlap_tiles(qa, k_smem, v_smem, full, empty, turn, part, it, n_tiles, n_full, cols, rows_t, n_keys, m_i, l_i,
+                   acc, s_zero, qk_scale, BN: gl.constexpr, KSTRIDE: gl.constexpr, KOFF: gl.constexpr,
+                   STAGES: gl.constexpr, PINGPONG: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+    """A consumer's walk over ``n_tiles`` K/V tiles of the ring from its ``it``-th fill, FA3's intra-warpgroup
+    overlap: tile j's q.k^T is issued with tile j-1's p.v, and tile j's softmax runs while that p.v does.
+    ``PINGPONG``: the two consumers take turns to issue (``turn`` mbarriers). Returns ``(acc, m, l)``."""
+    if n_tiles > 0:
+        st = it % STAGES
+        mbarrier.wait(full.index(st), (it // STAGES) & 1)
+        if PINGPONG:
+            mbarrier.wait(turn.index(part), 0)
+        s = warpgroup_mma(qa, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turn.index(1 - part), count=1)
+        s = warpgroup_mma_wait(0, deps=(s,))
+        p, alpha, m_i, l_i = _softmax_tile(s, 0, n_full, cols, rows_t, n_keys, m_i, l_i, qk_scale, BN, KSTRIDE,
+                                           KOFF)
+        p16 = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+        for j in range(1, n_tiles):
+            st = (it + j) % STAGES
+            pst = (it + j - 1) % STAGES
+            mbarrier.wait(full.index(st), ((it + j) // STAGES) & 1)
+            if PINGPONG:
+                mbarrier.wait(turn.index(part), j & 1)
+            s = warpgroup_mma(qa, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            acc = warpgroup_mma(p16, v_smem.index(pst), acc, is_async=True)
+            if PINGPONG:
+                mbarrier.arrive(turn.index(1 - part), count=1)
+            s = warpgroup_mma_wait(1, deps=(s,))  # q.k^T of tile j done; p.v of tile j-1 may still run
+            p, alpha, m_i, l_i = _softmax_tile(s, j, n_full, cols, rows_t, n_keys, m_i, l_i, qk_scale, BN,
+                                               KSTRIDE, KOFF)
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            mbarrier.arrive(empty.index(pst), count=1)
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            p16 = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+        last = (it + n_tiles - 1) % STAGES
+        acc = warpgroup_mma(p16, v_smem.index(last), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        mbarrier.arrive(empty.index(last), count=1)
+    return acc, m_i, l_i
 
 
 @gluon.jit
@@ -207,37 +264,9 @@ def _ws_consume(part, k_desc, v_desc, q_smem, k_smem, v_smem, full, empty, turn,
     m_i, l_i, acc, s_zero, rows_t, cols = _loop_state(p0, M, BN, D, G, s_layout, o_layout)
     qs = q_smem.index(part)
     if OVERLAP:
-        if n_tiles > 0:
-            mbarrier.wait(full.index(0), 0)
-            if PINGPONG:
-                mbarrier.wait(turn.index(part), 0)
-            s = warpgroup_mma(qs, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            if PINGPONG:
-                mbarrier.arrive(turn.index(1 - part), count=1)
-            s = warpgroup_mma_wait(0, deps=(s,))
-            p, alpha, m_i, l_i = _softmax_tile(s, 0, n_full, cols, rows_t, n_keys, m_i, l_i, qk_scale, BN, KSTRIDE,
-                                             KOFF)
-            p16 = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-            for j in range(1, n_tiles):
-                st = j % STAGES
-                pst = (j - 1) % STAGES
-                mbarrier.wait(full.index(st), (j // STAGES) & 1)
-                if PINGPONG:
-                    mbarrier.wait(turn.index(part), j & 1)
-                s = warpgroup_mma(qs, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                acc = warpgroup_mma(p16, v_smem.index(pst), acc, is_async=True)
-                if PINGPONG:
-                    mbarrier.arrive(turn.index(1 - part), count=1)
-                s = warpgroup_mma_wait(1, deps=(s,))
-                p, alpha, m_i, l_i = _softmax_tile(s, j, n_full, cols, rows_t, n_keys, m_i, l_i, qk_scale, BN,
-                                                 KSTRIDE, KOFF)
-                acc = warpgroup_mma_wait(0, deps=(acc,))
-                mbarrier.arrive(empty.index(pst), count=1)
-                acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-                p16 = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-            acc = warpgroup_mma(p16, v_smem.index((n_tiles - 1) % STAGES), acc, is_async=True)
-            acc = warpgroup_mma_wait(0, deps=(acc,))
-            mbarrier.arrive(empty.index((n_tiles - 1) % STAGES), count=1)
+        acc, m_i, l_i = _overlap_tiles(qs, k_smem, v_smem, full, empty, turn, part, 0, n_tiles, n_full, cols, rows_t,
+                                       n_keys, m_i, l_i, acc, s_zero, qk_scale, BN, KSTRIDE, KOFF, STAGES, PINGPONG,
+                                       o_layout, p_layout)
     else:
         for j in range(n_tiles):
             st = j % STAGES
@@ -275,13 +304,7 @@ def _cmp_fwd_ws(q_ptr, k_desc, v_desc, o_ptr, lse_ptr, T, TC, qk_scale,
         q_off = (tq.to(gl.int64) * HQ + kvh * G + r % G) * D
         q_smem.index(part).store(gl.load(q_ptr + q_off[:, None] + c[None, :], mask=(tq < T)[:, None], other=0.0))
     fence_async_shared()
-    k_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BN, D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BN, D], v_desc.layout)
-    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(full.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)  # both consumers release a stage
+    k_smem, v_smem, full, empty = _kv_ring(k_desc, v_desc, BN, D, STAGES)
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(turn.index(0), count=1)
     mbarrier.init(turn.index(1), count=1)
@@ -358,31 +381,9 @@ def _wsp_consume(part, k_desc, v_desc, k_smem, v_smem, full, empty, q_ptr, o_ptr
         n_keys = gl.where(p_last >= KOFF, gl.minimum(TC, (p_last - KOFF) // KSTRIDE + 1), 0)
         n_full = gl.where(p0 >= KOFF, gl.minimum(TC, (p0 - KOFF) // KSTRIDE + 1), 0) // BN
         m_i, l_i, acc, s_zero, rows_t, cols = _loop_state(p0, M, BN, D, G, s_layout, o_layout)
-        if n_tiles > 0:
-            st = it % STAGES
-            mbarrier.wait(full.index(st), (it // STAGES) & 1)
-            s = warpgroup_mma(qa, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(0, deps=(s,))
-            p, alpha, m_i, l_i = _softmax_tile(s, 0, n_full, cols, rows_t, n_keys, m_i, l_i, qk_scale, BN, KSTRIDE,
-                                               KOFF)
-            p16 = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-            for j in range(1, n_tiles):
-                st = (it + j) % STAGES
-                pst = (it + j - 1) % STAGES
-                mbarrier.wait(full.index(st), ((it + j) // STAGES) & 1)
-                s = warpgroup_mma(qa, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                acc = warpgroup_mma(p16, v_smem.index(pst), acc, is_async=True)
-                s = warpgroup_mma_wait(1, deps=(s,))
-                p, alpha, m_i, l_i = _softmax_tile(s, j, n_full, cols, rows_t, n_keys, m_i, l_i, qk_scale, BN,
-                                                   KSTRIDE, KOFF)
-                acc = warpgroup_mma_wait(0, deps=(acc,))
-                mbarrier.arrive(empty.index(pst), count=1)
-                acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-                p16 = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-            last = (it + n_tiles - 1) % STAGES
-            acc = warpgroup_mma(p16, v_smem.index(last), acc, is_async=True)
-            acc = warpgroup_mma_wait(0, deps=(acc,))
-            mbarrier.arrive(empty.index(last), count=1)
+        acc, m_i, l_i = _overlap_tiles(qa, k_smem, v_smem, full, empty, full, part, it, n_tiles, n_full, cols,
+                                       rows_t, n_keys, m_i, l_i, acc, s_zero, qk_scale, BN, KSTRIDE, KOFF, STAGES,
+                                       False, o_layout, p_layout)
         it += n_tiles
         _store_rows(acc, m_i, l_i, o_ptr, lse_ptr, p0, T, kvh, HQ, G, D, M, s_layout, o_layout, 4, False)
 
@@ -394,13 +395,7 @@ def _cmp_fwd_wsp(q_ptr, k_desc, v_desc, o_ptr, lse_ptr, T, TC, qk_scale, n_work,
                  CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """Persistent warp-specialized kernel: one program per SM walks work items (BLOCK_T positions x one KV head),
     longest first; the producer runs ahead into the next item while the consumers finish and store this one."""
-    k_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BN, D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BN, D], v_desc.layout)
-    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(full.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)
+    k_smem, v_smem, full, empty = _kv_ring(k_desc, v_desc, BN, D, STAGES)
     gl.warp_specialize([
         (_wsp_consume, (0, k_desc, v_desc, k_smem, v_smem, full, empty, q_ptr, o_ptr, lse_ptr, T, TC, qk_scale,
                         n_work, HQ, HKV, G, D, BLOCK_T, BN, KSTRIDE, KOFF, STAGES)),
