@@ -1,0 +1,71 @@
+"""Where the NSA core's time goes on one GPU: CUDA time per kernel in one forward and in one forward+backward.
+
+    python -P benchmarks/profile_core.py --t 65536 --out profile_core.json
+
+The bench's inputs (``nsa_parallel.bench.core_case``: batch 1, 64 query / 4 KV heads, d=128, bf16, paper config);
+each phase runs a few times to warm up, then ``--iters`` times under ``torch.profiler``; the table gives each
+kernel's CUDA time per iteration (ms), its launches per iteration and its share of the phase's kernel time, largest
+first. Kernel names are Triton's (``_fwd_kernel``, ``_window_forced_dq_kernel``, ...) or cuBLAS / PyTorch's (phi,
+copies, the index sort). JSON (rows per phase) to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from nsa_parallel.bench import core_case
+from nsa_parallel.kernels import NSAConfig
+
+
+def kernel_times(fn, iters: int) -> list:
+    """``[(kernel name, ms per iteration, launches per iteration)]`` of ``fn`` under the profiler, largest first."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    total, count = defaultdict(float), defaultdict(int)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            total[ev.name] += ev.device_time_total / 1000.0
+            count[ev.name] += 1
+    return sorted(((name, ms / iters, count[name] / iters) for name, ms in total.items()), key=lambda r: -r[1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--t", type=int, default=65536)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--out", default="profile_core.json")
+    args = p.parse_args()
+    q, kvs, gate, ck, cv, leaves, core, do = core_case(args.t, NSAConfig())
+
+    def fwd():
+        with torch.no_grad():
+            core()
+
+    def fwdbwd():
+        for x in leaves:
+            x.grad = None
+        core().backward(do)
+
+    result = dict(device=torch.cuda.get_device_name(), t=args.t, iters=args.iters)
+    for name, fn in (("fwd", fwd), ("fwdbwd", fwdbwd)):
+        rows = kernel_times(fn, args.iters)
+        whole = sum(ms for _, ms, _ in rows)
+        result[name] = [dict(kernel=k, ms=ms, launches=n, share=ms / whole) for k, ms, n in rows]
+        print(f"# {name}: {whole:.2f} ms of kernels per iteration")
+        for k, ms, n in rows[:25]:
+            print(f"{ms:8.3f} ms  {n:5.1f}x  {100 * ms / whole:5.1f}%  {k[:100]}")
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
