@@ -304,7 +304,8 @@ def test_gpu_nsa_bf16_paper_config(t, hq, hkv, dk, dv):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("t,hq,hkv,d", [(4096, 64, 4, 128), (3000, 8, 8, 64)])
+@pytest.mark.parametrize("t,hq,hkv,d", [(4096, 64, 4, 128), (3000, 8, 8, 64),
+                                         (2048, 32, 1, 256)])  # 256-wide heads: 32-key window tiles + forced blocks
 def test_gpu_nsa_core_equals_its_branches_bf16(t, hq, hkv, d):
     """The one-function core (gate backward yielding the deltas, dq summed in one buffer, the compressed branch's
     own forward / dq tiles at G >= 16) against the separately tested branch functions composed by autograd, with
