@@ -12,30 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 
 import torch
-from torch.profiler import ProfilerActivity, profile
-
-from nsa_parallel.bench import core_case
+from nsa_parallel.bench import core_case, kernel_times
 from nsa_parallel.kernels import NSAConfig
-
-
-def kernel_times(fn, iters: int) -> list:
-    """``[(kernel name, ms per iteration, launches per iteration)]`` of ``fn`` under the profiler, largest first."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    total, count = defaultdict(float), defaultdict(int)
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            total[ev.name] += ev.device_time_total / 1000.0
-            count[ev.name] += 1
-    return sorted(((name, ms / iters, count[name] / iters) for name, ms in total.items()), key=lambda r: -r[1])
 
 
 def main() -> None:
@@ -57,7 +37,7 @@ def main() -> None:
 
     result = dict(device=torch.cuda.get_device_name(), t=args.t, iters=args.iters)
     for name, fn in (("fwd", fwd), ("fwdbwd", fwdbwd)):
-        rows = kernel_times(fn, args.iters)
+        rows = [(k, us / 1000, n) for k, us, n in kernel_times(fn, args.iters, warmup=3)]
         whole = sum(ms for _, ms, _ in rows)
         result[name] = [dict(kernel=k, ms=ms, launches=n, share=ms / whole) for k, ms, n in rows]
         print(f"# {name}: {whole:.2f} ms of kernels per iteration")

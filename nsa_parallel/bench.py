@@ -118,6 +118,22 @@ def core_case(t: int, cfg, hq: int = 64, hkv: int = 4, d: int = 128, dev: str = 
     return q, kvs, gate, ck, cv, leaves, core, torch.randn(1, t, hq, d, device=dev, dtype=q.dtype)
 
 
+def kernel_times(fn, reps: int, warmup: int = 1) -> list:
+    """``[(kernel, device microseconds per call, launches per call)]`` of what ``fn`` launches, largest first:
+    torch.profiler over ``reps`` calls after ``warmup`` (the decode bench's kernel split,
+    benchmarks/profile_core.py)."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / reps, e.count / reps) for e in prof.key_averages() if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[1])
+
+
 def ab_check(fn, leaves, do, switch) -> float:
     """How far ``fn()``'s output and the gradients of ``leaves`` (for the output gradient ``do``) move when
     ``switch(True)`` replaces ``switch(False)``: the largest ``max |a - b| / max |b|`` over them (the A/B scripts in

@@ -88,18 +88,6 @@ def _variants_us(step, variants: dict, steps: int, rounds: int = 7) -> dict:
     return {name: sorted(r)[len(r) // 2] for name, r in runs.items()}
 
 
-def _kernel_times(fn, reps: int = 20) -> dict:
-    """Mean device microseconds per call of each kernel ``fn`` launches."""
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    return {e.key[:60]: e.device_time_total / reps for e in prof.key_averages() if e.device_time_total > 0}
-
-
 def copy_bandwidth_gbs(gib: float = 4.0) -> float:
     """Device-to-device copy rate (read + write bytes per second), the achievable HBM bandwidth."""
     n = int(gib * 2**30) // 2
@@ -143,6 +131,7 @@ def make_case(t: int, bsz: int, hq: int, hkv: int, d: int, cfg):
 def run(args) -> dict:
     import torch.nn.functional as F
 
+    from nsa_parallel.bench import kernel_times
     from nsa_parallel.kernels import NSAConfig
     from nsa_parallel.kernels.decode import nsa_decode
     cfg = NSAConfig()
@@ -166,7 +155,7 @@ def run(args) -> dict:
                 row["nsa_ms"] = _graph_ms(step, steps=args.steps)
                 row["nsa_ms_one_per_graph"] = _graph_ms(step)
                 if [t, bsz] == args.profile:
-                    row["nsa_kernels_us"] = _kernel_times(step)
+                    row["nsa_kernels_us"] = {k[:60]: us for k, us, _ in kernel_times(step, 20)}
                     if not args.no_sweep:
                         row["nsa_us_variants"] = _variants_us(step, VARIANTS, args.steps)
                 new = [torch.randn(bsz, 1, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(6)]
