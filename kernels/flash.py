@@ -316,8 +316,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K, T_FIXED, TK_FIXED, sca
 def _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, t_start, t_stop, t_end, qk_scale,
                 HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 BDK: tl.constexpr, BDV: tl.constexpr, BLOCK_T: tl.constexpr, KSTRIDE: tl.constexpr, KOFF,
-                WINDOW: tl.constexpr, MASKED: tl.constexpr, GATE, GATED: tl.constexpr, DQ=None, scale=1.0,
-                FUSED_DQ: tl.constexpr = False, DQ_TMA: tl.constexpr = False, DQ_T: tl.constexpr = False):
+                WINDOW: tl.constexpr, MASKED: tl.constexpr, GATE, GATED: tl.constexpr):
     # transposed products (keys as rows): p^T and dS^T come out of one product as the register operand of the
     # next, and K / V, the loop-invariant operands, stay in shared memory (q k^T with transposes of p and dS
     # re-stored K and V to shared memory every step)
@@ -332,19 +331,8 @@ def _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, t_
             pT = tl.where(vis & rvalid[None, :], pT, 0.0)
         pT = _gated(pT, g[None, :], GATED)
         dv_acc += tl.dot(pT.to(do.dtype), do)
-        dsT = (pT * (tl.dot(v, tl.trans(do)) - delta[None, :])).to(q.dtype)
-        dk_acc += tl.dot(dsT, q)
-        if FUSED_DQ:  # this key tile's share of dq = dS K, added onto an fp32 buffer
-            if DQ_T:
-                dq = tl.trans(tl.dot(tl.trans(k), dsT)) * scale
-            else:
-                dq = tl.dot(tl.trans(dsT), k) * scale
-            if DQ_TMA:
-                DQ.atomic_add([(bos + t0).to(tl.int32), (kvh * G).to(tl.int32), 0], tl.reshape(dq, [BLOCK_T, GP, BDK]))
-            else:
-                d = tl.arange(0, BDK)
-                tl.atomic_add(DQ + row_off[:, None] * DK + d[None, :], dq, mask=rvalid[:, None] & (d[None, :] < DK),
-                              sem="relaxed")
+        dsT = pT * (tl.dot(v, tl.trans(do)) - delta[None, :])
+        dk_acc += tl.dot(dsT.to(q.dtype), q)
     return dk_acc, dv_acc
 
 
@@ -354,8 +342,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, CU, CU_K, T_FIXED, TK_FI
                      DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                      KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
-                     Q_SPLIT: tl.constexpr, GATE=None, GATED: tl.constexpr = False, DQ=None,
-                     FUSED_DQ: tl.constexpr = False, DQ_TMA: tl.constexpr = False, DQ_T: tl.constexpr = False):
+                     Q_SPLIT: tl.constexpr, GATE=None, GATED: tl.constexpr = False):
     pid_n = tl.program_id(0)
     seq = tl.program_id(1) // HKV
     kvh = tl.program_id(1) % HKV
@@ -387,13 +374,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, CU, CU_K, T_FIXED, TK_FI
     tb = tl.where(j0 + BLOCK_N <= TK, tb, ta)
     dk_acc, dv_acc = _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, t_lo, ta, t_end,
                                  qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, KSTRIDE, KOFF, WINDOW, True, GATE,
-                                 GATED, DQ, scale, FUSED_DQ, DQ_TMA, DQ_T)
+                                 GATED)
     dk_acc, dv_acc = _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, ta, tb, t_end,
                                  qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, KSTRIDE, KOFF, WINDOW, False, GATE,
-                                 GATED, DQ, scale, FUSED_DQ, DQ_TMA, DQ_T)
+                                 GATED)
     dk_acc, dv_acc = _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, tl.maximum(ta, tb),
                                  t_end, t_end, qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, KSTRIDE, KOFF, WINDOW,
-                                 True, GATE, GATED, DQ, scale, FUSED_DQ, DQ_TMA, DQ_T)
+                                 True, GATE, GATED)
     dk_mask = jvalid[:, None] & (dk[None, :] < DK)
     dv_mask = jvalid[:, None] & (dv[None, :] < DV)
     if Q_SPLIT > 0:
