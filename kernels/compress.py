@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .config import NSAConfig
-from .flash import NO_WINDOW, exp2_poly, _load_lse2, _load_tile, _tile_start, _tiles, position_masked_attention
+from .flash import NO_WINDOW, _load_lse2, _load_tile, _tile_start, _tiles, position_masked_attention
 from .interface import check_triton_config
 from .varlen import max_seqlen
 
@@ -40,31 +40,6 @@ def overlap_weights(A: tl.constexpr, S: tl.constexpr):
     block, A <= S) with selection block j and with block j + 1: ``(w_own [S], w_spill [S])`` fp32."""
     r = tl.arange(0, S)
     return tl.minimum(A, S - r).to(tl.float32), tl.maximum(r + A - S, 0).to(tl.float32)
-
-
-SCORES_EXP = 0  # probe: 0 exp2 on the special-function units, 1 a polynomial on the FMA units, 2 half and half
-
-
-@triton.jit
-def _exp_group_sum(x, BC: tl.constexpr, BLOCK_T: tl.constexpr, GP: tl.constexpr, EXP: tl.constexpr):
-    """``_group_sum(2^x)`` with the exponentials on the special-function units (EXP 0), on the FMA units (1), or
-    the even heads on one and the odd heads on the other (2, GP >= 2)."""
-    if EXP == 0:
-        return _group_sum(tl.exp2(x), BC, BLOCK_T, GP)
-    elif EXP == 1:
-        return _group_sum(exp2_poly(x), BC, BLOCK_T, GP)
-    elif EXP == 2:
-        PL: tl.constexpr = min(BLOCK_T, 4)
-        a, b = tl.split(tl.reshape(x, [BC, BLOCK_T * GP // 2, 2]))
-        e = tl.reshape(tl.exp2(a) + exp2_poly(b), [BC, BLOCK_T // PL, GP // 2, PL])
-        return tl.reshape(tl.sum(e, axis=2), [BC, BLOCK_T])
-    else:  # a quarter on the FMA units (GP >= 4): of the odd heads, those with head bit 1 set
-        PL: tl.constexpr = min(BLOCK_T, 4)
-        a, b = tl.split(tl.reshape(x, [BC, BLOCK_T * GP // 2, 2]))
-        ea = tl.sum(tl.reshape(tl.exp2(a), [BC, BLOCK_T // PL, GP // 2, PL]), axis=2)
-        b1, b2 = tl.split(tl.permute(tl.reshape(b, [BC, BLOCK_T * GP // (4 * PL), 2, PL]), [0, 1, 3, 2]))
-        eb = tl.sum(tl.reshape(tl.exp2(b1) + exp2_poly(b2), [BC, BLOCK_T // PL, GP // 4, PL]), axis=2)
-        return tl.reshape(ea + eb, [BC, BLOCK_T])
 
 
 @triton.jit
@@ -97,7 +72,7 @@ def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, QOFF, scale,
                    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                    DK: tl.constexpr, BDK: tl.constexpr, BLOCK_T: tl.constexpr, BJ: tl.constexpr,
                    S: tl.constexpr, A: tl.constexpr, KSTRIDE: tl.constexpr, KOFF: tl.constexpr,
-                   SEL_BLOCK: tl.constexpr, VARLEN: tl.constexpr, ONE_PASS: tl.constexpr, EXP: tl.constexpr = 0):
+                   SEL_BLOCK: tl.constexpr, VARLEN: tl.constexpr, ONE_PASS: tl.constexpr):
     # One program: BLOCK_T positions x the GP heads of one KV head, against tiles of BJ*S compressed tokens.
     # The products are s^T = kc q^T ([tokens, query rows]): with the query rows as columns in _score_columns'
     # order, the head sum is in-thread and only the [tokens, positions] sums move between threads (H100 at 64k, same
@@ -123,7 +98,7 @@ def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, QOFF, scale,
         for j0 in range(0, n_blocks, BJ):
             ci = j0 * S + tl.arange(0, BJ * S)  # the compressed tokens of this tile of selection blocks
             p = _token_probs(KC, qt, lse2, ci, kbos, kvh, TK, tpos, dk, qk_scale, QOFF, HKV, DK, BJ * S,
-                             BLOCK_T, GP, KSTRIDE, KOFF, EXP)
+                             BLOCK_T, GP, KSTRIDE, KOFF)
             p = tl.reshape(p, [BJ, S, BLOCK_T])
             own = tl.sum(p * w_own[None, :, None], axis=1)  # [BJ, BLOCK_T]
             spill = tl.sum(p * w_spill[None, :, None], axis=1)
@@ -148,14 +123,14 @@ def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, QOFF, scale,
 @triton.jit
 def _token_probs(KC, qt, lse2, ci, kbos, kvh, TK, tpos, dk, qk_scale, QOFF, HKV: tl.constexpr, DK: tl.constexpr,
                  BC: tl.constexpr, BLOCK_T: tl.constexpr, GP: tl.constexpr, KSTRIDE: tl.constexpr,
-                 KOFF: tl.constexpr, EXP: tl.constexpr = 0):
+                 KOFF: tl.constexpr):
     """``[BC, BLOCK_T]``: compressed tokens ``ci``'s probabilities summed over each position's heads, 0 where
     a token is not visible (or not there)."""
     cvalid = (ci >= 0) & (ci < TK)
     kc = tl.load(KC + ((kbos + ci.to(tl.int64)) * HKV + kvh)[:, None] * DK + dk[None, :],
                  mask=cvalid[:, None] & (dk[None, :] < DK), other=0.0)
     # masked after the head sum (one position's heads share it); a future token's exp2 may be inf there, never NaN
-    p = _exp_group_sum(tl.dot(kc, qt) * qk_scale - lse2[None, :], BC, BLOCK_T, GP, EXP)
+    p = _group_sum(tl.exp2(tl.dot(kc, qt) * qk_scale - lse2[None, :]), BC, BLOCK_T, GP)
     vis = cvalid[:, None] & ((ci * KSTRIDE + KOFF)[:, None] <= tpos[None, :] + QOFF)
     return tl.where(vis, p, 0.0)
 
@@ -188,6 +163,6 @@ def selection_scores(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seql
         BJ=max(1, SCORES_TOKENS // s), S=s, A=config.stride_slots_per_compress_block, KSTRIDE=config.compress_stride,
         KOFF=config.compress_block - 1, SEL_BLOCK=config.select_block, VARLEN=varlen,
         ONE_PASS=SCORES_ONE_PASS and config.compress_block <= config.select_block,
-        EXP=SCORES_EXP if gp >= 4 or SCORES_EXP < 2 else 0, num_warps=SCORES_WARPS,
+        num_warps=SCORES_WARPS,
         num_stages=1 if q.dtype == torch.float32 else (SCORES_WIDE_STAGES if dk > 128 else SCORES_STAGES))
     return scores

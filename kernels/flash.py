@@ -144,47 +144,14 @@ def _store_grad_tile(PTR, row_off, rvalid, x, D: tl.constexpr, BD: tl.constexpr,
     _store_tile(PTR, row_off, rvalid, x, D, BD)
 
 
-FLASH_EXP = 0  # probe: 0 exp2 on the special-function units, 2 the odd keys' on the FMA units (exp2_poly)
-FLASH_EXP_WINDOW = 0  # the same for the window + forced blocks kernel (forced.py)
-
-
 @triton.jit
-def exp2_poly(x):
-    """``2^x`` on the FMA units (rel. error 7.5e-8; 0 below -126, inputs clamped at 127): round by the
-    1.5 * 2^23 trick, a degree-5 polynomial of the fraction in [-0.5, 0.5], the integer part into the exponent
-    bits (FlashAttention-4 moves part of its exponentials off the special-function units the same way)."""
-    zero = x < -126.0
-    x = tl.minimum(tl.maximum(x, -126.0), 127.0)
-    t = x + 12582912.0
-    f = x - (t - 12582912.0)
-    p = 0.001327483681961894
-    p = p * f + 0.009675528854131699
-    p = p * f + 0.05550718307495117
-    p = p * f + 0.24022120237350464
-    p = p * f + 0.6931469440460205
-    p = p * f + 1.0000001192092896
-    r = (p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)).to(tl.float32, bitcast=True)
-    return tl.where(zero, 0.0, r)
-
-
-@triton.jit
-def _exp2_split(x, EXP: tl.constexpr):
-    """``2^x`` of a ``[M, N]`` tile: all on the special-function units (EXP 0), or every odd column's by
-    ``exp2_poly`` (EXP 2; the pairs sit in one thread's registers in a wgmma accumulator)."""
-    if EXP == 0:
-        return tl.exp2(x)
-    a, b = tl.split(tl.reshape(x, [x.shape[0], x.shape[1] // 2, 2]))
-    return tl.reshape(tl.join(tl.exp2(a), exp2_poly(b)), [x.shape[0], x.shape[1]])
-
-
-@triton.jit
-def _softmax_step(s, v, m_i, l_i, acc, qk_scale, EXP: tl.constexpr = 0):
+def _softmax_step(s, v, m_i, l_i, acc, qk_scale):
     """One online-softmax update with raw scores ``s = q.k`` (-inf where masked), ``qk_scale`` = scale * log2(e)
     (> 0), and values ``v``. The row max is taken before scaling, so the scale and the max meet in one FMA per
     score (scaling first cost a multiply per score more: 64 of ~690 instructions per thread and step of the
     compressed forward, sm_90 SASS)."""
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    p = _exp2_split(s * qk_scale - m_new[:, None], EXP)
+    p = tl.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
@@ -241,21 +208,21 @@ def _visible(kp, tq, WINDOW: tl.constexpr):
 def _fwd_tiles(q, K, V, kbos, kvh, tq, j_start, j_end, j_hi, m_i, l_i, acc, qk_scale,
                HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                BLOCK_N: tl.constexpr, KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, MASKED: tl.constexpr,
-               KD, VD, TMA: tl.constexpr, EXP: tl.constexpr = 0):
+               KD, VD, TMA: tl.constexpr):
     for j0 in range(j_start, j_end, BLOCK_N):
         j, jvalid, _, k, v = _kv_tile(K, V, kbos, kvh, j0, j_hi, HKV, DK, DV, BDK, BDV, BLOCK_N, KD, VD, TMA)
         s = tl.dot(q, tl.trans(k))
         if MASKED:
             vis = _visible((j * KSTRIDE + KOFF)[None, :], tq[:, None], WINDOW) & jvalid[None, :]
             s = tl.where(vis, s, float("-inf"))
-        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale, EXP)
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale)
     return m_i, l_i, acc
 
 
 @triton.jit
 def _attend(q, K, V, kbos, kvh, t0, T, TK, tq, qk_scale, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
             BDK: tl.constexpr, BDV: tl.constexpr, BLOCK_T: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr,
-            KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, KD, VD, TMA: tl.constexpr, EXP: tl.constexpr = 0):
+            KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, KD, VD, TMA: tl.constexpr):
     """``(o, lse)`` of a query tile's rows ``q`` over the keys its positions ``tq`` see."""
     m_i = tl.full([BLOCK_T * GP], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_T * GP], dtype=tl.float32)
@@ -264,11 +231,11 @@ def _attend(q, K, V, kbos, kvh, t0, T, TK, tq, qk_scale, HKV: tl.constexpr, DK: 
     fa, fb = _full_keys(t0, T, j_lo, j_hi, BLOCK_T, BLOCK_N, KSTRIDE, KOFF, WINDOW)
     # masked tiles at the window's far edge, unmasked ones in the middle, masked ones at the causal edge
     m_i, l_i, acc = _fwd_tiles(q, K, V, kbos, kvh, tq, j_lo, fa, j_hi, m_i, l_i, acc, qk_scale, HKV, DK, DV, BDK,
-                               BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True, KD, VD, TMA, EXP)
+                               BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True, KD, VD, TMA)
     m_i, l_i, acc = _fwd_tiles(q, K, V, kbos, kvh, tq, fa, fb, j_hi, m_i, l_i, acc, qk_scale, HKV, DK, DV, BDK,
-                               BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, False, KD, VD, TMA, EXP)
+                               BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, False, KD, VD, TMA)
     m_i, l_i, acc = _fwd_tiles(q, K, V, kbos, kvh, tq, tl.maximum(fa, fb), j_hi, j_hi, m_i, l_i, acc, qk_scale,
-                               HKV, DK, DV, BDK, BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True, KD, VD, TMA, EXP)
+                               HKV, DK, DV, BDK, BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True, KD, VD, TMA)
     return _finish(acc, m_i, l_i)
 
 
@@ -278,14 +245,14 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, CU_K, T_FIXED, TK_FIXED, scale,
                 DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                 KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
-                KD=None, VD=None, TMA: tl.constexpr = False, EXP: tl.constexpr = 0):
+                KD=None, VD=None, TMA: tl.constexpr = False):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
     row_off = (bos + tq.to(tl.int64)) * HQ + hq
     q = _load_tile(Q, row_off, rvalid, DK, BDK)
     o, lse = _attend(q, K, V, kbos, kvh, t0, T, TK, tq, scale * 1.4426950408889634, HKV, DK, DV, BDK, BDV, BLOCK_T,
-                     GP, BLOCK_N, KSTRIDE, KOFF, WINDOW, KD, VD, TMA, EXP)
+                     GP, BLOCK_N, KSTRIDE, KOFF, WINDOW, KD, VD, TMA)
     _store_tile(O, row_off, rvalid, o, DV, BDV)
     tl.store(LSE + row_off, lse, mask=rvalid)
 
@@ -581,8 +548,7 @@ def masked_forward(q, k, v, scale: float, L: _Launch):
     o = torch.empty(b, t, hq, v.shape[-1], device=q.device, dtype=q.dtype)
     lse = torch.empty(b, t, hq, device=q.device, dtype=torch.float32)
     grid, const, opts = L.fwd
-    _fwd_kernel[grid](q, k, v, o, lse, *L.args(), scale, **const, **L.kv("fwd", k, v, const), EXP=FLASH_EXP,
-                      **opts)
+    _fwd_kernel[grid](q, k, v, o, lse, *L.args(), scale, **const, **L.kv("fwd", k, v, const), **opts)
     return o, lse
 
 
