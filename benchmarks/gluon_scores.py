@@ -4,14 +4,18 @@
     python -P benchmarks/gluon_scores.py --t 65536 --out gluon_scores.json     # on a Hopper GPU
     python benchmarks/gluon_scores.py --compile-only                           # sm_90 compile check, no GPU
 
-Why: the shipped kernel runs each tile's ``kc q^T`` product (wgmma), waits for it, then its exponentials (one per
-product element on the special-function units); at 64k a tile takes ~2000 SM cycles, the product's ~1000 plus the
-exponentials' ~1000 (16 per SM and cycle), so the two never overlap. Triton 3.6 waits on every wgmma right after
-issuing it; Gluon issues tile j+1's product asynchronously before tile j's exponentials, one warpgroup per program,
-two accumulators (N = 128 columns: 8 positions x 16 heads). The head sum stays in registers (the columns are in
-``compress._score_columns``' order); the slots -> blocks map (eq. 9) goes through a small shared-memory buffer that
-also carries the previous tile's last block. Fixed-length batch of one, G = 16, head dim 128, bf16, the paper's
-A = 2 slots per compressed token, S = 4 per selection block.
+The question it answered (session 17, docs/benchmarks.md): at 64k a tile of the shipped kernel takes ~2000 SM
+cycles, about the ~1000 of its ``kc q^T`` product (wgmma) plus the ~1000 of its exponentials (16 per SM and
+cycle), as if the two never overlapped, and Triton 3.6 waits on every wgmma right after issuing it. Here
+``overlap=True`` issues tile j+1's product asynchronously before tile j's exponentials (one warpgroup per program,
+two accumulators of N = 128 columns: 8 positions x 16 heads). Answer: no gain (4.89-5.05 ms against the shipped
+4.72-4.79); Nsight Compute (run 4) shows why: the special-function pipe is not the limit (math-pipe-throttle
+stalls 0.01 cycles per issue), the warps wait on fixed-latency dependencies (1.4 of 4.8 cycles) and barriers at
+two warps per scheduler. Three CTAs per SM (``overlap=False, stages=2``) gave 4.62 ms, 2-3% under the shipped.
+The head sum stays in registers (the columns in ``compress._score_columns``' order, reshape + sum in the wgmma
+layout); the slots -> blocks map (eq. 9) and its shift by one block are small layout conversions. Output
+bit-identical to the shipped kernel's. Fixed-length batch of one, G = 16, head dim 128, bf16, the paper's A = 2
+slots per compressed token, S = 4 per selection block.
 """
 from __future__ import annotations
 
@@ -125,8 +129,8 @@ def _scores_gluon(q_ptr, lse_ptr, kc_desc, sc_ptr, T, TK, NS, qk_scale,
                 if j + STAGES < n_tiles:  # tile j's product is done: its buffer takes tile j + STAGES
                     mbarrier.expect(bars.index(st), nbytes)
                     _tma_load(kc_desc, [(j + STAGES) * BC, kvh * D], bars.index(st), kc_smem.index(st))
-                carry = _tile_blocks(acc, lse2, carry, j, t0, T, TK, kvh, NS, sc_ptr, qk_scale, HKV, BT, BC, S, A, KSTRIDE,
-                             KOFF, L3)
+                carry = _tile_blocks(acc, lse2, carry, j, t0, T, TK, kvh, NS, sc_ptr, qk_scale, HKV, BT, BC, S, A,
+                                     KSTRIDE, KOFF, L3)
                 acc = warpgroup_mma_wait(0, deps=(nxt,))
             carry = _tile_blocks(acc, lse2, carry, n_tiles - 1, t0, T, TK, kvh, NS, sc_ptr, qk_scale, HKV, BT, BC, S, A,
                          KSTRIDE, KOFF, L3)
@@ -139,13 +143,13 @@ def _scores_gluon(q_ptr, lse_ptr, kc_desc, sc_ptr, T, TK, NS, qk_scale,
             if j + STAGES < n_tiles:
                 mbarrier.expect(bars.index(st), nbytes)
                 _tma_load(kc_desc, [(j + STAGES) * BC, kvh * D], bars.index(st), kc_smem.index(st))
-            carry = _tile_blocks(acc, lse2, carry, j, t0, T, TK, kvh, NS, sc_ptr, qk_scale, HKV, BT, BC, S, A, KSTRIDE, KOFF,
-                         L3)
+            carry = _tile_blocks(acc, lse2, carry, j, t0, T, TK, kvh, NS, sc_ptr, qk_scale, HKV, BT, BC, S, A, KSTRIDE,
+                                 KOFF, L3)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
 
 
-def launch(q, kc, lse, scale, cfg, stages=3, overlap=True, bt=8):
+def launch(q, kc, lse, scale, cfg, stages=3, overlap=True, bt=8, maxnreg=None):
     """Block scores ``[1, t, hkv, ns]`` fp32 by the Gluon kernel (entries after a query's own block undefined)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     _, t, hq, d = q.shape
@@ -159,11 +163,15 @@ def launch(q, kc, lse, scale, cfg, stages=3, overlap=True, bt=8):
     _scores_gluon[(triton.cdiv(t, bt), hkv)](
         q, lse, kc_desc, sc, t, tc, ns, scale * 1.4426950408889634, HQ=hq, HKV=hkv, G=hq // hkv, D=d, BT=bt, BC=bc,
         S=cfg.stride_slots_per_select_block, A=cfg.stride_slots_per_compress_block, KSTRIDE=cfg.compress_stride,
-        KOFF=cfg.compress_block - 1, SEL_BLOCK=cfg.select_block, STAGES=stages, OVERLAP=overlap, num_warps=4)
+        KOFF=cfg.compress_block - 1, SEL_BLOCK=cfg.select_block, STAGES=stages, OVERLAP=overlap, num_warps=4,
+        **({} if maxnreg is None else dict(maxnreg=maxnreg)))
     return sc
 
 
-VARIANTS = [dict(overlap=True, stages=3), dict(overlap=True, stages=2), dict(overlap=False, stages=3)]
+# run 3: the first three (two CTAs per SM); run 5: three CTAs per SM (2 stages: 66 KB of shared memory; the overlap
+# capped at 168 registers)
+VARIANTS = [dict(overlap=True, stages=3), dict(overlap=True, stages=2), dict(overlap=False, stages=3),
+            dict(overlap=False, stages=2), dict(overlap=True, stages=2, maxnreg=168)]
 
 
 def compile_only() -> None:
@@ -180,7 +188,8 @@ def compile_only() -> None:
         const = dict(HQ=64, HKV=4, G=16, D=128, BT=8, BC=64, S=4, A=2, KSTRIDE=16, KOFF=31, SEL_BLOCK=64,
                      STAGES=var["stages"], OVERLAP=var["overlap"], num_warps=4)
         src = GluonASTSource(_scores_gluon, dict(sig, **{k: "constexpr" for k in const}), const)
-        ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+        ck = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=4, **({"maxnreg": var["maxnreg"]} if "maxnreg" in var else {})))
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(ck.asm["cubin"])
             f.flush()
