@@ -16,10 +16,6 @@ between the consumers (``pingpong``) as options. Every variant's output and lse 
 from __future__ import annotations
 
 import argparse
-import math
-import os
-import subprocess
-import tempfile
 
 import torch
 import triton
@@ -480,13 +476,8 @@ def compile_only() -> None:
 
 
 def _print_usage(var, ck) -> None:
-    """Registers, spills (LOCAL) and shared memory of a compiled kernel (cuobjdump ships with Triton)."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(ck.asm["cubin"])
-        f.flush()
-        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    print(var, " ".join(line.strip() for line in usage.splitlines() if "REG" in line), flush=True)
+    from nsa_parallel.bench import cubin_resources
+    print(var, cubin_resources(ck), flush=True)
 
 
 def main() -> None:
@@ -497,16 +488,11 @@ def main() -> None:
     args = p.parse_args()
     if args.compile_only:
         return compile_only()
-    from nsa_parallel.bench import emit, timed
+    from nsa_parallel.bench import compressed_case, emit, timed
     from nsa_parallel.kernels import NSAConfig
     from nsa_parallel.kernels import flash as F
     cfg, t, rows = NSAConfig(), args.t, []
-    torch.manual_seed(0)
-    tc = cfg.num_compressed(t)
-    q = torch.randn(1, t, 64, 128, device="cuda", dtype=torch.bfloat16)
-    kc = torch.randn(1, tc, 4, 128, device="cuda", dtype=torch.bfloat16)
-    vc = torch.randn(1, tc, 4, 128, device="cuda", dtype=torch.bfloat16)
-    scale = 1 / math.sqrt(128)
+    q, kc, vc, scale = compressed_case(t, cfg)
     L = F._Launch(q, kc, vc, cfg.compress_stride, cfg.compress_block - 1, F.NO_WINDOW, None, None)
     o_ref, lse_ref = F.masked_forward(q, kc, vc, scale, L)
     emit(rows, args.out, variant="triton (shipped)", ms=timed(lambda: F.masked_forward(q, kc, vc, scale, L)))

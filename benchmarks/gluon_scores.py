@@ -20,7 +20,6 @@ slots per compressed token, S = 4 per selection block.
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 import triton
@@ -176,11 +175,10 @@ VARIANTS = [dict(overlap=True, stages=3), dict(overlap=True, stages=2), dict(ove
 
 def compile_only() -> None:
     """Compile every variant for sm_90 without a GPU (ptxas ships with Triton); print registers and shared memory."""
-    import os
-    import subprocess
-    import tempfile
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
+
+    from nsa_parallel.bench import cubin_resources
     layout = gl.NVMMASharedLayout.get_default_for([64, 128], gl.bfloat16)
     sig = dict(q_ptr="*bf16", lse_ptr="*fp32", kc_desc=f"tensordesc<bf16[64, 128],{layout}>", sc_ptr="*fp32",
                T="i32", TK="i32", NS="i32", qk_scale="fp32")
@@ -190,13 +188,7 @@ def compile_only() -> None:
         src = GluonASTSource(_scores_gluon, dict(sig, **{k: "constexpr" for k in const}), const)
         ck = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=4, **({"maxnreg": var["maxnreg"]} if "maxnreg" in var else {})))
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(ck.asm["cubin"])
-            f.flush()
-            tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-            usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-        print(var, "shared", ck.metadata.shared, " ".join(x.strip() for x in usage.splitlines() if "REG" in x),
-              flush=True)
+        print(var, "shared", ck.metadata.shared, cubin_resources(ck), flush=True)
 
 
 def main() -> None:
@@ -207,18 +199,13 @@ def main() -> None:
     args = p.parse_args()
     if args.compile_only:
         return compile_only()
-    from nsa_parallel.bench import emit, timed
+    from nsa_parallel.bench import compressed_case, emit, timed
     from nsa_parallel.kernels import NSAConfig
     from nsa_parallel.kernels import compress as C
     from nsa_parallel.kernels.topn import select_topn
     cfg, rows = NSAConfig(), []
     for t in sorted({4099, args.t}):
-        torch.manual_seed(0)
-        tc = cfg.num_compressed(t)
-        q = torch.randn(1, t, 64, 128, device="cuda", dtype=torch.bfloat16)
-        kc = torch.randn(1, tc, 4, 128, device="cuda", dtype=torch.bfloat16)
-        vc = torch.randn(1, tc, 4, 128, device="cuda", dtype=torch.bfloat16)
-        scale = 1 / math.sqrt(128)
+        q, kc, vc, scale = compressed_case(t, cfg)
         _, lse = C.compressed_attention(q, kc, vc, cfg, scale)
         ref = C.selection_scores(q, kc, lse, cfg, scale)
         ns = ref.shape[-1]

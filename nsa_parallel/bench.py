@@ -106,6 +106,33 @@ def emit(rows: list, out: str, **row) -> None:
                        rows=rows), f, indent=1)
 
 
+def compressed_case(t: int, cfg, hq: int = 64, hkv: int = 4, d: int = 128, dev: str = "cuda", seed: int = 0):
+    """Random bf16 inputs of the compressed branch at length ``t`` for the Gluon prototypes in benchmarks/:
+    ``(q [1, t, hq, d], kc, vc [1, t/stride, hkv, d], scale)``."""
+    torch.manual_seed(seed)
+    tc = cfg.num_compressed(t)
+    q = torch.randn(1, t, hq, d, device=dev, dtype=torch.bfloat16)
+    kc, vc = (torch.randn(1, tc, hkv, d, device=dev, dtype=torch.bfloat16) for _ in "kv")
+    return q, kc, vc, 1 / math.sqrt(d)
+
+
+def cubin_resources(ck) -> str:
+    """Registers, stack (spills), shared memory of a kernel compiled by ``triton.compile`` (``cuobjdump
+    -res-usage``; cuobjdump ships with Triton, so this works without a GPU: the compile-only checks in
+    benchmarks/)."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    return " ".join(line.strip() for line in usage.splitlines() if "REG" in line)
+
+
 def core_case(t: int, cfg, hq: int = 64, hkv: int = 4, d: int = 128, dev: str = "cuda", seed: int = 0):
     """The bench's NSA core at length ``t`` for the A/B scripts in benchmarks/: ``(q, kvs, gate, ck, cv, leaves,
     core, do)``, ``core()`` the Triton core's output and ``do`` an output gradient for it."""

@@ -6,7 +6,6 @@ Nsight Compute (session 17, run 4):
         python3 -P ncu_scores.py --t 32768
 """
 import argparse
-import math
 import os
 import sys
 
@@ -14,6 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))
 import gluon_scores as G  # noqa: E402
+from nsa_parallel.bench import compressed_case  # noqa: E402
 from nsa_parallel.kernels import NSAConfig  # noqa: E402
 from nsa_parallel.kernels import compress as C  # noqa: E402
 
@@ -21,12 +21,7 @@ p = argparse.ArgumentParser()
 p.add_argument("--t", type=int, default=32768)
 a = p.parse_args()
 cfg, t = NSAConfig(), a.t
-torch.manual_seed(0)
-tc = cfg.num_compressed(t)
-q = torch.randn(1, t, 64, 128, device="cuda", dtype=torch.bfloat16)
-kc = torch.randn(1, tc, 4, 128, device="cuda", dtype=torch.bfloat16)
-vc = torch.randn(1, tc, 4, 128, device="cuda", dtype=torch.bfloat16)
-scale = 1 / math.sqrt(128)
+q, kc, vc, scale = compressed_case(t, cfg)
 _, lse = C.compressed_attention(q, kc, vc, cfg, scale)
 C.selection_scores(q, kc, lse, cfg, scale)
 for var in G.VARIANTS:
