@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .flash import (NO_WINDOW, _Launch, _attend, _bwd_rows, _dq_sum, _dq_tiles, _finish, _fwd_tiles, _load_lse2,
-                    _load_tile, _own_delta, _q_tile, _store_grad_tile, _store_tile)
+                    _load_tile, _own_delta, _q_tile, _store_tile)
 
 FORCED_TILES = True  # forced blocks in the window kernels where forced_constants allows (False: in the lists' walk)
 
@@ -106,7 +106,7 @@ def _window_forced_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, O, GATE, KS, VS, OS, L
                              BDV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                              KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
                              BS: tl.constexpr, FBN: tl.constexpr, INITIAL: tl.constexpr, LOCAL: tl.constexpr,
-                             NOWIN: tl.constexpr, DQ_ADD: tl.constexpr = False, KD=None, VD=None,
+                             NOWIN: tl.constexpr, KD=None, VD=None,
                              TMA: tl.constexpr = False):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
@@ -129,7 +129,7 @@ def _window_forced_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, O, GATE, KS, VS, OS, L
                    DK, DV, BDK, BDV, FBN, 1, 0, NOWIN, False, None, None, False, g, True)
     dq = _dq_tiles(q, do, lse2, delta, dq, KS, VS, kbos, kvh, tq, own * BS, t_end, t_end, qk_scale, HKV, DK, DV,
                    BDK, BDV, FBN, 1, 0, NOWIN, True, None, None, False, g, True)
-    _store_grad_tile(DQ, row_off, rvalid, dq * scale, DK, BDK, DQ_ADD)
+    _store_tile(DQ, row_off, rvalid, dq * scale, DK, BDK)
 
 
 def forced_constants(config, L_swa: _Launch) -> Optional[dict]:
