@@ -3,7 +3,7 @@
 The attention itself is :func:`flash.position_masked_attention` with key positions ``i*d + l - 1``. The scores
 kernel recomputes each probability from the saved log-sum-exp (one q.k pass), sums the GQA group's heads (eq. 10)
 and maps compressed blocks onto selection blocks by slot overlap (eq. 9, see docs/algorithm.md) in registers, so no
-``[t, t/d]`` tensor is ever stored: only the ``[b, t, hkv, t/l']`` block scores that top-n reads.
+``[t, t/d]`` tensor is ever stored: only the ``[b, t, hkv, t/l', 2]`` block score pairs that top-n reads.
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from .varlen import max_seqlen
 SCORES_WIDE_STAGES = 1  # pipeline stages of 256-wide tiles (dk above 128); 2 and 3 measured slower (H100)
 SCORES_WIDE_BLOCK_M = 128  # query rows with 256-wide tiles (dk above 128): 256 x 256 failed the GPU tests (H100)
 SCORES_ONE_PASS = True  # one q.k pass per tile, blocks by overlap weights (else one pass per slot a token covers)
-SCORES_BLOCK_M, SCORES_WARPS, SCORES_STAGES = 256, 4, 3  # query rows (positions x heads) per program, warps,
-# stages: the best of 19 on an H100 at 64k (4.72 ms against 4.98-5.02 for 128 rows / 2 stages, 6.25 for 8 warps;
-# docs/benchmarks.md)
+SCORES_BLOCK_M, SCORES_WARPS, SCORES_STAGES = 128, 4, 2  # query rows (positions x heads) per program, warps,
+# stages (H100 at 64k, benchmarks/scores_ab.py --sweep, the first 32k queries: 1.17 ms against 1.22 for 256 rows,
+# 1.31 / 1.70 for 128 / 256 rows on 3 stages; the kernel before the (own, spill) pairs: 256 / 4 / 3, 1.27-1.33)
 SCORES_TOKENS = 64  # compressed tokens per key tile (one-pass kernel)
 
 
@@ -77,6 +77,10 @@ def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, QOFF, scale,
     # The products are s^T = kc q^T ([tokens, query rows]): with the query rows as columns in _score_columns'
     # order, the head sum is in-thread and only the [tokens, positions] sums move between threads (H100 at 64k, same
     # run: 6.2 ms against 7.7 for q kc^T with the heads summed across lanes, both 8 warps; 4.95 ms with 4).
+    # Each block's score is written as a pair (own, spill): its tokens' share of it, and the share of the next
+    # block (a token that straddles two blocks); top-n adds block j - 1's spill to block j's own. Shifting the
+    # spill along the block axis here took a third of the loop's instructions and four of its six barriers (sm_90
+    # SASS: 801 -> 634 instructions a tile; the blocks of a tile span the four warps).
     bos, T, kbos, TK, kvh, t0 = _tile_start(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, VARLEN)
     if t0 >= T:
         return
@@ -94,45 +98,63 @@ def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, QOFF, scale,
     out_mask = tpos < T
     if ONE_PASS:  # A <= S: each compressed token reaches its own selection block and at most the next one
         w_own, w_spill = overlap_weights(A, S)
-        carry = tl.zeros([BLOCK_T], dtype=tl.float32)  # the previous tile's last block's spill
-        for j0 in range(0, n_blocks, BJ):
-            ci = j0 * S + tl.arange(0, BJ * S)  # the compressed tokens of this tile of selection blocks
-            p = _token_probs(KC, qt, lse2, ci, kbos, kvh, TK, tpos, dk, qk_scale, QOFF, HKV, DK, BJ * S,
-                             BLOCK_T, GP, KSTRIDE, KOFF)
-            p = tl.reshape(p, [BJ, S, BLOCK_T])
-            own = tl.sum(p * w_own[None, :, None], axis=1)  # [BJ, BLOCK_T]
-            spill = tl.sum(p * w_spill[None, :, None], axis=1)
-            # block k takes block k - 1's spill: a shift along the block axis, as an exact 0/1 sum
-            shifted = tl.sum(tl.where(kk[:, None, None] == kk[None, :, None] + 1, spill[None, :, :], 0.0), axis=1)
-            blk = own + shifted + tl.where(kk[:, None] == 0, carry[None, :], 0.0)
-            carry = tl.sum(tl.where(kk[:, None] == BJ - 1, spill, 0.0), axis=0)
-            j = j0 + kk
-            tl.store(SC + out_row[None, :] + j[:, None], blk, mask=out_mask[None, :] & (j < NS)[:, None])
+        # tiles of tokens that all the program's positions see (all but the last one or two): no masks
+        n_full = tl.minimum(tl.maximum(t0 + QOFF - KOFF + KSTRIDE, 0) // KSTRIDE, TK) // (BJ * S) * BJ
+        for j0 in range(0, n_full, BJ):
+            p = _token_probs(KC, qt, lse2, j0 * S + tl.arange(0, BJ * S), kbos, kvh, TK, tpos, dk, qk_scale, QOFF,
+                             HKV, DK, BDK, BJ * S, BLOCK_T, GP, KSTRIDE, KOFF, False)
+            _store_pair(SC, out_row, out_mask, j0 + kk, NS, *_own_spill(p, w_own, w_spill, BJ, S, BLOCK_T))
+        for j0 in range(n_full, n_blocks, BJ):
+            p = _token_probs(KC, qt, lse2, j0 * S + tl.arange(0, BJ * S), kbos, kvh, TK, tpos, dk, qk_scale, QOFF,
+                             HKV, DK, BDK, BJ * S, BLOCK_T, GP, KSTRIDE, KOFF, True)
+            _store_pair(SC, out_row, out_mask, j0 + kk, NS, *_own_spill(p, w_own, w_spill, BJ, S, BLOCK_T))
     else:  # a token reaches more blocks than the next: sum slot by slot, one q.k pass per slot a token covers
         for j0 in range(0, n_blocks, BJ):
             u = j0 * S + tl.arange(0, BJ * S)  # stride slots of this tile of selection blocks
             acc = tl.zeros([BJ * S, BLOCK_T], dtype=tl.float32)
             for n in tl.static_range(A):  # slot u holds compressed blocks u-A+1 .. u
-                acc += _token_probs(KC, qt, lse2, u - n, kbos, kvh, TK, tpos, dk, qk_scale, QOFF, HKV, DK,
-                                    BJ * S, BLOCK_T, GP, KSTRIDE, KOFF)
+                acc += _token_probs(KC, qt, lse2, u - n, kbos, kvh, TK, tpos, dk, qk_scale, QOFF, HKV, DK, BDK,
+                                    BJ * S, BLOCK_T, GP, KSTRIDE, KOFF, True)
             blk = tl.sum(tl.reshape(acc, [BJ, S, BLOCK_T]), axis=1)  # [BJ, BLOCK_T]
-            j = j0 + kk
-            tl.store(SC + out_row[None, :] + j[:, None], blk, mask=out_mask[None, :] & (j < NS)[:, None])
+            _store_pair(SC, out_row, out_mask, j0 + kk, NS, blk, tl.zeros_like(blk))
+
+
+@triton.jit
+def _own_spill(p, w_own, w_spill, BJ: tl.constexpr, S: tl.constexpr, BLOCK_T: tl.constexpr):
+    """``[BJ * S, BLOCK_T]`` token probabilities -> ``(own, spill)`` ``[BJ, BLOCK_T]``: each block's share of its
+    S tokens, and the share of the next block."""
+    p = tl.reshape(p, [BJ, S, BLOCK_T])
+    return tl.sum(p * w_own[None, :, None], axis=1), tl.sum(p * w_spill[None, :, None], axis=1)
+
+
+@triton.jit
+def _store_pair(SC, out_row, out_mask, j, NS, own, spill):
+    """Blocks ``j`` of the positions ``out_row`` (offsets in blocks) as ``(own, spill)`` pairs."""
+    off = (out_row[None, :, None] + j[:, None, None]) * 2 + tl.arange(0, 2)[None, None, :]
+    tl.store(SC + off, tl.join(own, spill), mask=(out_mask[None, :] & (j < NS)[:, None])[:, :, None])
 
 
 @triton.jit
 def _token_probs(KC, qt, lse2, ci, kbos, kvh, TK, tpos, dk, qk_scale, QOFF, HKV: tl.constexpr, DK: tl.constexpr,
-                 BC: tl.constexpr, BLOCK_T: tl.constexpr, GP: tl.constexpr, KSTRIDE: tl.constexpr,
-                 KOFF: tl.constexpr):
+                 BDK: tl.constexpr, BC: tl.constexpr, BLOCK_T: tl.constexpr, GP: tl.constexpr,
+                 KSTRIDE: tl.constexpr, KOFF: tl.constexpr, MASKED: tl.constexpr):
     """``[BC, BLOCK_T]``: compressed tokens ``ci``'s probabilities summed over each position's heads, 0 where
-    a token is not visible (or not there)."""
-    cvalid = (ci >= 0) & (ci < TK)
-    kc = tl.load(KC + ((kbos + ci.to(tl.int64)) * HKV + kvh)[:, None] * DK + dk[None, :],
-                 mask=cvalid[:, None] & (dk[None, :] < DK), other=0.0)
+    a token is not visible (or not there); without ``MASKED`` every token is there and visible to every
+    position."""
+    kc_ptr = KC + ((kbos + ci.to(tl.int64)) * HKV + kvh)[:, None] * DK + dk[None, :]
+    if MASKED:
+        cvalid = (ci >= 0) & (ci < TK)
+        kc = tl.load(kc_ptr, mask=cvalid[:, None] & (dk[None, :] < DK), other=0.0)
+    elif DK == BDK:
+        kc = tl.load(kc_ptr)
+    else:
+        kc = tl.load(kc_ptr, mask=(dk < DK)[None, :], other=0.0)
     # masked after the head sum (one position's heads share it); a future token's exp2 may be inf there, never NaN
     p = _group_sum(tl.exp2(tl.dot(kc, qt) * qk_scale - lse2[None, :]), BC, BLOCK_T, GP)
-    vis = cvalid[:, None] & ((ci * KSTRIDE + KOFF)[:, None] <= tpos[None, :] + QOFF)
-    return tl.where(vis, p, 0.0)
+    if MASKED:
+        vis = cvalid[:, None] & ((ci * KSTRIDE + KOFF)[:, None] <= tpos[None, :] + QOFF)
+        p = tl.where(vis, p, 0.0)
+    return p
 
 
 def selection_scores(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seqlens=None, cmp_cu_seqlens=None,
@@ -141,6 +163,22 @@ def selection_scores(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seql
 
     With ``q_offset`` (fixed-length only) query ``i`` sits at position ``i + q_offset`` and the block ids are
     global: ``ns_max`` counts the blocks up to the last query."""
+    return combine_pairs(score_pairs(q, k_cmp, lse_cmp, config, scale, cu_seqlens, cmp_cu_seqlens, max_t, q_offset))
+
+
+def combine_pairs(pairs: torch.Tensor) -> torch.Tensor:
+    """``[..., ns, 2]`` (own, spill) pairs -> ``[..., ns]`` block scores: block j's own plus block j-1's spill,
+    the sum top-n forms (topn.py)."""
+    own, spill = pairs.unbind(-1)
+    scores = own.clone()
+    scores[..., 1:] += spill[..., :-1]
+    return scores
+
+
+def score_pairs(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seqlens=None, cmp_cu_seqlens=None,
+                max_t=None, q_offset: int = 0):
+    """:func:`selection_scores` as the kernel writes them: ``[b, t, hkv, ns_max, 2]`` fp32 (own, spill) pairs
+    (see ``_scores_kernel``), which :func:`topn.select_topn` takes as they are."""
     b, t, hq, dk = q.shape
     hkv = k_cmp.shape[2]
     g = hq // hkv
@@ -153,11 +191,11 @@ def selection_scores(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seql
         max_t = max_seqlen(cu_seqlens)
     ns = config.num_select_blocks(max_t + q_offset)
     gp, block_t = _tiles(g, SCORES_WIDE_BLOCK_M if dk > 128 else SCORES_BLOCK_M)
-    scores = torch.empty(b, t, hkv, ns, device=q.device, dtype=torch.float32)
+    pairs = torch.empty(b, t, hkv, ns, 2, device=q.device, dtype=torch.float32)
     nseq = cu_seqlens.numel() - 1 if varlen else b
     dummy = q.new_zeros(1, dtype=torch.int32)
     _scores_kernel[(triton.cdiv(max_t, block_t), nseq * hkv)](
-        q.contiguous(), k_cmp.contiguous(), lse_cmp, scores, cu_seqlens if varlen else dummy,
+        q.contiguous(), k_cmp.contiguous(), lse_cmp, pairs, cu_seqlens if varlen else dummy,
         cmp_cu_seqlens if varlen else dummy, t, k_cmp.shape[1], ns, q_offset, scale,
         HQ=hq, HKV=hkv, G=g, GP=gp, DK=dk, BDK=max(16, triton.next_power_of_2(dk)), BLOCK_T=block_t,
         BJ=max(1, SCORES_TOKENS // s), S=s, A=config.stride_slots_per_compress_block, KSTRIDE=config.compress_stride,
@@ -165,4 +203,4 @@ def selection_scores(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seql
         ONE_PASS=SCORES_ONE_PASS and config.compress_block <= config.select_block,
         num_warps=SCORES_WARPS,
         num_stages=1 if q.dtype == torch.float32 else (SCORES_WIDE_STAGES if dk > 128 else SCORES_STAGES))
-    return scores
+    return pairs

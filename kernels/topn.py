@@ -20,7 +20,7 @@ TOPN_ELEMENTS, TOPN_WARPS = 1024, 1
 @triton.jit
 def _topn_kernel(SC, LOCAL_T, IDX, ROWS, NS, HKV: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
                  NSP: tl.constexpr, BR: tl.constexpr, SEL_BLOCK: tl.constexpr, INITIAL: tl.constexpr,
-                 LOCAL: tl.constexpr):
+                 LOCAL: tl.constexpr, PAIRS: tl.constexpr):
     r = tl.program_id(0) * BR + tl.arange(0, BR)  # rows = (token, KV head)
     rv = r < ROWS
     j = tl.arange(0, NSP)
@@ -28,7 +28,12 @@ def _topn_kernel(SC, LOCAL_T, IDX, ROWS, NS, HKV: tl.constexpr, N: tl.constexpr,
     own = t // SEL_BLOCK
     valid = (j[None, :] <= own[:, None]) & (j[None, :] < NS) & rv[:, None]
     forced = valid & ((j[None, :] < INITIAL) | (j[None, :] > own[:, None] - LOCAL))
-    s = tl.load(SC + r.to(tl.int64)[:, None] * NS + j[None, :], mask=valid, other=float("-inf"))
+    at = r.to(tl.int64)[:, None] * NS + j[None, :]
+    if PAIRS:  # the scores kernel's (own, spill) pairs: block j's own + block j - 1's spill
+        s = tl.load(SC + at * 2, mask=valid, other=float("-inf"))
+        s += tl.load(SC + at * 2 - 1, mask=valid & (j[None, :] > 0), other=0.0)
+    else:
+        s = tl.load(SC + at, mask=valid, other=float("-inf"))
     s = tl.where(forced | (~valid), float("-inf"), s)
     # The forced blocks go straight to columns [0, INITIAL + LOCAL): the first INITIAL blocks, then the LOCAL
     # blocks ending at the row's own one (each only if it exists and is not an initial one). Where fewer exist,
@@ -54,11 +59,13 @@ def _topn_kernel(SC, LOCAL_T, IDX, ROWS, NS, HKV: tl.constexpr, N: tl.constexpr,
 
 def select_topn(scores: torch.Tensor, config: NSAConfig, cu_seqlens: Optional[torch.Tensor] = None,
                 q_offset: int = 0) -> torch.Tensor:
-    """scores ``[b, t, hkv, ns]`` -> block indices ``[b, t, hkv, n]`` int32, ascending, -1 padded, exactly as
-    :func:`reference.select_topn` (which takes ``[b, hkv, t, ns]``): the forced blocks placed directly, then
-    ``n - select_initial - select_local`` rounds of max/argmax per row in registers.
+    """scores ``[b, t, hkv, ns]`` (or the scores kernel's ``[b, t, hkv, ns, 2]`` pairs, ``compress.score_pairs``)
+    -> block indices ``[b, t, hkv, n]`` int32, ascending, -1 padded, exactly as :func:`reference.select_topn`
+    (which takes ``[b, hkv, t, ns]``): the forced blocks placed directly, then ``n - select_initial -
+    select_local`` rounds of max/argmax per row in registers.
     Query ``i`` sits at position ``i + q_offset`` (a context-parallel chunk); the block ids are global."""
-    b, t, hkv, ns = scores.shape
+    pairs = scores.dim() == 5
+    b, t, hkv, ns = scores.shape[:4]
     n = config.select_topn
     _, local_t = sequence_ids(b, t, cu_seqlens, scores.device)
     rows = b * t * hkv
@@ -68,45 +75,48 @@ def select_topn(scores: torch.Tensor, config: NSAConfig, cu_seqlens: Optional[to
     _topn_kernel[(triton.cdiv(rows, br),)](
         scores.contiguous(), (local_t + q_offset).to(torch.int32).contiguous(), idx, rows, ns, HKV=hkv, N=n,
         NP=triton.next_power_of_2(n), NSP=nsp, BR=br, SEL_BLOCK=config.select_block,
-        INITIAL=config.select_initial, LOCAL=config.select_local, num_warps=TOPN_WARPS)
+        INITIAL=config.select_initial, LOCAL=config.select_local, PAIRS=pairs, num_warps=TOPN_WARPS)
     return idx
 
 
-SCORES_BUFFER_BYTES = 512 << 20  # the most fp32 block scores select_blocks keeps at once
+# the most block scores select_blocks keeps at once: 1 GiB scores 64k queries x 4 KV heads in two halves (H100: 4
+# quarters took 0.25 ms more, benchmarks/scores_ab.py --sweep)
+SCORES_BUFFER_BYTES = 1 << 30
+SCORE_BYTES = 8  # a block's score as the scores kernel writes it: an fp32 (own, spill) pair
 
 
 def _fits(rows: int, hkv: int, seqlen: int, config: NSAConfig) -> bool:
-    """Whether the fp32 scores of ``rows`` queries (``hkv`` heads, blocks up to ``seqlen``) fit the budget."""
-    return rows * hkv * config.num_select_blocks(seqlen) * 4 <= SCORES_BUFFER_BYTES
+    """Whether the scores of ``rows`` queries (``hkv`` heads, blocks up to ``seqlen``) fit the budget."""
+    return rows * hkv * config.num_select_blocks(seqlen) * SCORE_BYTES <= SCORES_BUFFER_BYTES
 
 
 def select_blocks(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seqlens=None, cmp_cu_seqlens=None,
                   max_t=None, q_offset: int = 0) -> torch.Tensor:
     """Selection scores then top-n: block indices ``[b, t, hkv, n]`` (no autograd).
 
-    The ``[b, t, hkv, ns]`` fp32 scores grow as t^2 (1 GiB at 64k with 4 KV heads, 64 GiB at 512k), so at most
-    ``SCORES_BUFFER_BYTES`` of them exist at once: fixed-length batches are scored query chunk by query chunk
+    The ``[b, t, hkv, ns, 2]`` fp32 score pairs grow as t^2 (2 GiB at 64k with 4 KV heads, 128 GiB at 512k), so
+    at most ``SCORES_BUFFER_BYTES`` of them exist at once: fixed-length batches are scored query chunk by query chunk
     (each chunk's top-n right after its scores); packed batches whose scores would pass the budget are scored in
     runs of neighbouring sequences that fit it, and a sequence too long for it alone in query chunks."""
-    from .compress import selection_scores
+    from .compress import score_pairs
     b, t, _, _ = q.shape
     hkv = k_cmp.shape[2]
     if cu_seqlens is not None:
         max_t = max_seqlen(cu_seqlens) if max_t is None else max_t
         if _fits(t, hkv, max_t + q_offset, config):
-            scores = selection_scores(q, k_cmp, lse_cmp, config, scale, cu_seqlens, cmp_cu_seqlens, max_t, q_offset)
+            scores = score_pairs(q, k_cmp, lse_cmp, config, scale, cu_seqlens, cmp_cu_seqlens, max_t, q_offset)
             return select_topn(scores, config, cu_seqlens, q_offset)
         return _select_packed_runs(q, k_cmp, lse_cmp, config, scale, cu_seqlens, cmp_cu_seqlens, q_offset)
     ns = config.num_select_blocks(t + q_offset)
-    rows = max(64, SCORES_BUFFER_BYTES // (4 * b * hkv * max(ns, 1)) // 64 * 64)
+    rows = max(64, SCORES_BUFFER_BYTES // (SCORE_BYTES * b * hkv * max(ns, 1)) // 64 * 64)
     if rows >= t:
-        return select_topn(selection_scores(q, k_cmp, lse_cmp, config, scale, q_offset=q_offset), config,
+        return select_topn(score_pairs(q, k_cmp, lse_cmp, config, scale, q_offset=q_offset), config,
                            q_offset=q_offset)
     parts = []
     for s in range(0, t, rows):
         e = min(t, s + rows)
-        scores = selection_scores(q[:, s:e], k_cmp, lse_cmp[:, s:e].contiguous(), config, scale,
-                                  q_offset=q_offset + s)
+        scores = score_pairs(q[:, s:e], k_cmp, lse_cmp[:, s:e].contiguous(), config, scale,
+                             q_offset=q_offset + s)
         parts.append(select_topn(scores, config, q_offset=q_offset + s))
         del scores
     return torch.cat(parts, dim=1)

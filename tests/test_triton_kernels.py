@@ -169,7 +169,7 @@ def test_select_blocks_in_query_chunks_equals_whole(q_offset, monkeypatch):
     kc = _rand(b, SMALL.num_compressed(t + q_offset), hkv, dk, dtype=torch.float32, seed=4).detach()
     _, lse = compressed_attention(q, kc, torch.zeros_like(kc), SMALL, 0.3, q_offset=q_offset)
     whole = topn.select_blocks(q, kc, lse, SMALL, 0.3, q_offset=q_offset)
-    monkeypatch.setattr(topn, "SCORES_BUFFER_BYTES", 4 * b * hkv * 64)  # 64 query rows per chunk: 4 chunks
+    monkeypatch.setattr(topn, "SCORES_BUFFER_BYTES", topn.SCORE_BYTES * b * hkv * 64)  # 64 query rows per chunk: 4 chunks
     assert torch.equal(topn.select_blocks(q, kc, lse, SMALL, 0.3, q_offset=q_offset), whole)
     want = select_topn(selection_scores(q, kc, lse, SMALL, 0.3, q_offset=q_offset), SMALL, q_offset=q_offset)
     assert torch.equal(whole, want)
@@ -187,14 +187,14 @@ def test_packed_select_blocks_within_the_buffer_equals_whole(monkeypatch):
     kc = _rand(1, int(ccu[-1]), hkv, dk, dtype=torch.float32, seed=6).detach()
     _, lse = compressed_attention(q, kc, torch.zeros_like(kc), SMALL, 0.3, cu, ccu)
     whole = topn.select_blocks(q, kc, lse, SMALL, 0.3, cu, ccu)
-    budget = 4 * hkv * SMALL.num_select_blocks(75) * 120  # 120 rows of a 75-token sequence's width
-    sizes, real = [], compress.selection_scores
+    budget = topn.SCORE_BYTES * hkv * SMALL.num_select_blocks(75) * 120  # 120 rows of a 75-token sequence's width
+    sizes, real = [], compress.score_pairs
 
     def spy(*a, **k):
         out = real(*a, **k)
         sizes.append((out.numel() * 4, out.shape[1]))
         return out
-    monkeypatch.setattr(compress, "selection_scores", spy)
+    monkeypatch.setattr(compress, "score_pairs", spy)
     monkeypatch.setattr(topn, "SCORES_BUFFER_BYTES", budget)
     assert torch.equal(topn.select_blocks(q, kc, lse, SMALL, 0.3, cu, ccu), whole)
     # 300: 64-row chunks; 40 + 0 + 75 together; 30 alone (with 75 it passes); 200 in chunks
