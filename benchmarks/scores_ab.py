@@ -13,36 +13,14 @@ stages) and scores budgets. JSON lines to stdout and ``--out``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
-import re
-import subprocess
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SWEEP = [(128, 4, 2, 64), (128, 4, 1, 64), (64, 4, 2, 64), (64, 2, 2, 64), (128, 8, 2, 64), (256, 4, 2, 64),
          (128, 4, 2, 128), (128, 8, 2, 128), (128, 4, 3, 32)]  # rows, warps, stages, tokens
-
-
-def write_old(rev: str) -> None:
-    for name in ("compress", "topn"):
-        src = subprocess.run(["git", "show", f"{rev}:kernels/{name}.py"], capture_output=True, text=True,
-                             check=True, cwd=HERE).stdout
-        src = re.sub(r"from \.(\w+) import", r"from nsa_parallel.kernels.\1 import", src)
-        src = src.replace("from nsa_parallel.kernels.compress import", "from _old_compress import")
-        with open(os.path.join(HERE, f"_old_{name}.py"), "w") as f:
-            f.write(f"# {name}.py at {rev} (benchmarks/scores_ab.py --old-from); not part of the package\n" + src)
-
-
-def load_old(name: str):
-    import sys
-    spec = importlib.util.spec_from_file_location(f"_old_{name}", os.path.join(HERE, f"_old_{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[f"_old_{name}"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def main() -> None:
@@ -53,14 +31,14 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--out", default="scores_ab.json")
     args = p.parse_args()
+    from nsa_parallel.bench import emit, load_old_module, timed, write_old_modules
     if args.old_from:
-        return write_old(args.old_from)
-    from nsa_parallel.bench import emit, timed
+        return write_old_modules(args.old_from, ("compress", "topn"), HERE)
     from nsa_parallel.kernels import NSAConfig
     from nsa_parallel.kernels import compress as C
     from nsa_parallel.kernels import topn as N
     from nsa_parallel.kernels.compress import compressed_attention
-    old_c, old_n = load_old("compress"), load_old("topn")
+    old_c, old_n = load_old_module("compress", HERE), load_old_module("topn", HERE)
     cfg, t, rows = NSAConfig(), args.t, []
     torch.manual_seed(0)
     q = torch.randn(1, t, 64, 128, device="cuda", dtype=torch.bfloat16)

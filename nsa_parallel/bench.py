@@ -174,6 +174,34 @@ def ab_check(fn, leaves, do, switch) -> float:
                for a, b in zip(got[1], got[0]))
 
 
+def write_old_modules(rev: str, names, dest: str) -> None:
+    """``dest/_old_<name>.py`` = ``kernels/<name>.py`` at git revision ``rev``, its relative imports rebased onto
+    ``nsa_parallel.kernels`` (and onto each other's old copies among ``names``): the A/B scripts in benchmarks/ time
+    an earlier commit's kernels beside the tree's in one process (the GPU machine has no git history)."""
+    import re
+    import subprocess
+    for name in names:
+        src = subprocess.run(["git", "show", f"{rev}:kernels/{name}.py"], capture_output=True, text=True,
+                             check=True, cwd=dest).stdout
+        src = re.sub(r"from \.(\w+) import", r"from nsa_parallel.kernels.\1 import", src)
+        for other in names:
+            src = src.replace(f"from nsa_parallel.kernels.{other} import", f"from _old_{other} import")
+        with open(f"{dest}/_old_{name}.py", "w") as f:
+            f.write(f"# kernels/{name}.py at {rev} (nsa_parallel.bench.write_old_modules); not part of the package\n"
+                    + src)
+
+
+def load_old_module(name: str, dest: str):
+    """The module ``dest/_old_<name>.py`` that :func:`write_old_modules` wrote."""
+    import importlib.util
+    import sys
+    spec = importlib.util.spec_from_file_location(f"_old_{name}", f"{dest}/_old_{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[f"_old_{name}"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def core_inputs(t, hq, hkv, dk, dv, cfg, dev, dt=torch.bfloat16):
     """Random inputs of the NSA core at batch 1: ``(q, [k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa], gate, phi_k,
     phi_v)``, tensors requiring grad (also used by the scripts in benchmarks/)."""
