@@ -79,8 +79,8 @@ def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, QOFF, scale,
     # run: 6.2 ms against 7.7 for q kc^T with the heads summed across lanes, both 8 warps; 4.95 ms with 4).
     # Each block's score is written as a pair (own, spill): its tokens' share of it, and the share of the next
     # block (a token that straddles two blocks); top-n adds block j - 1's spill to block j's own. Shifting the
-    # spill along the block axis here took a third of the loop's instructions and four of its six barriers (sm_90
-    # SASS: 801 -> 634 instructions a tile; the blocks of a tile span the four warps).
+    # spill along the block axis here went through shared memory (a tile's blocks span the four warps): four of
+    # the loop's six barriers; sm_90 SASS at 256 rows, 801 -> 597 instructions a tile (benchmarks/sass_loops.py).
     bos, T, kbos, TK, kvh, t0 = _tile_start(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, VARLEN)
     if t0 >= T:
         return
