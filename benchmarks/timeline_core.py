@@ -19,6 +19,7 @@ import tempfile
 
 import torch
 from nsa_parallel.bench import core_case, emit, timed
+from nsa_parallel.bench_decode import capture_graph
 from nsa_parallel.kernels import NSAConfig
 
 
@@ -65,22 +66,6 @@ def trace_steps(step, iters: int, gaps: int) -> list:
     return out
 
 
-def graphed(step, leaves):
-    """``step`` captured in a CUDA graph (warmed up on a side stream, as torch.cuda.graph asks)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    for x in leaves:
-        x.grad = None
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
-    return g.replay
-
-
 def clocks_during(fn) -> tuple:
     """``(fn(), samples)``: nvidia-smi's SM clock (MHz), power (W) and active throttle reasons every 50 ms."""
     q = "clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
@@ -122,7 +107,7 @@ def main() -> None:
         emit(rows, args.out, what="timed", phase=name, graph=False, t=args.t, ms=ms, clocks=smp)
     if not args.no_graph:
         try:
-            replay = graphed(step, leaves)
+            replay = capture_graph(step, leaves=leaves).replay
             ms, smp = clocks_during(lambda: timed(replay))
             emit(rows, args.out, what="timed", phase="fwdbwd", graph=True, t=args.t, ms=ms, clocks=smp)
         except Exception as e:  # a capture failure is a finding too (a host sync inside the step)

@@ -34,13 +34,18 @@ VARIANTS = {
 }
 
 
-def _capture(fn, steps: int = 1) -> torch.cuda.CUDAGraph:
+def capture_graph(fn, steps: int = 1, leaves=()) -> torch.cuda.CUDAGraph:
+    """``steps`` calls of ``fn`` captured in a CUDA graph, after warm-up calls on a side stream (as torch.cuda.graph
+    asks); ``leaves`` get ``.grad = None`` before the capture, so a captured backward writes fresh gradients
+    instead of adding onto the warm-up's (benchmarks/timeline_core.py)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         for _ in range(3):
             fn()
     torch.cuda.current_stream().wait_stream(s)
+    for x in leaves:
+        x.grad = None
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         for _ in range(steps):
@@ -63,7 +68,7 @@ def _replay_ms(g: torch.cuda.CUDAGraph, iters: int, steps: int) -> float:
 def _graph_ms(fn, iters: int = 50, steps: int = 1) -> float:
     """Median ms per call of ``fn`` from replays of a CUDA graph holding ``steps`` calls back to back (steps > 1: the
     graph's own launch latency is spread over them, as in a model's decode graph that holds every layer)."""
-    return _replay_ms(_capture(fn, steps), iters, steps)
+    return _replay_ms(capture_graph(fn, steps), iters, steps)
 
 
 def _variants_us(step, variants: dict, steps: int, rounds: int = 7) -> dict:
@@ -77,7 +82,7 @@ def _variants_us(step, variants: dict, steps: int, rounds: int = 7) -> dict:
         for k, v in knobs.items():
             setattr(decode_triton, k, v)
         try:
-            graphs[name] = _capture(step, steps)
+            graphs[name] = capture_graph(step, steps)
         finally:
             for k, v in old.items():
                 setattr(decode_triton, k, v)
