@@ -153,9 +153,7 @@ def _sel_fwd_loop_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, TK_FIXED, QOFF, KBAS
     for i in range(i_lo, i_hi):
         pos, k, v = _listed_block_kv(IDX, list_start, i, K, V, kbos, KBASE, TK, kvh, HKV, DK, DV, BDK, BDV, BS,
                                      KD, VD, TMA)
-        s = tl.dot(q, tl.trans(k))
-        if not (FORCED and LOCAL > 0):  # else every chosen block lies before the local ones: wholly visible
-            s = tl.where((pos <= t0 + QOFF)[None, :], s, float("-inf"))
+        s = tl.where((pos <= t0 + QOFF)[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
         m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale)
     o, lse = _finish(acc, m_i, l_i)  # no block in this key buffer: o = 0, lse = -inf
     _store_output(O, LSE, row_off, rvalid, o, lse, DV, BDV, OC, OW, GATE, OUT, GATED_SUM)
@@ -183,9 +181,8 @@ def _sel_dq_loop_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED,
     for i in range(i_lo, i_hi):
         pos, k, v = _listed_block_kv(IDX, list_start, i, K, V, kbos, KBASE, TK, kvh, HKV, DK, DV, BDK, BDV, BS,
                                      KD, VD, TMA)
-        p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
-        if not (FORCED and LOCAL > 0):  # as in the forward loop
-            p = tl.where((pos <= t0 + QOFF)[None, :], p, 0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.where((pos <= t0 + QOFF)[None, :], tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
