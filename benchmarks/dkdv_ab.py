@@ -10,7 +10,6 @@ of both versions (largest relative difference), then their times alternating in 
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 
@@ -20,18 +19,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--old-from")
-    p.add_argument("--t", type=int, default=65536)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--out", default="dkdv_ab.json")
-    args = p.parse_args()
-    from nsa_parallel.bench import emit, load_old_module, timed, write_old_modules
-    if args.old_from:
-        return write_old_modules(args.old_from, ("flash",), HERE)
+    from nsa_parallel.bench import emit, old_vs_new, timed
+    args, old = old_vs_new(__doc__, ("flash",), "dkdv_ab.json", HERE)
+    if old is None:
+        return
     from nsa_parallel.kernels import NSAConfig
     from nsa_parallel.kernels import flash as F
-    old = load_old_module("flash", HERE)
+    old, = old
     cfg, t, rows = NSAConfig(), args.t, []
     torch.manual_seed(0)
     mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)  # noqa: E731

@@ -12,7 +12,6 @@ stages) and scores budgets. JSON lines to stdout and ``--out``.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 
@@ -24,21 +23,15 @@ SWEEP = [(128, 4, 2, 64), (128, 4, 1, 64), (64, 4, 2, 64), (64, 2, 2, 64), (128,
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--old-from")
-    p.add_argument("--t", type=int, default=65536)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--sweep", action="store_true")
-    p.add_argument("--out", default="scores_ab.json")
-    args = p.parse_args()
-    from nsa_parallel.bench import emit, load_old_module, timed, write_old_modules
-    if args.old_from:
-        return write_old_modules(args.old_from, ("compress", "topn"), HERE)
+    from nsa_parallel.bench import emit, old_vs_new, timed
+    args, old = old_vs_new(__doc__, ("compress", "topn"), "scores_ab.json", HERE, ("--sweep",))
+    if old is None:
+        return
     from nsa_parallel.kernels import NSAConfig
     from nsa_parallel.kernels import compress as C
     from nsa_parallel.kernels import topn as N
     from nsa_parallel.kernels.compress import compressed_attention
-    old_c, old_n = load_old_module("compress", HERE), load_old_module("topn", HERE)
+    old_c, old_n = old
     cfg, t, rows = NSAConfig(), args.t, []
     torch.manual_seed(0)
     q = torch.randn(1, t, 64, 128, device="cuda", dtype=torch.bfloat16)

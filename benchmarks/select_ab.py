@@ -9,25 +9,19 @@ each round. JSON lines to stdout and ``--out``.
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--old-from")
-    p.add_argument("--t", type=int, default=65536)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--out", default="select_ab.json")
-    args = p.parse_args()
-    from nsa_parallel.bench import ab_check, bench, core_case, emit, load_old_module, write_old_modules
-    if args.old_from:
-        return write_old_modules(args.old_from, ("select",), HERE)
+    from nsa_parallel.bench import ab_check, bench, core_case, emit, old_vs_new
+    args, old = old_vs_new(__doc__, ("select",), "select_ab.json", HERE)
+    if old is None:
+        return
     from nsa_parallel.kernels import NSAConfig
     from nsa_parallel.kernels import parallel as P
-    old = load_old_module("select", HERE)
+    old, = old
     new = {n: getattr(P, n) for n in ("_SelLaunch", "selected_forward", "selected_backward")}
 
     def use_new(on: bool) -> None:

@@ -202,6 +202,25 @@ def load_old_module(name: str, dest: str):
     return mod
 
 
+def old_vs_new(doc: str, names, out: str, here: str, flags=()):
+    """The command line of the A/B scripts in benchmarks/ (``--old-from REV``, ``--t``, ``--rounds``, ``--out`` and
+    the store-true ``flags``): ``(args, old modules)``; with ``--old-from`` it writes the old copies of ``names``
+    (:func:`write_old_modules`) and returns ``(args, None)``."""
+    import argparse
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--old-from", help="git revision whose kernels to copy beside the script (here, not on the GPU)")
+    p.add_argument("--t", type=int, default=65536)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default=out)
+    for flag in flags:
+        p.add_argument(flag, action="store_true")
+    args = p.parse_args()
+    if args.old_from:
+        write_old_modules(args.old_from, names, here)
+        return args, None
+    return args, [load_old_module(n, here) for n in names]
+
+
 def core_inputs(t, hq, hkv, dk, dv, cfg, dev, dt=torch.bfloat16):
     """Random inputs of the NSA core at batch 1: ``(q, [k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa], gate, phi_k,
     phi_v)``, tensors requiring grad (also used by the scripts in benchmarks/)."""
