@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .config import NSAConfig
-from .flash import NO_WINDOW, _load_lse2, _load_tile, _tile_start, _tiles, position_masked_attention
+from .flash import NO_WINDOW, _load_lse2, _load_rows, _load_tile, _tile_start, _tiles, position_masked_attention
 from .interface import check_triton_config
 from .varlen import max_seqlen
 
@@ -90,7 +90,6 @@ def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, QOFF, scale,
     qt = tl.trans(_load_tile(Q, row_off, rvalid, DK, BDK))
     lse2 = _load_lse2(LSE, row_off, rvalid)  # +inf on padding rows: their probabilities are 0
     qk_scale = scale * 1.4426950408889634
-    dk = tl.arange(0, BDK)
     tpos = t0 + tl.arange(0, BLOCK_T)
     n_blocks = (tl.minimum(t0 + BLOCK_T, T) - 1 + QOFF) // SEL_BLOCK + 1  # blocks up to the tile's last query
     kk = tl.arange(0, BJ)
@@ -101,11 +100,11 @@ def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, QOFF, scale,
         # tiles of tokens that all the program's positions see (all but the last one or two): no masks
         n_full = tl.minimum(tl.maximum(t0 + QOFF - KOFF + KSTRIDE, 0) // KSTRIDE, TK) // (BJ * S) * BJ
         for j0 in range(0, n_full, BJ):
-            p = _token_probs(KC, qt, lse2, j0 * S + tl.arange(0, BJ * S), kbos, kvh, TK, tpos, dk, qk_scale, QOFF,
+            p = _token_probs(KC, qt, lse2, j0 * S + tl.arange(0, BJ * S), kbos, kvh, TK, tpos, qk_scale, QOFF,
                              HKV, DK, BDK, BJ * S, BLOCK_T, GP, KSTRIDE, KOFF, False)
             _store_pair(SC, out_row, out_mask, j0 + kk, NS, *_own_spill(p, w_own, w_spill, BJ, S, BLOCK_T))
         for j0 in range(n_full, n_blocks, BJ):
-            p = _token_probs(KC, qt, lse2, j0 * S + tl.arange(0, BJ * S), kbos, kvh, TK, tpos, dk, qk_scale, QOFF,
+            p = _token_probs(KC, qt, lse2, j0 * S + tl.arange(0, BJ * S), kbos, kvh, TK, tpos, qk_scale, QOFF,
                              HKV, DK, BDK, BJ * S, BLOCK_T, GP, KSTRIDE, KOFF, True)
             _store_pair(SC, out_row, out_mask, j0 + kk, NS, *_own_spill(p, w_own, w_spill, BJ, S, BLOCK_T))
     else:  # a token reaches more blocks than the next: sum slot by slot, one q.k pass per slot a token covers
@@ -113,7 +112,7 @@ def _scores_kernel(Q, KC, LSE, SC, CU, CU_K, T_FIXED, TK_FIXED, NS, QOFF, scale,
             u = j0 * S + tl.arange(0, BJ * S)  # stride slots of this tile of selection blocks
             acc = tl.zeros([BJ * S, BLOCK_T], dtype=tl.float32)
             for n in tl.static_range(A):  # slot u holds compressed blocks u-A+1 .. u
-                acc += _token_probs(KC, qt, lse2, u - n, kbos, kvh, TK, tpos, dk, qk_scale, QOFF, HKV, DK, BDK,
+                acc += _token_probs(KC, qt, lse2, u - n, kbos, kvh, TK, tpos, qk_scale, QOFF, HKV, DK, BDK,
                                     BJ * S, BLOCK_T, GP, KSTRIDE, KOFF, True)
             blk = tl.sum(tl.reshape(acc, [BJ, S, BLOCK_T]), axis=1)  # [BJ, BLOCK_T]
             _store_pair(SC, out_row, out_mask, j0 + kk, NS, blk, tl.zeros_like(blk))
@@ -135,20 +134,18 @@ def _store_pair(SC, out_row, out_mask, j, NS, own, spill):
 
 
 @triton.jit
-def _token_probs(KC, qt, lse2, ci, kbos, kvh, TK, tpos, dk, qk_scale, QOFF, HKV: tl.constexpr, DK: tl.constexpr,
+def _token_probs(KC, qt, lse2, ci, kbos, kvh, TK, tpos, qk_scale, QOFF, HKV: tl.constexpr, DK: tl.constexpr,
                  BDK: tl.constexpr, BC: tl.constexpr, BLOCK_T: tl.constexpr, GP: tl.constexpr,
                  KSTRIDE: tl.constexpr, KOFF: tl.constexpr, MASKED: tl.constexpr):
     """``[BC, BLOCK_T]``: compressed tokens ``ci``'s probabilities summed over each position's heads, 0 where
     a token is not visible (or not there); without ``MASKED`` every token is there and visible to every
     position."""
-    kc_ptr = KC + ((kbos + ci.to(tl.int64)) * HKV + kvh)[:, None] * DK + dk[None, :]
+    kc_row = (kbos + ci.to(tl.int64)) * HKV + kvh
     if MASKED:
         cvalid = (ci >= 0) & (ci < TK)
-        kc = tl.load(kc_ptr, mask=cvalid[:, None] & (dk[None, :] < DK), other=0.0)
-    elif DK == BDK:
-        kc = tl.load(kc_ptr)
+        kc = _load_tile(KC, kc_row, cvalid, DK, BDK)
     else:
-        kc = tl.load(kc_ptr, mask=(dk < DK)[None, :], other=0.0)
+        kc = _load_rows(KC, kc_row, DK, BDK)
     # masked after the head sum (one position's heads share it); a future token's exp2 may be inf there, never NaN
     p = _group_sum(tl.exp2(tl.dot(kc, qt) * qk_scale - lse2[None, :]), BC, BLOCK_T, GP)
     if MASKED:
