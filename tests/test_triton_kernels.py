@@ -169,7 +169,8 @@ def test_select_blocks_in_query_chunks_equals_whole(q_offset, monkeypatch):
     kc = _rand(b, SMALL.num_compressed(t + q_offset), hkv, dk, dtype=torch.float32, seed=4).detach()
     _, lse = compressed_attention(q, kc, torch.zeros_like(kc), SMALL, 0.3, q_offset=q_offset)
     whole = topn.select_blocks(q, kc, lse, SMALL, 0.3, q_offset=q_offset)
-    monkeypatch.setattr(topn, "SCORES_BUFFER_BYTES", topn.SCORE_BYTES * b * hkv * 64)  # 64 query rows per chunk: 4 chunks
+    # 64 query rows per chunk: 4 chunks
+    monkeypatch.setattr(topn, "SCORES_BUFFER_BYTES", topn.SCORE_BYTES * b * hkv * 64)
     assert torch.equal(topn.select_blocks(q, kc, lse, SMALL, 0.3, q_offset=q_offset), whole)
     want = select_topn(selection_scores(q, kc, lse, SMALL, 0.3, q_offset=q_offset), SMALL, q_offset=q_offset)
     assert torch.equal(whole, want)
