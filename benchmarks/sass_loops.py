@@ -18,10 +18,7 @@ import argparse
 import collections
 import importlib
 import json
-import os
 import re
-import subprocess
-import tempfile
 
 
 def loops(sass: str) -> list:
@@ -54,7 +51,7 @@ def main() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from nsa_parallel.bench import cubin_resources
+    from nsa_parallel.bench import cubin_resources, cubin_tool
     fn = getattr(importlib.import_module(args.module), args.kernel)
     sig, const = json.loads(args.sig), json.loads(args.const)
     full = {}
@@ -66,11 +63,7 @@ def main() -> None:
     ck = triton.compile(ASTSource(fn, full, const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                         options=dict(num_warps=args.warps, num_stages=args.stages))
     print(cubin_resources(ck), "shared", ck.metadata.shared)
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(ck.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([tool, "-c", f.name], capture_output=True, text=True, check=True).stdout
+    sass = cubin_tool(ck, "nvdisasm", "-c")
     for label, n, ops in loops(sass):
         print(f"loop {label}: {n} instructions", ops.most_common(args.top))
 

@@ -116,9 +116,9 @@ def compressed_case(t: int, cfg, hq: int = 64, hkv: int = 4, d: int = 128, dev: 
     return q, kc, vc, 1 / math.sqrt(d)
 
 
-def cubin_resources(ck) -> str:
-    """Registers, stack (spills), shared memory of a kernel compiled by ``triton.compile`` (``cuobjdump
-    -res-usage``; cuobjdump ships with Triton, so this works without a GPU: the compile-only checks in
+def cubin_tool(ck, tool: str, *args: str, check: bool = True) -> str:
+    """Standard output of one of the CUDA binary tools that ship with Triton (``cuobjdump``, ``nvdisasm``) run on
+    the cubin of a kernel compiled by ``triton.compile``: works without a GPU (the compile-only checks in
     benchmarks/)."""
     import os
     import subprocess
@@ -128,8 +128,14 @@ def cubin_resources(ck) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(ck.asm["cubin"])
         f.flush()
-        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+        path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+        return subprocess.run([path, *args, f.name], capture_output=True, text=True, check=check).stdout
+
+
+def cubin_resources(ck) -> str:
+    """Registers, stack (spills), shared memory of a kernel compiled by ``triton.compile`` (``cuobjdump
+    -res-usage``)."""
+    usage = cubin_tool(ck, "cuobjdump", "-res-usage", check=False)
     return " ".join(line.strip() for line in usage.splitlines() if "REG" in line)
 
 
