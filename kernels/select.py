@@ -21,7 +21,7 @@ import triton.language as tl
 from .flash import (_bwd_rows, _delta_args, _finish, _gated, _grad_args, _load_tile, _own_delta, _q_tile,
                     _seq_bounds, _softmax_step, _store_grad_tile, _store_tile, kv_descriptors, tma_ok,
                     wide_tile_stages)
-from .forced import free_range, resume
+from .forced import forced_blocks, free_range, resume
 from .gate import _gated_sum
 from .varlen import max_seqlen
 
@@ -258,7 +258,11 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
                          HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                          DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                          BS: tl.constexpr, BLOCK_Q: tl.constexpr, VARLEN: tl.constexpr, GATE=None,
-                         GATED: tl.constexpr = False):
+                         GATED: tl.constexpr = False, QENTRY=None, DSB=None, STORE_DS: tl.constexpr = False,
+                         N: tl.constexpr = 1, NF: tl.constexpr = 1, INITIAL: tl.constexpr = 0,
+                         LOCAL: tl.constexpr = 0):
+    # STORE_DS: also store each query's dS tile of this block (gated, as dq needs it) to its slot in DSB, so that
+    # dq (_sel_dq_ds_kernel) reads dS and K instead of recomputing q k^T and dO v^T from K and V
     item = tl.program_id(0)
     start = tl.load(ITEM_START + item)
     end = tl.load(ITEM_END + item)
@@ -293,10 +297,53 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
         dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
+        if STORE_DS:
+            _store_ds(DSB, QENTRY, qi, rvalid, tq, blk, hg, ds.to(q.dtype), G, BS, N, NF, INITIAL, LOCAL)
         dk_acc += tl.dot(tl.trans(ds.to(q.dtype)), q)
     # several work items may share a block (block 0 is every query's): partial tiles meet in fp32
     tl.atomic_add(DK_ + kv_off[:, None] * DK + dk[None, :], dk_acc * scale, mask=pvalid[:, None] & (dk[None, :] < DK))
     tl.atomic_add(DV_ + kv_off[:, None] * DV + dv[None, :], dv_acc, mask=pvalid[:, None] & (dv[None, :] < DV))
+
+
+@triton.jit
+def _store_ds(DSB, QENTRY, qi, rvalid, tq, blk, hg, ds, G: tl.constexpr, BS: tl.constexpr, N: tl.constexpr,
+              NF: tl.constexpr, INITIAL: tl.constexpr, LOCAL: tl.constexpr):
+    """A dK/dV step's dS rows ``[queries x heads, BS]`` into ``DSB [rows * hkv, NF, G, BS]``: list entry
+    ``e = (row * hkv + kvh) * N + i`` (QENTRY) goes to slot ``i - a`` of its position, ``a`` the position's initial
+    blocks (forced.free_range); forced blocks are not stored (the window's dq kernel does their dq)."""
+    e = tl.load(QENTRY + qi, mask=rvalid, other=0).to(tl.int64)
+    a, first_local, _ = forced_blocks(tq, BS, INITIAL, LOCAL)
+    free = rvalid & (blk >= a) & (blk < first_local)
+    row = (e // N) * NF + e % N - a
+    off = (row * G + hg)[:, None] * BS + tl.arange(0, BS)[None, :]
+    tl.store(DSB + off, ds, mask=free[:, None])
+
+
+@triton.jit
+def _sel_dq_ds_kernel(K, IDX, DSB, DQ, CU, T_FIXED, TK_FIXED, scale, HQ: tl.constexpr, HKV: tl.constexpr,
+                      G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, DK: tl.constexpr,
+                      BDK: tl.constexpr, BS: tl.constexpr, VARLEN: tl.constexpr, NF: tl.constexpr,
+                      INITIAL: tl.constexpr, LOCAL: tl.constexpr, KD=None, TMA: tl.constexpr = False):
+    # One position's dq over its chosen (not forced) blocks from the dS tiles the dK/dV pass stored: per block
+    # a [G, BS] tile and K, one product (the recomputing loop reads K and V and does three)
+    bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, 1, G, GP, VARLEN)
+    if t0 >= T:
+        return
+    row_off, list_start, i_lo, i_hi = _position_blocks(IDX, bos, t0, kvh, hq, 0, 1 << 30, HQ, HKV, N, NP)
+    i_lo, i_hi = free_range(t0, i_hi, BS, INITIAL, LOCAL)
+    ds_off = ((list_start // N * NF - i_lo) * G + tl.arange(0, GP))[:, None] * BS + tl.arange(0, BS)[None, :]
+    hvalid = (tl.arange(0, GP) < G)[:, None]
+    dq = tl.zeros([GP, BDK], dtype=tl.float32)
+    for i in range(i_lo, i_hi):
+        blk = tl.load(IDX + list_start + i)
+        if TMA:
+            k = KD.load([(kbos + blk * BS).to(tl.int32), kvh, 0]).reshape(BS, BDK)
+        else:
+            pos = blk * BS + tl.arange(0, BS)
+            k = _load_tile(K, (kbos + pos.to(tl.int64)) * HKV + kvh, pos < TK, DK, BDK)
+        ds = tl.load(DSB + ds_off + i * (G * BS), mask=hvalid, other=0.0)
+        dq += tl.dot(ds, k)
+    _store_grad_tile(DQ, row_off, rvalid, dq * scale, DK, BDK, True)
 
 
 def sequence_ids(b: int, t: int, cu_seqlens: Optional[torch.Tensor], device):
@@ -309,13 +356,14 @@ def sequence_ids(b: int, t: int, cu_seqlens: Optional[torch.Tensor], device):
 
 
 def invert_block_indices(indices: torch.Tensor, ns_max: int, cu_seqlens: Optional[torch.Tensor], lo: int = 0,
-                         hi: Optional[int] = None):
+                         hi: Optional[int] = None, entries: bool = False):
     """Inverted index: for each (sequence, KV head, block), the local positions of the queries that selected it.
 
     indices ``[b, t, hkv, n]`` -> ``(qlist [b*t*hkv*n] int32, offsets [nseq*hkv*ns_max + 1] int32)``: list ``i``
     is ``qlist[offsets[i]:offsets[i+1]]``, ascending; only blocks in ``[lo, hi)`` (those in the key buffer at
     hand) are listed, the rest sort past the last list. No host sync (no boolean indexing, no bincount), so the
-    backward keeps the GPU queue full.
+    backward keeps the GPU queue full. ``entries``: also each listed query's entry in ``indices`` (the flat index
+    ``(row * hkv + kvh) * n + i``), int32 where it fits.
     """
     b, t, hkv, n = indices.shape
     seq, local_t = sequence_ids(b, t, cu_seqlens, indices.device)
@@ -332,6 +380,8 @@ def invert_block_indices(indices: torch.Tensor, ns_max: int, cu_seqlens: Optiona
     sorted_key, order = torch.sort(key, stable=True)
     qlist = local_t.to(torch.int32).repeat_interleave(hkv * n)[order]
     offsets = torch.searchsorted(sorted_key, torch.arange(total + 1, device=indices.device, dtype=key.dtype))
+    if entries:
+        return qlist.contiguous(), offsets.to(torch.int32), order.to(torch.int32) if key.numel() < 2**31 else order
     return qlist.contiguous(), offsets.to(torch.int32)
 
 
@@ -361,6 +411,11 @@ SEL_BWD_CHUNK = 256  # query positions per dK/dV work item
 SEL_BWD_CHUNK_LONG, SEL_BWD_LONG_ENTRIES = 1024, 1 << 22
 SEL_TMA = True  # the per-position loop kernels (G >= 16) fetch K/V blocks by TMA where flash.tma_ok allows
 SEL_WIDE_STAGES = 2  # pipeline stages of 256-wide tiles (head dims above 128); H100 192/128 64k: fwd+bwd 146 -> 98 ms
+# With forced blocks (the NSA core, G >= 16): the dK/dV pass stores every chosen block's dS tile and dq reads them
+# with K (1 product, K only) instead of recomputing them from K and V (3 products): a [rows, hkv, n - forced, G,
+# BS] buffer in q's dtype (at 64k, 64 / 4 heads, n = 16: 7 GB), used while it stays within SEL_DS_BUFFER_BYTES
+SEL_DQ_FROM_DS = True
+SEL_DS_BUFFER_BYTES = 16 << 30
 
 
 class _SelLaunch:
@@ -422,6 +477,16 @@ class _SelLaunch:
         if self.forced is not None:
             self.qmajor.update(FORCED=True, INITIAL=forced["INITIAL"], LOCAL=forced["LOCAL"])
 
+    def ds_slots(self, indices) -> int:
+        """Chosen (not forced) entries per list that the dS handoff stores (0: no handoff for this call)."""
+        if not SEL_DQ_FROM_DS or self.forced is None:
+            return 0
+        b, t, hkv, n = indices.shape
+        nf = n - self.forced["INITIAL"] - self.forced["LOCAL"]
+        g = self.kmajor["G"]
+        nbytes = b * t * hkv * max(nf, 0) * g * self.kmajor["BS"] * 2
+        return nf if 0 < nf and nbytes <= SEL_DS_BUFFER_BYTES else 0
+
     def kv(self, k, v):
         """The K/V block arguments of the query-major kernels: TMA descriptors of ``[BS, 1, BD]`` boxes, or none."""
         q = self.qmajor
@@ -465,14 +530,38 @@ def selected_backward(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: fl
     delta, own_delta = _delta_args(o, delta, q)
     dk = torch.zeros_like(k, dtype=torch.float32)
     dv = torch.zeros_like(v, dtype=torch.float32)
+    nf = L.ds_slots(indices)
+    if nf:  # dK/dV first, storing dS; dq from dS and K (the forced blocks' dq came with the window's)
+        return _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, dk, dv, L, scale, gated, nf)
     kernel = _sel_dq_loop_kernel if L.loop else _sel_bwd_dq_kernel
     kernel[L.grid_q](q, k, v, indices, do, lse, delta, dq, L.cu, *L.sizes, L.lo, L.hi, scale, **L.qmajor,
                      DQ_ADD=add, **gated, **own_delta, **L.kv(k, v), num_stages=L.stages_dq, num_warps=L.warps_dq)
-    qlist, offsets = invert_block_indices(indices, L.ns_max, L.cu if L.varlen else None, L.lo, L.hi)
-    chunk = SEL_BWD_CHUNK_LONG if indices.numel() >= SEL_BWD_LONG_ENTRIES else SEL_BWD_CHUNK
-    items = work_items(offsets, indices.numel(), chunk)
+    qlist, items = _dkdv_items(indices, L)
     _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu, *L.sizes,
                                               L.ns_max, scale, **L.kmajor, **gated, num_stages=L.stages)
+    return dq, dk, dv
+
+
+def _dkdv_items(indices, L: _SelLaunch, entries: bool = False):
+    """The dK/dV pass's inverted index and work items: ``(qlist, (key, start, end)[, entries])``."""
+    inv = invert_block_indices(indices, L.ns_max, L.cu if L.varlen else None, L.lo, L.hi, entries)
+    chunk = SEL_BWD_CHUNK_LONG if indices.numel() >= SEL_BWD_LONG_ENTRIES else SEL_BWD_CHUNK
+    return (inv[0], work_items(inv[1], indices.numel(), chunk)) + tuple(inv[2:])
+
+
+def _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, dk, dv, L: _SelLaunch, scale, gated, nf):
+    b, t, hkv, n = indices.shape
+    g, bs = L.kmajor["G"], L.kmajor["BS"]
+    dsb = torch.empty(b * t * hkv * nf, g, bs, device=q.device, dtype=q.dtype)
+    qlist, items, entries = _dkdv_items(indices, L, entries=True)
+    forced = dict(N=n, NF=nf, INITIAL=L.forced["INITIAL"], LOCAL=L.forced["LOCAL"])
+    _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu, *L.sizes,
+                                              L.ns_max, scale, **L.kmajor, **gated, QENTRY=entries, DSB=dsb,
+                                              STORE_DS=True, **forced, num_stages=L.stages)
+    kd = {"KD": L.kv(k, v)["KD"], "TMA": True} if L.tma else {}
+    const = {key: L.qmajor[key] for key in ("HQ", "HKV", "G", "GP", "NP", "DK", "BDK", "BS", "VARLEN")}
+    _sel_dq_ds_kernel[L.grid_q](k, indices, dsb, dq, L.cu, *L.sizes[:2], scale, **const, **forced, **kd,
+                                num_stages=L.stages_dq, num_warps=L.warps_dq)
     return dq, dk, dv
 
 

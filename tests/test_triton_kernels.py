@@ -243,17 +243,21 @@ def test_nsa_triton_packed_sequences():
     _check_nsa(*_nsa_both(1, sum(lens), 4, 2, 16, 16, SMALL, torch.float32, cu=cu, seed=2), torch.float32)
 
 
-@pytest.mark.parametrize("initial,local,block,packed,on", [
-    (1, 2, 16, False, True), (0, 1, 16, False, True), (2, 1, 16, True, True), (3, 3, 32, False, True),
-    (1, 2, 16, True, False),  # switched off: the selected loops walk whole lists
+@pytest.mark.parametrize("initial,local,block,packed,on,handoff", [
+    (1, 2, 16, False, True, True), (0, 1, 16, False, True, True), (2, 1, 16, True, True, True),
+    (3, 3, 32, False, True, True),
+    (1, 2, 16, True, True, False),  # dq of the chosen blocks recomputed from K and V, not from stored dS
+    (1, 2, 16, True, False, True),  # switched off: the selected loops walk whole lists
 ])
-def test_nsa_triton_forced_blocks_in_window_kernels(initial, local, block, packed, on, monkeypatch):
+def test_nsa_triton_forced_blocks_in_window_kernels(initial, local, block, packed, on, handoff, monkeypatch):
     """G >= 16: the window kernels attend to the selected branch's forced blocks and the selected loops walk the
-    rest of each list (forced.py); output and every gradient against the reference."""
-    from nsa_parallel.kernels import forced
+    rest of each list (forced.py), dq of those from the dS tiles that the dK/dV pass stores (``handoff``); output
+    and every gradient against the reference."""
+    from nsa_parallel.kernels import forced, select
     cfg = NSAConfig(compress_block=8, compress_stride=4, select_block=block, select_topn=initial + local + 2,
                     select_initial=initial, select_local=local, window=24)
     monkeypatch.setattr(forced, "FORCED_TILES", on)
+    monkeypatch.setattr(select, "SEL_DQ_FROM_DS", handoff)
     calls = []
     real = forced.window_forced_forward
     monkeypatch.setattr(forced, "window_forced_forward", lambda *a: calls.append(1) or real(*a))
@@ -423,6 +427,11 @@ def test_inverted_block_index():
     assert lists(*invert_block_indices(idx, 3, None, lo=1, hi=2)) == [[], [1, 2], []]
     cu = torch.tensor([0, 1, 3], dtype=torch.int32)  # sequences of 1 and 2 tokens
     assert lists(*invert_block_indices(idx, 3, cu)) == [[0], [], [0], [0], [0, 1], [0, 1]]
+    # entries: where each listed query's block sits in indices (the dS handoff's slots)
+    qlist, offsets, entries = invert_block_indices(idx, 3, None, entries=True)
+    assert entries.dtype == torch.int32 and lists(entries, offsets) == [[0, 3], [4, 6], [1, 5, 7]]
+    assert (idx.flatten()[entries[:offsets[-1]].long()] ==
+            torch.repeat_interleave(torch.arange(3), (offsets[1:] - offsets[:-1]).long())).all()
 
 
 def test_work_items_cover_every_query_once():
