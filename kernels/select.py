@@ -258,11 +258,10 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
                          HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                          DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                          BS: tl.constexpr, BLOCK_Q: tl.constexpr, VARLEN: tl.constexpr, GATE=None,
-                         GATED: tl.constexpr = False, QENTRY=None, DSB=None, STORE_DS: tl.constexpr = False,
-                         N: tl.constexpr = 1, NF: tl.constexpr = 1, INITIAL: tl.constexpr = 0,
-                         LOCAL: tl.constexpr = 0):
-    # STORE_DS: also store each query's dS tile of this block (gated, as dq needs it) to its slot in DSB, so that
-    # dq (_sel_dq_ds_kernel) reads dS and K instead of recomputing q k^T and dO v^T from K and V
+                         GATED: tl.constexpr = False, DSB=None, STORE_DS: tl.constexpr = False,
+                         INITIAL: tl.constexpr = 0, LOCAL: tl.constexpr = 0):
+    # STORE_DS: also store each query's dS tile of this block (gated, as dq needs it) to DSB, so that dq
+    # (_sel_dq_ds_kernel) reads dS and K instead of recomputing q k^T and dO v^T from K and V
     item = tl.program_id(0)
     start = tl.load(ITEM_START + item)
     end = tl.load(ITEM_END + item)
@@ -298,7 +297,8 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         if STORE_DS:
-            _store_ds(DSB, QENTRY, qi, rvalid, tq, blk, hg, ds.to(q.dtype), G, BS, N, NF, INITIAL, LOCAL)
+            _store_ds(DSB, start.to(tl.int64) + (q0 - start), r, rvalid, tq, blk, ds.to(q.dtype), GP, BS, INITIAL,
+                      LOCAL)
         dk_acc += tl.dot(tl.trans(ds.to(q.dtype)), q)
     # several work items may share a block (block 0 is every query's): partial tiles meet in fp32
     tl.atomic_add(DK_ + kv_off[:, None] * DK + dk[None, :], dk_acc * scale, mask=pvalid[:, None] & (dk[None, :] < DK))
@@ -306,33 +306,31 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
 
 
 @triton.jit
-def _store_ds(DSB, QENTRY, qi, rvalid, tq, blk, hg, ds, G: tl.constexpr, BS: tl.constexpr, N: tl.constexpr,
-              NF: tl.constexpr, INITIAL: tl.constexpr, LOCAL: tl.constexpr):
-    """A dK/dV step's dS rows ``[queries x heads, BS]`` into ``DSB [rows * hkv, NF, G, BS]``: list entry
-    ``e = (row * hkv + kvh) * N + i`` (QENTRY) goes to slot ``i - a`` of its position, ``a`` the position's initial
-    blocks (forced.free_range); forced blocks are not stored (the window's dq kernel does their dq)."""
-    e = tl.load(QENTRY + qi, mask=rvalid, other=0).to(tl.int64)
+def _store_ds(DSB, q0, r, rvalid, tq, blk, ds, GP: tl.constexpr, BS: tl.constexpr, INITIAL: tl.constexpr,
+              LOCAL: tl.constexpr):
+    """A dK/dV step's dS rows (queries ``q0 ..`` (int64) of the inverted index x GP heads) to ``DSB [entries, GP, BS]`` at
+    their index entries: one contiguous tile, cheap addresses (at the entries' own places in ``indices`` it took
+    27% more instructions a step, sm_90 SASS). Forced blocks are left out (the window's dq kernel does them)."""
     a, first_local, _ = forced_blocks(tq, BS, INITIAL, LOCAL)
     free = rvalid & (blk >= a) & (blk < first_local)
-    row = (e // N) * NF + e % N - a
-    off = (row * G + hg)[:, None] * BS + tl.arange(0, BS)[None, :]
-    tl.store(DSB + off, ds, mask=free[:, None])
+    off = r[:, None] * BS + tl.arange(0, BS)[None, :]
+    tl.store(DSB + q0 * (GP * BS) + off, ds, mask=free[:, None])
 
 
 @triton.jit
-def _sel_dq_ds_kernel(K, IDX, DSB, DQ, CU, T_FIXED, TK_FIXED, scale, HQ: tl.constexpr, HKV: tl.constexpr,
+def _sel_dq_ds_kernel(K, IDX, SLOT, DSB, DQ, CU, T_FIXED, TK_FIXED, scale, HQ: tl.constexpr, HKV: tl.constexpr,
                       G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, DK: tl.constexpr,
-                      BDK: tl.constexpr, BS: tl.constexpr, VARLEN: tl.constexpr, NF: tl.constexpr,
-                      INITIAL: tl.constexpr, LOCAL: tl.constexpr, KD=None, TMA: tl.constexpr = False):
-    # One position's dq over its chosen (not forced) blocks from the dS tiles the dK/dV pass stored: per block
-    # a [G, BS] tile and K, one product (the recomputing loop reads K and V and does three)
+                      BDK: tl.constexpr, BS: tl.constexpr, VARLEN: tl.constexpr, INITIAL: tl.constexpr,
+                      LOCAL: tl.constexpr, KD=None, TMA: tl.constexpr = False):
+    # One position's dq over its chosen (not forced) blocks from the dS tiles the dK/dV pass stored (``SLOT``:
+    # where each index entry's tile lies in DSB): per block a [G, BS] tile and K, one product (the recomputing
+    # loop reads K and V and does three)
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, 1, G, GP, VARLEN)
     if t0 >= T:
         return
     row_off, list_start, i_lo, i_hi = _position_blocks(IDX, bos, t0, kvh, hq, 0, 1 << 30, HQ, HKV, N, NP)
     i_lo, i_hi = free_range(t0, i_hi, BS, INITIAL, LOCAL)
-    ds_off = ((list_start // N * NF - i_lo) * G + tl.arange(0, GP))[:, None] * BS + tl.arange(0, BS)[None, :]
-    hvalid = (tl.arange(0, GP) < G)[:, None]
+    h_off = tl.arange(0, GP)[:, None] * BS + tl.arange(0, BS)[None, :]
     dq = tl.zeros([GP, BDK], dtype=tl.float32)
     for i in range(i_lo, i_hi):
         blk = tl.load(IDX + list_start + i)
@@ -341,7 +339,7 @@ def _sel_dq_ds_kernel(K, IDX, DSB, DQ, CU, T_FIXED, TK_FIXED, scale, HQ: tl.cons
         else:
             pos = blk * BS + tl.arange(0, BS)
             k = _load_tile(K, (kbos + pos.to(tl.int64)) * HKV + kvh, pos < TK, DK, BDK)
-        ds = tl.load(DSB + ds_off + i * (G * BS), mask=hvalid, other=0.0)
+        ds = tl.load(DSB + tl.load(SLOT + list_start + i).to(tl.int64) * (GP * BS) + h_off)
         dq += tl.dot(ds, k)
     _store_grad_tile(DQ, row_off, rvalid, dq * scale, DK, BDK, True)
 
@@ -412,8 +410,8 @@ SEL_BWD_CHUNK_LONG, SEL_BWD_LONG_ENTRIES = 1024, 1 << 22
 SEL_TMA = True  # the per-position loop kernels (G >= 16) fetch K/V blocks by TMA where flash.tma_ok allows
 SEL_WIDE_STAGES = 2  # pipeline stages of 256-wide tiles (head dims above 128); H100 192/128 64k: fwd+bwd 146 -> 98 ms
 # With forced blocks (the NSA core, G >= 16): the dK/dV pass stores every chosen block's dS tile and dq reads them
-# with K (1 product, K only) instead of recomputing them from K and V (3 products): a [rows, hkv, n - forced, G,
-# BS] buffer in q's dtype (at 64k, 64 / 4 heads, n = 16: 7 GB), used while it stays within SEL_DS_BUFFER_BYTES
+# with K (1 product, K only) instead of recomputing them from K and V (3 products): a [rows * hkv * n, GP, BS]
+# buffer in q's dtype (at 64k, 64 / 4 heads, n = 16: 8.6 GB), used while it stays within SEL_DS_BUFFER_BYTES
 SEL_DQ_FROM_DS = True
 SEL_DS_BUFFER_BYTES = 16 << 30
 
@@ -477,15 +475,10 @@ class _SelLaunch:
         if self.forced is not None:
             self.qmajor.update(FORCED=True, INITIAL=forced["INITIAL"], LOCAL=forced["LOCAL"])
 
-    def ds_slots(self, indices) -> int:
-        """Chosen (not forced) entries per list that the dS handoff stores (0: no handoff for this call)."""
-        if not SEL_DQ_FROM_DS or self.forced is None:
-            return 0
-        b, t, hkv, n = indices.shape
-        nf = n - self.forced["INITIAL"] - self.forced["LOCAL"]
-        g = self.kmajor["G"]
-        nbytes = b * t * hkv * max(nf, 0) * g * self.kmajor["BS"] * 2
-        return nf if 0 < nf and nbytes <= SEL_DS_BUFFER_BYTES else 0
+    def ds_handoff(self, indices, q) -> bool:
+        """Whether this call's dq comes from the dS tiles that its dK/dV pass stores (``SEL_DQ_FROM_DS``)."""
+        nbytes = indices.numel() * self.kmajor["GP"] * self.kmajor["BS"] * q.element_size()
+        return SEL_DQ_FROM_DS and self.forced is not None and nbytes <= SEL_DS_BUFFER_BYTES
 
     def kv(self, k, v):
         """The K/V block arguments of the query-major kernels: TMA descriptors of ``[BS, 1, BD]`` boxes, or none."""
@@ -530,9 +523,8 @@ def selected_backward(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: fl
     delta, own_delta = _delta_args(o, delta, q)
     dk = torch.zeros_like(k, dtype=torch.float32)
     dv = torch.zeros_like(v, dtype=torch.float32)
-    nf = L.ds_slots(indices)
-    if nf:  # dK/dV first, storing dS; dq from dS and K (the forced blocks' dq came with the window's)
-        return _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, dk, dv, L, scale, gated, nf)
+    if L.ds_handoff(indices, q):  # the forced blocks' dq came with the window's
+        return _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, dk, dv, L, scale, gated)
     kernel = _sel_dq_loop_kernel if L.loop else _sel_bwd_dq_kernel
     kernel[L.grid_q](q, k, v, indices, do, lse, delta, dq, L.cu, *L.sizes, L.lo, L.hi, scale, **L.qmajor,
                      DQ_ADD=add, **gated, **own_delta, **L.kv(k, v), num_stages=L.stages_dq, num_warps=L.warps_dq)
@@ -549,18 +541,20 @@ def _dkdv_items(indices, L: _SelLaunch, entries: bool = False):
     return (inv[0], work_items(inv[1], indices.numel(), chunk)) + tuple(inv[2:])
 
 
-def _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, dk, dv, L: _SelLaunch, scale, gated, nf):
-    b, t, hkv, n = indices.shape
-    g, bs = L.kmajor["G"], L.kmajor["BS"]
-    dsb = torch.empty(b * t * hkv * nf, g, bs, device=q.device, dtype=q.dtype)
+def _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, dk, dv, L: _SelLaunch, scale, gated):
+    """dK/dV first, storing the dS tiles in the inverted index's order; dq from them and K."""
+    gp, bs = L.kmajor["GP"], L.kmajor["BS"]
+    dsb = torch.empty(indices.numel(), gp, bs, device=q.device, dtype=q.dtype)
     qlist, items, entries = _dkdv_items(indices, L, entries=True)
-    forced = dict(N=n, NF=nf, INITIAL=L.forced["INITIAL"], LOCAL=L.forced["LOCAL"])
+    slot = torch.empty_like(entries)  # index entry -> its tile's row in dsb
+    slot[entries.long()] = torch.arange(entries.numel(), device=q.device, dtype=entries.dtype)
+    forced = dict(INITIAL=L.forced["INITIAL"], LOCAL=L.forced["LOCAL"])
     _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu, *L.sizes,
-                                              L.ns_max, scale, **L.kmajor, **gated, QENTRY=entries, DSB=dsb,
-                                              STORE_DS=True, **forced, num_stages=L.stages)
+                                              L.ns_max, scale, **L.kmajor, **gated, DSB=dsb, STORE_DS=True,
+                                              **forced, num_stages=L.stages)
     kd = {"KD": L.kv(k, v)["KD"], "TMA": True} if L.tma else {}
-    const = {key: L.qmajor[key] for key in ("HQ", "HKV", "G", "GP", "NP", "DK", "BDK", "BS", "VARLEN")}
-    _sel_dq_ds_kernel[L.grid_q](k, indices, dsb, dq, L.cu, *L.sizes[:2], scale, **const, **forced, **kd,
+    const = {key: L.qmajor[key] for key in ("HQ", "HKV", "G", "GP", "N", "NP", "DK", "BDK", "BS", "VARLEN")}
+    _sel_dq_ds_kernel[L.grid_q](k, indices, slot, dsb, dq, L.cu, *L.sizes[:2], scale, **const, **forced, **kd,
                                 num_stages=L.stages_dq, num_warps=L.warps_dq)
     return dq, dk, dv
 
