@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import (_bwd_rows, _delta_args, _finish, _gated, _grad_args, _load_tile, _own_delta, _q_tile,
-                    _seq_bounds, _softmax_step, _store_grad_tile, _store_tile, kv_descriptors, tma_ok,
+from .flash import (_bwd_rows, _delta_args, _finish, _gated, _grad_args, _load_tile, _own_delta, _q_tile, _rows,
+                    _seq_bounds, _softmax_step, _store_grad_tile, _store_tile, _tile_start, kv_descriptors, tma_ok,
                     wide_tile_stages)
 from .forced import forced_blocks, free_range, resume
 from .gate import _gated_sum
@@ -308,9 +308,9 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
 @triton.jit
 def _store_ds(DSB, q0, r, rvalid, tq, blk, ds, GP: tl.constexpr, BS: tl.constexpr, INITIAL: tl.constexpr,
               LOCAL: tl.constexpr):
-    """A dK/dV step's dS rows (queries ``q0 ..`` (int64) of the inverted index x GP heads) to ``DSB [entries, GP, BS]`` at
-    their index entries: one contiguous tile, cheap addresses (at the entries' own places in ``indices`` it took
-    27% more instructions a step, sm_90 SASS). Forced blocks are left out (the window's dq kernel does them)."""
+    """A dK/dV step's dS rows (queries ``q0 ..`` (int64) of the inverted index x GP heads) to ``DSB [entries, GP,
+    BS]`` in the index's order: one contiguous tile, cheap addresses (at the entries' own places in ``indices`` it
+    took 27% more instructions a step, sm_90 SASS). Forced blocks are left out (the window's dq kernel does them)."""
     a, first_local, _ = forced_blocks(tq, BS, INITIAL, LOCAL)
     free = rvalid & (blk >= a) & (blk < first_local)
     off = r[:, None] * BS + tl.arange(0, BS)[None, :]
@@ -318,16 +318,18 @@ def _store_ds(DSB, q0, r, rvalid, tq, blk, ds, GP: tl.constexpr, BS: tl.constexp
 
 
 @triton.jit
-def _sel_dq_ds_kernel(K, IDX, SLOT, DSB, DQ, CU, T_FIXED, TK_FIXED, scale, HQ: tl.constexpr, HKV: tl.constexpr,
-                      G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, DK: tl.constexpr,
-                      BDK: tl.constexpr, BS: tl.constexpr, VARLEN: tl.constexpr, INITIAL: tl.constexpr,
-                      LOCAL: tl.constexpr, KD=None, TMA: tl.constexpr = False):
-    # One position's dq over its chosen (not forced) blocks from the dS tiles the dK/dV pass stored (``SLOT``:
-    # where each index entry's tile lies in DSB): per block a [G, BS] tile and K, one product (the recomputing
-    # loop reads K and V and does three)
-    bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, 1, G, GP, VARLEN)
+def _sel_dq_ds_kernel(K, IDX, SLOT, DSB, DQ, CU, T_FIXED, TK_FIXED, P0, scale, HQ: tl.constexpr,
+                      HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+                      DK: tl.constexpr, BDK: tl.constexpr, BS: tl.constexpr, VARLEN: tl.constexpr,
+                      INITIAL: tl.constexpr, LOCAL: tl.constexpr, KD=None, TMA: tl.constexpr = False):
+    # One position (P0 + program 0) and its dq over its chosen (not forced) blocks from the dS tiles the dK/dV
+    # pass stored (``SLOT``: where each index entry's tile lies in DSB): per block a [G, BS] tile and K, one
+    # product (the recomputing loop reads K and V and does three)
+    bos, T, kbos, TK, kvh, t0 = _tile_start(CU, CU, T_FIXED, TK_FIXED, HKV, 1, VARLEN)
+    t0 += P0
     if t0 >= T:
         return
+    _, hq, rvalid = _rows(t0, kvh, 1, G, GP)
     row_off, list_start, i_lo, i_hi = _position_blocks(IDX, bos, t0, kvh, hq, 0, 1 << 30, HQ, HKV, N, NP)
     i_lo, i_hi = free_range(t0, i_hi, BS, INITIAL, LOCAL)
     h_off = tl.arange(0, GP)[:, None] * BS + tl.arange(0, BS)[None, :]
@@ -410,10 +412,11 @@ SEL_BWD_CHUNK_LONG, SEL_BWD_LONG_ENTRIES = 1024, 1 << 22
 SEL_TMA = True  # the per-position loop kernels (G >= 16) fetch K/V blocks by TMA where flash.tma_ok allows
 SEL_WIDE_STAGES = 2  # pipeline stages of 256-wide tiles (head dims above 128); H100 192/128 64k: fwd+bwd 146 -> 98 ms
 # With forced blocks (the NSA core, G >= 16): the dK/dV pass stores every chosen block's dS tile and dq reads them
-# with K (1 product, K only) instead of recomputing them from K and V (3 products): a [rows * hkv * n, GP, BS]
-# buffer in q's dtype (at 64k, 64 / 4 heads, n = 16: 8.6 GB), used while it stays within SEL_DS_BUFFER_BYTES
+# with K (1 product, K only) instead of recomputing them from K and V (3 products): 128 KiB per query row at 64 / 4
+# heads, n = 16, bf16 (8.6 GB at 64k), so fixed-length batches go in query chunks of at most SEL_DS_BUFFER_BYTES
+# of them (packed ones take the handoff only where all fit, else recompute)
 SEL_DQ_FROM_DS = True
-SEL_DS_BUFFER_BYTES = 16 << 30
+SEL_DS_BUFFER_BYTES = 2 << 30
 
 
 class _SelLaunch:
@@ -475,10 +478,16 @@ class _SelLaunch:
         if self.forced is not None:
             self.qmajor.update(FORCED=True, INITIAL=forced["INITIAL"], LOCAL=forced["LOCAL"])
 
+    def ds_bytes_per_row(self, indices, q) -> int:
+        """The dS handoff's tiles of one query row of every sequence (all index entries, forced ones too)."""
+        b, _, hkv, n = indices.shape
+        return b * hkv * n * self.kmajor["GP"] * self.kmajor["BS"] * q.element_size()
+
     def ds_handoff(self, indices, q) -> bool:
-        """Whether this call's dq comes from the dS tiles that its dK/dV pass stores (``SEL_DQ_FROM_DS``)."""
-        nbytes = indices.numel() * self.kmajor["GP"] * self.kmajor["BS"] * q.element_size()
-        return SEL_DQ_FROM_DS and self.forced is not None and nbytes <= SEL_DS_BUFFER_BYTES
+        """Whether this call's dq comes from the dS tiles that its dK/dV pass stores (``SEL_DQ_FROM_DS``; packed
+        batches only where all their tiles fit ``SEL_DS_BUFFER_BYTES``, fixed-length ones go in query chunks)."""
+        fits = not self.varlen or indices.shape[1] * self.ds_bytes_per_row(indices, q) <= SEL_DS_BUFFER_BYTES
+        return SEL_DQ_FROM_DS and self.forced is not None and fits
 
     def kv(self, k, v):
         """The K/V block arguments of the query-major kernels: TMA descriptors of ``[BS, 1, BD]`` boxes, or none."""
@@ -542,20 +551,28 @@ def _dkdv_items(indices, L: _SelLaunch, entries: bool = False):
 
 
 def _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, dk, dv, L: _SelLaunch, scale, gated):
-    """dK/dV first, storing the dS tiles in the inverted index's order; dq from them and K."""
+    """dK/dV first, storing the dS tiles in the inverted index's order; dq from them and K. Fixed-length batches
+    go query chunk by query chunk so that the tiles stay within ``SEL_DS_BUFFER_BYTES`` (dK/dV add up in fp32)."""
+    b, t, hkv, n = indices.shape
     gp, bs = L.kmajor["GP"], L.kmajor["BS"]
-    dsb = torch.empty(indices.numel(), gp, bs, device=q.device, dtype=q.dtype)
-    qlist, items, entries = _dkdv_items(indices, L, entries=True)
-    slot = torch.empty_like(entries)  # index entry -> its tile's row in dsb
-    slot[entries.long()] = torch.arange(entries.numel(), device=q.device, dtype=entries.dtype)
+    rows = t if L.varlen else min(t, max(bs, SEL_DS_BUFFER_BYTES // L.ds_bytes_per_row(indices, q) // bs * bs))
+    dsb = torch.empty(b * rows * hkv * n, gp, bs, device=q.device, dtype=q.dtype)
+    slot = torch.empty(b, t, hkv, n, device=q.device, dtype=torch.int32)  # index entry -> its tile's row in dsb
     forced = dict(INITIAL=L.forced["INITIAL"], LOCAL=L.forced["LOCAL"])
-    _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu, *L.sizes,
-                                              L.ns_max, scale, **L.kmajor, **gated, DSB=dsb, STORE_DS=True,
-                                              **forced, num_stages=L.stages)
     kd = {"KD": L.kv(k, v)["KD"], "TMA": True} if L.tma else {}
     const = {key: L.qmajor[key] for key in ("HQ", "HKV", "G", "GP", "N", "NP", "DK", "BDK", "BS", "VARLEN")}
-    _sel_dq_ds_kernel[L.grid_q](k, indices, slot, dsb, dq, L.cu, *L.sizes[:2], scale, **const, **forced, **kd,
-                                num_stages=L.stages_dq, num_warps=L.warps_dq)
+    for s in range(0, t, rows):
+        part = indices if rows == t else indices[:, s:s + rows].contiguous()
+        qlist, items, entries = _dkdv_items(part, L, entries=True)
+        qlist += s
+        slot[:, s:s + rows] = torch.empty_like(entries).scatter_(
+            0, entries.long(), torch.arange(entries.numel(), device=q.device, dtype=entries.dtype)).view(part.shape)
+        _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu, *L.sizes,
+                                                  L.ns_max, scale, **L.kmajor, **gated, DSB=dsb, STORE_DS=True,
+                                                  **forced, num_stages=L.stages)
+        _sel_dq_ds_kernel[(part.shape[1], L.grid_q[1])](k, indices, slot, dsb, dq, L.cu, *L.sizes[:2], s, scale,
+                                                        **const, **forced, **kd, num_stages=L.stages_dq,
+                                                        num_warps=L.warps_dq)
     return dq, dk, dv
 
 

@@ -247,6 +247,7 @@ def test_nsa_triton_packed_sequences():
     (1, 2, 16, False, True, True), (0, 1, 16, False, True, True), (2, 1, 16, True, True, True),
     (3, 3, 32, False, True, True),
     (1, 2, 16, True, True, False),  # dq of the chosen blocks recomputed from K and V, not from stored dS
+    (1, 2, 16, False, True, "chunks"),  # the stored dS tiles in query chunks of 32 positions
     (1, 2, 16, True, False, True),  # switched off: the selected loops walk whole lists
 ])
 def test_nsa_triton_forced_blocks_in_window_kernels(initial, local, block, packed, on, handoff, monkeypatch):
@@ -257,7 +258,16 @@ def test_nsa_triton_forced_blocks_in_window_kernels(initial, local, block, packe
     cfg = NSAConfig(compress_block=8, compress_stride=4, select_block=block, select_topn=initial + local + 2,
                     select_initial=initial, select_local=local, window=24)
     monkeypatch.setattr(forced, "FORCED_TILES", on)
-    monkeypatch.setattr(select, "SEL_DQ_FROM_DS", handoff)
+    monkeypatch.setattr(select, "SEL_DQ_FROM_DS", bool(handoff))
+    if handoff == "chunks":  # 32 rows of tiles: 2 KV heads x 5 entries x 16 heads x 16 keys x 4 bytes each
+        monkeypatch.setattr(select, "SEL_DS_BUFFER_BYTES", 32 * 2 * 5 * 16 * 16 * 4)
+    launches = []  # of the dq kernel that reads the stored tiles
+
+    class Counted:
+        def __getitem__(self, grid, real=select._sel_dq_ds_kernel):
+            launches.append(grid)
+            return real[grid]
+    monkeypatch.setattr(select, "_sel_dq_ds_kernel", Counted())
     calls = []
     real = forced.window_forced_forward
     monkeypatch.setattr(forced, "window_forced_forward", lambda *a: calls.append(1) or real(*a))
@@ -267,6 +277,7 @@ def test_nsa_triton_forced_blocks_in_window_kernels(initial, local, block, packe
     t = 160 if packed else 150
     _check_nsa(*_nsa_both(1, t, 32, 2, 16, 16, cfg, torch.float32, cu=cu, seed=3), torch.float32)
     assert len(calls) == on
+    assert len(launches) == (0 if not (on and handoff) else 5 if handoff == "chunks" else 1)
 
 
 @pytest.mark.gpu
