@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .flash import (_bwd_rows, _delta_args, _finish, _gated, _grad_args, _load_tile, _own_delta, _q_tile, _rows,
-                    _seq_bounds, _softmax_step, _store_grad_tile, _store_tile, _tile_start, kv_descriptors, tma_ok,
+                    _seq_bounds, _softmax_step, _store_grad_tile, _store_tile, kv_descriptors, tma_ok,
                     wide_tile_stages)
 from .forced import forced_blocks, free_range, resume
 from .gate import _gated_sum
@@ -258,9 +258,10 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
                          HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                          DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                          BS: tl.constexpr, BLOCK_Q: tl.constexpr, VARLEN: tl.constexpr, GATE=None,
-                         GATED: tl.constexpr = False, DSB=None, STORE_DS: tl.constexpr = False,
-                         INITIAL: tl.constexpr = 0, LOCAL: tl.constexpr = 0):
-    # STORE_DS: also store each query's dS tile of this block (gated, as dq needs it) to DSB, so that dq
+                         GATED: tl.constexpr = False, DSB=None, OFFS=None, PAIR0=0, PAIR1=0,
+                         STORE_DS: tl.constexpr = False, INITIAL: tl.constexpr = 0, LOCAL: tl.constexpr = 0):
+    # STORE_DS: only the items of (sequence, KV head) pairs [PAIR0, PAIR1), whose dS tiles (gated, as dq needs
+    # them) go to DSB from the pairs' first list entry (OFFS = the index's offsets) on, so that dq
     # (_sel_dq_ds_kernel) reads dS and K instead of recomputing q k^T and dO v^T from K and V
     item = tl.program_id(0)
     start = tl.load(ITEM_START + item)
@@ -268,6 +269,10 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
     if start >= end:
         return
     key = tl.load(ITEM_KEY + item)
+    if STORE_DS:
+        if (key // NS_MAX < PAIR0) | (key // NS_MAX >= PAIR1):
+            return
+        ds_row0 = start - tl.load(OFFS + PAIR0 * NS_MAX).to(tl.int64)  # this item's first tile in DSB
     blk = key % NS_MAX
     kvh = (key // NS_MAX) % HKV
     seq = key // (NS_MAX * HKV)
@@ -297,8 +302,7 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         if STORE_DS:
-            _store_ds(DSB, start.to(tl.int64) + (q0 - start), r, rvalid, tq, blk, ds.to(q.dtype), GP, BS, INITIAL,
-                      LOCAL)
+            _store_ds(DSB, ds_row0 + (q0 - start), r, rvalid, tq, blk, ds.to(q.dtype), GP, BS, INITIAL, LOCAL)
         dk_acc += tl.dot(tl.trans(ds.to(q.dtype)), q)
     # several work items may share a block (block 0 is every query's): partial tiles meet in fp32
     tl.atomic_add(DK_ + kv_off[:, None] * DK + dk[None, :], dk_acc * scale, mask=pvalid[:, None] & (dk[None, :] < DK))
@@ -318,18 +322,22 @@ def _store_ds(DSB, q0, r, rvalid, tq, blk, ds, GP: tl.constexpr, BS: tl.constexp
 
 
 @triton.jit
-def _sel_dq_ds_kernel(K, IDX, SLOT, DSB, DQ, CU, T_FIXED, TK_FIXED, P0, scale, HQ: tl.constexpr,
-                      HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
-                      DK: tl.constexpr, BDK: tl.constexpr, BS: tl.constexpr, VARLEN: tl.constexpr,
+def _sel_dq_ds_kernel(K, IDX, SLOT, DSB, DQ, OFFS, CU, T_FIXED, TK_FIXED, P0, PAIR0, NS_MAX, scale,
+                      HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr,
+                      NP: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr, BS: tl.constexpr, VARLEN: tl.constexpr,
                       INITIAL: tl.constexpr, LOCAL: tl.constexpr, KD=None, TMA: tl.constexpr = False):
-    # One position (P0 + program 0) and its dq over its chosen (not forced) blocks from the dS tiles the dK/dV
-    # pass stored (``SLOT``: where each index entry's tile lies in DSB): per block a [G, BS] tile and K, one
-    # product (the recomputing loop reads K and V and does three)
-    bos, T, kbos, TK, kvh, t0 = _tile_start(CU, CU, T_FIXED, TK_FIXED, HKV, 1, VARLEN)
-    t0 += P0
+    # One position (P0 + program 0) of (sequence, KV head) pair PAIR0 + program 1 and its dq over its chosen (not
+    # forced) blocks from the dS tiles the dK/dV pass stored (``SLOT``: where each index entry's tile lies in the
+    # index's order; DSB starts at pair PAIR0's first entry): per block a [G, BS] tile and K, one product (the
+    # recomputing loop reads K and V and does three)
+    pair = PAIR0 + tl.program_id(1)
+    kvh = pair % HKV
+    bos, T, kbos, TK = _seq_bounds(pair // HKV, CU, CU, T_FIXED, TK_FIXED, VARLEN)
+    t0 = P0 + tl.program_id(0)
     if t0 >= T:
         return
     _, hq, rvalid = _rows(t0, kvh, 1, G, GP)
+    first = tl.load(OFFS + PAIR0 * NS_MAX).to(tl.int64)
     row_off, list_start, i_lo, i_hi = _position_blocks(IDX, bos, t0, kvh, hq, 0, 1 << 30, HQ, HKV, N, NP)
     i_lo, i_hi = free_range(t0, i_hi, BS, INITIAL, LOCAL)
     h_off = tl.arange(0, GP)[:, None] * BS + tl.arange(0, BS)[None, :]
@@ -341,7 +349,7 @@ def _sel_dq_ds_kernel(K, IDX, SLOT, DSB, DQ, CU, T_FIXED, TK_FIXED, P0, scale, H
         else:
             pos = blk * BS + tl.arange(0, BS)
             k = _load_tile(K, (kbos + pos.to(tl.int64)) * HKV + kvh, pos < TK, DK, BDK)
-        ds = tl.load(DSB + tl.load(SLOT + list_start + i).to(tl.int64) * (GP * BS) + h_off)
+        ds = tl.load(DSB + (tl.load(SLOT + list_start + i) - first) * (GP * BS) + h_off)
         dq += tl.dot(ds, k)
     _store_grad_tile(DQ, row_off, rvalid, dq * scale, DK, BDK, True)
 
@@ -412,9 +420,9 @@ SEL_BWD_CHUNK_LONG, SEL_BWD_LONG_ENTRIES = 1024, 1 << 22
 SEL_TMA = True  # the per-position loop kernels (G >= 16) fetch K/V blocks by TMA where flash.tma_ok allows
 SEL_WIDE_STAGES = 2  # pipeline stages of 256-wide tiles (head dims above 128); H100 192/128 64k: fwd+bwd 146 -> 98 ms
 # With forced blocks (the NSA core, G >= 16): the dK/dV pass stores every chosen block's dS tile and dq reads them
-# with K (1 product, K only) instead of recomputing them from K and V (3 products): 128 KiB per query row at 64 / 4
-# heads, n = 16, bf16 (8.6 GB at 64k), so fixed-length batches go in query chunks of at most SEL_DS_BUFFER_BYTES
-# of them (packed ones take the handoff only where all fit, else recompute)
+# with K (1 product, K only) instead of recomputing them from K and V (3 products): 32 KiB per query row and KV
+# head at G = 16, n = 16, bf16 (2 GiB per KV head at 64k), at most SEL_DS_BUFFER_BYTES of them at once (see
+# _backward_ds_handoff; packed batches take the handoff where a KV head's tiles of their longest sequence fit)
 SEL_DQ_FROM_DS = True
 SEL_DS_BUFFER_BYTES = 2 << 30
 
@@ -478,16 +486,11 @@ class _SelLaunch:
         if self.forced is not None:
             self.qmajor.update(FORCED=True, INITIAL=forced["INITIAL"], LOCAL=forced["LOCAL"])
 
-    def ds_bytes_per_row(self, indices, q) -> int:
-        """The dS handoff's tiles of one query row of every sequence (all index entries, forced ones too)."""
-        b, _, hkv, n = indices.shape
-        return b * hkv * n * self.kmajor["GP"] * self.kmajor["BS"] * q.element_size()
-
     def ds_handoff(self, indices, q) -> bool:
         """Whether this call's dq comes from the dS tiles that its dK/dV pass stores (``SEL_DQ_FROM_DS``; packed
-        batches only where all their tiles fit ``SEL_DS_BUFFER_BYTES``, fixed-length ones go in query chunks)."""
-        fits = not self.varlen or indices.shape[1] * self.ds_bytes_per_row(indices, q) <= SEL_DS_BUFFER_BYTES
-        return SEL_DQ_FROM_DS and self.forced is not None and fits
+        batches only where the longest sequence's tiles of one KV head fit ``SEL_DS_BUFFER_BYTES``)."""
+        pair = self.grid_q[0] * indices.shape[-1] * self.kmajor["GP"] * self.kmajor["BS"] * q.element_size()
+        return SEL_DQ_FROM_DS and self.forced is not None and (not self.varlen or pair <= SEL_DS_BUFFER_BYTES)
 
     def kv(self, k, v):
         """The K/V block arguments of the query-major kernels: TMA descriptors of ``[BS, 1, BD]`` boxes, or none."""
@@ -544,35 +547,44 @@ def selected_backward(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: fl
 
 
 def _dkdv_items(indices, L: _SelLaunch, entries: bool = False):
-    """The dK/dV pass's inverted index and work items: ``(qlist, (key, start, end)[, entries])``."""
+    """The dK/dV pass's inverted index and work items: ``(qlist, (key, start, end)[, offsets, entries])``."""
     inv = invert_block_indices(indices, L.ns_max, L.cu if L.varlen else None, L.lo, L.hi, entries)
     chunk = SEL_BWD_CHUNK_LONG if indices.numel() >= SEL_BWD_LONG_ENTRIES else SEL_BWD_CHUNK
-    return (inv[0], work_items(inv[1], indices.numel(), chunk)) + tuple(inv[2:])
+    return (inv[0], work_items(inv[1], indices.numel(), chunk)) + (inv[1:] if entries else ())
 
 
 def _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, dk, dv, L: _SelLaunch, scale, gated):
-    """dK/dV first, storing the dS tiles in the inverted index's order; dq from them and K. Fixed-length batches
-    go query chunk by query chunk so that the tiles stay within ``SEL_DS_BUFFER_BYTES`` (dK/dV add up in fp32)."""
+    """dK/dV first, storing the dS tiles in the inverted index's order; dq from them and K. At most
+    ``SEL_DS_BUFFER_BYTES`` of tiles exist at once: (sequence, KV head) pairs go in groups that fit (their lists
+    are neighbours in the index, and each item's dK/dV belongs to one pair), a pair that alone does not (fixed
+    length) in query chunks (an index each; partial dK/dV tiles meet in fp32 as between items)."""
     b, t, hkv, n = indices.shape
-    gp, bs = L.kmajor["GP"], L.kmajor["BS"]
-    rows = t if L.varlen else min(t, max(bs, SEL_DS_BUFFER_BYTES // L.ds_bytes_per_row(indices, q) // bs * bs))
-    dsb = torch.empty(b * rows * hkv * n, gp, bs, device=q.device, dtype=q.dtype)
-    slot = torch.empty(b, t, hkv, n, device=q.device, dtype=torch.int32)  # index entry -> its tile's row in dsb
+    pairs, span = L.grid_q[1], L.grid_q[0]  # (sequence, KV head) pairs; positions of the longest sequence
+    pair_row = n * L.kmajor["GP"] * L.kmajor["BS"] * q.element_size()  # one position's tiles
+    rows = span if L.varlen else min(t, max(64, SEL_DS_BUFFER_BYTES // pair_row // 64 * 64))
+    group = max(1, SEL_DS_BUFFER_BYTES // (pair_row * rows)) if rows == span else 1
+    dsb = torch.empty(min(group * rows * n, indices.numel()), L.kmajor["GP"], L.kmajor["BS"], device=q.device,
+                      dtype=q.dtype)
+    slot = torch.empty(b, t, hkv, n, device=q.device, dtype=torch.int32)  # index entry -> its place in the order
     forced = dict(INITIAL=L.forced["INITIAL"], LOCAL=L.forced["LOCAL"])
     kd = {"KD": L.kv(k, v)["KD"], "TMA": True} if L.tma else {}
     const = {key: L.qmajor[key] for key in ("HQ", "HKV", "G", "GP", "N", "NP", "DK", "BDK", "BS", "VARLEN")}
-    for s in range(0, t, rows):
-        part = indices if rows == t else indices[:, s:s + rows].contiguous()
-        qlist, items, entries = _dkdv_items(part, L, entries=True)
+    for s in range(0, t, t if L.varlen else rows):
+        part = indices if rows == span else indices[:, s:s + rows].contiguous()
+        qlist, items, offsets, entries = _dkdv_items(part, L, entries=True)
         qlist += s
-        slot[:, s:s + rows] = torch.empty_like(entries).scatter_(
+        slot[:, s:s + part.shape[1]] = torch.empty_like(entries).scatter_(
             0, entries.long(), torch.arange(entries.numel(), device=q.device, dtype=entries.dtype)).view(part.shape)
-        _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu, *L.sizes,
-                                                  L.ns_max, scale, **L.kmajor, **gated, DSB=dsb, STORE_DS=True,
-                                                  **forced, num_stages=L.stages)
-        _sel_dq_ds_kernel[(part.shape[1], L.grid_q[1])](k, indices, slot, dsb, dq, L.cu, *L.sizes[:2], s, scale,
-                                                        **const, **forced, **kd, num_stages=L.stages_dq,
-                                                        num_warps=L.warps_dq)
+        for p0 in range(0, pairs, group):
+            p1 = min(pairs, p0 + group)
+            _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu,
+                                                      *L.sizes, L.ns_max, scale, **L.kmajor, **gated, DSB=dsb,
+                                                      OFFS=offsets, PAIR0=p0, PAIR1=p1, STORE_DS=True, **forced,
+                                                      num_stages=L.stages)
+            _sel_dq_ds_kernel[(min(rows, span - s), p1 - p0)](k, indices, slot, dsb, dq, offsets, L.cu,
+                                                               *L.sizes[:2], s, p0, L.ns_max, scale, **const,
+                                                               **forced, **kd, num_stages=L.stages_dq,
+                                                               num_warps=L.warps_dq)
     return dq, dk, dv
 
 

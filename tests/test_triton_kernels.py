@@ -247,7 +247,8 @@ def test_nsa_triton_packed_sequences():
     (1, 2, 16, False, True, True), (0, 1, 16, False, True, True), (2, 1, 16, True, True, True),
     (3, 3, 32, False, True, True),
     (1, 2, 16, True, True, False),  # dq of the chosen blocks recomputed from K and V, not from stored dS
-    (1, 2, 16, False, True, "chunks"),  # the stored dS tiles in query chunks of 32 positions
+    (1, 2, 16, False, True, "pairs"), (1, 2, 16, True, True, "pairs"),  # one (sequence, KV head) at a time
+    (1, 2, 16, False, True, "chunks"),  # ... and in query chunks of 64 positions
     (1, 2, 16, True, False, True),  # switched off: the selected loops walk whole lists
 ])
 def test_nsa_triton_forced_blocks_in_window_kernels(initial, local, block, packed, on, handoff, monkeypatch):
@@ -259,8 +260,10 @@ def test_nsa_triton_forced_blocks_in_window_kernels(initial, local, block, packe
                     select_initial=initial, select_local=local, window=24)
     monkeypatch.setattr(forced, "FORCED_TILES", on)
     monkeypatch.setattr(select, "SEL_DQ_FROM_DS", bool(handoff))
-    if handoff == "chunks":  # 32 rows of tiles: 2 KV heads x 5 entries x 16 heads x 16 keys x 4 bytes each
-        monkeypatch.setattr(select, "SEL_DS_BUFFER_BYTES", 32 * 2 * 5 * 16 * 16 * 4)
+    row = 5 * 16 * 16 * 4  # one position's dS tiles of a KV head: 5 entries x 16 heads x 16 keys x 4 bytes
+    budget = {"pairs": (75 if packed else 192) * row, "chunks": 64 * row}.get(handoff)  # 75: the longest sequence
+    if budget:
+        monkeypatch.setattr(select, "SEL_DS_BUFFER_BYTES", budget)
     launches = []  # of the dq kernel that reads the stored tiles
 
     class Counted:
@@ -277,7 +280,8 @@ def test_nsa_triton_forced_blocks_in_window_kernels(initial, local, block, packe
     t = 160 if packed else 150
     _check_nsa(*_nsa_both(1, t, 32, 2, 16, 16, cfg, torch.float32, cu=cu, seed=3), torch.float32)
     assert len(calls) == on
-    assert len(launches) == (0 if not (on and handoff) else 5 if handoff == "chunks" else 1)
+    pairs = 6 if packed else 2
+    assert len(launches) == (0 if not (on and handoff) else {"pairs": pairs, "chunks": 3 * pairs}.get(handoff, 1))
 
 
 @pytest.mark.gpu
