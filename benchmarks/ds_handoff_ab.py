@@ -52,19 +52,19 @@ def main() -> None:
             use_new(on, budget)
             fwd, fwdbwd = bench(core, lambda o: do, leaves)
             emit(rows, args.out, round=rnd, new=on, budget_gib=budget, fwd_ms=fwd, fwdbwd_ms=fwdbwd)
-    if args.sweep:
+    if args.sweep:  # the handoff's two launches (_SelLaunch.ds_dkdv / ds_dq), each with the other as shipped
         use_new(True, args.budgets[-1])
         init = select._SelLaunch.__init__
-        for warps in (1, 2, 4):
-            for stages in (2, 3, 4):
-                def patched(self, *a, _w=warps, _s=stages, **kw):
-                    init(self, *a, **kw)
-                    self.warps_dq, self.stages_dq = _w, _s
-                select._SelLaunch.__init__ = patched
-                ms = [us / 1e3 for k, us, _ in kernel_times(step, 3) if "_sel_dq_ds" in k]
-                emit(rows, args.out, sweep="dq from dS", warps=warps, stages=stages, kernel_ms=ms)
+        grid = [("ds_dq", "_sel_dq_ds", w, st) for w in (1, 2) for st in (2, 3)] + \
+            [("ds_dkdv", "_sel_bwd_dkdv", w, st) for w in (4, 8) for st in (1, 2, 3)]
+        for attr, kernel, warps, stages in grid:
+            def patched(self, *a, _a=attr, _w=warps, _s=stages, **kw):
+                init(self, *a, **kw)
+                setattr(self, _a, dict(num_warps=_w, num_stages=_s))
+            select._SelLaunch.__init__ = patched
+            ms = [round(us / 1e3, 3) for k, us, _ in kernel_times(step, 3) if kernel in k]
+            emit(rows, args.out, sweep=attr, warps=warps, stages=stages, kernel_ms=ms)
         select._SelLaunch.__init__ = init
-
 
 if __name__ == "__main__":
     main()

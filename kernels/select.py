@@ -477,6 +477,10 @@ class _SelLaunch:
         # and runs 1 and 3 of docs/results/selection_h100_2026-11-24_session14); other G not measured
         self.stages_dq = 3 if self.loop and not wide and gp == 16 and self.stages == 2 else self.stages
         self.kmajor = dict(common, BLOCK_Q=max(1, 64 // gp))
+        # the dS handoff's launches (G >= 16, so gp // 16 >= 1): dK/dV as without it; dq holds a [gp, dk] fp32
+        # accumulator and streams K tiles (H100 at 64k, G = 16: 1 warp / 2 stages 7.47 ms, 2 / 3 7.59, 4 / 3 7.85)
+        self.ds_dkdv = dict(num_warps=4, num_stages=self.stages)
+        self.ds_dq = dict(num_warps=max(1, gp // 16), num_stages=2 if self.stages > 1 else 1)
         # the per-position loops fetch their K/V blocks by TMA: dq 16.9 -> 16.5 ms at G=16 (H100 at 64k,
         # benchmarks/tile_sweep.py --only sel_tma, session 14 run 9)
         self.tma = self.loop and SEL_TMA and tma_ok(k, v)
@@ -580,11 +584,10 @@ def _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, dk, dv, L: _SelLa
             _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu,
                                                       *L.sizes, L.ns_max, scale, **L.kmajor, **gated, DSB=dsb,
                                                       OFFS=offsets, PAIR0=p0, PAIR1=p1, STORE_DS=True, **forced,
-                                                      num_stages=L.stages)
+                                                      **L.ds_dkdv)
             _sel_dq_ds_kernel[(min(rows, span - s), p1 - p0)](k, indices, slot, dsb, dq, offsets, L.cu,
                                                                *L.sizes[:2], s, p0, L.ns_max, scale, **const,
-                                                               **forced, **kd, num_stages=L.stages_dq,
-                                                               num_warps=L.warps_dq)
+                                                               **forced, **kd, **L.ds_dq)
     return dq, dk, dv
 
 
