@@ -7,8 +7,10 @@ forced blocks already and these loops walk the rest of each list (forced.py). Sm
 program per tile of neighbouring positions walks the union of their selected blocks, so the matrix tiles have 64
 rows and a block that several neighbours chose is loaded once.
 dK/dV: one program per (selection block, KV head) walks the queries that selected it (an inverted block -> queries
-index built with one sort), stacking ``BLOCK_Q`` positions x ``G`` heads as rows, so there are no atomics and the
-matrix tiles are full even for small G (FSA's KV-block-major idea).
+index built with one sort), stacking ``BLOCK_Q`` positions x ``G`` heads as rows, so there are no per-token atomics
+(one fp32 add per work item) and the matrix tiles are full even for small G (FSA's KV-block-major idea). In the NSA
+core (forced blocks, G >= 16) that pass runs first and stores its dS tiles, and dq reads them with K instead of
+recomputing them from K and V (``SEL_DQ_FROM_DS``, :func:`_backward_ds_handoff`).
 """
 from __future__ import annotations
 
