@@ -533,7 +533,8 @@ def selected_backward(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: fl
     """``(dq, dk fp32, dv fp32)`` of this key buffer's share, given the final ``lse`` and
     ``delta = rowsum(o * do)`` (so ring steps can each add their part); with ``dq`` given, this call's dq is added
     onto it; ``gate``, ``o`` (and then ``delta`` None): as :func:`flash.masked_backward`. With ``L.forced``, ``dq``
-    and ``delta`` come from :func:`forced.window_forced_dq`, which did the forced blocks' dq."""
+    and ``delta`` come from :func:`forced.window_forced_dq`, which did the forced blocks' dq, and (with
+    ``SEL_DQ_FROM_DS``) dq comes from the dS tiles that the dK/dV pass stores (:func:`_backward_ds_handoff`)."""
     if L.forced is not None and (dq is None or delta is None or o is not None):
         raise ValueError("selected_backward: a launch with forced blocks needs dq and delta from "
                          "forced.window_forced_dq (and o=None)")
