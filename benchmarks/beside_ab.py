@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--t", type=int, default=65536)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="beside_ab.json")
+    ap.add_argument("--variants", nargs="+", default=["off", "on", "on_nocap", "on_dq3", "on_4gib"])
     args = ap.parse_args()
     import torch
 
@@ -63,6 +64,7 @@ def main() -> None:
     init = select._SelLaunch.__init__
     variants = {"off": dict(on=False), "on": {}, "on_nocap": dict(reg=None), "on_dq3": dict(dq_stages=3),
                 "on_4gib": dict(budget=4 << 30)}
+    variants = {name: variants[name] for name in args.variants}
 
     def use(name) -> None:
         v = dict(defaults, **variants[name])
