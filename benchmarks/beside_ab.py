@@ -62,8 +62,8 @@ def main() -> None:
 
     defaults = dict(on=select.SEL_DQ_BESIDE, reg=select.BESIDE_MAXNREG, budget=select.SEL_DS_BUFFER_BYTES)
     init = select._SelLaunch.__init__
-    variants = {"off": dict(on=False), "on": {}, "on_nocap": dict(reg=None), "on_dq3": dict(dq_stages=3),
-                "on_4gib": dict(budget=4 << 30)}
+    variants = {"off": dict(on=False), "on": dict(on=True), "on_nocap": dict(on=True, reg=None),
+                "on_dq3": dict(on=True, dq_stages=3), "on_4gib": dict(on=True, budget=4 << 30)}
     variants = {name: variants[name] for name in args.variants}
 
     def use(name) -> None:

@@ -431,8 +431,9 @@ SEL_DS_BUFFER_BYTES = 2 << 30
 # the compressed branch's dq kernel (8 warps, capped at BESIDE_MAXNREG registers a thread, ~160 KiB shared
 # memory), which holds the SM's tensor cores: with SEL_DQ_BESIDE the NSA core hands that kernel to
 # selected_backward (``beside``), which runs it per (sequence, KV head) group on a high-priority stream while the
-# dq of another group reads its dS tiles (:class:`_Beside`)
-SEL_DQ_BESIDE = True
+# dq of another group reads its dS tiles (:class:`_Beside`). Off until measured on a GPU (the CPU tests run the
+# order both ways, in line; the streams and the register cap only act on a GPU): benchmarks/beside_ab.py
+SEL_DQ_BESIDE = False
 BESIDE_MAXNREG = 224
 
 
