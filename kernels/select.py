@@ -638,20 +638,19 @@ def _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, dk, dv, L: _SelLa
         qlist += s
         slot[:, s:s + part.shape[1]] = torch.empty_like(entries).scatter_(
             0, entries.long(), torch.arange(entries.numel(), device=q.device, dtype=entries.dtype)).view(part.shape)
+        first = beside is not None and s == 0  # each pair's beside work once, in the first chunk
         for g, (p0, p1) in enumerate(groups):
             _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu,
                                                       *L.sizes, L.ns_max, scale, **L.kmajor, **gated, DSB=dsb,
                                                       OFFS=offsets, PAIR0=p0, PAIR1=p1, STORE_DS=True, **forced,
                                                       **L.ds_dkdv)
-            if beside is not None and s == 0:  # each pair's beside work once, beside another group's dq
-                nxt = (g + 1) % len(groups)
-                if nxt != g:
-                    lanes.launch(nxt, *groups[nxt])
+            if first and len(groups) > 1:  # the next group's, beside this group's dq
+                lanes.launch((g + 1) % len(groups), *groups[(g + 1) % len(groups)])
             lanes.before_dq(g)
             _sel_dq_ds_kernel[(min(rows, span - s), p1 - p0)](k, indices, slot, dsb, dq, offsets, L.cu,
                                                                *L.sizes[:2], s, p0, L.ns_max, scale, **const,
                                                                **forced, **kd, **L.ds_dq)
-            if beside is not None and s == 0 and len(groups) == 1:
+            if first and len(groups) == 1:  # one group (one pair): its own, after its dq
                 lanes.launch(g, p0, p1)
     lanes.join()
     return dq, dk, dv
