@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--divisible", default="")
     p.add_argument("--top", type=int, default=16)
+    p.add_argument("--maxnreg", type=int, default=None, help="register cap per thread (a compile option)")
     args = p.parse_args()
     import triton
     from triton.backends.compiler import GPUTarget
@@ -61,7 +62,8 @@ def main() -> None:
             const.setdefault(name, None)
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in args.divisible.split(",") if a}
     ck = triton.compile(ASTSource(fn, full, const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                        options=dict(num_warps=args.warps, num_stages=args.stages))
+                        options=dict(num_warps=args.warps, num_stages=args.stages,
+                                     **({} if args.maxnreg is None else {"maxnreg": args.maxnreg})))
     print(cubin_resources(ck), "shared", ck.metadata.shared)
     sass = cubin_tool(ck, "nvdisasm", "-c")
     for label, n, ops in loops(sass):

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .lanes import capped
 from .varlen import max_seqlen
 
 NO_WINDOW = 1 << 30  # "no window"; keeps t - WINDOW inside int32
@@ -610,8 +611,7 @@ def masked_dq(q, k, v, do, lse, delta, scale: float, L: _Launch, dq=None, gate=N
     if not 0 <= p0 < p1 <= grid[1]:
         raise ValueError(f"masked_dq: pairs must satisfy 0 <= p0 < p1 <= {grid[1]} (sequences x KV heads), "
                          f"got {pairs}")
-    if maxnreg is not None and q.is_cuda:
-        opts = dict(opts, maxnreg=maxnreg)
+    opts = capped(opts, q, maxnreg)
     _bwd_dq_kernel[(grid[0], p1 - p0)](q, k, v, do, lse, delta, dq, *L.args(), scale, **const, DQ_ADD=add,
                                        **gated, **own_delta, **L.kv("dq", k, v, const), PAIR0=p0, **opts)
     return dq, delta

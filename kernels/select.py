@@ -25,6 +25,7 @@ from .flash import (_bwd_rows, _delta_args, _finish, _gated, _grad_args, _load_t
                     wide_tile_stages)
 from .forced import forced_blocks, free_range, resume
 from .gate import _gated_sum
+from .lanes import SideLane
 from .varlen import max_seqlen
 
 
@@ -576,38 +577,27 @@ def _dkdv_items(indices, L: _SelLaunch, entries: bool = False):
 
 
 class _Beside:
-    """Where the dS handoff runs ``beside`` (see :func:`selected_backward`): on a GPU, on a high-priority stream
-    once the dK/dV of the group at hand is done, so that its programs take the SMs first and the handoff's one-warp
-    dq programs, on the current stream, fill what they leave; elsewhere (the interpreter) in line, before that
-    group's dq. ``done[g]``: the event after group ``g``'s ``beside`` work, which that group's dq waits for (both
-    write its rows of dq)."""
+    """Where the dS handoff runs ``beside`` (see :func:`selected_backward`): on a :class:`lanes.SideLane` once the
+    dK/dV of the group at hand is done, so that its programs take the SMs first and the handoff's one-warp dq
+    programs, on the current stream, fill what they leave. ``done[g]``: the event after group ``g``'s ``beside``
+    work, which that group's dq waits for (both write its rows of dq)."""
 
     def __init__(self, q, fn):
         self.fn, self.done = fn, {}
-        self.streams = fn is not None and q.is_cuda
-        if self.streams:
-            self.main = torch.cuda.current_stream(q.device)
-            self.high = torch.cuda.Stream(device=q.device, priority=-1)
+        self.lane = SideLane(q, fn is not None)
 
     def before_dq(self, g):
         """The current stream waits for group ``g``'s ``beside`` work, if it has been launched."""
-        if g in self.done:
-            self.main.wait_event(self.done[g])
+        self.lane.wait(self.done.get(g))
 
     def launch(self, g, p0, p1):
         """``beside`` for group ``g`` (pairs ``[p0, p1)``), after everything the current stream has queued so
         far (a group's dK/dV; with a single group, its dq too)."""
-        if not self.streams:
-            self.fn(p0, p1)
-            return
-        self.high.wait_stream(self.main)
-        with torch.cuda.stream(self.high):
-            self.fn(p0, p1)
-        self.done[g] = self.high.record_event()
+        self.lane.catch_up()
+        _, self.done[g] = self.lane.run(lambda: self.fn(p0, p1))
 
     def join(self):
-        if self.streams:
-            self.main.wait_stream(self.high)
+        self.lane.join()
 
 
 def _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, dk, dv, L: _SelLaunch, scale, gated, beside=None):

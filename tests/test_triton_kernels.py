@@ -176,6 +176,31 @@ def test_select_blocks_in_query_chunks_equals_whole(q_offset, monkeypatch):
     assert torch.equal(whole, want)
 
 
+@pytest.mark.parametrize("budget_rows,chunks", [(None, 2), (128, 4)])
+def test_select_blocks_topn_beside_equals_whole(budget_rows, chunks, monkeypatch):
+    """With ``topn.TOPN_BESIDE`` (each chunk's top-n beside the next chunk's scores; in line on the CPU) the query
+    chunks are at least two and half the budget each, the scores kernel gets the register cap, and the indices
+    equal one whole call's."""
+    from nsa_parallel.kernels import compress, topn
+    b, t, hq, hkv, dk = 2, 200, 4, 2, 16
+    q = _rand(b, t, hq, dk, dtype=torch.float32, seed=5).detach()
+    kc = _rand(b, SMALL.num_compressed(t), hkv, dk, dtype=torch.float32, seed=6).detach()
+    _, lse = compressed_attention(q, kc, torch.zeros_like(kc), SMALL, 0.3)
+    whole = topn.select_blocks(q, kc, lse, SMALL, 0.3)
+    if budget_rows is not None:
+        monkeypatch.setattr(topn, "SCORES_BUFFER_BYTES", topn.SCORE_BYTES * b * hkv * budget_rows)
+    monkeypatch.setattr(topn, "TOPN_BESIDE", True)
+    caps = []
+
+    def spy(*a, maxnreg=None, **kw):
+        caps.append(maxnreg)
+        return score_pairs(*a, maxnreg=maxnreg, **kw)
+    score_pairs = compress.score_pairs
+    monkeypatch.setattr(compress, "score_pairs", spy)
+    assert torch.equal(topn.select_blocks(q, kc, lse, SMALL, 0.3), whole)
+    assert caps == [topn.SCORES_MAXNREG] * chunks
+
+
 def test_packed_select_blocks_within_the_buffer_equals_whole(monkeypatch):
     """A packed batch whose scores pass the buffer is scored in runs of neighbouring sequences (and a sequence too
     long alone in query chunks): the same blocks as scoring it whole, no scores tensor above the budget."""
