@@ -14,7 +14,6 @@ import triton.language as tl
 from .config import NSAConfig
 from .flash import NO_WINDOW, _load_lse2, _load_rows, _load_tile, _tile_start, _tiles, position_masked_attention
 from .interface import check_triton_config
-from .lanes import capped
 from .varlen import max_seqlen
 
 SCORES_WIDE_STAGES = 1  # pipeline stages of 256-wide tiles (dk above 128); 2 and 3 measured slower (H100)
@@ -174,10 +173,9 @@ def combine_pairs(pairs: torch.Tensor) -> torch.Tensor:
 
 
 def score_pairs(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seqlens=None, cmp_cu_seqlens=None,
-                max_t=None, q_offset: int = 0, maxnreg=None):
+                max_t=None, q_offset: int = 0):
     """:func:`selection_scores` as the kernel writes them: ``[b, t, hkv, ns_max, 2]`` fp32 (own, spill) pairs
-    (see ``_scores_kernel``), which :func:`topn.select_topn` takes as they are. ``maxnreg``: a register cap per
-    thread, so that top-n programs fit beside this kernel's (``topn.TOPN_BESIDE``)."""
+    (see ``_scores_kernel``), which :func:`topn.select_topn` takes as they are."""
     b, t, hq, dk = q.shape
     hkv = k_cmp.shape[2]
     g = hq // hkv
@@ -200,6 +198,6 @@ def score_pairs(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seqlens=N
         BJ=max(1, SCORES_TOKENS // s), S=s, A=config.stride_slots_per_compress_block, KSTRIDE=config.compress_stride,
         KOFF=config.compress_block - 1, SEL_BLOCK=config.select_block, VARLEN=varlen,
         ONE_PASS=SCORES_ONE_PASS and config.compress_block <= config.select_block,
-        **capped(dict(num_warps=SCORES_WARPS, num_stages=1 if q.dtype == torch.float32 else (
-            SCORES_WIDE_STAGES if dk > 128 else SCORES_STAGES)), q, maxnreg))
+        num_warps=SCORES_WARPS,
+        num_stages=1 if q.dtype == torch.float32 else (SCORES_WIDE_STAGES if dk > 128 else SCORES_STAGES))
     return pairs

@@ -19,7 +19,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .lanes import capped
 from .varlen import max_seqlen
 
 NO_WINDOW = 1 << 30  # "no window"; keeps t - WINDOW inside int32
@@ -53,21 +52,19 @@ def _load_tile(PTR, row_off, rvalid, D: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
-def _tile_start(CU, CU_K, T_FIXED, TK_FIXED, HKV: tl.constexpr, BLOCK_T: tl.constexpr, VARLEN: tl.constexpr,
-                PAIR0=0):
+def _tile_start(CU, CU_K, T_FIXED, TK_FIXED, HKV: tl.constexpr, BLOCK_T: tl.constexpr, VARLEN: tl.constexpr):
     """A query-major program's sequence bounds ``(bos, T, kbos, TK)``, KV head and first position: grid
-    ``(positions / BLOCK_T, sequences * HKV)``, or a part of it from (sequence, KV head) pair ``PAIR0`` on."""
-    pair = tl.program_id(1) + PAIR0
-    kvh = pair % HKV
-    bos, T, kbos, TK = _seq_bounds(pair // HKV, CU, CU_K, T_FIXED, TK_FIXED, VARLEN)
+    ``(positions / BLOCK_T, sequences * HKV)``."""
+    kvh = tl.program_id(1) % HKV
+    bos, T, kbos, TK = _seq_bounds(tl.program_id(1) // HKV, CU, CU_K, T_FIXED, TK_FIXED, VARLEN)
     return bos, T, kbos, TK, kvh, tl.program_id(0) * BLOCK_T
 
 
 @triton.jit
 def _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV: tl.constexpr, BLOCK_T: tl.constexpr, G: tl.constexpr,
-            GP: tl.constexpr, VARLEN: tl.constexpr, PAIR0=0):
+            GP: tl.constexpr, VARLEN: tl.constexpr):
     """The program's sequence bounds and its query rows (BLOCK_T positions x the G heads of one KV head)."""
-    bos, T, kbos, TK, kvh, t0 = _tile_start(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, VARLEN, PAIR0)
+    bos, T, kbos, TK, kvh, t0 = _tile_start(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, VARLEN)
     tq, hq, hvalid = _rows(t0, kvh, BLOCK_T, G, GP)
     return bos, T, kbos, TK, kvh, t0, tq, hq, hvalid & (tq < T)
 
@@ -322,9 +319,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CU_K, T_FIXED, TK_FIXED, sca
                    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                    KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
                    DQ_ADD: tl.constexpr = False, GATE=None, GATED: tl.constexpr = False, O=None,
-                   DELTA_FROM_O: tl.constexpr = False, KD=None, VD=None, TMA: tl.constexpr = False, PAIR0=0):
-    bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN,
-                                                        PAIR0)
+                   DELTA_FROM_O: tl.constexpr = False, KD=None, VD=None, TMA: tl.constexpr = False):
+    bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
     row_off = (bos + tq.to(tl.int64)) * HQ + hq
@@ -596,24 +592,13 @@ def _delta_args(o, delta, q):
     return delta, dict(O=o, DELTA_FROM_O=True)
 
 
-def masked_dq(q, k, v, do, lse, delta, scale: float, L: _Launch, dq=None, gate=None, o=None, pairs=None,
-              maxnreg=None):
-    """``(dq, delta)``: the dq kernel of :func:`masked_backward` alone (arguments as there). ``pairs = (p0, p1)``:
-    only the rows of (sequence, KV head) pairs ``[p0, p1)`` (``delta`` must then be given: the other rows' share of
-    it is written by other calls); ``maxnreg``: a register cap per thread (so that a small kernel fits beside this
-    one on each SM, select.py's ``SEL_DQ_BESIDE``)."""
-    if pairs is not None and delta is None:
-        raise ValueError("masked_dq: pairs=(p0, p1) needs the delta buffer given (the calls share it)")
+def masked_dq(q, k, v, do, lse, delta, scale: float, L: _Launch, dq=None, gate=None, o=None):
+    """``(dq, delta)``: the dq kernel of :func:`masked_backward` alone (arguments as there)."""
     dq, add, gated = _grad_args(q, dq, gate)
     delta, own_delta = _delta_args(o, delta, q)
     grid, const, opts = L.dq
-    p0, p1 = pairs if pairs is not None else (0, grid[1])
-    if not 0 <= p0 < p1 <= grid[1]:
-        raise ValueError(f"masked_dq: pairs must satisfy 0 <= p0 < p1 <= {grid[1]} (sequences x KV heads), "
-                         f"got {pairs}")
-    opts = capped(opts, q, maxnreg)
-    _bwd_dq_kernel[(grid[0], p1 - p0)](q, k, v, do, lse, delta, dq, *L.args(), scale, **const, DQ_ADD=add,
-                                       **gated, **own_delta, **L.kv("dq", k, v, const), PAIR0=p0, **opts)
+    _bwd_dq_kernel[grid](q, k, v, do, lse, delta, dq, *L.args(), scale, **const, DQ_ADD=add, **gated,
+                         **own_delta, **L.kv("dq", k, v, const), **opts)
     return dq, delta
 
 

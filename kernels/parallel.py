@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from . import select
 from .config import NSAConfig
-from .flash import NO_WINDOW, _Launch, masked_backward, masked_dkdv, masked_dq, masked_forward
+from .flash import NO_WINDOW, _Launch, masked_backward, masked_dkdv, masked_forward
 from .forced import forced_constants, window_forced_dq, window_forced_forward
 from .reference import NSAOutput
 from .select import _SelLaunch, selected_backward, selected_forward
@@ -77,25 +76,14 @@ class NSACore(torch.autograd.Function):
             dq = window_forced_dq(q, k_swa, v_swa, k_slc, v_slc, do, lse_swa, lse_slc, o_swa, o_slc, delta_swa,
                                   delta_slc, g_swa, g_slc, scale, L_swa, L_slc.forced)
             dk_swa, dv_swa = masked_dkdv(q, k_swa, v_swa, do, lse_swa, delta_swa, scale, L_swa, gate=g_swa)
-
-            def cmp_dq(p0, p1):  # the compressed branch's dq of some (sequence, KV head) pairs
-                masked_dq(q, kc, vc, do, lse_cmp, delta_cmp, scale, L_cmp, dq=dq, gate=g_cmp, o=o_cmp,
-                          pairs=(p0, p1), maxnreg=select.BESIDE_MAXNREG)
-
-            # the compressed dq runs beside the selected branch's dq-from-dS kernels (select.SEL_DQ_BESIDE)
-            beside = cmp_dq if select.SEL_DQ_BESIDE else None
             _, dk_slc, dv_slc = selected_backward(q, k_slc, v_slc, indices, do, lse_slc, delta_slc, L_slc, scale,
-                                                  dq=dq, gate=g_slc, beside=beside)
-            if beside is None:
-                masked_dq(q, kc, vc, do, lse_cmp, delta_cmp, scale, L_cmp, dq=dq, gate=g_cmp, o=o_cmp)
-            dkc, dvc = masked_dkdv(q, kc, vc, do, lse_cmp, delta_cmp, scale, L_cmp, gate=g_cmp)
+                                                  dq=dq, gate=g_slc)
         else:
             dq, dk_swa, dv_swa = masked_backward(q, k_swa, v_swa, do, lse_swa, delta_swa, scale, L_swa, gate=g_swa,
                                                  o=o_swa)
             _, dk_slc, dv_slc = selected_backward(q, k_slc, v_slc, indices, do, lse_slc, delta_slc, L_slc, scale,
                                                   dq=dq, gate=g_slc, o=o_slc)
-            _, dkc, dvc = masked_backward(q, kc, vc, do, lse_cmp, delta_cmp, scale, L_cmp, dq=dq, gate=g_cmp,
-                                          o=o_cmp)
+        _, dkc, dvc = masked_backward(q, kc, vc, do, lse_cmp, delta_cmp, scale, L_cmp, dq=dq, gate=g_cmp, o=o_cmp)
         dgate = deltas.permute(1, 2, 3, 0)
         return (dq, dkc, dvc, dk_slc.to(k_slc.dtype), dv_slc.to(v_slc.dtype), dk_swa, dv_swa,
                 dgate.to(gate.dtype), None, None, None, None, None)

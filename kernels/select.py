@@ -25,7 +25,6 @@ from .flash import (_bwd_rows, _delta_args, _finish, _gated, _grad_args, _load_t
                     wide_tile_stages)
 from .forced import forced_blocks, free_range, resume
 from .gate import _gated_sum
-from .lanes import SideLane
 from .varlen import max_seqlen
 
 
@@ -428,14 +427,6 @@ SEL_WIDE_STAGES = 2  # pipeline stages of 256-wide tiles (head dims above 128); 
 # _backward_ds_handoff; packed batches take the handoff where a KV head's tiles of their longest sequence fit)
 SEL_DQ_FROM_DS = True
 SEL_DS_BUFFER_BYTES = 2 << 30
-# The handoff's dq kernel (one warp a program, bound by its K reads from L2) fits on each SM beside one program of
-# the compressed branch's dq kernel (8 warps, capped at BESIDE_MAXNREG registers a thread, ~160 KiB shared
-# memory), which holds the SM's tensor cores: with SEL_DQ_BESIDE the NSA core hands that kernel to
-# selected_backward (``beside``), which runs it per (sequence, KV head) group on a high-priority stream while the
-# dq of another group reads its dS tiles (:class:`_Beside`). Off until measured on a GPU (the CPU tests run the
-# order both ways, in line; the streams and the register cap only act on a GPU): benchmarks/beside_ab.py
-SEL_DQ_BESIDE = False
-BESIDE_MAXNREG = 224
 
 
 class _SelLaunch:
@@ -538,17 +529,12 @@ def selected_forward(q, k, v, indices, L: _SelLaunch, scale: float, gated_sum=No
 
 
 def selected_backward(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: float, dq_dtype=None, dq=None,
-                      gate=None, o=None, beside=None):
+                      gate=None, o=None):
     """``(dq, dk fp32, dv fp32)`` of this key buffer's share, given the final ``lse`` and
     ``delta = rowsum(o * do)`` (so ring steps can each add their part); with ``dq`` given, this call's dq is added
     onto it; ``gate``, ``o`` (and then ``delta`` None): as :func:`flash.masked_backward`. With ``L.forced``, ``dq``
     and ``delta`` come from :func:`forced.window_forced_dq`, which did the forced blocks' dq, and (with
-    ``SEL_DQ_FROM_DS``) dq comes from the dS tiles that the dK/dV pass stores (:func:`_backward_ds_handoff`).
-
-    ``beside(p0, p1)``: other work on the (sequence, KV head) pairs ``[p0, p1)`` (kernel launches on the current
-    stream) that touches none of this call's results of those pairs, e.g. their rows of ``dq`` (they are another
-    call's); called once for each pair: inside the dS handoff beside the dq of other pairs (on a GPU, on a
-    high-priority stream), else after this call's kernels."""
+    ``SEL_DQ_FROM_DS``) dq comes from the dS tiles that the dK/dV pass stores (:func:`_backward_ds_handoff`)."""
     if L.forced is not None and (dq is None or delta is None or o is not None):
         raise ValueError("selected_backward: a launch with forced blocks needs dq and delta from "
                          "forced.window_forced_dq (and o=None)")
@@ -557,15 +543,13 @@ def selected_backward(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: fl
     dk = torch.zeros_like(k, dtype=torch.float32)
     dv = torch.zeros_like(v, dtype=torch.float32)
     if L.ds_handoff(indices, q):  # the forced blocks' dq came with the window's
-        return _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, dk, dv, L, scale, gated, beside)
+        return _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, dk, dv, L, scale, gated)
     kernel = _sel_dq_loop_kernel if L.loop else _sel_bwd_dq_kernel
     kernel[L.grid_q](q, k, v, indices, do, lse, delta, dq, L.cu, *L.sizes, L.lo, L.hi, scale, **L.qmajor,
                      DQ_ADD=add, **gated, **own_delta, **L.kv(k, v), num_stages=L.stages_dq, num_warps=L.warps_dq)
     qlist, items = _dkdv_items(indices, L)
     _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu, *L.sizes,
                                               L.ns_max, scale, **L.kmajor, **gated, num_stages=L.stages)
-    if beside is not None:
-        beside(0, L.grid_q[1])
     return dq, dk, dv
 
 
@@ -576,46 +560,16 @@ def _dkdv_items(indices, L: _SelLaunch, entries: bool = False):
     return (inv[0], work_items(inv[1], indices.numel(), chunk)) + (inv[1:] if entries else ())
 
 
-class _Beside:
-    """Where the dS handoff runs ``beside`` (see :func:`selected_backward`): on a :class:`lanes.SideLane` once the
-    dK/dV of the group at hand is done, so that its programs take the SMs first and the handoff's one-warp dq
-    programs, on the current stream, fill what they leave. ``done[g]``: the event after group ``g``'s ``beside``
-    work, which that group's dq waits for (both write its rows of dq)."""
-
-    def __init__(self, q, fn):
-        self.fn, self.done = fn, {}
-        self.lane = SideLane(q, fn is not None)
-
-    def before_dq(self, g):
-        """The current stream waits for group ``g``'s ``beside`` work, if it has been launched."""
-        self.lane.wait(self.done.get(g))
-
-    def launch(self, g, p0, p1):
-        """``beside`` for group ``g`` (pairs ``[p0, p1)``), after everything the current stream has queued so
-        far (a group's dK/dV; with a single group, its dq too)."""
-        self.lane.catch_up()
-        _, self.done[g] = self.lane.run(lambda: self.fn(p0, p1))
-
-    def join(self):
-        self.lane.join()
-
-
-def _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, dk, dv, L: _SelLaunch, scale, gated, beside=None):
+def _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, dk, dv, L: _SelLaunch, scale, gated):
     """dK/dV first, storing the dS tiles in the inverted index's order; dq from them and K. At most
     ``SEL_DS_BUFFER_BYTES`` of tiles exist at once: (sequence, KV head) pairs go in groups that fit (their lists
     are neighbours in the index, and each item's dK/dV belongs to one pair), a pair that alone does not (fixed
-    length) in query chunks (an index each; partial dK/dV tiles meet in fp32 as between items). ``beside`` (see
-    :func:`selected_backward`): with at least two groups (made so where there are two pairs), each group's dq
-    runs beside the next group's ``beside`` work (the last group's beside the first's)."""
+    length) in query chunks (an index each; partial dK/dV tiles meet in fp32 as between items)."""
     b, t, hkv, n = indices.shape
     pairs, span = L.grid_q[1], L.grid_q[0]  # (sequence, KV head) pairs; positions of the longest sequence
     pair_row = n * L.kmajor["GP"] * L.kmajor["BS"] * q.element_size()  # one position's tiles
     rows = span if L.varlen else min(t, max(64, SEL_DS_BUFFER_BYTES // pair_row // 64 * 64))
     group = max(1, SEL_DS_BUFFER_BYTES // (pair_row * rows)) if rows == span else 1
-    if beside is not None:
-        group = min(group, max(1, (pairs + 1) // 2))
-    groups = [(p0, min(pairs, p0 + group)) for p0 in range(0, pairs, group)]
-    lanes = _Beside(q, beside)
     dsb = torch.empty(min(group * rows * n, indices.numel()), L.kmajor["GP"], L.kmajor["BS"], device=q.device,
                       dtype=q.dtype)
     slot = torch.empty(b, t, hkv, n, device=q.device, dtype=torch.int32)  # index entry -> its place in the order
@@ -628,21 +582,15 @@ def _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, dk, dv, L: _SelLa
         qlist += s
         slot[:, s:s + part.shape[1]] = torch.empty_like(entries).scatter_(
             0, entries.long(), torch.arange(entries.numel(), device=q.device, dtype=entries.dtype)).view(part.shape)
-        first = beside is not None and s == 0  # each pair's beside work once, in the first chunk
-        for g, (p0, p1) in enumerate(groups):
+        for p0 in range(0, pairs, group):
+            p1 = min(pairs, p0 + group)
             _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu,
                                                       *L.sizes, L.ns_max, scale, **L.kmajor, **gated, DSB=dsb,
                                                       OFFS=offsets, PAIR0=p0, PAIR1=p1, STORE_DS=True, **forced,
                                                       **L.ds_dkdv)
-            if first and len(groups) > 1:  # the next group's, beside this group's dq
-                lanes.launch((g + 1) % len(groups), *groups[(g + 1) % len(groups)])
-            lanes.before_dq(g)
             _sel_dq_ds_kernel[(min(rows, span - s), p1 - p0)](k, indices, slot, dsb, dq, offsets, L.cu,
                                                                *L.sizes[:2], s, p0, L.ns_max, scale, **const,
                                                                **forced, **kd, **L.ds_dq)
-            if first and len(groups) == 1:  # one group (one pair): its own, after its dq
-                lanes.launch(g, p0, p1)
-    lanes.join()
     return dq, dk, dv
 
 

@@ -8,7 +8,6 @@ import triton
 import triton.language as tl
 
 from .config import NSAConfig
-from .lanes import SideLane
 from .select import sequence_ids
 from .varlen import max_seqlen
 
@@ -80,14 +79,6 @@ def select_topn(scores: torch.Tensor, config: NSAConfig, cu_seqlens: Optional[to
     return idx
 
 
-# Top-n (one warp a row, bound by its ALU work: 2.1 ms at 64k) beside the next query chunk's scores (two 4-warp
-# programs an SM, bound by latency: 3.3 ms): the scores on a high-priority side stream under a register cap of
-# SCORES_MAXNREG, so that top-n warps fit beside them, each chunk's top-n on the current stream once its scores
-# are written (lanes.SideLane); fixed-length batches (packed ones score in one call where they fit). Off until
-# measured on a GPU (benchmarks/beside_ab.py --topn).
-TOPN_BESIDE = False
-SCORES_MAXNREG = 224
-
 # the most block scores select_blocks keeps at once: 1 GiB scores 64k queries x 4 KV heads in two halves (H100: 4
 # quarters took 0.25 ms more, benchmarks/scores_ab.py --sweep)
 SCORES_BUFFER_BYTES = 1 << 30
@@ -118,25 +109,16 @@ def select_blocks(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_seqlens
         return _select_packed_runs(q, k_cmp, lse_cmp, config, scale, cu_seqlens, cmp_cu_seqlens, q_offset)
     ns = config.num_select_blocks(t + q_offset)
     rows = max(64, SCORES_BUFFER_BYTES // (SCORE_BYTES * b * hkv * max(ns, 1)) // 64 * 64)
-    if TOPN_BESIDE:  # two chunks' scores at once (one being scored, one in top-n): half the budget each, >= 2 chunks
-        rows = max(64, min(rows // 128 * 64, triton.cdiv(t, 128) * 64))
     if rows >= t:
         return select_topn(score_pairs(q, k_cmp, lse_cmp, config, scale, q_offset=q_offset), config,
                            q_offset=q_offset)
-    lane = SideLane(q, TOPN_BESIDE)
-    maxnreg = SCORES_MAXNREG if TOPN_BESIDE else None
     parts = []
     for s in range(0, t, rows):
         e = min(t, s + rows)
-        # sliced on the side stream: a copy made on the current one would make the side stream wait for it,
-        # and so for the previous chunk's top-n queued before it
-        scores, ready = lane.run(lambda s=s, e=e: score_pairs(q[:, s:e], k_cmp, lse_cmp[:, s:e].contiguous(), config,
-                                                              scale, q_offset=q_offset + s, maxnreg=maxnreg))
-        lane.wait(ready)
-        lane.hand_over(scores)
+        scores = score_pairs(q[:, s:e], k_cmp, lse_cmp[:, s:e].contiguous(), config, scale,
+                             q_offset=q_offset + s)
         parts.append(select_topn(scores, config, q_offset=q_offset + s))
         del scores
-    lane.join()
     return torch.cat(parts, dim=1)
 
 

@@ -176,31 +176,6 @@ def test_select_blocks_in_query_chunks_equals_whole(q_offset, monkeypatch):
     assert torch.equal(whole, want)
 
 
-@pytest.mark.parametrize("budget_rows,chunks", [(None, 2), (128, 4)])
-def test_select_blocks_topn_beside_equals_whole(budget_rows, chunks, monkeypatch):
-    """With ``topn.TOPN_BESIDE`` (each chunk's top-n beside the next chunk's scores; in line on the CPU) the query
-    chunks are at least two and half the budget each, the scores kernel gets the register cap, and the indices
-    equal one whole call's."""
-    from nsa_parallel.kernels import compress, topn
-    b, t, hq, hkv, dk = 2, 200, 4, 2, 16
-    q = _rand(b, t, hq, dk, dtype=torch.float32, seed=5).detach()
-    kc = _rand(b, SMALL.num_compressed(t), hkv, dk, dtype=torch.float32, seed=6).detach()
-    _, lse = compressed_attention(q, kc, torch.zeros_like(kc), SMALL, 0.3)
-    whole = topn.select_blocks(q, kc, lse, SMALL, 0.3)
-    if budget_rows is not None:
-        monkeypatch.setattr(topn, "SCORES_BUFFER_BYTES", topn.SCORE_BYTES * b * hkv * budget_rows)
-    monkeypatch.setattr(topn, "TOPN_BESIDE", True)
-    caps = []
-
-    def spy(*a, maxnreg=None, **kw):
-        caps.append(maxnreg)
-        return score_pairs(*a, maxnreg=maxnreg, **kw)
-    score_pairs = compress.score_pairs
-    monkeypatch.setattr(compress, "score_pairs", spy)
-    assert torch.equal(topn.select_blocks(q, kc, lse, SMALL, 0.3), whole)
-    assert caps == [topn.SCORES_MAXNREG] * chunks
-
-
 def test_packed_select_blocks_within_the_buffer_equals_whole(monkeypatch):
     """A packed batch whose scores pass the buffer is scored in runs of neighbouring sequences (and a sequence too
     long alone in query chunks): the same blocks as scoring it whole, no scores tensor above the budget."""
@@ -268,27 +243,23 @@ def test_nsa_triton_packed_sequences():
     _check_nsa(*_nsa_both(1, sum(lens), 4, 2, 16, 16, SMALL, torch.float32, cu=cu, seed=2), torch.float32)
 
 
-@pytest.mark.parametrize("initial,local,block,packed,on,handoff,beside", [
-    (1, 2, 16, False, True, True, True), (0, 1, 16, False, True, True, True), (2, 1, 16, True, True, True, True),
-    (3, 3, 32, False, True, True, True),
-    (1, 2, 16, False, True, True, False), (2, 1, 16, True, True, True, False),  # compressed dq after, whole
-    (1, 2, 16, True, True, False, True),  # dq of the chosen blocks recomputed from K and V, not from stored dS
-    (1, 2, 16, False, True, "pairs", True), (1, 2, 16, True, True, "pairs", True),  # one (sequence, KV head) at a time
-    (1, 2, 16, False, True, "chunks", True),  # ... and in query chunks of 64 positions
-    (1, 2, 16, True, False, True, True),  # switched off: the selected loops walk whole lists
+@pytest.mark.parametrize("initial,local,block,packed,on,handoff", [
+    (1, 2, 16, False, True, True), (0, 1, 16, False, True, True), (2, 1, 16, True, True, True),
+    (3, 3, 32, False, True, True),
+    (1, 2, 16, True, True, False),  # dq of the chosen blocks recomputed from K and V, not from stored dS
+    (1, 2, 16, False, True, "pairs"), (1, 2, 16, True, True, "pairs"),  # one (sequence, KV head) at a time
+    (1, 2, 16, False, True, "chunks"),  # ... and in query chunks of 64 positions
+    (1, 2, 16, True, False, True),  # switched off: the selected loops walk whole lists
 ])
-def test_nsa_triton_forced_blocks_in_window_kernels(initial, local, block, packed, on, handoff, beside,
-                                                    monkeypatch):
+def test_nsa_triton_forced_blocks_in_window_kernels(initial, local, block, packed, on, handoff, monkeypatch):
     """G >= 16: the window kernels attend to the selected branch's forced blocks and the selected loops walk the
-    rest of each list (forced.py), dq of those from the dS tiles that the dK/dV pass stores (``handoff``), the
-    compressed branch's dq per group of (sequence, KV head) pairs between them (``beside``); output and every
-    gradient against the reference."""
+    rest of each list (forced.py), dq of those from the dS tiles that the dK/dV pass stores (``handoff``); output
+    and every gradient against the reference."""
     from nsa_parallel.kernels import forced, select
     cfg = NSAConfig(compress_block=8, compress_stride=4, select_block=block, select_topn=initial + local + 2,
                     select_initial=initial, select_local=local, window=24)
     monkeypatch.setattr(forced, "FORCED_TILES", on)
     monkeypatch.setattr(select, "SEL_DQ_FROM_DS", bool(handoff))
-    monkeypatch.setattr(select, "SEL_DQ_BESIDE", beside)
     row = 5 * 16 * 16 * 4  # one position's dS tiles of a KV head: 5 entries x 16 heads x 16 keys x 4 bytes
     budget = {"pairs": (75 if packed else 192) * row, "chunks": 64 * row}.get(handoff)  # 75: the longest sequence
     if budget:
@@ -300,13 +271,6 @@ def test_nsa_triton_forced_blocks_in_window_kernels(initial, local, block, packe
             launches.append(grid)
             return real[grid]
     monkeypatch.setattr(select, "_sel_dq_ds_kernel", Counted())
-    cmp_dq = []  # the compressed branch's dq launches: (programs over positions, pairs)
-
-    class CountedDq:
-        def __getitem__(self, grid, real=flash._bwd_dq_kernel):
-            cmp_dq.append(grid)
-            return real[grid]
-    monkeypatch.setattr(flash, "_bwd_dq_kernel", CountedDq())
     calls = []
     real = forced.window_forced_forward
     monkeypatch.setattr(forced, "window_forced_forward", lambda *a: calls.append(1) or real(*a))
@@ -317,33 +281,7 @@ def test_nsa_triton_forced_blocks_in_window_kernels(initial, local, block, packe
     _check_nsa(*_nsa_both(1, t, 32, 2, 16, 16, cfg, torch.float32, cu=cu, seed=3), torch.float32)
     assert len(calls) == on
     pairs = 6 if packed else 2
-    groups = {"pairs": pairs, "chunks": 3 * pairs}.get(handoff, 2 if beside else 1)  # beside: at least two groups
-    assert len(launches) == (0 if not (on and handoff) else groups)
-    # every pair's compressed dq once (without the forced tiles the window's dq comes from the same kernel)
-    assert sum(grid[1] for grid in cmp_dq) == pairs * (1 if on else 2)
-    assert len(cmp_dq) == (min(groups, pairs) if on and handoff and beside else 1 if on else 2)
-
-
-def test_compressed_dq_by_pairs_equals_whole():
-    """``masked_dq(pairs=...)`` (the compressed dq per group of (sequence, KV head) pairs, beside the selected
-    branch's dq): launches over parts of the pairs give the whole call's dq and delta bit for bit; named errors
-    for a range outside the pairs and for a missing shared delta."""
-    b, t, hq, hkv, d = 2, 70, 4, 2, 16
-    q = _rand(b, t, hq, d, dtype=torch.float32, seed=31).detach()
-    tc = SMALL.num_compressed(t)
-    kc, vc = (_rand(b, tc, hkv, d, dtype=torch.float32, seed=s).detach() for s in (32, 33))
-    do = _rand(b, t, hq, d, dtype=torch.float32, seed=34).detach()
-    L = flash._Launch(q, kc, vc, SMALL.compress_stride, SMALL.compress_block - 1, flash.NO_WINDOW, None, None)
-    o, lse = flash.masked_forward(q, kc, vc, 0.3, L)
-    whole, delta = flash.masked_dq(q, kc, vc, do, lse, None, 0.3, L, dq=torch.ones_like(q), o=o)
-    parts, delta_p = torch.ones_like(q), torch.full_like(delta, float("nan"))
-    for pairs in ((2, 3), (0, 2), (3, 4)):  # sequence 1's KV head 0, sequence 0, sequence 1's KV head 1
-        flash.masked_dq(q, kc, vc, do, lse, delta_p, 0.3, L, dq=parts, o=o, pairs=pairs, maxnreg=224)
-    assert torch.equal(parts, whole) and torch.equal(delta_p, delta)
-    with pytest.raises(ValueError, match="pairs must satisfy 0 <= p0 < p1 <= 4"):
-        flash.masked_dq(q, kc, vc, do, lse, delta_p, 0.3, L, dq=parts, o=o, pairs=(3, 5))
-    with pytest.raises(ValueError, match="needs the delta buffer"):
-        flash.masked_dq(q, kc, vc, do, lse, None, 0.3, L, dq=parts, o=o, pairs=(0, 1))
+    assert len(launches) == (0 if not (on and handoff) else {"pairs": pairs, "chunks": 3 * pairs}.get(handoff, 1))
 
 
 @pytest.mark.gpu
