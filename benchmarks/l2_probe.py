@@ -8,6 +8,7 @@ positions in the same order (the non-forced entries of each position's list, as 
 
 - ``real``: the shipped loop kernel itself (its launch config);
 - ``dots``: its two products per block, no softmax (does the softmax's latency cost anything?);
+- ``dots2``: the same with two listed blocks per step (one 128-key tile gathered by pointers, 1-4 warps);
 - ``load``: the K and V blocks summed into an fp32 tile, no products, at 2-8 warps and 1-4 stages (the gathers'
   own roofline: if one of these moves the same bytes much faster than ``real``, the loop has headroom);
 - ``load_seq``: the same bytes read from consecutive blocks (no gather: L2's streaming rate).
@@ -34,14 +35,31 @@ def _probe_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, TK_FIXED, QOFF, KBASE, LO, 
                   BDV: tl.constexpr, BS: tl.constexpr, VARLEN: tl.constexpr, KD=None, VD=None,
                   TMA: tl.constexpr = False, FORCED: tl.constexpr = False, INITIAL: tl.constexpr = 0,
                   LOCAL: tl.constexpr = 0, MODE: tl.constexpr = 0, SEQ: tl.constexpr = False):
-    # MODE 0: the two products of each block (no softmax); MODE 1: K + V summed into an fp32 tile
+    # MODE 0: the two products of each block (no softmax); MODE 1: K + V summed into an fp32 tile; MODE 2: as 0,
+    # two blocks a step
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, 1, G, GP, VARLEN)
     if t0 >= T:
         return
     row_off, list_start, i_lo, i_hi = _position_blocks(IDX, bos, t0, kvh, hq, LO, HI, HQ, HKV, N, NP)
     if FORCED:
         i_lo, i_hi = free_range(t0, i_hi, BS, INITIAL, LOCAL)
-    if MODE == 0:
+    if MODE == 2:  # two listed blocks per step: one 128-key tile by pointer gathers, half the loop's steps
+        q = _load_tile(Q, row_off, rvalid, DK, BDK)
+        acc = tl.zeros([GP, BDV], dtype=tl.float32)
+        r = tl.arange(0, 2 * BS)
+        d = tl.arange(0, BDK)
+        for i in range(i_lo, i_hi, 2):
+            ia = tl.load(IDX + list_start + i).to(tl.int64)
+            ib = tl.load(IDX + list_start + i + 1, mask=i + 1 < i_hi, other=-1).to(tl.int64)
+            blk = tl.where(r < BS, ia, ib)
+            ok = blk >= 0
+            off = ((kbos + blk * BS + r % BS)[:, None] * HKV + kvh) * DK + d[None, :]
+            k = tl.load(K + off, mask=ok[:, None], other=0.0)
+            v = tl.load(V + off, mask=ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k))
+            acc = tl.dot(s.to(v.dtype), v, acc)
+        out = tl.sum(acc, 1)
+    elif MODE == 0:
         q = _load_tile(Q, row_off, rvalid, DK, BDK)
         acc = tl.zeros([GP, BDV], dtype=tl.float32)
         for i in range(i_lo, i_hi):
@@ -135,6 +153,9 @@ def main() -> None:
     for warps, stages in ((1, 2), (1, 3), (2, 2)):
         rate("dots", timed(lambda: _probe_kernel[L.grid_q](*common, **L.qmajor, **L.kv(k, v), MODE=0, num_warps=warps,
                                                            num_stages=stages)), warps=warps, stages=stages)
+    for warps, stages in ((1, 2), (2, 2), (2, 3), (4, 2), (4, 3)):
+        rate("dots2", timed(lambda: _probe_kernel[L.grid_q](*common, **L.qmajor, MODE=2, num_warps=warps,
+                                                            num_stages=stages)), warps=warps, stages=stages)
     const = dict(L.qmajor)
     for seq in (False, True):
         for warps in (2, 4, 8):
