@@ -88,6 +88,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--t", type=int, default=65536)
     p.add_argument("--out", default="l2_probe.json")
+    p.add_argument("--quick", action="store_true", help="fewer launch configs (a short device call)")
     p.add_argument("--dry", action="store_true", help="each probe once on the CPU (TRITON_INTERPRET=1), no timing")
     args = p.parse_args()
     import torch
@@ -150,16 +151,16 @@ def main() -> None:
         select._sel_fwd_loop_kernel[L.grid_q](q, k, v, idx, po, plse, *common[6:], **L.qmajor, **real_args,
                                               **L.kv(k, v), num_stages=L.stages, num_warps=L.warps_fwd)
     rate("real", timed(real))
-    for warps, stages in ((1, 2), (1, 3), (2, 2)):
+    for warps, stages in ((1, 2),) if args.quick else ((1, 2), (1, 3), (2, 2)):
         rate("dots", timed(lambda: _probe_kernel[L.grid_q](*common, **L.qmajor, **L.kv(k, v), MODE=0, num_warps=warps,
                                                            num_stages=stages)), warps=warps, stages=stages)
-    for warps, stages in ((1, 2), (2, 2), (2, 3), (4, 2), (4, 3)):
+    for warps, stages in ((1, 2), (2, 2), (4, 2)) if args.quick else ((1, 2), (2, 2), (2, 3), (4, 2), (4, 3)):
         rate("dots2", timed(lambda: _probe_kernel[L.grid_q](*common, **L.qmajor, MODE=2, num_warps=warps,
                                                             num_stages=stages)), warps=warps, stages=stages)
     const = dict(L.qmajor)
     for seq in (False, True):
-        for warps in (2, 4, 8):
-            for stages in (1, 2, 3, 4):
+        for warps in (4, 8) if args.quick else (2, 4, 8):
+            for stages in (2,) if args.quick else (1, 2, 3, 4):
                 try:
                     ms = timed(lambda: _probe_kernel[L.grid_q](*common, **const, MODE=1, SEQ=seq, num_warps=warps,
                                                                num_stages=stages))
