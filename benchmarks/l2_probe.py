@@ -7,6 +7,8 @@ The NSA core runs once on the bench's inputs (``nsa_parallel.bench.core_case``);
 positions in the same order (the non-forced entries of each position's list, as ``_sel_fwd_loop_kernel`` does):
 
 - ``real``: the shipped loop kernel itself (its launch config);
+- ``real_paired``: the same kernel with ``PAIRED`` (``select.SEL_FWD_PAIRED``: two listed blocks a step, one
+  128-key tile by pointer gathers) at 1-4 warps;
 - ``dots``: its two products per block, no softmax (does the softmax's latency cost anything?);
 - ``dots2``: the same with two listed blocks per step (one 128-key tile gathered by pointers, 1-4 warps);
 - ``load``: the K and V blocks summed into an fp32 tile, no products, at 2-8 warps and 1-4 stages (the gathers'
@@ -147,10 +149,13 @@ def main() -> None:
     # again and again on the same buffers, which changes the values, not the work
     po, plse = fused["partial"] if fused.get("partial") else (o, lse)
 
-    def real():
-        select._sel_fwd_loop_kernel[L.grid_q](q, k, v, idx, po, plse, *common[6:], **L.qmajor, **real_args,
-                                              **L.kv(k, v), num_stages=L.stages, num_warps=L.warps_fwd)
+    def real(paired=None, warps=L.warps_fwd, stages=L.stages):
+        kv = L.kv(k, v) if paired is None else dict(PAIRED=True)
+        select._sel_fwd_loop_kernel[L.grid_q](q, k, v, idx, po, plse, *common[6:], **L.qmajor, **real_args, **kv,
+                                              num_stages=stages, num_warps=warps)
     rate("real", timed(real))
+    for warps, stages in ((1, 2), (2, 2), (2, 3), (4, 2)):
+        rate("real_paired", timed(lambda: real(True, warps, stages)), warps=warps, stages=stages)
     for warps, stages in ((1, 2),) if args.quick else ((1, 2), (1, 3), (2, 2)):
         rate("dots", timed(lambda: _probe_kernel[L.grid_q](*common, **L.qmajor, **L.kv(k, v), MODE=0, num_warps=warps,
                                                            num_stages=stages)), warps=warps, stages=stages)
