@@ -126,7 +126,11 @@ def test_flash_dkdv_gpu_tiles(kstride, koff, window, gated):
 def test_selected_attention(t, hq, hkv, dk, dv, dtype, tma, monkeypatch):
     """G >= 16 (one position per program) takes its K/V blocks by TMA descriptors or by pointers."""
     monkeypatch.setattr(flash, "USE_TMA", tma)
-    cfg = SMALL
+    _check_selected(t, hq, hkv, dk, dv, dtype)
+
+
+def _check_selected(t, hq, hkv, dk, dv, dtype, cfg=SMALL):
+    """Selected attention on random top-n lists (2 sequences) against the reference: o, lse, dq, dk, dv."""
     scores = torch.rand(2, hkv, t, cfg.num_select_blocks(t), generator=torch.Generator().manual_seed(t))
     idx = ref.select_topn(scores, cfg).to(DEVICE)
     q = _rand(2, t, hq, dk, dtype=dtype, seed=6)
@@ -259,18 +263,8 @@ def test_selected_forward_two_blocks_a_step(t, hq, hkv, dk, dv, dtype, monkeypat
     monkeypatch.setattr(select, "SEL_FWD_PAIRED", True)
     spy = _LaunchSpy(select._sel_fwd_loop_kernel)
     monkeypatch.setattr(select, "_sel_fwd_loop_kernel", spy)
-    cfg = SMALL
-    scores = torch.rand(2, hkv, t, cfg.num_select_blocks(t), generator=torch.Generator().manual_seed(t))
-    idx = ref.select_topn(scores, cfg).to(DEVICE)
-    q = _rand(2, t, hq, dk, dtype=dtype, seed=6)
-    k, v = _rand(2, t, hkv, dk, dtype=dtype, seed=7), _rand(2, t, hkv, dv, dtype=dtype, seed=8)
-    o, lse = selected_attention(q, k, v, idx, cfg.select_block, 0.25)
+    _check_selected(t, hq, hkv, dk, dv, dtype)
     assert [kw.get("PAIRED") for kw in spy.launches] == [True]
-    r = ref.selected_attention(q, k, v, idx, cfg, 0.25)
-    _check(o, r.o, dtype, "selected o")
-    _check(lse, r.lse, dtype, "selected lse")
-    for name, a, b in zip("qkv", _grads(o, (q, k, v)), _grads(r.o, (q, k, v))):
-        _check(a, b, dtype, f"selected d{name}")
 
 
 def test_nsa_triton_packed_sequences():
