@@ -121,8 +121,8 @@ def _listed_pair_kv(IDX, list_start, i, i_hi, K, V, kbos, KBASE, TK, kvh, HKV: t
     """Positions and K/V tiles of the ``i``-th and ``i + 1``-th blocks of a position's list as one tile of
     ``2 BS`` keys, gathered by pointers; without an ``i + 1``-th below ``i_hi`` the ``i``-th is read twice and its
     second copy placed after every query, so the callers' causal mask drops it. ``WHOLE``: every listed block lies
-    whole inside the key buffer (the forced path, where a position's own block is the window kernel's), so the
-    loads take no masks."""
+    whole inside the key buffer (the forced path, where a position's own block is the window kernel's: NSAConfig
+    keeps select_local >= 1), so the loads take no masks."""
     r = tl.arange(0, 2 * BS)
     first = tl.load(IDX + list_start + i)
     second = tl.load(IDX + list_start + i + 1, mask=i + 1 < i_hi, other=-1)
