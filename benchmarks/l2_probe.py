@@ -10,7 +10,7 @@ positions in the same order (the non-forced entries of each position's list, as 
 - ``real_paired``: the same kernel with ``PAIRED`` (``select.SEL_FWD_PAIRED``: two listed blocks a step, one
   128-key tile by pointer gathers) at 1-4 warps;
 - ``dots``: its two products per block, no softmax (does the softmax's latency cost anything?);
-- ``dots2``: the same with two listed blocks per step (one 128-key tile gathered by pointers, 1-4 warps);
+- ``dots2``: the same with two listed blocks per step (``select._listed_pair_kv``'s 128-key tile, 1-4 warps);
 - ``load``: the K and V blocks summed into an fp32 tile, no products, at 2-8 warps and 1-4 stages (the gathers'
   own roofline: if one of these moves the same bytes much faster than ``real``, the loop has headroom);
 - ``load_seq``: the same bytes read from consecutive blocks (no gather: L2's streaming rate).
@@ -27,7 +27,7 @@ import triton.language as tl
 
 from nsa_parallel.kernels.forced import free_range
 from nsa_parallel.kernels.flash import _load_tile, _q_tile
-from nsa_parallel.kernels.select import _listed_block_kv, _position_blocks
+from nsa_parallel.kernels.select import _listed_block_kv, _listed_pair_kv, _position_blocks
 
 
 @triton.jit
@@ -45,28 +45,16 @@ def _probe_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, TK_FIXED, QOFF, KBASE, LO, 
     row_off, list_start, i_lo, i_hi = _position_blocks(IDX, bos, t0, kvh, hq, LO, HI, HQ, HKV, N, NP)
     if FORCED:
         i_lo, i_hi = free_range(t0, i_hi, BS, INITIAL, LOCAL)
-    if MODE == 2:  # two listed blocks per step: one 128-key tile by pointer gathers, half the loop's steps
+    if MODE != 1:
         q = _load_tile(Q, row_off, rvalid, DK, BDK)
         acc = tl.zeros([GP, BDV], dtype=tl.float32)
-        r = tl.arange(0, 2 * BS)
-        d = tl.arange(0, BDK)
-        for i in range(i_lo, i_hi, 2):
-            ia = tl.load(IDX + list_start + i).to(tl.int64)
-            ib = tl.load(IDX + list_start + i + 1, mask=i + 1 < i_hi, other=-1).to(tl.int64)
-            blk = tl.where(r < BS, ia, ib)
-            ok = blk >= 0
-            off = ((kbos + blk * BS + r % BS)[:, None] * HKV + kvh) * DK + d[None, :]
-            k = tl.load(K + off, mask=ok[:, None], other=0.0)
-            v = tl.load(V + off, mask=ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k))
-            acc = tl.dot(s.to(v.dtype), v, acc)
-        out = tl.sum(acc, 1)
-    elif MODE == 0:
-        q = _load_tile(Q, row_off, rvalid, DK, BDK)
-        acc = tl.zeros([GP, BDV], dtype=tl.float32)
-        for i in range(i_lo, i_hi):
-            pos, k, v = _listed_block_kv(IDX, list_start, i, K, V, kbos, KBASE, TK, kvh, HKV, DK, DV, BDK, BDV, BS,
-                                         KD, VD, TMA)
+        for i in range(i_lo, i_hi, 2 if MODE == 2 else 1):
+            if MODE == 2:
+                pos, k, v = _listed_pair_kv(IDX, list_start, i, i_hi, K, V, kbos, KBASE, TK, kvh, HKV, DK, DV, BDK,
+                                            BDV, BS, FORCED)
+            else:
+                pos, k, v = _listed_block_kv(IDX, list_start, i, K, V, kbos, KBASE, TK, kvh, HKV, DK, DV, BDK, BDV,
+                                             BS, KD, VD, TMA)
             s = tl.dot(q, tl.trans(k))
             acc = tl.dot(s.to(v.dtype), v, acc)
         out = tl.sum(acc, 1)

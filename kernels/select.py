@@ -177,18 +177,15 @@ def _sel_fwd_loop_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, TK_FIXED, QOFF, KBAS
         m_i = tl.full([GP], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([GP], dtype=tl.float32)
         acc = tl.zeros([GP, BDV], dtype=tl.float32)
-    if PAIRED:
-        for i in range(i_lo, i_hi, 2):
+    for i in range(i_lo, i_hi, 2 if PAIRED else 1):
+        if PAIRED:
             pos, k, v = _listed_pair_kv(IDX, list_start, i, i_hi, K, V, kbos, KBASE, TK, kvh, HKV, DK, DV, BDK, BDV,
                                         BS, FORCED)
-            s = tl.where((pos <= t0 + QOFF)[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
-            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale)
-    else:
-        for i in range(i_lo, i_hi):
+        else:
             pos, k, v = _listed_block_kv(IDX, list_start, i, K, V, kbos, KBASE, TK, kvh, HKV, DK, DV, BDK, BDV, BS,
                                          KD, VD, TMA)
-            s = tl.where((pos <= t0 + QOFF)[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
-            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale)
+        s = tl.where((pos <= t0 + QOFF)[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale)
     o, lse = _finish(acc, m_i, l_i)  # no block in this key buffer: o = 0, lse = -inf
     _store_output(O, LSE, row_off, rvalid, o, lse, DV, BDV, OC, OW, GATE, OUT, GATED_SUM)
 
@@ -524,6 +521,8 @@ class _SelLaunch:
         # benchmarks/tile_sweep.py --only sel_tma, session 14 run 9)
         self.tma = self.loop and SEL_TMA and tma_ok(k, v)
         self.paired = self.loop and not wide and SEL_FWD_PAIRED
+        if self.paired:
+            self.warps_fwd = min(8, SEL_FWD_PAIRED_WARPS * gp // 16)
         self.grid_q = (triton.cdiv(max_t, block_t), nseq * hkv)
         # forced blocks (forced.forced_constants) done by the window kernels: the loops walk the other blocks
         self.forced = forced if forced is not None and self.loop and not (q_offset or k_base) else None
@@ -561,11 +560,9 @@ def selected_forward(q, k, v, indices, L: _SelLaunch, scale: float, gated_sum=No
         out = torch.empty_like(o)
         fused = dict(OC=gated_sum[0], OW=gated_sum[1], GATE=gated_sum[2], OUT=out, GATED_SUM=True)
     kernel = _sel_fwd_loop_kernel if L.loop else _sel_fwd_kernel
-    kv, warps = L.kv(k, v), L.warps_fwd
-    if L.paired:
-        kv, warps = dict(PAIRED=True), min(8, SEL_FWD_PAIRED_WARPS * L.qmajor["GP"] // 16)
+    kv = dict(PAIRED=True) if L.paired else L.kv(k, v)
     kernel[L.grid_q](q, k, v, indices, o, lse, L.cu, *L.sizes, L.lo, L.hi, scale, **L.qmajor, **fused, **kv,
-                     num_stages=L.stages, num_warps=warps)
+                     num_stages=L.stages, num_warps=L.warps_fwd)
     return (o, lse) if gated_sum is None else (o, lse, out)
 
 
