@@ -1,0 +1,49 @@
+"""The NSA core with a module switch off and on, A/B on one GPU.
+
+    python -P benchmarks/switch_ab.py --switch select.SEL_FWD_PAIRED --t 65536 --rounds 2 --out switch_ab.json
+
+``--switch MODULE.NAME`` names a boolean of ``nsa_parallel.kernels.MODULE`` read when a launch is set up (such as
+``select.SEL_FWD_PAIRED``). Checks that both settings give the same core output and gradients (bf16, the bench's
+inputs), then times the core's forward and forward+backward (``nsa_parallel.bench.bench``) with the switch off and
+on, alternating in each round, and puts it back as it was. JSON lines to stdout and ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+
+def main() -> None:
+    from nsa_parallel.bench import ab_check, bench, core_case, emit
+    from nsa_parallel.kernels import NSAConfig
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--switch", required=True, help="MODULE.NAME of a boolean in nsa_parallel.kernels")
+    p.add_argument("--t", type=int, default=65536)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--out", default="switch_ab.json")
+    args = p.parse_args()
+    module, _, name = args.switch.rpartition(".")
+    mod = importlib.import_module(f"nsa_parallel.kernels.{module}")
+    if not isinstance(getattr(mod, name, None), bool):
+        p.error(f"--switch {args.switch}: nsa_parallel.kernels.{module} has no boolean {name}")
+    before = getattr(mod, name)
+
+    def switch(on: bool) -> None:
+        setattr(mod, name, on)
+
+    rows = []
+    q, kvs, gate, ck, cv, leaves, core, do = core_case(args.t, NSAConfig())
+    try:
+        emit(rows, args.out, check=f"core output and gradients, {args.switch} on vs off",
+             max_rel_err=ab_check(core, leaves, do, switch))
+        for rnd in range(args.rounds):
+            for on in (False, True):
+                switch(on)
+                fwd, fwdbwd = bench(core, lambda o: do, leaves)
+                emit(rows, args.out, round=rnd, switch=args.switch, on=on, fwd_ms=fwd, fwdbwd_ms=fwdbwd)
+    finally:
+        switch(before)
+
+
+if __name__ == "__main__":
+    main()
