@@ -15,12 +15,62 @@ from .varlen import max_seqlen
 # scores per program (rows x blocks, at most 64 rows) and warps: at 64k (1024 blocks a row) one row on one warp keeps
 # the n reductions inside a warp: 2.07 ms against 3.63 for 4 rows on 4 warps (H100, benchmarks/selection_sweep.py)
 TOPN_ELEMENTS, TOPN_WARPS = 1024, 1
+# rows of at least 256 blocks walk TOPN_CANDIDATES candidates of each of 32 block groups (``_rounds_over_candidates``)
+# instead of the whole row, where TOPN_PREFILTER is on
+TOPN_PREFILTER, TOPN_CANDIDATES = False, 4
+
+
+@triton.jit
+def _rounds(s, out, j, col, ROUNDS: tl.constexpr, FIRST: tl.constexpr):
+    """``ROUNDS`` rounds of max / argmax over the rows of ``s`` [rows, blocks], each pick into column
+    ``FIRST + round`` of ``out`` (``1 << 30`` where none is left)."""
+    for i in tl.static_range(ROUNDS):
+        # one reduction for value and index; the lower block index wins ties, as in the reference
+        best, arg = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
+        pick = tl.where(best == float("-inf"), 1 << 30, arg)
+        out = tl.where(col[None, :] == FIRST + i, pick[:, None], out)
+        s = tl.where(j[None, :] == arg[:, None], float("-inf"), s)
+    return out
+
+
+@triton.jit
+def _rounds_over_candidates(s, out, col, BR: tl.constexpr, NSP: tl.constexpr,
+                            ROUNDS: tl.constexpr, FIRST: tl.constexpr, E: tl.constexpr):
+    """:func:`_rounds` over a prefiltered row: blocks ``j`` with the same ``j % 32`` form a group, each group's
+    ``E`` best (value down, block up) are the candidates, and the rounds walk those ``32 E`` instead of the row's
+    ``NSP``. Exact unless some group gave all ``E`` of its candidates (its next one may rank among the picks):
+    then ``whole`` is set and the caller repeats the rounds over the whole rows."""
+    C: tl.constexpr = NSP // 32
+    s3 = tl.reshape(s, (BR, C, 32))
+    c = tl.arange(0, C)
+    lane = tl.arange(0, 32)
+    e = tl.arange(0, E)
+    cv = tl.full((BR, E, 32), float("-inf"), tl.float32)
+    cj = tl.zeros((BR, E, 32), tl.int32)
+    for k in tl.static_range(E):
+        best, arg = tl.max(s3, 1, return_indices=True, return_indices_tie_break_left=True)
+        cv = tl.where(e[None, :, None] == k, best[:, None, :], cv)
+        cj = tl.where(e[None, :, None] == k, (arg * 32 + lane[None, :])[:, None, :], cj)
+        s3 = tl.where(c[None, :, None] == arg[:, None, :], float("-inf"), s3)
+    # the group's last candidate is only picked after the others: flag it where it is picked
+    last = tl.reshape(tl.where((e[None, :, None] == E - 1) & (cv > float("-inf")), cj, -1), (BR, E * 32))
+    v = tl.reshape(cv, (BR, E * 32))
+    blk = tl.reshape(cj, (BR, E * 32))
+    hit = tl.zeros((BR, ), tl.int32)
+    for i in tl.static_range(ROUNDS):
+        best = tl.max(v, 1)
+        pick = tl.min(tl.where(v == best[:, None], blk, 1 << 30), 1)  # ties: the lower block
+        pick = tl.where(best == float("-inf"), 1 << 30, pick)
+        out = tl.where(col[None, :] == FIRST + i, pick[:, None], out)
+        hit |= tl.max((last == pick[:, None]).to(tl.int32), 1)
+        v = tl.where(blk == pick[:, None], float("-inf"), v)
+    return out, tl.max(hit, 0) > 0
 
 
 @triton.jit
 def _topn_kernel(SC, LOCAL_T, IDX, ROWS, NS, HKV: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
                  NSP: tl.constexpr, BR: tl.constexpr, SEL_BLOCK: tl.constexpr, INITIAL: tl.constexpr,
-                 LOCAL: tl.constexpr, PAIRS: tl.constexpr):
+                 LOCAL: tl.constexpr, PAIRS: tl.constexpr, CANDIDATES: tl.constexpr = 0):
     r = tl.program_id(0) * BR + tl.arange(0, BR)  # rows = (token, KV head)
     rv = r < ROWS
     j = tl.arange(0, NSP)
@@ -46,12 +96,13 @@ def _topn_kernel(SC, LOCAL_T, IDX, ROWS, NS, HKV: tl.constexpr, N: tl.constexpr,
     fok = (col[None, :] < INITIAL + LOCAL) & (fblk <= own[:, None]) & (fblk >= 0) & (fblk < NS) & rv[:, None]
     fok &= (col[None, :] < INITIAL) | (fblk >= INITIAL)
     out = tl.where(fok, fblk, 1 << 30)
-    for i in tl.static_range(N - INITIAL - LOCAL):
-        # one reduction for value and index; the lower block index wins ties, as in the reference
-        best, arg = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
-        pick = tl.where(best == float("-inf"), 1 << 30, arg)
-        out = tl.where(col[None, :] == INITIAL + LOCAL + i, pick[:, None], out)
-        s = tl.where(j[None, :] == arg[:, None], float("-inf"), s)
+    if CANDIDATES:
+        out, whole = _rounds_over_candidates(s, out, col, BR, NSP, N - INITIAL - LOCAL, INITIAL + LOCAL,
+                                             CANDIDATES)
+        if whole:  # a row may have lost a pick to the prefilter: the rounds over the whole rows decide
+            out = _rounds(s, out, j, col, N - INITIAL - LOCAL, INITIAL + LOCAL)
+    else:
+        out = _rounds(s, out, j, col, N - INITIAL - LOCAL, INITIAL + LOCAL)
     out = tl.sort(out, 1)
     out = tl.where(out == (1 << 30), -1, out)
     tl.store(IDX + r.to(tl.int64)[:, None] * N + col[None, :], out, mask=rv[:, None] & (col[None, :] < N))
@@ -75,7 +126,8 @@ def select_topn(scores: torch.Tensor, config: NSAConfig, cu_seqlens: Optional[to
     _topn_kernel[(triton.cdiv(rows, br),)](
         scores.contiguous(), (local_t + q_offset).to(torch.int32).contiguous(), idx, rows, ns, HKV=hkv, N=n,
         NP=triton.next_power_of_2(n), NSP=nsp, BR=br, SEL_BLOCK=config.select_block,
-        INITIAL=config.select_initial, LOCAL=config.select_local, PAIRS=pairs, num_warps=TOPN_WARPS)
+        INITIAL=config.select_initial, LOCAL=config.select_local, PAIRS=pairs,
+        CANDIDATES=TOPN_CANDIDATES if TOPN_PREFILTER and nsp >= 64 * TOPN_CANDIDATES else 0, num_warps=TOPN_WARPS)
     return idx
 
 

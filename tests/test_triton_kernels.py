@@ -418,6 +418,23 @@ def test_topn_kernel_forced_blocks(initial, local, n):
     assert torch.equal(select_topn(sc.to(DEVICE), cfg).cpu(), ref.select_topn(sc.permute(0, 2, 1, 3), cfg))
 
 
+@pytest.mark.parametrize("prefilter", [False, True])
+def test_topn_kernel_on_candidates(prefilter, monkeypatch):
+    """Rows of at least 64 x TOPN_CANDIDATES blocks (here 2: rows from 128 blocks on) prefiltered to each block
+    group's best candidates: ties, neighbouring winners, and rows where one group (blocks j % 32 == 1) holds more
+    winners than it has candidates, which the rounds over the whole row must decide (without them this test fails)."""
+    from nsa_parallel.kernels import topn
+    monkeypatch.setattr(topn, "TOPN_PREFILTER", prefilter)
+    monkeypatch.setattr(topn, "TOPN_CANDIDATES", 2)
+    cfg = NSAConfig(compress_block=8, compress_stride=4, select_block=8, select_topn=8, window=8)
+    t = 700
+    sc = torch.rand(1, t, 2, cfg.num_select_blocks(t), generator=torch.Generator().manual_seed(0))
+    sc[0, 560:580, 1, :] = 0.5
+    sc[0, 600:620, 0, 1::32] += 2.0  # blocks 1, 33, 65
+    sc[0, 640:660, :, 20:40] += 2.0
+    assert torch.equal(select_topn(sc.to(DEVICE), cfg).cpu(), ref.select_topn(sc.permute(0, 2, 1, 3), cfg))
+
+
 def test_gate_combine_kernel():
     from nsa_parallel.kernels.gate import gate_combine
     o = [_rand(2, 9, 4, 12, dtype=torch.float32, seed=s) for s in range(3)]
