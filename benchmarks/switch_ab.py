@@ -5,7 +5,8 @@
 ``--switch MODULE.NAME`` names a boolean of ``nsa_parallel.kernels.MODULE`` read when a launch is set up (such as
 ``select.SEL_FWD_PAIRED``). Checks that both settings give the same core output and gradients (bf16, the bench's
 inputs), then times the core's forward and forward+backward (``nsa_parallel.bench.bench``) with the switch off and
-on, alternating in each round, and puts it back as it was. JSON lines to stdout and ``--out``.
+on, alternating in each round, and puts it back as it was; with ``--kernels``, each setting's forward kernels
+(``nsa_parallel.bench.kernel_times``, 3 calls) after the rounds. JSON lines to stdout and ``--out``.
 """
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ import importlib
 
 
 def main() -> None:
-    from nsa_parallel.bench import ab_check, bench, core_case, emit
+    from nsa_parallel.bench import ab_check, bench, core_case, emit, kernel_times
     from nsa_parallel.kernels import NSAConfig
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--switch", required=True, help="MODULE.NAME of a boolean in nsa_parallel.kernels")
     p.add_argument("--t", type=int, default=65536)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", default="switch_ab.json")
+    p.add_argument("--kernels", action="store_true", help="also each setting's forward kernels (profiler)")
     args = p.parse_args()
     module, _, name = args.switch.rpartition(".")
     mod = importlib.import_module(f"nsa_parallel.kernels.{module}")
@@ -41,6 +43,10 @@ def main() -> None:
                 switch(on)
                 fwd, fwdbwd = bench(core, lambda o: do, leaves)
                 emit(rows, args.out, round=rnd, switch=args.switch, on=on, fwd_ms=fwd, fwdbwd_ms=fwdbwd)
+        for on in (False, True) if args.kernels else ():
+            switch(on)
+            emit(rows, args.out, switch=args.switch, on=on, forward_kernels_us=[
+                (name[:80], round(us, 1), calls) for name, us, calls in kernel_times(core, 3)[:10]])
     finally:
         switch(before)
 
