@@ -1,5 +1,5 @@
 """Instructions per loop iteration of a Triton kernel compiled for sm_90, without a GPU (ptxas / nvdisasm ship
-with Triton): registers, spills, and for every loop (a backward branch in the SASS) its instruction count and mix.
+with Triton): registers, spills, the kernel's instruction count, and for every loop (a backward branch in the SASS) its instruction count and mix.
 
     python benchmarks/sass_loops.py nsa_parallel.kernels.compress _scores_kernel \\
         --sig '{"Q":"*bf16","KC":"*bf16","LSE":"*fp32","SC":"*fp32","CU":"*i32","CU_K":"*i32","T_FIXED":"i32",
@@ -66,6 +66,7 @@ def main() -> None:
                                      **({} if args.maxnreg is None else {"maxnreg": args.maxnreg})))
     print(cubin_resources(ck), "shared", ck.metadata.shared)
     sass = cubin_tool(ck, "nvdisasm", "-c")
+    print("instructions in all", sum(1 for line in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", line)))
     for label, n, ops in loops(sass):
         print(f"loop {label}: {n} instructions", ops.most_common(args.top))
 
