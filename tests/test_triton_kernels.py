@@ -435,6 +435,30 @@ def test_topn_kernel_on_candidates(prefilter, monkeypatch):
     assert torch.equal(select_topn(sc.to(DEVICE), cfg).cpu(), ref.select_topn(sc.permute(0, 2, 1, 3), cfg))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_topn_prefilter_at_64k_rows(monkeypatch):
+    """The prefiltered top-n (4 candidates a group) on rows of up to 1024 blocks, as at 64k with the paper config
+    (positions 48k..64k), scores from the selection-scores kernel's pairs of random inputs plus rows of ties and of
+    one group's blocks winning: the same indices as the rounds over whole rows."""
+    from nsa_parallel.kernels import topn
+    cfg = NSAConfig()
+    t, hkv, q_offset = 16384, 4, 49152
+    ns = cfg.num_select_blocks(t + q_offset)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    sc = torch.rand(1, t, hkv, ns, 2, generator=g, device=DEVICE)
+    sc[0, :512, 1] = 0.5
+    sc[0, 512:1024, 2, 7::32, 0] += 2.0
+    got = {}
+    for prefilter in (False, True):
+        monkeypatch.setattr(topn, "TOPN_PREFILTER", prefilter)
+        got[prefilter] = select_topn(sc, cfg, q_offset=q_offset)
+    assert torch.equal(got[True], got[False])
+    own = sc[..., 0] + torch.nn.functional.pad(sc[..., :-1, 1], (1, 0))
+    want = ref.select_topn(own[:, :2048].permute(0, 2, 1, 3).cpu(), cfg, q_offset=q_offset)
+    assert torch.equal(got[True][:, :2048].cpu(), want.to(got[True].dtype))
+
+
 def test_gate_combine_kernel():
     from nsa_parallel.kernels.gate import gate_combine
     o = [_rand(2, 9, 4, 12, dtype=torch.float32, seed=s) for s in range(3)]
