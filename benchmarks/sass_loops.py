@@ -1,5 +1,6 @@
 """Instructions per loop iteration of a Triton kernel compiled for sm_90, without a GPU (ptxas / nvdisasm ship
-with Triton): registers, spills, the kernel's instruction count, and for every loop (a backward branch in the SASS) its instruction count and mix.
+with Triton): registers, spills, the kernel's instruction count, and for every loop (a backward branch in the SASS)
+its instruction count and mix.
 
     python benchmarks/sass_loops.py nsa_parallel.kernels.compress _scores_kernel \\
         --sig '{"Q":"*bf16","KC":"*bf16","LSE":"*fp32","SC":"*fp32","CU":"*i32","CU_K":"*i32","T_FIXED":"i32",
@@ -20,12 +21,14 @@ import importlib
 import json
 import re
 
+_INSTRUCTION = re.compile(r"/\*[0-9a-f]{4}\*/")  # nvdisasm's address comment starts each instruction line
+
 
 def loops(sass: str) -> list:
     """``[(label, instructions, Counter of opcodes)]`` of every loop: from a label to the branch back to it."""
     lines = sass.splitlines()
     labels = {line[:-1]: i for i, line in enumerate(lines) if re.match(r"^\.L_x_\d+:", line)}
-    ins = [(i, line) for i, line in enumerate(lines) if re.search(r"/\*[0-9a-f]{4}\*/", line)]
+    ins = [(i, line) for i, line in enumerate(lines) if _INSTRUCTION.search(line)]
     out = []
     for i, line in ins:
         m = re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)
@@ -66,7 +69,7 @@ def main() -> None:
                                      **({} if args.maxnreg is None else {"maxnreg": args.maxnreg})))
     print(cubin_resources(ck), "shared", ck.metadata.shared)
     sass = cubin_tool(ck, "nvdisasm", "-c")
-    print("instructions in all", sum(1 for line in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", line)))
+    print("instructions in all", sum(1 for line in sass.splitlines() if _INSTRUCTION.search(line)))
     for label, n, ops in loops(sass):
         print(f"loop {label}: {n} instructions", ops.most_common(args.top))
 

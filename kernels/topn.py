@@ -52,19 +52,17 @@ def _rounds_over_candidates(s, out, col, BR: tl.constexpr, NSP: tl.constexpr,
         cv = tl.where(e[None, :, None] == k, best[:, None, :], cv)
         cj = tl.where(e[None, :, None] == k, (arg * 32 + lane[None, :])[:, None, :], cj)
         s3 = tl.where(c[None, :, None] == arg[:, None, :], float("-inf"), s3)
-    # the group's last candidate is only picked after the others: flag it where it is picked
-    last = tl.reshape(tl.where((e[None, :, None] == E - 1) & (cv > float("-inf")), cj, -1), (BR, E * 32))
+    # a group's last candidate is only picked after its others; picking is the only way a finite one turns -inf
+    last = tl.reshape((e[None, :, None] == E - 1) & (cv > float("-inf")), (BR, E * 32))
     v = tl.reshape(cv, (BR, E * 32))
     blk = tl.reshape(cj, (BR, E * 32))
-    hit = tl.zeros((BR, ), tl.int32)
     for i in tl.static_range(ROUNDS):
         best = tl.max(v, 1)
         pick = tl.min(tl.where(v == best[:, None], blk, 1 << 30), 1)  # ties: the lower block
         pick = tl.where(best == float("-inf"), 1 << 30, pick)
         out = tl.where(col[None, :] == FIRST + i, pick[:, None], out)
-        hit |= tl.max((last == pick[:, None]).to(tl.int32), 1)
         v = tl.where(blk == pick[:, None], float("-inf"), v)
-    return out, tl.max(hit, 0) > 0
+    return out, tl.max(tl.max((last & (v == float("-inf"))).to(tl.int32), 1), 0) > 0
 
 
 @triton.jit
