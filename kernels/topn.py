@@ -16,8 +16,8 @@ from .varlen import max_seqlen
 # the n reductions inside a warp: 2.07 ms against 3.63 for 4 rows on 4 warps (H100, benchmarks/selection_sweep.py)
 TOPN_ELEMENTS, TOPN_WARPS = 1024, 1
 # rows of at least 256 blocks walk TOPN_CANDIDATES candidates of each of 32 block groups (``_rounds_over_candidates``)
-# instead of the whole row, where TOPN_PREFILTER is on
-TOPN_PREFILTER, TOPN_CANDIDATES = False, 4
+# instead of the whole row: same blocks, top-n 1.15 -> 0.74 ms at 64k on an H100 (docs/benchmarks.md, 23rd session)
+TOPN_PREFILTER, TOPN_CANDIDATES = True, 4
 
 
 @triton.jit
