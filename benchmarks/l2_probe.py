@@ -7,13 +7,14 @@ The NSA core runs once on the bench's inputs (``nsa_parallel.bench.core_case``);
 positions in the same order (the non-forced entries of each position's list, as ``_sel_fwd_loop_kernel`` does):
 
 - ``real``: the shipped loop kernel itself (its launch config);
-- ``real_paired``: the same kernel with ``PAIRED`` (``select.SEL_FWD_PAIRED``: two listed blocks a step, one
-  128-key tile by pointer gathers) at 1-4 warps;
 - ``dots``: its two products per block, no softmax (does the softmax's latency cost anything?);
-- ``dots2``: the same with two listed blocks per step (``select._listed_pair_kv``'s 128-key tile, 1-4 warps);
 - ``load``: the K and V blocks summed into an fp32 tile, no products, at 2-8 warps and 1-4 stages (the gathers'
   own roofline: if one of these moves the same bytes much faster than ``real``, the loop has headroom);
-- ``load_seq``: the same bytes read from consecutive blocks (no gather: L2's streaming rate).
+- ``load_seq``: as many blocks read backwards from the position's own (no gather; neighbouring positions read the
+  same blocks, so this is an upper bound with reuse, not L2's streaming rate).
+
+The twenty-third session's run (docs/results/h100_2026-12-07_session23) also timed two listed blocks a step
+(``select.SEL_FWD_PAIRED``, since removed: slower at every launch config).
 
 Each row: ms (``triton.testing.do_bench`` median), the K/V bytes the entries move and the rate in TB/s. JSON lines
 to stdout and ``--out``. A measurement script: nothing here is shipped.
@@ -27,7 +28,7 @@ import triton.language as tl
 
 from nsa_parallel.kernels.forced import free_range
 from nsa_parallel.kernels.flash import _load_tile, _q_tile
-from nsa_parallel.kernels.select import _listed_block_kv, _listed_pair_kv, _position_blocks
+from nsa_parallel.kernels.select import _listed_block_kv, _position_blocks
 
 
 @triton.jit
@@ -37,8 +38,7 @@ def _probe_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, TK_FIXED, QOFF, KBASE, LO, 
                   BDV: tl.constexpr, BS: tl.constexpr, VARLEN: tl.constexpr, KD=None, VD=None,
                   TMA: tl.constexpr = False, FORCED: tl.constexpr = False, INITIAL: tl.constexpr = 0,
                   LOCAL: tl.constexpr = 0, MODE: tl.constexpr = 0, SEQ: tl.constexpr = False):
-    # MODE 0: the two products of each block (no softmax); MODE 1: K + V summed into an fp32 tile; MODE 2: as 0,
-    # two blocks a step
+    # MODE 0: the two products of each block (no softmax); MODE 1: K + V summed into an fp32 tile
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, 1, G, GP, VARLEN)
     if t0 >= T:
         return
@@ -48,13 +48,9 @@ def _probe_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, TK_FIXED, QOFF, KBASE, LO, 
     if MODE != 1:
         q = _load_tile(Q, row_off, rvalid, DK, BDK)
         acc = tl.zeros([GP, BDV], dtype=tl.float32)
-        for i in range(i_lo, i_hi, 2 if MODE == 2 else 1):
-            if MODE == 2:
-                pos, k, v = _listed_pair_kv(IDX, list_start, i, i_hi, K, V, kbos, KBASE, TK, kvh, HKV, DK, DV, BDK,
-                                            BDV, BS, FORCED)
-            else:
-                pos, k, v = _listed_block_kv(IDX, list_start, i, K, V, kbos, KBASE, TK, kvh, HKV, DK, DV, BDK, BDV,
-                                             BS, KD, VD, TMA)
+        for i in range(i_lo, i_hi):
+            pos, k, v = _listed_block_kv(IDX, list_start, i, K, V, kbos, KBASE, TK, kvh, HKV, DK, DV, BDK, BDV, BS,
+                                         KD, VD, TMA)
             s = tl.dot(q, tl.trans(k))
             acc = tl.dot(s.to(v.dtype), v, acc)
         out = tl.sum(acc, 1)
@@ -137,19 +133,13 @@ def main() -> None:
     # again and again on the same buffers, which changes the values, not the work
     po, plse = fused["partial"] if fused.get("partial") else (o, lse)
 
-    def real(paired=None, warps=L.warps_fwd, stages=L.stages):
-        kv = L.kv(k, v) if paired is None else dict(PAIRED=True)
-        select._sel_fwd_loop_kernel[L.grid_q](q, k, v, idx, po, plse, *common[6:], **L.qmajor, **real_args, **kv,
-                                              num_stages=stages, num_warps=warps)
+    def real():
+        select._sel_fwd_loop_kernel[L.grid_q](q, k, v, idx, po, plse, *common[6:], **L.qmajor, **real_args,
+                                              **L.kv(k, v), num_stages=L.stages, num_warps=L.warps_fwd)
     rate("real", timed(real))
-    for warps, stages in ((1, 2), (2, 2), (2, 3), (4, 2)):
-        rate("real_paired", timed(lambda: real(True, warps, stages)), warps=warps, stages=stages)
     for warps, stages in ((1, 2),) if args.quick else ((1, 2), (1, 3), (2, 2)):
         rate("dots", timed(lambda: _probe_kernel[L.grid_q](*common, **L.qmajor, **L.kv(k, v), MODE=0, num_warps=warps,
                                                            num_stages=stages)), warps=warps, stages=stages)
-    for warps, stages in ((1, 2), (2, 2), (4, 2)) if args.quick else ((1, 2), (2, 2), (2, 3), (4, 2), (4, 3)):
-        rate("dots2", timed(lambda: _probe_kernel[L.grid_q](*common, **L.qmajor, MODE=2, num_warps=warps,
-                                                            num_stages=stages)), warps=warps, stages=stages)
     const = dict(L.qmajor)
     for seq in (False, True):
         for warps in (4, 8) if args.quick else (2, 4, 8):

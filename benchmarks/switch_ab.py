@@ -1,9 +1,9 @@
 """The NSA core with a module switch off and on, A/B on one GPU.
 
-    python -P benchmarks/switch_ab.py --switch select.SEL_FWD_PAIRED --t 65536 --rounds 2 --out switch_ab.json
+    python -P benchmarks/switch_ab.py --switch topn.TOPN_PREFILTER --t 65536 --rounds 2 --out switch_ab.json
 
 ``--switch MODULE.NAME`` names a boolean of ``nsa_parallel.kernels.MODULE`` read when a launch is set up (such as
-``select.SEL_FWD_PAIRED``). Checks that both settings give the same core output and gradients (bf16, the bench's
+``topn.TOPN_PREFILTER``). Checks that both settings give the same core output and gradients (bf16, the bench's
 inputs), then times the core's forward and forward+backward (``nsa_parallel.bench.bench``) with the switch off and
 on, alternating in each round, and puts it back as it was; with ``--kernels``, each setting's forward kernels
 (``nsa_parallel.bench.kernel_times``, 3 calls) after the rounds. JSON lines to stdout and ``--out``.

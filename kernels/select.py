@@ -116,29 +116,6 @@ def _listed_block_kv(IDX, list_start, i, K, V, kbos, KBASE, TK, kvh, HKV: tl.con
 
 
 @triton.jit
-def _listed_pair_kv(IDX, list_start, i, i_hi, K, V, kbos, KBASE, TK, kvh, HKV: tl.constexpr, DK: tl.constexpr,
-                    DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BS: tl.constexpr, WHOLE: tl.constexpr):
-    """Positions and K/V tiles of the ``i``-th and ``i + 1``-th blocks of a position's list as one tile of
-    ``2 BS`` keys, gathered by pointers; without an ``i + 1``-th below ``i_hi`` the ``i``-th is read twice and its
-    second copy placed after every query, so the callers' causal mask drops it. ``WHOLE``: every listed block lies
-    whole inside the key buffer (the forced path, where a position's own block is the window kernel's: NSAConfig
-    keeps select_local >= 1), so the loads take no masks."""
-    r = tl.arange(0, 2 * BS)
-    first = tl.load(IDX + list_start + i)
-    second = tl.load(IDX + list_start + i + 1, mask=i + 1 < i_hi, other=-1)
-    blk = tl.where((r < BS) | (second < 0), first, second)
-    pos = blk * BS + r % BS
-    kv_off = (kbos + (pos - KBASE).to(tl.int64)) * HKV + kvh
-    if WHOLE and DK == BDK and DV == BDV:
-        k = tl.load(K + kv_off[:, None] * DK + tl.arange(0, BDK)[None, :])
-        v = tl.load(V + kv_off[:, None] * DV + tl.arange(0, BDV)[None, :])
-    else:
-        pvalid = (pos >= KBASE) & (pos - KBASE < TK)
-        k, v = _load_tile(K, kv_off, pvalid, DK, BDK), _load_tile(V, kv_off, pvalid, DV, BDV)
-    return tl.where((r < BS) | (second >= 0), pos, 1 << 30), k, v
-
-
-@triton.jit
 def _store_output(O, LSE, row_off, rvalid, o, lse, DV: tl.constexpr, BDV: tl.constexpr, OC, OW, GATE, OUT,
                   GATED_SUM: tl.constexpr):
     """The branch's output and lse; with ``GATED_SUM`` also the NSA output from the other two branches' outputs
@@ -160,10 +137,8 @@ def _sel_fwd_loop_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, TK_FIXED, QOFF, KBAS
                          NP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
                          BDV: tl.constexpr, BS: tl.constexpr, VARLEN: tl.constexpr, OC=None, OW=None, GATE=None,
                          OUT=None, GATED_SUM: tl.constexpr = False, KD=None, VD=None, TMA: tl.constexpr = False,
-                         FORCED: tl.constexpr = False, INITIAL: tl.constexpr = 0, LOCAL: tl.constexpr = 0,
-                         PAIRED: tl.constexpr = False):
-    # FORCED: O / LSE hold the partial over the forced blocks (forced.py); walk the other blocks from there.
-    # PAIRED: two listed blocks a step (SEL_FWD_PAIRED)
+                         FORCED: tl.constexpr = False, INITIAL: tl.constexpr = 0, LOCAL: tl.constexpr = 0):
+    # FORCED: O / LSE hold the partial over the forced blocks (forced.py); walk the other blocks from there
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU, T_FIXED, TK_FIXED, HKV, 1, G, GP, VARLEN)
     if t0 >= T:
         return
@@ -177,13 +152,9 @@ def _sel_fwd_loop_kernel(Q, K, V, IDX, O, LSE, CU, T_FIXED, TK_FIXED, QOFF, KBAS
         m_i = tl.full([GP], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([GP], dtype=tl.float32)
         acc = tl.zeros([GP, BDV], dtype=tl.float32)
-    for i in range(i_lo, i_hi, 2 if PAIRED else 1):
-        if PAIRED:
-            pos, k, v = _listed_pair_kv(IDX, list_start, i, i_hi, K, V, kbos, KBASE, TK, kvh, HKV, DK, DV, BDK, BDV,
-                                        BS, FORCED)
-        else:
-            pos, k, v = _listed_block_kv(IDX, list_start, i, K, V, kbos, KBASE, TK, kvh, HKV, DK, DV, BDK, BDV, BS,
-                                         KD, VD, TMA)
+    for i in range(i_lo, i_hi):
+        pos, k, v = _listed_block_kv(IDX, list_start, i, K, V, kbos, KBASE, TK, kvh, HKV, DK, DV, BDK, BDV, BS,
+                                     KD, VD, TMA)
         s = tl.where((pos <= t0 + QOFF)[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
         m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale)
     o, lse = _finish(acc, m_i, l_i)  # no block in this key buffer: o = 0, lse = -inf
@@ -455,11 +426,6 @@ SEL_WIDE_STAGES = 2  # pipeline stages of 256-wide tiles (head dims above 128); 
 # head at G = 16, n = 16, bf16 (2 GiB per KV head at 64k), at most SEL_DS_BUFFER_BYTES of them at once (see
 # _backward_ds_handoff; packed batches take the handoff where a KV head's tiles of their longest sequence fit)
 SEL_DQ_FROM_DS = True
-# The per-position forward loop (G >= 16, head dims <= 128) two listed blocks a step: one 128-key tile by pointer
-# gathers, half the steps and their softmax chains (SEL_FWD_PAIRED_WARPS warps per 16 heads). Off until measured on
-# a GPU against the one-block TMA loop (benchmarks/l2_probe.py, ``real_paired``).
-SEL_FWD_PAIRED = False
-SEL_FWD_PAIRED_WARPS = 2
 SEL_DS_BUFFER_BYTES = 2 << 30
 
 
@@ -520,9 +486,6 @@ class _SelLaunch:
         # the per-position loops fetch their K/V blocks by TMA: dq 16.9 -> 16.5 ms at G=16 (H100 at 64k,
         # benchmarks/tile_sweep.py --only sel_tma, session 14 run 9)
         self.tma = self.loop and SEL_TMA and tma_ok(k, v)
-        self.paired = self.loop and not wide and SEL_FWD_PAIRED
-        if self.paired:
-            self.warps_fwd = min(8, SEL_FWD_PAIRED_WARPS * gp // 16)
         self.grid_q = (triton.cdiv(max_t, block_t), nseq * hkv)
         # forced blocks (forced.forced_constants) done by the window kernels: the loops walk the other blocks
         self.forced = forced if forced is not None and self.loop and not (q_offset or k_base) else None
@@ -560,8 +523,7 @@ def selected_forward(q, k, v, indices, L: _SelLaunch, scale: float, gated_sum=No
         out = torch.empty_like(o)
         fused = dict(OC=gated_sum[0], OW=gated_sum[1], GATE=gated_sum[2], OUT=out, GATED_SUM=True)
     kernel = _sel_fwd_loop_kernel if L.loop else _sel_fwd_kernel
-    kv = dict(PAIRED=True) if L.paired else L.kv(k, v)
-    kernel[L.grid_q](q, k, v, indices, o, lse, L.cu, *L.sizes, L.lo, L.hi, scale, **L.qmajor, **fused, **kv,
+    kernel[L.grid_q](q, k, v, indices, o, lse, L.cu, *L.sizes, L.lo, L.hi, scale, **L.qmajor, **fused, **L.kv(k, v),
                      num_stages=L.stages, num_warps=L.warps_fwd)
     return (o, lse) if gated_sum is None else (o, lse, out)
 

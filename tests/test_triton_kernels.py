@@ -241,32 +241,6 @@ def test_nsa_triton_matches_reference(t, hq, hkv, dk, dv):
     _check_nsa(*_nsa_both(1, t, hq, hkv, dk, dv, SMALL, torch.float32), torch.float32)
 
 
-class _LaunchSpy:
-    """Stands in for a Triton kernel and records the keyword arguments of each launch."""
-
-    def __init__(self, real):
-        self.real, self.launches = real, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kw):
-            self.launches.append(kw)
-            return self.real[grid](*args, **kw)
-        return launch
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("t,hq,hkv,dk,dv", [(33, 16, 1, 16, 16), (70, 32, 2, 16, 8)])
-def test_selected_forward_two_blocks_a_step(t, hq, hkv, dk, dv, dtype, monkeypatch):
-    """``select.SEL_FWD_PAIRED``: the per-position forward loop (G >= 16) takes two listed blocks a step (lists of
-    odd and even lengths, -1 padded); output, lse and gradients against the reference."""
-    from nsa_parallel.kernels import select
-    monkeypatch.setattr(select, "SEL_FWD_PAIRED", True)
-    spy = _LaunchSpy(select._sel_fwd_loop_kernel)
-    monkeypatch.setattr(select, "_sel_fwd_loop_kernel", spy)
-    _check_selected(t, hq, hkv, dk, dv, dtype)
-    assert [kw.get("PAIRED") for kw in spy.launches] == [True]
-
-
 def test_nsa_triton_packed_sequences():
     lens = [37, 16, 5, 40]
     cu = torch.tensor([0, 37, 53, 58, 98], dtype=torch.int32, device=DEVICE)
@@ -314,23 +288,6 @@ def test_nsa_triton_forced_blocks_in_window_kernels(initial, local, block, packe
     assert len(launches) == (0 if not (on and handoff) else {"pairs": pairs, "chunks": 3 * pairs}.get(handoff, 1))
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_nsa_triton_forced_blocks_two_blocks_a_step(packed, monkeypatch):
-    """``select.SEL_FWD_PAIRED`` in the NSA core: the forward loop resumes from the window kernel's partial over
-    the forced blocks and walks the other three (two, then one) a pair at a time; output and every gradient
-    against the reference, fixed length and packed."""
-    from nsa_parallel.kernels import select
-    monkeypatch.setattr(select, "SEL_FWD_PAIRED", True)
-    spy = _LaunchSpy(select._sel_fwd_loop_kernel)
-    monkeypatch.setattr(select, "_sel_fwd_loop_kernel", spy)
-    cfg = NSAConfig(compress_block=8, compress_stride=4, select_block=16, select_topn=6, select_initial=1,
-                    select_local=2, window=24)
-    cu = torch.tensor([0, 75, 91, 160], dtype=torch.int32, device=DEVICE) if packed else None
-    _check_nsa(*_nsa_both(1, 160 if packed else 150, 32, 2, 16, 16, cfg, torch.float32, cu=cu, seed=3),
-               torch.float32)
-    assert [(kw.get("PAIRED"), kw.get("FORCED")) for kw in spy.launches] == [(True, True)]
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("t,hq,hkv,dk,dv", [(4096, 64, 4, 128, 128), (2048, 16, 2, 192, 128), (3000, 8, 8, 64, 64),
@@ -371,17 +328,14 @@ def test_gpu_nsa_bf16_paper_config(t, hq, hkv, dk, dv):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("t,hq,hkv,d,paired", [(4096, 64, 4, 128, False), (3000, 8, 8, 64, False),
-                                                (2048, 32, 1, 256, False),  # 256-wide heads: 32-key window tiles
-                                                (4096, 64, 4, 128, True)])  # select.SEL_FWD_PAIRED
-def test_gpu_nsa_core_equals_its_branches_bf16(t, hq, hkv, d, paired, monkeypatch):
+@pytest.mark.parametrize("t,hq,hkv,d", [(4096, 64, 4, 128), (3000, 8, 8, 64),
+                                         (2048, 32, 1, 256)])  # 256-wide heads: 32-key window tiles + forced blocks
+def test_gpu_nsa_core_equals_its_branches_bf16(t, hq, hkv, d):
     """The one-function core (gate backward yielding the deltas, dq summed in one buffer, the compressed branch's
     own forward / dq tiles at G >= 16) against the separately tested branch functions composed by autograd, with
     the core's blocks: output and every gradient in bf16."""
-    from nsa_parallel.kernels import select
     from nsa_parallel.kernels.gate import gate_combine
     from nsa_parallel.kernels.parallel import nsa_triton
-    monkeypatch.setattr(select, "SEL_FWD_PAIRED", paired)
     cfg, scale = NSAConfig(), 1 / math.sqrt(d)
     x = [_rand(1, n, h, d, dtype=torch.bfloat16, seed=40 + i)
          for i, (n, h) in enumerate([(t, hq), (cfg.num_compressed(t), hkv), (cfg.num_compressed(t), hkv)]
