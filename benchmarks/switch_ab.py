@@ -23,6 +23,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", default="switch_ab.json")
     p.add_argument("--kernels", action="store_true", help="also each setting's forward kernels (profiler)")
+    p.add_argument("--head-dims", default="128/128", help="dk/dv, e.g. 192/128")
     args = p.parse_args()
     module, _, name = args.switch.rpartition(".")
     mod = importlib.import_module(f"nsa_parallel.kernels.{module}")
@@ -34,7 +35,11 @@ def main() -> None:
         setattr(mod, name, on)
 
     rows = []
-    q, kvs, gate, ck, cv, leaves, core, do = core_case(args.t, NSAConfig())
+    try:
+        dk, dv = (int(x) for x in args.head_dims.split("/"))
+    except ValueError:
+        p.error(f"--head-dims {args.head_dims!r}: expected dk/dv, e.g. 192/128")
+    q, kvs, gate, ck, cv, leaves, core, do = core_case(args.t, NSAConfig(), d=dk, dv=dv)
     try:
         emit(rows, args.out, check=f"core output and gradients, {args.switch} on vs off",
              max_rel_err=ab_check(core, leaves, do, switch))
@@ -42,7 +47,8 @@ def main() -> None:
             for on in (False, True):
                 switch(on)
                 fwd, fwdbwd = bench(core, lambda o: do, leaves)
-                emit(rows, args.out, round=rnd, switch=args.switch, on=on, fwd_ms=fwd, fwdbwd_ms=fwdbwd)
+                emit(rows, args.out, round=rnd, switch=args.switch, head_dims=args.head_dims, on=on, fwd_ms=fwd,
+                     fwdbwd_ms=fwdbwd)
         for on in (False, True) if args.kernels else ():
             switch(on)
             emit(rows, args.out, switch=args.switch, on=on, forward_kernels_us=[

@@ -484,8 +484,9 @@ class _SelLaunch:
         self.ds_dkdv = dict(num_warps=4, num_stages=self.stages)
         self.ds_dq = dict(num_warps=max(1, gp // 16), num_stages=2 if self.stages > 1 else 1)
         # the per-position loops fetch their K/V blocks by TMA: dq 16.9 -> 16.5 ms at G=16 (H100 at 64k,
-        # benchmarks/tile_sweep.py --only sel_tma, session 14 run 9)
-        self.tma = self.loop and SEL_TMA and tma_ok(k, v)
+        # benchmarks/tile_sweep.py --only sel_tma, session 14 run 9); not 256-wide tiles, whose boxes cost the core
+        # 60.7 / 226 -> 65.2 / 248 ms fwd / fwd+bwd at dk/dv 192/128 (docs/benchmarks.md, twenty-third session)
+        self.tma = self.loop and not wide and SEL_TMA and tma_ok(k, v)
         self.grid_q = (triton.cdiv(max_t, block_t), nseq * hkv)
         # forced blocks (forced.forced_constants) done by the window kernels: the loops walk the other blocks
         self.forced = forced if forced is not None and self.loop and not (q_offset or k_base) else None

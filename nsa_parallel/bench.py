@@ -139,16 +139,19 @@ def cubin_resources(ck) -> str:
     return " ".join(line.strip() for line in usage.splitlines() if "REG" in line)
 
 
-def core_case(t: int, cfg, hq: int = 64, hkv: int = 4, d: int = 128, dev: str = "cuda", seed: int = 0):
+def core_case(t: int, cfg, hq: int = 64, hkv: int = 4, d: int = 128, dev: str = "cuda", seed: int = 0,
+              dv: int | None = None):
     """The bench's NSA core at length ``t`` for the A/B scripts in benchmarks/: ``(q, kvs, gate, ck, cv, leaves,
-    core, do)``, ``core()`` the Triton core's output and ``do`` an output gradient for it."""
+    core, do)``, ``core()`` the Triton core's output and ``do`` an output gradient for it. Head dims: ``d`` for
+    queries and keys, ``dv`` (default ``d``) for values."""
     from nsa_parallel.kernels import nsa_attention
     torch.manual_seed(seed)
-    q, kvs, gate, ck, cv = core_inputs(t, hq, hkv, d, d, cfg, dev)
+    dv = d if dv is None else dv
+    q, kvs, gate, ck, cv = core_inputs(t, hq, hkv, d, dv, cfg, dev)
     leaves = [q, *kvs, gate, *ck.parameters(), *cv.parameters()]
     core = lambda: nsa_attention(q, *kvs, gate, compress_k=ck, compress_v=cv, config=cfg,  # noqa: E731
                                  backend="triton")
-    return q, kvs, gate, ck, cv, leaves, core, torch.randn(1, t, hq, d, device=dev, dtype=q.dtype)
+    return q, kvs, gate, ck, cv, leaves, core, torch.randn(1, t, hq, dv, device=dev, dtype=q.dtype)
 
 
 def kernel_times(fn, reps: int, warmup: int = 1) -> list:

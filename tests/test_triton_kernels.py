@@ -120,6 +120,19 @@ def test_flash_dkdv_gpu_tiles(kstride, koff, window, gated):
         _check(a, b, torch.float32, f"d{name}")
 
 
+@pytest.mark.parametrize("dk,dv,tma", [(128, 128, True), (64, 64, True), (192, 128, False), (128, 256, False)])
+def test_selected_loops_take_tma_for_narrow_tiles_only(dk, dv, tma):
+    """The per-position selected loops (G >= 16) fetch K/V by TMA up to 128-wide tiles; wider (head dims above 128)
+    they load by pointers, which an H100 ran faster at dk/dv 192/128 (docs/benchmarks.md, twenty-third session)."""
+    from nsa_parallel.kernels.select import _SelLaunch
+    q = torch.zeros(1, 64, 16, dk, device=DEVICE, dtype=torch.float16)
+    k = torch.zeros(1, 64, 1, dk, device=DEVICE, dtype=torch.float16)
+    v = torch.zeros(1, 64, 1, dv, device=DEVICE, dtype=torch.float16)
+    idx = torch.zeros(1, 64, 1, 4, device=DEVICE, dtype=torch.int32)
+    L = _SelLaunch(q, k, v, idx, 16, None)
+    assert L.loop and L.tma is tma and (set(L.kv(k, v)) == {"KD", "VD", "TMA"}) is tma
+
+
 @pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("t,hq,hkv,dk,dv", SHAPES[:3])
