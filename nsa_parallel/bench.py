@@ -8,6 +8,13 @@ gates) and of each stage, for B=1, 64 query heads / 4 KV heads, d=128 (and dk=19
 beside torch SDPA (flash and cuDNN backends), FlexAttention's sliding window (the window branch's peer) and
 fla-core's ``parallel_nsa`` where they run. Reports achieved TFLOP/s against a measured bf16 matmul ceiling and
 peak memory; prints a table and writes JSON.
+
+    python -m nsa_parallel.bench --seqlens 65536 --head-dims 128/128 192/128 --no-fla --no-flex --dense-max-t 0 \
+        --compare docs/results/<earlier run>.json --max-slowdown 0.03
+
+``--compare`` prints each row's NSA times against the last row of the same shape in earlier bench JSON files;
+with ``--max-slowdown`` the command exits 1 when one is slower by more than that fraction (a regression gate for
+the GPU machine; docs/benchmarks.md names the current baselines).
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import sys
 
@@ -382,6 +390,38 @@ def table(res: dict) -> str:
     return "\n".join(lines + errors)
 
 
+_SHAPE = ("T", "hq", "hkv", "dk", "dv")
+
+
+def compare(res: dict, baselines: list) -> tuple:
+    """This run's NSA rows against earlier bench JSON files (``baselines``: ``(name, result dict)``): for each row,
+    the last baseline row of the same shape (T, heads, KV heads, dk, dv). Returns ``(markdown table, worst ratio
+    new / old over the compared times, or None when no row matched)``."""
+    lines = ["| T | hq/hkv | dk/dv | fwd ms (was) | ratio | fwd+bwd ms (was) | ratio | baseline |",
+             "|---|---|---|---|---|---|---|---|"]
+    worst = None
+    for r in res["rows"]:
+        key = tuple(r.get(k) for k in _SHAPE)
+        match = [(name, b) for name, base in baselines for b in base.get("rows", ())
+                 if tuple(b.get(k) for k in _SHAPE) == key]
+        if not match:
+            lines.append(f"| {r['T']} | {r['hq']}/{r['hkv']} | {r['dk']}/{r['dv']} | no baseline row | | | | |")
+            continue
+        name, b = match[-1]
+        cells = []
+        for k in ("nsa_fwd_ms", "nsa_fwdbwd_ms"):
+            new, old = r.get(k), b.get(k)
+            if new is None or old is None:
+                cells += ["-", "-"]
+                continue
+            ratio = new / old
+            worst = ratio if worst is None else max(worst, ratio)
+            cells += [f"{new:.3g} ({old:.3g})", f"{ratio:.3f}"]
+        lines.append(f"| {r['T']} | {r['hq']}/{r['hkv']} | {r['dk']}/{r['dv']} | " + " | ".join(cells)
+                     + f" | {name} |")
+    return "\n".join(lines), worst
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m nsa_parallel.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -396,7 +436,21 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="bench.json")
     p.add_argument("--accumulate-grads", action="store_true",
                    help="let each timed forward+backward add into the inputs' .grad (the timing before 2026-11-23)")
+    p.add_argument("--compare", nargs="+", default=[], metavar="JSON",
+                   help="earlier bench JSON files: print each row's NSA times against the same shape's there")
+    p.add_argument("--max-slowdown", type=float, default=None, metavar="FRACTION",
+                   help="with --compare: exit 1 when a compared time is slower than its baseline by more than this "
+                        "(e.g. 0.03)")
     args = p.parse_args(argv)
+    if args.max_slowdown is not None and (not args.compare or args.max_slowdown < 0):
+        p.error(f"--max-slowdown {args.max_slowdown}: needs --compare and a fraction >= 0")
+    baselines = []
+    for path in args.compare:  # read before the run: a wrong path fails in seconds, not after the timing
+        try:
+            with open(path) as f:
+                baselines.append((os.path.basename(path), json.load(f)))
+        except (OSError, ValueError) as e:
+            p.error(f"--compare {path}: {e}")
     global ACCUMULATE_GRADS
     ACCUMULATE_GRADS = args.accumulate_grads
     if not torch.cuda.is_available():
@@ -405,6 +459,12 @@ def main(argv=None) -> None:
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     print(table(res))
+    if baselines:
+        text, worst = compare(res, baselines)
+        print(text)
+        if args.max_slowdown is not None and worst is not None and worst > 1 + args.max_slowdown:
+            raise SystemExit(f"slower than the baseline: worst ratio {worst:.3f} > 1 + --max-slowdown "
+                             f"{args.max_slowdown}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,46 @@
+"""The benchmark's comparison with earlier runs (pure Python: the timing itself needs a GPU)."""
+import json
+
+import pytest
+
+from nsa_parallel.bench import compare, main
+
+
+def _row(t, fwd, fwdbwd, hq=64, hkv=4, dk=128, dv=128):
+    return dict(T=t, hq=hq, hkv=hkv, dk=dk, dv=dv, nsa_fwd_ms=fwd, nsa_fwdbwd_ms=fwdbwd)
+
+
+def test_compare_takes_the_last_baseline_row_of_the_same_shape():
+    res = dict(rows=[_row(65536, 33.0, 99.0), _row(65536, 66.0, 230.0, dk=192), _row(8192, 3.0, 12.0)])
+    old = [("a.json", dict(rows=[_row(65536, 30.0, 100.0), _row(65536, 60.0, 200.0, dk=192)])),
+           ("b.json", dict(rows=[_row(65536, 32.0, 100.0), _row(65536, 1.0, 1.0, hkv=8)]))]
+    text, worst = compare(res, old)
+    lines = text.splitlines()
+    assert "33 (32) | 1.031 | 99 (100) | 0.990 | b.json" in lines[2]  # b.json is later: its row wins
+    assert "66 (60) | 1.100 | 230 (200) | 1.150 | a.json" in lines[3]
+    assert "no baseline row" in lines[4]
+    assert worst == pytest.approx(1.15)
+
+
+def test_compare_without_any_match_has_no_ratio():
+    text, worst = compare(dict(rows=[_row(1024, 1.0, 2.0)]), [("a.json", dict(rows=[]))])
+    assert worst is None and "no baseline row" in text
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--max-slowdown", "0.03"], "--max-slowdown 0.03: needs --compare"),
+    (["--compare", "missing.json"], "--compare missing.json:"),
+])
+def test_bench_arguments_fail_before_timing(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_negative_slowdown_is_refused(capsys, tmp_path):
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps(dict(rows=[])))
+    with pytest.raises(SystemExit):
+        main(["--compare", str(base), "--max-slowdown", "-1"])
+    assert "a fraction >= 0" in capsys.readouterr().err
