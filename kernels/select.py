@@ -262,12 +262,13 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
                          BS: tl.constexpr, BLOCK_Q: tl.constexpr, VARLEN: tl.constexpr, GATE=None,
                          GATED: tl.constexpr = False, DSB=None, OFFS=None, PAIR0=0, PAIR1=0,
                          STORE_DS: tl.constexpr = False, INITIAL: tl.constexpr = 0, LOCAL: tl.constexpr = 0,
-                         DSD=None, DS_TMA: tl.constexpr = False):
+                         DSD=None, DS_TMA: tl.constexpr = False, KV_IN_LOOP: tl.constexpr = False):
     # STORE_DS: only the items of (sequence, KV head) pairs [PAIR0, PAIR1), whose dS tiles (gated, as dq needs
     # them) go to DSB from the pairs' first list entry (OFFS = the index's offsets) on, so that dq
     # (_sel_dq_ds_kernel) reads dS and K instead of recomputing q k^T and dO v^T from K and V. DS_TMA: whole steps
     # store their tile through DSD (DSB as [rows, BS]) by TMA, forced entries' slots included (never read); an
-    # item's last, partial step stores by pointers so as not to write the next item's slots
+    # item's last, partial step stores by pointers so as not to write the next item's slots. KV_IN_LOOP: the block's
+    # K/V tiles loaded in every step (see SEL_DKDV_KV_IN_LOOP)
     item = tl.program_id(0)
     start = tl.load(ITEM_START + item)
     end = tl.load(ITEM_END + item)
@@ -287,8 +288,9 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
     kv_off = (kbos + (pos - KBASE).to(tl.int64)) * HKV + kvh
-    k = _load_tile(K, kv_off, pvalid, DK, BDK)
-    v = _load_tile(V, kv_off, pvalid, DV, BDV)
+    if not KV_IN_LOOP:
+        k = _load_tile(K, kv_off, pvalid, DK, BDK)
+        v = _load_tile(V, kv_off, pvalid, DV, BDV)
     qk_scale = scale * 1.4426950408889634
     dk_acc = tl.zeros([BS, BDK], dtype=tl.float32)
     dv_acc = tl.zeros([BS, BDV], dtype=tl.float32)
@@ -300,6 +302,9 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
         tq = tl.load(QLIST + qi, mask=rvalid, other=0)
         row_off = (bos + tq.to(tl.int64)) * HQ + kvh * G + hg
         q, do, lse2, delta, g = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATED)
+        if KV_IN_LOOP:  # each step's K/V from L2 through shared memory, not held in registers across the loop
+            k = _load_tile(K, kv_off, pvalid, DK, BDK)
+            v = _load_tile(V, kv_off, pvalid, DV, BDV)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         vis = (pos[None, :] <= tq[:, None] + QOFF) & rvalid[:, None]
         p = _gated(tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0), g[:, None], GATED)
@@ -436,6 +441,13 @@ SEL_DS_BUFFER_BYTES = 2 << 30
 # the dK/dV pass stores whole steps' dS tiles by TMA (async bulk stores, no per-thread masked stores). Off until
 # measured on a GPU: the pass is 17.0 ms at 64k (H100), 12.6 without the 7 GB of tiles it stores
 SEL_DS_TMA_STORE = False
+# The dK/dV pass with the dS store holds its block's K/V tiles in registers across the loop (sm_90: 255 registers,
+# 80 spill loads + 40 spill stores a step); loaded in every step instead (L2 hits, async copies into shared memory)
+# the spills drop to 19 + 2, for 140 instead of 83 KiB of shared memory (1 program per SM instead of 2). Off until
+# measured on a GPU, as is SEL_DKDV_STAGES (None: the launch's own, 2 on a GPU; 1: no spills in the loop either,
+# but the q / dO gathers unpipelined)
+SEL_DKDV_KV_IN_LOOP = False
+SEL_DKDV_STAGES = None
 
 
 class _SelLaunch:
@@ -597,6 +609,7 @@ def _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, dk, dv, L: _SelLa
     forced = dict(INITIAL=L.forced["INITIAL"], LOCAL=L.forced["LOCAL"])
     kd = {"KD": L.kv(k, v)["KD"], "TMA": True} if L.tma else {}
     dsd = _ds_descriptor(dsb, L.kmajor["BLOCK_Q"] * L.kmajor["GP"]) if SEL_DS_TMA_STORE else {}
+    stages = {} if SEL_DKDV_STAGES is None else dict(num_stages=SEL_DKDV_STAGES)
     const = {key: L.qmajor[key] for key in ("HQ", "HKV", "G", "GP", "N", "NP", "DK", "BDK", "BS", "VARLEN")}
     for s in range(0, t, t if L.varlen else rows):
         part = indices if rows == span else indices[:, s:s + rows].contiguous()
@@ -609,7 +622,8 @@ def _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, dk, dv, L: _SelLa
             _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu,
                                                       *L.sizes, L.ns_max, scale, **L.kmajor, **gated, DSB=dsb,
                                                       OFFS=offsets, PAIR0=p0, PAIR1=p1, STORE_DS=True, **forced,
-                                                      **dsd, **L.ds_dkdv)
+                                                      **dsd, KV_IN_LOOP=SEL_DKDV_KV_IN_LOOP,
+                                                      **dict(L.ds_dkdv, **stages))
             _sel_dq_ds_kernel[(min(rows, span - s), p1 - p0)](k, indices, slot, dsb, dq, offsets, L.cu,
                                                                *L.sizes[:2], s, p0, L.ns_max, scale, **const,
                                                                **forced, **kd, **L.ds_dq)
