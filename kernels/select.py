@@ -444,10 +444,12 @@ SEL_DS_TMA_STORE = False
 # The dK/dV pass with the dS store holds its block's K/V tiles in registers across the loop (sm_90: 255 registers,
 # 80 spill loads + 40 spill stores a step); loaded in every step instead (L2 hits, async copies into shared memory)
 # the spills drop to 19 + 2, for 140 instead of 83 KiB of shared memory (1 program per SM instead of 2). Off until
-# measured on a GPU, as is SEL_DKDV_STAGES (None: the launch's own, 2 on a GPU; 1: no spills in the loop either,
-# but the q / dO gathers unpipelined)
+# measured on a GPU, as are SEL_DKDV_STAGES (None: the launch's own, 2 on a GPU; 1: no spills in the loop either,
+# but the q / dO gathers unpipelined) and SEL_DKDV_WARPS (None: 4; 8: no spills, but twice the warps' instructions a
+# step; 23.6 against 13.3 ms before the dS store, session 11)
 SEL_DKDV_KV_IN_LOOP = False
 SEL_DKDV_STAGES = None
+SEL_DKDV_WARPS = None
 
 
 class _SelLaunch:
@@ -609,7 +611,8 @@ def _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, dk, dv, L: _SelLa
     forced = dict(INITIAL=L.forced["INITIAL"], LOCAL=L.forced["LOCAL"])
     kd = {"KD": L.kv(k, v)["KD"], "TMA": True} if L.tma else {}
     dsd = _ds_descriptor(dsb, L.kmajor["BLOCK_Q"] * L.kmajor["GP"]) if SEL_DS_TMA_STORE else {}
-    stages = {} if SEL_DKDV_STAGES is None else dict(num_stages=SEL_DKDV_STAGES)
+    launch = dict(L.ds_dkdv, **{k: v for k, v in (("num_stages", SEL_DKDV_STAGES), ("num_warps", SEL_DKDV_WARPS))
+                                 if v is not None})
     const = {key: L.qmajor[key] for key in ("HQ", "HKV", "G", "GP", "N", "NP", "DK", "BDK", "BS", "VARLEN")}
     for s in range(0, t, t if L.varlen else rows):
         part = indices if rows == span else indices[:, s:s + rows].contiguous()
@@ -622,8 +625,7 @@ def _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, dk, dv, L: _SelLa
             _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu,
                                                       *L.sizes, L.ns_max, scale, **L.kmajor, **gated, DSB=dsb,
                                                       OFFS=offsets, PAIR0=p0, PAIR1=p1, STORE_DS=True, **forced,
-                                                      **dsd, KV_IN_LOOP=SEL_DKDV_KV_IN_LOOP,
-                                                      **dict(L.ds_dkdv, **stages))
+                                                      **dsd, KV_IN_LOOP=SEL_DKDV_KV_IN_LOOP, **launch)
             _sel_dq_ds_kernel[(min(rows, span - s), p1 - p0)](k, indices, slot, dsb, dq, offsets, L.cu,
                                                                *L.sizes[:2], s, p0, L.ns_max, scale, **const,
                                                                **forced, **kd, **L.ds_dq)
