@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from .arguments import add_nsa_args, nsa_config_from_args
-from .distributed import all_done
+from .distributed import all_done, leave_spawned_rank
 
 ATTENTIONS = ("nsa", "dense")
 COLUMNS = ("attention", "P", "T", "fwd_ms", "fwdbwd_ms", "tokens_per_s", "peak_mem_gib", "mem_kind", "error")
@@ -198,6 +198,7 @@ def _worker(rank, world, port, args, cfg, result):
         all_done()
     finally:
         dist.destroy_process_group()
+    leave_spawned_rank()
 
 
 def sweep(args, cfg) -> List[Dict]:

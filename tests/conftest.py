@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from nsa_parallel.distributed import all_done  # noqa: E402
+from nsa_parallel.distributed import all_done, leave_spawned_rank  # noqa: E402
 from nsa_parallel.kernels import Compression, NSAConfig  # noqa: E402
 
 
@@ -71,6 +71,7 @@ def _spawned(rank, world, port, fn, args, result):
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    leave_spawned_rank()
 
 
 def spawn_ranks(world: int, fn, *args) -> list:

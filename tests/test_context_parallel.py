@@ -4,7 +4,7 @@ import torch
 
 from conftest import SMALL, rel_err
 from conftest import make_inputs
-from nsa_parallel.distributed import all_done
+from nsa_parallel.distributed import all_done, leave_spawned_rank
 from nsa_parallel.kernels import NSAConfig, nsa_attention
 from nsa_parallel.context_parallel import (check_sequence_length, chunk_ranges, join_from_ranks, local_positions,
                                            merge_partial, split_for_rank)
@@ -191,6 +191,7 @@ def _cp_worker(rank, world, port, cases, result):
         raise
     finally:
         torch.distributed.destroy_process_group()
+    leave_spawned_rank()
 
 
 def run_cp(world, cases):

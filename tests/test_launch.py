@@ -146,3 +146,11 @@ def test_mpirun_through_the_mpi4py_bootstrap(single_losses, tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "world 2 = TP 2 x PP 1 x CP 1 x DP 1" in res.stdout
     _assert_same(res.stdout, single_losses)
+
+
+def test_a_spawned_rank_leaves_with_status_0_and_its_output_flushed():
+    """``leave_spawned_rank`` skips the interpreter's teardown (os._exit) but not what the rank printed."""
+    code = ("import sys; from nsa_parallel.distributed import leave_spawned_rank; print('out', end=''); "
+            "sys.stderr.write('err'); leave_spawned_rank(); print('never')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "out", "err")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import SMALL, rel_err
-from nsa_parallel.distributed import all_done
+from nsa_parallel.distributed import all_done, leave_spawned_rank
 
 warnings.filterwarnings("ignore", message=".*Apex.*")
 warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
@@ -143,6 +143,7 @@ def _tp2_worker(rank, port, result, sequence_parallel=False):
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
+    leave_spawned_rank()
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True])
@@ -281,6 +282,7 @@ def _cp2_packed_worker(rank, port, result):
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
+    leave_spawned_rank()
 
 
 def test_context_parallel_2_packed_with_rope_equals_one_rank():

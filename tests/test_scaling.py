@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nsa_parallel import scaling
-from nsa_parallel.distributed import all_done
+from nsa_parallel.distributed import all_done, leave_spawned_rank
 
 TOY = ["--device", "cpu", "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--nsa-window", "32",
        "--nsa-select-block", "16", "--nsa-select-topn", "4", "--nsa-compress-block", "16", "--nsa-compress-stride",
@@ -68,6 +68,7 @@ def _dense_cp_worker(rank, world, port, result):
     result[rank] = (out.detach() - want).abs().max().item() / want.abs().max().item()
     all_done()
     dist.destroy_process_group()
+    leave_spawned_rank()
 
 
 def test_dense_cp_baseline_equals_one_device():
