@@ -504,7 +504,8 @@ class _SelLaunch:
         self.kmajor = dict(common, BLOCK_Q=max(1, 64 // gp))
         # the dS handoff's launches (G >= 16, so gp // 16 >= 1): dK/dV as without it; dq holds a [gp, dk] fp32
         # accumulator and streams K tiles (H100 at 64k, G = 16: 1 warp / 2 stages 7.47 ms, 2 / 3 7.59, 4 / 3 7.85)
-        self.ds_dkdv = dict(num_warps=4, num_stages=self.stages)
+        self.ds_dkdv = dict(num_warps=4 if SEL_DKDV_WARPS is None else SEL_DKDV_WARPS,
+                            num_stages=self.stages if SEL_DKDV_STAGES is None else SEL_DKDV_STAGES)
         self.ds_dq = dict(num_warps=max(1, gp // 16), num_stages=2 if self.stages > 1 else 1)
         # the per-position loops fetch their K/V blocks by TMA: dq 16.9 -> 16.5 ms at G=16 (H100 at 64k,
         # benchmarks/tile_sweep.py --only sel_tma, session 14 run 9); not 256-wide tiles, whose boxes cost the core
@@ -611,8 +612,6 @@ def _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, dk, dv, L: _SelLa
     forced = dict(INITIAL=L.forced["INITIAL"], LOCAL=L.forced["LOCAL"])
     kd = {"KD": L.kv(k, v)["KD"], "TMA": True} if L.tma else {}
     dsd = _ds_descriptor(dsb, L.kmajor["BLOCK_Q"] * L.kmajor["GP"]) if SEL_DS_TMA_STORE else {}
-    launch = dict(L.ds_dkdv, **{k: v for k, v in (("num_stages", SEL_DKDV_STAGES), ("num_warps", SEL_DKDV_WARPS))
-                                 if v is not None})
     const = {key: L.qmajor[key] for key in ("HQ", "HKV", "G", "GP", "N", "NP", "DK", "BDK", "BS", "VARLEN")}
     for s in range(0, t, t if L.varlen else rows):
         part = indices if rows == span else indices[:, s:s + rows].contiguous()
@@ -625,7 +624,7 @@ def _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, dk, dv, L: _SelLa
             _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu,
                                                       *L.sizes, L.ns_max, scale, **L.kmajor, **gated, DSB=dsb,
                                                       OFFS=offsets, PAIR0=p0, PAIR1=p1, STORE_DS=True, **forced,
-                                                      **dsd, KV_IN_LOOP=SEL_DKDV_KV_IN_LOOP, **launch)
+                                                      **dsd, KV_IN_LOOP=SEL_DKDV_KV_IN_LOOP, **L.ds_dkdv)
             _sel_dq_ds_kernel[(min(rows, span - s), p1 - p0)](k, indices, slot, dsb, dq, offsets, L.cu,
                                                                *L.sizes[:2], s, p0, L.ns_max, scale, **const,
                                                                **forced, **kd, **L.ds_dq)
