@@ -4,7 +4,7 @@
 
 ``--switch MODULE.NAME`` names a setting of ``nsa_parallel.kernels.MODULE`` read when a launch is set up (such as
 ``topn.TOPN_PREFILTER``): a boolean (off, then on) or, with ``--values A B``, any two JSON values (such as
-``--switch select.SEL_DKDV_STAGES --values null 1``). Checks that both settings give the same core output and
+``--switch topn.TOPN_CANDIDATES --values 4 3``). Checks that both settings give the same core output and
 gradients (bf16, the bench's inputs), then times the core's forward and forward+backward
 (``nsa_parallel.bench.bench``) with the first and the second setting, alternating in each round, and puts the
 setting back as it was; with ``--kernels``, each setting's kernels (``nsa_parallel.bench.kernel_times``, 3 calls:

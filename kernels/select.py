@@ -444,12 +444,9 @@ SEL_DS_TMA_STORE = False
 # The dK/dV pass with the dS store holds its block's K/V tiles in registers across the loop (sm_90: 255 registers,
 # 80 spill loads + 40 spill stores a step); loaded in every step instead (L2 hits, async copies into shared memory)
 # the spills drop to 19 + 2, for 140 instead of 83 KiB of shared memory (1 program per SM instead of 2). Off until
-# measured on a GPU, as are SEL_DKDV_STAGES (None: the launch's own, 2 on a GPU; 1: no spills in the loop either,
-# but the q / dO gathers unpipelined) and SEL_DKDV_WARPS (None: 4; 8: no spills, but twice the warps' instructions a
-# step; 23.6 against 13.3 ms before the dS store, session 11)
+# measured on a GPU. (1 stage or 8 warps spill nothing either, and were measured slower with the dS store: 19.8 /
+# 28.5 against 16.5 ms, docs/results/h100_2026-11-24_session19/run6_ds_handoff_ab.json)
 SEL_DKDV_KV_IN_LOOP = False
-SEL_DKDV_STAGES = None
-SEL_DKDV_WARPS = None
 
 
 class _SelLaunch:
@@ -504,8 +501,7 @@ class _SelLaunch:
         self.kmajor = dict(common, BLOCK_Q=max(1, 64 // gp))
         # the dS handoff's launches (G >= 16, so gp // 16 >= 1): dK/dV as without it; dq holds a [gp, dk] fp32
         # accumulator and streams K tiles (H100 at 64k, G = 16: 1 warp / 2 stages 7.47 ms, 2 / 3 7.59, 4 / 3 7.85)
-        self.ds_dkdv = dict(num_warps=4 if SEL_DKDV_WARPS is None else SEL_DKDV_WARPS,
-                            num_stages=self.stages if SEL_DKDV_STAGES is None else SEL_DKDV_STAGES)
+        self.ds_dkdv = dict(num_warps=4, num_stages=self.stages)
         self.ds_dq = dict(num_warps=max(1, gp // 16), num_stages=2 if self.stages > 1 else 1)
         # the per-position loops fetch their K/V blocks by TMA: dq 16.9 -> 16.5 ms at G=16 (H100 at 64k,
         # benchmarks/tile_sweep.py --only sel_tma, session 14 run 9); not 256-wide tiles, whose boxes cost the core

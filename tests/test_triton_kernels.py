@@ -268,8 +268,7 @@ def test_nsa_triton_packed_sequences():
     (1, 2, 16, False, True, "chunks"),  # ... and in query chunks of 64 positions
     (1, 2, 16, False, True, "tma"), (2, 1, 16, True, True, "tma"),  # select.SEL_DS_TMA_STORE: tiles stored by TMA
     (1, 2, 16, False, True, "tma-chunks"),
-    (1, 2, 16, True, True, "kvloop"),  # select.SEL_DKDV_KV_IN_LOOP (the block's K/V loaded in every dK/dV step),
-    # with SEL_DKDV_STAGES = 1 and SEL_DKDV_WARPS = 8
+    (1, 2, 16, True, True, "kvloop"),  # select.SEL_DKDV_KV_IN_LOOP: the block's K/V loaded in every dK/dV step
     (1, 2, 16, True, False, True),  # switched off: the selected loops walk whole lists
 ])
 def test_nsa_triton_forced_blocks_in_window_kernels(initial, local, block, packed, on, handoff, monkeypatch):
@@ -286,16 +285,14 @@ def test_nsa_triton_forced_blocks_in_window_kernels(initial, local, block, packe
     monkeypatch.setattr(select, "SEL_DS_TMA_STORE", tma)
     kvloop = handoff == "kvloop"
     monkeypatch.setattr(select, "SEL_DKDV_KV_IN_LOOP", kvloop)
-    monkeypatch.setattr(select, "SEL_DKDV_STAGES", 1 if kvloop else None)
-    monkeypatch.setattr(select, "SEL_DKDV_WARPS", 8 if kvloop else None)
     handoff = handoff[4:] or True if tma else True if kvloop else handoff
-    dkdv = []  # (DS_TMA, KV_IN_LOOP, warps) of each dK/dV launch
+    dkdv = []  # (DS_TMA, KV_IN_LOOP) of each dK/dV launch
     real_dkdv = select._sel_bwd_dkdv_kernel
 
     class Spied:
         def __getitem__(self, grid):
-            return lambda *a, **kw: dkdv.append((kw.get("DS_TMA", False), kw.get("KV_IN_LOOP", False),
-                                                 kw.get("num_warps"))) or real_dkdv[grid](*a, **kw)
+            return lambda *a, **kw: dkdv.append((kw.get("DS_TMA", False), kw.get("KV_IN_LOOP", False))) or \
+                real_dkdv[grid](*a, **kw)
     monkeypatch.setattr(select, "_sel_bwd_dkdv_kernel", Spied())
     row = 5 * 16 * 16 * 4  # one position's dS tiles of a KV head: 5 entries x 16 heads x 16 keys x 4 bytes
     budget = {"pairs": (75 if packed else 192) * row, "chunks": 64 * row}.get(handoff)  # 75: the longest sequence
@@ -319,8 +316,7 @@ def test_nsa_triton_forced_blocks_in_window_kernels(initial, local, block, packe
     assert len(calls) == on
     pairs = 6 if packed else 2
     assert len(launches) == (0 if not (on and handoff) else {"pairs": pairs, "chunks": 3 * pairs}.get(handoff, 1))
-    warps = (8 if kvloop else 4) if on and handoff else None  # None: the recomputing dq's launch, Triton's default
-    assert dkdv and set(dkdv) == {(tma and on, kvloop and on, warps)}
+    assert dkdv and set(dkdv) == {(tma and on, kvloop and on)}
 
 
 @pytest.mark.gpu
