@@ -14,7 +14,7 @@ import argparse
 import json
 
 import torch
-from nsa_parallel.bench import core_case, kernel_times
+from nsa_parallel.bench import core_case, core_step, kernel_times
 from nsa_parallel.kernels import NSAConfig
 
 
@@ -30,11 +30,7 @@ def main() -> None:
         with torch.no_grad():
             core()
 
-    def fwdbwd():
-        for x in leaves:
-            x.grad = None
-        core().backward(do)
-
+    fwdbwd = core_step(core, leaves, do)
     result = dict(device=torch.cuda.get_device_name(), t=args.t, iters=args.iters)
     for name, fn in (("fwd", fwd), ("fwdbwd", fwdbwd)):
         rows = [(k, us / 1000, n) for k, us, n in kernel_times(fn, args.iters, warmup=3)]

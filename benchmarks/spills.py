@@ -15,6 +15,8 @@ import argparse
 import importlib
 import json
 
+from nsa_parallel.bench import core_case, core_step, emit, head_dims, kernel_setting
+
 MODULES = ("flash", "forced", "compress", "topn", "select", "gate")
 
 
@@ -47,7 +49,7 @@ def compiled_variants():
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--t", type=int, default=65536)
-    p.add_argument("--head-dims", default="128/128", help="dk/dv, e.g. 192/128")
+    p.add_argument("--head-dims", type=head_dims, default=(128, 128), help="dk/dv, e.g. 192/128")
     p.add_argument("--also", nargs="*", default=[], metavar="MODULE.NAME=JSON",
                    help="settings to compile the core with as well, one at a time")
     p.add_argument("--out", default="spills.json")
@@ -55,23 +57,14 @@ def main() -> None:
     also = []
     for item in args.also:
         path, _, value = item.partition("=")
-        module, _, name = path.rpartition(".")
-        try:
-            mod = importlib.import_module(f"nsa_parallel.kernels.{module}")
-            also.append((mod, name, json.loads(value)))
-        except (ImportError, ValueError) as e:
+        try:  # json's errors are ValueErrors too
+            also.append((*kernel_setting(path), json.loads(value)))
+        except ValueError as e:
             p.error(f"--also {item!r}: {e}")
-        if not hasattr(mod, name):
-            p.error(f"--also {item!r}: nsa_parallel.kernels.{module} has no setting {name}")
-    dk, dv = (int(x) for x in args.head_dims.split("/"))
-    from nsa_parallel.bench import core_case, emit
+    dk, dv = args.head_dims
     from nsa_parallel.kernels import NSAConfig
     q, kvs, gate, ck, cv, leaves, core, do = core_case(args.t, NSAConfig(), d=dk, dv=dv)
-
-    def step():
-        for x in leaves:
-            x.grad = None
-        core().backward(do)
+    step = core_step(core, leaves, do)
     step()
     for mod, name, value in also:
         before = getattr(mod, name)

@@ -13,12 +13,11 @@ the forward, or with ``--backward`` forward+backward) after the rounds. JSON lin
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 
 
 def main() -> None:
-    from nsa_parallel.bench import ab_check, bench, core_case, emit, kernel_times
+    from nsa_parallel.bench import ab_check, bench, core_case, core_step, emit, head_dims, kernel_setting, kernel_times
     from nsa_parallel.kernels import NSAConfig
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--switch", required=True, help="MODULE.NAME of a setting in nsa_parallel.kernels")
@@ -30,31 +29,24 @@ def main() -> None:
     p.add_argument("--kernels", action="store_true", help="also each setting's kernels (profiler; with --backward "
                                                           "forward+backward, else forward)")
     p.add_argument("--backward", action="store_true", help="--kernels profiles forward+backward")
-    p.add_argument("--head-dims", default="128/128", help="dk/dv, e.g. 192/128")
+    p.add_argument("--head-dims", type=head_dims, default=(128, 128), help="dk/dv, e.g. 192/128")
     args = p.parse_args()
-    module, _, name = args.switch.rpartition(".")
-    mod = importlib.import_module(f"nsa_parallel.kernels.{module}")
-    if not hasattr(mod, name):
-        p.error(f"--switch {args.switch}: nsa_parallel.kernels.{module} has no setting {name}")
+    try:
+        mod, name = kernel_setting(args.switch)
+    except ValueError as e:
+        p.error(f"--switch {args.switch}: {e}")
     before = getattr(mod, name)
     if args.values is None and not isinstance(before, bool):
         p.error(f"--switch {args.switch} is {before!r}, not a boolean: give --values A B")
     values = args.values if args.values is not None else [False, True]
-    try:
-        dk, dv = (int(x) for x in args.head_dims.split("/"))
-    except ValueError:
-        p.error(f"--head-dims {args.head_dims!r}: expected dk/dv, e.g. 192/128")
+    dk, dv = args.head_dims
 
     def switch(second: bool) -> None:
         setattr(mod, name, values[int(second)])
 
     rows = []
     q, kvs, gate, ck, cv, leaves, core, do = core_case(args.t, NSAConfig(), d=dk, dv=dv)
-
-    def step():
-        for x in leaves:
-            x.grad = None
-        core().backward(do)
+    step = core_step(core, leaves, do)
     try:
         emit(rows, args.out, check=f"core output and gradients, {args.switch} = {values[1]!r} vs {values[0]!r}",
              max_rel_err=ab_check(core, leaves, do, switch))
@@ -62,7 +54,7 @@ def main() -> None:
             for second in (False, True):
                 switch(second)
                 fwd, fwdbwd = bench(core, lambda o: do, leaves)
-                emit(rows, args.out, round=rnd, switch=args.switch, head_dims=args.head_dims,
+                emit(rows, args.out, round=rnd, switch=args.switch, head_dims=f"{dk}/{dv}",
                      value=values[int(second)], fwd_ms=fwd, fwdbwd_ms=fwdbwd)
         for second in (False, True) if args.kernels else ():
             switch(second)

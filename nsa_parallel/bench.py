@@ -162,6 +162,36 @@ def core_case(t: int, cfg, hq: int = 64, hkv: int = 4, d: int = 128, dev: str = 
     return q, kvs, gate, ck, cv, leaves, core, torch.randn(1, t, hq, dv, device=dev, dtype=q.dtype)
 
 
+def core_step(core, leaves, do):
+    """One training step of ``core_case``'s core, as the A/B scripts time and profile it: the leaves' ``.grad``
+    cleared, then the forward and its backward with ``do``."""
+    def step():
+        for x in leaves:
+            x.grad = None
+        core().backward(do)
+    return step
+
+
+def head_dims(text: str) -> tuple:
+    """``"dk/dv"`` -> ``(dk, dv)``, the ``--head-dims`` argument of the bench and the A/B scripts."""
+    dk, dv = (int(x) for x in text.split("/"))
+    return dk, dv
+
+
+def kernel_setting(path: str) -> tuple:
+    """``"MODULE.NAME"`` -> ``(module, name)`` of a setting in ``nsa_parallel.kernels`` (``topn.TOPN_PREFILTER``),
+    for the A/B scripts to read and change; ValueError naming what is missing."""
+    import importlib
+    module, _, name = path.rpartition(".")
+    try:
+        mod = importlib.import_module(f"nsa_parallel.kernels.{module}")
+    except ImportError as e:
+        raise ValueError(f"no module nsa_parallel.kernels.{module}: {e}") from None
+    if not hasattr(mod, name):
+        raise ValueError(f"nsa_parallel.kernels.{module} has no setting {name}")
+    return mod, name
+
+
 def kernel_times(fn, reps: int, warmup: int = 1) -> list:
     """``[(kernel, device microseconds per call, launches per call)]`` of what ``fn`` launches, largest first:
     torch.profiler over ``reps`` calls after ``warmup`` (the decode bench's kernel split,
@@ -428,7 +458,7 @@ def main(argv=None) -> None:
     p.add_argument("--seqlens", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
     p.add_argument("--heads", type=int, default=64)
     p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--head-dims", type=lambda s: tuple(int(x) for x in s.split("/")), nargs="+",
+    p.add_argument("--head-dims", type=head_dims, nargs="+",
                    default=[(128, 128)], help="dk/dv pairs, e.g. 128/128 192/128")
     p.add_argument("--dense-max-t", type=int, default=65536, help="longest T to time dense SDPA at")
     p.add_argument("--no-fla", dest="fla", action="store_false", help="skip fla-core's parallel_nsa")

@@ -44,3 +44,16 @@ def test_bench_negative_slowdown_is_refused(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["--compare", str(base), "--max-slowdown", "-1"])
     assert "a fraction >= 0" in capsys.readouterr().err
+
+
+def test_head_dims_and_kernel_settings_are_read_or_named():
+    from nsa_parallel.bench import head_dims, kernel_setting
+    from nsa_parallel.kernels import topn
+    assert head_dims("192/128") == (192, 128)
+    with pytest.raises(ValueError):
+        head_dims("192")
+    assert kernel_setting("topn.TOPN_PREFILTER") == (topn, "TOPN_PREFILTER")
+    with pytest.raises(ValueError, match="nsa_parallel.kernels.topn has no setting NOPE"):
+        kernel_setting("topn.NOPE")
+    with pytest.raises(ValueError, match="no module nsa_parallel.kernels.nomodule"):
+        kernel_setting("nomodule.X")
