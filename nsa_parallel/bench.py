@@ -434,8 +434,9 @@ def compare(res: dict, baselines: list) -> tuple:
         key = tuple(r.get(k) for k in _SHAPE)
         match = [(name, b) for name, base in baselines for b in base.get("rows", ())
                  if tuple(b.get(k) for k in _SHAPE) == key]
+        shape = f"| {r['T']} | {r['hq']}/{r['hkv']} | {r['dk']}/{r['dv']} | "
         if not match:
-            lines.append(f"| {r['T']} | {r['hq']}/{r['hkv']} | {r['dk']}/{r['dv']} | no baseline row | | | | |")
+            lines.append(shape + "no baseline row | | | | |")
             continue
         name, b = match[-1]
         cells = []
@@ -447,8 +448,7 @@ def compare(res: dict, baselines: list) -> tuple:
             ratio = new / old
             worst = ratio if worst is None else max(worst, ratio)
             cells += [f"{new:.3g} ({old:.3g})", f"{ratio:.3f}"]
-        lines.append(f"| {r['T']} | {r['hq']}/{r['hkv']} | {r['dk']}/{r['dv']} | " + " | ".join(cells)
-                     + f" | {name} |")
+        lines.append(shape + " | ".join(cells) + f" | {name} |")
     return "\n".join(lines), worst
 
 

@@ -139,11 +139,7 @@ def test_selected_loops_take_tma_for_narrow_tiles_only(dk, dv, tma):
 def test_selected_attention(t, hq, hkv, dk, dv, dtype, tma, monkeypatch):
     """G >= 16 (one position per program) takes its K/V blocks by TMA descriptors or by pointers."""
     monkeypatch.setattr(flash, "USE_TMA", tma)
-    _check_selected(t, hq, hkv, dk, dv, dtype)
-
-
-def _check_selected(t, hq, hkv, dk, dv, dtype, cfg=SMALL):
-    """Selected attention on random top-n lists (2 sequences) against the reference: o, lse, dq, dk, dv."""
+    cfg = SMALL
     scores = torch.rand(2, hkv, t, cfg.num_select_blocks(t), generator=torch.Generator().manual_seed(t))
     idx = ref.select_topn(scores, cfg).to(DEVICE)
     q = _rand(2, t, hq, dk, dtype=dtype, seed=6)
