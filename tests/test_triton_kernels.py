@@ -281,7 +281,7 @@ def test_nsa_triton_forced_blocks_in_window_kernels(initial, local, block, packe
     monkeypatch.setattr(select, "SEL_DS_TMA_STORE", tma)
     kvloop = handoff == "kvloop"
     monkeypatch.setattr(select, "SEL_DKDV_KV_IN_LOOP", kvloop)
-    handoff = handoff[4:] or True if tma else True if kvloop else handoff
+    handoff = {"tma": True, "tma-chunks": "chunks", "kvloop": True}.get(handoff, handoff)  # the dS budget's case
     dkdv = []  # (DS_TMA, KV_IN_LOOP) of each dK/dV launch
     real_dkdv = select._sel_bwd_dkdv_kernel
 
