@@ -30,6 +30,8 @@ def main() -> None:
                                                           "forward+backward, else forward)")
     p.add_argument("--backward", action="store_true", help="--kernels profiles forward+backward")
     p.add_argument("--head-dims", type=head_dims, default=(128, 128), help="dk/dv, e.g. 192/128")
+    p.add_argument("--heads", type=int, default=64, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=4, help="KV heads")
     args = p.parse_args()
     try:
         mod, name = kernel_setting(args.switch)
@@ -45,7 +47,8 @@ def main() -> None:
         setattr(mod, name, values[int(second)])
 
     rows = []
-    q, kvs, gate, ck, cv, leaves, core, do = core_case(args.t, NSAConfig(), d=dk, dv=dv)
+    q, kvs, gate, ck, cv, leaves, core, do = core_case(args.t, NSAConfig(), hq=args.heads, hkv=args.kv_heads, d=dk,
+                                                       dv=dv)
     step = core_step(core, leaves, do)
     try:
         emit(rows, args.out, check=f"core output and gradients, {args.switch} = {values[1]!r} vs {values[0]!r}",
@@ -55,7 +58,7 @@ def main() -> None:
                 switch(second)
                 fwd, fwdbwd = bench(core, lambda o: do, leaves)
                 emit(rows, args.out, round=rnd, switch=args.switch, head_dims=f"{dk}/{dv}",
-                     value=values[int(second)], fwd_ms=fwd, fwdbwd_ms=fwdbwd)
+                     heads=f"{args.heads}/{args.kv_heads}", value=values[int(second)], fwd_ms=fwd, fwdbwd_ms=fwdbwd)
         for second in (False, True) if args.kernels else ():
             switch(second)
             key = "fwdbwd_kernels_us" if args.backward else "forward_kernels_us"

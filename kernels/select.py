@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .flash import (_bwd_rows, _delta_args, _finish, _gated, _grad_args, _load_tile, _own_delta, _q_tile, _rows,
-                    _seq_bounds, _softmax_step, _store_grad_tile, _store_tile, kv_descriptors, tma_ok,
+                    _seq_bounds, _softmax_step, _store_grad_tile, _store_tile, kv_descriptors, row_dot, tma_ok,
                     wide_tile_stages)
 from .forced import forced_blocks, free_range, resume
 from .gate import _gated_sum
@@ -323,6 +323,86 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
 
 
 @triton.jit
+def _sel_fwd_kmajor_kernel(Q, K, V, OP, LP, QLIST, ITEM_KEY, ITEM_START, ITEM_END, OFFS, CU, T_FIXED, TK_FIXED,
+                           QOFF, KBASE, NS_MAX, PAIR0, PAIR1, scale,
+                           HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                           DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+                           BS: tl.constexpr, BLOCK_Q: tl.constexpr, VARLEN: tl.constexpr):
+    # The forward at G < 16, KV-block-major (FSA's layout): one work item of the inverted index loads its block's
+    # K/V once and attends its queries BLOCK_Q positions x GP heads at a time (full matrix tiles however small G
+    # is); each query's softmax over this block alone, (o, lse in log2 units), goes to OP / LP at the entry's
+    # place in the index, counted from the first entry of pair PAIR0. _sel_merge_kernel combines a position's.
+    item = tl.program_id(0)
+    start = tl.load(ITEM_START + item)
+    end = tl.load(ITEM_END + item)
+    if start >= end:
+        return
+    key = tl.load(ITEM_KEY + item)
+    if (key // NS_MAX < PAIR0) | (key // NS_MAX >= PAIR1):
+        return
+    first = tl.load(OFFS + PAIR0 * NS_MAX).to(tl.int64)
+    blk = key % NS_MAX
+    kvh = (key // NS_MAX) % HKV
+    bos, T, kbos, TK = _seq_bounds(key // (NS_MAX * HKV), CU, CU, T_FIXED, TK_FIXED, VARLEN)
+    pos = blk * BS + tl.arange(0, BS)
+    pvalid = (pos >= KBASE) & (pos - KBASE < TK)
+    kv_off = (kbos + (pos - KBASE).to(tl.int64)) * HKV + kvh
+    k = _load_tile(K, kv_off, pvalid, DK, BDK)
+    v = _load_tile(V, kv_off, pvalid, DV, BDV)
+    qk_scale = scale * 1.4426950408889634
+    r = tl.arange(0, BLOCK_Q * GP)
+    hg = r % GP
+    for q0 in range(start, end, BLOCK_Q):
+        qi = q0 + r // GP
+        rvalid = (qi < end) & (hg < G)
+        tq = tl.load(QLIST + qi, mask=rvalid, other=0)
+        q = _load_tile(Q, (bos + tq.to(tl.int64)) * HQ + kvh * G + hg, rvalid, DK, BDK)
+        s = tl.dot(q, tl.trans(k))
+        # a listed block starts at or before its query, so every valid row sees a key: its max is finite
+        s = tl.where(pvalid[None, :] & (pos[None, :] <= tq[:, None] + QOFF), s, float("-inf"))
+        m = tl.where(rvalid, tl.max(s, 1) * qk_scale, 0.0)
+        p = tl.exp2(s * qk_scale - m[:, None])
+        l = tl.where(rvalid, tl.sum(p, 1), 1.0)
+        o = tl.dot(p.to(v.dtype), v) / l[:, None]
+        slot = (qi - first) * GP + hg
+        _store_tile(OP, slot, rvalid, o, DV, BDV)
+        tl.store(LP + slot, m + tl.log2(l), mask=rvalid)
+
+
+@triton.jit
+def _sel_merge_kernel(IDX, SLOT, OP, LP, O, LSE, OFFS, CU, T_FIXED, TK_FIXED, P0, PAIR0, NS_MAX, LO, HI,
+                      HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr,
+                      NP: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, VARLEN: tl.constexpr, OC=None,
+                      OW=None, GATE=None, OUT=None, GATED_SUM: tl.constexpr = False):
+    # One position (P0 + program 0) of (sequence, KV head) pair PAIR0 + program 1: its blocks' partial softmaxes
+    # from _sel_fwd_kmajor_kernel (SLOT: where each index entry lies in the index's order) merged by log-sum-exp
+    pair = PAIR0 + tl.program_id(1)
+    kvh = pair % HKV
+    bos, T, kbos, TK = _seq_bounds(pair // HKV, CU, CU, T_FIXED, TK_FIXED, VARLEN)
+    t0 = P0 + tl.program_id(0)
+    if t0 >= T:
+        return
+    _, hq, rvalid = _rows(t0, kvh, 1, G, GP)
+    first = tl.load(OFFS + PAIR0 * NS_MAX).to(tl.int64)
+    row_off, list_start, i_lo, i_hi = _position_blocks(IDX, bos, t0, kvh, hq, LO, HI, HQ, HKV, N, NP)
+    hg = tl.arange(0, GP)
+    m_i = tl.full([GP], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([GP], dtype=tl.float32)
+    acc = tl.zeros([GP, BDV], dtype=tl.float32)
+    for i in range(i_lo, i_hi):
+        slot = (tl.load(SLOT + list_start + i) - first) * GP + hg
+        lse2 = tl.load(LP + slot, mask=rvalid, other=-1.0e30)
+        m_new = tl.maximum(m_i, lse2)
+        alpha = tl.exp2(m_i - m_new)
+        w = tl.exp2(lse2 - m_new)
+        acc = acc * alpha[:, None] + _load_tile(OP, slot, rvalid, DV, BDV).to(tl.float32) * w[:, None]
+        l_i = l_i * alpha + w
+        m_i = m_new
+    o, lse = _finish(acc, m_i, l_i)  # rows with no block in this key buffer: o = 0, lse = -inf
+    _store_output(O, LSE, row_off, rvalid, o, lse, DV, BDV, OC, OW, GATE, OUT, GATED_SUM)
+
+
+@triton.jit
 def _store_ds(DSB, q0, r, rvalid, tq, blk, ds, GP: tl.constexpr, BS: tl.constexpr, INITIAL: tl.constexpr,
               LOCAL: tl.constexpr):
     """A dK/dV step's dS rows (queries ``q0 ..`` (int64) of the inverted index x GP heads) to ``DSB [entries, GP,
@@ -338,23 +418,26 @@ def _store_ds(DSB, q0, r, rvalid, tq, blk, ds, GP: tl.constexpr, BS: tl.constexp
 def _sel_dq_ds_kernel(K, IDX, SLOT, DSB, DQ, OFFS, CU, T_FIXED, TK_FIXED, P0, PAIR0, NS_MAX, scale,
                       HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr,
                       NP: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr, BS: tl.constexpr, VARLEN: tl.constexpr,
-                      INITIAL: tl.constexpr, LOCAL: tl.constexpr, KD=None, TMA: tl.constexpr = False):
+                      INITIAL: tl.constexpr, LOCAL: tl.constexpr, KD=None, TMA: tl.constexpr = False,
+                      RP: tl.constexpr = 16, ADD: tl.constexpr = True):
     # One position (P0 + program 0) of (sequence, KV head) pair PAIR0 + program 1 and its dq over its chosen (not
     # forced) blocks from the dS tiles the dK/dV pass stored (``SLOT``: where each index entry's tile lies in the
     # index's order; DSB starts at pair PAIR0's first entry): per block a [G, BS] tile and K, one product (the
-    # recomputing loop reads K and V and does three)
+    # recomputing loop reads K and V and does three). RP = max(GP, 16) rows: a product takes at least 16 (G < 16
+    # pads with zero rows). ADD: the dq adds onto DQ (the NSA core's other branches' dq), else is stored
     pair = PAIR0 + tl.program_id(1)
     kvh = pair % HKV
     bos, T, kbos, TK = _seq_bounds(pair // HKV, CU, CU, T_FIXED, TK_FIXED, VARLEN)
     t0 = P0 + tl.program_id(0)
     if t0 >= T:
         return
-    _, hq, rvalid = _rows(t0, kvh, 1, G, GP)
+    _, hq, rvalid = _rows(t0, kvh, 1, G, RP)
     first = tl.load(OFFS + PAIR0 * NS_MAX).to(tl.int64)
     row_off, list_start, i_lo, i_hi = _position_blocks(IDX, bos, t0, kvh, hq, 0, 1 << 30, HQ, HKV, N, NP)
     i_lo, i_hi = free_range(t0, i_hi, BS, INITIAL, LOCAL)
-    h_off = tl.arange(0, GP)[:, None] * BS + tl.arange(0, BS)[None, :]
-    dq = tl.zeros([GP, BDK], dtype=tl.float32)
+    h = tl.arange(0, RP)
+    h_off = h[:, None] * BS + tl.arange(0, BS)[None, :]
+    dq = tl.zeros([RP, BDK], dtype=tl.float32)
     for i in range(i_lo, i_hi):
         blk = tl.load(IDX + list_start + i)
         if TMA:
@@ -362,9 +445,10 @@ def _sel_dq_ds_kernel(K, IDX, SLOT, DSB, DQ, OFFS, CU, T_FIXED, TK_FIXED, P0, PA
         else:
             pos = blk * BS + tl.arange(0, BS)
             k = _load_tile(K, (kbos + pos.to(tl.int64)) * HKV + kvh, pos < TK, DK, BDK)
-        ds = tl.load(DSB + (tl.load(SLOT + list_start + i) - first) * (GP * BS) + h_off)
+        tile = DSB + (tl.load(SLOT + list_start + i) - first) * (GP * BS) + h_off
+        ds = tl.load(tile) if RP == GP else tl.load(tile, mask=(h < GP)[:, None], other=0.0)
         dq += tl.dot(ds, k)
-    _store_grad_tile(DQ, row_off, rvalid, dq * scale, DK, BDK, True)
+    _store_grad_tile(DQ, row_off, rvalid, dq * scale, DK, BDK, ADD)
 
 
 def sequence_ids(b: int, t: int, cu_seqlens: Optional[torch.Tensor], device):
@@ -447,6 +531,18 @@ SEL_DS_TMA_STORE = False
 # measured on a GPU. (1 stage or 8 warps spill nothing either, and were measured slower with the dS store: 19.8 /
 # 28.5 against 16.5 ms, docs/results/h100_2026-11-24_session19/run6_ds_handoff_ab.json)
 SEL_DKDV_KV_IN_LOOP = False
+# G < 16: the forward KV-block-major (_forward_kmajor: each block's queries in full tiles, a merge per position)
+# instead of the union walk of neighbouring positions, with at most SEL_FWD_BUFFER_BYTES of per-block partials
+# (o in the input dtype, lse fp32) at once; packed batches whose longest sequence's partials of one KV head do not
+# fit keep the union walk. H100 at 64k, 8 KV heads, the NSA core's forward: 68.1 -> 43.7 ms at G = 8, 52.9 -> 24.2
+# at G = 4, 48.0 -> 14.6 at G = 2 (docs/benchmarks.md, twenty-fourth session)
+SEL_FWD_KMAJOR = True
+SEL_FWD_BUFFER_BYTES = 2 << 30
+# G < 16 (no context parallelism): dq from the dS tiles that the dK/dV pass stores, as with forced blocks above,
+# instead of the union walk recomputing them. H100 at 64k, 8 KV heads, the NSA core's forward+backward: 157 -> 129
+# ms at G = 8, 101 -> 75.6 at G = 4, 78.7 -> 50.2 at G = 2 (docs/benchmarks.md, twenty-fourth session)
+SEL_DQ_FROM_DS_SMALL_G = True
+SEL_MERGE_WARPS = 2
 
 
 class _SelLaunch:
@@ -469,6 +565,7 @@ class _SelLaunch:
         elif max_t is None:
             max_t = max_seqlen(cu_seqlens)
         self.cu = cu_seqlens if self.varlen else q.new_zeros(1, dtype=torch.int32)
+        self.max_t = max_t
         self.sizes = (t, tk, q_offset, k_base)
         self.lo, self.hi = k_base // block, triton.cdiv(k_base + tk, block)
         self.ns_max = triton.cdiv(max_t + q_offset, block)
@@ -512,12 +609,18 @@ class _SelLaunch:
         self.forced = forced if forced is not None and self.loop and not (q_offset or k_base) else None
         if self.forced is not None:
             self.qmajor.update(FORCED=True, INITIAL=forced["INITIAL"], LOCAL=forced["LOCAL"])
+        # the KV-block-major forward's partials of one position and KV head: n x (o [GP, dv], lse [GP] fp32)
+        self.fwd_row_bytes = n * gp * (dv * q.element_size() + 4)
+        self.fwd_kmajor = SEL_FWD_KMAJOR and not self.loop and (
+            not self.varlen or max_t * self.fwd_row_bytes <= SEL_FWD_BUFFER_BYTES)
 
     def ds_handoff(self, indices, q) -> bool:
         """Whether this call's dq comes from the dS tiles that its dK/dV pass stores (``SEL_DQ_FROM_DS``; packed
         batches only where the longest sequence's tiles of one KV head fit ``SEL_DS_BUFFER_BYTES``)."""
-        pair = self.grid_q[0] * indices.shape[-1] * self.kmajor["GP"] * self.kmajor["BS"] * q.element_size()
-        return SEL_DQ_FROM_DS and self.forced is not None and (not self.varlen or pair <= SEL_DS_BUFFER_BYTES)
+        pair = self.max_t * indices.shape[-1] * self.kmajor["GP"] * self.kmajor["BS"] * q.element_size()
+        small_g = SEL_DQ_FROM_DS_SMALL_G and not self.loop and not any(self.sizes[2:])  # no context parallelism
+        return SEL_DQ_FROM_DS and (self.forced is not None or small_g) and (
+            not self.varlen or pair <= SEL_DS_BUFFER_BYTES)
 
     def kv(self, k, v):
         """The K/V block arguments of the query-major kernels: TMA descriptors of ``[BS, 1, BD]`` boxes, or none."""
@@ -543,9 +646,12 @@ def selected_forward(q, k, v, indices, L: _SelLaunch, scale: float, gated_sum=No
     if gated_sum is not None:
         out = torch.empty_like(o)
         fused = dict(OC=gated_sum[0], OW=gated_sum[1], GATE=gated_sum[2], OUT=out, GATED_SUM=True)
-    kernel = _sel_fwd_loop_kernel if L.loop else _sel_fwd_kernel
-    kernel[L.grid_q](q, k, v, indices, o, lse, L.cu, *L.sizes, L.lo, L.hi, scale, **L.qmajor, **fused, **L.kv(k, v),
-                     num_stages=L.stages, num_warps=L.warps_fwd)
+    if L.fwd_kmajor:
+        _forward_kmajor(q, k, v, indices, L, scale, o, lse, fused)
+    else:
+        kernel = _sel_fwd_loop_kernel if L.loop else _sel_fwd_kernel
+        kernel[L.grid_q](q, k, v, indices, o, lse, L.cu, *L.sizes, L.lo, L.hi, scale, **L.qmajor, **fused,
+                         **L.kv(k, v), num_stages=L.stages, num_warps=L.warps_fwd)
     return (o, lse) if gated_sum is None else (o, lse, out)
 
 
@@ -564,7 +670,9 @@ def selected_backward(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: fl
     dk = torch.zeros_like(k, dtype=torch.float32)
     dv = torch.zeros_like(v, dtype=torch.float32)
     if L.ds_handoff(indices, q):  # the forced blocks' dq came with the window's
-        return _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, dk, dv, L, scale, gated)
+        if own_delta:  # G < 16: the dK/dV pass, which runs first, needs delta
+            delta.copy_(row_dot(o, do))
+        return _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, add, dk, dv, L, scale, gated)
     kernel = _sel_dq_loop_kernel if L.loop else _sel_bwd_dq_kernel
     kernel[L.grid_q](q, k, v, indices, do, lse, delta, dq, L.cu, *L.sizes, L.lo, L.hi, scale, **L.qmajor,
                      DQ_ADD=add, **gated, **own_delta, **L.kv(k, v), num_stages=L.stages_dq, num_warps=L.warps_dq)
@@ -592,39 +700,72 @@ def _ds_descriptor(dsb: torch.Tensor, step_rows: int) -> dict:
     return dict(DSD=TensorDescriptor.from_tensor(dsb.view(rows, bs), [step_rows, bs]), DS_TMA=True)
 
 
-def _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, dk, dv, L: _SelLaunch, scale, gated):
-    """dK/dV first, storing the dS tiles in the inverted index's order; dq from them and K. At most
-    ``SEL_DS_BUFFER_BYTES`` of tiles exist at once: (sequence, KV head) pairs go in groups that fit (their lists
-    are neighbours in the index, and each item's dK/dV belongs to one pair), a pair that alone does not (fixed
-    length) in query chunks (an index each; partial dK/dV tiles meet in fp32 as between items)."""
+def _index_chunks(indices, L: _SelLaunch, row_bytes: int, budget: int):
+    """How a pass that keeps ``row_bytes`` per position and KV head (all its list entries) in a buffer of at most
+    ``budget`` bytes goes over the inverted index: ``(capacity, chunks)``, capacity the buffer's entries and chunks
+    yielding ``(s, m, qlist, items, offsets, slot, p0, p1)``: positions ``[s, s + m)`` of (sequence, KV head)
+    pairs ``[p0, p1)``, their index, work items and offsets (the buffer starts at pair p0's first entry), and
+    ``slot`` (``indices``' shape: where each entry lies in the index's order). Pairs go in groups that fit (their
+    lists are neighbours in the index, and each work item belongs to one pair), a pair that alone does not (fixed
+    length) in query chunks, an index each."""
     b, t, hkv, n = indices.shape
-    pairs, span = L.grid_q[1], L.grid_q[0]  # (sequence, KV head) pairs; positions of the longest sequence
-    pair_row = n * L.kmajor["GP"] * L.kmajor["BS"] * q.element_size()  # one position's tiles
-    rows = span if L.varlen else min(t, max(64, SEL_DS_BUFFER_BYTES // pair_row // 64 * 64))
-    group = max(1, SEL_DS_BUFFER_BYTES // (pair_row * rows)) if rows == span else 1
-    dsb = torch.empty(min(group * rows * n, indices.numel()), L.kmajor["GP"], L.kmajor["BS"], device=q.device,
-                      dtype=q.dtype)
-    slot = torch.empty(b, t, hkv, n, device=q.device, dtype=torch.int32)  # index entry -> its place in the order
-    forced = dict(INITIAL=L.forced["INITIAL"], LOCAL=L.forced["LOCAL"])
+    pairs, span = L.grid_q[1], L.max_t
+    rows = span if L.varlen else min(t, max(64, budget // row_bytes // 64 * 64))
+    group = max(1, budget // (row_bytes * rows)) if rows == span else 1
+
+    def chunks():
+        slot = torch.empty(b, t, hkv, n, device=indices.device, dtype=torch.int32)
+        for s in range(0, t, t if L.varlen else rows):
+            part = indices if rows == span else indices[:, s:s + rows].contiguous()
+            qlist, items, offsets, entries = _dkdv_items(part, L, entries=True)
+            qlist += s
+            slot[:, s:s + part.shape[1]] = torch.empty_like(entries).scatter_(
+                0, entries.long(), torch.arange(entries.numel(), device=indices.device, dtype=entries.dtype)
+            ).view(part.shape)
+            for p0 in range(0, pairs, group):
+                yield s, min(rows, span - s), qlist, items, offsets, slot, p0, min(pairs, p0 + group)
+    return min(group * rows * n, indices.numel()), chunks()
+
+
+def _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, add, dk, dv, L: _SelLaunch, scale, gated):
+    """dK/dV first, storing the dS tiles in the inverted index's order; dq from them and K (added onto ``dq`` with
+    ``add``). At most ``SEL_DS_BUFFER_BYTES`` of tiles exist at once (:func:`_index_chunks`; partial dK/dV tiles of
+    query chunks meet in fp32 as between items). Without forced blocks (G < 16) every listed block's tile."""
+    n = indices.shape[-1]
+    row_bytes = n * L.kmajor["GP"] * L.kmajor["BS"] * q.element_size()  # one position's tiles
+    capacity, chunks = _index_chunks(indices, L, row_bytes, SEL_DS_BUFFER_BYTES)
+    dsb = torch.empty(capacity, L.kmajor["GP"], L.kmajor["BS"], device=q.device, dtype=q.dtype)
+    # no initial and no local blocks forced: every listed block is stored and walked by dq
+    forced = dict(INITIAL=L.forced["INITIAL"], LOCAL=L.forced["LOCAL"]) if L.forced else dict(INITIAL=0, LOCAL=0)
     kd = {"KD": L.kv(k, v)["KD"], "TMA": True} if L.tma else {}
     dsd = _ds_descriptor(dsb, L.kmajor["BLOCK_Q"] * L.kmajor["GP"]) if SEL_DS_TMA_STORE else {}
     const = {key: L.qmajor[key] for key in ("HQ", "HKV", "G", "GP", "N", "NP", "DK", "BDK", "BS", "VARLEN")}
-    for s in range(0, t, t if L.varlen else rows):
-        part = indices if rows == span else indices[:, s:s + rows].contiguous()
-        qlist, items, offsets, entries = _dkdv_items(part, L, entries=True)
-        qlist += s
-        slot[:, s:s + part.shape[1]] = torch.empty_like(entries).scatter_(
-            0, entries.long(), torch.arange(entries.numel(), device=q.device, dtype=entries.dtype)).view(part.shape)
-        for p0 in range(0, pairs, group):
-            p1 = min(pairs, p0 + group)
-            _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu,
-                                                      *L.sizes, L.ns_max, scale, **L.kmajor, **gated, DSB=dsb,
-                                                      OFFS=offsets, PAIR0=p0, PAIR1=p1, STORE_DS=True, **forced,
-                                                      **dsd, KV_IN_LOOP=SEL_DKDV_KV_IN_LOOP, **L.ds_dkdv)
-            _sel_dq_ds_kernel[(min(rows, span - s), p1 - p0)](k, indices, slot, dsb, dq, offsets, L.cu,
-                                                               *L.sizes[:2], s, p0, L.ns_max, scale, **const,
-                                                               **forced, **kd, **L.ds_dq)
+    for s, m, qlist, items, offsets, slot, p0, p1 in chunks:
+        _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu, *L.sizes,
+                                                  L.ns_max, scale, **L.kmajor, **gated, DSB=dsb, OFFS=offsets,
+                                                  PAIR0=p0, PAIR1=p1, STORE_DS=True, **forced, **dsd,
+                                                  KV_IN_LOOP=SEL_DKDV_KV_IN_LOOP, **L.ds_dkdv)
+        _sel_dq_ds_kernel[(m, p1 - p0)](k, indices, slot, dsb, dq, offsets, L.cu, *L.sizes[:2], s, p0, L.ns_max,
+                                        scale, **const, **forced, **kd, RP=max(16, const["GP"]), ADD=add,
+                                        **L.ds_dq)
     return dq, dk, dv
+
+
+def _forward_kmajor(q, k, v, indices, L: _SelLaunch, scale, o, lse, fused):
+    """The forward at G < 16 (``L.fwd_kmajor``): each block's queries attend to it in full matrix tiles
+    (:func:`_sel_fwd_kmajor_kernel`), their per-block softmaxes kept in the index's order (at most
+    ``SEL_FWD_BUFFER_BYTES`` at once, :func:`_index_chunks`), then merged per position."""
+    gp, dv = L.kmajor["GP"], v.shape[-1]
+    capacity, chunks = _index_chunks(indices, L, L.fwd_row_bytes, SEL_FWD_BUFFER_BYTES)
+    op = torch.empty(capacity, gp, dv, device=q.device, dtype=q.dtype)
+    lp = torch.empty(capacity, gp, device=q.device, dtype=torch.float32)
+    const = {key: L.qmajor[key] for key in ("HQ", "HKV", "G", "GP", "N", "NP", "DV", "BDV", "VARLEN")}
+    for s, m, qlist, items, offsets, slot, p0, p1 in chunks:
+        _sel_fwd_kmajor_kernel[(items[0].numel(),)](q, k, v, op, lp, qlist, *items, offsets, L.cu, *L.sizes,
+                                                    L.ns_max, p0, p1, scale, **L.kmajor, num_warps=4,
+                                                    num_stages=L.stages)
+        _sel_merge_kernel[(m, p1 - p0)](indices, slot, op, lp, o, lse, offsets, L.cu, *L.sizes[:2], s, p0,
+                                        L.ns_max, L.lo, L.hi, **const, **fused, num_warps=SEL_MERGE_WARPS)
 
 
 class SelectedAttention(torch.autograd.Function):

@@ -506,6 +506,109 @@ def test_selected_query_offset_and_key_buffers(hq):
     _check(lse_m, lse, torch.float32, "two key buffers lse")
 
 
+@pytest.mark.parametrize("case", ["whole", "query-chunks", "pair-groups", "fp16", "packed", "packed-too-long",
+                                  "offsets", "core"])
+def test_selected_forward_kv_block_major(case, monkeypatch):
+    """G < 16 with ``select.SEL_FWD_KMAJOR``: each block's queries attend to it in full tiles and a merge kernel
+    combines a position's per-block softmaxes, against the reference (gradients too), with the partials' budget
+    forcing query chunks or groups of (sequence, KV head) pairs; a packed batch whose longest sequence's partials do
+    not fit keeps the union walk; context parallelism's query offset and key buffers equal the union walk's."""
+    from nsa_parallel.kernels import select
+    monkeypatch.setattr(select, "SEL_FWD_KMAJOR", True)
+    merges = []
+
+    class Counted:
+        def __getitem__(self, grid, real=select._sel_merge_kernel):
+            merges.append(grid)
+            return real[grid]
+    monkeypatch.setattr(select, "_sel_merge_kernel", Counted())
+    dtype = torch.float16 if case == "fp16" else torch.float32
+    b, t, hq, hkv, dk, dv, blk = 2, 150, 8, 2, 16, 8, SMALL.select_block
+    row = SMALL.select_topn * 4 * (dv * (2 if case == "fp16" else 4) + 4)  # one position's partials, G = 4
+    budget = {"query-chunks": 64 * row, "pair-groups": 2 * t * row, "packed-too-long": 40 * row}.get(case)
+    if budget:
+        monkeypatch.setattr(select, "SEL_FWD_BUFFER_BYTES", budget)
+    if case == "core":
+        _check_nsa(*_nsa_both(1, 90, 4, 2, 16, 8, SMALL, torch.float32, seed=4), torch.float32)
+        assert merges == [(90, 2)]
+        return
+    cu = torch.tensor([0, 37, 53, 98], dtype=torch.int32, device=DEVICE) if case.startswith("packed") else None
+    if cu is not None:
+        b, t = 1, 98
+    g = torch.Generator().manual_seed(len(case))
+    seqs = [(s, e) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())] if cu is not None else [(0, t)]
+    idx = torch.cat([ref.select_topn(torch.rand(b, hkv, e - s, SMALL.num_select_blocks(e - s), generator=g), SMALL)
+                     for s, e in seqs], dim=1).to(DEVICE)
+    q = _rand(b, t, hq, dk, dtype=dtype, seed=31)
+    k, v = _rand(b, t, hkv, dk, dtype=dtype, seed=32), _rand(b, t, hkv, dv, dtype=dtype, seed=33)
+    if case == "offsets":  # a query chunk at an offset, and keys in two buffers, against the union walk
+        s = 3 * blk
+        runs = [dict(q=q[:, s:], idx=idx[:, s:], q_offset=s)] + [dict(k=k[:, a:e], v=v[:, a:e], k_base=a)
+                                                                 for a, e in ((0, s), (s, t))]
+        for run in runs:
+            args = [run.pop(n, x).detach().contiguous() for n, x in zip(("q", "k", "v", "idx"), (q, k, v, idx))]
+            got = selected_attention(*args, blk, 0.3, **run)
+            monkeypatch.setattr(select, "SEL_FWD_KMAJOR", False)
+            want = selected_attention(*args, blk, 0.3, **run)
+            monkeypatch.setattr(select, "SEL_FWD_KMAJOR", True)
+            _check(got[0], want[0], dtype, "offsets o")
+            lse_ok = torch.isfinite(want[1])  # rows with no block in a key buffer: -inf both
+            assert torch.equal(torch.isfinite(got[1]), lse_ok)
+            _check(got[1][lse_ok], want[1][lse_ok], dtype, "offsets lse")
+        assert len(merges) == 3
+        return
+    o, lse = selected_attention(q, k, v, idx, blk, 0.3, cu)
+    want = [ref.selected_attention(*(x[:, s:e] for x in (q, k, v, idx)), SMALL, 0.3) for s, e in seqs]
+    r_o, r_lse = (torch.cat([getattr(w, n) for w in want], dim=1) for n in ("o", "lse"))
+    _check(o, r_o, dtype, "selected o")
+    _check(lse, r_lse, dtype, "selected lse")
+    for name, a, c in zip("qkv", _grads(o, (q, k, v)), _grads(r_o, (q, k, v))):
+        _check(a, c, dtype, f"selected d{name}")
+    pairs = b * hkv if cu is None else 3 * hkv
+    assert merges == {"whole": [(t, pairs)], "fp16": [(t, pairs)], "query-chunks":
+                      [(m, 1) for m in (64, 64, 22) for _ in range(pairs)], "pair-groups": [(t, 2), (t, 2)],
+                      "packed": [(45, pairs)], "packed-too-long": []}[case]
+
+
+@pytest.mark.parametrize("case", ["standalone", "query-chunks", "packed", "core"])
+def test_selected_dq_from_ds_small_g(case, monkeypatch):
+    """G < 16 with ``select.SEL_DQ_FROM_DS_SMALL_G``: the dK/dV pass stores every listed block's dS tile and dq
+    reads them with K (zero rows padding the product to 16); dq stored (standalone) or added onto the other
+    branches' (the NSA core), delta from the output first; all gradients against the reference."""
+    from nsa_parallel.kernels import select
+    monkeypatch.setattr(select, "SEL_DQ_FROM_DS_SMALL_G", True)
+    grids = []
+
+    class Counted:
+        def __getitem__(self, grid, real=select._sel_dq_ds_kernel):
+            grids.append(grid)
+            return real[grid]
+    monkeypatch.setattr(select, "_sel_dq_ds_kernel", Counted())
+    b, t, hq, hkv, dk, dv, blk = 2, 150, 8, 2, 16, 8, SMALL.select_block
+    if case == "query-chunks":  # 64 positions' tiles of one KV head: 4 entries x 4 heads x 16 keys x 4 bytes
+        monkeypatch.setattr(select, "SEL_DS_BUFFER_BYTES", 64 * SMALL.select_topn * 4 * blk * 4)
+    if case == "core":
+        _check_nsa(*_nsa_both(1, 90, 4, 2, 16, 8, SMALL, torch.float32, seed=5), torch.float32)
+        assert grids == [(90, 2)]
+        return
+    cu = torch.tensor([0, 37, 53, 98], dtype=torch.int32, device=DEVICE) if case == "packed" else None
+    if cu is not None:
+        b, t = 1, 98
+    g = torch.Generator().manual_seed(7)
+    seqs = [(s, e) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())] if cu is not None else [(0, t)]
+    idx = torch.cat([ref.select_topn(torch.rand(b, hkv, e - s, SMALL.num_select_blocks(e - s), generator=g), SMALL)
+                     for s, e in seqs], dim=1).to(DEVICE)
+    q = _rand(b, t, hq, dk, dtype=torch.float32, seed=41)
+    k, v = _rand(b, t, hkv, dk, dtype=torch.float32, seed=42), _rand(b, t, hkv, dv, dtype=torch.float32, seed=43)
+    o, _ = selected_attention(q, k, v, idx, blk, 0.3, cu)
+    r_o = torch.cat([ref.selected_attention(*(x[:, s:e] for x in (q, k, v, idx)), SMALL, 0.3).o for s, e in seqs],
+                    dim=1)
+    for name, a, c in zip("qkv", _grads(o, (q, k, v)), _grads(r_o, (q, k, v))):
+        _check(a, c, torch.float32, f"selected d{name}")
+    assert grids == {"standalone": [(t, b * hkv)], "query-chunks": [(m, 1) for m in (64, 64, 22) for _ in range(4)],
+                     "packed": [(45, 3 * hkv)]}[case]
+
+
 def test_inverted_block_index():
     """Per (sequence, KV head, block): the queries that chose it, ascending; -1 and blocks outside [lo, hi) left
     out; packed sequences keep their own lists and local positions."""
