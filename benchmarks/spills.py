@@ -1,6 +1,6 @@
 """Registers, spills and shared memory of every Triton kernel the NSA core compiles, on one GPU.
 
-    python -P benchmarks/spills.py --t 65536 --also select.SEL_DKDV_KV_IN_LOOP=true --out spills.json
+    python -P benchmarks/spills.py --t 65536 --also forced.FORCED_TILES=false --out spills.json
 
 Runs the core's forward and backward once on the bench's inputs (``nsa_parallel.bench.core_case``), then once more
 for each ``--also MODULE.NAME=JSON`` (that setting of ``nsa_parallel.kernels.MODULE`` alone changed, then put back),

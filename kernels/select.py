@@ -255,56 +255,68 @@ def _sel_bwd_dq_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, CU, T_FIXED, TK_FIXED, 
 
 
 @triton.jit
+def _work_item(ITEM_KEY, ITEM_START, ITEM_END):
+    """``(start, end, key)`` of this program's work item (:func:`work_items`; empty when ``start >= end``)."""
+    item = tl.program_id(0)
+    return tl.load(ITEM_START + item), tl.load(ITEM_END + item), tl.load(ITEM_KEY + item)
+
+
+@triton.jit
+def _item_rows(QLIST, q0, end, bos, kvh, HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr):
+    """A work item's rows in one step, ``ROWS / GP`` queries of its list from ``q0`` x GP heads: ``(list places, head
+    in group, validity, positions, query row offsets)``."""
+    r = tl.arange(0, ROWS)
+    hg = r % GP
+    qi = q0 + r // GP
+    rvalid = (qi < end) & (hg < G)
+    tq = tl.load(QLIST + qi, mask=rvalid, other=0)
+    return qi, hg, rvalid, tq, (bos + tq.to(tl.int64)) * HQ + kvh * G + hg
+
+
+@triton.jit
+def _item_block(K, V, key, CU, T_FIXED, TK_FIXED, KBASE, NS_MAX, HKV: tl.constexpr, DK: tl.constexpr,
+                DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BS: tl.constexpr, VARLEN: tl.constexpr):
+    """The block of a KV-block-major work item (``key`` = (sequence, KV head, block)): its id, KV head, the
+    sequence's first row, the block's key positions, which lie in the key buffer, their K/V rows and tiles."""
+    blk = key % NS_MAX
+    kvh = (key // NS_MAX) % HKV
+    bos, T, kbos, TK = _seq_bounds(key // (NS_MAX * HKV), CU, CU, T_FIXED, TK_FIXED, VARLEN)
+    pos = blk * BS + tl.arange(0, BS)
+    pvalid = (pos >= KBASE) & (pos - KBASE < TK)
+    kv_off = (kbos + (pos - KBASE).to(tl.int64)) * HKV + kvh
+    return blk, kvh, bos, pos, pvalid, kv_off, _load_tile(K, kv_off, pvalid, DK, BDK), _load_tile(V, kv_off, pvalid,
+                                                                                                 DV, BDV)
+
+
+@triton.jit
 def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITEM_START, ITEM_END, CU, T_FIXED,
                          TK_FIXED, QOFF, KBASE, NS_MAX, scale,
                          HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                          DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                          BS: tl.constexpr, BLOCK_Q: tl.constexpr, VARLEN: tl.constexpr, GATE=None,
                          GATED: tl.constexpr = False, DSB=None, OFFS=None, PAIR0=0, PAIR1=0,
-                         STORE_DS: tl.constexpr = False, INITIAL: tl.constexpr = 0, LOCAL: tl.constexpr = 0,
-                         DSD=None, DS_TMA: tl.constexpr = False, KV_IN_LOOP: tl.constexpr = False):
+                         STORE_DS: tl.constexpr = False, INITIAL: tl.constexpr = 0, LOCAL: tl.constexpr = 0):
     # STORE_DS: only the items of (sequence, KV head) pairs [PAIR0, PAIR1), whose dS tiles (gated, as dq needs
     # them) go to DSB from the pairs' first list entry (OFFS = the index's offsets) on, so that dq
-    # (_sel_dq_ds_kernel) reads dS and K instead of recomputing q k^T and dO v^T from K and V. DS_TMA: whole steps
-    # store their tile through DSD (DSB as [rows, BS]) by TMA, forced entries' slots included (never read); an
-    # item's last, partial step stores by pointers so as not to write the next item's slots. KV_IN_LOOP: the block's
-    # K/V tiles loaded in every step (see SEL_DKDV_KV_IN_LOOP)
-    item = tl.program_id(0)
-    start = tl.load(ITEM_START + item)
-    end = tl.load(ITEM_END + item)
+    # (_sel_dq_ds_kernel) reads dS and K instead of recomputing q k^T and dO v^T from K and V
+    start, end, key = _work_item(ITEM_KEY, ITEM_START, ITEM_END)
     if start >= end:
         return
-    key = tl.load(ITEM_KEY + item)
     if STORE_DS:
         if (key // NS_MAX < PAIR0) | (key // NS_MAX >= PAIR1):
             return
         ds_row0 = start - tl.load(OFFS + PAIR0 * NS_MAX).to(tl.int64)  # this item's first tile in DSB
-    blk = key % NS_MAX
-    kvh = (key // NS_MAX) % HKV
-    seq = key // (NS_MAX * HKV)
-    bos, T, kbos, TK = _seq_bounds(seq, CU, CU, T_FIXED, TK_FIXED, VARLEN)
-    pos = blk * BS + tl.arange(0, BS)
-    pvalid = (pos >= KBASE) & (pos - KBASE < TK)
+    blk, kvh, bos, pos, pvalid, kv_off, k, v = _item_block(K, V, key, CU, T_FIXED, TK_FIXED, KBASE, NS_MAX, HKV, DK,
+                                                           DV, BDK, BDV, BS, VARLEN)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
-    kv_off = (kbos + (pos - KBASE).to(tl.int64)) * HKV + kvh
-    if not KV_IN_LOOP:
-        k = _load_tile(K, kv_off, pvalid, DK, BDK)
-        v = _load_tile(V, kv_off, pvalid, DV, BDV)
     qk_scale = scale * 1.4426950408889634
     dk_acc = tl.zeros([BS, BDK], dtype=tl.float32)
     dv_acc = tl.zeros([BS, BDV], dtype=tl.float32)
     r = tl.arange(0, BLOCK_Q * GP)
-    hg = r % GP
     for q0 in range(start, end, BLOCK_Q):
-        qi = q0 + r // GP
-        rvalid = (qi < end) & (hg < G)
-        tq = tl.load(QLIST + qi, mask=rvalid, other=0)
-        row_off = (bos + tq.to(tl.int64)) * HQ + kvh * G + hg
+        qi, hg, rvalid, tq, row_off = _item_rows(QLIST, q0, end, bos, kvh, HQ, G, GP, BLOCK_Q * GP)
         q, do, lse2, delta, g = _bwd_rows(Q, DO, LSE, DELTA, row_off, rvalid, DK, DV, BDK, BDV, GATE, GATED)
-        if KV_IN_LOOP:  # each step's K/V from L2 through shared memory, not held in registers across the loop
-            k = _load_tile(K, kv_off, pvalid, DK, BDK)
-            v = _load_tile(V, kv_off, pvalid, DV, BDV)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         vis = (pos[None, :] <= tq[:, None] + QOFF) & rvalid[:, None]
         p = _gated(tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0), g[:, None], GATED)
@@ -312,10 +324,7 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         if STORE_DS:
-            if DS_TMA and q0 + BLOCK_Q <= end:
-                DSD.store([((ds_row0 + (q0 - start)) * GP).to(tl.int32), 0], ds.to(q.dtype))
-            else:
-                _store_ds(DSB, ds_row0 + (q0 - start), r, rvalid, tq, blk, ds.to(q.dtype), GP, BS, INITIAL, LOCAL)
+            _store_ds(DSB, ds_row0 + (q0 - start), r, rvalid, tq, blk, ds.to(q.dtype), GP, BS, INITIAL, LOCAL)
         dk_acc += tl.dot(tl.trans(ds.to(q.dtype)), q)
     # several work items may share a block (block 0 is every query's): partial tiles meet in fp32
     tl.atomic_add(DK_ + kv_off[:, None] * DK + dk[None, :], dk_acc * scale, mask=pvalid[:, None] & (dk[None, :] < DK))
@@ -332,31 +341,18 @@ def _sel_fwd_kmajor_kernel(Q, K, V, OP, LP, QLIST, ITEM_KEY, ITEM_START, ITEM_EN
     # K/V once and attends its queries BLOCK_Q positions x GP heads at a time (full matrix tiles however small G
     # is); each query's softmax over this block alone, (o, lse in log2 units), goes to OP / LP at the entry's
     # place in the index, counted from the first entry of pair PAIR0. _sel_merge_kernel combines a position's.
-    item = tl.program_id(0)
-    start = tl.load(ITEM_START + item)
-    end = tl.load(ITEM_END + item)
+    start, end, key = _work_item(ITEM_KEY, ITEM_START, ITEM_END)
     if start >= end:
         return
-    key = tl.load(ITEM_KEY + item)
     if (key // NS_MAX < PAIR0) | (key // NS_MAX >= PAIR1):
         return
     first = tl.load(OFFS + PAIR0 * NS_MAX).to(tl.int64)
-    blk = key % NS_MAX
-    kvh = (key // NS_MAX) % HKV
-    bos, T, kbos, TK = _seq_bounds(key // (NS_MAX * HKV), CU, CU, T_FIXED, TK_FIXED, VARLEN)
-    pos = blk * BS + tl.arange(0, BS)
-    pvalid = (pos >= KBASE) & (pos - KBASE < TK)
-    kv_off = (kbos + (pos - KBASE).to(tl.int64)) * HKV + kvh
-    k = _load_tile(K, kv_off, pvalid, DK, BDK)
-    v = _load_tile(V, kv_off, pvalid, DV, BDV)
+    blk, kvh, bos, pos, pvalid, kv_off, k, v = _item_block(K, V, key, CU, T_FIXED, TK_FIXED, KBASE, NS_MAX, HKV, DK,
+                                                           DV, BDK, BDV, BS, VARLEN)
     qk_scale = scale * 1.4426950408889634
-    r = tl.arange(0, BLOCK_Q * GP)
-    hg = r % GP
     for q0 in range(start, end, BLOCK_Q):
-        qi = q0 + r // GP
-        rvalid = (qi < end) & (hg < G)
-        tq = tl.load(QLIST + qi, mask=rvalid, other=0)
-        q = _load_tile(Q, (bos + tq.to(tl.int64)) * HQ + kvh * G + hg, rvalid, DK, BDK)
+        qi, hg, rvalid, tq, row_off = _item_rows(QLIST, q0, end, bos, kvh, HQ, G, GP, BLOCK_Q * GP)
+        q = _load_tile(Q, row_off, rvalid, DK, BDK)
         s = tl.dot(q, tl.trans(k))
         # a listed block starts at or before its query, so every valid row sees a key: its max is finite
         s = tl.where(pvalid[None, :] & (pos[None, :] <= tq[:, None] + QOFF), s, float("-inf"))
@@ -370,20 +366,26 @@ def _sel_fwd_kmajor_kernel(Q, K, V, OP, LP, QLIST, ITEM_KEY, ITEM_START, ITEM_EN
 
 
 @triton.jit
+def _pair_position(CU, T_FIXED, TK_FIXED, P0, PAIR0, OFFS, NS_MAX, HKV: tl.constexpr, VARLEN: tl.constexpr):
+    """A per-position program over the inverted index's pairs [PAIR0, ..): its KV head, sequence bounds, position
+    (``P0`` + program 0; past the sequence when ``t0 >= T``) and where pair PAIR0's first entry lies in the index
+    (the start of the buffers that hold the entries' tiles or partials)."""
+    pair = PAIR0 + tl.program_id(1)
+    bos, T, kbos, TK = _seq_bounds(pair // HKV, CU, CU, T_FIXED, TK_FIXED, VARLEN)
+    return pair % HKV, bos, T, kbos, TK, P0 + tl.program_id(0), tl.load(OFFS + PAIR0 * NS_MAX).to(tl.int64)
+
+
+@triton.jit
 def _sel_merge_kernel(IDX, SLOT, OP, LP, O, LSE, OFFS, CU, T_FIXED, TK_FIXED, P0, PAIR0, NS_MAX, LO, HI,
                       HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr,
                       NP: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, VARLEN: tl.constexpr, OC=None,
                       OW=None, GATE=None, OUT=None, GATED_SUM: tl.constexpr = False):
     # One position (P0 + program 0) of (sequence, KV head) pair PAIR0 + program 1: its blocks' partial softmaxes
     # from _sel_fwd_kmajor_kernel (SLOT: where each index entry lies in the index's order) merged by log-sum-exp
-    pair = PAIR0 + tl.program_id(1)
-    kvh = pair % HKV
-    bos, T, kbos, TK = _seq_bounds(pair // HKV, CU, CU, T_FIXED, TK_FIXED, VARLEN)
-    t0 = P0 + tl.program_id(0)
+    kvh, bos, T, kbos, TK, t0, first = _pair_position(CU, T_FIXED, TK_FIXED, P0, PAIR0, OFFS, NS_MAX, HKV, VARLEN)
     if t0 >= T:
         return
     _, hq, rvalid = _rows(t0, kvh, 1, G, GP)
-    first = tl.load(OFFS + PAIR0 * NS_MAX).to(tl.int64)
     row_off, list_start, i_lo, i_hi = _position_blocks(IDX, bos, t0, kvh, hq, LO, HI, HQ, HKV, N, NP)
     hg = tl.arange(0, GP)
     m_i = tl.full([GP], -1.0e30, dtype=tl.float32)
@@ -425,14 +427,10 @@ def _sel_dq_ds_kernel(K, IDX, SLOT, DSB, DQ, OFFS, CU, T_FIXED, TK_FIXED, P0, PA
     # index's order; DSB starts at pair PAIR0's first entry): per block a [G, BS] tile and K, one product (the
     # recomputing loop reads K and V and does three). RP = max(GP, 16) rows: a product takes at least 16 (G < 16
     # pads with zero rows). ADD: the dq adds onto DQ (the NSA core's other branches' dq), else is stored
-    pair = PAIR0 + tl.program_id(1)
-    kvh = pair % HKV
-    bos, T, kbos, TK = _seq_bounds(pair // HKV, CU, CU, T_FIXED, TK_FIXED, VARLEN)
-    t0 = P0 + tl.program_id(0)
+    kvh, bos, T, kbos, TK, t0, first = _pair_position(CU, T_FIXED, TK_FIXED, P0, PAIR0, OFFS, NS_MAX, HKV, VARLEN)
     if t0 >= T:
         return
     _, hq, rvalid = _rows(t0, kvh, 1, G, RP)
-    first = tl.load(OFFS + PAIR0 * NS_MAX).to(tl.int64)
     row_off, list_start, i_lo, i_hi = _position_blocks(IDX, bos, t0, kvh, hq, 0, 1 << 30, HQ, HKV, N, NP)
     i_lo, i_hi = free_range(t0, i_hi, BS, INITIAL, LOCAL)
     h = tl.arange(0, RP)
@@ -522,15 +520,9 @@ SEL_WIDE_STAGES = 2  # pipeline stages of 256-wide tiles (head dims above 128); 
 # _backward_ds_handoff; packed batches take the handoff where a KV head's tiles of their longest sequence fit)
 SEL_DQ_FROM_DS = True
 SEL_DS_BUFFER_BYTES = 2 << 30
-# the dK/dV pass stores whole steps' dS tiles by TMA (async bulk stores, no per-thread masked stores). Off until
-# measured on a GPU: the pass is 17.0 ms at 64k (H100), 12.6 without the 7 GB of tiles it stores
-SEL_DS_TMA_STORE = False
-# The dK/dV pass with the dS store holds its block's K/V tiles in registers across the loop (sm_90: 255 registers,
-# 80 spill loads + 40 spill stores a step); loaded in every step instead (L2 hits, async copies into shared memory)
-# the spills drop to 19 + 2, for 140 instead of 83 KiB of shared memory (1 program per SM instead of 2). Off until
-# measured on a GPU. (1 stage or 8 warps spill nothing either, and were measured slower with the dS store: 19.8 /
-# 28.5 against 16.5 ms, docs/results/h100_2026-11-24_session19/run6_ds_handoff_ab.json)
-SEL_DKDV_KV_IN_LOOP = False
+# Measured and dropped (H100 at 64k, twenty-fourth session): the dS-storing dK/dV pass with its block's K/V loaded
+# in every step instead of held in (spilling) registers, 25.0 ms against 17.3; whole steps' dS tiles by TMA stores,
+# 17.05 against 17.47 with the core's fwd+bwd unchanged (docs/benchmarks.md)
 # G < 16: the forward KV-block-major (_forward_kmajor: each block's queries in full tiles, a merge per position)
 # instead of the union walk of neighbouring positions, with at most SEL_FWD_BUFFER_BYTES of per-block partials
 # (o in the input dtype, lse fp32) at once; packed batches whose longest sequence's partials of one KV head do not
@@ -689,17 +681,6 @@ def _dkdv_items(indices, L: _SelLaunch, entries: bool = False):
     return (inv[0], work_items(inv[1], indices.numel(), chunk)) + (inv[1:] if entries else ())
 
 
-def _ds_descriptor(dsb: torch.Tensor, step_rows: int) -> dict:
-    """``DSD`` / ``DS_TMA`` for the dK/dV pass: the dS buffer ``[entries, GP, BS]`` as ``[rows, BS]`` with boxes
-    of one step's ``step_rows`` rows, where TMA can serve it (Hopper or the interpreter, boxes of at most 256 a side,
-    int32 row coordinates); else none (pointer stores)."""
-    rows, bs = dsb.shape[0] * dsb.shape[1], dsb.shape[2]
-    if not tma_ok(dsb) or step_rows > 256 or bs > 256 or rows >= 1 << 31:
-        return {}
-    from triton.tools.tensor_descriptor import TensorDescriptor
-    return dict(DSD=TensorDescriptor.from_tensor(dsb.view(rows, bs), [step_rows, bs]), DS_TMA=True)
-
-
 def _index_chunks(indices, L: _SelLaunch, row_bytes: int, budget: int):
     """How a pass that keeps ``row_bytes`` per position and KV head (all its list entries) in a buffer of at most
     ``budget`` bytes goes over the inverted index: ``(capacity, chunks)``, capacity the buffer's entries and chunks
@@ -738,13 +719,11 @@ def _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, add, dk, dv, L: _
     # no initial and no local blocks forced: every listed block is stored and walked by dq
     forced = dict(INITIAL=L.forced["INITIAL"], LOCAL=L.forced["LOCAL"]) if L.forced else dict(INITIAL=0, LOCAL=0)
     kd = {"KD": L.kv(k, v)["KD"], "TMA": True} if L.tma else {}
-    dsd = _ds_descriptor(dsb, L.kmajor["BLOCK_Q"] * L.kmajor["GP"]) if SEL_DS_TMA_STORE else {}
     const = {key: L.qmajor[key] for key in ("HQ", "HKV", "G", "GP", "N", "NP", "DK", "BDK", "BS", "VARLEN")}
     for s, m, qlist, items, offsets, slot, p0, p1 in chunks:
         _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu, *L.sizes,
                                                   L.ns_max, scale, **L.kmajor, **gated, DSB=dsb, OFFS=offsets,
-                                                  PAIR0=p0, PAIR1=p1, STORE_DS=True, **forced, **dsd,
-                                                  KV_IN_LOOP=SEL_DKDV_KV_IN_LOOP, **L.ds_dkdv)
+                                                  PAIR0=p0, PAIR1=p1, STORE_DS=True, **forced, **L.ds_dkdv)
         _sel_dq_ds_kernel[(m, p1 - p0)](k, indices, slot, dsb, dq, offsets, L.cu, *L.sizes[:2], s, p0, L.ns_max,
                                         scale, **const, **forced, **kd, RP=max(16, const["GP"]), ADD=add,
                                         **L.ds_dq)

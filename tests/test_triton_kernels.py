@@ -36,6 +36,18 @@ def _check(got, want, dtype, what):
     assert err < TOL[dtype], f"{what}: relative error {err:.2e} > {TOL[dtype]:.0e}"
 
 
+def _launches(monkeypatch, module, kernel: str) -> list:
+    """The grids of ``module.kernel``'s launches from here on (a spy in its place)."""
+    grids, real = [], getattr(module, kernel)
+
+    class Counted:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+    monkeypatch.setattr(module, kernel, Counted())
+    return grids
+
+
 SHAPES = [  # (t, hq, hkv, dk, dv)
     (70, 4, 2, 16, 8),    # G=2, dk != dv, length not a multiple of any block
     (45, 6, 2, 8, 8),     # G=3: not a power of two, two groups
@@ -262,45 +274,22 @@ def test_nsa_triton_packed_sequences():
     (1, 2, 16, True, True, False),  # dq of the chosen blocks recomputed from K and V, not from stored dS
     (1, 2, 16, False, True, "pairs"), (1, 2, 16, True, True, "pairs"),  # one (sequence, KV head) at a time
     (1, 2, 16, False, True, "chunks"),  # ... and in query chunks of 64 positions
-    (1, 2, 16, False, True, "tma"), (2, 1, 16, True, True, "tma"),  # select.SEL_DS_TMA_STORE: tiles stored by TMA
-    (1, 2, 16, False, True, "tma-chunks"),
-    (1, 2, 16, True, True, "kvloop"),  # select.SEL_DKDV_KV_IN_LOOP: the block's K/V loaded in every dK/dV step
     (1, 2, 16, True, False, True),  # switched off: the selected loops walk whole lists
 ])
 def test_nsa_triton_forced_blocks_in_window_kernels(initial, local, block, packed, on, handoff, monkeypatch):
     """G >= 16: the window kernels attend to the selected branch's forced blocks and the selected loops walk the
     rest of each list (forced.py), dq of those from the dS tiles that the dK/dV pass stores (``handoff``); output
-    and every gradient against the reference; ``tma``: whole steps' dS tiles stored by TMA (items' last steps by
-    pointers); ``kvloop``: the dK/dV pass loads its block's K/V in every step."""
+    and every gradient against the reference."""
     from nsa_parallel.kernels import forced, select
     cfg = NSAConfig(compress_block=8, compress_stride=4, select_block=block, select_topn=initial + local + 2,
                     select_initial=initial, select_local=local, window=24)
     monkeypatch.setattr(forced, "FORCED_TILES", on)
     monkeypatch.setattr(select, "SEL_DQ_FROM_DS", bool(handoff))
-    tma = str(handoff).startswith("tma")
-    monkeypatch.setattr(select, "SEL_DS_TMA_STORE", tma)
-    kvloop = handoff == "kvloop"
-    monkeypatch.setattr(select, "SEL_DKDV_KV_IN_LOOP", kvloop)
-    handoff = {"tma": True, "tma-chunks": "chunks", "kvloop": True}.get(handoff, handoff)  # the dS budget's case
-    dkdv = []  # (DS_TMA, KV_IN_LOOP) of each dK/dV launch
-    real_dkdv = select._sel_bwd_dkdv_kernel
-
-    class Spied:
-        def __getitem__(self, grid):
-            return lambda *a, **kw: dkdv.append((kw.get("DS_TMA", False), kw.get("KV_IN_LOOP", False))) or \
-                real_dkdv[grid](*a, **kw)
-    monkeypatch.setattr(select, "_sel_bwd_dkdv_kernel", Spied())
     row = 5 * 16 * 16 * 4  # one position's dS tiles of a KV head: 5 entries x 16 heads x 16 keys x 4 bytes
     budget = {"pairs": (75 if packed else 192) * row, "chunks": 64 * row}.get(handoff)  # 75: the longest sequence
     if budget:
         monkeypatch.setattr(select, "SEL_DS_BUFFER_BYTES", budget)
-    launches = []  # of the dq kernel that reads the stored tiles
-
-    class Counted:
-        def __getitem__(self, grid, real=select._sel_dq_ds_kernel):
-            launches.append(grid)
-            return real[grid]
-    monkeypatch.setattr(select, "_sel_dq_ds_kernel", Counted())
+    launches = _launches(monkeypatch, select, "_sel_dq_ds_kernel")  # the dq kernel that reads the stored tiles
     calls = []
     real = forced.window_forced_forward
     monkeypatch.setattr(forced, "window_forced_forward", lambda *a: calls.append(1) or real(*a))
@@ -312,7 +301,6 @@ def test_nsa_triton_forced_blocks_in_window_kernels(initial, local, block, packe
     assert len(calls) == on
     pairs = 6 if packed else 2
     assert len(launches) == (0 if not (on and handoff) else {"pairs": pairs, "chunks": 3 * pairs}.get(handoff, 1))
-    assert dkdv and set(dkdv) == {(tma and on, kvloop and on)}
 
 
 @pytest.mark.gpu
@@ -515,13 +503,7 @@ def test_selected_forward_kv_block_major(case, monkeypatch):
     not fit keeps the union walk; context parallelism's query offset and key buffers equal the union walk's."""
     from nsa_parallel.kernels import select
     monkeypatch.setattr(select, "SEL_FWD_KMAJOR", True)
-    merges = []
-
-    class Counted:
-        def __getitem__(self, grid, real=select._sel_merge_kernel):
-            merges.append(grid)
-            return real[grid]
-    monkeypatch.setattr(select, "_sel_merge_kernel", Counted())
+    merges = _launches(monkeypatch, select, "_sel_merge_kernel")
     dtype = torch.float16 if case == "fp16" else torch.float32
     b, t, hq, hkv, dk, dv, blk = 2, 150, 8, 2, 16, 8, SMALL.select_block
     row = SMALL.select_topn * 4 * (dv * (2 if case == "fp16" else 4) + 4)  # one position's partials, G = 4
@@ -577,13 +559,7 @@ def test_selected_dq_from_ds_small_g(case, monkeypatch):
     branches' (the NSA core), delta from the output first; all gradients against the reference."""
     from nsa_parallel.kernels import select
     monkeypatch.setattr(select, "SEL_DQ_FROM_DS_SMALL_G", True)
-    grids = []
-
-    class Counted:
-        def __getitem__(self, grid, real=select._sel_dq_ds_kernel):
-            grids.append(grid)
-            return real[grid]
-    monkeypatch.setattr(select, "_sel_dq_ds_kernel", Counted())
+    grids = _launches(monkeypatch, select, "_sel_dq_ds_kernel")
     b, t, hq, hkv, dk, dv, blk = 2, 150, 8, 2, 16, 8, SMALL.select_block
     if case == "query-chunks":  # 64 positions' tiles of one KV head: 4 entries x 4 heads x 16 keys x 4 bytes
         monkeypatch.setattr(select, "SEL_DS_BUFFER_BYTES", 64 * SMALL.select_topn * 4 * blk * 4)
