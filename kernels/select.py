@@ -324,7 +324,8 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         if STORE_DS:
-            _store_ds(DSB, ds_row0 + (q0 - start), r, rvalid, tq, blk, ds.to(q.dtype), GP, BS, INITIAL, LOCAL)
+            _store_ds(DSB, ds_row0 + (q0 - start), r, rvalid, tq + QOFF, blk, ds.to(q.dtype), GP, BS, INITIAL,
+                      LOCAL)
         dk_acc += tl.dot(tl.trans(ds.to(q.dtype)), q)
     # several work items may share a block (block 0 is every query's): partial tiles meet in fp32
     tl.atomic_add(DK_ + kv_off[:, None] * DK + dk[None, :], dk_acc * scale, mask=pvalid[:, None] & (dk[None, :] < DK))
@@ -417,7 +418,8 @@ def _store_ds(DSB, q0, r, rvalid, tq, blk, ds, GP: tl.constexpr, BS: tl.constexp
 
 
 @triton.jit
-def _sel_dq_ds_kernel(K, IDX, SLOT, DSB, DQ, OFFS, CU, T_FIXED, TK_FIXED, P0, PAIR0, NS_MAX, scale,
+def _sel_dq_ds_kernel(K, IDX, SLOT, DSB, DQ, OFFS, CU, T_FIXED, TK_FIXED, QOFF, KBASE, LO, HI, P0, PAIR0, NS_MAX,
+                      scale,
                       HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr,
                       NP: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr, BS: tl.constexpr, VARLEN: tl.constexpr,
                       INITIAL: tl.constexpr, LOCAL: tl.constexpr, KD=None, TMA: tl.constexpr = False,
@@ -426,23 +428,26 @@ def _sel_dq_ds_kernel(K, IDX, SLOT, DSB, DQ, OFFS, CU, T_FIXED, TK_FIXED, P0, PA
     # forced) blocks from the dS tiles the dK/dV pass stored (``SLOT``: where each index entry's tile lies in the
     # index's order; DSB starts at pair PAIR0's first entry): per block a [G, BS] tile and K, one product (the
     # recomputing loop reads K and V and does three). RP = max(GP, 16) rows: a product takes at least 16 (G < 16
-    # pads with zero rows). ADD: the dq adds onto DQ (the NSA core's other branches' dq), else is stored
+    # pads with zero rows). ADD: the dq adds onto DQ (the NSA core's other branches' dq), else is stored. Only the
+    # blocks in this key buffer ([LO, HI), keys from KBASE on; queries at QOFF on: a context-parallel ring step)
     kvh, bos, T, kbos, TK, t0, first = _pair_position(CU, T_FIXED, TK_FIXED, P0, PAIR0, OFFS, NS_MAX, HKV, VARLEN)
     if t0 >= T:
         return
     _, hq, rvalid = _rows(t0, kvh, 1, G, RP)
-    row_off, list_start, i_lo, i_hi = _position_blocks(IDX, bos, t0, kvh, hq, 0, 1 << 30, HQ, HKV, N, NP)
-    i_lo, i_hi = free_range(t0, i_hi, BS, INITIAL, LOCAL)
+    row_off, list_start, i_lo, i_hi = _position_blocks(IDX, bos, t0, kvh, hq, LO, HI, HQ, HKV, N, NP)
+    a, i_hi = free_range(t0 + QOFF, i_hi, BS, INITIAL, LOCAL)
+    i_lo = tl.maximum(i_lo, a)
     h = tl.arange(0, RP)
     h_off = h[:, None] * BS + tl.arange(0, BS)[None, :]
     dq = tl.zeros([RP, BDK], dtype=tl.float32)
     for i in range(i_lo, i_hi):
         blk = tl.load(IDX + list_start + i)
         if TMA:
-            k = KD.load([(kbos + blk * BS).to(tl.int32), kvh, 0]).reshape(BS, BDK)
+            k = KD.load([(kbos + blk * BS - KBASE).to(tl.int32), kvh, 0]).reshape(BS, BDK)
         else:
             pos = blk * BS + tl.arange(0, BS)
-            k = _load_tile(K, (kbos + pos.to(tl.int64)) * HKV + kvh, pos < TK, DK, BDK)
+            k = _load_tile(K, (kbos + (pos - KBASE).to(tl.int64)) * HKV + kvh, (pos >= KBASE) & (pos - KBASE < TK),
+                           DK, BDK)
         tile = DSB + (tl.load(SLOT + list_start + i) - first) * (GP * BS) + h_off
         ds = tl.load(tile) if RP == GP else tl.load(tile, mask=(h < GP)[:, None], other=0.0)
         dq += tl.dot(ds, k)
@@ -530,8 +535,8 @@ SEL_DS_BUFFER_BYTES = 2 << 30
 # at G = 4, 48.0 -> 14.6 at G = 2 (docs/benchmarks.md, twenty-fourth session)
 SEL_FWD_KMAJOR = True
 SEL_FWD_BUFFER_BYTES = 2 << 30
-# G < 16 (no context parallelism): dq from the dS tiles that the dK/dV pass stores, as with forced blocks above,
-# instead of the union walk recomputing them. H100 at 64k, 8 KV heads, the NSA core's forward+backward: 157 -> 129
+# G < 16 (context-parallel ring steps too): dq from the dS tiles that the dK/dV pass stores, as with forced blocks
+# above, instead of the union walk recomputing them. H100 at 64k, 8 KV heads, the NSA core's forward+backward: 157 -> 129
 # ms at G = 8, 101 -> 75.6 at G = 4, 78.7 -> 50.2 at G = 2 (docs/benchmarks.md, twenty-fourth session)
 SEL_DQ_FROM_DS_SMALL_G = True
 SEL_MERGE_WARPS = 2
@@ -610,7 +615,7 @@ class _SelLaunch:
         """Whether this call's dq comes from the dS tiles that its dK/dV pass stores (``SEL_DQ_FROM_DS``; packed
         batches only where the longest sequence's tiles of one KV head fit ``SEL_DS_BUFFER_BYTES``)."""
         pair = self.max_t * indices.shape[-1] * self.kmajor["GP"] * self.kmajor["BS"] * q.element_size()
-        small_g = SEL_DQ_FROM_DS_SMALL_G and not self.loop and not any(self.sizes[2:])  # no context parallelism
+        small_g = SEL_DQ_FROM_DS_SMALL_G and not self.loop
         return SEL_DQ_FROM_DS and (self.forced is not None or small_g) and (
             not self.varlen or pair <= SEL_DS_BUFFER_BYTES)
 
@@ -724,8 +729,8 @@ def _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, add, dk, dv, L: _
         _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu, *L.sizes,
                                                   L.ns_max, scale, **L.kmajor, **gated, DSB=dsb, OFFS=offsets,
                                                   PAIR0=p0, PAIR1=p1, STORE_DS=True, **forced, **L.ds_dkdv)
-        _sel_dq_ds_kernel[(m, p1 - p0)](k, indices, slot, dsb, dq, offsets, L.cu, *L.sizes[:2], s, p0, L.ns_max,
-                                        scale, **const, **forced, **kd, RP=max(16, const["GP"]), ADD=add,
+        _sel_dq_ds_kernel[(m, p1 - p0)](k, indices, slot, dsb, dq, offsets, L.cu, *L.sizes, L.lo, L.hi, s, p0,
+                                        L.ns_max, scale, **const, **forced, **kd, RP=max(16, const["GP"]), ADD=add,
                                         **L.ds_dq)
     return dq, dk, dv
 

@@ -552,11 +552,12 @@ def test_selected_forward_kv_block_major(case, monkeypatch):
                       "packed": [(45, pairs)], "packed-too-long": []}[case]
 
 
-@pytest.mark.parametrize("case", ["standalone", "query-chunks", "packed", "core"])
+@pytest.mark.parametrize("case", ["standalone", "query-chunks", "packed", "core", "offsets"])
 def test_selected_dq_from_ds_small_g(case, monkeypatch):
     """G < 16 with ``select.SEL_DQ_FROM_DS_SMALL_G``: the dK/dV pass stores every listed block's dS tile and dq
     reads them with K (zero rows padding the product to 16); dq stored (standalone) or added onto the other
-    branches' (the NSA core), delta from the output first; all gradients against the reference."""
+    branches' (the NSA core), delta from the output first; all gradients against the reference, and for a
+    context-parallel ring step's query offset and key buffer against the union walk's."""
     from nsa_parallel.kernels import select
     monkeypatch.setattr(select, "SEL_DQ_FROM_DS_SMALL_G", True)
     grids = _launches(monkeypatch, select, "_sel_dq_ds_kernel")
@@ -576,6 +577,16 @@ def test_selected_dq_from_ds_small_g(case, monkeypatch):
                      for s, e in seqs], dim=1).to(DEVICE)
     q = _rand(b, t, hq, dk, dtype=torch.float32, seed=41)
     k, v = _rand(b, t, hkv, dk, dtype=torch.float32, seed=42), _rand(b, t, hkv, dv, dtype=torch.float32, seed=43)
+    if case == "offsets":  # queries from 48 on, keys [32, 150) (blocks outside it skipped), vs the union walk
+        s, a = 3 * blk, 2 * blk
+        args = [x.detach()[:, f:].contiguous().requires_grad_(True) for x, f in ((q, s), (k, a), (v, a))]
+        got = _grads(selected_attention(*args, idx[:, s:].contiguous(), blk, 0.3, q_offset=s, k_base=a)[0], args)
+        monkeypatch.setattr(select, "SEL_DQ_FROM_DS_SMALL_G", False)
+        want = _grads(selected_attention(*args, idx[:, s:].contiguous(), blk, 0.3, q_offset=s, k_base=a)[0], args)
+        for name, x, y in zip("qkv", got, want):
+            _check(x, y, torch.float32, f"offsets d{name}")
+        assert grids == [(t - s, b * hkv)]
+        return
     o, _ = selected_attention(q, k, v, idx, blk, 0.3, cu)
     r_o = torch.cat([ref.selected_attention(*(x[:, s:e] for x in (q, k, v, idx)), SMALL, 0.3).o for s, e in seqs],
                     dim=1)
