@@ -306,7 +306,8 @@ def test_nsa_triton_forced_blocks_in_window_kernels(initial, local, block, packe
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("t,hq,hkv,dk,dv", [(4096, 64, 4, 128, 128), (2048, 16, 2, 192, 128), (3000, 8, 8, 64, 64),
-                                            (2048, 64, 1, 192, 128)])  # G=64: 4/8-warp selected loop kernels
+                                            (2048, 64, 1, 192, 128),  # G=64: 4/8-warp selected loop kernels
+                                            (4096, 32, 8, 128, 128)])  # G=4: KV-block-major forward, dq from dS
 def test_gpu_nsa_bf16_paper_config(t, hq, hkv, dk, dv):
     cfg = NSAConfig()
     q, kvs, gate, ck, cv = make_inputs(1, t, hq, hkv, dk, dv, cfg, dtype=torch.float32, seed=7, device=DEVICE)
