@@ -695,6 +695,8 @@ def _index_chunks(indices, L: _SelLaunch, row_bytes: int, budget: int):
     lists are neighbours in the index, and each work item belongs to one pair), a pair that alone does not (fixed
     length) in query chunks, an index each."""
     b, t, hkv, n = indices.shape
+    if indices.numel() == 0:  # no query or no KV head: nothing to do
+        return 0, iter(())
     pairs, span = L.grid_q[1], L.max_t
     rows = span if L.varlen else min(t, max(64, budget // row_bytes // 64 * 64))
     group = max(1, budget // (row_bytes * rows)) if rows == span else 1

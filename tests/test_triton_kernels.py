@@ -597,6 +597,15 @@ def test_selected_dq_from_ds_small_g(case, monkeypatch):
                      "packed": [(45, 3 * hkv)]}[case]
 
 
+@pytest.mark.parametrize("hq", [4, 16])  # G=2: KV-block-major forward, dq from dS; G=16: per-position loops
+def test_selected_attention_of_no_tokens(hq):
+    """A sequence of no tokens: empty output and gradients (no work item, no chunk of the partials' buffer)."""
+    q, k, v = (torch.zeros(1, 0, h, d, device=DEVICE, requires_grad=True) for h, d in ((hq, 16), (2, 16), (2, 8)))
+    o, lse = selected_attention(q, k, v, torch.zeros(1, 0, 2, 4, dtype=torch.int32, device=DEVICE), 16, 0.3)
+    o.sum().backward()
+    assert o.shape == (1, 0, hq, 8) and lse.shape == (1, 0, hq) and q.grad.shape == q.shape
+
+
 def test_inverted_block_index():
     """Per (sequence, KV head, block): the queries that chose it, ascending; -1 and blocks outside [lo, hi) left
     out; packed sequences keep their own lists and local positions."""
