@@ -470,6 +470,10 @@ COMPRESSED_DQ_TILES = (128, 64, 8, 3)
 # dK/dV's (rows, keys, warps, stages) at G >= 16, d <= 128, both branches (H100 at 64k, benchmarks/tile_sweep.py):
 # compressed 16.9 ms against 19.0 with the 64 x 64 / 4 warps / 2 stages, window 6.0 against 7.5
 DKDV_TILES = (64, 128, 8, 3)
+# the smallest padded group (GP) that takes the tiles above; smaller groups keep the shared 64-row tiles. Measured at
+# G >= 16 only: `benchmarks/switch_ab.py --switch flash.TUNED_MIN_GP --values 16 4 --heads 32 --kv-heads 8` says
+# whether G = 4 / 8 (the same rows: more positions per tile) gain from them too
+TUNED_MIN_GP = 16
 
 
 USE_TMA = True  # K/V tiles of the query-major kernels by TMA where ``tma_ok`` allows (False: pointer loads)
@@ -534,7 +538,7 @@ class _Launch:
                           KSTRIDE=kstride, KOFF=koff, WINDOW=window, VARLEN=self.varlen)
         # tiles of their own where measured faster: G >= 16 with head dims up to 128, 16-bit on a GPU; the
         # query-major kernels only in the compressed branch (no window, many keys per query)
-        tuned = gp >= 16 and max(dk, dv) <= 128 and q.is_cuda and q.dtype != torch.float32
+        tuned = gp >= TUNED_MIN_GP and max(dk, dv) <= 128 and q.is_cuda and q.dtype != torch.float32
         shared = (block_m, block_n, 4, self.stages)
         for name, tiles in (("fwd", COMPRESSED_FWD_TILES), ("dq", COMPRESSED_DQ_TILES)):
             if tuned and window == NO_WINDOW:
