@@ -1,16 +1,19 @@
-"""Selected-block attention in Triton: forward and dq query-major, dK/dV KV-block-major.
+"""Selected-block attention in Triton: query-major at G >= 16, KV-block-major below; dK/dV KV-block-major.
 
 Forward / dq, G >= 16: one program per (query position, KV head) loads all query heads of the GQA group together
 (the paper's group-centric loading) and loops over that position's n blocks with a counted loop, which Triton
 pipelines (the next block's K/V load overlaps this block's products); in the NSA core the window kernels did the
-forced blocks already and these loops walk the rest of each list (forced.py). Small G (fewer than 16 rows): one
-program per tile of neighbouring positions walks the union of their selected blocks, so the matrix tiles have 64
-rows and a block that several neighbours chose is loaded once.
+forced blocks already and these loops walk the rest of each list (forced.py).
 dK/dV: one program per (selection block, KV head) walks the queries that selected it (an inverted block -> queries
 index built with one sort), stacking ``BLOCK_Q`` positions x ``G`` heads as rows, so there are no per-token atomics
 (one fp32 add per work item) and the matrix tiles are full even for small G (FSA's KV-block-major idea). In the NSA
 core (forced blocks, G >= 16) that pass runs first and stores its dS tiles, and dq reads them with K instead of
 recomputing them from K and V (``SEL_DQ_FROM_DS``, :func:`_backward_ds_handoff`).
+Small G (fewer than 16 rows a position): the forward walks the same inverted index (:func:`_forward_kmajor`: a
+block's queries in full tiles, each query's softmax over that block kept, then merged per position), and dq comes
+from the dS tiles as above (``SEL_DQ_FROM_DS_SMALL_G``). The union walk (a tile of neighbouring positions walking
+the union of their sorted lists, 64 rows) remains for packed batches too long for the partials' buffer and behind
+the switches.
 """
 from __future__ import annotations
 
@@ -738,9 +741,11 @@ def _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, add, dk, dv, L: _
 
 
 def _forward_kmajor(q, k, v, indices, L: _SelLaunch, scale, o, lse, fused):
-    """The forward at G < 16 (``L.fwd_kmajor``): each block's queries attend to it in full matrix tiles
-    (:func:`_sel_fwd_kmajor_kernel`), their per-block softmaxes kept in the index's order (at most
-    ``SEL_FWD_BUFFER_BYTES`` at once, :func:`_index_chunks`), then merged per position."""
+    """The forward at G < 16 (``L.fwd_kmajor``) into ``o [b, t, hq, dv]`` and ``lse [b, t, hq]`` (and with
+    ``fused``, the gated-sum arguments of :func:`_store_output`, the NSA output): each block's queries attend to it
+    in full matrix tiles (:func:`_sel_fwd_kmajor_kernel`), their per-block softmaxes (``[entries, GP, dv]`` in the
+    input dtype and ``[entries, GP]`` fp32, in the index's order; at most ``SEL_FWD_BUFFER_BYTES`` at once,
+    :func:`_index_chunks`) then merged per position (:func:`_sel_merge_kernel`)."""
     gp, dv = L.kmajor["GP"], v.shape[-1]
     capacity, chunks = _index_chunks(indices, L, L.fwd_row_bytes, SEL_FWD_BUFFER_BYTES)
     op = torch.empty(capacity, gp, dv, device=q.device, dtype=q.dtype)
