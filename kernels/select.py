@@ -531,6 +531,7 @@ SEL_DS_BUFFER_BYTES = 2 << 30
 # Measured and dropped (H100 at 64k, twenty-fourth session): the dS-storing dK/dV pass with its block's K/V loaded
 # in every step instead of held in (spilling) registers, 25.0 ms against 17.3; whole steps' dS tiles by TMA stores,
 # 17.05 against 17.47 with the core's fwd+bwd unchanged (docs/benchmarks.md)
+
 # G < 16: the forward KV-block-major (_forward_kmajor: each block's queries in full tiles, a merge per position)
 # instead of the union walk of neighbouring positions, with at most SEL_FWD_BUFFER_BYTES of per-block partials
 # (o in the input dtype, lse fp32) at once; packed batches whose longest sequence's partials of one KV head do not
@@ -539,10 +540,10 @@ SEL_DS_BUFFER_BYTES = 2 << 30
 SEL_FWD_KMAJOR = True
 SEL_FWD_BUFFER_BYTES = 2 << 30
 # G < 16 (context-parallel ring steps too): dq from the dS tiles that the dK/dV pass stores, as with forced blocks
-# above, instead of the union walk recomputing them. H100 at 64k, 8 KV heads, the NSA core's forward+backward: 157 -> 129
-# ms at G = 8, 101 -> 75.6 at G = 4, 78.7 -> 50.2 at G = 2 (docs/benchmarks.md, twenty-fourth session)
+# above, instead of the union walk recomputing them. H100 at 64k, 8 KV heads, the NSA core's forward+backward:
+# 157 -> 129 ms at G = 8, 101 -> 75.6 at G = 4, 78.7 -> 50.2 at G = 2 (docs/benchmarks.md, twenty-fourth session)
 SEL_DQ_FROM_DS_SMALL_G = True
-SEL_MERGE_WARPS = 2
+SEL_MERGE_WARPS = 2  # warps of the merge's per-position programs (GP x dv elements each; not swept)
 
 
 class _SelLaunch:
@@ -615,8 +616,9 @@ class _SelLaunch:
             not self.varlen or max_t * self.fwd_row_bytes <= SEL_FWD_BUFFER_BYTES)
 
     def ds_handoff(self, indices, q) -> bool:
-        """Whether this call's dq comes from the dS tiles that its dK/dV pass stores (``SEL_DQ_FROM_DS``; packed
-        batches only where the longest sequence's tiles of one KV head fit ``SEL_DS_BUFFER_BYTES``)."""
+        """Whether this call's dq comes from the dS tiles that its dK/dV pass stores (``SEL_DQ_FROM_DS``: with the
+        forced blocks at G >= 16, and at G < 16 with ``SEL_DQ_FROM_DS_SMALL_G``; packed batches only where the
+        longest sequence's tiles of one KV head fit ``SEL_DS_BUFFER_BYTES``)."""
         pair = self.max_t * indices.shape[-1] * self.kmajor["GP"] * self.kmajor["BS"] * q.element_size()
         small_g = SEL_DQ_FROM_DS_SMALL_G and not self.loop
         return SEL_DQ_FROM_DS and (self.forced is not None or small_g) and (
