@@ -358,15 +358,16 @@ def _sel_fwd_kmajor_kernel(Q, K, V, OP, LP, QLIST, ITEM_KEY, ITEM_START, ITEM_EN
         qi, hg, rvalid, tq, row_off = _item_rows(QLIST, q0, end, bos, kvh, HQ, G, GP, BLOCK_Q * GP)
         q = _load_tile(Q, row_off, rvalid, DK, BDK)
         s = tl.dot(q, tl.trans(k))
-        # a listed block starts at or before its query, so every valid row sees a key: its max is finite
         s = tl.where(pvalid[None, :] & (pos[None, :] <= tq[:, None] + QOFF), s, float("-inf"))
-        m = tl.where(rvalid, tl.max(s, 1) * qk_scale, 0.0)
+        m = tl.max(s, 1) * qk_scale
+        m = tl.where(m > float("-inf"), m, 0.0)  # a block wholly in a query's future (not from top-n): no key
         p = tl.exp2(s * qk_scale - m[:, None])
-        l = tl.where(rvalid, tl.sum(p, 1), 1.0)
-        o = tl.dot(p.to(v.dtype), v) / l[:, None]
+        l = tl.sum(p, 1)
+        seen = l > 0
+        o = tl.dot(p.to(v.dtype), v) / tl.where(seen, l, 1.0)[:, None]
         slot = (qi - first) * GP + hg
         _store_tile(OP, slot, rvalid, o, DV, BDV)
-        tl.store(LP + slot, m + tl.log2(l), mask=rvalid)
+        tl.store(LP + slot, tl.where(seen, m + tl.log2(tl.where(seen, l, 1.0)), float("-inf")), mask=rvalid)
 
 
 @triton.jit

@@ -597,6 +597,25 @@ def test_selected_dq_from_ds_small_g(case, monkeypatch):
                      "packed": [(45, 3 * hkv)]}[case]
 
 
+def test_selected_attention_blocks_in_the_future(monkeypatch):
+    """Block lists not from top-n may hold blocks wholly in a query's future (no key visible there): G < 16's
+    KV-block-major forward and dq from dS give what the union walk gives (those blocks add nothing), no NaN."""
+    from nsa_parallel.kernels import select
+    q = _rand(1, 70, 4, 16, dtype=torch.float32, seed=51)
+    k, v = _rand(1, 70, 2, 16, dtype=torch.float32, seed=52), _rand(1, 70, 2, 8, dtype=torch.float32, seed=53)
+    # block 1 lies in the future of positions < 16, block 3 of positions < 48
+    idx = torch.tensor([0, 1, 3, -1], dtype=torch.int32, device=DEVICE).expand(1, 70, 2, 4).contiguous()
+    runs = []
+    for on in (True, False):
+        monkeypatch.setattr(select, "SEL_FWD_KMAJOR", on)
+        monkeypatch.setattr(select, "SEL_DQ_FROM_DS_SMALL_G", on)
+        o, lse = selected_attention(q, k, v, idx, 16, 0.3)
+        runs.append((o, lse, *_grads(o, (q, k, v))))
+    assert torch.isfinite(runs[0][0]).all()
+    for name, a, b in zip(["o", "lse", "dq", "dk", "dv"], *runs):
+        _check(a, b, torch.float32, f"future blocks {name}")
+
+
 @pytest.mark.parametrize("hq", [4, 16])  # G=2: KV-block-major forward, dq from dS; G=16: per-position loops
 def test_selected_attention_of_no_tokens(hq):
     """A sequence of no tokens: empty output and gradients (no work item, no chunk of the partials' buffer)."""
