@@ -414,9 +414,10 @@ def _store_ds(DSB, q0, r, rvalid, tq, blk, ds, GP: tl.constexpr, BS: tl.constexp
               LOCAL: tl.constexpr):
     """A dK/dV step's dS rows (queries ``q0 ..`` (int64) of the inverted index x GP heads) to ``DSB [entries, GP,
     BS]`` in the index's order: one contiguous tile, cheap addresses (at the entries' own places in ``indices`` it
-    took 27% more instructions a step, sm_90 SASS). Forced blocks are left out (the window's dq kernel does them)."""
-    a, first_local, _ = forced_blocks(tq, BS, INITIAL, LOCAL)
-    free = rvalid & (blk >= a) & (blk < first_local)
+    took 27% more instructions a step, sm_90 SASS). Forced blocks are left out (the window's dq kernel does them);
+    a block wholly in the query's future (lists not from top-n) is stored, its zero tile, as dq walks it."""
+    a, first_local, own = forced_blocks(tq, BS, INITIAL, LOCAL)
+    free = rvalid & (blk >= a) & ((blk < first_local) | (blk > own))
     off = r[:, None] * BS + tl.arange(0, BS)[None, :]
     tl.store(DSB + q0 * (GP * BS) + off, ds, mask=free[:, None])
 
