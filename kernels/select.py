@@ -74,6 +74,14 @@ def _walk_on(IDX, idx_row, ptr, hit, rvalid, HI, N: tl.constexpr):
 
 
 @triton.jit
+def _block_keys(blk, kbos, KBASE, TK, kvh, HKV: tl.constexpr, BS: tl.constexpr):
+    """Selection block ``blk``'s key positions (queries' frame), which of them lie in the key buffer (it starts at
+    ``KBASE`` and holds ``TK`` keys of the sequence starting at row ``kbos``) and their rows of ``[.., hkv, d]``."""
+    pos = blk * BS + tl.arange(0, BS)
+    return pos, (pos >= KBASE) & (pos - KBASE < TK), (kbos + (pos - KBASE).to(tl.int64)) * HKV + kvh
+
+
+@triton.jit
 def _block_kv(K, V, blk, kbos, KBASE, TK, kvh, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
               BDK: tl.constexpr, BDV: tl.constexpr, BS: tl.constexpr, KD=None, VD=None, TMA: tl.constexpr = False):
     """Positions (queries' frame) and K/V tiles of selection block ``blk``; the key buffer starts at ``KBASE``.
@@ -82,12 +90,10 @@ def _block_kv(K, V, blk, kbos, KBASE, TK, kvh, HKV: tl.constexpr, DK: tl.constex
     whole even where it runs past this sequence's keys (into the next sequence, or TMA's zeros past the tensor):
     such keys lie after every query of the sequence, so the callers' causal mask drops them; blocks that straddle
     a context-parallel key buffer's edge do not occur (chunks are whole blocks)."""
-    pos = blk * BS + tl.arange(0, BS)
+    pos, pvalid, kv_off = _block_keys(blk, kbos, KBASE, TK, kvh, HKV, BS)
     if TMA:
         row = (kbos + blk * BS - KBASE).to(tl.int32)
         return pos, KD.load([row, kvh, 0]).reshape(BS, BDK), VD.load([row, kvh, 0]).reshape(BS, BDV)
-    kv_off = (kbos + (pos - KBASE).to(tl.int64)) * HKV + kvh
-    pvalid = (pos >= KBASE) & (pos - KBASE < TK)
     return pos, _load_tile(K, kv_off, pvalid, DK, BDK), _load_tile(V, kv_off, pvalid, DV, BDV)
 
 
@@ -284,9 +290,7 @@ def _item_block(K, V, key, CU, T_FIXED, TK_FIXED, KBASE, NS_MAX, HKV: tl.constex
     blk = key % NS_MAX
     kvh = (key // NS_MAX) % HKV
     bos, T, kbos, TK = _seq_bounds(key // (NS_MAX * HKV), CU, CU, T_FIXED, TK_FIXED, VARLEN)
-    pos = blk * BS + tl.arange(0, BS)
-    pvalid = (pos >= KBASE) & (pos - KBASE < TK)
-    kv_off = (kbos + (pos - KBASE).to(tl.int64)) * HKV + kvh
+    pos, pvalid, kv_off = _block_keys(blk, kbos, KBASE, TK, kvh, HKV, BS)
     return blk, kvh, bos, pos, pvalid, kv_off, _load_tile(K, kv_off, pvalid, DK, BDK), _load_tile(V, kv_off, pvalid,
                                                                                                  DV, BDV)
 
@@ -343,8 +347,8 @@ def _sel_fwd_kmajor_kernel(Q, K, V, OP, LP, QLIST, ITEM_KEY, ITEM_START, ITEM_EN
                            BS: tl.constexpr, BLOCK_Q: tl.constexpr, VARLEN: tl.constexpr):
     # The forward at G < 16, KV-block-major (FSA's layout): one work item of the inverted index loads its block's
     # K/V once and attends its queries BLOCK_Q positions x GP heads at a time (full matrix tiles however small G
-    # is); each query's softmax over this block alone, (o, lse in log2 units), goes to OP / LP at the entry's
-    # place in the index, counted from the first entry of pair PAIR0. _sel_merge_kernel combines a position's.
+    # is); each query's softmax over this block alone, (o, lse) as _finish gives them, goes to OP / LP at the
+    # entry's place in the index, counted from the first entry of pair PAIR0. _sel_merge_kernel combines a position's.
     start, end, key = _work_item(ITEM_KEY, ITEM_START, ITEM_END)
     if start >= end:
         return
@@ -359,15 +363,13 @@ def _sel_fwd_kmajor_kernel(Q, K, V, OP, LP, QLIST, ITEM_KEY, ITEM_START, ITEM_EN
         q = _load_tile(Q, row_off, rvalid, DK, BDK)
         s = tl.dot(q, tl.trans(k))
         s = tl.where(pvalid[None, :] & (pos[None, :] <= tq[:, None] + QOFF), s, float("-inf"))
-        m = tl.max(s, 1) * qk_scale
-        m = tl.where(m > float("-inf"), m, 0.0)  # a block wholly in a query's future (not from top-n): no key
+        # finite for a block wholly in a query's future (lists not from top-n): p = 0 there, _finish's empty row
+        m = tl.maximum(tl.max(s, 1) * qk_scale, -1.0e30)
         p = tl.exp2(s * qk_scale - m[:, None])
-        l = tl.sum(p, 1)
-        seen = l > 0
-        o = tl.dot(p.to(v.dtype), v) / tl.where(seen, l, 1.0)[:, None]
+        o, lse = _finish(tl.dot(p.to(v.dtype), v), m, tl.sum(p, 1))
         slot = (qi - first) * GP + hg
         _store_tile(OP, slot, rvalid, o, DV, BDV)
-        tl.store(LP + slot, tl.where(seen, m + tl.log2(tl.where(seen, l, 1.0)), float("-inf")), mask=rvalid)
+        tl.store(LP + slot, lse, mask=rvalid)
 
 
 @triton.jit
@@ -398,7 +400,7 @@ def _sel_merge_kernel(IDX, SLOT, OP, LP, O, LSE, OFFS, CU, T_FIXED, TK_FIXED, P0
     acc = tl.zeros([GP, BDV], dtype=tl.float32)
     for i in range(i_lo, i_hi):
         slot = (tl.load(SLOT + list_start + i) - first) * GP + hg
-        lse2 = tl.load(LP + slot, mask=rvalid, other=-1.0e30)
+        lse2 = tl.load(LP + slot, mask=rvalid, other=-1.0e30) * 1.4426950408889634
         m_new = tl.maximum(m_i, lse2)
         alpha = tl.exp2(m_i - m_new)
         w = tl.exp2(lse2 - m_new)
@@ -450,9 +452,8 @@ def _sel_dq_ds_kernel(K, IDX, SLOT, DSB, DQ, OFFS, CU, T_FIXED, TK_FIXED, QOFF, 
         if TMA:
             k = KD.load([(kbos + blk * BS - KBASE).to(tl.int32), kvh, 0]).reshape(BS, BDK)
         else:
-            pos = blk * BS + tl.arange(0, BS)
-            k = _load_tile(K, (kbos + (pos - KBASE).to(tl.int64)) * HKV + kvh, (pos >= KBASE) & (pos - KBASE < TK),
-                           DK, BDK)
+            _, pvalid, kv_off = _block_keys(blk, kbos, KBASE, TK, kvh, HKV, BS)
+            k = _load_tile(K, kv_off, pvalid, DK, BDK)
         tile = DSB + (tl.load(SLOT + list_start + i) - first) * (GP * BS) + h_off
         ds = tl.load(tile) if RP == GP else tl.load(tile, mask=(h < GP)[:, None], other=0.0)
         dq += tl.dot(ds, k)
