@@ -495,6 +495,22 @@ def test_selected_query_offset_and_key_buffers(hq):
     _check(lse_m, lse, torch.float32, "two key buffers lse")
 
 
+def _small_g_case(packed: bool, dtype, seed: int, data_seed: int):
+    """The small-G selected-attention tests' inputs (8 query / 2 KV heads, dk 16, dv 8): ``(b, t, cu, seqs, idx, q,
+    k, v)``, two sequences of 150 tokens or one packed batch of 37 + 16 + 45, top-n block lists per sequence."""
+    b, t, hq, hkv, dk, dv = 2, 150, 8, 2, 16, 8
+    cu = torch.tensor([0, 37, 53, 98], dtype=torch.int32, device=DEVICE) if packed else None
+    if packed:
+        b, t = 1, 98
+    g = torch.Generator().manual_seed(seed)
+    seqs = [(s, e) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())] if packed else [(0, t)]
+    idx = torch.cat([ref.select_topn(torch.rand(b, hkv, e - s, SMALL.num_select_blocks(e - s), generator=g), SMALL)
+                     for s, e in seqs], dim=1).to(DEVICE)
+    q = _rand(b, t, hq, dk, dtype=dtype, seed=data_seed)
+    k, v = (_rand(b, t, hkv, d, dtype=dtype, seed=data_seed + i) for i, d in ((1, dk), (2, dv)))
+    return b, t, cu, seqs, idx, q, k, v
+
+
 @pytest.mark.parametrize("case", ["whole", "query-chunks", "pair-groups", "fp16", "packed", "packed-too-long",
                                   "offsets", "core"])
 def test_selected_forward_kv_block_major(case, monkeypatch):
@@ -515,15 +531,7 @@ def test_selected_forward_kv_block_major(case, monkeypatch):
         _check_nsa(*_nsa_both(1, 90, 4, 2, 16, 8, SMALL, torch.float32, seed=4), torch.float32)
         assert merges == [(90, 2)]
         return
-    cu = torch.tensor([0, 37, 53, 98], dtype=torch.int32, device=DEVICE) if case.startswith("packed") else None
-    if cu is not None:
-        b, t = 1, 98
-    g = torch.Generator().manual_seed(len(case))
-    seqs = [(s, e) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())] if cu is not None else [(0, t)]
-    idx = torch.cat([ref.select_topn(torch.rand(b, hkv, e - s, SMALL.num_select_blocks(e - s), generator=g), SMALL)
-                     for s, e in seqs], dim=1).to(DEVICE)
-    q = _rand(b, t, hq, dk, dtype=dtype, seed=31)
-    k, v = _rand(b, t, hkv, dk, dtype=dtype, seed=32), _rand(b, t, hkv, dv, dtype=dtype, seed=33)
+    b, t, cu, seqs, idx, q, k, v = _small_g_case(case.startswith("packed"), dtype, len(case), 31)
     if case == "offsets":  # a query chunk at an offset, and keys in two buffers, against the union walk
         s = 3 * blk
         runs = [dict(q=q[:, s:], idx=idx[:, s:], q_offset=s)] + [dict(k=k[:, a:e], v=v[:, a:e], k_base=a)
@@ -569,15 +577,7 @@ def test_selected_dq_from_ds_small_g(case, monkeypatch):
         _check_nsa(*_nsa_both(1, 90, 4, 2, 16, 8, SMALL, torch.float32, seed=5), torch.float32)
         assert grids == [(90, 2)]
         return
-    cu = torch.tensor([0, 37, 53, 98], dtype=torch.int32, device=DEVICE) if case == "packed" else None
-    if cu is not None:
-        b, t = 1, 98
-    g = torch.Generator().manual_seed(7)
-    seqs = [(s, e) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())] if cu is not None else [(0, t)]
-    idx = torch.cat([ref.select_topn(torch.rand(b, hkv, e - s, SMALL.num_select_blocks(e - s), generator=g), SMALL)
-                     for s, e in seqs], dim=1).to(DEVICE)
-    q = _rand(b, t, hq, dk, dtype=torch.float32, seed=41)
-    k, v = _rand(b, t, hkv, dk, dtype=torch.float32, seed=42), _rand(b, t, hkv, dv, dtype=torch.float32, seed=43)
+    b, t, cu, seqs, idx, q, k, v = _small_g_case(case == "packed", torch.float32, 7, 41)
     if case == "offsets":  # queries from 48 on, keys [32, 150) (blocks outside it skipped), vs the union walk
         s, a = 3 * blk, 2 * blk
         args = [x.detach()[:, f:].contiguous().requires_grad_(True) for x, f in ((q, s), (k, a), (v, a))]
