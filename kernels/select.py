@@ -440,7 +440,7 @@ def _sel_dq_ds_kernel(K, IDX, SLOT, DSB, DQ, OFFS, CU, T_FIXED, TK_FIXED, QOFF, 
     kvh, bos, T, kbos, TK, t0, first = _pair_position(CU, T_FIXED, TK_FIXED, P0, PAIR0, OFFS, NS_MAX, HKV, VARLEN)
     if t0 >= T:
         return
-    _, hq, rvalid = _rows(t0, kvh, 1, G, RP)
+    tq, hq, rvalid = _rows(t0, kvh, 1, G, RP)
     row_off, list_start, i_lo, i_hi = _position_blocks(IDX, bos, t0, kvh, hq, LO, HI, HQ, HKV, N, NP)
     a, i_hi = free_range(t0 + QOFF, i_hi, BS, INITIAL, LOCAL)
     i_lo = tl.maximum(i_lo, a)
@@ -452,7 +452,8 @@ def _sel_dq_ds_kernel(K, IDX, SLOT, DSB, DQ, OFFS, CU, T_FIXED, TK_FIXED, QOFF, 
         if TMA:
             k = KD.load([(kbos + blk * BS - KBASE).to(tl.int32), kvh, 0]).reshape(BS, BDK)
         else:
-            _, pvalid, kv_off = _block_keys(blk, kbos, KBASE, TK, kvh, HKV, BS)
+            # named, not "_": Triton types a name reused in a loop as loop-carried ([RP] rows above, [BS] here)
+            kpos, pvalid, kv_off = _block_keys(blk, kbos, KBASE, TK, kvh, HKV, BS)
             k = _load_tile(K, kv_off, pvalid, DK, BDK)
         tile = DSB + (tl.load(SLOT + list_start + i) - first) * (GP * BS) + h_off
         ds = tl.load(tile) if RP == GP else tl.load(tile, mask=(h < GP)[:, None], other=0.0)
