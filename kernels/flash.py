@@ -242,26 +242,20 @@ def _fwd_tiles(q, K, V, kbos, kvh, tq, j_start, j_end, j_hi, m_i, l_i, acc, qk_s
 @triton.jit
 def _attend(q, K, V, kbos, kvh, t0, T, TK, tq, qk_scale, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
             BDK: tl.constexpr, BDV: tl.constexpr, BLOCK_T: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr,
-            KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, KD, VD, TMA: tl.constexpr,
-            ONE_LOOP: tl.constexpr = False):
-    """``(o, lse)`` of a query tile's rows ``q`` over the keys its positions ``tq`` see. ``ONE_LOOP``: all key
-    tiles masked, in one loop (a window's few tiles pipelined as one; three short loops each pay the first load)."""
+            KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, KD, VD, TMA: tl.constexpr):
+    """``(o, lse)`` of a query tile's rows ``q`` over the keys its positions ``tq`` see."""
     m_i = tl.full([BLOCK_T * GP], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_T * GP], dtype=tl.float32)
     acc = tl.zeros([BLOCK_T * GP, BDV], dtype=tl.float32)
     j_lo, j_hi = _key_range(t0, T, TK, BLOCK_T, BLOCK_N, KSTRIDE, KOFF, WINDOW)
-    if ONE_LOOP:
-        m_i, l_i, acc = _fwd_tiles(q, K, V, kbos, kvh, tq, j_lo, j_hi, j_hi, m_i, l_i, acc, qk_scale, HKV, DK, DV,
-                                   BDK, BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True, KD, VD, TMA)
-    else:
-        fa, fb = _full_keys(t0, T, j_lo, j_hi, BLOCK_T, BLOCK_N, KSTRIDE, KOFF, WINDOW)
-        # masked tiles at the window's far edge, unmasked ones in the middle, masked ones at the causal edge
-        m_i, l_i, acc = _fwd_tiles(q, K, V, kbos, kvh, tq, j_lo, fa, j_hi, m_i, l_i, acc, qk_scale, HKV, DK, DV,
-                                   BDK, BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True, KD, VD, TMA)
-        m_i, l_i, acc = _fwd_tiles(q, K, V, kbos, kvh, tq, fa, fb, j_hi, m_i, l_i, acc, qk_scale, HKV, DK, DV, BDK,
-                                   BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, False, KD, VD, TMA)
-        m_i, l_i, acc = _fwd_tiles(q, K, V, kbos, kvh, tq, tl.maximum(fa, fb), j_hi, j_hi, m_i, l_i, acc, qk_scale,
-                                   HKV, DK, DV, BDK, BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True, KD, VD, TMA)
+    fa, fb = _full_keys(t0, T, j_lo, j_hi, BLOCK_T, BLOCK_N, KSTRIDE, KOFF, WINDOW)
+    # masked tiles at the window's far edge, unmasked ones in the middle, masked ones at the causal edge
+    m_i, l_i, acc = _fwd_tiles(q, K, V, kbos, kvh, tq, j_lo, fa, j_hi, m_i, l_i, acc, qk_scale, HKV, DK, DV, BDK,
+                               BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True, KD, VD, TMA)
+    m_i, l_i, acc = _fwd_tiles(q, K, V, kbos, kvh, tq, fa, fb, j_hi, m_i, l_i, acc, qk_scale, HKV, DK, DV, BDK,
+                               BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, False, KD, VD, TMA)
+    m_i, l_i, acc = _fwd_tiles(q, K, V, kbos, kvh, tq, tl.maximum(fa, fb), j_hi, j_hi, m_i, l_i, acc, qk_scale,
+                               HKV, DK, DV, BDK, BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True, KD, VD, TMA)
     return _finish(acc, m_i, l_i)
 
 
@@ -305,24 +299,17 @@ def _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, j_start, j_end, j_hi,
 @triton.jit
 def _dq_sum(q, do, lse2, delta, K, V, kbos, kvh, t0, T, TK, tq, qk_scale, HKV: tl.constexpr, DK: tl.constexpr,
             DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BLOCK_T: tl.constexpr, GP: tl.constexpr,
-            BLOCK_N: tl.constexpr, KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, KD, VD, TMA: tl.constexpr,
-            ONE_LOOP: tl.constexpr = False):
-    """A query tile's dq (before the softmax scale and the gate) over the keys its positions ``tq`` see
-    (``ONE_LOOP``: as in :func:`_attend`)."""
+            BLOCK_N: tl.constexpr, KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, KD, VD, TMA: tl.constexpr):
+    """A query tile's dq (before the softmax scale and the gate) over the keys its positions ``tq`` see."""
     dq = tl.zeros([BLOCK_T * GP, BDK], dtype=tl.float32)
     j_lo, j_hi = _key_range(t0, T, TK, BLOCK_T, BLOCK_N, KSTRIDE, KOFF, WINDOW)
-    if ONE_LOOP:
-        dq = _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, j_lo, j_hi, j_hi, qk_scale, HKV, DK, DV, BDK,
-                       BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True, KD, VD, TMA)
-    else:
-        fa, fb = _full_keys(t0, T, j_lo, j_hi, BLOCK_T, BLOCK_N, KSTRIDE, KOFF, WINDOW)
-        dq = _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, j_lo, fa, j_hi, qk_scale, HKV, DK, DV, BDK, BDV,
-                       BLOCK_N, KSTRIDE, KOFF, WINDOW, True, KD, VD, TMA)
-        dq = _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, fa, fb, j_hi, qk_scale, HKV, DK, DV, BDK, BDV,
-                       BLOCK_N, KSTRIDE, KOFF, WINDOW, False, KD, VD, TMA)
-        dq = _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, tl.maximum(fa, fb), j_hi, j_hi, qk_scale, HKV,
-                       DK, DV, BDK, BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True, KD, VD, TMA)
-    return dq
+    fa, fb = _full_keys(t0, T, j_lo, j_hi, BLOCK_T, BLOCK_N, KSTRIDE, KOFF, WINDOW)
+    dq = _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, j_lo, fa, j_hi, qk_scale, HKV, DK, DV, BDK, BDV,
+                   BLOCK_N, KSTRIDE, KOFF, WINDOW, True, KD, VD, TMA)
+    dq = _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, fa, fb, j_hi, qk_scale, HKV, DK, DV, BDK, BDV,
+                   BLOCK_N, KSTRIDE, KOFF, WINDOW, False, KD, VD, TMA)
+    return _dq_tiles(q, do, lse2, delta, dq, K, V, kbos, kvh, tq, tl.maximum(fa, fb), j_hi, j_hi, qk_scale, HKV,
+                     DK, DV, BDK, BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True, KD, VD, TMA)
 
 
 @triton.jit

@@ -22,14 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import (NO_WINDOW, _Launch, _attend, _bwd_rows, _dq_sum, _dq_tiles, _finish, _fwd_tiles, _kv_tile,
-                    _load_lse2, _load_tile, _own_delta, _q_tile, _softmax_step, _store_tile, _visible)
+from .flash import (NO_WINDOW, _Launch, _attend, _bwd_rows, _dq_sum, _dq_tiles, _finish, _fwd_tiles, _load_lse2,
+                    _load_tile, _own_delta, _q_tile, _store_tile)
 
 FORCED_TILES = True  # forced blocks in the window kernels where forced_constants allows (False: in the lists' walk)
-# One masked loop instead of three one-tile loops (the forced blocks) / of the window's three (far edge, middle,
-# causal edge): a short loop pays its first load's latency; off until measured on a GPU
-FORCED_ONE_LOOP = False
-WINDOW_ONE_LOOP = False
 
 
 @triton.jit
@@ -59,45 +55,23 @@ def resume(O, LSE, row_off, rvalid, DV: tl.constexpr, BDV: tl.constexpr):
 
 
 @triton.jit
-def _forced_tiles(t0, T, BLOCK_T: tl.constexpr, BS: tl.constexpr, FBN: tl.constexpr, INITIAL: tl.constexpr,
-                  LOCAL: tl.constexpr):
-    """``(n_a, first_key, n, t_end)`` of a tile's forced key tiles as one loop: tile ``i < n_a`` starts at key
-    ``i * FBN`` (initial blocks), tile ``i >= n_a`` at ``first_key + (i - n_a) * FBN`` (local blocks, up to the
-    tile's last position)."""
-    a, first_local, own = forced_blocks(t0, BS, INITIAL, LOCAL)
-    t_end = tl.minimum(t0 + BLOCK_T, T)
-    n_a = a * (BS // FBN)
-    return n_a, first_local * BS, n_a + (t_end - first_local * BS + FBN - 1) // FBN, t_end
-
-
-@triton.jit
 def _forced_attend(q, KS, VS, kbos, kvh, t0, T, tq, qk_scale, HKV: tl.constexpr, DK: tl.constexpr,
                    DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BLOCK_T: tl.constexpr, GP: tl.constexpr,
                    BS: tl.constexpr, FBN: tl.constexpr, INITIAL: tl.constexpr, LOCAL: tl.constexpr,
-                   NOWIN: tl.constexpr, ONE_LOOP: tl.constexpr):
+                   NOWIN: tl.constexpr):
     """``(o, lse)`` of a tile's rows over their forced blocks (the tile lies inside one selection block)."""
+    a, first_local, own = forced_blocks(t0, BS, INITIAL, LOCAL)
+    t_end = tl.minimum(t0 + BLOCK_T, T)
     m_i = tl.full([BLOCK_T * GP], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_T * GP], dtype=tl.float32)
     acc = tl.zeros([BLOCK_T * GP, BDV], dtype=tl.float32)
-    if ONE_LOOP:
-        n_a, first_key, n, t_end = _forced_tiles(t0, T, BLOCK_T, BS, FBN, INITIAL, LOCAL)
-        for i in range(0, n):
-            j0 = tl.where(i < n_a, i * FBN, first_key + (i - n_a) * FBN)
-            j, jvalid, _, k, v = _kv_tile(KS, VS, kbos, kvh, j0, t_end, HKV, DK, DV, BDK, BDV, FBN, None, None,
-                                          False)
-            s = tl.where(_visible(j[None, :], tq[:, None], NOWIN) & jvalid[None, :], tl.dot(q, tl.trans(k)),
-                         float("-inf"))
-            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale)
-    else:
-        a, first_local, own = forced_blocks(t0, BS, INITIAL, LOCAL)
-        t_end = tl.minimum(t0 + BLOCK_T, T)
-        # blocks before the tile's own are whole for every row; only the own block needs the causal mask
-        m_i, l_i, acc = _fwd_tiles(q, KS, VS, kbos, kvh, tq, 0, a * BS, t_end, m_i, l_i, acc, qk_scale, HKV, DK, DV,
-                                   BDK, BDV, FBN, 1, 0, NOWIN, False, None, None, False)
-        m_i, l_i, acc = _fwd_tiles(q, KS, VS, kbos, kvh, tq, first_local * BS, own * BS, t_end, m_i, l_i, acc,
-                                   qk_scale, HKV, DK, DV, BDK, BDV, FBN, 1, 0, NOWIN, False, None, None, False)
-        m_i, l_i, acc = _fwd_tiles(q, KS, VS, kbos, kvh, tq, own * BS, t_end, t_end, m_i, l_i, acc, qk_scale, HKV,
-                                   DK, DV, BDK, BDV, FBN, 1, 0, NOWIN, True, None, None, False)
+    # blocks before the tile's own are whole for every row; only the own block needs the causal mask
+    m_i, l_i, acc = _fwd_tiles(q, KS, VS, kbos, kvh, tq, 0, a * BS, t_end, m_i, l_i, acc, qk_scale, HKV, DK, DV,
+                               BDK, BDV, FBN, 1, 0, NOWIN, False, None, None, False)
+    m_i, l_i, acc = _fwd_tiles(q, KS, VS, kbos, kvh, tq, first_local * BS, own * BS, t_end, m_i, l_i, acc,
+                               qk_scale, HKV, DK, DV, BDK, BDV, FBN, 1, 0, NOWIN, False, None, None, False)
+    m_i, l_i, acc = _fwd_tiles(q, KS, VS, kbos, kvh, tq, own * BS, t_end, t_end, m_i, l_i, acc, qk_scale, HKV, DK,
+                               DV, BDK, BDV, FBN, 1, 0, NOWIN, True, None, None, False)
     return _finish(acc, m_i, l_i)
 
 
@@ -107,8 +81,7 @@ def _window_forced_fwd_kernel(Q, K, V, O, LSE, KS, VS, OS, LS, CU, CU_K, T_FIXED
                               DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                               BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, KSTRIDE: tl.constexpr, KOFF,
                               WINDOW: tl.constexpr, VARLEN: tl.constexpr, BS: tl.constexpr, FBN: tl.constexpr,
-                              INITIAL: tl.constexpr, LOCAL: tl.constexpr, NOWIN: tl.constexpr,
-                              ONE_LOOP: tl.constexpr, WIN_ONE_LOOP: tl.constexpr, KD=None, VD=None,
+                              INITIAL: tl.constexpr, LOCAL: tl.constexpr, NOWIN: tl.constexpr, KD=None, VD=None,
                               TMA: tl.constexpr = False):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
@@ -117,11 +90,11 @@ def _window_forced_fwd_kernel(Q, K, V, O, LSE, KS, VS, OS, LS, CU, CU_K, T_FIXED
     q = _load_tile(Q, row_off, rvalid, DK, BDK)
     qk_scale = scale * 1.4426950408889634
     o, lse = _attend(q, K, V, kbos, kvh, t0, T, TK, tq, qk_scale, HKV, DK, DV, BDK, BDV, BLOCK_T, GP, BLOCK_N,
-                     KSTRIDE, KOFF, WINDOW, KD, VD, TMA, WIN_ONE_LOOP)
+                     KSTRIDE, KOFF, WINDOW, KD, VD, TMA)
     _store_tile(O, row_off, rvalid, o, DV, BDV)
     tl.store(LSE + row_off, lse, mask=rvalid)
     o, lse = _forced_attend(q, KS, VS, kbos, kvh, t0, T, tq, qk_scale, HKV, DK, DV, BDK, BDV, BLOCK_T, GP, BS, FBN,
-                            INITIAL, LOCAL, NOWIN, ONE_LOOP)
+                            INITIAL, LOCAL, NOWIN)
     _store_tile(OS, row_off, rvalid, o, DV, BDV)
     tl.store(LS + row_off, lse, mask=rvalid)
 
@@ -133,8 +106,8 @@ def _window_forced_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, O, GATE, KS, VS, OS, L
                              BDV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                              KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
                              BS: tl.constexpr, FBN: tl.constexpr, INITIAL: tl.constexpr, LOCAL: tl.constexpr,
-                             NOWIN: tl.constexpr, ONE_LOOP: tl.constexpr, WIN_ONE_LOOP: tl.constexpr, KD=None,
-                             VD=None, TMA: tl.constexpr = False):
+                             NOWIN: tl.constexpr, KD=None, VD=None,
+                             TMA: tl.constexpr = False):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
@@ -143,30 +116,19 @@ def _window_forced_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, O, GATE, KS, VS, OS, L
     delta = _own_delta(O, DELTA, do, row_off, rvalid, DV, BDV)
     qk_scale = scale * 1.4426950408889634
     dq = _dq_sum(q, do, lse2, delta, K, V, kbos, kvh, t0, T, TK, tq, qk_scale, HKV, DK, DV, BDK, BDV, BLOCK_T, GP,
-                 BLOCK_N, KSTRIDE, KOFF, WINDOW, KD, VD, TMA, WIN_ONE_LOOP) * g[:, None]
+                 BLOCK_N, KSTRIDE, KOFF, WINDOW, KD, VD, TMA) * g[:, None]
     # the selected branch's forced blocks, with that branch's lse, delta and gate, into the same dq
     lse2 = _load_lse2(LS, row_off, rvalid)
     g = tl.load(GS + row_off, mask=rvalid, other=0.0)
     delta = _own_delta(OS, DS, do, row_off, rvalid, DV, BDV)
-    if ONE_LOOP:
-        n_a, first_key, n, t_end = _forced_tiles(t0, T, BLOCK_T, BS, FBN, INITIAL, LOCAL)
-        for i in range(0, n):
-            j0 = tl.where(i < n_a, i * FBN, first_key + (i - n_a) * FBN)
-            j, jvalid, _, k, v = _kv_tile(KS, VS, kbos, kvh, j0, t_end, HKV, DK, DV, BDK, BDV, FBN, None, None,
-                                          False)
-            p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
-            p = tl.where(_visible(j[None, :], tq[:, None], NOWIN) & jvalid[None, :], p, 0.0) * g[:, None]
-            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)
-    else:
-        a, first_local, own = forced_blocks(t0, BS, INITIAL, LOCAL)
-        t_end = tl.minimum(t0 + BLOCK_T, T)
-        dq = _dq_tiles(q, do, lse2, delta, dq, KS, VS, kbos, kvh, tq, 0, a * BS, t_end, qk_scale, HKV, DK, DV, BDK,
-                       BDV, FBN, 1, 0, NOWIN, False, None, None, False, g, True)
-        dq = _dq_tiles(q, do, lse2, delta, dq, KS, VS, kbos, kvh, tq, first_local * BS, own * BS, t_end, qk_scale,
-                       HKV, DK, DV, BDK, BDV, FBN, 1, 0, NOWIN, False, None, None, False, g, True)
-        dq = _dq_tiles(q, do, lse2, delta, dq, KS, VS, kbos, kvh, tq, own * BS, t_end, t_end, qk_scale, HKV, DK, DV,
-                       BDK, BDV, FBN, 1, 0, NOWIN, True, None, None, False, g, True)
+    a, first_local, own = forced_blocks(t0, BS, INITIAL, LOCAL)
+    t_end = tl.minimum(t0 + BLOCK_T, T)
+    dq = _dq_tiles(q, do, lse2, delta, dq, KS, VS, kbos, kvh, tq, 0, a * BS, t_end, qk_scale, HKV, DK, DV, BDK, BDV,
+                   FBN, 1, 0, NOWIN, False, None, None, False, g, True)
+    dq = _dq_tiles(q, do, lse2, delta, dq, KS, VS, kbos, kvh, tq, first_local * BS, own * BS, t_end, qk_scale, HKV,
+                   DK, DV, BDK, BDV, FBN, 1, 0, NOWIN, False, None, None, False, g, True)
+    dq = _dq_tiles(q, do, lse2, delta, dq, KS, VS, kbos, kvh, tq, own * BS, t_end, t_end, qk_scale, HKV, DK, DV,
+                   BDK, BDV, FBN, 1, 0, NOWIN, True, None, None, False, g, True)
     _store_tile(DQ, row_off, rvalid, dq * scale, DK, BDK)
 
 
@@ -178,8 +140,7 @@ def forced_constants(config, L_swa: _Launch) -> Optional[dict]:
     if not FORCED_TILES or any(bs % launch[1]["BLOCK_T"] for launch in (L_swa.fwd, L_swa.dq)):
         return None
     # key tiles of at most 64: the forced blocks' K/V tiles beside the window's own in shared memory
-    return dict(BS=bs, FBN=min(64, bs), INITIAL=config.select_initial, LOCAL=config.select_local, NOWIN=NO_WINDOW,
-                ONE_LOOP=FORCED_ONE_LOOP, WIN_ONE_LOOP=WINDOW_ONE_LOOP)
+    return dict(BS=bs, FBN=min(64, bs), INITIAL=config.select_initial, LOCAL=config.select_local, NOWIN=NO_WINDOW)
 
 
 def window_forced_forward(q, k_swa, v_swa, k_slc, v_slc, scale: float, L_swa: _Launch, forced: dict):

@@ -275,8 +275,6 @@ def test_nsa_triton_packed_sequences():
     (1, 2, 16, False, True, "pairs"), (1, 2, 16, True, True, "pairs"),  # one (sequence, KV head) at a time
     (1, 2, 16, False, True, "chunks"),  # ... and in query chunks of 64 positions
     (1, 2, 16, True, False, True),  # switched off: the selected loops walk whole lists
-    # the forced blocks' tiles and the window's in one masked loop each (FORCED_ONE_LOOP, WINDOW_ONE_LOOP)
-    (1, 2, 16, False, True, "one loop"), (0, 1, 16, True, True, "one loop"), (3, 3, 32, False, True, "one loop"),
 ])
 def test_nsa_triton_forced_blocks_in_window_kernels(initial, local, block, packed, on, handoff, monkeypatch):
     """G >= 16: the window kernels attend to the selected branch's forced blocks and the selected loops walk the
@@ -286,9 +284,6 @@ def test_nsa_triton_forced_blocks_in_window_kernels(initial, local, block, packe
     cfg = NSAConfig(compress_block=8, compress_stride=4, select_block=block, select_topn=initial + local + 2,
                     select_initial=initial, select_local=local, window=24)
     monkeypatch.setattr(forced, "FORCED_TILES", on)
-    if handoff == "one loop":
-        monkeypatch.setattr(forced, "FORCED_ONE_LOOP", True)
-        monkeypatch.setattr(forced, "WINDOW_ONE_LOOP", True)
     monkeypatch.setattr(select, "SEL_DQ_FROM_DS", bool(handoff))
     row = 5 * 16 * 16 * 4  # one position's dS tiles of a KV head: 5 entries x 16 heads x 16 keys x 4 bytes
     budget = {"pairs": (75 if packed else 192) * row, "chunks": 64 * row}.get(handoff)  # 75: the longest sequence
