@@ -470,10 +470,11 @@ COMPRESSED_DQ_TILES = (128, 64, 8, 3)
 # dK/dV's (rows, keys, warps, stages) at G >= 16, d <= 128, both branches (H100 at 64k, benchmarks/tile_sweep.py):
 # compressed 16.9 ms against 19.0 with the 64 x 64 / 4 warps / 2 stages, window 6.0 against 7.5
 DKDV_TILES = (64, 128, 8, 3)
-# the smallest padded group (GP) that takes the tiles above; smaller groups keep the shared 64-row tiles. Measured at
-# G >= 16 only: `benchmarks/switch_ab.py --switch flash.TUNED_MIN_GP --values 16 4 --heads 32 --kv-heads 8` says
-# whether G = 4 / 8 (the same rows: more positions per tile) gain from them too
-TUNED_MIN_GP = 16
+# the smallest padded group (GP) that takes the tiles above (the same rows: 128 / GP positions a tile); smaller groups
+# keep the shared 64-row tiles. G = 4 (32 / 8 heads, H100 at 64k, `benchmarks/switch_ab.py --switch
+# flash.TUNED_MIN_GP --values 16 4 --heads 32 --kv-heads 8`): compressed forward 6.66 -> 5.82 ms, core forward
+# 24.2 -> 23.4 (docs/benchmarks.md, twenty-fifth session)
+TUNED_MIN_GP = 4
 
 
 USE_TMA = True  # K/V tiles of the query-major kernels by TMA where ``tma_ok`` allows (False: pointer loads)

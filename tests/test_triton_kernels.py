@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import triton
 
 from conftest import DEVICE, HAS_CUDA, SMALL, make_inputs, rel_err
 from nsa_parallel.kernels import NSAConfig, nsa_attention
@@ -130,6 +131,28 @@ def test_flash_dkdv_gpu_tiles(kstride, koff, window, gated):
     want = torch.autograd.grad(_masked_attention(q, k, v, 0.3, kstride, koff, window), (q, k, v), do * g[..., None])
     for name, a, b in zip("qkv", got, want):
         _check(a, b, torch.float32, f"d{name}")
+
+
+@pytest.mark.parametrize("hq", [4, 8, 16])
+def test_flash_tuned_query_tiles(hq):
+    """The compressed branch's forward and dq on the tiles a GPU takes for groups of ``flash.TUNED_MIN_GP`` heads
+    and more (128 query rows = 128 / GP positions, 128 / 64 keys), G = 4 / 8 / 16, against the masked reference."""
+    t, hkv, d, kstride, koff = 300, 1, 16, 4, 7
+    tk = (t - koff - 1) // kstride + 1
+    q = _rand(1, t, hq, d, dtype=torch.float32, seed=51)
+    k, v = _rand(1, tk, hkv, d, dtype=torch.float32, seed=52), _rand(1, tk, hkv, d, dtype=torch.float32, seed=53)
+    do = torch.randn(1, t, hq, d, generator=torch.Generator().manual_seed(54)).to(q)
+    L = flash._Launch(q, k, v, kstride, koff, flash.NO_WINDOW, None, None)
+    for name, tiles in (("fwd", flash.COMPRESSED_FWD_TILES), ("dq", flash.COMPRESSED_DQ_TILES)):
+        const, opts = L._tiled(tiles[:2] + (tiles[2], 1))  # one stage: the interpreter
+        setattr(L, name, ((triton.cdiv(t, const["BLOCK_T"]), hkv), const, opts))
+    assert L.fwd[1]["BLOCK_T"] * L.fwd[1]["GP"] == flash.COMPRESSED_FWD_TILES[0]
+    with torch.no_grad():
+        o, lse = flash.masked_forward(q, k, v, 0.3, L)
+        dq, _ = flash.masked_dq(q, k, v, do, lse, (o * do).sum(-1), 0.3, L)
+    want = _masked_attention(q.requires_grad_(), k, v, 0.3, kstride, koff, flash.NO_WINDOW)
+    _check(o, want, torch.float32, "o")
+    _check(dq, torch.autograd.grad(want, q, do)[0], torch.float32, "dq")
 
 
 @pytest.mark.parametrize("dk,dv,tma", [(128, 128, True), (64, 64, True), (192, 128, False), (128, 256, False)])
