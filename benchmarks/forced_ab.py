@@ -29,7 +29,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default="forced_ab.json")
     p.add_argument("--only", nargs="+", default=["check", "branches", "core"])
+    p.add_argument("--sweep", nargs="+", default=None, metavar="R,K,W,S",
+                   help="the sweep's launch configs (rows,keys,warps,stages; the first is the reference), default "
+                        "SWEEP")
     args = p.parse_args()
+    sweep = [tuple(int(x) for x in c.split(",")) for c in args.sweep] if args.sweep else SWEEP
     cfg, t, rows, only = NSAConfig(), args.t, [], set(args.only)
     q, kvs, gate, ck, cv, leaves, core, do = core_case(t, cfg)
     if "check" in only:
@@ -89,7 +93,7 @@ def main() -> None:
         _, lse_cmp = compressed_attention(qd, kc, vc, cfg, scale)
         idx = select_blocks(qd, kc, lse_cmp, cfg, scale)
         want = None
-        for rows_, keys, warps, stages in SWEEP:
+        for rows_, keys, warps, stages in sweep:
             Lw = F._Launch(qd, kw, vw, 1, 0, cfg.window, None, None, block_m=rows_, block_n=keys)
             for name in ("fwd", "dq"):
                 grid, const, _ = getattr(Lw, name)

@@ -477,6 +477,12 @@ DKDV_TILES = (64, 128, 8, 3)
 TUNED_MIN_GP = 4
 
 
+def tuned_tiles(gp: int, dk: int, dv: int, q: torch.Tensor) -> bool:
+    """Whether a launch takes the measured tiles above: groups of ``TUNED_MIN_GP`` (padded) heads or more, head dims
+    up to 128, 16-bit inputs on a GPU (the CPU tests switch this to run those tiles through the interpreter)."""
+    return gp >= TUNED_MIN_GP and max(dk, dv) <= 128 and q.is_cuda and q.dtype != torch.float32
+
+
 USE_TMA = True  # K/V tiles of the query-major kernels by TMA where ``tma_ok`` allows (False: pointer loads)
 # which query-major kernels take their K/V tiles by TMA. The dK/dV kernel's q/dO rows by TMA ([BLOCK_T, GP, d]
 # boxes) measured no faster (H100, 64k, benchmarks/tma_ab.py run 3) and were left out
@@ -537,9 +543,9 @@ class _Launch:
         self.const = dict(HQ=hq, HKV=hkv, G=self.g, GP=gp, DK=dk, DV=dv, BDK=max(16, triton.next_power_of_2(dk)),
                           BDV=max(16, triton.next_power_of_2(dv)), BLOCK_T=block_t, BLOCK_N=block_n,
                           KSTRIDE=kstride, KOFF=koff, WINDOW=window, VARLEN=self.varlen)
-        # tiles of their own where measured faster: G >= 16 with head dims up to 128, 16-bit on a GPU; the
-        # query-major kernels only in the compressed branch (no window, many keys per query)
-        tuned = gp >= TUNED_MIN_GP and max(dk, dv) <= 128 and q.is_cuda and q.dtype != torch.float32
+        # tiles of their own where measured faster; the query-major kernels only in the compressed branch (no
+        # window, many keys per query)
+        tuned = tuned_tiles(gp, dk, dv, q)
         shared = (block_m, block_n, 4, self.stages)
         for name, tiles in (("fwd", COMPRESSED_FWD_TILES), ("dq", COMPRESSED_DQ_TILES)):
             if tuned and window == NO_WINDOW:

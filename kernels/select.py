@@ -547,7 +547,9 @@ SEL_FWD_BUFFER_BYTES = 2 << 30
 # above, instead of the union walk recomputing them. H100 at 64k, 8 KV heads, the NSA core's forward+backward:
 # 157 -> 129 ms at G = 8, 101 -> 75.6 at G = 4, 78.7 -> 50.2 at G = 2 (docs/benchmarks.md, twenty-fourth session)
 SEL_DQ_FROM_DS_SMALL_G = True
-SEL_MERGE_WARPS = 2  # warps of the merge's per-position programs (GP x dv elements each; not swept)
+# warps of the merge's per-position programs (GP x dv elements each). H100 at 64k, G = 8 (64 / 8 heads): 2 warps
+# 7.44 ms, 4 / 8 / 1 warps 7.83 / 9.21 / 9.69 (benchmarks/switch_ab.py --switch select.SEL_MERGE_WARPS)
+SEL_MERGE_WARPS = 2
 
 
 class _SelLaunch:

@@ -127,7 +127,13 @@ def test_interpreted_launches_compile_for_sm90(monkeypatch):
     _core(40, 64, 1, 16, 16, SMALL)  # G = 64: wide per-position accumulators
     for hq in (8, 32):
         _ring_steps(hq)
+    # the compressed branch's and dK/dV's tuned tiles, which a launch takes on a GPU in 16-bit only
+    from nsa_parallel.kernels import flash
+    monkeypatch.setattr(flash, "tuned_tiles", lambda gp, dk, dv, q: gp >= flash.TUNED_MIN_GP and max(dk, dv) <= 128)
+    _core(150, 8, 2, 16, 8, wide)
     kernels = {launch["kernel"] for launch in launches.values()}
     assert {"_sel_dq_ds_kernel", "_sel_fwd_kmajor_kernel", "_window_forced_fwd_kernel", "_scores_kernel"} <= kernels
+    assert any(launch["kernel"] == "_fwd_kernel" and launch["options"].get("num_warps") == 8
+               for launch in launches.values())  # the tuned tiles' launch was recorded
     failed = _compile_all(launches.values())
     assert not failed, json.dumps(failed, indent=1)[:6000]

@@ -285,6 +285,14 @@ def test_nsa_triton_matches_reference(t, hq, hkv, dk, dv):
     _check_nsa(*_nsa_both(1, t, hq, hkv, dk, dv, SMALL, torch.float32), torch.float32)
 
 
+@pytest.mark.parametrize("hq", [8, 32])
+def test_nsa_triton_tuned_tiles_match_reference(hq, monkeypatch):
+    """The core on the tiles a GPU takes in 16-bit (``flash.tuned_tiles``: the compressed branch's 128-row forward
+    and dq tiles, dK/dV's 64 x 128) at G = 4 and 16, output and every gradient against the reference."""
+    monkeypatch.setattr(flash, "tuned_tiles", lambda gp, dk, dv, q: gp >= flash.TUNED_MIN_GP and max(dk, dv) <= 128)
+    _check_nsa(*_nsa_both(1, 150, hq, 2, 16, 16, SMALL, torch.float32, seed=4), torch.float32)
+
+
 def test_nsa_triton_packed_sequences():
     lens = [37, 16, 5, 40]
     cu = torch.tensor([0, 37, 53, 58, 98], dtype=torch.int32, device=DEVICE)
