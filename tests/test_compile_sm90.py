@@ -3,10 +3,12 @@
 
 The interpreter runs a kernel's Python, so a kernel that only the compiler rejects passes every interpreter test and
 fails on its first GPU call: a name reused inside a loop with another shape (loop-carried, so its type must stay the
-same; session 25 found one in the small-G dq-from-dS kernel this way, after CPU CI had passed), a constexpr used as
-a runtime value, a Python construct the code generator lacks. Here the launches (kernel, argument types, constexpr
-values, warps and stages) are recorded while the runs go through the interpreter, then compiled in a subprocess
-without it. Launches of branches a CPU run never takes (GPU-only tiles) are not covered: the gpu-marked tests are.
+same: session 25's first GPU call met one in the small-G dq-from-dS kernel after CPU CI had passed; this test fails
+on it), a constexpr used as a runtime value, a Python construct the code generator lacks. Here the launches
+(kernel, argument types, constexpr values, warps and stages) are recorded while the runs go through the interpreter,
+then compiled in a subprocess without it. The runs cover the core at G = 1 (packed) / 4 / 16 / 64 with its GPU
+tiles switched on, the small-G union walk, context-parallel ring steps and decoding; what only a GPU run launches
+(16-bit inputs, the 64k sizes) the gpu-marked tests compile.
 """
 from __future__ import annotations
 
@@ -128,11 +130,19 @@ def test_interpreted_launches_compile_for_sm90(monkeypatch):
     for hq in (8, 32):
         _ring_steps(hq)
     # the compressed branch's and dK/dV's tuned tiles, which a launch takes on a GPU in 16-bit only
-    from nsa_parallel.kernels import flash
+    from nsa_parallel.kernels import flash, select
     monkeypatch.setattr(flash, "tuned_tiles", lambda gp, dk, dv, q: gp >= flash.TUNED_MIN_GP and max(dk, dv) <= 128)
     _core(150, 8, 2, 16, 8, wide)
+    # the union walk at small G (packed batches too long for the block-major buffers take it)
+    monkeypatch.setattr(select, "SEL_FWD_KMAJOR", False)
+    monkeypatch.setattr(select, "SEL_DQ_FROM_DS_SMALL_G", False)
+    _core(150, 8, 2, 16, 8, wide)
+    # decoding with the KV cache (prefill, appends, the decode kernels)
+    from test_decode import _decode_all
+    _decode_all([3, 37], [20, 45], "triton")
     kernels = {launch["kernel"] for launch in launches.values()}
-    assert {"_sel_dq_ds_kernel", "_sel_fwd_kmajor_kernel", "_window_forced_fwd_kernel", "_scores_kernel"} <= kernels
+    assert {"_sel_dq_ds_kernel", "_sel_fwd_kmajor_kernel", "_window_forced_fwd_kernel", "_scores_kernel",
+            "_sel_fwd_kernel", "_sel_bwd_dq_kernel", "_sparse_partial", "_append_compress"} <= kernels
     assert any(launch["kernel"] == "_fwd_kernel" and launch["options"].get("num_warps") == 8
                for launch in launches.values())  # the tuned tiles' launch was recorded
     failed = _compile_all(launches.values())
