@@ -302,14 +302,17 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
                          DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                          BS: tl.constexpr, BLOCK_Q: tl.constexpr, VARLEN: tl.constexpr, GATE=None,
                          GATED: tl.constexpr = False, DSB=None, OFFS=None, PAIR0=0, PAIR1=0,
-                         STORE_DS: tl.constexpr = False, INITIAL: tl.constexpr = 0, LOCAL: tl.constexpr = 0):
+                         STORE_DS: tl.constexpr = False, INITIAL: tl.constexpr = 0, LOCAL: tl.constexpr = 0,
+                         STORE_DQ: tl.constexpr = False):
     # STORE_DS: only the items of (sequence, KV head) pairs [PAIR0, PAIR1), whose dS tiles (gated, as dq needs
     # them) go to DSB from the pairs' first list entry (OFFS = the index's offsets) on, so that dq
-    # (_sel_dq_ds_kernel) reads dS and K instead of recomputing q k^T and dO v^T from K and V
+    # (_sel_dq_ds_kernel) reads dS and K instead of recomputing q k^T and dO v^T from K and V. STORE_DQ (G < 16,
+    # no forced blocks): the same items, each entry's dq share over this block, dS K ([GP, BDK] in the input dtype,
+    # before the softmax scale), goes to DSB instead, so that dq (_sel_dq_sum_kernel) only sums a position's shares
     start, end, key = _work_item(ITEM_KEY, ITEM_START, ITEM_END)
     if start >= end:
         return
-    if STORE_DS:
+    if STORE_DS or STORE_DQ:
         if (key // NS_MAX < PAIR0) | (key // NS_MAX >= PAIR1):
             return
         ds_row0 = start - tl.load(OFFS + PAIR0 * NS_MAX).to(tl.int64)  # this item's first tile in DSB
@@ -333,6 +336,10 @@ def _sel_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, QLIST, ITEM_KEY, ITE
         if STORE_DS:
             _store_ds(DSB, ds_row0 + (q0 - start), r, rvalid, tq + QOFF, blk, ds.to(q.dtype), GP, BS, INITIAL,
                       LOCAL)
+        if STORE_DQ:  # every entry, a block in the query's future too (its zero share): dq sums all of them
+            dqp = tl.dot(ds.to(q.dtype), k)
+            tl.store(DSB + (ds_row0 + (q0 - start)) * (GP * BDK) + r[:, None] * BDK + dk[None, :],
+                     dqp.to(DSB.dtype.element_ty), mask=rvalid[:, None])
         dk_acc += tl.dot(tl.trans(ds.to(q.dtype)), q)
     # several work items may share a block (block 0 is every query's): partial tiles meet in fp32
     tl.atomic_add(DK_ + kv_off[:, None] * DK + dk[None, :], dk_acc * scale, mask=pvalid[:, None] & (dk[None, :] < DK))
@@ -409,6 +416,27 @@ def _sel_merge_kernel(IDX, SLOT, OP, LP, O, LSE, OFFS, CU, T_FIXED, TK_FIXED, P0
         m_i = m_new
     o, lse = _finish(acc, m_i, l_i)  # rows with no block in this key buffer: o = 0, lse = -inf
     _store_output(O, LSE, row_off, rvalid, o, lse, DV, BDV, OC, OW, GATE, OUT, GATED_SUM)
+
+
+@triton.jit
+def _sel_dq_sum_kernel(IDX, SLOT, DQB, DQ, OFFS, CU, T_FIXED, TK_FIXED, P0, PAIR0, NS_MAX, LO, HI, scale,
+                       HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr,
+                       NP: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr, VARLEN: tl.constexpr,
+                       ADD: tl.constexpr = True):
+    # One position (P0 + program 0) of (sequence, KV head) pair PAIR0 + program 1: its dq, the sum of the per-block
+    # shares the dK/dV pass stored (STORE_DQ; SLOT: where each index entry's share lies in the index's order), of
+    # the blocks in this key buffer; ADD: onto DQ (the NSA core's other branches' dq), else stored
+    kvh, bos, T, kbos, TK, t0, first = _pair_position(CU, T_FIXED, TK_FIXED, P0, PAIR0, OFFS, NS_MAX, HKV, VARLEN)
+    if t0 >= T:
+        return
+    tq, hq, rvalid = _rows(t0, kvh, 1, G, GP)
+    row_off, list_start, i_lo, i_hi = _position_blocks(IDX, bos, t0, kvh, hq, LO, HI, HQ, HKV, N, NP)
+    hg = tl.arange(0, GP)
+    dq = tl.zeros([GP, BDK], dtype=tl.float32)
+    for i in range(i_lo, i_hi):
+        slot = (tl.load(SLOT + list_start + i) - first) * GP + hg
+        dq += _load_tile(DQB, slot, rvalid, BDK, BDK).to(tl.float32)
+    _store_grad_tile(DQ, row_off, rvalid, dq * scale, DK, BDK, ADD)
 
 
 @triton.jit
@@ -547,6 +575,11 @@ SEL_FWD_BUFFER_BYTES = 2 << 30
 # above, instead of the union walk recomputing them. H100 at 64k, 8 KV heads, the NSA core's forward+backward:
 # 157 -> 129 ms at G = 8, 101 -> 75.6 at G = 4, 78.7 -> 50.2 at G = 2 (docs/benchmarks.md, twenty-fourth session)
 SEL_DQ_FROM_DS_SMALL_G = True
+# G < 16 (with SEL_DQ_FROM_DS_SMALL_G): the dK/dV pass, which holds each block's K, also forms each entry's dq share
+# over the block (dS K, stored in the input dtype) and dq sums a position's shares (_sel_dq_sum_kernel), instead of
+# dq gathering every listed block's K again (at G = 8 and 64k, 16 KiB a block, position and KV head from L2: 16.5 ms
+# of the backward, the G >= 16 loop's bound). Off until measured on a GPU
+SEL_DQ_PARTIALS_SMALL_G = False
 # warps of the merge's per-position programs (GP x dv elements each). H100 at 64k, G = 8 (64 / 8 heads): 2 warps
 # 7.44 ms, 4 / 8 / 1 warps 7.83 / 9.21 / 9.69 (benchmarks/switch_ab.py --switch select.SEL_MERGE_WARPS)
 SEL_MERGE_WARPS = 2
@@ -625,10 +658,18 @@ class _SelLaunch:
         """Whether this call's dq comes from the dS tiles that its dK/dV pass stores (``SEL_DQ_FROM_DS``: with the
         forced blocks at G >= 16, and at G < 16 with ``SEL_DQ_FROM_DS_SMALL_G``; packed batches only where the
         longest sequence's tiles of one KV head fit ``SEL_DS_BUFFER_BYTES``)."""
-        pair = self.max_t * indices.shape[-1] * self.kmajor["GP"] * self.kmajor["BS"] * q.element_size()
+        pair = self.max_t * indices.shape[-1] * self.kmajor["GP"] * self.handoff_width() * q.element_size()
         small_g = SEL_DQ_FROM_DS_SMALL_G and not self.loop
         return SEL_DQ_FROM_DS and (self.forced is not None or small_g) and (
             not self.varlen or pair <= SEL_DS_BUFFER_BYTES)
+
+    def dq_shares(self) -> bool:
+        """Whether the dq handoff stores per-block dq shares (``SEL_DQ_PARTIALS_SMALL_G``, G < 16) instead of dS."""
+        return SEL_DQ_PARTIALS_SMALL_G and self.forced is None and not self.loop
+
+    def handoff_width(self) -> int:
+        """Columns of one stored row of the dq handoff: dq shares are ``BDK`` wide, dS tiles a block (``BS``)."""
+        return self.kmajor["BDK"] if self.dq_shares() else self.kmajor["BS"]
 
     def kv(self, k, v):
         """The K/V block arguments of the query-major kernels: TMA descriptors of ``[BS, 1, BD]`` boxes, or none."""
@@ -729,22 +770,29 @@ def _index_chunks(indices, L: _SelLaunch, row_bytes: int, budget: int):
 def _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, add, dk, dv, L: _SelLaunch, scale, gated):
     """dK/dV first, storing the dS tiles in the inverted index's order; dq from them and K (added onto ``dq`` with
     ``add``). At most ``SEL_DS_BUFFER_BYTES`` of tiles exist at once (:func:`_index_chunks`; partial dK/dV tiles of
-    query chunks meet in fp32 as between items). Without forced blocks (G < 16) every listed block's tile."""
-    n = indices.shape[-1]
-    row_bytes = n * L.kmajor["GP"] * L.kmajor["BS"] * q.element_size()  # one position's tiles
-    capacity, chunks = _index_chunks(indices, L, row_bytes, SEL_DS_BUFFER_BYTES)
-    dsb = torch.empty(capacity, L.kmajor["GP"], L.kmajor["BS"], device=q.device, dtype=q.dtype)
+    query chunks meet in fp32 as between items). Without forced blocks (G < 16) every listed block's tile, or with
+    ``L.dq_shares()`` every listed block's dq share, which dq sums."""
+    n, gp = indices.shape[-1], L.kmajor["GP"]
+    shares, width = L.dq_shares(), L.handoff_width()
+    capacity, chunks = _index_chunks(indices, L, n * gp * width * q.element_size(), SEL_DS_BUFFER_BYTES)
+    dsb = torch.empty(capacity, gp, width, device=q.device, dtype=q.dtype)
     # no initial and no local blocks forced: every listed block is stored and walked by dq
     forced = dict(INITIAL=L.forced["INITIAL"], LOCAL=L.forced["LOCAL"]) if L.forced else dict(INITIAL=0, LOCAL=0)
     kd = {"KD": L.kv(k, v)["KD"], "TMA": True} if L.tma else {}
-    const = {key: L.qmajor[key] for key in ("HQ", "HKV", "G", "GP", "N", "NP", "DK", "BDK", "BS", "VARLEN")}
+    names = ("HQ", "HKV", "G", "GP", "N", "NP", "DK", "BDK", "VARLEN") + (() if shares else ("BS",))
+    const = {key: L.qmajor[key] for key in names}
     for s, m, qlist, items, offsets, slot, p0, p1 in chunks:
         _sel_bwd_dkdv_kernel[(items[0].numel(),)](q, k, v, do, lse, delta, dk, dv, qlist, *items, L.cu, *L.sizes,
                                                   L.ns_max, scale, **L.kmajor, **gated, DSB=dsb, OFFS=offsets,
-                                                  PAIR0=p0, PAIR1=p1, STORE_DS=True, **forced, **L.ds_dkdv)
-        _sel_dq_ds_kernel[(m, p1 - p0)](k, indices, slot, dsb, dq, offsets, L.cu, *L.sizes, L.lo, L.hi, s, p0,
-                                        L.ns_max, scale, **const, **forced, **kd, RP=max(16, const["GP"]), ADD=add,
-                                        **L.ds_dq)
+                                                  PAIR0=p0, PAIR1=p1, STORE_DS=not shares, STORE_DQ=shares,
+                                                  **forced, **L.ds_dkdv)
+        if shares:
+            _sel_dq_sum_kernel[(m, p1 - p0)](indices, slot, dsb, dq, offsets, L.cu, *L.sizes[:2], s, p0, L.ns_max,
+                                             L.lo, L.hi, scale, **const, ADD=add, num_warps=SEL_MERGE_WARPS)
+        else:
+            _sel_dq_ds_kernel[(m, p1 - p0)](k, indices, slot, dsb, dq, offsets, L.cu, *L.sizes, L.lo, L.hi, s, p0,
+                                            L.ns_max, scale, **const, **forced, **kd, RP=max(16, const["GP"]),
+                                            ADD=add, **L.ds_dq)
     return dq, dk, dv
 
 

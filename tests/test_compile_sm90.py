@@ -133,6 +133,8 @@ def test_interpreted_launches_compile_for_sm90(monkeypatch):
     from nsa_parallel.kernels import flash, select
     monkeypatch.setattr(flash, "tuned_tiles", lambda gp, dk, dv, q: gp >= flash.TUNED_MIN_GP and max(dk, dv) <= 128)
     _core(150, 8, 2, 16, 8, wide)
+    monkeypatch.setattr(select, "SEL_DQ_PARTIALS_SMALL_G", True)  # prepared, off by default
+    _core(150, 8, 2, 16, 8, wide)
     # the union walk at small G (packed batches too long for the block-major buffers take it)
     monkeypatch.setattr(select, "SEL_FWD_KMAJOR", False)
     monkeypatch.setattr(select, "SEL_DQ_FROM_DS_SMALL_G", False)
@@ -142,7 +144,8 @@ def test_interpreted_launches_compile_for_sm90(monkeypatch):
     _decode_all([3, 37], [20, 45], "triton")
     kernels = {launch["kernel"] for launch in launches.values()}
     assert {"_sel_dq_ds_kernel", "_sel_fwd_kmajor_kernel", "_window_forced_fwd_kernel", "_scores_kernel",
-            "_sel_fwd_kernel", "_sel_bwd_dq_kernel", "_sparse_partial", "_append_compress"} <= kernels
+            "_sel_fwd_kernel", "_sel_bwd_dq_kernel", "_sparse_partial", "_append_compress",
+            "_sel_dq_sum_kernel"} <= kernels
     assert any(launch["kernel"] == "_fwd_kernel" and launch["options"].get("num_warps") == 8
                for launch in launches.values())  # the tuned tiles' launch was recorded
     failed = _compile_all(launches.values())

@@ -592,17 +592,20 @@ def test_selected_forward_kv_block_major(case, monkeypatch):
                       "packed": [(45, pairs)], "packed-too-long": []}[case]
 
 
+@pytest.mark.parametrize("shares", [False, True], ids=["ds", "dq-shares"])
 @pytest.mark.parametrize("case", ["standalone", "query-chunks", "packed", "core", "offsets"])
-def test_selected_dq_from_ds_small_g(case, monkeypatch):
+def test_selected_dq_from_ds_small_g(case, shares, monkeypatch):
     """G < 16 with ``select.SEL_DQ_FROM_DS_SMALL_G``: the dK/dV pass stores every listed block's dS tile and dq
-    reads them with K (zero rows padding the product to 16); dq stored (standalone) or added onto the other
-    branches' (the NSA core), delta from the output first; all gradients against the reference, and for a
-    context-parallel ring step's query offset and key buffer against the union walk's."""
+    reads them with K (zero rows padding the product to 16), or with ``SEL_DQ_PARTIALS_SMALL_G`` each entry's dq
+    share (dS K) and dq sums them; dq stored (standalone) or added onto the other branches' (the NSA core), delta
+    from the output first; all gradients against the reference, and for a context-parallel ring step's query
+    offset and key buffer against the union walk's."""
     from nsa_parallel.kernels import select
     monkeypatch.setattr(select, "SEL_DQ_FROM_DS_SMALL_G", True)
-    grids = _launches(monkeypatch, select, "_sel_dq_ds_kernel")
+    monkeypatch.setattr(select, "SEL_DQ_PARTIALS_SMALL_G", shares)
+    grids = _launches(monkeypatch, select, "_sel_dq_sum_kernel" if shares else "_sel_dq_ds_kernel")
     b, t, hq, hkv, dk, dv, blk = 2, 150, 8, 2, 16, 8, SMALL.select_block
-    if case == "query-chunks":  # 64 positions' tiles of one KV head: 4 entries x 4 heads x 16 keys x 4 bytes
+    if case == "query-chunks":  # 64 positions' tiles of one KV head: 4 entries x 4 heads x 16 keys (or dk) x 4 bytes
         monkeypatch.setattr(select, "SEL_DS_BUFFER_BYTES", 64 * SMALL.select_topn * 4 * blk * 4)
     if case == "core":
         _check_nsa(*_nsa_both(1, 90, 4, 2, 16, 8, SMALL, torch.float32, seed=5), torch.float32)
@@ -641,16 +644,18 @@ def test_selected_attention_blocks_in_the_future(monkeypatch):
     def dirty(*shape, **kw):  # buffers as a caching allocator hands them out: never zeros to rely on
         x = empty(*shape, **kw)
         return x.fill_(float("nan") if x.is_floating_point() else -(1 << 20))
-    for on in (True, False):
+    for on, shares in ((True, False), (True, True), (False, False)):  # the union walk last: the reference
         monkeypatch.setattr(select, "SEL_FWD_KMAJOR", on)
         monkeypatch.setattr(select, "SEL_DQ_FROM_DS_SMALL_G", on)
+        monkeypatch.setattr(select, "SEL_DQ_PARTIALS_SMALL_G", shares)
         with monkeypatch.context() as m:
             m.setattr(torch, "empty", dirty)
             o, lse = selected_attention(q, k, v, idx, 16, 0.3)
             runs.append((o, lse, *_grads(o, (q, k, v))))
     assert torch.isfinite(runs[0][0]).all()
-    for name, a, b in zip(["o", "lse", "dq", "dk", "dv"], *runs):
-        _check(a, b, torch.float32, f"future blocks {name}")
+    for run in runs[:2]:
+        for name, a, b in zip(["o", "lse", "dq", "dk", "dv"], run, runs[-1]):
+            _check(a, b, torch.float32, f"future blocks {name}")
 
 
 @pytest.mark.parametrize("hq", [4, 16])  # G=2: KV-block-major forward, dq from dS; G=16: per-position loops
