@@ -5,7 +5,8 @@
 ``--switch MODULE.NAME`` names a setting of ``nsa_parallel.kernels.MODULE`` read when a launch is set up (such as
 ``topn.TOPN_PREFILTER``): a boolean (off, then on) or, with ``--values A B``, any two JSON values (such as
 ``--switch topn.TOPN_CANDIDATES --values 4 3``). Checks that both settings give the same core output and
-gradients (bf16, the bench's inputs), then times the core's forward and forward+backward
+gradients (bf16, the bench's inputs; with the count of block entries that differ, near ties a rounding change
+flips), then times the core's forward and forward+backward
 (``nsa_parallel.bench.bench``) with the first and the second setting, alternating in each round, and puts the
 setting back as it was; with ``--kernels``, each setting's kernels (``nsa_parallel.bench.kernel_times``, 3 calls:
 the forward, or with ``--backward`` forward+backward) after the rounds. JSON lines to stdout and ``--out``.
@@ -17,8 +18,9 @@ import json
 
 
 def main() -> None:
-    from nsa_parallel.bench import ab_check, bench, core_case, core_step, emit, head_dims, kernel_setting, kernel_times
-    from nsa_parallel.kernels import NSAConfig
+    from nsa_parallel.bench import (ab_block_flips, ab_check, bench, core_case, core_step, emit, head_dims,
+                                    kernel_setting, kernel_times)
+    from nsa_parallel.kernels import NSAConfig, nsa_attention
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--switch", required=True, help="MODULE.NAME of a setting in nsa_parallel.kernels")
     p.add_argument("--values", nargs=2, type=json.loads, default=None, metavar=("A", "B"),
@@ -47,12 +49,15 @@ def main() -> None:
         setattr(mod, name, values[int(second)])
 
     rows = []
-    q, kvs, gate, ck, cv, leaves, core, do = core_case(args.t, NSAConfig(), hq=args.heads, hkv=args.kv_heads, d=dk,
-                                                       dv=dv)
+    cfg = NSAConfig()
+    q, kvs, gate, ck, cv, leaves, core, do = core_case(args.t, cfg, hq=args.heads, hkv=args.kv_heads, d=dk, dv=dv)
     step = core_step(core, leaves, do)
+    indices = lambda: nsa_attention(q, *kvs, gate, compress_k=ck, compress_v=cv, config=cfg,  # noqa: E731
+                                    backend="triton", return_block_indices=True)[1]
     try:
+        # a large max_rel_err with flipped blocks: near ties (see bench.ab_block_flips), not necessarily a bug
         emit(rows, args.out, check=f"core output and gradients, {args.switch} = {values[1]!r} vs {values[0]!r}",
-             max_rel_err=ab_check(core, leaves, do, switch))
+             max_rel_err=ab_check(core, leaves, do, switch), **ab_block_flips(indices, switch))
         for rnd in range(args.rounds):
             for second in (False, True):
                 switch(second)

@@ -221,6 +221,21 @@ def ab_check(fn, leaves, do, switch) -> float:
                for a, b in zip(got[1], got[0]))
 
 
+def ab_block_flips(indices_fn, switch) -> dict:
+    """How many top-n block entries change when ``switch(True)`` replaces ``switch(False)`` (``indices_fn()``: the
+    block indices ``[b, t, hkv, n]``). A switch that moves the compressed branch's or the scores' rounding flips
+    near-tied blocks, and a row with another block has another selected output and gradients, so :func:`ab_check`'s
+    largest difference can be large without a bug; this tells the two apart. Leaves the switch on."""
+    got = []
+    with torch.no_grad():
+        for on in (False, True):
+            switch(on)
+            got.append(indices_fn())
+    diff = got[0] != got[1]
+    return dict(block_entries_differ=int(diff.sum()), block_rows_differ=int(diff.any(-1).sum()),
+                block_entries=diff.numel())
+
+
 def write_old_modules(rev: str, names, dest: str) -> None:
     """``dest/_old_<name>.py`` = ``kernels/<name>.py`` at git revision ``rev``, its relative imports rebased onto
     ``nsa_parallel.kernels`` (and onto each other's old copies among ``names``): the A/B scripts in benchmarks/ time

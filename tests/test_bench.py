@@ -57,3 +57,24 @@ def test_head_dims_and_kernel_settings_are_read_or_named():
         kernel_setting("topn.NOPE")
     with pytest.raises(ValueError, match="no module nsa_parallel.kernels.nomodule"):
         kernel_setting("nomodule.X")
+
+
+def test_ab_block_flips_counts_changed_block_entries():
+    """The A/B scripts' block-flip count: none for a switch that leaves the selection alone, the changed entries
+    and rows for one that moves it."""
+    import torch
+    from conftest import SMALL, make_inputs
+    from nsa_parallel.bench import ab_block_flips
+    from nsa_parallel.kernels import nsa_attention
+    q, kvs, gate, ck, cv = make_inputs(1, 200, 4, 2, 8, 8, SMALL, seed=3)  # 13 blocks, 1 free pick
+    sign = [1.0]
+
+    def indices():
+        return nsa_attention(q * sign[0], *kvs, gate, compress_k=ck, compress_v=cv, config=SMALL,
+                             return_block_indices=True)[1]
+    same = ab_block_flips(indices, lambda on: None)
+    assert same == dict(block_entries_differ=0, block_rows_differ=0, block_entries=200 * 2 * SMALL.select_topn)
+    moved = ab_block_flips(indices, lambda on: sign.__setitem__(0, -1.0 if on else 1.0))
+    want = (indices() != (sign.__setitem__(0, 1.0) or indices()))
+    assert moved["block_entries_differ"] == int(want.sum()) > 0
+    assert moved["block_rows_differ"] == int(want.any(-1).sum())
