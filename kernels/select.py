@@ -390,6 +390,16 @@ def _pair_position(CU, T_FIXED, TK_FIXED, P0, PAIR0, OFFS, NS_MAX, HKV: tl.const
 
 
 @triton.jit
+def _pair_list(IDX, bos, t0, kvh, LO, HI, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr,
+               N: tl.constexpr, NP: tl.constexpr):
+    """A per-position program's rows (the group's heads, padded to ``ROWS``) and its block list: ``(rvalid,
+    row_off, list_start, i_lo, i_hi)``, the list's range inside ``[LO, HI)``."""
+    tq, hq, rvalid = _rows(t0, kvh, 1, G, ROWS)
+    row_off, list_start, i_lo, i_hi = _position_blocks(IDX, bos, t0, kvh, hq, LO, HI, HQ, HKV, N, NP)
+    return rvalid, row_off, list_start, i_lo, i_hi
+
+
+@triton.jit
 def _sel_merge_kernel(IDX, SLOT, OP, LP, O, LSE, OFFS, CU, T_FIXED, TK_FIXED, P0, PAIR0, NS_MAX, LO, HI,
                       HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, N: tl.constexpr,
                       NP: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, VARLEN: tl.constexpr, OC=None,
@@ -399,8 +409,7 @@ def _sel_merge_kernel(IDX, SLOT, OP, LP, O, LSE, OFFS, CU, T_FIXED, TK_FIXED, P0
     kvh, bos, T, kbos, TK, t0, first = _pair_position(CU, T_FIXED, TK_FIXED, P0, PAIR0, OFFS, NS_MAX, HKV, VARLEN)
     if t0 >= T:
         return
-    _, hq, rvalid = _rows(t0, kvh, 1, G, GP)
-    row_off, list_start, i_lo, i_hi = _position_blocks(IDX, bos, t0, kvh, hq, LO, HI, HQ, HKV, N, NP)
+    rvalid, row_off, list_start, i_lo, i_hi = _pair_list(IDX, bos, t0, kvh, LO, HI, HQ, HKV, G, GP, N, NP)
     hg = tl.arange(0, GP)
     m_i = tl.full([GP], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([GP], dtype=tl.float32)
@@ -429,8 +438,7 @@ def _sel_dq_sum_kernel(IDX, SLOT, DQB, DQ, OFFS, CU, T_FIXED, TK_FIXED, P0, PAIR
     kvh, bos, T, kbos, TK, t0, first = _pair_position(CU, T_FIXED, TK_FIXED, P0, PAIR0, OFFS, NS_MAX, HKV, VARLEN)
     if t0 >= T:
         return
-    tq, hq, rvalid = _rows(t0, kvh, 1, G, GP)
-    row_off, list_start, i_lo, i_hi = _position_blocks(IDX, bos, t0, kvh, hq, LO, HI, HQ, HKV, N, NP)
+    rvalid, row_off, list_start, i_lo, i_hi = _pair_list(IDX, bos, t0, kvh, LO, HI, HQ, HKV, G, GP, N, NP)
     hg = tl.arange(0, GP)
     dq = tl.zeros([GP, BDK], dtype=tl.float32)
     for i in range(i_lo, i_hi):
@@ -468,8 +476,7 @@ def _sel_dq_ds_kernel(K, IDX, SLOT, DSB, DQ, OFFS, CU, T_FIXED, TK_FIXED, QOFF, 
     kvh, bos, T, kbos, TK, t0, first = _pair_position(CU, T_FIXED, TK_FIXED, P0, PAIR0, OFFS, NS_MAX, HKV, VARLEN)
     if t0 >= T:
         return
-    tq, hq, rvalid = _rows(t0, kvh, 1, G, RP)
-    row_off, list_start, i_lo, i_hi = _position_blocks(IDX, bos, t0, kvh, hq, LO, HI, HQ, HKV, N, NP)
+    rvalid, row_off, list_start, i_lo, i_hi = _pair_list(IDX, bos, t0, kvh, LO, HI, HQ, HKV, G, RP, N, NP)
     a, i_hi = free_range(t0 + QOFF, i_hi, BS, INITIAL, LOCAL)
     i_lo = tl.maximum(i_lo, a)
     h = tl.arange(0, RP)
@@ -480,7 +487,7 @@ def _sel_dq_ds_kernel(K, IDX, SLOT, DSB, DQ, OFFS, CU, T_FIXED, TK_FIXED, QOFF, 
         if TMA:
             k = KD.load([(kbos + blk * BS - KBASE).to(tl.int32), kvh, 0]).reshape(BS, BDK)
         else:
-            # named, not "_": Triton types a name reused in a loop as loop-carried ([RP] rows above, [BS] here)
+            # named, not "_": a name bound before a loop and again inside is loop-carried, its shape fixed
             kpos, pvalid, kv_off = _block_keys(blk, kbos, KBASE, TK, kvh, HKV, BS)
             k = _load_tile(K, kv_off, pvalid, DK, BDK)
         tile = DSB + (tl.load(SLOT + list_start + i) - first) * (GP * BS) + h_off
