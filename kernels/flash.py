@@ -477,10 +477,15 @@ DKDV_TILES = (64, 128, 8, 3)
 TUNED_MIN_GP = 4
 
 
+def tuned_shape(gp: int, dk: int, dv: int) -> bool:
+    """Whether the measured tiles above fit: groups of ``TUNED_MIN_GP`` (padded) heads or more, head dims up to 128."""
+    return gp >= TUNED_MIN_GP and max(dk, dv) <= 128
+
+
 def tuned_tiles(gp: int, dk: int, dv: int, q: torch.Tensor) -> bool:
-    """Whether a launch takes the measured tiles above: groups of ``TUNED_MIN_GP`` (padded) heads or more, head dims
-    up to 128, 16-bit inputs on a GPU (the CPU tests switch this to run those tiles through the interpreter)."""
-    return gp >= TUNED_MIN_GP and max(dk, dv) <= 128 and q.is_cuda and q.dtype != torch.float32
+    """Whether a launch takes the measured tiles above: :func:`tuned_shape`, 16-bit inputs on a GPU (the CPU tests
+    switch the GPU part off to run those tiles through the interpreter)."""
+    return tuned_shape(gp, dk, dv) and q.is_cuda and q.dtype != torch.float32
 
 
 USE_TMA = True  # K/V tiles of the query-major kernels by TMA where ``tma_ok`` allows (False: pointer loads)

@@ -21,7 +21,7 @@ import sys
 import pytest
 import torch
 
-from conftest import SMALL, make_inputs
+from conftest import SMALL, gpu_tiles_on_cpu, make_inputs
 from nsa_parallel.kernels import NSAConfig, nsa_attention
 from nsa_parallel.kernels import reference as ref
 from nsa_parallel.kernels.select import selected_attention
@@ -130,8 +130,8 @@ def test_interpreted_launches_compile_for_sm90(monkeypatch):
     for hq in (8, 32):
         _ring_steps(hq)
     # the compressed branch's and dK/dV's tuned tiles, which a launch takes on a GPU in 16-bit only
-    from nsa_parallel.kernels import flash, select
-    monkeypatch.setattr(flash, "tuned_tiles", lambda gp, dk, dv, q: gp >= flash.TUNED_MIN_GP and max(dk, dv) <= 128)
+    from nsa_parallel.kernels import select
+    gpu_tiles_on_cpu(monkeypatch)
     _core(150, 8, 2, 16, 8, wide)
     monkeypatch.setattr(select, "SEL_DQ_PARTIALS_SMALL_G", True)  # prepared, off by default
     _core(150, 8, 2, 16, 8, wide)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import triton
 
-from conftest import DEVICE, HAS_CUDA, SMALL, make_inputs, rel_err
+from conftest import DEVICE, HAS_CUDA, SMALL, gpu_tiles_on_cpu, make_inputs, rel_err
 from nsa_parallel.kernels import NSAConfig, nsa_attention
 from nsa_parallel.kernels import reference as ref
 from nsa_parallel.kernels.compress import compressed_attention, selection_scores
@@ -289,7 +289,7 @@ def test_nsa_triton_matches_reference(t, hq, hkv, dk, dv):
 def test_nsa_triton_tuned_tiles_match_reference(hq, monkeypatch):
     """The core on the tiles a GPU takes in 16-bit (``flash.tuned_tiles``: the compressed branch's 128-row forward
     and dq tiles, dK/dV's 64 x 128) at G = 4 and 16, output and every gradient against the reference."""
-    monkeypatch.setattr(flash, "tuned_tiles", lambda gp, dk, dv, q: gp >= flash.TUNED_MIN_GP and max(dk, dv) <= 128)
+    gpu_tiles_on_cpu(monkeypatch)
     _check_nsa(*_nsa_both(1, 150, hq, 2, 16, 16, SMALL, torch.float32, seed=4), torch.float32)
 
 
