@@ -241,3 +241,6 @@ def main(argv: Optional[List[str]] = None) -> List[List[int]]:
 
 if __name__ == "__main__":
     main()
+    # a TP rank of this command aborted at exit in a fresh-clone CI run (2026-12-07) without the trainer's ending
+    from .train import close_parallel
+    close_parallel()

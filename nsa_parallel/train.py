@@ -559,13 +559,20 @@ def _loop(args, env, model, config, opt, sched, dataset, valid, start, dp, num_m
     return {"history": history, "validation": validation, "params": n_params, "rank": env.rank}
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    train(argv)
+def close_parallel() -> None:
+    """End a command's run: Megatron's model-parallel groups, then the default group once every rank is through
+    (:func:`distributed.all_done`; without it a gloo rank may abort at exit, "terminate called without an active
+    exception")."""
     from megatron.core import parallel_state as ps
     ps.destroy_model_parallel()
     if dist.is_initialized():
         all_done()
         dist.destroy_process_group()
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    train(argv)
+    close_parallel()
 
 
 if __name__ == "__main__":
