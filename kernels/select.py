@@ -584,9 +584,10 @@ SEL_FWD_BUFFER_BYTES = 2 << 30
 SEL_DQ_FROM_DS_SMALL_G = True
 # G < 16 (with SEL_DQ_FROM_DS_SMALL_G): the dK/dV pass, which holds each block's K, also forms each entry's dq share
 # over the block (dS K, stored in the input dtype) and dq sums a position's shares (_sel_dq_sum_kernel), instead of
-# dq gathering every listed block's K again (at G = 8 and 64k, 16 KiB a block, position and KV head from L2: 16.5 ms
-# of the backward, the G >= 16 loop's bound). Off until measured on a GPU
-SEL_DQ_PARTIALS_SMALL_G = False
+# dq gathering every listed block's K again (at G = 8 and 64k, 16 KiB a block, position and KV head from L2). H100 at
+# 64k, 8 KV heads, the NSA core's forward+backward: 123.3 -> 121.3 ms at G = 8 (dK/dV + dq 34.8 -> 33.5), 73.9 ->
+# 65.3 at G = 4 (25.5 -> 17.1) (benchmarks/switch_ab.py; docs/benchmarks.md, twenty-sixth session)
+SEL_DQ_PARTIALS_SMALL_G = True
 # warps of the merge's per-position programs (GP x dv elements each). H100 at 64k, G = 8 (64 / 8 heads): 2 warps
 # 7.44 ms, 4 / 8 / 1 warps 7.83 / 9.21 / 9.69 (benchmarks/switch_ab.py --switch select.SEL_MERGE_WARPS)
 SEL_MERGE_WARPS = 2

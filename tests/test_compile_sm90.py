@@ -123,7 +123,7 @@ def test_interpreted_launches_compile_for_sm90(monkeypatch):
     # sizes apart where a kernel's vectors could coincide: [16] head rows vs [32] block keys below; with equal
     # sizes a name reused in a loop at both compiles (session 25's bug hid at select_block 16)
     wide = NSAConfig(compress_block=8, compress_stride=4, select_block=32, select_topn=4, window=24)
-    _core(150, 8, 2, 16, 8, wide)  # G = 4: KV-block-major forward, dq from dS at small G
+    _core(150, 8, 2, 16, 8, wide)  # G = 4: KV-block-major forward, dq from the dK/dV pass's shares at small G
     _core(150, 32, 2, 16, 16, forced)  # G = 16: forced blocks in the window kernels, dS handoff
     _core(98, 2, 2, 16, 16, SMALL, cu=torch.tensor([0, 37, 53, 98], dtype=torch.int32))  # G = 1, packed
     _core(40, 64, 1, 16, 16, SMALL)  # G = 64: wide per-position accumulators
@@ -133,7 +133,7 @@ def test_interpreted_launches_compile_for_sm90(monkeypatch):
     from nsa_parallel.kernels import select
     gpu_tiles_on_cpu(monkeypatch)
     _core(150, 8, 2, 16, 8, wide)
-    monkeypatch.setattr(select, "SEL_DQ_PARTIALS_SMALL_G", True)  # prepared, off by default
+    monkeypatch.setattr(select, "SEL_DQ_PARTIALS_SMALL_G", False)  # small G's dq from dS tiles and K instead
     _core(150, 8, 2, 16, 8, wide)
     # the union walk at small G (packed batches too long for the block-major buffers take it)
     monkeypatch.setattr(select, "SEL_FWD_KMAJOR", False)
