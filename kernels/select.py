@@ -12,8 +12,7 @@ recomputing them from K and V (``SEL_DQ_FROM_DS``, :func:`_backward_ds_handoff`)
 Small G (fewer than 16 rows a position): the forward walks the same inverted index (:func:`_forward_kmajor`: a
 block's queries in full tiles, each query's softmax over that block kept, then merged per position), and dq comes
 from the dS tiles as above (``SEL_DQ_FROM_DS_SMALL_G``). The union walk (a tile of neighbouring positions walking
-the union of their sorted lists, 64 rows) remains for packed batches too long for the partials' buffer and behind
-the switches.
+the union of their sorted lists, 64 rows) remains behind the switches.
 """
 from __future__ import annotations
 
@@ -506,14 +505,15 @@ def sequence_ids(b: int, t: int, cu_seqlens: Optional[torch.Tensor], device):
 
 
 def invert_block_indices(indices: torch.Tensor, ns_max: int, cu_seqlens: Optional[torch.Tensor], lo: int = 0,
-                         hi: Optional[int] = None, entries: bool = False):
+                         hi: Optional[int] = None, entries: bool = False, positions: Optional[tuple] = None):
     """Inverted index: for each (sequence, KV head, block), the local positions of the queries that selected it.
 
     indices ``[b, t, hkv, n]`` -> ``(qlist [b*t*hkv*n] int32, offsets [nseq*hkv*ns_max + 1] int32)``: list ``i``
     is ``qlist[offsets[i]:offsets[i+1]]``, ascending; only blocks in ``[lo, hi)`` (those in the key buffer at
-    hand) are listed, the rest sort past the last list. No host sync (no boolean indexing, no bincount), so the
-    backward keeps the GPU queue full. ``entries``: also each listed query's entry in ``indices`` (the flat index
-    ``(row * hkv + kvh) * n + i``), int32 where it fits.
+    hand) are listed, and with ``positions = (s, e)`` only queries at local positions ``[s, e)`` of their sequence
+    (a packed batch's query chunk); the rest sort past the last list. No host sync (no boolean indexing, no
+    bincount), so the backward keeps the GPU queue full. ``entries``: also each listed query's entry in ``indices``
+    (the flat index ``(row * hkv + kvh) * n + i``), int32 where it fits.
     """
     b, t, hkv, n = indices.shape
     seq, local_t = sequence_ids(b, t, cu_seqlens, indices.device)
@@ -524,6 +524,8 @@ def invert_block_indices(indices: torch.Tensor, ns_max: int, cu_seqlens: Optiona
     keep = blk >= lo
     if hi is not None:
         keep &= blk < hi
+    if positions is not None:
+        keep &= ((local_t >= positions[0]) & (local_t < positions[1]))[:, None, None]
     key = torch.where(keep, key, total).flatten()
     if total < 2**31 - 1:
         key = key.to(torch.int32)  # half the radix passes
@@ -564,7 +566,7 @@ SEL_WIDE_STAGES = 2  # pipeline stages of 256-wide tiles (head dims above 128); 
 # With forced blocks (the NSA core, G >= 16): the dK/dV pass stores every chosen block's dS tile and dq reads them
 # with K (1 product, K only) instead of recomputing them from K and V (3 products): 32 KiB per query row and KV
 # head at G = 16, n = 16, bf16 (2 GiB per KV head at 64k), at most SEL_DS_BUFFER_BYTES of them at once (see
-# _backward_ds_handoff; packed batches take the handoff where a KV head's tiles of their longest sequence fit)
+# _backward_ds_handoff: groups of (sequence, KV head) pairs, or query chunks)
 SEL_DQ_FROM_DS = True
 SEL_DS_BUFFER_BYTES = 2 << 30
 # Measured and dropped (H100 at 64k, twenty-fourth session): the dS-storing dK/dV pass with its block's K/V loaded
@@ -573,8 +575,8 @@ SEL_DS_BUFFER_BYTES = 2 << 30
 
 # G < 16: the forward KV-block-major (_forward_kmajor: each block's queries in full tiles, a merge per position)
 # instead of the union walk of neighbouring positions, with at most SEL_FWD_BUFFER_BYTES of per-block partials
-# (o in the input dtype, lse fp32) at once; packed batches whose longest sequence's partials of one KV head do not
-# fit keep the union walk. H100 at 64k, 8 KV heads, the NSA core's forward: 68.1 -> 43.7 ms at G = 8, 52.9 -> 24.2
+# (o in the input dtype, lse fp32) at once (groups of (sequence, KV head) pairs, or query chunks: rows of a
+# fixed-length batch, local positions of a packed one's sequences). H100 at 64k, 8 KV heads, the NSA core's forward: 68.1 -> 43.7 ms at G = 8, 52.9 -> 24.2
 # at G = 4, 48.0 -> 14.6 at G = 2 (docs/benchmarks.md, twenty-fourth session)
 SEL_FWD_KMAJOR = True
 SEL_FWD_BUFFER_BYTES = 2 << 30
@@ -659,17 +661,13 @@ class _SelLaunch:
             self.qmajor.update(FORCED=True, INITIAL=forced["INITIAL"], LOCAL=forced["LOCAL"])
         # the KV-block-major forward's partials of one position and KV head: n x (o [GP, dv], lse [GP] fp32)
         self.fwd_row_bytes = n * gp * (dv * q.element_size() + 4)
-        self.fwd_kmajor = SEL_FWD_KMAJOR and not self.loop and (
-            not self.varlen or max_t * self.fwd_row_bytes <= SEL_FWD_BUFFER_BYTES)
+        self.fwd_kmajor = SEL_FWD_KMAJOR and not self.loop
 
-    def ds_handoff(self, indices, q) -> bool:
-        """Whether this call's dq comes from the dS tiles that its dK/dV pass stores (``SEL_DQ_FROM_DS``: with the
-        forced blocks at G >= 16, and at G < 16 with ``SEL_DQ_FROM_DS_SMALL_G``; packed batches only where the
-        longest sequence's tiles of one KV head fit ``SEL_DS_BUFFER_BYTES``)."""
-        pair = self.max_t * indices.shape[-1] * self.kmajor["GP"] * self.handoff_width() * q.element_size()
+    def ds_handoff(self) -> bool:
+        """Whether this call's dq comes from the dS tiles (or dq shares) that its dK/dV pass stores
+        (``SEL_DQ_FROM_DS``: with the forced blocks at G >= 16, and at G < 16 with ``SEL_DQ_FROM_DS_SMALL_G``)."""
         small_g = SEL_DQ_FROM_DS_SMALL_G and not self.loop
-        return SEL_DQ_FROM_DS and (self.forced is not None or small_g) and (
-            not self.varlen or pair <= SEL_DS_BUFFER_BYTES)
+        return SEL_DQ_FROM_DS and (self.forced is not None or small_g)
 
     def dq_shares(self) -> bool:
         """Whether the dq handoff stores per-block dq shares (``SEL_DQ_PARTIALS_SMALL_G``, G < 16) instead of dS."""
@@ -726,7 +724,7 @@ def selected_backward(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: fl
     delta, own_delta = _delta_args(o, delta, q)
     dk = torch.zeros_like(k, dtype=torch.float32)
     dv = torch.zeros_like(v, dtype=torch.float32)
-    if L.ds_handoff(indices, q):  # the forced blocks' dq came with the window's
+    if L.ds_handoff():  # the forced blocks' dq came with the window's
         if own_delta:  # G < 16: the dK/dV pass, which runs first, needs delta
             delta.copy_(row_dot(o, do))
         return _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, add, dk, dv, L, scale, gated)
@@ -739,9 +737,10 @@ def selected_backward(q, k, v, indices, do, lse, delta, L: _SelLaunch, scale: fl
     return dq, dk, dv
 
 
-def _dkdv_items(indices, L: _SelLaunch, entries: bool = False):
-    """The dK/dV pass's inverted index and work items: ``(qlist, (key, start, end)[, offsets, entries])``."""
-    inv = invert_block_indices(indices, L.ns_max, L.cu if L.varlen else None, L.lo, L.hi, entries)
+def _dkdv_items(indices, L: _SelLaunch, entries: bool = False, positions: Optional[tuple] = None):
+    """The dK/dV pass's inverted index and work items: ``(qlist, (key, start, end)[, offsets, entries])``; with
+    ``positions = (s, e)`` only the queries at local positions ``[s, e)`` (a packed batch's query chunk)."""
+    inv = invert_block_indices(indices, L.ns_max, L.cu if L.varlen else None, L.lo, L.hi, entries, positions)
     chunk = SEL_BWD_CHUNK_LONG if indices.numel() >= SEL_BWD_LONG_ENTRIES else SEL_BWD_CHUNK
     return (inv[0], work_items(inv[1], indices.numel(), chunk)) + (inv[1:] if entries else ())
 
@@ -752,22 +751,27 @@ def _index_chunks(indices, L: _SelLaunch, row_bytes: int, budget: int):
     yielding ``(s, m, qlist, items, offsets, slot, p0, p1)``: positions ``[s, s + m)`` of (sequence, KV head)
     pairs ``[p0, p1)``, their index, work items and offsets (the buffer starts at pair p0's first entry), and
     ``slot`` (``indices``' shape: where each entry lies in the index's order). Pairs go in groups that fit (their
-    lists are neighbours in the index, and each work item belongs to one pair), a pair that alone does not (fixed
-    length) in query chunks, an index each."""
+    lists are neighbours in the index, and each work item belongs to one pair), a pair that alone does not in query
+    chunks, an index each: rows ``[s, s + m)`` of a fixed-length batch, local positions ``[s, s + m)`` of every
+    sequence of a packed one (where its longest sequence does not fit)."""
     b, t, hkv, n = indices.shape
     if indices.numel() == 0:  # no query or no KV head: nothing to do
         return 0, iter(())
     pairs, span = L.grid_q[1], L.max_t
-    rows = span if L.varlen else min(t, max(64, budget // row_bytes // 64 * 64))
+    rows = span if span * row_bytes <= budget else min(span, max(64, budget // row_bytes // 64 * 64))
     group = max(1, budget // (row_bytes * rows)) if rows == span else 1
 
     def chunks():
         slot = torch.empty(b, t, hkv, n, device=indices.device, dtype=torch.int32)
-        for s in range(0, t, t if L.varlen else rows):
-            part = indices if rows == span else indices[:, s:s + rows].contiguous()
-            qlist, items, offsets, entries = _dkdv_items(part, L, entries=True)
-            qlist += s
-            slot[:, s:s + part.shape[1]] = torch.empty_like(entries).scatter_(
+        for s in range(0, span, rows):
+            if rows == span or L.varlen:  # the whole batch's entries, or a packed batch's at these positions
+                part, window, at = indices, (s, s + rows) if rows < span else None, slice(None)
+            else:
+                part, window, at = indices[:, s:s + rows].contiguous(), None, slice(s, s + rows)
+            qlist, items, offsets, entries = _dkdv_items(part, L, entries=True, positions=window)
+            if at.start:
+                qlist += s
+            slot[:, at] = torch.empty_like(entries).scatter_(
                 0, entries.long(), torch.arange(entries.numel(), device=indices.device, dtype=entries.dtype)
             ).view(part.shape)
             for p0 in range(0, pairs, group):

@@ -329,7 +329,7 @@ def test_nsa_triton_packed_sequences():
     (3, 3, 32, False, True, True),
     (1, 2, 16, True, True, False),  # dq of the chosen blocks recomputed from K and V, not from stored dS
     (1, 2, 16, False, True, "pairs"), (1, 2, 16, True, True, "pairs"),  # one (sequence, KV head) at a time
-    (1, 2, 16, False, True, "chunks"),  # ... and in query chunks of 64 positions
+    (1, 2, 16, False, True, "chunks"), (1, 2, 16, True, True, "chunks"),  # ... and in query chunks of 64 positions
     (1, 2, 16, True, False, True),  # switched off: the selected loops walk whole lists
 ])
 def test_nsa_triton_forced_blocks_in_window_kernels(initial, local, block, packed, on, handoff, monkeypatch):
@@ -356,7 +356,9 @@ def test_nsa_triton_forced_blocks_in_window_kernels(initial, local, block, packe
     _check_nsa(*_nsa_both(1, t, 32, 2, 16, 16, cfg, torch.float32, cu=cu, seed=3), torch.float32)
     assert len(calls) == on
     pairs = 6 if packed else 2
-    assert len(launches) == (0 if not (on and handoff) else {"pairs": pairs, "chunks": 3 * pairs}.get(handoff, 1))
+    chunks = 2 if packed else 3  # 64 (local) positions each: the longest sequence has 75, the fixed one 150
+    assert len(launches) == (0 if not (on and handoff) else {"pairs": pairs, "chunks": chunks * pairs}.get(handoff,
+                                                                                                        1))
 
 
 @pytest.mark.gpu
@@ -551,13 +553,15 @@ def test_selected_query_offset_and_key_buffers(hq):
     _check(lse_m, lse, torch.float32, "two key buffers lse")
 
 
-def _small_g_case(packed: bool, dtype, seed: int, data_seed: int):
+def _small_g_case(packed, dtype, seed: int, data_seed: int):
     """The small-G selected-attention tests' inputs (8 query / 2 KV heads, dk 16, dv 8): ``(b, t, cu, seqs, idx, q,
-    k, v)``, two sequences of 150 tokens or one packed batch of 37 + 16 + 45, top-n block lists per sequence."""
+    k, v)``, two sequences of 150 tokens or one packed batch of 37 + 16 + 45 (``packed == "long"``: 150 + 20 +
+    130), top-n block lists per sequence."""
     b, t, hq, hkv, dk, dv = 2, 150, 8, 2, 16, 8
-    cu = torch.tensor([0, 37, 53, 98], dtype=torch.int32, device=DEVICE) if packed else None
+    lens = ([150, 20, 130] if packed == "long" else [37, 16, 45]) if packed else None
+    cu = torch.tensor([0] + lens, device=DEVICE).cumsum(0).to(torch.int32) if packed else None
     if packed:
-        b, t = 1, 98
+        b, t = 1, sum(lens)
     g = torch.Generator().manual_seed(seed)
     seqs = [(s, e) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())] if packed else [(0, t)]
     idx = torch.cat([ref.select_topn(torch.rand(b, hkv, e - s, SMALL.num_select_blocks(e - s), generator=g), SMALL)
@@ -567,27 +571,29 @@ def _small_g_case(packed: bool, dtype, seed: int, data_seed: int):
     return b, t, cu, seqs, idx, q, k, v
 
 
-@pytest.mark.parametrize("case", ["whole", "query-chunks", "pair-groups", "fp16", "packed", "packed-too-long",
+@pytest.mark.parametrize("case", ["whole", "query-chunks", "pair-groups", "fp16", "packed", "packed-chunks",
                                   "offsets", "core"])
 def test_selected_forward_kv_block_major(case, monkeypatch):
     """G < 16 with ``select.SEL_FWD_KMAJOR``: each block's queries attend to it in full tiles and a merge kernel
     combines a position's per-block softmaxes, against the reference (gradients too), with the partials' budget
-    forcing query chunks or groups of (sequence, KV head) pairs; a packed batch whose longest sequence's partials do
-    not fit keeps the union walk; context parallelism's query offset and key buffers equal the union walk's."""
+    forcing query chunks or groups of (sequence, KV head) pairs (a packed batch whose longest sequence's partials do
+    not fit: chunks of its sequences' local positions); context parallelism's query offset and key buffers equal
+    the union walk's."""
     from nsa_parallel.kernels import select
     monkeypatch.setattr(select, "SEL_FWD_KMAJOR", True)
     merges = _launches(monkeypatch, select, "_sel_merge_kernel")
     dtype = torch.float16 if case == "fp16" else torch.float32
     b, t, hq, hkv, dk, dv, blk = 2, 150, 8, 2, 16, 8, SMALL.select_block
     row = SMALL.select_topn * 4 * (dv * (2 if case == "fp16" else 4) + 4)  # one position's partials, G = 4
-    budget = {"query-chunks": 64 * row, "pair-groups": 2 * t * row, "packed-too-long": 40 * row}.get(case)
+    budget = {"query-chunks": 64 * row, "pair-groups": 2 * t * row, "packed-chunks": 64 * row}.get(case)
     if budget:
         monkeypatch.setattr(select, "SEL_FWD_BUFFER_BYTES", budget)
     if case == "core":
         _check_nsa(*_nsa_both(1, 90, 4, 2, 16, 8, SMALL, torch.float32, seed=4), torch.float32)
         assert merges == [(90, 2)]
         return
-    b, t, cu, seqs, idx, q, k, v = _small_g_case(case.startswith("packed"), dtype, len(case), 31)
+    packed = {"packed": True, "packed-chunks": "long"}.get(case, False)
+    b, t, cu, seqs, idx, q, k, v = _small_g_case(packed, dtype, len(case), 31)
     if case == "offsets":  # a query chunk at an offset, and keys in two buffers, against the union walk
         s = 3 * blk
         runs = [dict(q=q[:, s:], idx=idx[:, s:], q_offset=s)] + [dict(k=k[:, a:e], v=v[:, a:e], k_base=a)
@@ -614,11 +620,12 @@ def test_selected_forward_kv_block_major(case, monkeypatch):
     pairs = b * hkv if cu is None else 3 * hkv
     assert merges == {"whole": [(t, pairs)], "fp16": [(t, pairs)], "query-chunks":
                       [(m, 1) for m in (64, 64, 22) for _ in range(pairs)], "pair-groups": [(t, 2), (t, 2)],
-                      "packed": [(45, pairs)], "packed-too-long": []}[case]
+                      "packed": [(45, pairs)], "packed-chunks": [(m, 1) for m in (64, 64, 22) for _ in range(pairs)]
+                      }[case]
 
 
 @pytest.mark.parametrize("shares", [False, True], ids=["ds", "dq-shares"])
-@pytest.mark.parametrize("case", ["standalone", "query-chunks", "packed", "core", "offsets"])
+@pytest.mark.parametrize("case", ["standalone", "query-chunks", "packed", "packed-chunks", "core", "offsets"])
 def test_selected_dq_from_ds_small_g(case, shares, monkeypatch):
     """G < 16 with ``select.SEL_DQ_FROM_DS_SMALL_G``: the dK/dV pass stores every listed block's dS tile and dq
     reads them with K (zero rows padding the product to 16), or with ``SEL_DQ_PARTIALS_SMALL_G`` each entry's dq
@@ -630,13 +637,14 @@ def test_selected_dq_from_ds_small_g(case, shares, monkeypatch):
     monkeypatch.setattr(select, "SEL_DQ_PARTIALS_SMALL_G", shares)
     grids = _launches(monkeypatch, select, "_sel_dq_sum_kernel" if shares else "_sel_dq_ds_kernel")
     b, t, hq, hkv, dk, dv, blk = 2, 150, 8, 2, 16, 8, SMALL.select_block
-    if case == "query-chunks":  # 64 positions' tiles of one KV head: 4 entries x 4 heads x 16 keys (or dk) x 4 bytes
+    if case.endswith("chunks"):  # 64 positions' tiles of one KV head: 4 entries x 4 heads x 16 keys (or dk) x 4 bytes
         monkeypatch.setattr(select, "SEL_DS_BUFFER_BYTES", 64 * SMALL.select_topn * 4 * blk * 4)
     if case == "core":
         _check_nsa(*_nsa_both(1, 90, 4, 2, 16, 8, SMALL, torch.float32, seed=5), torch.float32)
         assert grids == [(90, 2)]
         return
-    b, t, cu, seqs, idx, q, k, v = _small_g_case(case == "packed", torch.float32, 7, 41)
+    b, t, cu, seqs, idx, q, k, v = _small_g_case({"packed": True, "packed-chunks": "long"}.get(case, False),
+                                                 torch.float32, 7, 41)
     if case == "offsets":  # queries from 48 on, keys [32, 150) (blocks outside it skipped), vs the union walk
         s, a = 3 * blk, 2 * blk
         args = [x.detach()[:, f:].contiguous().requires_grad_(True) for x, f in ((q, s), (k, a), (v, a))]
@@ -653,7 +661,8 @@ def test_selected_dq_from_ds_small_g(case, shares, monkeypatch):
     for name, a, c in zip("qkv", _grads(o, (q, k, v)), _grads(r_o, (q, k, v))):
         _check(a, c, torch.float32, f"selected d{name}")
     assert grids == {"standalone": [(t, b * hkv)], "query-chunks": [(m, 1) for m in (64, 64, 22) for _ in range(4)],
-                     "packed": [(45, 3 * hkv)]}[case]
+                     "packed": [(45, 3 * hkv)],
+                     "packed-chunks": [(m, 1) for m in (64, 64, 22) for _ in range(3 * hkv)]}[case]
 
 
 def test_selected_attention_blocks_in_the_future(monkeypatch):
