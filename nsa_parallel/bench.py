@@ -110,8 +110,8 @@ def emit(rows: list, out: str, **row) -> None:
     rows.append(row)
     print(json.dumps(row), flush=True)
     with open(out, "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                       rows=rows), f, indent=1)
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (Triton interpreter)"
+        json.dump(dict(device=device, torch=torch.__version__, triton=triton.__version__, rows=rows), f, indent=1)
 
 
 def compressed_case(t: int, cfg, hq: int = 64, hkv: int = 4, d: int = 128, dev: str = "cuda", seed: int = 0):
