@@ -576,8 +576,9 @@ SEL_DS_BUFFER_BYTES = 2 << 30
 # G < 16: the forward KV-block-major (_forward_kmajor: each block's queries in full tiles, a merge per position)
 # instead of the union walk of neighbouring positions, with at most SEL_FWD_BUFFER_BYTES of per-block partials
 # (o in the input dtype, lse fp32) at once (groups of (sequence, KV head) pairs, or query chunks: rows of a
-# fixed-length batch, local positions of a packed one's sequences). H100 at 64k, 8 KV heads, the NSA core's forward: 68.1 -> 43.7 ms at G = 8, 52.9 -> 24.2
-# at G = 4, 48.0 -> 14.6 at G = 2 (docs/benchmarks.md, twenty-fourth session)
+# fixed-length batch, local positions of a packed one's sequences). H100 at 64k, 8 KV heads, the NSA core's
+# forward: 68.1 -> 43.7 ms at G = 8, 52.9 -> 24.2 at G = 4, 48.0 -> 14.6 at G = 2 (docs/benchmarks.md,
+# twenty-fourth session)
 SEL_FWD_KMAJOR = True
 SEL_FWD_BUFFER_BYTES = 2 << 30
 # G < 16 (context-parallel ring steps too): dq from the dS tiles that the dK/dV pass stores, as with forced blocks
