@@ -674,10 +674,6 @@ class _SelLaunch:
         """Whether the dq handoff stores per-block dq shares (``SEL_DQ_PARTIALS_SMALL_G``, G < 16) instead of dS."""
         return SEL_DQ_PARTIALS_SMALL_G and self.forced is None and not self.loop
 
-    def handoff_width(self) -> int:
-        """Columns of one stored row of the dq handoff: dq shares are ``BDK`` wide, dS tiles a block (``BS``)."""
-        return self.kmajor["BDK"] if self.dq_shares() else self.kmajor["BS"]
-
     def kv(self, k, v):
         """The K/V block arguments of the query-major kernels: TMA descriptors of ``[BS, 1, BD]`` boxes, or none."""
         q = self.qmajor
@@ -786,7 +782,8 @@ def _backward_ds_handoff(q, k, v, indices, do, lse, delta, dq, add, dk, dv, L: _
     query chunks meet in fp32 as between items). Without forced blocks (G < 16) every listed block's tile, or with
     ``L.dq_shares()`` every listed block's dq share, which dq sums."""
     n, gp = indices.shape[-1], L.kmajor["GP"]
-    shares, width = L.dq_shares(), L.handoff_width()
+    shares = L.dq_shares()
+    width = L.kmajor["BDK"] if shares else L.kmajor["BS"]  # a stored row: a dq share, or a dS tile over a block
     capacity, chunks = _index_chunks(indices, L, n * gp * width * q.element_size(), SEL_DS_BUFFER_BYTES)
     dsb = torch.empty(capacity, gp, width, device=q.device, dtype=q.dtype)
     # no initial and no local blocks forced: every listed block is stored and walked by dq
