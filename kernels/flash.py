@@ -506,6 +506,7 @@ def choose_q_split(max_t: int, key_programs: int, window: int) -> int:
 # (log2 units; 0 = at every key tile), skipping most of the accumulator's rescales (``_softmax_step_lazy``). Off
 # until measured
 LAZY_RESCALE = 0.0
+WINDOW_LAZY_RESCALE = 0.0  # the same in the window branch's forward (and the forced blocks' there)
 
 # The window branch's dK/dV programs walk their query tiles in a rotated order (``_bwd_dkdv_kernel``'s PERIOD), so
 # that the programs whose query ranges overlap read each query row in the same step, instead of 32 steps apart
@@ -621,9 +622,10 @@ class _Launch:
                 setattr(self, name, ((triton.cdiv(max_t, const["BLOCK_T"]), nseq * hkv), const, opts))
             else:
                 setattr(self, name, (self.grid_q, self.const, dict(num_stages=self.stages)))
-        if LAZY_RESCALE and window == NO_WINDOW:
+        lazy = LAZY_RESCALE if window == NO_WINDOW else WINDOW_LAZY_RESCALE
+        if lazy:
             grid, const, opts = self.fwd
-            self.fwd = (grid, dict(const, LAZY=float(LAZY_RESCALE)), opts)
+            self.fwd = (grid, dict(const, LAZY=float(lazy)), opts)
         const, opts = self._tiled(dkdv_tiles or (DKDV_TILES if tuned else shared))
         keys = const["BLOCK_N"]
         self.q_split = choose_q_split(max_t, triton.cdiv(max(max_tk, 1), keys) * nseq * hkv, window)

@@ -342,6 +342,19 @@ def test_nsa_triton_tuned_tiles_match_reference(hq, monkeypatch):
     _check_nsa(*_nsa_both(1, 150, hq, 2, 16, 16, SMALL, torch.float32, seed=4), torch.float32)
 
 
+@pytest.mark.parametrize("hq,lazy", [(32, 8.0), (32, 1.0), (8, 1.0)])
+def test_nsa_triton_lazy_rescale(hq, lazy, monkeypatch):
+    """The core with the forwards' lazy rescaling on (``flash.LAZY_RESCALE``, ``WINDOW_LAZY_RESCALE``): the
+    compressed branch on its GPU tiles, the window kernel with the forced blocks at G = 16, output and every
+    gradient against the reference."""
+    gpu_tiles_on_cpu(monkeypatch)
+    monkeypatch.setattr(flash, "LAZY_RESCALE", lazy)
+    monkeypatch.setattr(flash, "WINDOW_LAZY_RESCALE", lazy)
+    launches = _launches(monkeypatch, flash, "_fwd_kernel")
+    _check_nsa(*_nsa_both(1, 150, hq, 2, 16, 16, SMALL, torch.float32, seed=5), torch.float32)
+    assert launches
+
+
 def test_nsa_triton_packed_sequences():
     lens = [37, 16, 5, 40]
     cu = torch.tensor([0, 37, 53, 58, 98], dtype=torch.int32, device=DEVICE)
