@@ -30,6 +30,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="timed rounds (0: the check only)")
     p.add_argument("--budget", type=int, default=None, help="bytes for both selected-branch buffers")
     p.add_argument("--out", default="packed_ab.json")
+    p.add_argument("--kernels", action="store_true", help="also each way's forward kernels (profiler, 3 calls)")
     args = p.parse_args()
     if args.budget is not None:
         select.SEL_FWD_BUFFER_BYTES = select.SEL_DS_BUFFER_BYTES = args.budget
@@ -57,6 +58,12 @@ def main() -> None:
             fwd, fwdbwd = bench(core, lambda o: do, leaves)
             emit(rows, args.out, round=r, packed=way, heads=f"{args.heads}/{args.kv_heads}", fwd_ms=fwd,
                  fwdbwd_ms=fwdbwd)
+    if args.kernels:
+        from nsa_parallel.bench import kernel_times
+        for way in (False, True):
+            switch(way)
+            with torch.no_grad():
+                emit(rows, args.out, packed=way, forward_kernels_us=kernel_times(core, 3))
 
 
 if __name__ == "__main__":

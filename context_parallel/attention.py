@@ -22,6 +22,7 @@ import torch
 
 from ..kernels.config import NSAConfig
 from ..kernels.interface import _check_inputs, check_triton_config, nsa_attention
+from ..kernels.varlen import host_values
 from . import branches
 from .comm import CPShard, all_gather_sequence, exchange_halos, gather_start, gather_wait
 from .layout import check_sequence_length
@@ -137,7 +138,7 @@ def _packed(q, rest, cu_seqlens, cp_size: int, kw) -> torch.Tensor:
     """Each packed sequence on its own (the exchanges run per sequence, in the same order on every rank)."""
     if q.shape[0] != 1:
         raise ValueError(f"packed sequences (cu_seqlens) need b == 1 ([1, total / P, h, d] inputs), got b={q.shape[0]}")
-    bounds = [int(x) for x in cu_seqlens.tolist()]
+    bounds = host_values(cu_seqlens)
     if bounds[-1] != q.shape[1] * cp_size:
         raise ValueError(f"cu_seqlens ends at {bounds[-1]} tokens but the {cp_size} ranks hold {q.shape[1]} x "
                          f"{cp_size} = {q.shape[1] * cp_size}: cu_seqlens must give the whole sequences' bounds")

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from .config import NSAConfig
 from .select import sequence_ids
-from .varlen import max_seqlen
+from .varlen import host_values, max_seqlen
 
 
 # scores per program (rows x blocks, at most 64 rows) and warps: at 64k (1024 blocks a row) one row on one warp keeps
@@ -178,7 +178,7 @@ def _select_packed_runs(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_s
     sequences grouped into runs whose scores fit it (a packed call each), a sequence that alone does not through
     the fixed-length path's query chunks. One host sync for the bounds (the scores already cost far more)."""
     hkv = k_cmp.shape[2]
-    cu, ccu = cu_seqlens.tolist(), cmp_cu_seqlens.tolist()
+    cu, ccu = host_values(cu_seqlens), host_values(cmp_cu_seqlens)
     idx = torch.full((1, q.shape[1], hkv, config.select_topn), -1, device=q.device, dtype=torch.int32)
     i = 0
     while i < len(cu) - 1:

@@ -361,6 +361,22 @@ def test_nsa_triton_packed_sequences():
     _check_nsa(*_nsa_both(1, sum(lens), 4, 2, 16, 16, SMALL, torch.float32, cu=cu, seed=2), torch.float32)
 
 
+def test_packed_bounds_read_to_the_host_once(monkeypatch):
+    """A packed batch's cu_seqlens is read to the host once per tensor (each read of a CUDA tensor is a sync that
+    drains the GPU queue): both backends' forward and backward on one tensor read it once (the compressed bounds
+    follow on the host); an in-place change is read again and takes effect."""
+    from nsa_parallel.kernels import varlen
+    reads, real = [], varlen._read
+    monkeypatch.setattr(varlen, "_read", lambda cu: reads.append(cu) or real(cu))
+    cu = torch.tensor([0, 37, 53, 58, 98], dtype=torch.int32, device=DEVICE)
+    _check_nsa(*_nsa_both(1, 98, 4, 2, 16, 16, SMALL, torch.float32, cu=cu, seed=2), torch.float32)
+    assert len(reads) == 1 and reads[0] is cu
+    cu[1:4] = torch.tensor([20, 61, 70], dtype=torch.int32)
+    _check_nsa(*_nsa_both(1, 98, 4, 2, 16, 16, SMALL, torch.float32, cu=cu, seed=2), torch.float32)
+    assert len(reads) == 2
+    assert varlen.sequence_bounds(cu) == [(0, 20), (20, 61), (61, 70), (70, 98)] and varlen.max_seqlen(cu) == 41
+
+
 @pytest.mark.parametrize("initial,local,block,packed,on,handoff", [
     (1, 2, 16, False, True, True), (0, 1, 16, False, True, True), (2, 1, 16, True, True, True),
     (3, 3, 32, False, True, True),
