@@ -177,21 +177,6 @@ def _softmax_step(s, v, m_i, l_i, acc, qk_scale):
 
 
 @triton.jit
-def _softmax_step_lazy(s, v, m_i, l_i, acc, qk_scale, LAZY: tl.constexpr):
-    """:func:`_softmax_step` that moves the rows' reference max (and rescales ``acc`` and ``l_i``) only when some
-    row's max grew by more than ``LAZY`` (log2 units) since the last move: the exponentials stay below
-    ``2 ** LAZY``, and most steps skip the accumulator's rescale (FlashAttention-4's conditional rescaling)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    if tl.max(m_new - m_i, 0) > LAZY:
-        alpha = tl.exp2(m_i - m_new)
-        acc = acc * alpha[:, None]
-        l_i = l_i * alpha
-        m_i = m_new
-    p = tl.exp2(s * qk_scale - m_i[:, None])
-    return m_i, l_i + tl.sum(p, 1), tl.dot(p.to(v.dtype), v, acc)
-
-
-@triton.jit
 def _finish(acc, m_i, l_i):
     """``(o, lse)`` from the running state; rows that saw no key get o = 0 and lse = -inf."""
     nonempty = l_i > 0
@@ -243,26 +228,22 @@ def _visible(kp, tq, WINDOW: tl.constexpr):
 def _fwd_tiles(q, K, V, kbos, kvh, tq, j_start, j_end, j_hi, m_i, l_i, acc, qk_scale,
                HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                BLOCK_N: tl.constexpr, KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, MASKED: tl.constexpr,
-               KD, VD, TMA: tl.constexpr, LAZY: tl.constexpr = 0.0):
+               KD, VD, TMA: tl.constexpr):
     for j0 in range(j_start, j_end, BLOCK_N):
         j, jvalid, _, k, v = _kv_tile(K, V, kbos, kvh, j0, j_hi, HKV, DK, DV, BDK, BDV, BLOCK_N, KD, VD, TMA)
         s = tl.dot(q, tl.trans(k))
         if MASKED:
             vis = _visible((j * KSTRIDE + KOFF)[None, :], tq[:, None], WINDOW) & jvalid[None, :]
             s = tl.where(vis, s, float("-inf"))
-        if LAZY > 0:
-            m_i, l_i, acc = _softmax_step_lazy(s, v, m_i, l_i, acc, qk_scale, LAZY)
-        else:
-            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale)
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, qk_scale)
     return m_i, l_i, acc
 
 
 @triton.jit
 def _attend(q, K, V, kbos, kvh, t0, T, TK, tq, qk_scale, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
             BDK: tl.constexpr, BDV: tl.constexpr, BLOCK_T: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr,
-            KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, KD, VD, TMA: tl.constexpr, LAZY: tl.constexpr = 0.0):
-    """``(o, lse)`` of a query tile's rows ``q`` over the keys its positions ``tq`` see (``LAZY``: see
-    :func:`_softmax_step_lazy`; 0 = off)."""
+            KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, KD, VD, TMA: tl.constexpr):
+    """``(o, lse)`` of a query tile's rows ``q`` over the keys its positions ``tq`` see."""
     m_i = tl.full([BLOCK_T * GP], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_T * GP], dtype=tl.float32)
     acc = tl.zeros([BLOCK_T * GP, BDV], dtype=tl.float32)
@@ -270,11 +251,11 @@ def _attend(q, K, V, kbos, kvh, t0, T, TK, tq, qk_scale, HKV: tl.constexpr, DK: 
     fa, fb = _full_keys(t0, T, j_lo, j_hi, BLOCK_T, BLOCK_N, KSTRIDE, KOFF, WINDOW)
     # masked tiles at the window's far edge, unmasked ones in the middle, masked ones at the causal edge
     m_i, l_i, acc = _fwd_tiles(q, K, V, kbos, kvh, tq, j_lo, fa, j_hi, m_i, l_i, acc, qk_scale, HKV, DK, DV, BDK,
-                               BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True, KD, VD, TMA, LAZY)
+                               BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True, KD, VD, TMA)
     m_i, l_i, acc = _fwd_tiles(q, K, V, kbos, kvh, tq, fa, fb, j_hi, m_i, l_i, acc, qk_scale, HKV, DK, DV, BDK,
-                               BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, False, KD, VD, TMA, LAZY)
+                               BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, False, KD, VD, TMA)
     m_i, l_i, acc = _fwd_tiles(q, K, V, kbos, kvh, tq, tl.maximum(fa, fb), j_hi, j_hi, m_i, l_i, acc, qk_scale,
-                               HKV, DK, DV, BDK, BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True, KD, VD, TMA, LAZY)
+                               HKV, DK, DV, BDK, BDV, BLOCK_N, KSTRIDE, KOFF, WINDOW, True, KD, VD, TMA)
     return _finish(acc, m_i, l_i)
 
 
@@ -284,14 +265,14 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, CU_K, T_FIXED, TK_FIXED, scale,
                 DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                 KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
-                KD=None, VD=None, TMA: tl.constexpr = False, LAZY: tl.constexpr = 0.0):
+                KD=None, VD=None, TMA: tl.constexpr = False):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
     row_off = (bos + tq.to(tl.int64)) * HQ + hq
     q = _load_tile(Q, row_off, rvalid, DK, BDK)
     o, lse = _attend(q, K, V, kbos, kvh, t0, T, TK, tq, scale * 1.4426950408889634, HKV, DK, DV, BDK, BDV, BLOCK_T,
-                     GP, BLOCK_N, KSTRIDE, KOFF, WINDOW, KD, VD, TMA, LAZY)
+                     GP, BLOCK_N, KSTRIDE, KOFF, WINDOW, KD, VD, TMA)
     _store_tile(O, row_off, rvalid, o, DV, BDV)
     tl.store(LSE + row_off, lse, mask=rvalid)
 
@@ -502,12 +483,6 @@ def choose_q_split(max_t: int, key_programs: int, window: int) -> int:
     return max(2048, triton.next_power_of_2(triton.cdiv(max_t * key_programs, 4096)))
 
 
-# The compressed forward's online softmax moves its reference max only when a row's max grew by more than this
-# (log2 units; 0 = at every key tile), skipping most of the accumulator's rescales (``_softmax_step_lazy``). Off
-# until measured
-LAZY_RESCALE = 0.0
-WINDOW_LAZY_RESCALE = 0.0  # the same in the window branch's forward (and the forced blocks' there)
-
 # The window branch's dK/dV programs walk their query tiles in a rotated order (``_bwd_dkdv_kernel``'s PERIOD), so
 # that the programs whose query ranges overlap read each query row in the same step, instead of 32 steps apart
 # (its query rows mostly come from HBM: 3% L2 hits, Nsight Compute, thirteenth session). Off until measured
@@ -622,10 +597,6 @@ class _Launch:
                 setattr(self, name, ((triton.cdiv(max_t, const["BLOCK_T"]), nseq * hkv), const, opts))
             else:
                 setattr(self, name, (self.grid_q, self.const, dict(num_stages=self.stages)))
-        lazy = LAZY_RESCALE if window == NO_WINDOW else WINDOW_LAZY_RESCALE
-        if lazy:
-            grid, const, opts = self.fwd
-            self.fwd = (grid, dict(const, LAZY=float(lazy)), opts)
         const, opts = self._tiled(dkdv_tiles or (DKDV_TILES if tuned else shared))
         keys = const["BLOCK_N"]
         self.q_split = choose_q_split(max_t, triton.cdiv(max(max_tk, 1), keys) * nseq * hkv, window)

@@ -58,7 +58,7 @@ def resume(O, LSE, row_off, rvalid, DV: tl.constexpr, BDV: tl.constexpr):
 def _forced_attend(q, KS, VS, kbos, kvh, t0, T, tq, qk_scale, HKV: tl.constexpr, DK: tl.constexpr,
                    DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, BLOCK_T: tl.constexpr, GP: tl.constexpr,
                    BS: tl.constexpr, FBN: tl.constexpr, INITIAL: tl.constexpr, LOCAL: tl.constexpr,
-                   NOWIN: tl.constexpr, LAZY: tl.constexpr = 0.0):
+                   NOWIN: tl.constexpr):
     """``(o, lse)`` of a tile's rows over their forced blocks (the tile lies inside one selection block)."""
     a, first_local, own = forced_blocks(t0, BS, INITIAL, LOCAL)
     t_end = tl.minimum(t0 + BLOCK_T, T)
@@ -67,11 +67,11 @@ def _forced_attend(q, KS, VS, kbos, kvh, t0, T, tq, qk_scale, HKV: tl.constexpr,
     acc = tl.zeros([BLOCK_T * GP, BDV], dtype=tl.float32)
     # blocks before the tile's own are whole for every row; only the own block needs the causal mask
     m_i, l_i, acc = _fwd_tiles(q, KS, VS, kbos, kvh, tq, 0, a * BS, t_end, m_i, l_i, acc, qk_scale, HKV, DK, DV,
-                               BDK, BDV, FBN, 1, 0, NOWIN, False, None, None, False, LAZY)
+                               BDK, BDV, FBN, 1, 0, NOWIN, False, None, None, False)
     m_i, l_i, acc = _fwd_tiles(q, KS, VS, kbos, kvh, tq, first_local * BS, own * BS, t_end, m_i, l_i, acc,
-                               qk_scale, HKV, DK, DV, BDK, BDV, FBN, 1, 0, NOWIN, False, None, None, False, LAZY)
+                               qk_scale, HKV, DK, DV, BDK, BDV, FBN, 1, 0, NOWIN, False, None, None, False)
     m_i, l_i, acc = _fwd_tiles(q, KS, VS, kbos, kvh, tq, own * BS, t_end, t_end, m_i, l_i, acc, qk_scale, HKV, DK,
-                               DV, BDK, BDV, FBN, 1, 0, NOWIN, True, None, None, False, LAZY)
+                               DV, BDK, BDV, FBN, 1, 0, NOWIN, True, None, None, False)
     return _finish(acc, m_i, l_i)
 
 
@@ -82,7 +82,7 @@ def _window_forced_fwd_kernel(Q, K, V, O, LSE, KS, VS, OS, LS, CU, CU_K, T_FIXED
                               BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, KSTRIDE: tl.constexpr, KOFF,
                               WINDOW: tl.constexpr, VARLEN: tl.constexpr, BS: tl.constexpr, FBN: tl.constexpr,
                               INITIAL: tl.constexpr, LOCAL: tl.constexpr, NOWIN: tl.constexpr, KD=None, VD=None,
-                              TMA: tl.constexpr = False, LAZY: tl.constexpr = 0.0):
+                              TMA: tl.constexpr = False):
     bos, T, kbos, TK, kvh, t0, tq, hq, rvalid = _q_tile(CU, CU_K, T_FIXED, TK_FIXED, HKV, BLOCK_T, G, GP, VARLEN)
     if t0 >= T:
         return
@@ -90,11 +90,11 @@ def _window_forced_fwd_kernel(Q, K, V, O, LSE, KS, VS, OS, LS, CU, CU_K, T_FIXED
     q = _load_tile(Q, row_off, rvalid, DK, BDK)
     qk_scale = scale * 1.4426950408889634
     o, lse = _attend(q, K, V, kbos, kvh, t0, T, TK, tq, qk_scale, HKV, DK, DV, BDK, BDV, BLOCK_T, GP, BLOCK_N,
-                     KSTRIDE, KOFF, WINDOW, KD, VD, TMA, LAZY)
+                     KSTRIDE, KOFF, WINDOW, KD, VD, TMA)
     _store_tile(O, row_off, rvalid, o, DV, BDV)
     tl.store(LSE + row_off, lse, mask=rvalid)
     o, lse = _forced_attend(q, KS, VS, kbos, kvh, t0, T, tq, qk_scale, HKV, DK, DV, BDK, BDV, BLOCK_T, GP, BS, FBN,
-                            INITIAL, LOCAL, NOWIN, LAZY)
+                            INITIAL, LOCAL, NOWIN)
     _store_tile(OS, row_off, rvalid, o, DV, BDV)
     tl.store(LS + row_off, lse, mask=rvalid)
 

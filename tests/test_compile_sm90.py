@@ -134,12 +134,6 @@ def test_interpreted_launches_compile_for_sm90(monkeypatch):
     gpu_tiles_on_cpu(monkeypatch)
     monkeypatch.setattr(flash, "DKDV_ROTATE", True)  # prepared, off by default: the window dK/dV's rotated walk
     _core(150, 8, 2, 16, 8, wide)
-    # prepared, off by default: the forwards' lazy rescaling (compressed; window with the forced blocks at G = 16)
-    monkeypatch.setattr(flash, "LAZY_RESCALE", 8.0)
-    monkeypatch.setattr(flash, "WINDOW_LAZY_RESCALE", 8.0)
-    _core(150, 32, 2, 16, 16, forced)
-    monkeypatch.setattr(flash, "LAZY_RESCALE", 0.0)
-    monkeypatch.setattr(flash, "WINDOW_LAZY_RESCALE", 0.0)
     monkeypatch.setattr(select, "SEL_DQ_PARTIALS_SMALL_G", False)  # small G's dq from dS tiles and K instead
     _core(150, 8, 2, 16, 8, wide)
     # the union walk at small G (packed batches too long for the block-major buffers take it)
@@ -157,7 +151,5 @@ def test_interpreted_launches_compile_for_sm90(monkeypatch):
                for launch in launches.values())  # the tuned tiles' launch was recorded
     assert any(launch["kernel"] == "_bwd_dkdv_kernel" and launch["params"]["PERIOD"]["value"]
                for launch in launches.values())  # the rotated walk's launch too
-    assert {launch["kernel"] for launch in launches.values() if launch["params"].get("LAZY", {}).get("value")} == {
-        "_fwd_kernel", "_window_forced_fwd_kernel"}  # and the lazy rescaling's
     failed = _compile_all(launches.values())
     assert not failed, json.dumps(failed, indent=1)[:6000]

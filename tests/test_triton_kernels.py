@@ -180,30 +180,6 @@ def test_flash_tuned_query_tiles(hq):
     _check(dq, torch.autograd.grad(want, q, do)[0], torch.float32, "dq")
 
 
-@pytest.mark.parametrize("lazy", [1.0, 8.0])
-@pytest.mark.parametrize("growth", [1.0, -0.9], ids=["rising", "falling"])
-def test_flash_lazy_rescale(lazy, growth, monkeypatch):
-    """The compressed forward with ``flash.LAZY_RESCALE`` (the reference max moved only when a row's max grew by more
-    than the threshold) against the masked reference, on keys whose norms rise or fall along the sequence, so that
-    rows' maxima grow from tile to tile (moves mid-loop) or stay (none after the first tile)."""
-    monkeypatch.setattr(flash, "LAZY_RESCALE", lazy)
-    t, hq, hkv, d, kstride, koff = 300, 4, 1, 16, 4, 7
-    tk = (t - koff - 1) // kstride + 1
-    q = _rand(1, t, hq, d, dtype=torch.float32, seed=61)
-    scale = 1 + growth * torch.arange(tk, dtype=torch.float32) / tk
-    k = _rand(1, tk, hkv, d, dtype=torch.float32, seed=62) * 3 * scale[None, :, None, None]
-    v = _rand(1, tk, hkv, d, dtype=torch.float32, seed=63)
-    L = flash._Launch(q, k, v, kstride, koff, flash.NO_WINDOW, None, None, block_n=16)
-    assert L.fwd[1]["LAZY"] == lazy
-    o, lse = flash.masked_forward(q, k, v, 0.3, L)
-    want = _masked_attention(q, k, v, 0.3, kstride, koff, flash.NO_WINDOW)
-    _check(o, want, torch.float32, "o")
-    s = torch.einsum("bthd,bjhd->bhtj", q, k.repeat_interleave(hq // hkv, 2)) * 0.3
-    pos = torch.arange(tk) * kstride + koff
-    s = s.masked_fill(pos[None, :] > torch.arange(t)[:, None], float("-inf"))
-    _check(lse[:, koff:], torch.logsumexp(s, -1).transpose(1, 2)[:, koff:], torch.float32, "lse")  # earlier: no key
-
-
 @pytest.mark.parametrize("dk,dv,tma", [(128, 128, True), (64, 64, True), (192, 128, False), (128, 256, False)])
 def test_selected_loops_take_tma_for_narrow_tiles_only(dk, dv, tma):
     """The per-position selected loops (G >= 16) fetch K/V by TMA up to 128-wide tiles; wider (head dims above 128)
@@ -340,19 +316,6 @@ def test_nsa_triton_tuned_tiles_match_reference(hq, monkeypatch):
     and dq tiles, dK/dV's 64 x 128) at G = 4 and 16, output and every gradient against the reference."""
     gpu_tiles_on_cpu(monkeypatch)
     _check_nsa(*_nsa_both(1, 150, hq, 2, 16, 16, SMALL, torch.float32, seed=4), torch.float32)
-
-
-@pytest.mark.parametrize("hq,lazy", [(32, 8.0), (32, 1.0), (8, 1.0)])
-def test_nsa_triton_lazy_rescale(hq, lazy, monkeypatch):
-    """The core with the forwards' lazy rescaling on (``flash.LAZY_RESCALE``, ``WINDOW_LAZY_RESCALE``): the
-    compressed branch on its GPU tiles, the window kernel with the forced blocks at G = 16, output and every
-    gradient against the reference."""
-    gpu_tiles_on_cpu(monkeypatch)
-    monkeypatch.setattr(flash, "LAZY_RESCALE", lazy)
-    monkeypatch.setattr(flash, "WINDOW_LAZY_RESCALE", lazy)
-    launches = _launches(monkeypatch, flash, "_fwd_kernel")
-    _check_nsa(*_nsa_both(1, 150, hq, 2, 16, 16, SMALL, torch.float32, seed=5), torch.float32)
-    assert launches
 
 
 def test_nsa_triton_packed_sequences():
