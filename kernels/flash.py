@@ -358,31 +358,12 @@ def _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, t_
 
 
 @triton.jit
-def _dkdv_walk(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, lo, hi, t_lo, ta, tb, t_end, qk_scale,
-               HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-               BDK: tl.constexpr, BDV: tl.constexpr, BLOCK_T: tl.constexpr, KSTRIDE: tl.constexpr, KOFF,
-               WINDOW: tl.constexpr, GATE, GATED: tl.constexpr):
-    """The query tiles of ``[lo, hi)`` (aligned like ``t_lo``) in order: those before ``ta`` and from
-    ``max(ta, tb)`` on masked, ``[ta, tb)`` without masks."""
-    dk_acc, dv_acc = _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, tl.maximum(lo, t_lo),
-                                 tl.minimum(hi, ta), t_end, qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, KSTRIDE,
-                                 KOFF, WINDOW, True, GATE, GATED)
-    dk_acc, dv_acc = _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, tl.maximum(lo, ta),
-                                 tl.minimum(hi, tb), t_end, qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, KSTRIDE,
-                                 KOFF, WINDOW, False, GATE, GATED)
-    return _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh,
-                       tl.maximum(lo, tl.maximum(ta, tb)), tl.minimum(hi, t_end), t_end, qk_scale, HQ, G, GP, DK,
-                       DV, BDK, BDV, BLOCK_T, KSTRIDE, KOFF, WINDOW, True, GATE, GATED)
-
-
-@triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, CU, CU_K, T_FIXED, TK_FIXED, scale,
                      HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                      DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                      KSTRIDE: tl.constexpr, KOFF, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
-                     Q_SPLIT: tl.constexpr, GATE=None, GATED: tl.constexpr = False, PERIOD: tl.constexpr = 0):
-    # PERIOD > 0 (a window, :func:`rotate_period`): the query tiles in a rotated order (below)
+                     Q_SPLIT: tl.constexpr, GATE=None, GATED: tl.constexpr = False):
     pid_n = tl.program_id(0)
     seq = tl.program_id(1) // HKV
     kvh = tl.program_id(1) % HKV
@@ -412,23 +393,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK_, DV_, CU, CU_K, T_FIXED, TK_FI
     ta = tl.minimum(t_lo + (tl.maximum(kp_max - t_lo, 0) + BLOCK_T - 1) // BLOCK_T * BLOCK_T, t_end)
     tb = t_lo + tl.maximum(tl.minimum(j0 * KSTRIDE + KOFF + WINDOW, t_end) - t_lo, 0) // BLOCK_T * BLOCK_T
     tb = tl.where(j0 + BLOCK_N <= TK, tb, ta)
-    if PERIOD > 0:
-        # the walk starts at the first position of [t_lo, t_end) that is a multiple of PERIOD (the length of a
-        # whole key tile's query range) and wraps around to t_lo: at every step all programs then read query
-        # tiles that are equal modulo PERIOD, so the key tiles whose ranges overlap read each query row in the
-        # same step, once from HBM for all of them. In order, each key tile's readers of a row are 32 steps
-        # apart (window 512, 128 keys, 4 positions a step), long enough for L2 to have dropped it.
-        r = tl.minimum((t_lo + PERIOD - 1) // PERIOD * PERIOD, t_end)
-        dk_acc, dv_acc = _dkdv_walk(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, r, t_end, t_lo,
-                                    ta, tb, t_end, qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, KSTRIDE, KOFF,
-                                    WINDOW, GATE, GATED)
-        dk_acc, dv_acc = _dkdv_walk(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, t_lo, r, t_lo,
-                                    ta, tb, t_end, qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, KSTRIDE, KOFF,
-                                    WINDOW, GATE, GATED)
-    else:
-        dk_acc, dv_acc = _dkdv_walk(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, t_lo, t_end, t_lo,
-                                    ta, tb, t_end, qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, KSTRIDE, KOFF,
-                                    WINDOW, GATE, GATED)
+    dk_acc, dv_acc = _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, t_lo, ta, t_end,
+                                 qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, KSTRIDE, KOFF, WINDOW, True, GATE,
+                                 GATED)
+    dk_acc, dv_acc = _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, ta, tb, t_end,
+                                 qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, KSTRIDE, KOFF, WINDOW, False, GATE,
+                                 GATED)
+    dk_acc, dv_acc = _dkdv_tiles(Q, DO, LSE, DELTA, k, v, j, jvalid, dk_acc, dv_acc, bos, kvh, tl.maximum(ta, tb),
+                                 t_end, t_end, qk_scale, HQ, G, GP, DK, DV, BDK, BDV, BLOCK_T, KSTRIDE, KOFF, WINDOW,
+                                 True, GATE, GATED)
     dk_mask = jvalid[:, None] & (dk[None, :] < DK)
     dv_mask = jvalid[:, None] & (dv[None, :] < DV)
     if Q_SPLIT > 0:
@@ -481,18 +454,6 @@ def choose_q_split(max_t: int, key_programs: int, window: int) -> int:
     if window < max_t or key_programs >= 1024 or max_t <= 2048:
         return 0
     return max(2048, triton.next_power_of_2(triton.cdiv(max_t * key_programs, 4096)))
-
-
-# The window branch's dK/dV programs walk their query tiles in a rotated order (``_bwd_dkdv_kernel``'s PERIOD), so
-# that the programs whose query ranges overlap read each query row in the same step, instead of 32 steps apart
-# (its query rows mostly come from HBM: 3% L2 hits, Nsight Compute, thirteenth session). Off until measured
-DKDV_ROTATE = False
-
-
-def rotate_period(keys: int, window: int, block_t: int) -> int:
-    """Positions a window dK/dV program with ``keys`` keys walks when whole (its keys' queries), in whole query
-    tiles of ``block_t`` positions: the rotated walk's period."""
-    return triton.cdiv(keys - 1 + window, block_t) * block_t
 
 
 def _tiles(g: int, block_m: int = 64):
@@ -600,8 +561,6 @@ class _Launch:
         const, opts = self._tiled(dkdv_tiles or (DKDV_TILES if tuned else shared))
         keys = const["BLOCK_N"]
         self.q_split = choose_q_split(max_t, triton.cdiv(max(max_tk, 1), keys) * nseq * hkv, window)
-        if DKDV_ROTATE and kstride == 1 and window != NO_WINDOW and not self.q_split:
-            const["PERIOD"] = rotate_period(keys, window, const["BLOCK_T"])
         n_chunks = triton.cdiv(max_t, self.q_split) if self.q_split else 1
         self.dkdv = ((triton.cdiv(max(max_tk, 1), keys), nseq * hkv, n_chunks), const, opts)
 

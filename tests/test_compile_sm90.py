@@ -130,9 +130,8 @@ def test_interpreted_launches_compile_for_sm90(monkeypatch):
     for hq in (8, 32):
         _ring_steps(hq)
     # the compressed branch's and dK/dV's tuned tiles, which a launch takes on a GPU in 16-bit only
-    from nsa_parallel.kernels import flash, select
+    from nsa_parallel.kernels import select
     gpu_tiles_on_cpu(monkeypatch)
-    monkeypatch.setattr(flash, "DKDV_ROTATE", True)  # prepared, off by default: the window dK/dV's rotated walk
     _core(150, 8, 2, 16, 8, wide)
     monkeypatch.setattr(select, "SEL_DQ_PARTIALS_SMALL_G", False)  # small G's dq from dS tiles and K instead
     _core(150, 8, 2, 16, 8, wide)
@@ -149,7 +148,5 @@ def test_interpreted_launches_compile_for_sm90(monkeypatch):
             "_sel_dq_sum_kernel"} <= kernels
     assert any(launch["kernel"] == "_fwd_kernel" and launch["options"].get("num_warps") == 8
                for launch in launches.values())  # the tuned tiles' launch was recorded
-    assert any(launch["kernel"] == "_bwd_dkdv_kernel" and launch["params"]["PERIOD"]["value"]
-               for launch in launches.values())  # the rotated walk's launch too
     failed = _compile_all(launches.values())
     assert not failed, json.dumps(failed, indent=1)[:6000]

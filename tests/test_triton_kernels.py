@@ -133,31 +133,6 @@ def test_flash_dkdv_gpu_tiles(kstride, koff, window, gated):
         _check(a, b, torch.float32, f"d{name}")
 
 
-@pytest.mark.parametrize("window,tiles", [(200, (64, 128, 4, 1)), (100, (64, 128, 4, 1)), (200, (64, 64, 4, 1))])
-def test_flash_dkdv_rotated_walk(window, tiles, monkeypatch):
-    """The window branch's dK/dV with its query tiles in the rotated order (``flash.DKDV_ROTATE``): programs whose
-    walk starts inside their range and wraps (window 200: masked, unmasked and masked tiles on both sides of the
-    start; window 100: no unmasked tiles), gated, against autograd through the masked reference."""
-    monkeypatch.setattr(flash, "DKDV_ROTATE", True)
-    t, hq, hkv, d = 700, 16, 1, 16
-    q = _rand(1, t, hq, d, dtype=torch.float32, seed=61)
-    k, v = _rand(1, t, hkv, d, dtype=torch.float32, seed=62), _rand(1, t, hkv, d, dtype=torch.float32, seed=63)
-    do = torch.randn(1, t, hq, d, generator=torch.Generator().manual_seed(64)).to(q)
-    g = torch.rand(1, t, hq, generator=torch.Generator().manual_seed(65)).to(q)
-    L = flash._Launch(q, k, v, 1, 0, window, None, None, dkdv_tiles=tiles)
-    const = L.dkdv[1]
-    period = const["PERIOD"]
-    assert period == flash.rotate_period(tiles[1], window, const["BLOCK_T"]) and period % const["BLOCK_T"] == 0
-    # some program's walk starts strictly inside its range (the rotation is exercised)
-    assert any(j0 < -(-j0 // period) * period < min(t, j0 + tiles[1] - 1 + window) for j0 in range(0, t, tiles[1]))
-    with torch.no_grad():
-        o, lse = flash.masked_forward(q, k, v, 0.3, L)
-        _, dk, dv = flash.masked_backward(q, k, v, do, lse, (o * do).sum(-1), 0.3, L, gate=g.contiguous())
-    want = torch.autograd.grad(_masked_attention(q, k, v, 0.3, 1, 0, window), (k, v), do * g[..., None])
-    for name, a, b in zip(("dk", "dv"), (dk, dv), want):
-        _check(a, b, torch.float32, name)
-
-
 @pytest.mark.parametrize("hq", [4, 8, 16])
 def test_flash_tuned_query_tiles(hq):
     """The compressed branch's forward and dq on the tiles a GPU takes for groups of ``flash.TUNED_MIN_GP`` heads
