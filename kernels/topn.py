@@ -176,7 +176,7 @@ def _select_packed_runs(q, k_cmp, lse_cmp, config: NSAConfig, scale: float, cu_s
                         q_offset: int):
     """:func:`select_blocks` of a packed batch (``b = 1``) whose whole scores would pass the budget: neighbouring
     sequences grouped into runs whose scores fit it (a packed call each), a sequence that alone does not through
-    the fixed-length path's query chunks. One host sync for the bounds (the scores already cost far more)."""
+    the fixed-length path's query chunks. The bounds on the host (:func:`varlen.host_values`: read once per tensor)."""
     hkv = k_cmp.shape[2]
     cu, ccu = host_values(cu_seqlens), host_values(cmp_cu_seqlens)
     idx = torch.full((1, q.shape[1], hkv, config.select_topn), -1, device=q.device, dtype=torch.int32)
