@@ -738,8 +738,13 @@ def _dkdv_items(indices, L: _SelLaunch, entries: bool = False, positions: Option
     """The dK/dV pass's inverted index and work items: ``(qlist, (key, start, end)[, offsets, entries])``; with
     ``positions = (s, e)`` only the queries at local positions ``[s, e)`` (a packed batch's query chunk)."""
     inv = invert_block_indices(indices, L.ns_max, L.cu if L.varlen else None, L.lo, L.hi, entries, positions)
-    chunk = SEL_BWD_CHUNK_LONG if indices.numel() >= SEL_BWD_LONG_ENTRIES else SEL_BWD_CHUNK
-    return (inv[0], work_items(inv[1], indices.numel(), chunk)) + (inv[1:] if entries else ())
+    listed = indices.numel()
+    if positions is not None:
+        # at most this many entries are listed; sized by the whole batch, a packed batch's short last chunk took
+        # 1024-entry items where the fixed-length one takes 256: one program walked the first block's whole list
+        listed = min(listed, (min(positions[1], L.max_t) - positions[0]) * L.grid_q[1] * indices.shape[-1])
+    chunk = SEL_BWD_CHUNK_LONG if listed >= SEL_BWD_LONG_ENTRIES else SEL_BWD_CHUNK
+    return (inv[0], work_items(inv[1], listed, chunk)) + (inv[1:] if entries else ())
 
 
 def _index_chunks(indices, L: _SelLaunch, row_bytes: int, budget: int):

@@ -224,6 +224,31 @@ def test_select_blocks_in_query_chunks_equals_whole(q_offset, monkeypatch):
     assert torch.equal(whole, want)
 
 
+def test_packed_query_chunks_take_the_fixed_length_work_items(monkeypatch):
+    """A packed batch whose longest sequence's buffers pass the budget goes in query chunks, cut into the same work
+    items as the fixed-length batch's row chunks: the item size follows the entries a chunk lists (the short last
+    chunk: short items), not the whole batch's."""
+    from nsa_parallel.kernels import select
+    t, hkv, g = 600, 2, 8
+    monkeypatch.setattr(select, "SEL_BWD_CHUNK", 16)
+    monkeypatch.setattr(select, "SEL_BWD_CHUNK_LONG", 64)
+    gen = torch.Generator().manual_seed(7)
+    idx = ref.select_topn(torch.rand(1, hkv, t, SMALL.num_select_blocks(t), generator=gen), SMALL)
+    monkeypatch.setattr(select, "SEL_BWD_LONG_ENTRIES", 300 * hkv * idx.shape[-1])  # the 88-position tail is short
+    q, k = torch.randn(1, t, hkv * g, 16, generator=gen), torch.randn(1, t, hkv, 16, generator=gen)
+    ways = []
+    for cu in (None, torch.tensor([0, t], dtype=torch.int32)):
+        L = select._SelLaunch(q, k, k, idx, SMALL.select_block, cu)
+        _, chunks = select._index_chunks(idx, L, 100, (t - 64) * 100)  # rows of 512 positions: [0, 512), [512, 600)
+        way = []
+        for s, m, qlist, (key, start, end), *_ in chunks:
+            real = end > start
+            way.append((s, m, key[real].tolist(), [qlist[a:b].tolist() for a, b in zip(start[real], end[real])]))
+        ways.append(way)
+    assert [(s, m) for s, m, *_ in ways[0]] == [(0, 512)] * hkv + [(512, 88)] * hkv
+    assert max(len(x) for x in ways[0][-1][3]) == 16 and ways[1] == ways[0]
+
+
 def test_packed_select_blocks_within_the_buffer_equals_whole(monkeypatch):
     """A packed batch whose scores pass the buffer is scored in runs of neighbouring sequences (and a sequence too
     long alone in query chunks): the same blocks as scoring it whole, no scores tensor above the budget."""
