@@ -87,10 +87,13 @@ class NSAConfig:
 
     def num_compressed(self, seqlen: int) -> int:
         """Compressed tokens of a sequence of ``seqlen`` tokens (only whole blocks are compressed)."""
-        if seqlen < self.compress_block:
-            return 0
-        return (seqlen - self.compress_block) // self.compress_stride + 1
+        return num_compressed(seqlen, self.compress_block, self.compress_stride)
 
     def num_select_blocks(self, seqlen: int) -> int:
         """Selection blocks of a sequence of ``seqlen`` tokens (the last one may be partial)."""
         return -(-seqlen // self.select_block)
+
+
+def num_compressed(seqlen: int, block: int, stride: int) -> int:
+    """Compressed tokens of a sequence of ``seqlen`` tokens, blocks of ``block`` every ``stride`` (whole blocks)."""
+    return (seqlen - block) // stride + 1 if seqlen >= block else 0

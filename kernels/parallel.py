@@ -91,8 +91,8 @@ class NSACore(torch.autograd.Function):
 
 def nsa_triton(q, k_cmp_c, v_cmp_c, k_slc, v_slc, k_swa, v_swa, gate, config: NSAConfig, scale: float,
                cu_seqlens=None, cmp_cu_seqlens=None) -> NSAOutput:
-    # packed batches: the longest sequence sizes every grid; one host sync here instead of one per kernel
-    # (it also has the most compressed tokens)
+    # packed batches: the longest sequence sizes every grid, taken once here for every kernel (it also has the most
+    # compressed tokens; cu_seqlens' values are on the host already, read by the input check)
     max_t = max_seqlen(cu_seqlens) if cu_seqlens is not None else None
     o, indices = NSACore.apply(q, k_cmp_c, v_cmp_c, k_slc, v_slc, k_swa, v_swa, gate, config, scale, cu_seqlens,
                                cmp_cu_seqlens, max_t)

@@ -1,10 +1,13 @@
 """Helpers for packed (``cu_seqlens``) batches: sequences laid end to end in one ``[1, total, ...]`` tensor."""
 from __future__ import annotations
 
+import itertools
 import weakref
 from typing import Dict, List, Tuple
 
 import torch
+
+from .config import num_compressed
 
 # id(cu_seqlens) -> (weak reference, the tensor's version, its values): a packed batch's bounds are read to the host
 # once per tensor, not by every layer and branch. Each read of a CUDA tensor is a device-to-host sync that drains
@@ -71,10 +74,7 @@ def compressed_cu_seqlens(cu_seqlens: torch.Tensor, block: int, stride: int) -> 
     out[1:] = torch.cumsum(ncmp, 0).to(cu_seqlens.dtype)
     cu = _cached(cu_seqlens)
     if cu is not None:
-        ccu = [0]
-        for a, b in zip(cu[:-1], cu[1:]):
-            ccu.append(ccu[-1] + ((b - a - block) // stride + 1 if b - a >= block else 0))
-        _remember(out, ccu)
+        _remember(out, [0, *itertools.accumulate(num_compressed(b - a, block, stride) for a, b in zip(cu, cu[1:]))])
     return out
 
 
