@@ -169,8 +169,11 @@ def test_gpt_model_with_rope_on_cpu(model_parallel):
         pytest.skip("the CPU shims are exercised on CPU-only hosts; this one has CUDA")
     assert enable_cpu_shims() == ["RotaryEmbedding.get_emb", "rotary_pos_embedding.get_pos_emb_on_this_cp_rank",
                                   "torch.cuda.current_device", "schedules.torch.zeros",
-                                  "torch.Tensor.cuda", "torch.cuda.synchronize",
+                                  "torch.Tensor.cuda", "torch.cuda.synchronize", "torch.cuda.current_stream",
                                   "tensor_parallel.random (CPU RNG tracker)"]
+    # megatron-core 0.19's grad sync takes the current stream on CPU runs; a wait there would be a CUDA event
+    with pytest.raises(RuntimeError, match="CUDA event .* CPU-only run"):
+        torch.cuda.current_stream().wait_event(object())
     torch.manual_seed(0)
     model = GPTModel(config=_config(), transformer_layer_spec=get_gpt_layer_nsa_spec(nsa_config=SMALL),
                      vocab_size=64, max_sequence_length=96, position_embedding_type="rope")

@@ -64,6 +64,25 @@ def _cuda_synchronize_is_a_no_op():
     torch.cuda.synchronize = lambda *args, **kwargs: None
 
 
+class _NoCudaStream:
+    """What ``torch.cuda.current_stream()`` answers without CUDA. A CPU run records no CUDA events, so nothing
+    should ask it to wait; a caller that does has met a case these shims do not cover, and hears so."""
+
+    def wait_event(self, event):
+        raise RuntimeError(f"cpu_shims: asked to wait on a CUDA event ({event!r}) in a CPU-only run")
+
+    def wait_stream(self, stream):
+        raise RuntimeError(f"cpu_shims: asked to wait on a CUDA stream ({stream!r}) in a CPU-only run")
+
+
+def _current_stream_without_cuda():
+    """megatron-core 0.19's gradient sync (``_ParamAndGradBucketGroup.start_grad_sync``) takes
+    ``torch.cuda.current_stream()`` to wait for CUDA-graph events before reducing a bucket, also when every
+    parameter is on the CPU; without CUDA that call raises. Parameters on the CPU carry no such events, so the
+    stream is never asked to wait."""
+    torch.cuda.current_stream = lambda device=None: _NoCudaStream()
+
+
 def _tensor_cuda_stays_on_cpu():
     """With pipeline parallelism and tied embeddings, ``LanguageModule.setup_embeddings_and_output_layer`` moves
     the shared weight with ``weight.data.cuda()`` before all-reducing it; without CUDA keep it where it is."""
@@ -155,6 +174,8 @@ def enable_cpu_shims(force: bool = False) -> List[str]:
         _INSTALLED.append("torch.Tensor.cuda")
         _cuda_synchronize_is_a_no_op()
         _INSTALLED.append("torch.cuda.synchronize")
+        _current_stream_without_cuda()
+        _INSTALLED.append("torch.cuda.current_stream")
         _rng_tracker_on_cpu()
         _INSTALLED.append("tensor_parallel.random (CPU RNG tracker)")
     return list(_INSTALLED)
