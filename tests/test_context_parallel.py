@@ -1,4 +1,6 @@
 """Context-parallel building blocks: the sequence layouts (and their named errors) and the lse merge."""
+import inspect
+
 import pytest
 import torch
 
@@ -26,11 +28,18 @@ def test_load_balanced_is_megatrons_split(monkeypatch):
     mutils = pytest.importorskip("megatron.core.utils")
     assert chunk_ranges(64, 2, 0) == [(0, 16), (48, 64)] and chunk_ranges(64, 2, 1) == [(16, 32), (32, 48)]
     tokens = torch.arange(2 * 96).view(2, 96)
+    # megatron-core 0.19 added a required is_hybrid_cp (False: the plain per-sequence split) and asks the CP group
+    # passed in for size and rank instead of parallel_state
+    hybrid_cp = "is_hybrid_cp" in inspect.signature(mutils.get_batch_on_this_cp_rank).parameters
+    extra = {"is_hybrid_cp": False, "cp_group": "cp"} if hybrid_cp else {}
     for cp in (2, 4):
         for rank in range(cp):
             monkeypatch.setattr(mutils.parallel_state, "get_context_parallel_world_size", lambda: cp)
             monkeypatch.setattr(mutils.parallel_state, "get_context_parallel_rank", lambda: rank)
-            theirs = mutils.get_batch_on_this_cp_rank({"tokens": tokens.clone()})["tokens"]
+            if hybrid_cp:
+                monkeypatch.setattr(torch.distributed, "get_world_size", lambda group: cp)
+                monkeypatch.setattr(torch.distributed, "get_rank", lambda group: rank)
+            theirs = mutils.get_batch_on_this_cp_rank({"tokens": tokens.clone()}, **extra)["tokens"]
             assert torch.equal(split_for_rank(tokens, cp, rank), theirs)
 
 
