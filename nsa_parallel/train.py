@@ -292,6 +292,10 @@ def _cp_shard(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 def forward_step(data_iterator, model):
     """One micro-batch through this pipeline stage (Megatron's ``forward_step_func`` contract)."""
+    if data_iterator is None:
+        # a middle pipeline stage: its input is the previous stage's output (set by the schedule), and the loss
+        # function is only called on the last stage
+        return model(None, None, None), _loss_func
     batch = _cp_shard(next(data_iterator))
     out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return out, partial(_loss_func, batch["loss_mask"])

@@ -1,5 +1,5 @@
 """The main job: the megatron.core trainer lowers the loss, writes TensorBoard, resumes exactly from its
-checkpoints, gives the same losses under TP=2 / TP=2+SP / PP=2 (gloo, 2 processes), reads Megatron datasets, and
+checkpoints, gives the same losses under TP=2 / TP=2+SP / PP=2 / PP=3 (gloo), reads Megatron datasets, and
 rejects bad flags by name."""
 import math
 
@@ -134,6 +134,20 @@ def test_two_ranks_equal_one_rank(flags, tp1_checkpoint):
     assert len(got) == len(want)
     for a, b in zip(got, want):
         assert abs(a - b) < max(RTOL, 1e-4) * abs(b), (got, want)
+
+
+@pytest.mark.skipif(HAS_CUDA and torch.cuda.device_count() < 3, reason="3 ranks on CUDA need 3 GPUs (NCCL)")
+def test_three_pipeline_stages_equal_one_rank(tmp_path):
+    """PP=3: the middle stage has no data of its own (it takes the previous stage's activations), and the losses
+    equal one process's from the same checkpoint."""
+    three = RESUMABLE + ["--num-layers", "3"]
+    full = _losses(train(three + ["--train-iters", "4"]))
+    train(three + ["--train-iters", "2", "--save", str(tmp_path)])
+    got = spawn_ranks(3, _train_losses, three + ["--train-iters", "4", "--load", str(tmp_path),
+                                                 "--pipeline-model-parallel-size", "3"])[-1]
+    assert isinstance(got, list) and len(got) == 2, got
+    for a, b in zip(got, full[2:]):
+        assert abs(a - b) < max(RTOL, 1e-4) * abs(b), (got, full)
 
 
 def test_a_checkpoint_with_fewer_vocabulary_rows_loads_its_rows(tmp_path):
