@@ -91,6 +91,24 @@ class _MegatronSamples:
         return out
 
 
+def document_packed_seq_params(tokens: torch.Tensor, eod: int):
+    """Megatron ``PackedSeqParams`` (THD) for one sample whose documents end with the ``eod`` token, so that
+    attention (and RoPE, which restarts with every sequence in THD) stays within each document.
+
+    ``tokens`` ``[1, s]``: a document ends after each ``eod``; a trailing partial document ends at ``s``."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    if tokens.dim() != 2 or tokens.shape[0] != 1:
+        raise ValueError(f"document masking packs one sample per micro-batch: tokens must be [1, s], got "
+                         f"{list(tokens.shape)} (--micro-batch-size 1)")
+    s = tokens.shape[1]
+    ends = (tokens[0] == eod).nonzero().flatten() + 1
+    zero, last = ends.new_zeros(1), ends.new_full((1,), s)
+    cu = torch.cat([zero, ends[ends < s], last]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                           max_seqlen_kv=longest)
+
+
 class HeldOut:
     """Samples of an endless generated dataset (the recall task) from index ``2**31`` on, which training never
     reaches: a validation set drawn from the same distribution. (Not further: torch's CPU generator keeps 32 bits
@@ -106,18 +124,21 @@ class HeldOut:
 
 
 def megatron_gpt_dataset(*, data_path: Optional[Sequence[str]], mock: bool, seq_length: int, vocab_size: int,
-                         num_samples: int, seed: int, split: str = "100,0,0", valid_samples: int = 0):
+                         num_samples: int, seed: int, split: str = "100,0,0", valid_samples: int = 0,
+                         reset_position_ids: bool = False, eod_mask_loss: bool = False):
     """``(train, valid)``: the training and validation splits of Megatron's GPT dataset over ``data_path``
     (indexed ``.bin``/``.idx`` prefixes, with optional weights as in ``--data-path 0.3 a 0.7 b``; ``split`` gives
-    the splits' weights), or Megatron's mock dataset; ``valid`` is None when ``valid_samples`` is 0."""
+    the splits' weights), or Megatron's mock dataset; ``valid`` is None when ``valid_samples`` is 0.
+    ``reset_position_ids`` / ``eod_mask_loss``: Megatron's document options (the EOD id is ``vocab_size - 1``);
+    attention masking by document is the model's (packed sequences), never a dense mask here."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
     from megatron.core.datasets.utils import get_blend_from_list
 
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=None if mock else get_blend_from_list(list(data_path)),
-        split=split, tokenizer=VocabTokenizer(vocab_size), reset_position_ids=False, reset_attention_mask=False,
-        eod_mask_loss=False, create_attention_mask=False, mmap_bin_files=True)
+        split=split, tokenizer=VocabTokenizer(vocab_size), reset_position_ids=reset_position_ids,
+        reset_attention_mask=False, eod_mask_loss=eod_mask_loss, create_attention_mask=False, mmap_bin_files=True)
     cls = MockGPTDataset if mock else GPTDataset
     train, valid, _ = BlendedMegatronDatasetBuilder(cls, [num_samples, valid_samples, 0], lambda: True,
                                                     config).build()

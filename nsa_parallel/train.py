@@ -72,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "tensor-parallel size): each TP rank holds an equal slice, GEMMs stay aligned, and a "
                         "checkpoint reshards to any TP size dividing it. Padded rows are never targets; generation "
                         "never draws them.")
+    g.add_argument("--reset-attention-mask", action="store_true",
+                   help="document masking: attention (and RoPE) stays within each document of a sample, the "
+                        "documents ending with the EOD token (the last id of --vocab-size) of --data-path / "
+                        "--mock-data. NSA runs the sample as a packed batch (cu_seqlens); needs --micro-batch-size "
+                        "1 and --attention nsa; not yet with --context-parallel-size > 1.")
+    g.add_argument("--reset-position-ids", action="store_true",
+                   help="position ids restart after every EOD (for --position-embedding-type learned_absolute; "
+                        "RoPE restarts per document under --reset-attention-mask anyway).")
+    g.add_argument("--eod-mask-loss", action="store_true", help="no loss on predicting the token after an EOD.")
     g.add_argument("--recall-pairs", type=int, default=16, help="recall task: key-value pairs listed first.")
     g.add_argument("--recall-keys", type=int, default=64, help="recall task: distinct key tokens.")
     g.add_argument("--recall-values", type=int, default=16,
@@ -150,6 +159,20 @@ def validate_args(args) -> None:
         _fail(f"--save-interval={args.save_interval} must be >= 1")
     if args.save_interval and not args.save:
         _fail("--save-interval needs --save DIR")
+    documents = [f for f in ("reset_attention_mask", "reset_position_ids", "eod_mask_loss") if getattr(args, f)]
+    if documents and not (args.data_path or args.mock_data):
+        _fail(f"--{documents[0].replace('_', '-')} needs documents that end with an EOD token: --data-path or "
+              "--mock-data (the recall task has none)")
+    if args.reset_attention_mask:
+        if args.micro_batch_size != 1:
+            _fail(f"--reset-attention-mask packs one sample's documents into one sequence: --micro-batch-size="
+                  f"{args.micro_batch_size}; allowed: 1")
+        if args.attention != "nsa":
+            _fail("--reset-attention-mask needs --attention nsa (the dense SDPA baseline takes no packed sequences)")
+        if args.context_parallel_size > 1:
+            _fail(f"--reset-attention-mask with --context-parallel-size={args.context_parallel_size}: not supported "
+                  "yet (every document would need a length that splits into 2 x CP chunks of whole selection "
+                  "blocks); allowed: 1")
 
 
 def padded_vocab_size(vocab_size: int, args) -> int:
@@ -290,14 +313,17 @@ def _cp_shard(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {k: split_for_rank(v, cp, ps.get_context_parallel_rank()) for k, v in batch.items()}
 
 
-def forward_step(data_iterator, model):
-    """One micro-batch through this pipeline stage (Megatron's ``forward_step_func`` contract)."""
+def forward_step(data_iterator, model, document_eod: Optional[int] = None):
+    """One micro-batch through this pipeline stage (Megatron's ``forward_step_func`` contract); with
+    ``document_eod`` (``--reset-attention-mask``) the sample's documents go in as a packed batch."""
     if data_iterator is None:
         # a middle pipeline stage: its input is the previous stage's output (set by the schedule), and the loss
         # function is only called on the last stage
         return model(None, None, None), _loss_func
+    from .data import document_packed_seq_params
     batch = _cp_shard(next(data_iterator))
-    out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    packed = None if document_eod is None else document_packed_seq_params(batch["tokens"], document_eod)
+    out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=packed)
     return out, partial(_loss_func, batch["loss_mask"])
 
 
@@ -394,7 +420,8 @@ def train(argv: Optional[List[str]] = None) -> Dict:
             dataset, valid = megatron_gpt_dataset(
                 data_path=args.data_path, mock=args.mock_data, seq_length=args.seq_length,
                 vocab_size=args.vocab_size, num_samples=args.train_iters * gbs, seed=args.seed, split=args.split,
-                valid_samples=args.eval_iters * gbs if args.eval_interval else 0)
+                valid_samples=args.eval_iters * gbs if args.eval_interval else 0,
+                reset_position_ids=args.reset_position_ids, eod_mask_loss=args.eod_mask_loss)
         except ValueError as e:
             _fail(str(e))
         vocab_size, data_name = args.vocab_size, ("mock" if args.mock_data else " ".join(args.data_path))
@@ -457,6 +484,18 @@ def _model_parallel(tp: int, pp: int, cp: int) -> None:
                                  context_parallel_size=cp)
 
 
+def _stage_reads_data(args) -> bool:
+    """The first stage embeds tokens, the last takes labels; under document masking every stage needs the
+    tokens for its packed-sequence bounds."""
+    from megatron.core import parallel_state as ps
+    return ps.is_pipeline_first_stage() or ps.is_pipeline_last_stage() or args.reset_attention_mask
+
+
+def _forward_step_func(args):
+    # the EOD id of the data here: VocabTokenizer's, the last id of --vocab-size
+    return partial(forward_step, document_eod=args.vocab_size - 1) if args.reset_attention_mask else forward_step
+
+
 def _core_attentions(model) -> list:
     return [layer.self_attention.core_attention for layer in model.module.decoder.layers]
 
@@ -469,14 +508,14 @@ def _evaluate(args, model, forward_backward, valid, dp: int, num_micro: int, dev
     from .data import micro_batches
     data = micro_batches(valid, micro_batch_size=args.micro_batch_size, num_micro_batches=num_micro,
                          data_parallel_rank=ps.get_data_parallel_rank(), data_parallel_size=dp, start_iteration=0,
-                         device=device) if ps.is_pipeline_first_stage() or ps.is_pipeline_last_stage() else None
+                         device=device) if _stage_reads_data(args) else None
     losses = []
     model.eval()
     try:
         with torch.no_grad():
             for _ in range(args.eval_iters):
-                reports = forward_backward(forward_step_func=forward_step, data_iterator=data, model=[model],
-                                           num_microbatches=num_micro, seq_length=args.seq_length,
+                reports = forward_backward(forward_step_func=_forward_step_func(args), data_iterator=data,
+                                           model=[model], num_microbatches=num_micro, seq_length=args.seq_length,
                                            micro_batch_size=args.micro_batch_size, forward_only=True)
                 losses += [r["lm loss"].item() for r in reports]
     finally:
@@ -505,10 +544,9 @@ def _loop(args, env, model, config, opt, sched, dataset, valid, start, dp, num_m
               f"tokens; vocab {vocab_size} (model rows {padded_vocab_size(vocab_size, args)})", flush=True)
         if start:
             print(f"> resumed from {args.load} at iteration {start}", flush=True)
-    first_or_last = ps.is_pipeline_first_stage() or ps.is_pipeline_last_stage()
     data = micro_batches(dataset, micro_batch_size=args.micro_batch_size, num_micro_batches=num_micro,
                          data_parallel_rank=ps.get_data_parallel_rank(), data_parallel_size=dp,
-                         start_iteration=start, device=env.device) if first_or_last else None
+                         start_iteration=start, device=env.device) if _stage_reads_data(args) else None
     cores = _core_attentions(model)
     flops_per_token = model_flops_per_token(args, nsa_cfg, vocab_size)
     tokens_per_iter = num_micro * dp * args.micro_batch_size * args.seq_length
@@ -520,7 +558,7 @@ def _loop(args, env, model, config, opt, sched, dataset, valid, start, dp, num_m
         t_step = time.perf_counter()
         model.zero_grad_buffer()
         opt.zero_grad(set_to_none=True)
-        reports = forward_backward(forward_step_func=forward_step, data_iterator=data, model=[model],
+        reports = forward_backward(forward_step_func=_forward_step_func(args), data_iterator=data, model=[model],
                                    num_microbatches=num_micro, seq_length=args.seq_length,
                                    micro_batch_size=args.micro_batch_size, forward_only=False)
         grad_norm = clip_grads(model, args.clip_grad)

@@ -226,6 +226,32 @@ def test_packed_sequences_equal_separate_sequences(rope, model_parallel):
         attn(hidden.expand(-1, 2, -1), None, packed_seq_params=packed)
 
 
+def test_documents_of_a_sample_equal_separate_samples(model_parallel):
+    """--reset-attention-mask's packing: a GPTModel (RoPE) given one sample's documents, split at each EOD by
+    ``document_packed_seq_params``, gives every document the logits it gets alone."""
+    from megatron.core.models.gpt import GPTModel
+    from nsa_parallel.data import document_packed_seq_params
+    from nsa_parallel.megatron.cpu_shims import enable_cpu_shims
+    if torch.cuda.is_available():
+        pytest.skip("RoPE on CPU tensors needs the CPU shims, exercised on CPU-only hosts")
+    enable_cpu_shims()
+    torch.manual_seed(0)
+    model = GPTModel(config=_config(), transformer_layer_spec=get_gpt_layer_nsa_spec(nsa_config=SMALL),
+                     vocab_size=64, max_sequence_length=160, position_embedding_type="rope")
+    eod = 63
+    tokens = torch.randint(0, eod, (1, 150), generator=torch.Generator().manual_seed(1))
+    tokens[0, [39, 60, 120]] = eod  # documents of 40, 21, 60 and (unfinished) 29 tokens
+    packed = document_packed_seq_params(tokens, eod)
+    assert packed.cu_seqlens_q.tolist() == [0, 40, 61, 121, 150] and packed.max_seqlen_q == 60
+    with torch.no_grad():
+        logits = model(tokens, torch.arange(150)[None], None, packed_seq_params=packed)
+        for s, e in zip(packed.cu_seqlens_q[:-1].tolist(), packed.cu_seqlens_q[1:].tolist()):
+            alone = model(tokens[:, s:e], torch.arange(e - s)[None], None)
+            assert rel_err(logits[:, s:e], alone) < 1e-5
+    with pytest.raises(ValueError, match=r"tokens must be \[1, s\], got \[2, 150\] \(--micro-batch-size 1\)"):
+        document_packed_seq_params(tokens.expand(2, -1), eod)
+
+
 def _cp2_packed_worker(rank, port, result):
     """CP=2 (gloo): a THD batch split the Megatron way (each sequence in 4 chunks, rank r holding r and 3 - r) with
     RoPE, through the module, against one rank's module on the whole batch: outputs, input and weight gradients."""

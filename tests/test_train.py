@@ -276,10 +276,49 @@ def test_megatron_datasets(tmp_path):
     (["--make-vocab-size-divisible-by", "0"], "--make-vocab-size-divisible-by=0 must be >= 1"),
     (["--eval-interval", "0"], "--eval-interval=0 must be >= 1"),
     (["--eval-iters", "0"], "--eval-iters=0 must be >= 1"),
+    (["--reset-attention-mask"], "--reset-attention-mask needs documents that end with an EOD token"),
+    (["--eod-mask-loss"], "--eod-mask-loss needs documents that end with an EOD token"),
+    (["--mock-data", "--vocab-size", "64", "--reset-attention-mask"],
+     "--micro-batch-size=4; allowed: 1"),
+    (["--mock-data", "--vocab-size", "64", "--reset-attention-mask", "--micro-batch-size", "1", "--attention",
+      "dense"], "--reset-attention-mask needs --attention nsa"),
+    (["--mock-data", "--vocab-size", "64", "--reset-attention-mask", "--micro-batch-size", "1",
+      "--context-parallel-size", "2"], "--reset-attention-mask with --context-parallel-size=2: not supported yet"),
 ])
 def test_bad_flags_are_named(flags, msg):
     with pytest.raises(SystemExit, match=msg.replace("(", r"\(")):
         train(TINY + ["--train-iters", "3"] + flags)
+
+
+def test_reset_attention_mask_packs_each_samples_documents(monkeypatch):
+    """--reset-attention-mask: forward_step hands the model the sample's documents (ending at each EOD) as a
+    packed batch; the model-level equality with separate documents is tests/test_megatron.py's."""
+    from nsa_parallel import train as trainer
+    monkeypatch.setattr(trainer, "_cp_shard", lambda batch: batch)
+    seen = {}
+
+    def model(*args, **kw):
+        seen.update(kw)
+        return torch.zeros(())
+
+    batch = {"tokens": torch.tensor([[1, 5, 9, 2, 9, 3]]), "position_ids": torch.arange(6)[None],
+             "labels": torch.tensor([[5, 9, 2, 9, 3, 4]]), "loss_mask": torch.ones(1, 6)}
+    trainer.forward_step(iter([batch]), model, document_eod=9)
+    packed = seen["packed_seq_params"]
+    assert packed.qkv_format == "thd" and packed.cu_seqlens_q.tolist() == [0, 3, 5, 6] and packed.max_seqlen_q == 3
+    assert packed.cu_seqlens_kv is packed.cu_seqlens_q
+    trainer.forward_step(iter([batch]), model)
+    assert seen["packed_seq_params"] is None
+    args = build_parser().parse_args(["--reset-attention-mask", "--vocab-size", "10"])
+    assert trainer._forward_step_func(args).keywords == {"document_eod": 9}  # VocabTokenizer's EOD
+
+
+def test_document_masked_training_on_mock_data_lowers_the_loss():
+    res = train(TINY + ["--train-iters", "30", "--lr", "1e-2", "--log-interval", "10", "--mock-data", "--vocab-size",
+                        "64", "--micro-batch-size", "1", "--reset-attention-mask", "--reset-position-ids",
+                        "--eod-mask-loss"])
+    losses = _losses(res)
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.5, losses
 
 
 def test_load_without_checkpoint_is_named(tmp_path):
