@@ -136,11 +136,15 @@ def test_two_ranks_equal_one_rank(flags, tp1_checkpoint):
         assert abs(a - b) < max(RTOL, 1e-4) * abs(b), (got, want)
 
 
+@pytest.mark.parametrize("flags", [[], ["--mock-data", "--vocab-size", "64", "--seq-length", "512",
+                                         "--micro-batch-size", "1", "--global-batch-size", "2",
+                                         "--reset-attention-mask"]], ids=["recall", "documents"])
 @pytest.mark.skipif(HAS_CUDA and torch.cuda.device_count() < 3, reason="3 ranks on CUDA need 3 GPUs (NCCL)")
-def test_three_pipeline_stages_equal_one_rank(tmp_path):
-    """PP=3: the middle stage has no data of its own (it takes the previous stage's activations), and the losses
-    equal one process's from the same checkpoint."""
-    three = RESUMABLE + ["--num-layers", "3"]
+def test_three_pipeline_stages_equal_one_rank(flags, tmp_path):
+    """PP=3: the middle stage has no data of its own (it takes the previous stage's activations; under document
+    masking it reads the tokens for the documents' bounds), and the losses equal one process's from the same
+    checkpoint."""
+    three = RESUMABLE + ["--num-layers", "3"] + flags
     full = _losses(train(three + ["--train-iters", "4"]))
     train(three + ["--train-iters", "2", "--save", str(tmp_path)])
     got = spawn_ranks(3, _train_losses, three + ["--train-iters", "4", "--load", str(tmp_path),
