@@ -163,6 +163,10 @@ def validate_args(args) -> None:
     if documents and not (args.data_path or args.mock_data):
         _fail(f"--{documents[0].replace('_', '-')} needs documents that end with an EOD token: --data-path or "
               "--mock-data (the recall task has none)")
+    if args.reset_position_ids and args.position_embedding_type == "rope" and not args.reset_attention_mask:
+        _fail("--reset-position-ids does nothing for --position-embedding-type rope (RoPE takes no position ids; it "
+              "restarts per document under --reset-attention-mask); allowed: with --reset-attention-mask, or with "
+              "--position-embedding-type learned_absolute")
     if args.reset_attention_mask:
         if args.micro_batch_size != 1:
             _fail(f"--reset-attention-mask packs one sample's documents into one sequence: --micro-batch-size="

@@ -281,6 +281,8 @@ def test_megatron_datasets(tmp_path):
     (["--eval-interval", "0"], "--eval-interval=0 must be >= 1"),
     (["--eval-iters", "0"], "--eval-iters=0 must be >= 1"),
     (["--reset-attention-mask"], "--reset-attention-mask needs documents that end with an EOD token"),
+    (["--mock-data", "--vocab-size", "64", "--reset-position-ids"],
+     "--reset-position-ids does nothing for --position-embedding-type rope"),
     (["--eod-mask-loss"], "--eod-mask-loss needs documents that end with an EOD token"),
     (["--mock-data", "--vocab-size", "64", "--reset-attention-mask"],
      "--micro-batch-size=4; allowed: 1"),
