@@ -97,6 +97,8 @@ def document_packed_seq_params(tokens: torch.Tensor, eod: int):
 
     ``tokens`` ``[1, s]``: a document ends after each ``eod``; a trailing partial document ends at ``s``."""
     from megatron.core.packed_seq_params import PackedSeqParams
+
+    from .kernels.varlen import max_seqlen
     if tokens.dim() != 2 or tokens.shape[0] != 1:
         raise ValueError(f"document masking packs one sample per micro-batch: tokens must be [1, s], got "
                          f"{list(tokens.shape)} (--micro-batch-size 1)")
@@ -104,7 +106,8 @@ def document_packed_seq_params(tokens: torch.Tensor, eod: int):
     ends = (tokens[0] == eod).nonzero().flatten() + 1
     zero, last = ends.new_zeros(1), ends.new_full((1,), s)
     cu = torch.cat([zero, ends[ends < s], last]).to(torch.int32)
-    longest = int((cu[1:] - cu[:-1]).max())
+    # read to the host once: NSA's kernels find these values cached with the tensor instead of syncing again
+    longest = max_seqlen(cu)
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
                            max_seqlen_kv=longest)
 
