@@ -288,7 +288,9 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     """Mean token loss over the loss mask of the whole sequence; reports it averaged over data-parallel ranks.
 
     With context parallelism each rank holds part of the sequence (and of the loss mask): it divides its sum by
-    the sequence's count, times the CP size because DDP averages gradients over the data x context ranks."""
+    the whole sequence's count. DDP averages gradients over the data x context ranks, and Megatron's schedule
+    multiplies a two-output loss function's loss by the CP size to make up for it (not here as well: that gave
+    CP-times gradients, hidden from the losses by Adam and by clipping, seen in the logged grad norm)."""
     from megatron.core import parallel_state as ps
     mask = loss_mask.view(-1).float()
     local = (output_tensor.view(-1).float() * mask).sum()
@@ -300,7 +302,7 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
         seq_sum, count = sums[0], sums[1]
     else:
         seq_sum = local.detach()
-    loss = local * cp / count.clamp(min=1.0)
+    loss = local / count.clamp(min=1.0)
     reported = seq_sum / count.clamp(min=1.0)
     dist.all_reduce(reported, group=ps.get_data_parallel_group())
     return loss, {"lm loss": reported / ps.get_data_parallel_world_size()}
