@@ -25,16 +25,28 @@ from ..kernels.interface import _check_inputs, check_triton_config, nsa_attentio
 from ..kernels.varlen import host_values
 from . import branches
 from .comm import CPShard, all_gather_sequence, exchange_halos, gather_start, gather_wait
-from .layout import check_sequence_length
+from .layout import check_sequence_length, num_chunks
 from .ring import ring_selected_attention
 
 SELECTION_EXCHANGES = ("allgather", "ring")
 
 
+def _halo(config: NSAConfig) -> int:
+    """Tokens a chunk takes from the chunk before it: the window's and the compressed blocks' overlap."""
+    return max(config.window - 1, config.compress_block - config.compress_stride)
+
+
+def shortest_cp_sequence(cp_size: int, layout: str, config: NSAConfig) -> int:
+    """The shortest sequence :func:`check_cp_config` accepts: every chunk a whole number of selection blocks that
+    covers the halo."""
+    chunk = config.select_block * max(1, -(-_halo(config) // config.select_block))
+    return num_chunks(cp_size, layout) * chunk
+
+
 def check_cp_config(seq_len: int, cp_size: int, layout: str, config: NSAConfig) -> int:
     """Chunk length of a valid split, or a ValueError naming what to change."""
     chunk = check_sequence_length(seq_len, cp_size, layout, config)
-    halo = max(config.window - 1, config.compress_block - config.compress_stride)
+    halo = _halo(config)
     if chunk < halo:
         raise ValueError(
             f"context parallelism: each of the chunks of {chunk} tokens (sequence {seq_len} over "

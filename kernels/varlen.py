@@ -53,6 +53,13 @@ def _remember(cu_seqlens: torch.Tensor, values: List[int]) -> None:
     _HOST[key] = (weakref.ref(cu_seqlens, lambda _, key=key: _HOST.pop(key, None)), version, values)
 
 
+def cu_seqlens_from_host(values: List[int], device=None) -> torch.Tensor:
+    """An int32 cu_seqlens tensor of ``values`` (made on the host), its values cached so that no reader syncs."""
+    out = torch.tensor(values, dtype=torch.int32, device=device)
+    _remember(out, [int(v) for v in values])
+    return out
+
+
 def sequence_bounds(cu_seqlens: torch.Tensor) -> List[Tuple[int, int]]:
     """``[(start, end), ...]`` of every sequence of a packed batch."""
     cu = host_values(cu_seqlens)

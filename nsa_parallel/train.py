@@ -173,10 +173,6 @@ def validate_args(args) -> None:
                   f"{args.micro_batch_size}; allowed: 1")
         if args.attention != "nsa":
             _fail("--reset-attention-mask needs --attention nsa (the dense SDPA baseline takes no packed sequences)")
-        if args.context_parallel_size > 1:
-            _fail(f"--reset-attention-mask with --context-parallel-size={args.context_parallel_size}: not supported "
-                  "yet (every document would need a length that splits into 2 x CP chunks of whole selection "
-                  "blocks); allowed: 1")
 
 
 def padded_vocab_size(vocab_size: int, args) -> int:
@@ -220,6 +216,11 @@ def build_model(args, nsa_cfg, vocab_size: int, device: torch.device):
         transformer_impl=args.transformer_impl)
     if args.pipeline_model_parallel_size > 1:
         kw["batch_p2p_comm"] = device.type == "cuda"  # gloo has no batched isend/irecv
+        # documents padded for CP give each micro-batch its own length: the stages exchange shapes first
+        if args.reset_attention_mask and args.context_parallel_size > 1:
+            # (the model has no MoE layers; TransformerConfig refuses variable lengths with the default allgather
+            # MoE token dispatcher)
+            kw.update(variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
     config = TransformerConfig(**{k: v for k, v in kw.items() if v is not None})
     if args.attention == "nsa":
         spec = get_gpt_layer_nsa_spec(config, nsa_config=nsa_cfg, backend=args.nsa_backend,
@@ -319,16 +320,44 @@ def _cp_shard(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {k: split_for_rank(v, cp, ps.get_context_parallel_rank()) for k, v in batch.items()}
 
 
-def forward_step(data_iterator, model, document_eod: Optional[int] = None):
+# document and padding tokens of the samples since the last log line, under CP (document_padding_share)
+_PADDING = {"documents": 0, "padded": 0}
+
+
+def _documents(batch: Dict[str, torch.Tensor], eod: int, nsa_config):
+    """This rank's tokens of a sample as a packed batch of its documents, and the ``PackedSeqParams``."""
+    from megatron.core import parallel_state as ps
+
+    from .data import document_packed_seq_params, documents_on_cp_rank
+    from .kernels.varlen import host_values
+    cp = ps.get_context_parallel_world_size()
+    if cp == 1:
+        return batch, document_packed_seq_params(batch["tokens"], eod)
+    local, packed = documents_on_cp_rank(batch, eod, cp, ps.get_context_parallel_rank(), nsa_config)
+    _PADDING["documents"] += host_values(packed.cu_seqlens_q)[-1]  # cached on the host: no sync
+    _PADDING["padded"] += host_values(packed.cu_seqlens_q_padded)[-1]
+    return local, packed
+
+
+def _padding_share() -> Dict[str, float]:
+    """``document_padding_share``: the share of CP padding in the tokens computed since the last call."""
+    seen, padded = _PADDING["documents"], _PADDING["padded"]
+    _PADDING.update(documents=0, padded=0)
+    return {"document_padding_share": 1.0 - seen / padded} if padded else {}
+
+
+def forward_step(data_iterator, model, document_eod: Optional[int] = None, nsa_config=None):
     """One micro-batch through this pipeline stage (Megatron's ``forward_step_func`` contract); with
-    ``document_eod`` (``--reset-attention-mask``) the sample's documents go in as a packed batch."""
+    ``document_eod`` (``--reset-attention-mask``) the sample's documents go in as a packed batch (under CP each
+    padded to split over the ranks: ``nsa_config`` gives the lengths)."""
     if data_iterator is None:
         # a middle pipeline stage: its input is the previous stage's output (set by the schedule), and the loss
         # function is only called on the last stage
         return model(None, None, None), _loss_func
-    from .data import document_packed_seq_params
-    batch = _cp_shard(next(data_iterator))
-    packed = None if document_eod is None else document_packed_seq_params(batch["tokens"], document_eod)
+    if document_eod is None:
+        batch, packed = _cp_shard(next(data_iterator)), None
+    else:
+        batch, packed = _documents(next(data_iterator), document_eod, nsa_config)
     out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=packed)
     return out, partial(_loss_func, batch["loss_mask"])
 
@@ -498,8 +527,10 @@ def _stage_reads_data(args) -> bool:
 
 
 def _forward_step_func(args):
+    if not args.reset_attention_mask:
+        return forward_step
     # the EOD id of the data here: VocabTokenizer's, the last id of --vocab-size
-    return partial(forward_step, document_eod=args.vocab_size - 1) if args.reset_attention_mask else forward_step
+    return partial(forward_step, document_eod=args.vocab_size - 1, nsa_config=nsa_config_from_args(args))
 
 
 def _core_attentions(model) -> list:
@@ -581,7 +612,7 @@ def _loop(args, env, model, config, opt, sched, dataset, valid, start, dp, num_m
             scalars.update({"lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm,
                             "tokens_per_s": tokens_per_iter / dt,
                             "tflops_per_gpu": flops_per_token * tokens_per_iter / dt / env.world_size / 1e12,
-                            "mem_gib": _memory_gib(env.device)})
+                            "mem_gib": _memory_gib(env.device), **_padding_share()})
             line = list(scalars)
             attn_s = sum(core.timer.pop() for core in cores)
             scalars["attention_time_share"] = attn_s / step_s

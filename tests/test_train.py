@@ -21,6 +21,9 @@ TINY = ["--seq-length", "128", "--micro-batch-size", "4", "--hidden-size", "64",
         "--nsa-compress-stride", "4", "--lr-warmup-iters", "1"]
 # four steps in all, the schedule fixed by --lr-decay-iters so that a run stopped at 2 continues the same curve
 RESUMABLE = TINY + ["--lr-decay-iters", "4", "--log-interval", "1"]
+# document masking on Megatron's mock data (EOD = the last id of --vocab-size)
+DOCUMENTS = ["--mock-data", "--vocab-size", "64", "--seq-length", "512", "--micro-batch-size", "1",
+             "--global-batch-size", "2", "--reset-attention-mask", "--eod-mask-loss"]
 
 
 def _losses(res):
@@ -145,9 +148,7 @@ def test_two_ranks_equal_one_rank(flags, tp1_checkpoint):
     assert_same_steps(got, want)
 
 
-@pytest.mark.parametrize("flags", [[], ["--mock-data", "--vocab-size", "64", "--seq-length", "512",
-                                         "--micro-batch-size", "1", "--global-batch-size", "2",
-                                         "--reset-attention-mask"]], ids=["recall", "documents"])
+@pytest.mark.parametrize("flags", [[], DOCUMENTS], ids=["recall", "documents"])
 @pytest.mark.skipif(HAS_CUDA and torch.cuda.device_count() < 3, reason="3 ranks on CUDA need 3 GPUs (NCCL)")
 def test_three_pipeline_stages_equal_one_rank(flags, tmp_path):
     """PP=3: the middle stage has no data of its own (it takes the previous stage's activations; under document
@@ -158,6 +159,31 @@ def test_three_pipeline_stages_equal_one_rank(flags, tmp_path):
     train(three + ["--train-iters", "2", "--save", str(tmp_path)])
     got = run_ranks(3, three + ["--train-iters", "4", "--load", str(tmp_path), "--pipeline-model-parallel-size", "3"])
     assert_same_steps(got, full[2:])
+
+
+@pytest.mark.parametrize("world,flags", [
+    (2, ["--context-parallel-size", "2"]),
+    (4, ["--context-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
+], ids=["cp2", "cp2-pp2"])
+def test_documents_under_context_parallelism_equal_one_rank(world, flags, tmp_path):
+    """Document masking under CP: each document padded to split over the CP ranks on its own (the padding after
+    its last token changes no real token's output and is out of the loss), so the losses and gradient norms equal
+    one process's; with PP the micro-batches' varying lengths go between the stages as shapes first."""
+    if HAS_CUDA and torch.cuda.device_count() < world:
+        pytest.skip(f"{world} ranks on CUDA need {world} GPUs (NCCL)")
+    argv = RESUMABLE + DOCUMENTS
+    full = _steps(train(argv + ["--train-iters", "4"]))
+    if "--pipeline-model-parallel-size" in flags:  # the stages split the one-rank model: same start via checkpoint
+        train(argv + ["--train-iters", "2", "--save", str(tmp_path)])
+        argv, full = argv + ["--load", str(tmp_path)], full[2:]
+    got, share = spawn_ranks(world, _steps_and_padding, argv + ["--train-iters", "4"] + flags)[-1]
+    assert_same_steps(got, full)
+    assert len(share) == len(got) and all(0 < x < 0.9 for x in share), share  # mock documents: some padding
+
+
+def _steps_and_padding(argv):
+    res = train(argv)
+    return _steps(res), [h["document_padding_share"] for h in res["history"]]
 
 
 def test_a_checkpoint_with_fewer_vocabulary_rows_loads_its_rows(tmp_path):
@@ -288,8 +314,6 @@ def test_megatron_datasets(tmp_path):
      "--micro-batch-size=4; allowed: 1"),
     (["--mock-data", "--vocab-size", "64", "--reset-attention-mask", "--micro-batch-size", "1", "--attention",
       "dense"], "--reset-attention-mask needs --attention nsa"),
-    (["--mock-data", "--vocab-size", "64", "--reset-attention-mask", "--micro-batch-size", "1",
-      "--context-parallel-size", "2"], "--reset-attention-mask with --context-parallel-size=2: not supported yet"),
 ])
 def test_bad_flags_are_named(flags, msg):
     with pytest.raises(SystemExit, match=msg.replace("(", r"\(")):
@@ -299,8 +323,11 @@ def test_bad_flags_are_named(flags, msg):
 def test_reset_attention_mask_packs_each_samples_documents(monkeypatch):
     """--reset-attention-mask: forward_step hands the model the sample's documents (ending at each EOD) as a
     packed batch; the model-level equality with separate documents is tests/test_megatron.py's."""
+    from megatron.core import parallel_state as ps
+
     from nsa_parallel import train as trainer
     monkeypatch.setattr(trainer, "_cp_shard", lambda batch: batch)
+    monkeypatch.setattr(ps, "get_context_parallel_world_size", lambda: 1)
     seen = {}
 
     def model(*args, **kw):
@@ -315,8 +342,42 @@ def test_reset_attention_mask_packs_each_samples_documents(monkeypatch):
     assert packed.cu_seqlens_kv is packed.cu_seqlens_q
     trainer.forward_step(iter([batch]), model)
     assert seen["packed_seq_params"] is None
-    args = build_parser().parse_args(["--reset-attention-mask", "--vocab-size", "10"])
-    assert trainer._forward_step_func(args).keywords == {"document_eod": 9}  # VocabTokenizer's EOD
+    args = build_parser().parse_args(["--reset-attention-mask", "--vocab-size", "10", "--nsa-window", "64"])
+    step = trainer._forward_step_func(args)
+    assert step.keywords["document_eod"] == 9 and step.keywords["nsa_config"].window == 64  # VocabTokenizer's EOD
+
+
+def test_documents_on_a_cp_rank_are_padded_and_split():
+    """Under CP=2 (4 chunks; select blocks of 16, halo 15: documents padded to a multiple of 64 tokens, at least
+    64) each document is padded at its end and split on its own; the ranks' parts put back together give the
+    padded documents, the padding out of the loss; the params carry the real and the padded bounds."""
+    from nsa_parallel.context_parallel import join_from_ranks
+    from nsa_parallel.data import cp_document_lengths, documents_on_cp_rank
+    from nsa_parallel.kernels import NSAConfig
+    cfg = NSAConfig(compress_block=8, compress_stride=4, select_block=16, select_topn=4, window=16)
+    assert cp_document_lengths(2, cfg) == (64, 64)
+    assert cp_document_lengths(2, NSAConfig()) == (256, 2048)  # the paper's window: chunks of 512 at least
+    eod, s = 99, 170
+    tokens = torch.arange(s)[None] % 50
+    tokens[0, [69, 89]] = eod  # documents of 70, 20 and 80 tokens -> 128, 64 and 128
+    batch = {"tokens": tokens, "labels": tokens + 1, "loss_mask": torch.ones(1, s),
+             "position_ids": torch.arange(s)[None]}
+    parts = [documents_on_cp_rank(batch, eod, 2, r, cfg) for r in range(2)]
+    for local, _ in parts:
+        assert all(v.shape == (1, 160) for v in local.values())
+    docs = [(0, 70, 128), (70, 90, 64), (90, 170, 128)]
+    offsets = [0, 64, 96]  # each document's start in a rank's tensors (half its padded length before it)
+    for key, fill in (("tokens", eod), ("labels", eod), ("loss_mask", 0), ("position_ids", 0)):
+        for (a, e, padded), off in zip(docs, offsets):
+            got = join_from_ranks([p[0][key][:, off:off + padded // 2] for p in parts])
+            want = torch.cat([batch[key][:, a:e], torch.full((1, padded - (e - a)), fill, dtype=batch[key].dtype)],
+                             dim=1)
+            assert torch.equal(got, want), (key, a)
+    for _, packed in parts:
+        assert packed.cu_seqlens_q.tolist() == [0, 70, 90, 170] and packed.cu_seqlens_kv is packed.cu_seqlens_q
+        assert packed.cu_seqlens_q_padded.tolist() == [0, 128, 192, 320] and packed.max_seqlen_q == 128
+    with pytest.raises(ValueError, match=r"pads the batch keys .* got also \['attention_mask'\]"):
+        documents_on_cp_rank({**batch, "attention_mask": tokens}, eod, 2, 0, cfg)
 
 
 def test_document_masked_training_on_mock_data_lowers_the_loss():
