@@ -6,7 +6,9 @@ Stock ``pretrain_gpt.py`` rejects flags it does not know; this entry point is th
 datasets, its optimizer, checkpointing, logging) with the NSA arguments added and the NSA spec built from them.
 ``megatron.training`` ships in the megatron-core wheels from 0.17 on. Both ``pretrain()`` signatures are handled:
 0.19's (a ``PretrainConfigContainer`` first) and the older one (dataset provider first, ``extra_args_provider``).
-Context parallelism is not supported yet (a named error from the attention module).
+``forward_step`` splits each micro-batch for context parallelism (Megatron's load-balanced layout) and, with
+``--reset-attention-mask``, hands NSA the sample's documents as a packed batch, as the lean trainer does; neither
+has run through ``pretrain()`` yet (the CPU machines have no ``megatron.training`` runtime, CP needs 2 GPUs).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
 
     from .megatron import get_gpt_layer_nsa_spec
     args = _args()
+    _check_args(args)
     config = config or _transformer_config(args)
     spec = get_gpt_layer_nsa_spec(config, nsa_config=nsa_config_from_args(args), backend=args.nsa_backend,
                                   transformer_impl=getattr(args, "transformer_impl", None))
@@ -96,13 +99,37 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 
 def forward_step(data_iterator, model):
+    """One micro-batch: this CP rank's part of the sequences (Megatron's load-balanced split), with
+    ``--reset-attention-mask`` the sample's documents as a packed batch (the lean trainer's packing,
+    :func:`nsa_parallel.train.micro_batch_on_this_rank`)."""
     from megatron.core import parallel_state as ps
+
+    from .train import micro_batch_on_this_rank
     if not (ps.is_pipeline_first_stage(ignore_virtual=True) or ps.is_pipeline_last_stage(ignore_virtual=True)):
         return model(None, None, None), partial(_loss_func, None)
-    batch = {k: v.cuda(non_blocking=True) for k, v in next(data_iterator).items()
+    args = _args()
+    batch = {k: v.to(_device(), non_blocking=True) for k, v in next(data_iterator).items()
              if k in ("tokens", "labels", "loss_mask", "position_ids")}
-    out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    eod = _tokenizer(args).eod if args.reset_attention_mask else None
+    batch, packed = micro_batch_on_this_rank(batch, eod, nsa_config_from_args(args))
+    out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=packed)
     return out, partial(_loss_func, batch["loss_mask"])
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _check_args(args) -> None:
+    """What this entry point cannot do, by name (Megatron's own checks run before)."""
+    if args.reset_attention_mask and args.pipeline_model_parallel_size > 2:
+        # the documents' bounds come from the tokens, which Megatron hands only the first and last stages
+        raise SystemExit(f"nsa_parallel.pretrain_gpt: --reset-attention-mask with --pipeline-model-parallel-size="
+                         f"{args.pipeline_model_parallel_size}; allowed: 1 or 2 (python -m nsa_parallel.train "
+                         f"takes any)")
+    if args.reset_attention_mask and args.micro_batch_size != 1:
+        raise SystemExit(f"nsa_parallel.pretrain_gpt: --reset-attention-mask packs one sample's documents into one "
+                         f"sequence: --micro-batch-size={args.micro_batch_size}; allowed: 1")
 
 
 def _use_prebuilt_dataset_helpers() -> None:

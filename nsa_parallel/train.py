@@ -346,6 +346,15 @@ def _padding_share() -> Dict[str, float]:
     return {"document_padding_share": 1.0 - seen / padded} if padded else {}
 
 
+def micro_batch_on_this_rank(batch: Dict[str, torch.Tensor], document_eod: Optional[int] = None, nsa_config=None):
+    """This context-parallel rank's part of a micro-batch of whole sequences, and its ``PackedSeqParams``: None,
+    or with ``document_eod`` (document masking) the sample's documents as a packed batch (under CP each padded to
+    split over the ranks: ``nsa_config`` gives the lengths)."""
+    if document_eod is None:
+        return _cp_shard(batch), None
+    return _documents(batch, document_eod, nsa_config)
+
+
 def forward_step(data_iterator, model, document_eod: Optional[int] = None, nsa_config=None):
     """One micro-batch through this pipeline stage (Megatron's ``forward_step_func`` contract); with
     ``document_eod`` (``--reset-attention-mask``) the sample's documents go in as a packed batch (under CP each
@@ -354,10 +363,7 @@ def forward_step(data_iterator, model, document_eod: Optional[int] = None, nsa_c
         # a middle pipeline stage: its input is the previous stage's output (set by the schedule), and the loss
         # function is only called on the last stage
         return model(None, None, None), _loss_func
-    if document_eod is None:
-        batch, packed = _cp_shard(next(data_iterator)), None
-    else:
-        batch, packed = _documents(next(data_iterator), document_eod, nsa_config)
+    batch, packed = micro_batch_on_this_rank(next(data_iterator), document_eod, nsa_config)
     out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=packed)
     return out, partial(_loss_func, batch["loss_mask"])
 

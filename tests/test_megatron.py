@@ -226,6 +226,29 @@ def test_packed_sequences_equal_separate_sequences(rope, model_parallel):
         attn(hidden.expand(-1, 2, -1), None, packed_seq_params=packed)
 
 
+def test_a_document_mask_is_refused_by_name(model_parallel):
+    """Stock ``pretrain_gpt.py --reset-attention-mask`` hands every layer Megatron's dense document mask, which NSA
+    cannot apply: a named error, not documents attending across each other. The plain causal mask passes, also
+    split over CP ranks (its rows' later keys are hidden)."""
+    from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
+    attn = build_module(get_gpt_layer_nsa_spec(nsa_config=SMALL, backend="reference").submodules.self_attention,
+                        config=_config(), layer_number=1)
+    tokens = torch.tensor([1, 5, 9, 2, 9, 3] * 8)
+    hidden = torch.randn(48, 1, 64, generator=torch.Generator().manual_seed(3))
+
+    def mask(reset: bool):
+        m = _get_ltor_masks_and_position_ids(tokens, 9, False, reset, False, True)[0]
+        return m[None]  # [1, 1, s, s], True = hidden
+
+    with torch.no_grad():
+        want, _ = attn(hidden, None)
+        got, _ = attn(hidden, mask(False))
+        assert torch.equal(got, want)
+        got, _ = attn(hidden[:24], mask(False)[:, :, :24])  # a CP rank's rows: later keys hidden
+        with pytest.raises(ValueError, match="NSA takes documents as packed sequences"):
+            attn(hidden, mask(True))
+
+
 def test_documents_of_a_sample_equal_separate_samples(model_parallel):
     """--reset-attention-mask's packing: a GPTModel (RoPE) given one sample's documents, split at each EOD by
     ``document_packed_seq_params``, gives every document the logits it gets alone."""
@@ -375,3 +398,42 @@ def test_pretrain_gpt_needs_megatron_training():
         pytest.skip("megatron.training is installed: the entry point runs as a job, not a unit test")
     with pytest.raises(SystemExit, match="needs megatron.training, shipped with megatron-core >= 0.17"):
         pretrain_gpt.main()
+
+
+def test_pretrain_gpt_forward_step_packs_documents(monkeypatch):
+    """``pretrain_gpt.forward_step`` with ``--reset-attention-mask`` hands the model the sample's documents (ending
+    at the tokenizer's EOD) as a packed batch, as the lean trainer does (before, the documents attended across each
+    other silently); without it no packing. The flags it cannot take are named."""
+    import argparse
+    from types import SimpleNamespace
+
+    from megatron.core import parallel_state as ps
+
+    from nsa_parallel import pretrain_gpt
+    from nsa_parallel.arguments import add_nsa_args
+    args = add_nsa_args(argparse.ArgumentParser()).parse_args([])
+    args.reset_attention_mask, args.pipeline_model_parallel_size, args.micro_batch_size = True, 1, 1
+    monkeypatch.setattr(pretrain_gpt, "_args", lambda: args)
+    monkeypatch.setattr(pretrain_gpt, "_tokenizer", lambda a: SimpleNamespace(eod=9))
+    monkeypatch.setattr(ps, "is_pipeline_first_stage", lambda **kw: True)
+    monkeypatch.setattr(ps, "get_context_parallel_world_size", lambda: 1)
+    seen = {}
+
+    def model(*a, **kw):
+        seen.update(kw)
+        return torch.zeros(())
+
+    batch = {"tokens": torch.tensor([[1, 5, 9, 2, 9, 3]]), "position_ids": torch.arange(6)[None],
+             "labels": torch.tensor([[5, 9, 2, 9, 3, 4]]), "loss_mask": torch.ones(1, 6),
+             "attention_mask": torch.ones(1)}  # keys the step does not take are left behind
+    pretrain_gpt.forward_step(iter([batch]), model)
+    assert seen["packed_seq_params"].cu_seqlens_q.tolist() == [0, 3, 5, 6]
+    args.reset_attention_mask = False
+    pretrain_gpt.forward_step(iter([batch]), model)
+    assert seen["packed_seq_params"] is None
+    args.reset_attention_mask, args.pipeline_model_parallel_size = True, 3
+    with pytest.raises(SystemExit, match="--reset-attention-mask with --pipeline-model-parallel-size=3; allowed"):
+        pretrain_gpt._check_args(args)
+    args.pipeline_model_parallel_size, args.micro_batch_size = 2, 4
+    with pytest.raises(SystemExit, match="--micro-batch-size=4; allowed: 1"):
+        pretrain_gpt._check_args(args)

@@ -9,6 +9,7 @@ a cross-rank reduction. The compression MLP phi has its own weights per KV head 
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -169,6 +170,26 @@ class NSACoreAttention(MegatronModule):
         return o.transpose(0, 1).reshape(s, b, -1)
 
 
+# the masks checked already: a micro-batch's mask goes to every layer, and the check reads it to the host once
+_CHECKED_MASKS = weakref.WeakValueDictionary()
+
+
+def refuse_document_mask(attention_mask: torch.Tensor) -> None:
+    """NSA is causal by construction and takes no dense mask. Megatron's GPT datasets build a ``[b, 1, s, s]``
+    mask (True = masked) that with ``--reset-attention-mask`` also hides earlier documents; ignoring it would
+    let documents attend across each other unseen. A causal mask never hides the first token; a document mask
+    hides it from the last query of a sample of two or more documents (under CP, rank 0 holds that query): that
+    entry is checked, one host read per mask tensor."""
+    if _CHECKED_MASKS.get(id(attention_mask)) is attention_mask:
+        return
+    if attention_mask.dim() == 4 and bool(attention_mask[..., -1, 0].any()):
+        raise ValueError("NSA: attention_mask hides the first token from the last one (document masking, "
+                         "--reset-attention-mask): NSA takes documents as packed sequences (THD PackedSeqParams), "
+                         "not as a dense mask; use python -m nsa_parallel.pretrain_gpt or nsa_parallel.train, "
+                         "whose --reset-attention-mask packs them")
+    _CHECKED_MASKS[id(attention_mask)] = attention_mask
+
+
 class NSASelfAttention(SelfAttention):
     """Megatron ``SelfAttention`` whose fused projection feeds NSA's three branches and gates.
 
@@ -219,6 +240,8 @@ class NSASelfAttention(SelfAttention):
         if inference_context is not None or inference_params is not None:
             raise NotImplementedError("NSASelfAttention: Megatron's inference contexts are not supported; decode "
                                       "with nsa_parallel.generate.generate (the NSA KV cache)")
+        if attention_mask is not None and packed_seq_params is None:
+            refuse_document_mask(attention_mask)
         state = self.decode_state
         mixed, _ = self.linear_qkv(hidden_states)
         q, keys, values, gate_logits = self.split_projection(mixed)
