@@ -565,6 +565,7 @@ def _evaluate(args, model, forward_backward, valid, dp: int, num_micro: int, dev
         model.train()
         for core in cores:
             core.timer.pop()  # not training time
+        _padding_share()  # nor training tokens
     return sum(losses) / len(losses) if losses else float("nan")
 
 

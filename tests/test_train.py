@@ -171,19 +171,21 @@ def test_documents_under_context_parallelism_equal_one_rank(world, flags, tmp_pa
     one process's; with PP the micro-batches' varying lengths go between the stages as shapes first."""
     if HAS_CUDA and torch.cuda.device_count() < world:
         pytest.skip(f"{world} ranks on CUDA need {world} GPUs (NCCL)")
-    argv = RESUMABLE + DOCUMENTS
-    full = _steps(train(argv + ["--train-iters", "4"]))
+    argv = RESUMABLE + DOCUMENTS + ["--eval-interval", "4", "--eval-iters", "1"]
+    res = train(argv + ["--train-iters", "4"])
+    full, valid = _steps(res), res["validation"][-1]["loss"]
     if "--pipeline-model-parallel-size" in flags:  # the stages split the one-rank model: same start via checkpoint
         train(argv + ["--train-iters", "2", "--save", str(tmp_path)])
         argv, full = argv + ["--load", str(tmp_path)], full[2:]
-    got, share = spawn_ranks(world, _steps_and_padding, argv + ["--train-iters", "4"] + flags)[-1]
+    got, share, got_valid = spawn_ranks(world, _steps_and_padding, argv + ["--train-iters", "4"] + flags)[-1]
     assert_same_steps(got, full)
+    assert abs(got_valid - valid) < max(RTOL, 1e-4) * valid, (got_valid, valid)
     assert len(share) == len(got) and all(0 < x < 0.9 for x in share), share  # mock documents: some padding
 
 
 def _steps_and_padding(argv):
     res = train(argv)
-    return _steps(res), [h["document_padding_share"] for h in res["history"]]
+    return _steps(res), [h["document_padding_share"] for h in res["history"]], res["validation"][-1]["loss"]
 
 
 def test_a_checkpoint_with_fewer_vocabulary_rows_loads_its_rows(tmp_path):
