@@ -12,8 +12,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
                                                         optim_state_to_sharding_state)
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -37,16 +39,34 @@ def _unwrap(model):
     return getattr(model, "module", model)  # Megatron's DDP wrapper holds the GPTModel as .module
 
 
+def _local(optimizer) -> torch.optim.Optimizer:
+    """The optimizer holding this rank's state: a ZeroRedundancyOptimizer's own share, else the optimizer."""
+    return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
+
+
+def _main_replica(sharded: ShardedTensor) -> ShardedTensor:
+    """A parameter's optimizer state under ZeRO lives on one data-parallel rank: that rank writes it (the main
+    replica along data parallelism, the last entry of Megatron's replica id)."""
+    rid = sharded.replica_id
+    sharded.replica_id = (*rid[:-1], 0) if isinstance(rid, tuple) else 0
+    return sharded
+
+
 def _sharded_state(model, optimizer, scheduler, iteration: int, loading: bool) -> dict:
     model_sd = _unwrap(model).sharded_state_dict()
+    local = _local(optimizer)
     if loading:
-        _init_adam_state(optimizer)
-    optim_sd = optimizer.state_dict()  # its per-parameter dicts are the optimizer's own: copy before editing
+        _init_adam_state(local)
+    optim_sd = local.state_dict()  # its per-parameter dicts are the optimizer's own: copy before editing
     steps = {float(st["step"]) for st in optim_sd["state"].values() if "step" in st}
     # AdamW keeps one step count per parameter, all equal here: save it once, as Megatron's FP32Optimizer does
     optim_sd["state"] = {i: {k: v for k, v in st.items() if k != "step"} for i, st in optim_sd["state"].items()}
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    params = [p for g in local.param_groups for p in g["params"]]
     optim_state_to_sharding_state(optim_sd, get_param_id_to_sharded_param_map(model_sd, params))
+    if local is not optimizer:
+        # the same checkpoint as without ZeRO: each state once, by its owner; the per-rank param groups not at all
+        optim_sd["state"] = {i: {k: _main_replica(v) for k, v in st.items()} for i, st in optim_sd["state"].items()}
+        del optim_sd["param_groups"]
     return {"model": model_sd, "optimizer": optim_sd, "optimizer_step": max(steps, default=0.0),
             "scheduler": scheduler.state_dict(), "iteration": iteration}
 
@@ -84,6 +104,10 @@ def load_checkpoint(root: str, model, optimizer, scheduler) -> int:
     optim_sd = state["optimizer"]
     for st in optim_sd["state"].values():
         st["step"] = torch.tensor(float(state["optimizer_step"]))
-    optimizer.load_state_dict(optim_sd)
+    local = _local(optimizer)
+    # this rank's param groups (their parameter lists differ under ZeRO; lr and weight decay come from the
+    # scheduler, loaded below), so a checkpoint saved with or without ZeRO loads either way
+    optim_sd["param_groups"] = local.state_dict()["param_groups"]
+    local.load_state_dict(optim_sd)
     scheduler.load_state_dict(state["scheduler"])
     return int(state["iteration"])

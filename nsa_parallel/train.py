@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta2", type=float, default=0.95)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard AdamW's state over the data-parallel (x context-parallel) ranks (ZeRO-1, torch's "
+                        "ZeroRedundancyOptimizer); checkpoints are the same as without it.")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 parameters and optimizer state).")
     g.add_argument("--recompute-activations", action="store_true", help="recompute whole layers in backward.")
     g.add_argument("--seed", type=int, default=1234)
@@ -246,7 +249,8 @@ def build_model(args, nsa_cfg, vocab_size: int, device: torch.device):
 
 def build_optimizer(args, model, device: torch.device):
     """torch AdamW (fused on CUDA) with Megatron's rule: no weight decay on biases and norms; Megatron's
-    OptimizerParamScheduler drives lr and weight decay."""
+    OptimizerParamScheduler drives lr and weight decay. ``--use-distributed-optimizer``: AdamW's state sharded
+    over the data-parallel ranks (ZeRO-1)."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -254,9 +258,18 @@ def build_optimizer(args, model, device: torch.device):
             (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "wd_mult": 1.0, "lr_mult": 1.0},
               {"params": no_decay, "wd_mult": 0.0, "lr_mult": 1.0}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, weight_decay=args.weight_decay,
-                            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
-                            fused=device.type == "cuda")
+    groups = [g for g in groups if g["params"]]
+    kw = dict(lr=args.lr, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
+              eps=args.adam_eps, fused=device.type == "cuda")
+    if getattr(args, "use_distributed_optimizer", False):
+        from megatron.core import parallel_state as ps
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        # every data x context-parallel rank holds the same averaged gradients: each steps its share of the
+        # parameters and broadcasts them
+        opt = ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW,
+                                      process_group=ps.get_data_parallel_group(with_context_parallel=True), **kw)
+    else:
+        opt = torch.optim.AdamW(groups, **kw)
     sched = OptimizerParamScheduler(
         opt, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
         lr_decay_steps=args.lr_decay_iters or args.train_iters, lr_decay_style=args.lr_decay_style,

@@ -254,6 +254,33 @@ def test_tensor_and_context_parallel_together_equal_one_rank(tp1_checkpoint):
     assert_same_steps(got, full)
 
 
+def _zero_run(argv):
+    """Steps, and the parameter elements whose AdamW state this rank holds against the model's."""
+    from nsa_parallel import train as trainer
+    made, build = [], trainer.build_optimizer
+    trainer.build_optimizer = lambda *a: made.append(build(*a)) or made[-1]
+    res = trainer.train(argv)
+    local = made[0][0].optim
+    held = sum(p.numel() for g in local.param_groups for p in g["params"])
+    return _steps(res), held, sum(p.numel() for g in made[0][0].param_groups for p in g["params"])
+
+
+@pytest.mark.skipif(HAS_CUDA and torch.cuda.device_count() < 2, reason="2 ranks on CUDA need 2 GPUs (NCCL)")
+def test_distributed_optimizer_equals_adamw_and_shares_its_checkpoints(tmp_path, tp1_checkpoint):
+    """--use-distributed-optimizer on 2 data-parallel ranks: each holds AdamW state for part of the parameters, the
+    steps are one rank's, and its checkpoints are AdamW's: saved with ZeRO, resumed with ZeRO and by one plain
+    process; the one-process checkpoint resumed with ZeRO."""
+    full, plain = tp1_checkpoint
+    zero = RESUMABLE + ["--micro-batch-size", "2", "--use-distributed-optimizer"]
+    runs = spawn_ranks(2, _zero_run, zero + ["--train-iters", "2", "--save", str(tmp_path)])
+    (steps, held0, total), (_, held1, _) = runs
+    assert held0 + held1 == total and 0 < held0 < total, (held0, held1, total)
+    assert_same_steps(steps, full[:2])
+    assert_same_steps(run_ranks(2, zero + ["--train-iters", "4", "--load", str(tmp_path)]), full[2:])
+    assert_same_steps(_steps(train(RESUMABLE + ["--train-iters", "4", "--load", str(tmp_path)])), full[2:])
+    assert_same_steps(run_ranks(2, zero + ["--train-iters", "4", "--load", str(plain)]), full[2:])
+
+
 def test_dense_attention_switch_trains():
     res = train(TINY + ["--train-iters", "5", "--attention", "dense", "--lr", "1e-2"])
     assert all(math.isfinite(x) for x in _losses(res))
