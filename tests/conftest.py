@@ -53,6 +53,20 @@ def small_cfg():
     return SMALL
 
 
+def recording_model(seen: dict):
+    """A stand-in model for ``forward_step`` tests: it records the keyword arguments it is called with."""
+    def model(*args, **kw):
+        seen.update(kw)
+        return torch.zeros(())
+    return model
+
+
+def three_documents() -> dict:
+    """One sample ``[1, 6]`` of three documents ending at EOD id 9 (bounds 0, 3, 5, 6), Megatron's batch keys."""
+    return {"tokens": torch.tensor([[1, 5, 9, 2, 9, 3]]), "position_ids": torch.arange(6)[None],
+            "labels": torch.tensor([[5, 9, 2, 9, 3, 4]]), "loss_mask": torch.ones(1, 6)}
+
+
 def gpu_tiles_on_cpu(monkeypatch):
     """Launches take the tiles a GPU takes in 16-bit (``flash.tuned_tiles``) wherever their shape fits, so the
     interpreter runs them."""

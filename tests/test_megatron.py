@@ -409,6 +409,7 @@ def test_pretrain_gpt_forward_step_packs_documents(monkeypatch):
 
     from megatron.core import parallel_state as ps
 
+    from conftest import recording_model, three_documents
     from nsa_parallel import pretrain_gpt
     from nsa_parallel.arguments import add_nsa_args
     args = add_nsa_args(argparse.ArgumentParser()).parse_args([])
@@ -418,14 +419,8 @@ def test_pretrain_gpt_forward_step_packs_documents(monkeypatch):
     monkeypatch.setattr(ps, "is_pipeline_first_stage", lambda **kw: True)
     monkeypatch.setattr(ps, "get_context_parallel_world_size", lambda: 1)
     seen = {}
-
-    def model(*a, **kw):
-        seen.update(kw)
-        return torch.zeros(())
-
-    batch = {"tokens": torch.tensor([[1, 5, 9, 2, 9, 3]]), "position_ids": torch.arange(6)[None],
-             "labels": torch.tensor([[5, 9, 2, 9, 3, 4]]), "loss_mask": torch.ones(1, 6),
-             "attention_mask": torch.ones(1)}  # keys the step does not take are left behind
+    model = recording_model(seen)
+    batch = {**three_documents(), "attention_mask": torch.ones(1)}  # keys the step does not take are left behind
     pretrain_gpt.forward_step(iter([batch]), model)
     assert seen["packed_seq_params"].cu_seqlens_q.tolist() == [0, 3, 5, 6]
     args.reset_attention_mask = False

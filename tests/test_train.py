@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("megatron.core")
 
 from nsa_parallel.arguments import add_nsa_args, nsa_config_from_args  # noqa: E402
-from conftest import spawn_ranks  # noqa: E402
+from conftest import recording_model, spawn_ranks, three_documents  # noqa: E402
 from nsa_parallel.train import build_parser, train  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -358,13 +358,7 @@ def test_reset_attention_mask_packs_each_samples_documents(monkeypatch):
     monkeypatch.setattr(trainer, "_cp_shard", lambda batch: batch)
     monkeypatch.setattr(ps, "get_context_parallel_world_size", lambda: 1)
     seen = {}
-
-    def model(*args, **kw):
-        seen.update(kw)
-        return torch.zeros(())
-
-    batch = {"tokens": torch.tensor([[1, 5, 9, 2, 9, 3]]), "position_ids": torch.arange(6)[None],
-             "labels": torch.tensor([[5, 9, 2, 9, 3, 4]]), "loss_mask": torch.ones(1, 6)}
+    model, batch = recording_model(seen), three_documents()
     trainer.forward_step(iter([batch]), model, document_eod=9)
     packed = seen["packed_seq_params"]
     assert packed.qkv_format == "thd" and packed.cu_seqlens_q.tolist() == [0, 3, 5, 6] and packed.max_seqlen_q == 3
