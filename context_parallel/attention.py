@@ -61,7 +61,7 @@ def nsa_attention_cp(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, 
                      compress_k: Callable, compress_v: Callable, cp_group, config: Optional[NSAConfig] = None,
                      scale: Optional[float] = None, layout: str = "load_balanced", backend: str = "reference",
                      selection_exchange: str = "allgather", cu_seqlens: Optional[torch.Tensor] = None,
-                     return_block_indices: bool = False):
+                     cu_seqlens_whole: Optional[torch.Tensor] = None, return_block_indices: bool = False):
     """:func:`nsa_parallel.kernels.nsa_attention` for this rank's part of a sequence split over ``cp_group``.
 
     ``cp_group=None`` (or a group of one) is plain single-GPU NSA. Every tensor is this rank's tokens
@@ -72,6 +72,11 @@ def nsa_attention_cp(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, 
     them under CP); the ``[1, total / P, h, d]`` inputs hold, sequence after sequence, this rank's chunks of each
     sequence split by ``layout`` on its own (what TE's ``thd_get_partitioned_indices`` hands a rank). Every
     sequence must satisfy :func:`check_cp_config` by itself.
+
+    ``cu_seqlens_whole``: sequences this rank holds whole (short documents are cheaper kept on one rank than padded
+    to split): their bounds in the tokens after the split sequences' chunks (``cu_seqlens_whole[0] == 0``); they
+    are plain packed NSA with no exchange. ``cu_seqlens`` may then be None or ``[0]`` (nothing split), and the
+    ranks' ``t_local`` may differ.
 
     ``return_block_indices``: also this rank's ``[b, t_local, hkv, n]`` selected blocks (global block ids), not
     for packed batches.
@@ -87,6 +92,13 @@ def nsa_attention_cp(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, 
                          f"backend={backend!r}; use selection_exchange='allgather' with the reference")
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     cp_size = 1 if cp_group is None else torch.distributed.get_world_size(cp_group)
+    if cu_seqlens_whole is not None:
+        if return_block_indices:
+            raise ValueError("return_block_indices is not available for packed batches (cu_seqlens_whole) under CP")
+        return _split_and_whole(q, (k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gate), cu_seqlens, cu_seqlens_whole,
+                                cp_size, dict(compress_k=compress_k, compress_v=compress_v, cp_group=cp_group,
+                                              config=config, scale=scale, layout=layout, backend=backend,
+                                              selection_exchange=selection_exchange))
     if cp_size == 1:
         return nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gate, compress_k=compress_k,
                              compress_v=compress_v, config=config, scale=scale, backend=backend,
@@ -163,6 +175,22 @@ def _packed(q, rest, cu_seqlens, cp_size: int, kw) -> torch.Tensor:
         sl = slice(s // cp_size, e // cp_size)
         outs.append(nsa_attention_cp(q[:, sl], *[x[:, sl] for x in rest], **kw))
     return torch.cat(outs, dim=1)
+
+
+def _split_and_whole(q, rest, cu_seqlens, cu_seqlens_whole, cp_size: int, kw) -> torch.Tensor:
+    """The split sequences' chunks first (exchanges over the group), then this rank's whole sequences (local)."""
+    split = 0 if cu_seqlens is None else host_values(cu_seqlens)[-1] // cp_size
+    whole = host_values(cu_seqlens_whole)
+    if whole[0] != 0 or split + whole[-1] != q.shape[1]:
+        raise ValueError(f"cu_seqlens_whole={whole} must start at 0 and end at the {q.shape[1] - split} tokens this "
+                         f"rank holds after its {split} tokens of split sequences")
+    outs = []
+    if split:
+        outs.append(nsa_attention_cp(q[:, :split], *[x[:, :split] for x in rest], cu_seqlens=cu_seqlens, **kw))
+    if whole[-1]:
+        outs.append(nsa_attention(q[:, split:], *[x[:, split:] for x in rest], cu_seqlens=cu_seqlens_whole,
+                                  **{k: kw[k] for k in ("compress_k", "compress_v", "config", "scale", "backend")}))
+    return torch.cat(outs, dim=1) if outs else q.new_zeros(*q.shape[:3], rest[3].shape[-1])
 
 
 def _gate_combine(backend: str):

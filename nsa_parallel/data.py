@@ -8,7 +8,7 @@ uninterrupted one would have seen.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -89,85 +89,6 @@ class _MegatronSamples:
             raise ValueError(f"sample {index} holds token id {top}, but --vocab-size={self.vocab_size}: ids must be "
                              f"< vocab size (was the data tokenized with a larger vocabulary?)")
         return out
-
-
-def document_bounds(tokens: torch.Tensor, eod: int) -> List[int]:
-    """``[0, end_1, ..., s]`` on the host (one device-to-host read): a document of ``tokens`` ``[1, s]`` ends after
-    each ``eod``; a trailing partial document ends at ``s``."""
-    if tokens.dim() != 2 or tokens.shape[0] != 1:
-        raise ValueError(f"document masking packs one sample per micro-batch: tokens must be [1, s], got "
-                         f"{list(tokens.shape)} (--micro-batch-size 1)")
-    s = tokens.shape[1]
-    ends = ((tokens[0] == eod).nonzero().flatten() + 1).tolist()
-    return [0] + [e for e in ends if e < s] + [s]
-
-
-def _packed_params(cu: torch.Tensor, longest: int, cu_padded: Optional[torch.Tensor] = None):
-    from megatron.core.packed_seq_params import PackedSeqParams
-    # one tensor for q and kv: NSA checks that they are the same without reading them
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
-                           cu_seqlens_kv_padded=cu_padded, max_seqlen_q=longest, max_seqlen_kv=longest)
-
-
-def document_packed_seq_params(tokens: torch.Tensor, eod: int):
-    """Megatron ``PackedSeqParams`` (THD) for one sample whose documents end with the ``eod`` token, so that
-    attention (and RoPE, which restarts with every sequence in THD) stays within each document.
-
-    ``tokens`` ``[1, s]``: a document ends after each ``eod``; a trailing partial document ends at ``s``."""
-    from .kernels.varlen import cu_seqlens_from_host
-    bounds = document_bounds(tokens, eod)
-    # made from the host values: NSA's kernels find them cached with the tensor instead of syncing again
-    return _packed_params(cu_seqlens_from_host(bounds, tokens.device), max(b - a for a, b in zip(bounds, bounds[1:])))
-
-
-# what a padding token holds, per batch key (it is never in the loss: its loss_mask is 0); None: the EOD id
-_PAD_FILL = {"tokens": None, "labels": None, "loss_mask": 0, "position_ids": 0}
-
-
-def cp_document_lengths(cp_size: int, config) -> Tuple[int, int]:
-    """``(multiple, least)``: under context parallelism a document is padded to a multiple of ``2 x cp_size``
-    selection blocks and to at least ``least`` tokens (each of its chunks must cover the halo it hands its
-    neighbour), so that it splits over the CP ranks on its own (:func:`documents_on_cp_rank`)."""
-    from .context_parallel import shortest_cp_sequence
-    from .context_parallel.layout import num_chunks
-    return (num_chunks(cp_size, "load_balanced") * config.select_block,
-            shortest_cp_sequence(cp_size, "load_balanced", config))
-
-
-def documents_on_cp_rank(batch: Dict[str, torch.Tensor], eod: int, cp_size: int, cp_rank: int, config):
-    """This context-parallel rank's part of one sample under document masking, and its ``PackedSeqParams``.
-
-    ``batch``: the whole sample's ``[1, s]`` tensors (:data:`_PAD_FILL`'s keys). Each document is padded at its end
-    to the lengths :func:`cp_document_lengths` gives (padding after a document's last token changes no real
-    token's output under causal attention, and its loss mask is 0), then split by the load-balanced layout on its
-    own; the rank's two chunks of each document, document after document, make its ``[1, t_local]`` tensors: the
-    layout of TE's ``thd_get_partitioned_indices``, which :func:`nsa_attention_cp` and Megatron's THD RoPE take.
-    The params carry the documents' lengths (``cu_seqlens_q``) and the padded bounds (``cu_seqlens_q_padded``,
-    which NSA and RoPE use). ``t_local`` varies from sample to sample."""
-    from .context_parallel import chunk_ranges
-    from .kernels.varlen import cu_seqlens_from_host
-    unknown = sorted(set(batch) - set(_PAD_FILL))
-    if unknown:
-        raise ValueError(f"document masking under context parallelism pads the batch keys {sorted(_PAD_FILL)}; got "
-                         f"also {unknown}")
-    tokens = batch["tokens"]
-    bounds = document_bounds(tokens, eod)
-    multiple, least = cp_document_lengths(cp_size, config)
-    src, ends, cu, cu_padded = [], [], [0], [0]
-    for s, e in zip(bounds, bounds[1:]):
-        padded = max(least, -(-(e - s) // multiple) * multiple)
-        for a, b in chunk_ranges(padded, cp_size, cp_rank, "load_balanced"):
-            src.append(torch.arange(s + a, s + b))
-            ends.append(torch.full((b - a,), e))
-        cu.append(cu[-1] + e - s)
-        cu_padded.append(cu_padded[-1] + padded)
-    src, ends = torch.cat(src).to(tokens.device), torch.cat(ends).to(tokens.device)
-    pad = (src >= ends)[None]
-    src = src.clamp(max=tokens.shape[1] - 1)
-    local = {k: v[:, src].masked_fill(pad, eod if _PAD_FILL[k] is None else _PAD_FILL[k]) for k, v in batch.items()}
-    longest = max(b - a for a, b in zip(cu_padded, cu_padded[1:]))
-    return local, _packed_params(cu_seqlens_from_host(cu, tokens.device), longest,
-                                 cu_seqlens_from_host(cu_padded, tokens.device))
 
 
 class HeldOut:

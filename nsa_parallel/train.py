@@ -334,35 +334,38 @@ def _cp_shard(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 # document and padding tokens of the samples since the last log line, under CP (document_padding_share)
-_PADDING = {"documents": 0, "padded": 0}
+_PADDING = {"documents": 0, "padded": 0, "largest": 0}
 
 
 def _documents(batch: Dict[str, torch.Tensor], eod: int, nsa_config):
     """This rank's tokens of a sample as a packed batch of its documents, and the ``PackedSeqParams``."""
     from megatron.core import parallel_state as ps
 
-    from .data import document_packed_seq_params, documents_on_cp_rank
-    from .kernels.varlen import host_values
+    from .documents import document_bounds, document_packed_seq_params, documents_on_cp_rank, plan_cp_documents
     cp = ps.get_context_parallel_world_size()
     if cp == 1:
         return batch, document_packed_seq_params(batch["tokens"], eod)
-    local, packed = documents_on_cp_rank(batch, eod, cp, ps.get_context_parallel_rank(), nsa_config)
-    _PADDING["documents"] += host_values(packed.cu_seqlens_q)[-1]  # cached on the host: no sync
-    _PADDING["padded"] += host_values(packed.cu_seqlens_q_padded)[-1]
-    return local, packed
+    plan = plan_cp_documents(document_bounds(batch["tokens"], eod), cp, nsa_config)
+    _PADDING["documents"] += plan.length
+    _PADDING["padded"] += plan.computed()
+    _PADDING["largest"] += cp * max(plan.tokens(r) for r in range(cp))
+    return documents_on_cp_rank(batch, eod, plan, ps.get_context_parallel_rank())
 
 
 def _padding_share() -> Dict[str, float]:
-    """``document_padding_share``: the share of CP padding in the tokens computed since the last call."""
-    seen, padded = _PADDING["documents"], _PADDING["padded"]
-    _PADDING.update(documents=0, padded=0)
-    return {"document_padding_share": 1.0 - seen / padded} if padded else {}
+    """Under CP with documents, since the last call: ``document_padding_share``, the share of padding in the
+    tokens computed; ``document_cp_imbalance``, the busiest rank's tokens over the ranks' mean (1 = even; whole
+    documents are placed to even it out, see :func:`nsa_parallel.documents.plan_cp_documents`)."""
+    seen, padded, largest = _PADDING["documents"], _PADDING["padded"], _PADDING["largest"]
+    _PADDING.update(documents=0, padded=0, largest=0)
+    return {"document_padding_share": 1.0 - seen / padded, "document_cp_imbalance": largest / padded} if padded else {}
 
 
 def micro_batch_on_this_rank(batch: Dict[str, torch.Tensor], document_eod: Optional[int] = None, nsa_config=None):
     """This context-parallel rank's part of a micro-batch of whole sequences, and its ``PackedSeqParams``: None,
-    or with ``document_eod`` (document masking) the sample's documents as a packed batch (under CP each padded to
-    split over the ranks: ``nsa_config`` gives the lengths)."""
+    or with ``document_eod`` (document masking) the sample's documents as a packed batch (under CP long documents
+    split over the ranks, short ones held whole by one: :mod:`nsa_parallel.documents`; ``nsa_config`` gives the
+    lengths)."""
     if document_eod is None:
         return _cp_shard(batch), None
     return _documents(batch, document_eod, nsa_config)
@@ -370,8 +373,8 @@ def micro_batch_on_this_rank(batch: Dict[str, torch.Tensor], document_eod: Optio
 
 def forward_step(data_iterator, model, document_eod: Optional[int] = None, nsa_config=None):
     """One micro-batch through this pipeline stage (Megatron's ``forward_step_func`` contract); with
-    ``document_eod`` (``--reset-attention-mask``) the sample's documents go in as a packed batch (under CP each
-    padded to split over the ranks: ``nsa_config`` gives the lengths)."""
+    ``document_eod`` (``--reset-attention-mask``) the sample's documents go in as a packed batch
+    (:func:`micro_batch_on_this_rank`)."""
     if data_iterator is None:
         # a middle pipeline stage: its input is the previous stage's output (set by the schedule), and the loss
         # function is only called on the last stage

@@ -163,6 +163,52 @@ def _cp_varlen_case(world, rank, group, lengths):
     return errs
 
 
+# documents split over the ranks and held whole (nsa_parallel.documents); "few": a rank with no document at all
+DOCUMENT_CASES = [("documents", [150, 20, 7, 300, 40, 3]), ("documents-few", [20, 7, 3])]
+
+
+def _cp_documents_case(world, rank, group, lengths):
+    """A sample's documents under CP as :func:`nsa_parallel.documents.plan_cp_documents` places them (long ones
+    split, short ones whole on one rank, padding): every real token's output and gradients equal the single-rank
+    packed NSA's; padding rows get no gradient."""
+    import copy
+    from nsa_parallel.context_parallel import nsa_attention_cp
+    from nsa_parallel.documents import documents_on_cp_rank, plan_cp_documents
+    bounds = torch.tensor([0] + lengths).cumsum(0).tolist()
+    plan = plan_cp_documents(bounds, world, CP_CFG)
+    local, params = documents_on_cp_rank({"tokens": torch.arange(bounds[-1])[None]}, -1, plan, rank)
+    idx = local["tokens"][0]  # the sample's token at each local row; -1: padding
+    real = idx >= 0
+    q, kvs, gate, ck, cv = make_inputs(1, bounds[-1], 4, 2, 16, 16, CP_CFG, seed=19, requires_grad=True)
+    full = nsa_attention(q, *kvs, gate, compress_k=ck, compress_v=cv, config=CP_CFG,
+                         cu_seqlens=torch.tensor(bounds, dtype=torch.int32))
+    do = torch.randn(full.shape, generator=torch.Generator().manual_seed(7))
+    full.backward(do)
+
+    def mine(x):
+        return x.detach()[:, idx.clamp(min=0)].masked_fill(~real[None, :, None, None], 0)
+    lq, lgate = mine(q).requires_grad_(), mine(gate).requires_grad_()
+    lkvs = [mine(x).requires_grad_() for x in kvs]
+    lck, lcv = copy.deepcopy(ck), copy.deepcopy(cv)
+    for p in list(lck.parameters()) + list(lcv.parameters()):
+        p.grad = None
+    out = nsa_attention_cp(lq, *lkvs, lgate, compress_k=lck, compress_v=lcv, cp_group=group, config=CP_CFG,
+                           cu_seqlens=params.cu_seqlens_q_padded, cu_seqlens_whole=params.cu_seqlens_whole)
+    out.backward(mine(do))
+    errs = {"out": rel_err(out.detach()[:, real], full.detach()[:, idx[real]])}
+    for nm, x, lx in [("q", q, lq), ("gate", gate, lgate)] + [(f"kv{j}", x, lx) for j, (x, lx) in
+                                                              enumerate(zip(kvs, lkvs))]:
+        errs[nm] = rel_err(lx.grad[:, real], x.grad[:, idx[real]])
+        errs[f"{nm}_padding"] = float(lx.grad[:, ~real].abs().max()) if (~real).any() else 0.0
+    for nm, full_phi, my_phi in (("phi_k", ck, lck), ("phi_v", cv, lcv)):
+        g = torch.cat([p.grad.flatten() for p in my_phi.parameters()])
+        torch.distributed.all_reduce(g, group=group)
+        errs[nm] = rel_err(g, torch.cat([p.grad.flatten() for p in full_phi.parameters()]))
+    kinds = torch.tensor([len(plan.split) > 0, any(plan.whole), (~real).any()], dtype=torch.int32)
+    errs["kinds"] = kinds.tolist()
+    return errs
+
+
 def _cp_stats_case(world, rank, group):
     """NSA's TensorBoard statistics from P ranks' shards (global positions, reduced over the group) equal those of
     the whole sequence on one rank."""
@@ -190,6 +236,8 @@ def _cp_worker(rank, world, port, cases, result):
             group = torch.distributed.group.WORLD
             if case[0] == "varlen":
                 result[(case[0], rank)] = _cp_varlen_case(world, rank, group, case[1])
+            elif case[0].startswith("documents"):
+                result[(case[0], rank)] = _cp_documents_case(world, rank, group, case[1])
             elif case[0] == "stats":
                 result[(case[0], rank)] = _cp_stats_case(world, rank, group)
             else:
@@ -220,8 +268,11 @@ def test_cp_equals_single_rank(world):
     if torch.cuda.is_available():  # these gloo processes hold CPU tensors: Triton runs there only interpreted
         cases = [c for c in cases if c[8] == "reference"]
     cases = cases + [(VARLEN[0], [n * max(1, world // 4) for n in VARLEN[1]]),  # 2P x select_block multiples
-                     ("stats",)]
+                     ("stats",)] + DOCUMENT_CASES
     result = run_cp(world, cases)
+    for name, _ in DOCUMENT_CASES:  # the layouts the cases were made for: split and whole documents, padding
+        kinds = [result[(name, rank)].pop("kinds") for rank in range(world)]
+        assert kinds[0][:2] == ([1, 1] if name == "documents" else [0, 1]) and any(k[2] for k in kinds), kinds
     for case in cases:
         bound = 1e-4 if len(case) > 8 and case[8] == "triton" else 1e-5
         for rank in range(world):

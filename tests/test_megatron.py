@@ -253,7 +253,7 @@ def test_documents_of_a_sample_equal_separate_samples(model_parallel):
     """--reset-attention-mask's packing: a GPTModel (RoPE) given one sample's documents, split at each EOD by
     ``document_packed_seq_params``, gives every document the logits it gets alone."""
     from megatron.core.models.gpt import GPTModel
-    from nsa_parallel.data import document_packed_seq_params
+    from nsa_parallel.documents import document_packed_seq_params
     from nsa_parallel.megatron.cpu_shims import enable_cpu_shims
     if torch.cuda.is_available():
         pytest.skip("RoPE on CPU tensors needs the CPU shims, exercised on CPU-only hosts")
@@ -275,12 +275,15 @@ def test_documents_of_a_sample_equal_separate_samples(model_parallel):
         document_packed_seq_params(tokens.expand(2, -1), eod)
 
 
-def _cp2_packed_worker(rank, port, result):
+def _cp2_packed_worker(rank, port, result, documents):
     """CP=2 (gloo): a THD batch split the Megatron way (each sequence in 4 chunks, rank r holding r and 3 - r) with
-    RoPE, through the module, against one rank's module on the whole batch: outputs, input and weight gradients."""
+    RoPE, through the module, against one rank's module on the whole batch: outputs, input and weight gradients.
+    ``documents``: three short documents more, held whole by one rank each (``nsa_parallel.documents``' layout,
+    RoPE from 0 in each, padding after them)."""
     import torch.distributed as dist
     from megatron.core.packed_seq_params import PackedSeqParams
     from nsa_parallel.context_parallel import split_for_rank
+    from nsa_parallel.documents import documents_on_cp_rank, plan_cp_documents
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     from nsa_parallel.megatron import enable_cpu_shims
@@ -293,17 +296,29 @@ def _cp2_packed_worker(rank, port, result):
             for p in full.parameters():
                 dist.broadcast(p, 0)
         bounds = [0, 128, 320]  # sequences of 128 and 192 tokens: chunks of 32 and 48
+        if documents:
+            bounds += [360, 385, 400]  # 40 on rank 0; 25 and 15 on rank 1 (split, each would take 128)
         cu = torch.tensor(bounds, dtype=torch.int32)
         packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=192,
                                  max_seqlen_kv=192)
         gen = torch.Generator().manual_seed(5)
-        hidden = torch.randn(320, 1, 64, generator=gen)
-        probe = torch.randn(320, 1, 64, generator=gen)
+        hidden = torch.randn(bounds[-1], 1, 64, generator=gen)
+        probe = torch.randn(bounds[-1], 1, 64, generator=gen)
         emb = _rope(192, 16)
 
         def local(x):  # this rank's THD share, sequence after sequence
             return torch.cat([split_for_rank(x[s:e], 2, rank, "load_balanced", dim=0)
                               for s, e in zip(bounds[:-1], bounds[1:])])
+        real = slice(None)
+        if documents:
+            plan = plan_cp_documents(bounds, 2, SMALL)
+            assert len(plan.split) == 2 and plan.whole == (((320, 360),), ((360, 385), (385, 400)))
+            mine_tokens, mine_packed = documents_on_cp_rank({"tokens": torch.arange(bounds[-1])[None]}, -1, plan, rank)
+            rows = mine_tokens["tokens"][0]
+            real = rows >= 0
+
+            def local(x):  # noqa: F811 - the rows this rank holds, padding zero
+                return x[rows.clamp(min=0)].masked_fill(~real[:, None, None], 0)
 
         h_full = hidden.clone().requires_grad_()
         out_full, _ = full(h_full, None, rotary_pos_emb=emb, packed_seq_params=packed)
@@ -313,10 +328,10 @@ def _cp2_packed_worker(rank, port, result):
         mine = build_module(spec, config=_config(context_parallel_size=2), layer_number=1)
         mine.load_state_dict(full.state_dict())
         h_mine = local(hidden).requires_grad_()
-        out_mine, _ = mine(h_mine, None, rotary_pos_emb=emb, packed_seq_params=packed)
+        out_mine, _ = mine(h_mine, None, rotary_pos_emb=emb, packed_seq_params=mine_packed if documents else packed)
         (out_mine * local(probe)).sum().backward()
-        result[f"out{rank}"] = rel_err(out_mine.detach(), local(out_full.detach()))
-        result[f"dx{rank}"] = rel_err(h_mine.grad, local(h_full.grad))
+        result[f"out{rank}"] = rel_err(out_mine.detach()[real], local(out_full.detach())[real])
+        result[f"dx{rank}"] = rel_err(h_mine.grad[real], local(h_full.grad)[real])
         worst = 0.0
         pairs = list(zip(full.named_parameters(), mine.parameters()))
         scale = max(p.grad.abs().max().item() for (_, p), _ in pairs)
@@ -337,11 +352,12 @@ def _cp2_packed_worker(rank, port, result):
     leave_spawned_rank()
 
 
-def test_context_parallel_2_packed_with_rope_equals_one_rank():
+@pytest.mark.parametrize("documents", [False, True], ids=["split", "split-and-whole"])
+def test_context_parallel_2_packed_with_rope_equals_one_rank(documents):
     import torch.multiprocessing as mp
     from nsa_parallel.rendezvous import free_port
     result = mp.Manager().dict()
-    mp.spawn(_cp2_packed_worker, args=(free_port(), result), nprocs=2, join=True)
+    mp.spawn(_cp2_packed_worker, args=(free_port(), result, documents), nprocs=2, join=True)
     for rank in (0, 1):
         for key in ("out", "dx", "dw"):
             assert result[f"{key}{rank}"] < 1e-5, dict(result)

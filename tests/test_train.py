@@ -166,9 +166,10 @@ def test_three_pipeline_stages_equal_one_rank(flags, tmp_path):
     (4, ["--context-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
 ], ids=["cp2", "cp2-pp2"])
 def test_documents_under_context_parallelism_equal_one_rank(world, flags, tmp_path):
-    """Document masking under CP: each document padded to split over the CP ranks on its own (the padding after
-    its last token changes no real token's output and is out of the loss), so the losses and gradient norms equal
-    one process's; with PP the micro-batches' varying lengths go between the stages as shapes first."""
+    """Document masking under CP: each long document padded to split over the CP ranks on its own (the padding
+    after its last token changes no real token's output and is out of the loss), each short one held whole by a
+    rank (Megatron's mock documents give both), so the losses and gradient norms equal one process's; with PP the
+    micro-batches' varying lengths go between the stages as shapes first."""
     if HAS_CUDA and torch.cuda.device_count() < world:
         pytest.skip(f"{world} ranks on CUDA need {world} GPUs (NCCL)")
     argv = RESUMABLE + DOCUMENTS + ["--eval-interval", "4", "--eval-iters", "1"]
@@ -177,15 +178,17 @@ def test_documents_under_context_parallelism_equal_one_rank(world, flags, tmp_pa
     if "--pipeline-model-parallel-size" in flags:  # the stages split the one-rank model: same start via checkpoint
         train(argv + ["--train-iters", "2", "--save", str(tmp_path)])
         argv, full = argv + ["--load", str(tmp_path)], full[2:]
-    got, share, got_valid = spawn_ranks(world, _steps_and_padding, argv + ["--train-iters", "4"] + flags)[-1]
+    got, padding, got_valid = spawn_ranks(world, _steps_and_padding, argv + ["--train-iters", "4"] + flags)[-1]
     assert_same_steps(got, full)
     assert abs(got_valid - valid) < max(RTOL, 1e-4) * valid, (got_valid, valid)
-    assert len(share) == len(got) and all(0 < x < 0.9 for x in share), share  # mock documents: some padding
+    # mock documents: some padding, ranks within a few short documents of each other
+    assert len(padding) == len(got) and all(0 < share < 0.2 and 1 <= imb < 1.2 for share, imb in padding), padding
 
 
 def _steps_and_padding(argv):
     res = train(argv)
-    return _steps(res), [h["document_padding_share"] for h in res["history"]], res["validation"][-1]["loss"]
+    return (_steps(res), [(h["document_padding_share"], h["document_cp_imbalance"]) for h in res["history"]],
+            res["validation"][-1]["loss"])
 
 
 def test_a_checkpoint_with_fewer_vocabulary_rows_loads_its_rows(tmp_path):
@@ -370,37 +373,64 @@ def test_reset_attention_mask_packs_each_samples_documents(monkeypatch):
     assert step.keywords["document_eod"] == 9 and step.keywords["nsa_config"].window == 64  # VocabTokenizer's EOD
 
 
-def test_documents_on_a_cp_rank_are_padded_and_split():
-    """Under CP=2 (4 chunks; select blocks of 16, halo 15: documents padded to a multiple of 64 tokens, at least
-    64) each document is padded at its end and split on its own; the ranks' parts put back together give the
-    padded documents, the padding out of the loss; the params carry the real and the padded bounds."""
+def test_documents_on_a_cp_rank_are_split_or_held_whole():
+    """Under CP=2 (4 chunks; select blocks of 16, halo 15: split documents padded to a multiple of 64 tokens, at
+    least 64) the documents of 70 and 80 tokens are padded at their ends and split on their own; the 20-token one
+    is held whole by rank 0 (split, it would have computed 64), its padding closing it at a whole select block.
+    The ranks' parts give back the sample, the padding out of the loss; the params carry the split documents'
+    real and padded bounds, the whole ones' bounds and positions."""
     from nsa_parallel.context_parallel import join_from_ranks
-    from nsa_parallel.data import cp_document_lengths, documents_on_cp_rank
+    from nsa_parallel.documents import cp_document_lengths, documents_on_cp_rank, plan_cp_documents
     from nsa_parallel.kernels import NSAConfig
     cfg = NSAConfig(compress_block=8, compress_stride=4, select_block=16, select_topn=4, window=16)
     assert cp_document_lengths(2, cfg) == (64, 64)
     assert cp_document_lengths(2, NSAConfig()) == (256, 2048)  # the paper's window: chunks of 512 at least
     eod, s = 99, 170
     tokens = torch.arange(s)[None] % 50
-    tokens[0, [69, 89]] = eod  # documents of 70, 20 and 80 tokens -> 128, 64 and 128
+    tokens[0, [69, 89]] = eod  # documents of 70, 20 and 80 tokens
     batch = {"tokens": tokens, "labels": tokens + 1, "loss_mask": torch.ones(1, s),
              "position_ids": torch.arange(s)[None]}
-    parts = [documents_on_cp_rank(batch, eod, 2, r, cfg) for r in range(2)]
-    for local, _ in parts:
-        assert all(v.shape == (1, 160) for v in local.values())
-    docs = [(0, 70, 128), (70, 90, 64), (90, 170, 128)]
-    offsets = [0, 64, 96]  # each document's start in a rank's tensors (half its padded length before it)
+    plan = plan_cp_documents([0, 70, 90, 170], 2, cfg)
+    assert plan.split == ((0, 70, 128), (90, 170, 128)) and plan.whole == (((70, 90),), ()) and plan.pad == (12, 0)
+    assert plan.computed() == 256 + 32 and [plan.tokens(r) for r in range(2)] == [160, 128]
+    parts = [documents_on_cp_rank(batch, eod, plan, r) for r in range(2)]
+    assert [p[0]["tokens"].shape for p in parts] == [(1, 160), (1, 128)]
     for key, fill in (("tokens", eod), ("labels", eod), ("loss_mask", 0), ("position_ids", 0)):
-        for (a, e, padded), off in zip(docs, offsets):
+        for (a, e, padded), off in zip(plan.split, [0, 64]):  # a document's start: half the padded ones before
             got = join_from_ranks([p[0][key][:, off:off + padded // 2] for p in parts])
             want = torch.cat([batch[key][:, a:e], torch.full((1, padded - (e - a)), fill, dtype=batch[key].dtype)],
                              dim=1)
             assert torch.equal(got, want), (key, a)
-    for _, packed in parts:
-        assert packed.cu_seqlens_q.tolist() == [0, 70, 90, 170] and packed.cu_seqlens_kv is packed.cu_seqlens_q
-        assert packed.cu_seqlens_q_padded.tolist() == [0, 128, 192, 320] and packed.max_seqlen_q == 128
+        want = torch.cat([batch[key][:, 70:90], torch.full((1, 12), fill, dtype=batch[key].dtype)], dim=1)
+        assert torch.equal(parts[0][0][key][:, 128:], want), key
+    for r, (_, packed) in enumerate(parts):
+        assert packed.cu_seqlens_q.tolist() == [0, 70, 150] and packed.cu_seqlens_kv is packed.cu_seqlens_q
+        assert packed.cu_seqlens_q_padded.tolist() == [0, 128, 256] and packed.max_seqlen_q == 128
+        assert packed.cu_seqlens_whole.tolist() == [[0, 32], [0]][r]
+        assert packed.whole_positions.tolist() == [list(range(32)), []][r]
     with pytest.raises(ValueError, match=r"pads the batch keys .* got also \['attention_mask'\]"):
-        documents_on_cp_rank({**batch, "attention_mask": tokens}, eod, 2, 0, cfg)
+        documents_on_cp_rank({**batch, "attention_mask": tokens}, eod, plan, 0)
+
+
+@pytest.mark.parametrize("lengths,cp,split,whole,pad", [
+    # 8 x 1000 tokens at CP=2 (split, each would compute 2048): all whole, 4 per rank
+    ([1000] * 8, 2, (), ((0, 2, 4, 6), (1, 3, 5, 7)), (32, 32)),
+    # one 10000-token document split; the 2000-token one split too (1024 more on each rank) rather than whole on
+    # one (2000 more on one)
+    ([10000, 2000], 2, ((0, 10000, 10240), (10000, 12000, 2048)), ((), ()), (0, 0)),
+    # fewer documents than ranks: the idle ranks get a select block of padding (every rank runs the layers)
+    ([100], 4, (), ((0,), (), (), ()), (28, 64, 64, 64)),
+], ids=["short", "long-and-short", "idle-ranks"])
+def test_cp_document_plans(lengths, cp, split, whole, pad):
+    """What :func:`plan_cp_documents` splits and where it puts the rest, at the paper's window (2P x 512 least)."""
+    from nsa_parallel.documents import plan_cp_documents
+    from nsa_parallel.kernels import NSAConfig
+    bounds = torch.tensor([0] + lengths).cumsum(0).tolist()
+    docs = list(zip(bounds, bounds[1:]))
+    plan = plan_cp_documents(bounds, cp, NSAConfig())
+    assert plan.split == split
+    assert plan.whole == tuple(tuple(docs[i] for i in w) for w in whole) and plan.pad == pad
+    assert plan.length == bounds[-1] and plan.computed() >= plan.length
 
 
 def test_document_masked_training_on_mock_data_lowers_the_loss():

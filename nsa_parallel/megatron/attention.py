@@ -25,6 +25,7 @@ from ..kernels import Compression, NSAConfig, nsa_attention
 from ..kernels.cache import NSAKVCache
 from ..kernels.decode import nsa_decode
 from ..kernels.reference import activate_gates
+from ..kernels.varlen import host_values
 from ..metrics import RegionTimer, nsa_stats
 
 NUM_BRANCHES = 3
@@ -55,6 +56,20 @@ def packed_cu_seqlens(packed_seq_params, batch: int):
     if kv is not None and kv is not q and not torch.equal(q, kv):  # the same tensor as a rule: no device sync
         raise ValueError("NSA is self-attention: packed_seq_params must give the same cu_seqlens for q and kv")
     return q
+
+
+def whole_documents(packed_seq_params, cp_group):
+    """Under :func:`nsa_parallel.documents.documents_on_cp_rank`'s layout: ``(split, cu_seqlens_whole,
+    positions)``, the rank's tokens of split documents (they come first), the bounds of the documents it holds
+    whole after them and those tokens' positions in their documents; None for any other batch."""
+    whole = getattr(packed_seq_params, "cu_seqlens_whole", None)
+    if whole is None:
+        return None
+    if cp_group is None:
+        raise ValueError("NSA: packed_seq_params.cu_seqlens_whole (documents kept whole on a CP rank) needs "
+                         "context_parallel_size > 1")
+    split = host_values(packed_cu_seqlens(packed_seq_params, 1))[-1] // torch.distributed.get_world_size(cp_group)
+    return split, whole, packed_seq_params.whole_positions
 
 
 def _kv_bthd(keys, values):
@@ -131,6 +146,7 @@ class NSACoreAttention(MegatronModule):
         activated. Returns ``[s, b, hq * d]``."""
         s, b = query.shape[:2]
         cu = packed_cu_seqlens(packed_seq_params, b)
+        whole = whole_documents(packed_seq_params, self.cp_group)
         kv = _kv_bthd(keys, values)
         backend = self.backend or ("triton" if query.is_cuda else "reference")
         # Under autocast (--bf16) some upstream ops leave fp32 (e.g. softmax gates): run the core in q's dtype,
@@ -138,18 +154,19 @@ class NSACoreAttention(MegatronModule):
         kv = [x.to(query.dtype) for x in kv]
         q, gate = query.transpose(0, 1), gate.transpose(0, 1).to(query.dtype)
         with torch.autocast(device_type=query.device.type, enabled=False):
-            return self._core(q, kv, gate, cu, backend, s, b)
+            return self._core(q, kv, gate, cu, None if whole is None else whole[1], backend, s, b)
 
-    def _core(self, q, kv, gate, cu, backend, s, b):
+    def _core(self, q, kv, gate, cu, cu_whole, backend, s, b):
         if self.collect_stats:
             q, gate, *kv = self.timer.enter(q, gate, *kv)
         positions = None
         if self.cp_group is not None and cu is not None:
             # THD under CP: every sequence split on its own by the load-balanced layout (TE's
-            # thd_get_partitioned_indices, Megatron's THD RoPE); cu holds the whole sequences' bounds
+            # thd_get_partitioned_indices, Megatron's THD RoPE); cu holds the whole sequences' bounds; documents
+            # a rank holds whole, if any, follow (nsa_parallel.documents)
             o = nsa_attention_cp(q, *kv, gate, compress_k=self.compress_k, compress_v=self.compress_v,
                                  cp_group=self.cp_group, config=self.nsa_config, scale=self.softmax_scale,
-                                 layout="load_balanced", backend=backend, cu_seqlens=cu)
+                                 layout="load_balanced", backend=backend, cu_seqlens=cu, cu_seqlens_whole=cu_whole)
             idx = None
         elif self.cp_group is not None:  # Megatron's load-balanced split, which its RoPE slicing also assumes
             o, idx = nsa_attention_cp(q, *kv, gate, compress_k=self.compress_k, compress_v=self.compress_v,
@@ -251,13 +268,23 @@ class NSASelfAttention(SelfAttention):
             q_emb, k_emb = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
             cu = packed_cu_seqlens(packed_seq_params, q.shape[1])
             cp_group = getattr(self.pg_collection, "cp", None)
+            whole = whole_documents(packed_seq_params, self.core_attention.cp_group)
+
+            def thd_rope(x, emb):  # Megatron's THD RoPE takes [t, h, d] and, under CP, each sequence's positions
+                return apply_rotary_pos_emb(x[:, 0], emb, config=self.config, cu_seqlens=cu,
+                                            cp_group=cp_group)[:, None]
 
             def rope(x, emb):
                 if cu is None:
                     return apply_rotary_pos_emb(x, emb, config=self.config, cp_group=cp_group)
-                # THD: Megatron's RoPE takes [t, h, d] and, under CP, each sequence's load-balanced positions
-                return apply_rotary_pos_emb(x[:, 0], emb, config=self.config, cu_seqlens=cu,
-                                            cp_group=cp_group)[:, None]
+                if whole is None:
+                    return thd_rope(x, emb)
+                split, _, positions = whole  # the documents held whole: each token at its own position
+                parts = [thd_rope(x[:split], emb)] if split else []
+                if x.shape[0] > split:
+                    parts.append(apply_rotary_pos_emb(x[split:], emb[positions], config=self.config,
+                                                      cp_group=cp_group))
+                return torch.cat(parts)
 
             q = rope(q, q_emb)
             keys = tuple(rope(k, k_emb) for k in keys)
