@@ -110,10 +110,22 @@ def forward_step(data_iterator, model):
     args = _args()
     batch = {k: v.to(_device(), non_blocking=True) for k, v in next(data_iterator).items()
              if k in ("tokens", "labels", "loss_mask", "position_ids")}
-    eod = _tokenizer(args).eod if args.reset_attention_mask else None
-    batch, packed = micro_batch_on_this_rank(batch, eod, nsa_config_from_args(args))
+    batch, packed = micro_batch_on_this_rank(batch, *_document_setup(args))
     out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=packed)
     return out, partial(_loss_func, batch["loss_mask"])
+
+
+_DOCUMENT_SETUP: dict = {}
+
+
+def _document_setup(args):
+    """(EOD token, NSAConfig) for ``--reset-attention-mask``, else (None, None); built once per run, not per
+    micro-batch (0.19's ``get_tokenizer()`` is None and the tokenizer would be rebuilt on every call)."""
+    if not args.reset_attention_mask:
+        return None, None
+    if id(args) not in _DOCUMENT_SETUP:
+        _DOCUMENT_SETUP[id(args)] = (_tokenizer(args).eod, nsa_config_from_args(args))
+    return _DOCUMENT_SETUP[id(args)]
 
 
 def _device() -> torch.device:
@@ -130,6 +142,13 @@ def _check_args(args) -> None:
     if args.reset_attention_mask and args.micro_batch_size != 1:
         raise SystemExit(f"nsa_parallel.pretrain_gpt: --reset-attention-mask packs one sample's documents into one "
                          f"sequence: --micro-batch-size={args.micro_batch_size}; allowed: 1")
+    cp = getattr(args, "context_parallel_size", 1)
+    if args.reset_attention_mask and cp > 1 and not getattr(args, "calculate_per_token_loss", False):
+        # Megatron's schedule divides each rank's loss by that rank's token count unless told otherwise
+        raise SystemExit(f"nsa_parallel.pretrain_gpt: --reset-attention-mask with --context-parallel-size={cp} holds "
+                         f"short documents whole on one CP rank, so the ranks' loss-token counts differ and the "
+                         f"per-rank loss means would weigh tokens unevenly; add --calculate-per-token-loss (the "
+                         f"loss summed over tokens and divided by their global count)")
 
 
 def _use_prebuilt_dataset_helpers() -> None:

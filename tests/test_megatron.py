@@ -431,7 +431,9 @@ def test_pretrain_gpt_forward_step_packs_documents(monkeypatch):
     args = add_nsa_args(argparse.ArgumentParser()).parse_args([])
     args.reset_attention_mask, args.pipeline_model_parallel_size, args.micro_batch_size = True, 1, 1
     monkeypatch.setattr(pretrain_gpt, "_args", lambda: args)
-    monkeypatch.setattr(pretrain_gpt, "_tokenizer", lambda a: SimpleNamespace(eod=9))
+    built = []
+    monkeypatch.setattr(pretrain_gpt, "_tokenizer", lambda a: built.append(a) or SimpleNamespace(eod=9))
+    monkeypatch.setattr(pretrain_gpt, "_DOCUMENT_SETUP", {})
     monkeypatch.setattr(ps, "is_pipeline_first_stage", lambda **kw: True)
     monkeypatch.setattr(ps, "get_context_parallel_world_size", lambda: 1)
     seen = {}
@@ -439,6 +441,8 @@ def test_pretrain_gpt_forward_step_packs_documents(monkeypatch):
     batch = {**three_documents(), "attention_mask": torch.ones(1)}  # keys the step does not take are left behind
     pretrain_gpt.forward_step(iter([batch]), model)
     assert seen["packed_seq_params"].cu_seqlens_q.tolist() == [0, 3, 5, 6]
+    pretrain_gpt.forward_step(iter([batch]), model)
+    assert len(built) == 1  # the tokenizer (and NSA config) once per run, not per micro-batch
     args.reset_attention_mask = False
     pretrain_gpt.forward_step(iter([batch]), model)
     assert seen["packed_seq_params"] is None
@@ -448,3 +452,9 @@ def test_pretrain_gpt_forward_step_packs_documents(monkeypatch):
     args.pipeline_model_parallel_size, args.micro_batch_size = 2, 4
     with pytest.raises(SystemExit, match="--micro-batch-size=4; allowed: 1"):
         pretrain_gpt._check_args(args)
+    args.micro_batch_size, args.context_parallel_size, args.calculate_per_token_loss = 1, 2, False
+    with pytest.raises(SystemExit, match="--context-parallel-size=2 holds short documents whole .* add "
+                                         "--calculate-per-token-loss"):
+        pretrain_gpt._check_args(args)
+    args.calculate_per_token_loss = True
+    pretrain_gpt._check_args(args)
