@@ -219,7 +219,7 @@ def build_model(args, nsa_cfg, vocab_size: int, device: torch.device):
         transformer_impl=args.transformer_impl)
     if args.pipeline_model_parallel_size > 1:
         kw["batch_p2p_comm"] = device.type == "cuda"  # gloo has no batched isend/irecv
-        # documents padded for CP give each micro-batch its own length: the stages exchange shapes first
+        # documents under CP give each micro-batch (and CP rank) its own length: the stages exchange shapes first
         if args.reset_attention_mask and args.context_parallel_size > 1:
             # (the model has no MoE layers; TransformerConfig refuses variable lengths with the default allgather
             # MoE token dispatcher)
