@@ -13,5 +13,5 @@ ngpu=$(nvidia-smi -L | wc -l)
 cd /tmp && python3 -m torch.distributed.run --standalone --nproc_per_node "$ngpu" -m nsa_parallel.bench_cp \
   --out "$out/cp_bench.json" "$@" 2>&1 | tee "$out/cp_bench.log"
 # document masking: every document padded to split against short documents held whole (benchmarks/cp_documents_ab.py)
-cd /tmp && python3 -m torch.distributed.run --standalone --nproc_per_node "$ngpu" "$repo/benchmarks/cp_documents_ab.py" \
-  --out "$out/cp_documents_ab.json" 2>&1 | tee "$out/cp_documents_ab.log"
+cd /tmp && python3 -m torch.distributed.run --standalone --nproc_per_node "$ngpu" \
+  "$repo/benchmarks/cp_documents_ab.py" --out "$out/cp_documents_ab.json" 2>&1 | tee "$out/cp_documents_ab.log"
