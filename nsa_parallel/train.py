@@ -459,6 +459,10 @@ def train(argv: Optional[List[str]] = None) -> Dict:
     from .data import HeldOut, RecallTask, megatron_gpt_dataset
 
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    if args.sequence_parallel and args.reset_attention_mask and cp > 1 and args.nsa_select_block % tp:
+        # each CP rank's share of a sample is padded to whole selection blocks (nsa_parallel.documents)
+        _fail(f"--nsa-select-block={args.nsa_select_block} must be a multiple of --tensor-model-parallel-size={tp} "
+              "with --sequence-parallel and --reset-attention-mask under context parallelism")
     if env.world_size % (tp * pp * cp):
         _fail(f"world size {env.world_size} must be a multiple of tensor x pipeline x context parallel sizes = "
               f"{tp * pp * cp}")

@@ -346,6 +346,11 @@ def test_megatron_datasets(tmp_path):
      "--micro-batch-size=4; allowed: 1"),
     (["--mock-data", "--vocab-size", "64", "--reset-attention-mask", "--micro-batch-size", "1", "--attention",
       "dense"], "--reset-attention-mask needs --attention nsa"),
+    (["--mock-data", "--vocab-size", "64", "--reset-attention-mask", "--micro-batch-size", "1", "--seq-length", "160",
+      "--context-parallel-size", "2", "--tensor-model-parallel-size", "8", "--sequence-parallel",
+      "--num-attention-heads", "8", "--num-query-groups", "8", "--nsa-select-block", "20"],
+     "--nsa-select-block=20 must be a multiple of --tensor-model-parallel-size=8 with --sequence-parallel and "
+     "--reset-attention-mask under context parallelism"),
 ])
 def test_bad_flags_are_named(flags, msg):
     with pytest.raises(SystemExit, match=msg.replace("(", r"\(")):
