@@ -78,8 +78,8 @@ def nsa_attention_cp(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, 
     are plain packed NSA with no exchange. ``cu_seqlens`` may then be None or ``[0]`` (nothing split), and the
     ranks' ``t_local`` may differ.
 
-    ``return_block_indices``: also this rank's ``[b, t_local, hkv, n]`` selected blocks (global block ids), not
-    for packed batches.
+    ``return_block_indices``: also this rank's ``[b, t_local, hkv, n]`` selected blocks (global block ids; in a
+    packed batch each sequence's own).
     """
     config = config if config is not None else NSAConfig()
     _check_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gate, None, backend)
@@ -92,23 +92,18 @@ def nsa_attention_cp(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, 
                          f"backend={backend!r}; use selection_exchange='allgather' with the reference")
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     cp_size = 1 if cp_group is None else torch.distributed.get_world_size(cp_group)
+    opts = dict(compress_k=compress_k, compress_v=compress_v, cp_group=cp_group, config=config, scale=scale,
+                layout=layout, backend=backend, selection_exchange=selection_exchange,
+                return_block_indices=return_block_indices)
     if cu_seqlens_whole is not None:
-        if return_block_indices:
-            raise ValueError("return_block_indices is not available for packed batches (cu_seqlens_whole) under CP")
         return _split_and_whole(q, (k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gate), cu_seqlens, cu_seqlens_whole,
-                                cp_size, dict(compress_k=compress_k, compress_v=compress_v, cp_group=cp_group,
-                                              config=config, scale=scale, layout=layout, backend=backend,
-                                              selection_exchange=selection_exchange))
+                                cp_size, opts)
     if cp_size == 1:
         return nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gate, compress_k=compress_k,
                              compress_v=compress_v, config=config, scale=scale, backend=backend,
                              cu_seqlens=cu_seqlens, return_block_indices=return_block_indices)
     if cu_seqlens is not None:
-        if return_block_indices:
-            raise ValueError("return_block_indices is not available for packed batches (cu_seqlens) under CP")
-        return _packed(q, (k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gate), cu_seqlens, cp_size,
-                       dict(compress_k=compress_k, compress_v=compress_v, cp_group=cp_group, config=config,
-                            scale=scale, layout=layout, backend=backend, selection_exchange=selection_exchange))
+        return _packed(q, (k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gate), cu_seqlens, cp_size, opts)
     t_local, dk = q.shape[1], q.shape[-1]
     shard = CPShard.create(cp_group, t_local * cp_size, layout)
     c = check_cp_config(shard.seq_len, cp_size, layout, config)
@@ -174,23 +169,31 @@ def _packed(q, rest, cu_seqlens, cp_size: int, kw) -> torch.Tensor:
             raise ValueError(f"packed sequence {i} (tokens {s}..{e}): {err}") from None
         sl = slice(s // cp_size, e // cp_size)
         outs.append(nsa_attention_cp(q[:, sl], *[x[:, sl] for x in rest], **kw))
-    return torch.cat(outs, dim=1)
+    return _joined(outs, kw["return_block_indices"])
+
+
+def _joined(outs, with_indices: bool):
+    """The parts' outputs (and block indices) one after another along the tokens."""
+    if not with_indices:
+        return torch.cat(outs, dim=1)
+    return torch.cat([o for o, _ in outs], dim=1), torch.cat([i for _, i in outs], dim=1)
 
 
 def _split_and_whole(q, rest, cu_seqlens, cu_seqlens_whole, cp_size: int, kw) -> torch.Tensor:
     """The split sequences' chunks first (exchanges over the group), then this rank's whole sequences (local)."""
     split = 0 if cu_seqlens is None else host_values(cu_seqlens)[-1] // cp_size
     whole = host_values(cu_seqlens_whole)
-    if whole[0] != 0 or split + whole[-1] != q.shape[1]:
+    if whole[0] != 0 or split + whole[-1] != q.shape[1] or not q.shape[1]:
         raise ValueError(f"cu_seqlens_whole={whole} must start at 0 and end at the {q.shape[1] - split} tokens this "
-                         f"rank holds after its {split} tokens of split sequences")
+                         f"rank holds after its {split} tokens of split sequences (every rank at least one token)")
     outs = []
     if split:
         outs.append(nsa_attention_cp(q[:, :split], *[x[:, :split] for x in rest], cu_seqlens=cu_seqlens, **kw))
     if whole[-1]:
+        local = ("compress_k", "compress_v", "config", "scale", "backend", "return_block_indices")
         outs.append(nsa_attention(q[:, split:], *[x[:, split:] for x in rest], cu_seqlens=cu_seqlens_whole,
-                                  **{k: kw[k] for k in ("compress_k", "compress_v", "config", "scale", "backend")}))
-    return torch.cat(outs, dim=1) if outs else q.new_zeros(*q.shape[:3], rest[3].shape[-1])
+                                  **{k: kw[k] for k in local}))
+    return _joined(outs, kw["return_block_indices"])
 
 
 def _gate_combine(backend: str):

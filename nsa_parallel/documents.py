@@ -40,11 +40,13 @@ def document_bounds(tokens: torch.Tensor, eod: int) -> List[int]:
 @dataclass
 class CPDocumentParams(PackedSeqParams):
     """Megatron's ``PackedSeqParams`` for :func:`documents_on_cp_rank`'s layout: the THD fields describe the
-    documents split over the CP ranks; ``cu_seqlens_whole`` / ``whole_positions`` the documents this rank holds
-    whole after them. Only NSA's attention reads the extra fields (TE's attention would ignore them)."""
+    documents split over the CP ranks; ``cu_seqlens_whole`` the documents this rank holds whole after them;
+    ``positions`` / ``real`` ``[t_local]`` each row's position in its document and whether it is a document's token
+    (not padding). Only NSA's attention reads the extra fields (TE's attention would ignore them)."""
 
     cu_seqlens_whole: Optional[torch.Tensor] = None
-    whole_positions: Optional[torch.Tensor] = None
+    positions: Optional[torch.Tensor] = None
+    real: Optional[torch.Tensor] = None
 
 
 def _packed_params(cu: torch.Tensor, longest: int, cu_padded: Optional[torch.Tensor] = None, **extra):
@@ -157,7 +159,8 @@ def documents_on_cp_rank(batch: Dict[str, torch.Tensor], eod: int, plan: CPDocum
     and Megatron's THD RoPE take), then its whole documents, then its padding. Returns :class:`CPDocumentParams`:
     ``cu_seqlens_q`` / ``cu_seqlens_q_padded`` the split documents' real and padded bounds (whole-sequence
     offsets), ``cu_seqlens_whole`` the whole documents' bounds in the rank's tokens after the split part (the
-    padding in the last), ``whole_positions`` their tokens' positions within their documents (RoPE).
+    padding in the last), ``positions`` every row's position in its document (RoPE of the whole ones, NSA's
+    statistics) and ``real`` which rows are not padding.
     ``t_local`` varies from sample to sample and from rank to rank."""
     from .context_parallel import chunk_ranges
     from .kernels.varlen import cu_seqlens_from_host
@@ -168,38 +171,37 @@ def documents_on_cp_rank(batch: Dict[str, torch.Tensor], eod: int, plan: CPDocum
     tokens = batch["tokens"]
     if tokens.shape != (1, plan.length):
         raise ValueError(f"the plan is for a sample of {plan.length} tokens; tokens are {list(tokens.shape)}")
-    # runs of consecutive sample tokens (start, length, the end of their document): padding lies past the end
+    # runs of consecutive sample tokens (document start, run start, run length, document end): padding lies past
+    # the document's end
     split_runs, cu, cu_padded = [], [0], [0]
     for s, e, padded in plan.split:
-        split_runs += [(s + a, b - a, e) for a, b in chunk_ranges(padded, plan.cp_size, cp_rank, "load_balanced")]
+        split_runs += [(s, s + a, b - a, e) for a, b in chunk_ranges(padded, plan.cp_size, cp_rank, "load_balanced")]
         cu.append(cu[-1] + e - s)
         cu_padded.append(cu_padded[-1] + padded)
     whole, pad = plan.whole[cp_rank], plan.pad[cp_rank]
     # the rank's padding closes its last whole document, or with none is a sequence of its own
-    whole_runs = [(s, e - s, e) for s, e in whole] or ([(0, 0, 0)] if pad else [])
+    whole_runs = [(s, s, e - s, e) for s, e in whole] or ([(0, 0, 0, 0)] if pad else [])
     if pad:
-        s, n, e = whole_runs[-1]
-        whole_runs[-1] = (s, n + pad, e)
-    cu_whole = torch.tensor([0] + [n for _, n, _ in whole_runs]).cumsum(0).tolist()
-    src, ends, offsets = _gather_runs(split_runs + whole_runs)
-    positions = offsets[len(src) - cu_whole[-1]:]
-    padding = (src >= ends)[None].to(tokens.device)
-    src = src.clamp(max=tokens.shape[1] - 1).to(tokens.device)
-    local = {k: v[:, src].masked_fill(padding, eod if _PAD_FILL[k] is None else _PAD_FILL[k])
-             for k, v in batch.items()}
-    longest = max(b - a for seqs in (cu_padded, cu_whole) for a, b in zip(seqs, seqs[1:]))
+        d, s, n, e = whole_runs[-1]
+        whole_runs[-1] = (d, s, n + pad, e)
+    cu_whole = torch.tensor([0] + [n for _, _, n, _ in whole_runs]).cumsum(0).tolist()
+    src, starts, ends = _gather_runs(split_runs + whole_runs)
+    real = src < ends
     device = tokens.device
+    padding = (~real)[None].to(device)
+    local = {k: v[:, src.clamp(max=tokens.shape[1] - 1).to(device)].masked_fill(
+        padding, eod if _PAD_FILL[k] is None else _PAD_FILL[k]) for k, v in batch.items()}
+    longest = max(b - a for seqs in (cu_padded, cu_whole) for a, b in zip(seqs, seqs[1:]))
     return local, _packed_params(
         cu_seqlens_from_host(cu, device), longest, cu_seqlens_from_host(cu_padded, device),
-        cu_seqlens_whole=cu_seqlens_from_host(cu_whole, device), whole_positions=positions.to(device))
+        cu_seqlens_whole=cu_seqlens_from_host(cu_whole, device), positions=(src - starts).to(device),
+        real=real.to(device))
 
 
-def _gather_runs(runs: Sequence[Tuple[int, int, int]]) -> Tuple[torch.Tensor, ...]:
-    """``(src, ends, offsets)`` per row of the runs ``(start, length, end)`` laid one after another: the sample
-    token it holds, its document's end, its offset in its run."""
-    if not runs:
-        empty = torch.zeros(0, dtype=torch.long)
-        return empty, empty, empty
-    starts, lengths, ends = (torch.tensor(x, dtype=torch.long) for x in zip(*runs))
+def _gather_runs(runs: Sequence[Tuple[int, int, int, int]]) -> Tuple[torch.Tensor, ...]:
+    """``(src, starts, ends)`` per row of the runs ``(document start, run start, length, document end)`` laid one
+    after another: the sample token it holds (past ``ends`` for padding), its document's start and end."""
+    docs, starts, lengths, ends = (torch.tensor(x, dtype=torch.long) for x in zip(*runs))
     offsets = torch.arange(int(lengths.sum())) - (lengths.cumsum(0) - lengths).repeat_interleave(lengths)
-    return starts.repeat_interleave(lengths) + offsets, ends.repeat_interleave(lengths), offsets
+    return (starts.repeat_interleave(lengths) + offsets, docs.repeat_interleave(lengths),
+            ends.repeat_interleave(lengths))

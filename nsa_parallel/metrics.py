@@ -42,19 +42,25 @@ def _fmt(v: float) -> str:
 
 @torch.no_grad()
 def nsa_stats(gate: torch.Tensor, block_indices: torch.Tensor, config, positions: Optional[torch.Tensor] = None,
-              group=None) -> Dict[str, float]:
+              group=None, real: Optional[torch.Tensor] = None) -> Dict[str, float]:
     """NSA's own health numbers for one layer and batch.
 
     gate ``[b, t, hq, 3]`` (activated), block_indices ``[b, t, hkv, n]`` (-1 = none); ``positions`` ``[t]`` the
-    tokens' positions in their sequence (default ``0 .. t-1``; a context-parallel rank passes its chunks'). With a
-    process ``group`` the numbers are those of the group's tokens together (sums and maxima reduced over it):
+    tokens' positions in their sequence (default ``0 .. t-1``; a context-parallel rank passes its chunks', a
+    packed batch each token's position in its own sequence); ``real`` ``[t]`` bool: the tokens to count (padding
+    left out). With a process ``group`` the numbers are those of the group's tokens together (sums and maxima
+    reduced over it):
     - ``gate_cmp`` / ``gate_slc`` / ``gate_swa``: mean branch weight;
     - ``select_reach``: mean distance in tokens from a query back to the start of the blocks it selected beyond
       the forced ones (0 if there are none), ``select_reach_max`` the largest;
     - ``select_forced_share``: share of the selected blocks that are forced (first + local) ones.
     """
-    b, t, hkv, n = block_indices.shape
     dev = block_indices.device
+    if real is not None:
+        real = real.to(dev)
+        gate, block_indices = gate[:, real.to(gate.device)], block_indices[:, real]
+        positions = (torch.arange(real.shape[0], device=dev) if positions is None else positions.to(dev))[real]
+    b, t, hkv, n = block_indices.shape
     pos = (torch.arange(t, device=dev) if positions is None else positions.to(dev)).view(1, t, 1, 1)
     own = pos // config.select_block
     idx = block_indices.long()
@@ -71,6 +77,7 @@ def nsa_stats(gate: torch.Tensor, block_indices: torch.Tensor, config, positions
         torch.distributed.all_reduce(sums, group=group)
         torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX, group=group)
     gc, gs, gw, count, reach_sum, nfree, nforced, nvalid = sums.tolist()
+    count = max(count, 1.0)  # a rank of padding only, alone
     return {"gate_cmp": gc / count, "gate_slc": gs / count, "gate_swa": gw / count,
             "select_reach": reach_sum / nfree if nfree else 0.0, "select_reach_max": top.item(),
             "select_forced_share": nforced / max(1.0, nvalid)}

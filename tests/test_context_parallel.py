@@ -174,14 +174,15 @@ def _cp_documents_case(world, rank, group, lengths):
     import copy
     from nsa_parallel.context_parallel import nsa_attention_cp
     from nsa_parallel.documents import documents_on_cp_rank, plan_cp_documents
+    from nsa_parallel.metrics import nsa_stats
     bounds = torch.tensor([0] + lengths).cumsum(0).tolist()
     plan = plan_cp_documents(bounds, world, CP_CFG)
     local, params = documents_on_cp_rank({"tokens": torch.arange(bounds[-1])[None]}, -1, plan, rank)
     idx = local["tokens"][0]  # the sample's token at each local row; -1: padding
     real = idx >= 0
     q, kvs, gate, ck, cv = make_inputs(1, bounds[-1], 4, 2, 16, 16, CP_CFG, seed=19, requires_grad=True)
-    full = nsa_attention(q, *kvs, gate, compress_k=ck, compress_v=cv, config=CP_CFG,
-                         cu_seqlens=torch.tensor(bounds, dtype=torch.int32))
+    full, full_idx = nsa_attention(q, *kvs, gate, compress_k=ck, compress_v=cv, config=CP_CFG,
+                                   cu_seqlens=torch.tensor(bounds, dtype=torch.int32), return_block_indices=True)
     do = torch.randn(full.shape, generator=torch.Generator().manual_seed(7))
     full.backward(do)
 
@@ -192,10 +193,17 @@ def _cp_documents_case(world, rank, group, lengths):
     lck, lcv = copy.deepcopy(ck), copy.deepcopy(cv)
     for p in list(lck.parameters()) + list(lcv.parameters()):
         p.grad = None
-    out = nsa_attention_cp(lq, *lkvs, lgate, compress_k=lck, compress_v=lcv, cp_group=group, config=CP_CFG,
-                           cu_seqlens=params.cu_seqlens_q_padded, cu_seqlens_whole=params.cu_seqlens_whole)
+    out, lidx = nsa_attention_cp(lq, *lkvs, lgate, compress_k=lck, compress_v=lcv, cp_group=group, config=CP_CFG,
+                                 cu_seqlens=params.cu_seqlens_q_padded, cu_seqlens_whole=params.cu_seqlens_whole,
+                                 return_block_indices=True)
     out.backward(mine(do))
     errs = {"out": rel_err(out.detach()[:, real], full.detach()[:, idx[real]])}
+    # NSA's statistics (each token at its position in its document, padding out) equal the one-rank packed batch's
+    lengths_t = torch.tensor(lengths)
+    doc_pos = torch.arange(bounds[-1]) - torch.tensor(bounds[:-1]).repeat_interleave(lengths_t)
+    want = nsa_stats(gate.detach(), full_idx, CP_CFG, positions=doc_pos)
+    got = nsa_stats(lgate.detach(), lidx, CP_CFG, positions=params.positions, group=group, real=params.real)
+    errs.update({f"stats_{k}": abs(got[k] - want[k]) / max(abs(want[k]), 1e-12) for k in want})
     for nm, x, lx in [("q", q, lq), ("gate", gate, lgate)] + [(f"kv{j}", x, lx) for j, (x, lx) in
                                                               enumerate(zip(kvs, lkvs))]:
         errs[nm] = rel_err(lx.grad[:, real], x.grad[:, idx[real]])

@@ -174,21 +174,31 @@ def test_documents_under_context_parallelism_equal_one_rank(world, flags, tmp_pa
         pytest.skip(f"{world} ranks on CUDA need {world} GPUs (NCCL)")
     argv = RESUMABLE + DOCUMENTS + ["--eval-interval", "4", "--eval-iters", "1"]
     res = train(argv + ["--train-iters", "4"])
-    full, valid = _steps(res), res["validation"][-1]["loss"]
+    full, valid, full_stats = _steps(res), res["validation"][-1]["loss"], _nsa_stats(res)
     if "--pipeline-model-parallel-size" in flags:  # the stages split the one-rank model: same start via checkpoint
         train(argv + ["--train-iters", "2", "--save", str(tmp_path)])
-        argv, full = argv + ["--load", str(tmp_path)], full[2:]
-    got, padding, got_valid = spawn_ranks(world, _steps_and_padding, argv + ["--train-iters", "4"] + flags)[-1]
+        argv, full, full_stats = argv + ["--load", str(tmp_path)], full[2:], full_stats[2:]
+    got, padding, got_valid, stats = spawn_ranks(world, _steps_and_padding, argv + ["--train-iters", "4"] + flags)[-1]
     assert_same_steps(got, full)
     assert abs(got_valid - valid) < max(RTOL, 1e-4) * valid, (got_valid, valid)
+    # NSA's per-layer statistics of packed documents (each token at its position in its document, padding out):
+    # the last rank's layers' numbers are the one-rank run's
+    assert stats[0] and all(k in want for got_, want in zip(stats, full_stats) for k in got_)
+    for got_, want in zip(stats, full_stats):
+        bad = {k: (v, want[k]) for k, v in got_.items() if not abs(v - want[k]) <= 1e-4 * max(abs(want[k]), 1.0)}
+        assert not bad, bad
     # mock documents: some padding, ranks within a few short documents of each other
     assert len(padding) == len(got) and all(0 < share < 0.2 and 1 <= imb < 1.2 for share, imb in padding), padding
+
+
+def _nsa_stats(res):
+    return [{k: v for k, v in h.items() if k.startswith("nsa/")} for h in res["history"]]
 
 
 def _steps_and_padding(argv):
     res = train(argv)
     return (_steps(res), [(h["document_padding_share"], h["document_cp_imbalance"]) for h in res["history"]],
-            res["validation"][-1]["loss"])
+            res["validation"][-1]["loss"], _nsa_stats(res))
 
 
 def test_a_checkpoint_with_fewer_vocabulary_rows_loads_its_rows(tmp_path):
@@ -412,7 +422,13 @@ def test_documents_on_a_cp_rank_are_split_or_held_whole():
         assert packed.cu_seqlens_q.tolist() == [0, 70, 150] and packed.cu_seqlens_kv is packed.cu_seqlens_q
         assert packed.cu_seqlens_q_padded.tolist() == [0, 128, 256] and packed.max_seqlen_q == 128
         assert packed.cu_seqlens_whole.tolist() == [[0, 32], [0]][r]
-        assert packed.whole_positions.tolist() == [list(range(32)), []][r]
+    # every row's position in its document (the chunks of 64: positions 0-31 and 96-127 on rank 0), padding out
+    chunk = [list(range(32)) + list(range(96, 128)), list(range(32, 96))]
+    for r, (_, packed) in enumerate(parts):
+        whole = list(range(32)) if r == 0 else []
+        assert packed.positions.tolist() == chunk[r] * 2 + whole
+    assert parts[0][1].real.tolist() == ([True] * 32 + [p < 70 for p in range(96, 128)] + [True] * 32
+                                         + [p < 80 for p in range(96, 128)] + [True] * 20 + [False] * 12)
     with pytest.raises(ValueError, match=r"pads the batch keys .* got also \['attention_mask'\]"):
         documents_on_cp_rank({**batch, "attention_mask": tokens}, eod, plan, 0)
 

@@ -69,7 +69,23 @@ def whole_documents(packed_seq_params, cp_group):
         raise ValueError("NSA: packed_seq_params.cu_seqlens_whole (documents kept whole on a CP rank) needs "
                          "context_parallel_size > 1")
     split = host_values(packed_cu_seqlens(packed_seq_params, 1))[-1] // torch.distributed.get_world_size(cp_group)
-    return split, whole, packed_seq_params.whole_positions
+    return split, whole, packed_seq_params.positions[split:]
+
+
+def packed_positions(packed_seq_params, cp_group):
+    """``(positions, real)`` ``[t_local]`` of a THD batch on this rank: each row's position in its sequence and
+    whether it is a sequence's token rather than CP padding (``cu_seqlens_q`` real, ``cu_seqlens_q_padded`` padded
+    bounds), for NSA's statistics."""
+    if getattr(packed_seq_params, "real", None) is not None:  # nsa_parallel.documents' layout
+        return packed_seq_params.positions, packed_seq_params.real
+    cp, rank = (1, 0) if cp_group is None else (cp_group.size(), cp_group.rank())
+    padded = host_values(packed_cu_seqlens(packed_seq_params, 1))
+    lengths = [b - a for a, b in zip(padded, padded[1:])]
+    real_bounds = host_values(packed_seq_params.cu_seqlens_q) if packed_seq_params.cu_seqlens_q is not None else padded
+    positions = [local_positions(n, cp, rank) if cp > 1 else torch.arange(n) for n in lengths]
+    real = [p < b - a for p, a, b in zip(positions, real_bounds, real_bounds[1:])]
+    device = packed_seq_params.cu_seqlens_q.device if packed_seq_params.cu_seqlens_q is not None else None
+    return torch.cat(positions).to(device), torch.cat(real).to(device)
 
 
 def _kv_bthd(keys, values):
@@ -154,20 +170,20 @@ class NSACoreAttention(MegatronModule):
         kv = [x.to(query.dtype) for x in kv]
         q, gate = query.transpose(0, 1), gate.transpose(0, 1).to(query.dtype)
         with torch.autocast(device_type=query.device.type, enabled=False):
-            return self._core(q, kv, gate, cu, None if whole is None else whole[1], backend, s, b)
+            return self._core(q, kv, gate, packed_seq_params, cu, None if whole is None else whole[1], backend, s, b)
 
-    def _core(self, q, kv, gate, cu, cu_whole, backend, s, b):
+    def _core(self, q, kv, gate, packed_seq_params, cu, cu_whole, backend, s, b):
         if self.collect_stats:
             q, gate, *kv = self.timer.enter(q, gate, *kv)
-        positions = None
+        positions = real = None
         if self.cp_group is not None and cu is not None:
             # THD under CP: every sequence split on its own by the load-balanced layout (TE's
             # thd_get_partitioned_indices, Megatron's THD RoPE); cu holds the whole sequences' bounds; documents
             # a rank holds whole, if any, follow (nsa_parallel.documents)
-            o = nsa_attention_cp(q, *kv, gate, compress_k=self.compress_k, compress_v=self.compress_v,
-                                 cp_group=self.cp_group, config=self.nsa_config, scale=self.softmax_scale,
-                                 layout="load_balanced", backend=backend, cu_seqlens=cu, cu_seqlens_whole=cu_whole)
-            idx = None
+            o, idx = nsa_attention_cp(q, *kv, gate, compress_k=self.compress_k, compress_v=self.compress_v,
+                                      cp_group=self.cp_group, config=self.nsa_config, scale=self.softmax_scale,
+                                      layout="load_balanced", backend=backend, cu_seqlens=cu,
+                                      cu_seqlens_whole=cu_whole, return_block_indices=True)
         elif self.cp_group is not None:  # Megatron's load-balanced split, which its RoPE slicing also assumes
             o, idx = nsa_attention_cp(q, *kv, gate, compress_k=self.compress_k, compress_v=self.compress_v,
                                       cp_group=self.cp_group, config=self.nsa_config, scale=self.softmax_scale,
@@ -180,10 +196,10 @@ class NSACoreAttention(MegatronModule):
                                    return_block_indices=True)
         if self.collect_stats:
             o = self.timer.leave(o)
-            # the statistics take each row as one sequence: not for packed batches; under CP, over the whole
-            # sequences (every CP rank's tokens)
-            if cu is None:
-                self.stats = nsa_stats(gate, idx, self.nsa_config, positions=positions, group=self.cp_group)
+            if cu is not None:  # each token at its position in its own sequence, padding left out
+                positions, real = packed_positions(packed_seq_params, self.cp_group)
+            # under CP over the whole sequences (every CP rank's tokens)
+            self.stats = nsa_stats(gate, idx, self.nsa_config, positions=positions, group=self.cp_group, real=real)
         return o.transpose(0, 1).reshape(s, b, -1)
 
 
