@@ -321,6 +321,7 @@ def _cp2_packed_worker(rank, port, result, documents):
                 return x[rows.clamp(min=0)].masked_fill(~real[:, None, None], 0)
 
         h_full = hidden.clone().requires_grad_()
+        full.core_attention.collect_stats = True  # NSA's statistics: each token at its position in its sequence
         out_full, _ = full(h_full, None, rotary_pos_emb=emb, packed_seq_params=packed)
         (out_full * probe).sum().backward()
         parallel_state.destroy_model_parallel()
@@ -328,7 +329,11 @@ def _cp2_packed_worker(rank, port, result, documents):
         mine = build_module(spec, config=_config(context_parallel_size=2), layer_number=1)
         mine.load_state_dict(full.state_dict())
         h_mine = local(hidden).requires_grad_()
+        mine.core_attention.collect_stats = True
         out_mine, _ = mine(h_mine, None, rotary_pos_emb=emb, packed_seq_params=mine_packed if documents else packed)
+        want = full.core_attention.stats
+        result[f"stats{rank}"] = max(abs(v - want[k]) / max(abs(want[k]), 1e-12)
+                                     for k, v in mine.core_attention.stats.items())
         (out_mine * local(probe)).sum().backward()
         result[f"out{rank}"] = rel_err(out_mine.detach()[real], local(out_full.detach())[real])
         result[f"dx{rank}"] = rel_err(h_mine.grad[real], local(h_full.grad)[real])
@@ -359,7 +364,7 @@ def test_context_parallel_2_packed_with_rope_equals_one_rank(documents):
     result = mp.Manager().dict()
     mp.spawn(_cp2_packed_worker, args=(free_port(), result, documents), nprocs=2, join=True)
     for rank in (0, 1):
-        for key in ("out", "dx", "dw"):
+        for key in ("out", "dx", "dw", "stats"):
             assert result[f"{key}{rank}"] < 1e-5, dict(result)
 
 
