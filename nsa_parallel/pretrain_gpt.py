@@ -106,13 +106,58 @@ def forward_step(data_iterator, model):
 
     from .train import micro_batch_on_this_rank
     if not (ps.is_pipeline_first_stage(ignore_virtual=True) or ps.is_pipeline_last_stage(ignore_virtual=True)):
-        return model(None, None, None), partial(_loss_func, None)
+        cores = _stats_cores(_args(), model)
+        out = model(None, None, None)
+        _write_stats(_args(), cores)
+        return out, partial(_loss_func, None)
     args = _args()
     batch = {k: v.to(_device(), non_blocking=True) for k, v in next(data_iterator).items()
              if k in ("tokens", "labels", "loss_mask", "position_ids")}
     batch, packed = micro_batch_on_this_rank(batch, *_document_setup(args))
+    cores = _stats_cores(args, model)
     out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=packed)
+    _write_stats(args, cores)
     return out, partial(_loss_func, batch["loss_mask"])
+
+
+# NSA's per-layer statistics to TensorBoard: the iteration last logged, this process's writer
+_STATS = {"iteration": None, "writer": None}
+
+
+def _stats_cores(args, model) -> list:
+    """The model's NSA core-attention modules, asked for their statistics on the first micro-batch of an iteration
+    Megatron logs (``--log-interval``, with ``--tensorboard-dir``); on other micro-batches not (the statistics
+    read the GPU's numbers back: a sync)."""
+    from .megatron.attention import NSACoreAttention
+    iteration = getattr(args, "curr_iteration", 0) + 1  # Megatron logs after counting the iteration
+    if not getattr(args, "tensorboard_dir", None) or iteration % args.log_interval or _STATS["iteration"] == iteration:
+        return []
+    _STATS["iteration"] = iteration
+    cores = [m for m in model.modules() if isinstance(m, NSACoreAttention)]
+    for core in cores:
+        core.collect_stats = True
+    return cores
+
+
+def _write_stats(args, cores) -> None:
+    """``nsa/layer{N}/...`` (as the lean trainer names them) of this pipeline stage's layers, written by the stage's
+    first tensor-, data- and context-parallel rank into ``--tensorboard-dir`` (its own event file: Megatron's
+    writer lives on the last rank only; TensorBoard reads every event file of the directory as one run)."""
+    from megatron.core import parallel_state as ps
+    if not cores:
+        return
+    for core in cores:
+        core.collect_stats = False
+    if ps.get_tensor_model_parallel_rank() or ps.get_data_parallel_rank() or ps.get_context_parallel_rank():
+        return
+    if _STATS["writer"] is None:
+        from torch.utils.tensorboard import SummaryWriter
+        _STATS["writer"] = SummaryWriter(args.tensorboard_dir, filename_suffix=".nsa_stage"
+                                         f"{ps.get_pipeline_model_parallel_rank()}")
+    for core in cores:
+        for key, value in core.stats.items():
+            _STATS["writer"].add_scalar(f"nsa/layer{core.layer_number - 1}/{key}", value, _STATS["iteration"])
+    _STATS["writer"].flush()
 
 
 _DOCUMENT_SETUP: dict = {}

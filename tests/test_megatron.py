@@ -421,6 +421,56 @@ def test_pretrain_gpt_needs_megatron_training():
         pretrain_gpt.main()
 
 
+def test_pretrain_gpt_writes_nsa_statistics_to_tensorboard(model_parallel, monkeypatch, tmp_path):
+    """Under Megatron's ``pretrain()`` (``--tensorboard-dir``), ``forward_step`` asks the NSA layers for their
+    statistics on the first micro-batch of each iteration Megatron logs and writes them as the lean trainer names
+    them (``nsa/layer{N}/...``), here for a sample of documents (each token at its place in its document)."""
+    import argparse
+    from types import SimpleNamespace
+
+    from megatron.core.models.gpt import GPTModel
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from nsa_parallel import pretrain_gpt
+    from nsa_parallel.arguments import add_nsa_args
+    from nsa_parallel.megatron.cpu_shims import enable_cpu_shims
+    if torch.cuda.is_available():
+        pytest.skip("RoPE on CPU tensors needs the CPU shims, exercised on CPU-only hosts")
+    enable_cpu_shims()
+    torch.manual_seed(0)
+    model = GPTModel(config=_config(), transformer_layer_spec=get_gpt_layer_nsa_spec(nsa_config=SMALL),
+                     vocab_size=64, max_sequence_length=160, position_embedding_type="rope")
+    args = add_nsa_args(argparse.ArgumentParser()).parse_args([])
+    args.reset_attention_mask, args.pipeline_model_parallel_size, args.micro_batch_size = True, 1, 1
+    args.tensorboard_dir, args.log_interval, args.curr_iteration = str(tmp_path), 2, 0
+    monkeypatch.setattr(pretrain_gpt, "_args", lambda: args)
+    monkeypatch.setattr(pretrain_gpt, "_tokenizer", lambda a: SimpleNamespace(eod=9))
+    monkeypatch.setattr(pretrain_gpt, "_DOCUMENT_SETUP", {})
+    monkeypatch.setattr(pretrain_gpt, "_STATS", {"iteration": None, "writer": None})
+    tokens = torch.randint(0, 9, (1, 150), generator=torch.Generator().manual_seed(1))
+    tokens[0, [59, 99]] = 9  # documents of 60, 40 and 50 tokens
+    batch = {"tokens": tokens, "labels": tokens.roll(-1, 1), "loss_mask": torch.ones(1, 150),
+             "position_ids": torch.arange(150)[None]}
+    cores = [layer.self_attention.core_attention for layer in model.decoder.layers]
+    written = {}
+    for it in range(4):  # iterations 1-4: 2 and 4 are logged, each once however many micro-batches it has
+        args.curr_iteration = it
+        for _ in range(2):
+            with torch.no_grad():
+                pretrain_gpt.forward_step(iter([batch]), model)
+            if it % 2 == 1 and not written.get(it + 1):
+                written[it + 1] = {f"nsa/layer{i}/{k}": v for i, c in enumerate(cores) for k, v in c.stats.items()}
+            assert not any(c.collect_stats for c in cores)
+    pretrain_gpt._STATS["writer"].close()
+    ea = EventAccumulator(str(tmp_path))
+    ea.Reload()
+    tags = ea.Tags()["scalars"]
+    assert len(tags) == 12 and set(tags) == set(written[2])
+    for tag in tags:
+        got = [(e.step, e.value) for e in ea.Scalars(tag)]
+        assert got == [(it, pytest.approx(written[it][tag], rel=1e-6)) for it in (2, 4)], tag
+
+
 def test_pretrain_gpt_forward_step_packs_documents(monkeypatch):
     """``pretrain_gpt.forward_step`` with ``--reset-attention-mask`` hands the model the sample's documents (ending
     at the tokenizer's EOD) as a packed batch, as the lean trainer does (before, the documents attended across each

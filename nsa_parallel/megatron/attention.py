@@ -130,6 +130,7 @@ class NSACoreAttention(MegatronModule):
         super().__init__(config=config)
         if attn_mask_type != AttnMaskType.causal:
             raise ValueError(f"NSA is causal: attn_mask_type must be AttnMaskType.causal, got {attn_mask_type}")
+        self.layer_number = layer_number  # 1-based over the whole model (Megatron adds the stage's offset)
         self.tp_group = _tp_group(pg_collection)
         self.cp_group = _cp_group(config, pg_collection)
         rank, tp = torch.distributed.get_rank(self.tp_group), torch.distributed.get_world_size(self.tp_group)
