@@ -123,8 +123,9 @@ def plan_cp_documents(bounds: Sequence[int], cp_size: int, config) -> CPDocument
     Documents of at least ``least`` tokens are split (padded to ``multiple``; see :func:`cp_document_lengths`).
     Of the shorter ones, the ``k`` longest are split too (each padded to ``least``) and the rest placed whole,
     longest first onto the rank with the fewest tokens; ``k`` (tried: 0, powers of 2, all) minimises the largest
-    rank's token count, the fewest splits on ties. The plan depends only on ``bounds``: every rank of the group
-    makes the same one, so the split documents' exchanges line up."""
+    rank's token count, the fewest splits on ties (``k`` = all is every document split: the busiest rank never
+    computes more than then, but for its up to one select block of padding). The plan depends only on ``bounds``: every rank of the group makes the same one, so
+    the split documents' exchanges line up."""
     multiple, least = cp_document_lengths(cp_size, config)
     docs = list(zip(bounds[:-1], bounds[1:]))
     split = [(s, e, -(-(e - s) // multiple) * multiple) for s, e in docs if e - s >= least]

@@ -444,7 +444,7 @@ def test_documents_on_a_cp_rank_are_split_or_held_whole():
 ], ids=["short", "long-and-short", "idle-ranks"])
 def test_cp_document_plans(lengths, cp, split, whole, pad):
     """What :func:`plan_cp_documents` splits and where it puts the rest, at the paper's window (2P x 512 least)."""
-    from nsa_parallel.documents import plan_cp_documents
+    from nsa_parallel.documents import cp_document_lengths, plan_cp_documents
     from nsa_parallel.kernels import NSAConfig
     bounds = torch.tensor([0] + lengths).cumsum(0).tolist()
     docs = list(zip(bounds, bounds[1:]))
@@ -452,6 +452,10 @@ def test_cp_document_plans(lengths, cp, split, whole, pad):
     assert plan.split == split
     assert plan.whole == tuple(tuple(docs[i] for i in w) for w in whole) and plan.pad == pad
     assert plan.length == bounds[-1] and plan.computed() >= plan.length
+    # never more on the busiest rank than with every document padded and split (one of the plans tried)
+    multiple, least = cp_document_lengths(cp, NSAConfig())
+    everywhere = sum(max(least, -(-(e - s) // multiple) * multiple) for s, e in docs) // cp
+    assert max(plan.tokens(r) for r in range(cp)) <= everywhere + NSAConfig().select_block  # + its padding
 
 
 def test_document_masked_training_on_mock_data_lowers_the_loss():
