@@ -48,8 +48,8 @@ def nsa_stats(gate: torch.Tensor, block_indices: torch.Tensor, config, positions
     gate ``[b, t, hq, 3]`` (activated), block_indices ``[b, t, hkv, n]`` (-1 = none); ``positions`` ``[t]`` the
     tokens' positions in their sequence (default ``0 .. t-1``; a context-parallel rank passes its chunks', a
     packed batch each token's position in its own sequence); ``real`` ``[t]`` bool: the tokens to count (padding
-    left out). With a process ``group`` the numbers are those of the group's tokens together (sums and maxima
-    reduced over it):
+    left out). With a process ``group`` (or a sequence of groups: tensor- and context-parallel) the numbers are
+    those of the group's tokens and heads together (sums and maxima reduced over it):
     - ``gate_cmp`` / ``gate_slc`` / ``gate_swa``: mean branch weight;
     - ``select_reach``: mean distance in tokens from a query back to the start of the blocks it selected beyond
       the forced ones (0 if there are none), ``select_reach_max`` the largest;
@@ -73,9 +73,9 @@ def nsa_stats(gate: torch.Tensor, block_indices: torch.Tensor, config, positions
                         reach[free].sum().to(g.device), free.sum().double().to(g.device),
                         forced.sum().double().to(g.device), valid.sum().double().to(g.device)])
     top = (reach[free].max() if free.any() else torch.zeros((), dtype=torch.float64, device=dev)).to(g.device)
-    if group is not None:
-        torch.distributed.all_reduce(sums, group=group)
-        torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX, group=group)
+    for g in ([] if group is None else group if isinstance(group, (list, tuple)) else [group]):
+        torch.distributed.all_reduce(sums, group=g)
+        torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX, group=g)
     gc, gs, gw, count, reach_sum, nfree, nforced, nvalid = sums.tolist()
     count = max(count, 1.0)  # a rank of padding only, alone
     return {"gate_cmp": gc / count, "gate_slc": gs / count, "gate_swa": gw / count,

@@ -122,10 +122,25 @@ def assert_same_steps(got, want, rtol: float = max(RTOL, 1e-4)):
 @pytest.fixture(scope="module")
 def tp1_checkpoint(tmp_path_factory):
     """Losses of 4 uninterrupted TP=1 steps, and a checkpoint after 2 of them."""
-    ckpt = tmp_path_factory.mktemp("tp1")
-    full = _steps(train(RESUMABLE + ["--train-iters", "4"]))
-    train(RESUMABLE + ["--train-iters", "2", "--save", str(ckpt)])
-    return full, ckpt
+    return _tp1_run(tmp_path_factory)[:2]
+
+
+@pytest.fixture(scope="module")
+def tp1_stats(tmp_path_factory):
+    """NSA's per-layer statistics of the same 4 steps."""
+    return _tp1_run(tmp_path_factory)[2]
+
+
+_TP1 = {}
+
+
+def _tp1_run(tmp_path_factory):
+    if not _TP1:
+        ckpt = tmp_path_factory.mktemp("tp1")
+        res = train(RESUMABLE + ["--train-iters", "4"])
+        train(RESUMABLE + ["--train-iters", "2", "--save", str(ckpt)])
+        _TP1["run"] = (_steps(res), ckpt, _nsa_stats(res))
+    return _TP1["run"]
 
 
 @pytest.mark.parametrize("flags", [
@@ -136,16 +151,32 @@ def tp1_checkpoint(tmp_path_factory):
     ["--context-parallel-size", "2"],  # each rank holds 2 of the 4 chunks of every sequence
 ], ids=["tp2", "tp2-sp", "pp2", "dp2", "cp2"])
 @pytest.mark.skipif(HAS_CUDA and torch.cuda.device_count() < 2, reason="2 ranks on CUDA need 2 GPUs (NCCL)")
-def test_two_ranks_equal_one_rank(flags, tp1_checkpoint):
+def test_two_ranks_equal_one_rank(flags, tp1_checkpoint, tp1_stats):
     """From the same start (a model initialised identically for any TP size; for PP, the TP=1 checkpoint loaded
     into two stages), 2 processes give the losses of 1: the NSA module, phi's sharding, SP norms, the grad norm,
-    DDP's gradient averaging and the checkpoint's resharding all line up."""
+    DDP's gradient averaging and the checkpoint's resharding all line up. Under TP and CP NSA's statistics are
+    the whole model's too (every head, every token)."""
     full, ckpt = tp1_checkpoint
     if "--pipeline-model-parallel-size" in flags:
         got, want = run_ranks(2, RESUMABLE + ["--train-iters", "4", "--load", str(ckpt)] + flags), full[2:]
     else:
-        got, want = run_ranks(2, RESUMABLE + ["--train-iters", "4"] + flags), full
+        (got, stats), want = spawn_ranks(2, _steps_and_stats, RESUMABLE + ["--train-iters", "4"] + flags)[-1], full
+        if "--micro-batch-size" not in flags:  # data parallel: the last rank's last micro-batch is another one
+            assert_same_stats(stats, tp1_stats)
     assert_same_steps(got, want)
+
+
+def _steps_and_stats(argv):
+    res = train(argv)
+    return _steps(res), _nsa_stats(res)
+
+
+def assert_same_stats(got, want):
+    """NSA's statistics, step by step: the same layers' numbers as ``want``'s, within 1e-4."""
+    assert got[0] and len(got) == len(want) and all(k in w for g, w in zip(got, want) for k in g)
+    for g, w in zip(got, want):
+        bad = {k: (v, w[k]) for k, v in g.items() if not abs(v - w[k]) <= 1e-4 * max(abs(w[k]), 1.0)}
+        assert not bad, bad
 
 
 @pytest.mark.parametrize("flags", [[], DOCUMENTS], ids=["recall", "documents"])
@@ -183,10 +214,7 @@ def test_documents_under_context_parallelism_equal_one_rank(world, flags, tmp_pa
     assert abs(got_valid - valid) < max(RTOL, 1e-4) * valid, (got_valid, valid)
     # NSA's per-layer statistics of packed documents (each token at its position in its document, padding out):
     # the last rank's layers' numbers are the one-rank run's
-    assert stats[0] and all(k in want for got_, want in zip(stats, full_stats) for k in got_)
-    for got_, want in zip(stats, full_stats):
-        bad = {k: (v, want[k]) for k, v in got_.items() if not abs(v - want[k]) <= 1e-4 * max(abs(want[k]), 1.0)}
-        assert not bad, bad
+    assert_same_stats(stats, full_stats)
     # mock documents: some padding, ranks within a few short documents of each other
     assert len(padding) == len(got) and all(0 < share < 0.2 and 1 <= imb < 1.2 for share, imb in padding), padding
 

@@ -134,6 +134,7 @@ class NSACoreAttention(MegatronModule):
         self.tp_group = _tp_group(pg_collection)
         self.cp_group = _cp_group(config, pg_collection)
         rank, tp = torch.distributed.get_rank(self.tp_group), torch.distributed.get_world_size(self.tp_group)
+        self.tp_size = tp
         self.nsa_config = nsa_config or NSAConfig()
         self.backend = backend
         self.num_kv_heads = config.num_query_groups // tp
@@ -199,8 +200,9 @@ class NSACoreAttention(MegatronModule):
             o = self.timer.leave(o)
             if cu is not None:  # each token at its position in its own sequence, padding left out
                 positions, real = packed_positions(packed_seq_params, self.cp_group)
-            # under CP over the whole sequences (every CP rank's tokens)
-            self.stats = nsa_stats(gate, idx, self.nsa_config, positions=positions, group=self.cp_group, real=real)
+            # over every head (the TP ranks') and under CP over the whole sequences (every CP rank's tokens)
+            groups = [g for g in (self.tp_group if self.tp_size > 1 else None, self.cp_group) if g is not None]
+            self.stats = nsa_stats(gate, idx, self.nsa_config, positions=positions, group=groups, real=real)
         return o.transpose(0, 1).reshape(s, b, -1)
 
 
