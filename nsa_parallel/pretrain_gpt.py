@@ -106,22 +106,26 @@ def forward_step(data_iterator, model):
 
     from .train import micro_batch_on_this_rank
     if not (ps.is_pipeline_first_stage(ignore_virtual=True) or ps.is_pipeline_last_stage(ignore_virtual=True)):
-        cores = _stats_cores(_args(), model)
-        out = model(None, None, None)
-        _write_stats(_args(), cores)
-        return out, partial(_loss_func, None)
+        return _run_model(_args(), model, None, None, None), partial(_loss_func, None)
     args = _args()
     batch = {k: v.to(_device(), non_blocking=True) for k, v in next(data_iterator).items()
              if k in ("tokens", "labels", "loss_mask", "position_ids")}
     batch, packed = micro_batch_on_this_rank(batch, *_document_setup(args))
-    cores = _stats_cores(args, model)
-    out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=packed)
-    _write_stats(args, cores)
+    out = _run_model(args, model, batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                     packed_seq_params=packed)
     return out, partial(_loss_func, batch["loss_mask"])
 
 
 # NSA's per-layer statistics to TensorBoard: the iteration last logged, this process's writer
 _STATS = {"iteration": None, "writer": None}
+
+
+def _run_model(args, model, *inputs, **kw):
+    """``model(*inputs, **kw)``, with NSA's statistics collected and written on a logged iteration."""
+    cores = _stats_cores(args, model)
+    out = model(*inputs, **kw)
+    _write_stats(args, cores)
+    return out
 
 
 def _stats_cores(args, model) -> list:

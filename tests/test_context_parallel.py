@@ -95,6 +95,17 @@ CP_CASES = [
 ]
 
 
+def _phi_grad_errs(full, mine, group):
+    """phi is replicated: its gradient is the sum over ranks. Measured as one vector per phi: phi_k's b2 alone has
+    an exactly-zero true gradient (adding one vector to every key shifts each softmax row by a constant)."""
+    errs = {}
+    for nm, full_phi, my_phi in zip(("phi_k", "phi_v"), full, mine):
+        g = torch.cat([p.grad.flatten() for p in my_phi.parameters()])
+        torch.distributed.all_reduce(g, group=group)
+        errs[nm] = rel_err(g, torch.cat([p.grad.flatten() for p in full_phi.parameters()]))
+    return errs
+
+
 def _cp_case(case, world, rank, group):
     import copy
     from nsa_parallel.context_parallel import nsa_attention_cp
@@ -119,12 +130,7 @@ def _cp_case(case, world, rank, group):
     for nm, x, lx in [("q", q, lq), ("gate", gate, lgate)] + [(f"kv{j}", x, lx) for j, (x, lx) in
                                                               enumerate(zip(kvs, lkvs))]:
         errs[nm] = rel_err(lx.grad, split_for_rank(x.grad, world, rank, layout))
-    for nm, full_phi, my_phi in (("phi_k", ck, lck), ("phi_v", cv, lcv)):
-        # phi is replicated: its gradient is the sum over ranks. Measured as one vector: phi_k's b2 alone has an
-        # exactly-zero true gradient (adding one vector to every key shifts each softmax row by a constant)
-        g = torch.cat([p.grad.flatten() for p in my_phi.parameters()])
-        torch.distributed.all_reduce(g, group=group)
-        errs[nm] = rel_err(g, torch.cat([p.grad.flatten() for p in full_phi.parameters()]))
+    errs.update(_phi_grad_errs((ck, cv), (lck, lcv), group))
     return errs
 
 
@@ -156,10 +162,7 @@ def _cp_varlen_case(world, rank, group, lengths):
     for nm, x, lx in [("q", q, lq), ("gate", gate, lgate)] + [(f"kv{j}", x, lx) for j, (x, lx) in
                                                               enumerate(zip(kvs, lkvs))]:
         errs[nm] = rel_err(lx.grad, mine(x.grad))
-    for nm, full_phi, my_phi in (("phi_k", ck, lck), ("phi_v", cv, lcv)):
-        g = torch.cat([p.grad.flatten() for p in my_phi.parameters()])
-        torch.distributed.all_reduce(g, group=group)
-        errs[nm] = rel_err(g, torch.cat([p.grad.flatten() for p in full_phi.parameters()]))
+    errs.update(_phi_grad_errs((ck, cv), (lck, lcv), group))
     return errs
 
 
@@ -208,10 +211,7 @@ def _cp_documents_case(world, rank, group, lengths):
                                                               enumerate(zip(kvs, lkvs))]:
         errs[nm] = rel_err(lx.grad[:, real], x.grad[:, idx[real]])
         errs[f"{nm}_padding"] = float(lx.grad[:, ~real].abs().max()) if (~real).any() else 0.0
-    for nm, full_phi, my_phi in (("phi_k", ck, lck), ("phi_v", cv, lcv)):
-        g = torch.cat([p.grad.flatten() for p in my_phi.parameters()])
-        torch.distributed.all_reduce(g, group=group)
-        errs[nm] = rel_err(g, torch.cat([p.grad.flatten() for p in full_phi.parameters()]))
+    errs.update(_phi_grad_errs((ck, cv), (lck, lcv), group))
     kinds = torch.tensor([len(plan.split) > 0, any(plan.whole), (~real).any()], dtype=torch.int32)
     errs["kinds"] = kinds.tolist()
     return errs

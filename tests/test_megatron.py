@@ -249,18 +249,23 @@ def test_a_document_mask_is_refused_by_name(model_parallel):
             attn(hidden, mask(True))
 
 
-def test_documents_of_a_sample_equal_separate_samples(model_parallel):
-    """--reset-attention-mask's packing: a GPTModel (RoPE) given one sample's documents, split at each EOD by
-    ``document_packed_seq_params``, gives every document the logits it gets alone."""
+def _rope_gpt_on_cpu():
+    """A 2-layer NSA GPTModel with RoPE on the CPU (seed 0); skips on GPU hosts, where RoPE's CPU shims are off."""
     from megatron.core.models.gpt import GPTModel
-    from nsa_parallel.documents import document_packed_seq_params
     from nsa_parallel.megatron.cpu_shims import enable_cpu_shims
     if torch.cuda.is_available():
         pytest.skip("RoPE on CPU tensors needs the CPU shims, exercised on CPU-only hosts")
     enable_cpu_shims()
     torch.manual_seed(0)
-    model = GPTModel(config=_config(), transformer_layer_spec=get_gpt_layer_nsa_spec(nsa_config=SMALL),
-                     vocab_size=64, max_sequence_length=160, position_embedding_type="rope")
+    return GPTModel(config=_config(), transformer_layer_spec=get_gpt_layer_nsa_spec(nsa_config=SMALL),
+                    vocab_size=64, max_sequence_length=160, position_embedding_type="rope")
+
+
+def test_documents_of_a_sample_equal_separate_samples(model_parallel):
+    """--reset-attention-mask's packing: a GPTModel (RoPE) given one sample's documents, split at each EOD by
+    ``document_packed_seq_params``, gives every document the logits it gets alone."""
+    from nsa_parallel.documents import document_packed_seq_params
+    model = _rope_gpt_on_cpu()
     eod = 63
     tokens = torch.randint(0, eod, (1, 150), generator=torch.Generator().manual_seed(1))
     tokens[0, [39, 60, 120]] = eod  # documents of 40, 21, 60 and (unfinished) 29 tokens
@@ -306,9 +311,6 @@ def _cp2_packed_worker(rank, port, result, documents):
         probe = torch.randn(bounds[-1], 1, 64, generator=gen)
         emb = _rope(192, 16)
 
-        def local(x):  # this rank's THD share, sequence after sequence
-            return torch.cat([split_for_rank(x[s:e], 2, rank, "load_balanced", dim=0)
-                              for s, e in zip(bounds[:-1], bounds[1:])])
         real = slice(None)
         if documents:
             plan = plan_cp_documents(bounds, 2, SMALL)
@@ -317,8 +319,11 @@ def _cp2_packed_worker(rank, port, result, documents):
             rows = mine_tokens["tokens"][0]
             real = rows >= 0
 
-            def local(x):  # noqa: F811 - the rows this rank holds, padding zero
+        def local(x):  # the rows this rank holds: its THD share, sequence after sequence (padding zero)
+            if documents:
                 return x[rows.clamp(min=0)].masked_fill(~real[:, None, None], 0)
+            return torch.cat([split_for_rank(x[s:e], 2, rank, "load_balanced", dim=0)
+                              for s, e in zip(bounds[:-1], bounds[1:])])
 
         h_full = hidden.clone().requires_grad_()
         full.core_attention.collect_stats = True  # NSA's statistics: each token at its position in its sequence
@@ -428,18 +433,11 @@ def test_pretrain_gpt_writes_nsa_statistics_to_tensorboard(model_parallel, monke
     import argparse
     from types import SimpleNamespace
 
-    from megatron.core.models.gpt import GPTModel
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from nsa_parallel import pretrain_gpt
     from nsa_parallel.arguments import add_nsa_args
-    from nsa_parallel.megatron.cpu_shims import enable_cpu_shims
-    if torch.cuda.is_available():
-        pytest.skip("RoPE on CPU tensors needs the CPU shims, exercised on CPU-only hosts")
-    enable_cpu_shims()
-    torch.manual_seed(0)
-    model = GPTModel(config=_config(), transformer_layer_spec=get_gpt_layer_nsa_spec(nsa_config=SMALL),
-                     vocab_size=64, max_sequence_length=160, position_embedding_type="rope")
+    model = _rope_gpt_on_cpu()
     args = add_nsa_args(argparse.ArgumentParser()).parse_args([])
     args.reset_attention_mask, args.pipeline_model_parallel_size, args.micro_batch_size = True, 1, 1
     args.tensorboard_dir, args.log_interval, args.curr_iteration = str(tmp_path), 2, 0
